@@ -1,0 +1,220 @@
+"""Outcome -> Verdict: was it out of memory, transient, fatal, or did it fit? Rules are data."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class VerdictKind(StrEnum):
+    """What one attempt came to, and so what the loop does next.
+
+    `fits`: the command exited 0; the run is finished and the loop stops.
+    `oom`: memory ran out (any allocator, or the kernel's OOM killer); the loop steps
+    one rung down the ladder. `transient`: an infrastructure hiccup with no OOM anywhere
+    (rendezvous, port in use, a network reset); the same knobs are retried with backoff.
+    `fatal`: anything else that failed; the loop stops at once rather than burn the night.
+    `interrupted`: the supervisor was told to stop; the attempt's tree is ended and recorded.
+    """
+
+    FITS = "fits"
+    OOM = "oom"
+    TRANSIENT = "transient"
+    FATAL = "fatal"
+    INTERRUPTED = "interrupted"
+
+
+class OomKind(StrEnum):
+    """Which allocator ran out."""
+
+    CUDA = "cuda"
+    HIP = "hip"
+    MPS = "mps"
+    CPU = "cpu"
+    TORCH = "torch"  # torch.OutOfMemoryError by type (any device, our simulated one too)
+    CUBLAS = "cublas"
+    CUDNN = "cudnn"
+    NCCL = "nccl"
+    PYTHON = "python"  # MemoryError from the Python allocator
+    KERNEL = "kernel"  # SIGKILL by the kernel's OOM killer
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One recognisable line: which verdict it means, and the regex that finds it."""
+
+    kind: OomKind | VerdictKind
+    pattern: re.Pattern[str]
+
+
+def _rule(kind: OomKind | VerdictKind, pattern: str) -> Rule:
+    return Rule(kind, re.compile(pattern))
+
+
+OOM_RULES: tuple[Rule, ...] = (
+    _rule(OomKind.CUDA, r"CUDA out of memory\. Tried to allocate"),  # c10 CUDACachingAllocator
+    _rule(OomKind.CUDA, r"CUDA error: out of memory"),  # C10_CUDA_CHECK, cudaErrorMemoryAllocation
+    _rule(OomKind.HIP, r"HIP out of memory\. Tried to allocate"),  # the same allocator on ROCm
+    _rule(OomKind.HIP, r"HIP error: out of memory"),
+    _rule(OomKind.MPS, r"MPS backend out of memory"),  # aten/src/ATen/mps/MPSAllocator.mm
+    _rule(OomKind.CPU, r"DefaultCPUAllocator: can't allocate memory"),  # c10/core/impl/alloc_cpu
+    _rule(OomKind.CUBLAS, r"CUBLAS_STATUS_ALLOC_FAILED"),  # at::cuda::blas, cublasCreate
+    _rule(OomKind.CUDNN, r"CUDNN_STATUS_ALLOC_FAILED"),  # cuDNN workspace allocation
+    _rule(OomKind.NCCL, r"NCCL WARN .*(?:[Oo]ut of memory|Failed to CUDA calloc|cuMem\w* failed)"),
+    _rule(OomKind.NCCL, r"ncclUnhandledCudaError.*out of memory"),
+    # The exception type on the traceback's last line, whatever the message says
+    # (torch >= 2.5 names it torch.OutOfMemoryError; older ones torch.cuda.OutOfMemoryError).
+    _rule(OomKind.TORCH, r"^(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b"),
+    _rule(OomKind.PYTHON, r"^MemoryError\b"),
+)
+"""Lines that mean out of memory; the first rule that matches names the kind."""
+
+TRANSIENT_RULES: tuple[Rule, ...] = tuple(
+    _rule(VerdictKind.TRANSIENT, p) for p in (
+        r"RendezvousConnectionError|RendezvousTimeoutError|RendezvousClosedError",  # torchelastic
+        r"DistNetworkError",  # c10d TCPStore
+        r"EADDRINUSE|[Aa]ddress already in use",
+        r"Connection reset by peer",
+        r"Watchdog caught collective operation timeout",  # ProcessGroupNCCL
+        r"(?:HTTP Error |Server Error: |status(?: code)? )50[234]\b",  # hub 5xx
+        r"Temporary failure in name resolution",
+    )
+)
+"""Lines that mean an infrastructure hiccup worth retrying, when no OOM is anywhere."""
+
+_OOM_ANY = re.compile("|".join(f"(?:{r.pattern.pattern})" for r in OOM_RULES), re.MULTILINE)
+
+
+def is_oom_line(line: str) -> bool:
+    """True if a single output line says out of memory (the runner's early-kill test)."""
+    return _OOM_ANY.search(line.strip()) is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What one attempt did, as the runner saw it."""
+
+    exit_code: int | None
+    """The child's return code; negative is the signal that ended it (as in subprocess)."""
+    duration_s: float
+    tail: tuple[str, ...] = ()
+    """The last lines of stdout and stderr, interleaved as they came."""
+    oom_line: str | None = None
+    """The first output line that matched an OOM rule while the attempt ran."""
+    killed_by_supervisor: bool = False
+    interrupted: bool = False
+    kernel_oom_kills: int = 0
+    """How many processes the kernel's OOM killer took in our cgroup during the attempt."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OomNumbers:
+    """The sizes an OOM message reports, in MiB (None where the message does not say)."""
+
+    tried_mib: float | None = None
+    capacity_mib: float | None = None
+    free_mib: float | None = None
+    allocated_mib: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    """The classification of one Outcome, with the line that shows it."""
+
+    kind: VerdictKind
+    oom_kind: OomKind | None = None
+    evidence: str | None = None
+    numbers: OomNumbers | None = None
+
+    @property
+    def is_oom(self) -> bool:
+        """True when the attempt ran out of memory."""
+        return self.kind is VerdictKind.OOM
+
+
+_SIZE = r"([\d.]+) ?([KMGT]i?B)"
+_NUMBER_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
+    "tried_mib": (re.compile(rf"Tried to allocate {_SIZE}"),),
+    "capacity_mib": (re.compile(rf"total capacity of {_SIZE}"),  # torch >= 2.1
+                     re.compile(rf"{_SIZE} total capacity"),  # torch < 2.1
+                     re.compile(rf"simulated device of {_SIZE}")),  # our live-bytes budget
+    "free_mib": (re.compile(rf"of which {_SIZE} is free"), re.compile(rf"{_SIZE} free\b")),
+    "allocated_mib": (re.compile(rf"{_SIZE} is allocated by PyTorch"),
+                      re.compile(rf"{_SIZE} already allocated"),
+                      re.compile(rf"with {_SIZE} live")),
+}
+_UNIT_MIB = {"B": 1 / 2**20, "KB": 1 / 1024, "KiB": 1 / 1024, "MB": 1.0, "MiB": 1.0,
+             "GB": 1024.0, "GiB": 1024.0, "TB": 2**20, "TiB": 2**20}
+
+
+def parse_numbers(lines: Iterable[str]) -> OomNumbers | None:
+    """Sizes from CUDA/HIP-style OOM messages (and ours); None if no line gives any."""
+    found: dict[str, float] = {}
+    for line in lines:
+        for key, patterns in _NUMBER_PATTERNS.items():
+            if key in found:
+                continue
+            for pattern in patterns:
+                match = pattern.search(line)
+                if match:
+                    found[key] = round(float(match.group(1)) * _UNIT_MIB[match.group(2)], 2)
+                    break
+    return OomNumbers(**found) if found else None
+
+
+def classify(outcome: Outcome) -> Verdict:
+    """Decide what an attempt came to; OOM evidence anywhere beats every other reading."""
+    if outcome.interrupted:
+        return Verdict(kind=VerdictKind.INTERRUPTED, evidence="stopped by signal to the supervisor")
+    lines = [line.rstrip() for line in outcome.tail]
+    oom_lines = [line for line in lines if is_oom_line(line)]
+    if outcome.oom_line is not None and outcome.oom_line not in oom_lines:
+        oom_lines.insert(0, outcome.oom_line.rstrip())
+    if outcome.exit_code == 0 and not outcome.killed_by_supervisor:
+        return Verdict(kind=VerdictKind.FITS)
+    if oom_lines:
+        evidence = _most_specific(oom_lines)
+        return Verdict(kind=VerdictKind.OOM, oom_kind=_oom_kind(evidence), evidence=evidence,
+                       numbers=parse_numbers(oom_lines))
+    if outcome.exit_code == -signal.SIGKILL and not outcome.killed_by_supervisor:
+        if outcome.kernel_oom_kills > 0:
+            evidence = (f"killed by SIGKILL; the kernel's OOM killer fired "
+                        f"{outcome.kernel_oom_kills} time(s) in this cgroup")
+            return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=evidence)
+        return Verdict(kind=VerdictKind.FATAL,
+                       evidence="killed by SIGKILL from outside, with no OOM-killer evidence")
+    for line in reversed(lines):
+        if any(rule.pattern.search(line) for rule in TRANSIENT_RULES):
+            return Verdict(kind=VerdictKind.TRANSIENT, evidence=line.strip())
+    return Verdict(kind=VerdictKind.FATAL, evidence=_error_line(lines, outcome.exit_code))
+
+
+def _oom_kind(line: str) -> OomKind:
+    stripped = line.strip()
+    return next(r.kind for r in OOM_RULES if r.pattern.search(stripped))  # type: ignore[misc]
+
+
+def _most_specific(lines: list[str]) -> str:
+    """Prefer a line naming the allocator (CUDA, CPU, ...) over a bare exception type."""
+    for line in lines:
+        kind = _oom_kind(line)
+        if kind not in (OomKind.TORCH, OomKind.PYTHON):
+            return line.strip()
+    return lines[-1].strip()
+
+
+_ERROR_LINE = re.compile(r"(Error|Exception|error:|Errno|No such file|not found|Traceback)")
+
+
+def _error_line(lines: list[str], exit_code: int | None) -> str:
+    for line in reversed(lines):
+        if line.strip() and _ERROR_LINE.search(line):
+            return line.strip()
+    last = next((line.strip() for line in reversed(lines) if line.strip()), None)
+    if exit_code is not None and exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.valid_signals() else ""
+        return f"killed by signal {-exit_code} {name}".strip()
+    return last or f"exited with status {exit_code} and printed nothing"

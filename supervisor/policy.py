@@ -1,0 +1,402 @@
+"""The ladder as data: rungs parsed once from TOML, and next_step(), a pure walk over them."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs
+from supervisor.classify import Verdict
+
+
+class PolicyError(ValueError):
+    """A policy file is unreadable or invalid; the message names the file, rung and choices."""
+
+
+class Cost(StrEnum):
+    """What a rung gives up: nothing, speed (slower steps), or quality (a different training)."""
+
+    NONE = "none"
+    SPEED = "speed"
+    QUALITY = "quality"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rung:
+    """One step down the ladder: an action on one knob, with its floor and cost."""
+
+    name: str
+    action: str
+    knob: str
+    cost: Cost
+    floor: int | None = None
+    compensate: str | None = None
+    value: Any = None
+    also: tuple[tuple[str, Any], ...] = ()
+    restore: bool = False
+
+    @property
+    def is_structural(self) -> bool:
+        """Structural rungs (checkpointing, LoRA, freeze) fire once; halving rungs repeat."""
+        return self.action != "halve"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ladder:
+    """A parsed policy: ordered rungs plus the supervisor's bounds."""
+
+    name: str
+    description: str
+    rungs: tuple[Rung, ...]
+    max_attempts: int = 32
+    transient_retries: int = 3
+    transient_max_delay_s: float = 600.0
+    source: str = "<memory>"
+
+    def rung(self, name: str) -> Rung:
+        """The rung called `name`."""
+        return next(r for r in self.rungs if r.name == name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One finished attempt as the policy sees it: which knobs, from which rung, what verdict."""
+
+    number: int
+    knobs: Knobs
+    rung: str | None
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """The next config to try and why: the rung taken, what it restored, what it skipped."""
+
+    knobs: Knobs
+    rung: str
+    restored: tuple[tuple[str, Any, Any], ...] = ()
+    """(knob, from, to) for each value a structural rung gave back."""
+    skipped: tuple[str, ...] = ()
+    """Rungs passed over without an attempt, each with its reason."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GiveUp:
+    """No rung can change the config any further; `spent` says where each one stopped."""
+
+    reason: str
+    spent: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+
+
+# --- actions: pure functions (knobs, rung) -> new Knobs, or None when they change nothing ---
+
+def _halve(knobs: Knobs, rung: Rung) -> Knobs | None:
+    value = getattr(knobs, rung.knob)
+    floor = rung.floor or 1
+    if value is None or value <= floor:
+        return None
+    if rung.compensate is None:
+        return dataclasses.replace(knobs, **{rung.knob: max(floor, value // 2)})
+    # Keep value x compensate exactly: take the largest divisor of value at or below half
+    # (12 -> 6, 6 -> 3, 3 -> 1), and multiply the compensating knob by the quotient.
+    new = next((d for d in range(value // 2, floor - 1, -1) if value % d == 0), None)
+    if new is None:
+        return None
+    factor = value // new
+    return dataclasses.replace(knobs, **{rung.knob: new,
+                                         rung.compensate: getattr(knobs, rung.compensate) * factor})
+
+
+def _enable(knobs: Knobs, rung: Rung) -> Knobs | None:
+    if getattr(knobs, rung.knob):
+        return None
+    return dataclasses.replace(knobs, **{rung.knob: True})
+
+
+def _set(knobs: Knobs, rung: Rung) -> Knobs | None:
+    changes = {rung.knob: rung.value, **dict(rung.also)}
+    if all(getattr(knobs, k) == v for k, v in changes.items()):
+        return None
+    return dataclasses.replace(knobs, **changes)
+
+
+ACTIONS: Mapping[str, Callable[[Knobs, Rung], Knobs | None]] = {
+    "halve": _halve,
+    "enable": _enable,
+    "set": _set,
+}
+"""Every action a rung may name."""
+
+_RESTORABLE = (("per_device_batch", "grad_accum"), ("cutoff_len",))
+
+
+def _restore(knobs: Knobs, start: Knobs) -> tuple[Knobs, tuple[tuple[str, Any, Any], ...]]:
+    """Give back the batch and cutoff that earlier rungs took, so the search starts again high."""
+    restored: list[tuple[str, Any, Any]] = []
+    changes: dict[str, Any] = {}
+    for group in _RESTORABLE:
+        lead = group[0]
+        now, then = getattr(knobs, lead), getattr(start, lead)
+        if now is not None and then is not None and then > now:
+            for name in group:
+                restored.append((name, getattr(knobs, name), getattr(start, name)))
+                changes[name] = getattr(start, name)
+    return dataclasses.replace(knobs, **changes), tuple(restored)
+
+
+def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder) -> Step | GiveUp:
+    """Return the next cheaper Knobs after the last attempt's OOM, or GiveUp naming spent rungs."""
+    last = history[-1].knobs if history else start
+    tried = {a.knobs for a in history}
+    spent_index = max((i for i, r in enumerate(ladder.rungs)
+                       if r.is_structural and any(a.rung == r.name for a in history)),
+                      default=-1)
+    skipped: list[str] = []
+    for index, rung in enumerate(ladder.rungs):
+        if rung.is_structural and index <= spent_index:
+            continue
+        new = ACTIONS[rung.action](last, rung)
+        if new is None:
+            if rung.is_structural:
+                skipped.append(f"{rung.name}: {rung.knob} is already "
+                               f"{_show(getattr(last, rung.knob))}")
+            continue
+        restored: tuple[tuple[str, Any, Any], ...] = ()
+        if rung.restore:
+            new, restored = _restore(new, start)
+        if new in tried:
+            skipped.append(f"{rung.name}: that config was already tried")
+            continue
+        return Step(knobs=new, rung=rung.name, restored=restored, skipped=tuple(skipped))
+    spent = tuple(_spent(rung, last, history) for rung in ladder.rungs)
+    reason = (f"every rung of the '{ladder.name}' ladder is spent and the smallest config "
+              f"still runs out of memory ({_summary(last)})")
+    return GiveUp(reason=reason, spent=spent, skipped=tuple(skipped))
+
+
+def _show(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _spent(rung: Rung, knobs: Knobs, history: Sequence[Attempt]) -> str:
+    value = getattr(knobs, rung.knob)
+    if rung.action == "halve":
+        if value is None:
+            return f"{rung.name}: {rung.knob} unknown to the command, nothing to halve"
+        return f"{rung.name}: {rung.knob} at {value} (floor {rung.floor or 1})"
+    first = next((a.number for a in history if a.rung == rung.name), None)
+    target = _show(True if rung.action == "enable" else rung.value)
+    if first is None:
+        return f"{rung.name}: not needed, {rung.knob} was already {target}"
+    return f"{rung.name}: {rung.knob}={target} tried from attempt {first}"
+
+
+def _summary(knobs: Knobs) -> str:
+    parts = [f"per_device_batch={knobs.per_device_batch}", f"grad_accum={knobs.grad_accum}",
+             f"cutoff_len={knobs.cutoff_len}",
+             f"gradient_checkpointing={_show(knobs.gradient_checkpointing)}",
+             f"finetuning_type={knobs.finetuning_type}"]
+    return ", ".join(parts)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+_TOP_KEYS = frozenset({"name", "description", "max_attempts", "transient", "rung"})
+_RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
+                        "restore", "cost"})
+_TRANSIENT_KEYS = frozenset({"retries", "max_delay_s"})
+_HALVABLE = tuple(k for k, t in KNOB_TYPES.items() if t == "int" and k != "world_size")
+_BOOLEAN = tuple(k for k, t in KNOB_TYPES.items() if t == "bool")
+_SETTABLE = tuple(k for k in KNOB_NAMES if k not in ("world_size", "resume_from_checkpoint"))
+
+
+def policy_dirs() -> tuple[Path, ...]:
+    """Where named policies live: inside the installed package, or the source tree's policies/."""
+    here = Path(__file__).resolve().parent
+    return tuple(p for p in (here / "policies", here.parent / "policies") if p.is_dir())
+
+
+def shipped_policies() -> dict[str, Path]:
+    """Named policies that ship with oom-supervisor."""
+    found: dict[str, Path] = {}
+    for directory in policy_dirs():
+        for path in sorted(directory.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def resolve(name_or_path: str) -> Ladder:
+    """Load a policy by file path or by the name of a shipped one."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            msg = f"policy file {path} does not exist; give a .toml path or one of: " + \
+                ", ".join(shipped_policies())
+            raise PolicyError(msg)
+        return load(path)
+    shipped = shipped_policies()
+    if name_or_path not in shipped:
+        msg = (f"no policy named {name_or_path!r}; shipped: {', '.join(shipped)} "
+               "(or give the path of a .toml file)")
+        raise PolicyError(msg)
+    return load(shipped[name_or_path])
+
+
+def load(path: Path) -> Ladder:
+    """Parse and validate a policy file; every problem is one PolicyError line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"{path}: cannot read policy file ({exc})"
+        raise PolicyError(msg) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"{path}: not valid TOML ({exc}); fix the syntax or start from policies/default.toml"
+        raise PolicyError(msg) from None
+    return parse(data, source=str(path))
+
+
+def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
+    """Validate a decoded policy table into a Ladder."""
+    _check_keys(data, _TOP_KEYS, f"{source}: top level")
+    raw_rungs = data.get("rung")
+    if not isinstance(raw_rungs, list) or not raw_rungs:
+        msg = f"{source}: no [[rung]] tables; a policy needs at least one rung"
+        raise PolicyError(msg)
+    rungs = tuple(_parse_rung(r, i + 1, source) for i, r in enumerate(raw_rungs))
+    names = [r.name for r in rungs]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        msg = f"{source}: two rungs are named {duplicate!r}; give each rung its own name"
+        raise PolicyError(msg)
+    transient = data.get("transient", {})
+    if not isinstance(transient, dict):
+        msg = f"{source}: [transient] must be a table with keys {', '.join(sorted(_TRANSIENT_KEYS))}"
+        raise PolicyError(msg)
+    _check_keys(transient, _TRANSIENT_KEYS, f"{source}: [transient]")
+    name = data.get("name", Path(source).stem)
+    description = data.get("description", "")
+    if not isinstance(name, str) or not isinstance(description, str):
+        msg = f"{source}: name and description must be strings"
+        raise PolicyError(msg)
+    return Ladder(
+        name=name,
+        description=description,
+        rungs=rungs,
+        max_attempts=_whole(data.get("max_attempts", 32), f"{source}: max_attempts", minimum=1),
+        transient_retries=_whole(transient.get("retries", 3), f"{source}: transient.retries",
+                                 minimum=0),
+        transient_max_delay_s=float(_whole(transient.get("max_delay_s", 600),
+                                           f"{source}: transient.max_delay_s", minimum=0)),
+        source=source,
+    )
+
+
+def _parse_rung(raw: object, number: int, source: str) -> Rung:
+    where = f"{source}: rung {number}"
+    if not isinstance(raw, dict):
+        msg = f"{where}: must be a [[rung]] table"
+        raise PolicyError(msg)
+    if isinstance(raw.get("name"), str):
+        where = f"{where} ({raw['name']!r})"
+    _check_keys(raw, _RUNG_KEYS, where)
+    action = raw.get("action")
+    if action not in ACTIONS:
+        msg = f"{where}: unknown action {action!r}; valid: {', '.join(sorted(ACTIONS))}"
+        raise PolicyError(msg)
+    knob = raw.get("knob")
+    valid_knobs = {"halve": _HALVABLE, "enable": _BOOLEAN, "set": _SETTABLE}[action]
+    if knob not in valid_knobs:
+        msg = f"{where}: action {action!r} cannot act on knob {knob!r}; valid: " + \
+            ", ".join(valid_knobs)
+        raise PolicyError(msg)
+    cost = raw.get("cost", "none")
+    if cost not in {c.value for c in Cost}:
+        msg = f"{where}: unknown cost {cost!r}; valid: {', '.join(c.value for c in Cost)}"
+        raise PolicyError(msg)
+    restore = raw.get("restore", False)
+    if not isinstance(restore, bool):
+        msg = f"{where}: restore must be true or false, not {restore!r}"
+        raise PolicyError(msg)
+    floor = compensate = None
+    value: Any = None
+    also: tuple[tuple[str, Any], ...] = ()
+    if action == "halve":
+        floor = _whole(raw.get("floor", 1), f"{where}: floor", minimum=1)
+        compensate = raw.get("compensate")
+        if compensate is not None and compensate not in _HALVABLE:
+            msg = f"{where}: cannot compensate with {compensate!r}; valid: {', '.join(_HALVABLE)}"
+            raise PolicyError(msg)
+    else:
+        for key in ("floor", "compensate"):
+            if key in raw:
+                msg = f"{where}: {key!r} only applies to action 'halve'"
+                raise PolicyError(msg)
+    if action == "set":
+        if "value" not in raw:
+            msg = f"{where}: action 'set' needs a value for {knob}"
+            raise PolicyError(msg)
+        value = _knob_value(knob, raw["value"], where)
+        extra = raw.get("with", {})
+        if not isinstance(extra, dict):
+            msg = f"{where}: 'with' must be a table of knob = value"
+            raise PolicyError(msg)
+        for key in extra:
+            if key not in _SETTABLE:
+                msg = f"{where}: 'with' names unknown knob {key!r}; valid: {', '.join(_SETTABLE)}"
+                raise PolicyError(msg)
+        also = tuple((k, _knob_value(k, v, f"{where}: with.{k}")) for k, v in extra.items())
+    elif "value" in raw or "with" in raw:
+        msg = f"{where}: 'value' and 'with' only apply to action 'set'"
+        raise PolicyError(msg)
+    name = raw.get("name", f"{action}-{knob}")
+    if not isinstance(name, str) or not name:
+        msg = f"{where}: name must be a non-empty string"
+        raise PolicyError(msg)
+    return Rung(name=name, action=action, knob=knob, cost=Cost(cost), floor=floor,
+                compensate=compensate, value=value, also=also, restore=restore)
+
+
+def _knob_value(knob: str, value: object, where: str) -> Any:  # noqa: ANN401
+    kind = KNOB_TYPES[knob]
+    if kind == "finetuning_type":
+        if value not in {t.value for t in FinetuningType}:
+            msg = (f"{where}: {value!r} is not a finetuning type; valid: "
+                   f"{', '.join(t.value for t in FinetuningType)}")
+            raise PolicyError(msg)
+        return FinetuningType(str(value))
+    if kind == "bool":
+        if not isinstance(value, bool):
+            msg = f"{where}: {knob} must be true or false, not {value!r}"
+            raise PolicyError(msg)
+        return value
+    if kind == "int":
+        return _whole(value, f"{where}: {knob}", minimum=None)
+    if not isinstance(value, str):
+        msg = f"{where}: {knob} must be a string, not {value!r}"
+        raise PolicyError(msg)
+    return value
+
+
+def _whole(value: object, where: str, *, minimum: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        msg = f"{where} must be a whole number, not {value!r}"
+        raise PolicyError(msg)
+    if minimum is not None and value < minimum:
+        msg = f"{where} must be >= {minimum}, not {value}"
+        raise PolicyError(msg)
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], valid: frozenset[str], where: str) -> None:
+    unknown = sorted(set(table) - valid)
+    if unknown:
+        msg = f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(sorted(valid))}"
+        raise PolicyError(msg)

@@ -1,0 +1,408 @@
+"""A real Hugging Face Trainer (+ PEFT LoRA) run on a tiny Llama built from a config, for tests and demos.
+
+Run as ``python -m supervisor.reference_trainer [LLaMA-Factory / HF flags]``. Nothing is
+downloaded: the model is built from a named size or a local ``config.json`` and trained on
+synthetic tokens, each sample exactly ``--cutoff_len`` long, so memory use is deterministic.
+Under ``--device-memory`` or ``--host-memory-cap`` a too-large config fails with a real
+allocator error that propagates uncaught (traceback, exit 1), as real training scripts do.
+The last stdout line of a finished run is ``reference-trainer.result {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+    from transformers import LlamaConfig, PreTrainedModel
+
+    from supervisor._sim import PeakMemory
+
+RESULT_PREFIX = "reference-trainer.result"
+
+# Named sizes. A 4096-token vocabulary keeps the logits (and the three logits-sized tensors
+# the loss's backward holds at once) the largest per-sample cost without drowning the
+# decoder-layer activations: peak live bytes then order batch, cutoff, checkpointing, LoRA and
+# freeze as on a real model. Untied embeddings; tiny has 5.26M parameters, small 29.5M.
+_NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vocab_size": 4096,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "small": {
+        "vocab_size": 4096,
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+}
+_COMMON_CONFIG: dict[str, Any] = {
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_TRUE = frozenset({"true", "1", "yes", "y", "on"})
+_FALSE = frozenset({"false", "0", "no", "n", "off"})
+
+
+def _parse_bool(text: str) -> bool:
+    """Parse a command-line boolean the way HfArgumentParser does, case-insensitively."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    msg = f"expected true/false/1/0/yes/no, got {text!r}"
+    raise argparse.ArgumentTypeError(msg)
+
+
+def _positive_int(text: str) -> int:
+    """Parse an integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        msg = f"expected an integer >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """Parse an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        msg = f"expected an integer >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _int(text: str) -> int:
+    """Parse an integer, naming the bad text on failure."""
+    try:
+        return int(text)
+    except ValueError:
+        msg = f"expected an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _positive_float(text: str) -> float:
+    """Parse a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"expected a number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not value > 0:
+        msg = f"expected a number > 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _spellings(name: str) -> list[str]:
+    """Return a flag with underscores and, where it differs, with dashes."""
+    flags = [f"--{name}", f"--{name.replace('_', '-')}", f"--{name.replace('-', '_')}"]
+    return list(dict.fromkeys(flags))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser; flags follow LLaMA-Factory / HF TrainingArguments names."""
+    parser = argparse.ArgumentParser(
+        prog="python -m supervisor.reference_trainer",
+        usage="python -m supervisor.reference_trainer [--flag value ...] (see --help)",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        allow_abbrev=False,  # a prefix such as --lora must not silently mean --lora_rank
+    )
+
+    def add(name: str, **kwargs: Any) -> None:  # noqa: ANN401 - forwarded to argparse as is
+        parser.add_argument(*_spellings(name), dest=name.replace("-", "_"), **kwargs)
+
+    def add_bool(name: str, help_text: str) -> None:
+        add(name, type=_parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+            help=f"{help_text} (bare flag: true)")
+
+    add("model_name_or_path", default="tiny",
+        help="'tiny' (~5.2M params), 'small' (~30M) or a local directory with a Llama config.json")
+    add("finetuning_type", choices=["full", "lora", "freeze"], default="full")
+    add("lora_rank", type=_positive_int, default=8, help="LoRA rank; alpha is twice the rank")
+    add("freeze_trainable_layers", type=_int, default=2,
+        help="N>0 trains the last N decoder layers, N<0 the first |N|")
+    add("per_device_train_batch_size", type=_positive_int, default=8)
+    add("gradient_accumulation_steps", type=_positive_int, default=1)
+    add("cutoff_len", type=_positive_int, default=512, help="tokens in every synthetic sample")
+    add_bool("gradient_checkpointing", "recompute decoder-layer activations in backward")
+    add("max_steps", type=_positive_int, default=4)
+    add("output_dir", default="./reference-trainer-output")
+    add("save_steps", type=_non_negative_int, default=0,
+        help="save checkpoint-N every N steps; 0 saves none")
+    add("resume_from_checkpoint", default=None,
+        help="a checkpoint directory, or true/latest for the newest checkpoint-N in output_dir")
+    add("learning_rate", type=_positive_float, default=1e-4)
+    add("seed", type=_non_negative_int, default=0)
+    add("logging_steps", type=_positive_int, default=1)
+    add_bool("bf16", "bf16 mixed precision")
+    add_bool("fp16", "fp16 mixed precision (GPU only; ignored on CPU)")
+    add("host-memory-cap", type=_positive_int, default=None, metavar="MIB",
+        help="cap further address-space growth (RLIMIT_AS) right before training; "
+             "sets OMP_NUM_THREADS=1 unless already set")
+    add("device-memory", type=_positive_int, default=None, metavar="MIB",
+        help="device memory budget: a live-bytes budget on CPU, a memory fraction on CUDA")
+    return parser
+
+
+def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, Any]:
+    """Return the Llama config dict for a named size or a local directory, or exit 2."""
+    if spec in _NAMED_CONFIGS:
+        return {**_COMMON_CONFIG, **_NAMED_CONFIGS[spec]}
+    directory = Path(spec)
+    if not directory.is_dir():
+        parser.error(
+            f"--model_name_or_path {spec!r} is neither a named size ({', '.join(_NAMED_CONFIGS)}) "
+            "nor an existing directory; this trainer never downloads models"
+        )
+    config_path = directory / "config.json"
+    try:
+        loaded = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"cannot read a model config from {config_path}: {error}")
+    if not isinstance(loaded, dict):
+        parser.error(f"{config_path} holds {type(loaded).__name__}, expected a JSON object")
+    model_type = loaded.get("model_type", "llama")
+    if model_type != "llama":
+        parser.error(f"{config_path} has model_type {model_type!r}; only 'llama' configs are supported")
+    return loaded
+
+
+def _build_config(parser: argparse.ArgumentParser, values: dict[str, Any]) -> LlamaConfig:
+    """Build a LlamaConfig, turning invalid values into a usage error."""
+    from transformers import LlamaConfig
+
+    try:
+        return LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
+    except (TypeError, ValueError) as error:
+        parser.error(f"invalid Llama config: {error}")
+
+
+def _resolve_checkpoint(parser: argparse.ArgumentParser, value: str | None, output_dir: str) -> str | None:
+    """Return the checkpoint directory to resume from (None: start fresh), or exit 2."""
+    if value is None or value.strip().lower() in _FALSE:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value.strip().lower() in _TRUE | {"latest"}:
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            parser.error(
+                f"--resume_from_checkpoint {value}: no checkpoint-N directory in {output_dir}; "
+                "train with --save_steps N first or start without resuming"
+            )
+        return last
+    if not (Path(value) / "trainer_state.json").is_file():
+        parser.error(f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json)")
+    return value
+
+
+def _resumed_step(checkpoint: str | None) -> int:
+    """Return the global step recorded in a checkpoint, 0 when not resuming."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return int(state.get("global_step", 0))
+
+
+def _apply_finetuning_type(parser: argparse.ArgumentParser, model: PreTrainedModel,
+                           args: argparse.Namespace) -> torch.nn.Module:
+    """Make only the parameters the finetuning type trains require grad; wrap LoRA in PEFT."""
+    if args.finetuning_type == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                          target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
+    if args.finetuning_type == "freeze":
+        layers = model.config.num_hidden_layers
+        n = args.freeze_trainable_layers
+        if n == 0 or abs(n) > layers:
+            parser.error(f"--freeze_trainable_layers {n}: expected a non-zero value within ±{layers}, "
+                         f"the model's number of decoder layers")
+        # LLaMA-Factory: N>0 trains the last N decoder layers, N<0 the first |N|.
+        trainable = range(layers - n, layers) if n > 0 else range(-n)
+        prefixes = tuple(f"model.layers.{i}." for i in trainable)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith(prefixes))
+    return model
+
+
+class _SyntheticTokens:
+    """A map-style dataset of random token ids, each sample exactly cutoff_len long."""
+
+    def __init__(self, *, size: int, cutoff_len: int, vocab_size: int, seed: int) -> None:
+        self._size = size
+        self._cutoff_len = cutoff_len
+        self._vocab_size = vocab_size
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        import torch
+
+        generator = torch.Generator().manual_seed(self._seed * 1_000_003 + index)
+        # Ids start at 3: 0-2 are pad/bos/eos in the config.
+        ids = torch.randint(3, self._vocab_size, (self._cutoff_len,), generator=generator)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Result:
+    """What one run reports on its last stdout line."""
+
+    steps: int
+    tokens_per_s: float
+    peak_live_bytes: int
+    peak_live_mib: float
+    max_rss_mib: float
+    device: str
+    finetuning_type: str
+    trainable_params: int
+    total_params: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    cutoff_len: int
+    gradient_checkpointing: bool
+    resumed_from_step: int
+
+
+def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> Any:  # noqa: ANN401 - TrainingArguments, imported late
+    """Build TrainingArguments; checkpointing is enabled on the model itself, not here."""
+    from transformers import TrainingArguments
+
+    bf16 = bool(args.bf16)
+    fp16 = bool(args.fp16) and cuda
+    if args.fp16 and not cuda:
+        print("reference-trainer: --fp16 needs a GPU; training in fp32 on CPU", file=sys.stderr)
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps > 0 else "no",
+        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        bf16=bf16,
+        fp16=fp16,
+        optim="adamw_torch",
+        report_to=[],
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        # An OOM must reach the supervisor: never let the Trainer shrink the batch itself.
+        auto_find_batch_size=False,
+    )
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Turn on non-reentrant activation checkpointing under either transformers spelling."""
+    kwargs = {"use_reentrant": False}
+    # transformers 5 renamed gradient_checkpointing_enable (now a FutureWarning alias); both
+    # also make the embeddings' output require grad, which PEFT and freeze need.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts."""
+    total = trainable = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train as the flags say and print the result line; usage errors exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.host_memory_cap is not None:
+        # Each OpenMP worker reserves its own stack and malloc arena: address space that would
+        # make an RLIMIT_AS cap depend on the core count. Must be set before torch is imported.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config_values = _read_model_config(parser, args.model_name_or_path)
+
+    import torch
+    from transformers import LlamaForCausalLM, Trainer, default_data_collator
+
+    from supervisor._sim import install_device_budget, set_host_memory_cap
+
+    config = _build_config(parser, config_values)
+    checkpoint = _resolve_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
+    cuda = torch.cuda.is_available()
+    # Entered before the model exists, so weights, gradients and optimizer state all count.
+    peak: PeakMemory = install_device_budget(args.device_memory)
+
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    if args.gradient_checkpointing:
+        _enable_checkpointing(model)
+    trainable_model = _apply_finetuning_type(parser, model, args)
+    trainable_params, total_params = _count_params(trainable_model)
+
+    samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    dataset = _SyntheticTokens(size=samples, cutoff_len=args.cutoff_len,
+                               vocab_size=config.vocab_size, seed=args.seed)
+    trainer = Trainer(model=trainable_model, args=_training_arguments(args, cuda=cuda),
+                      train_dataset=dataset, data_collator=default_data_collator)
+
+    if args.host_memory_cap is not None:
+        set_host_memory_cap(args.host_memory_cap)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    elapsed_s = time.perf_counter() - started
+
+    resumed = _resumed_step(checkpoint)
+    steps = trainer.state.global_step
+    tokens = (steps - resumed) * samples // args.max_steps * args.cutoff_len
+    result = _Result(
+        steps=steps,
+        tokens_per_s=round(tokens / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+        peak_live_bytes=peak.peak_bytes,
+        peak_live_mib=round(peak.peak_bytes / 2**20, 2),
+        max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        device="cuda" if cuda else "cpu",
+        finetuning_type=args.finetuning_type,
+        trainable_params=trainable_params,
+        total_params=total_params,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        cutoff_len=args.cutoff_len,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
+        resumed_from_step=resumed,
+    )
+    payload = {name: getattr(result, name) for name in result.__slots__}
+    print(f"{RESULT_PREFIX} {json.dumps(payload)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The argv-flags dialect: reading knobs behind launchers, rendering changes in the command's syntax."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+
+import pytest
+
+from supervisor.command import Command, CommandError, locate
+from supervisor.dialects.argv import ArgvDialect
+from supervisor.knobs import FinetuningType, Knobs
+
+D = ArgvDialect()
+SEED_LORA = ("python src/train_bash.py --model_name_or_path llama-7b --stage sft --do_train "
+             "--finetuning_type lora --lora_rank 8 --output_dir outputs/llama-7b-lora")
+SEED_FULL = ("python src/train_bash.py --model_name_or_path llama-7b --stage sft --do_train "
+             "--finetuning_type full --output_dir outputs/llama-7b-ft")
+
+
+def cmd(text: str) -> Command:
+    return Command(argv=tuple(shlex.split(text)))
+
+
+def render(text: str, **changes: object) -> str:
+    command = cmd(text)
+    knobs = dataclasses.replace(D.read(command), **changes)  # type: ignore[arg-type]
+    return shlex.join(D.render(command, knobs, Path()).argv)
+
+
+COMMANDS = [
+    SEED_LORA,
+    SEED_FULL,
+    "python -m supervisor.reference_trainer --per_device_train_batch_size=8 --gradient_checkpointing",
+    "env CUDA_VISIBLE_DEVICES=0 HF_HUB_OFFLINE=1 python -u train.py --per_device_train_batch_size 4",
+    "prlimit --as=8000000000 --nofile=1024 python3 train.py --per_device_train_batch_size 4",
+    "torchrun --standalone --nnodes=1 --nproc-per-node=4 src/train_bash.py --cutoff_len 2100 "
+    "--per_device_train_batch_size 1 --gradient_accumulation_steps 4 --gradient_accumulation_steps 4",
+    "python -m torch.distributed.run --nproc_per_node 2 train.py --per_device_train_batch_size 2",
+    "accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train.py "
+    "--per_device_train_batch_size 2 --max_seq_length 4096 --bf16",
+    "nice -n 10 numactl --cpunodebind=0 taskset -c 0-7 python train.py --per_device_train_batch_size 1",
+]
+
+
+@pytest.mark.parametrize("text", COMMANDS)
+def test_render_without_change_gives_back_the_same_argv(text: str) -> None:
+    """read -> render with the same knobs is the identity, byte for byte."""
+    command = cmd(text)
+    assert D.render(command, D.read(command), Path()).argv == command.argv
+
+
+def test_seed_lora_command_reads_llamafactory_defaults() -> None:
+    """The seed's LoRA line: given values, and LLaMA-Factory's defaults for the rest."""
+    knobs = D.read(cmd(SEED_LORA))
+    assert knobs == Knobs(per_device_batch=8, grad_accum=1, cutoff_len=1024,
+                          gradient_checkpointing=True, finetuning_type=FinetuningType.LORA,
+                          lora_rank=8)
+    assert D.profile_name(cmd(SEED_LORA)) == "llamafactory-legacy"
+
+
+def test_absent_knobs_are_added_with_their_flags() -> None:
+    """The seed's full line gains batch, accumulation and cutoff flags when a rung changes them."""
+    assert render(SEED_FULL, per_device_batch=4, grad_accum=2, cutoff_len=512) == (
+        SEED_FULL + " --per_device_train_batch_size 4 --gradient_accumulation_steps 2"
+        " --cutoff_len 512")
+
+
+def test_values_are_rewritten_in_their_own_form() -> None:
+    """`--flag=value` stays `=`, `--flag value` stays separate, repeated flags all change."""
+    text = ("torchrun --nproc_per_node 2 train.py --per_device_train_batch_size=8 "
+            "--gradient_accumulation_steps 1 --gradient_accumulation_steps 1")
+    assert render(text, per_device_batch=4, grad_accum=2) == (
+        "torchrun --nproc_per_node 2 train.py --per_device_train_batch_size=4 "
+        "--gradient_accumulation_steps 2 --gradient_accumulation_steps 2")
+
+
+@pytest.mark.parametrize(("text", "on", "off"), [
+    ("python train.py --per_device_train_batch_size 2",
+     "python train.py --per_device_train_batch_size 2 --gradient_checkpointing", None),
+    ("python train.py --per_device_train_batch_size 2 --gradient_checkpointing false",
+     "python train.py --per_device_train_batch_size 2 --gradient_checkpointing true", None),
+    ("python train.py --per_device_train_batch_size 2 --gradient_checkpointing",
+     None, "python train.py --per_device_train_batch_size 2"),
+    ("python train.py --per_device_train_batch_size 2 --activation_checkpointing=True",
+     None, "python train.py --per_device_train_batch_size 2 --activation_checkpointing=false"),
+    # LLaMA-Factory's inverse switch: dropping it turns checkpointing back on.
+    ("python src/train_bash.py --disable_gradient_checkpointing",
+     "python src/train_bash.py", None),
+])
+def test_boolean_flags(text: str, on: str | None, off: str | None) -> None:
+    """Bare switches, valued booleans and inverse switches all render in their own syntax."""
+    if on is not None:
+        assert render(text, gradient_checkpointing=True) == on
+    if off is not None:
+        assert render(text, gradient_checkpointing=False) == off
+
+
+def test_finetuning_type_change_renders_rank() -> None:
+    """Switching to LoRA writes the type and rank the rung set."""
+    out = render("python -m supervisor.reference_trainer --finetuning_type full",
+                 finetuning_type=FinetuningType.LORA, lora_rank=16)
+    assert out == ("python -m supervisor.reference_trainer --finetuning_type lora "
+                   "--lora_rank 16")
+
+
+@pytest.mark.parametrize(("text", "program", "world"), [
+    ("torchrun --nnodes=2 --nproc_per_node 4 train.py", "train.py", 8),
+    ("python -m torch.distributed.run --standalone --nproc-per-node=2 train.py", "train.py", 2),
+    ("accelerate launch --num_processes=3 -m mypkg.train", "mypkg.train", 3),
+    ("deepspeed --num_gpus 4 train.py", "train.py", 4),
+    ("srun -N2 --ntasks-per-node=4 python train.py", "train.py", 8),
+    ("env -i A=1 B=2 python -X dev -W ignore -m mypkg.train", "mypkg.train", 1),
+    ("taskset -c 0-3 python train.py", "train.py", 1),
+])
+def test_launchers_are_skipped_and_world_size_read(text: str, program: str, world: int) -> None:
+    """The program behind each launcher is found and every rank counts in the world size."""
+    invocation = locate(tuple(shlex.split(text)))
+    assert invocation.program == program
+    assert invocation.world_size == world
+
+
+def test_effective_batch_counts_every_rank() -> None:
+    """torchrun x2 with batch 4 and GA 2: effective batch 16."""
+    knobs = D.read(cmd("torchrun --nproc_per_node 2 train.py --per_device_train_batch_size 4 "
+                       "--gradient_accumulation_steps 2"))
+    assert knobs.effective_batch == 16
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("python train.py --per_device_train_batch_size eight",
+     "--per_device_train_batch_size 'eight' is not a whole number"),
+    ("python train.py --lr 3e-5", "found none of the memory flags"),
+    ("python train.py --per_device_train_batch_size", "has no value after it"),
+    ("python src/train_bash.py --finetuning_type qlora", "valid: full, lora, freeze"),
+    ("env A=1", "No training program found"),
+    ("python -m", "has no module name"),
+])
+def test_unreadable_commands_say_what_to_fix(text: str, message: str) -> None:
+    """A command the dialect cannot read raises one CommandError line."""
+    with pytest.raises(CommandError, match=message):
+        D.read(cmd(text))

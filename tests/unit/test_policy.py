@@ -1,0 +1,160 @@
+"""The ladder as data: loading, validation, and whole walks over scripted OOM histories."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from supervisor.classify import OomKind, Verdict, VerdictKind
+from supervisor.knobs import FinetuningType, Knobs
+from supervisor.policy import Attempt, GiveUp, Ladder, PolicyError, Step, load, next_step, resolve
+
+OOM = Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.TORCH, evidence="recorded")
+FULL = FinetuningType.FULL
+LORA = FinetuningType.LORA
+FREEZE = FinetuningType.FREEZE
+
+
+def walk(start: Knobs, ladder: Ladder) -> tuple[list[tuple[object, ...]], list[Step], GiveUp]:
+    """OOM on every attempt; return each config tried as a short tuple, the steps, the give-up."""
+    history: list[Attempt] = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
+    steps: list[Step] = []
+    while True:
+        step = next_step(start, history, ladder)
+        if isinstance(step, GiveUp):
+            return [_short(a.knobs) for a in history], steps, step
+        steps.append(step)
+        history.append(Attempt(number=len(history) + 1, knobs=step.knobs, rung=step.rung,
+                               verdict=OOM))
+
+
+def _short(k: Knobs) -> tuple[object, ...]:
+    return (k.per_device_batch, k.grad_accum, k.cutoff_len, k.gradient_checkpointing,
+            str(k.finetuning_type))
+
+
+def test_default_ladder_whole_walk_keeps_effective_batch() -> None:
+    """Batch 4 x cutoff 1024 walks batch, cutoff, then restores under gc, LoRA and freeze."""
+    start = Knobs(per_device_batch=4, grad_accum=2, cutoff_len=1024)
+    configs, steps, give_up = walk(start, resolve("default"))
+    assert configs == [
+        (4, 2, 1024, False, "full"), (2, 4, 1024, False, "full"), (1, 8, 1024, False, "full"),
+        (1, 8, 512, False, "full"), (1, 8, 256, False, "full"),
+        # gradient checkpointing restores batch 4 and cutoff 1024, then searches down again
+        (4, 2, 1024, True, "full"), (2, 4, 1024, True, "full"), (1, 8, 1024, True, "full"),
+        (1, 8, 512, True, "full"), (1, 8, 256, True, "full"),
+        (4, 2, 1024, True, "lora"), (2, 4, 1024, True, "lora"), (1, 8, 1024, True, "lora"),
+        (1, 8, 512, True, "lora"), (1, 8, 256, True, "lora"),
+        (4, 2, 1024, True, "freeze"), (2, 4, 1024, True, "freeze"), (1, 8, 1024, True, "freeze"),
+        (1, 8, 512, True, "freeze"), (1, 8, 256, True, "freeze"),
+    ]
+    assert {b * ga for b, ga, *_ in configs} == {8}
+    gc_step = next(s for s in steps if s.rung == "gradient-checkpointing")
+    assert gc_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
+                                ("cutoff_len", 256, 1024))
+    assert give_up.spent == (
+        "smaller-batch: per_device_batch at 1 (floor 1)",
+        "shorter-cutoff: cutoff_len at 256 (floor 256)",
+        "gradient-checkpointing: gradient_checkpointing=true tried from attempt 6",
+        "lora: finetuning_type=lora tried from attempt 11",
+        "freeze: finetuning_type=freeze tried from attempt 16",
+    )
+
+
+def test_rung_that_changes_nothing_is_skipped_without_an_attempt() -> None:
+    """Checkpointing already on: the gc rung is passed over, said so, and LoRA comes next."""
+    start = Knobs(per_device_batch=1, cutoff_len=256, gradient_checkpointing=True)
+    history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
+    step = next_step(start, history, resolve("default"))
+    assert isinstance(step, Step)
+    assert step.rung == "lora"
+    assert step.knobs.finetuning_type is LORA
+    assert step.skipped == ("gradient-checkpointing: gradient_checkpointing is already true",)
+
+
+def test_odd_batch_keeps_exact_effective_batch() -> None:
+    """Batch 6 x GA 1 halves to 3 x 2, then 1 x 6: never an effective batch other than 6."""
+    start = Knobs(per_device_batch=6, cutoff_len=256)
+    configs, _, _ = walk(start, resolve("default"))
+    assert [(b, ga) for b, ga, _, _, ft in configs if ft == "full"][:3] == [(6, 1), (3, 2), (1, 6)]
+
+
+def test_quality_first_tries_checkpointing_before_cutting_the_cutoff() -> None:
+    """quality-first: after batch 1, gc at the full cutoff comes before any truncation."""
+    start = Knobs(per_device_batch=2, cutoff_len=1024)
+    configs, _, _ = walk(start, resolve("quality-first"))
+    assert configs[:6] == [
+        (2, 1, 1024, False, "full"), (1, 2, 1024, False, "full"),
+        (2, 1, 1024, True, "full"), (1, 2, 1024, True, "full"),
+        (1, 2, 512, True, "full"), (1, 2, 256, True, "full"),
+    ]
+
+
+def test_unknown_cutoff_is_not_halved() -> None:
+    """A command with no cutoff flag and no default: the cutoff rung can do nothing."""
+    start = Knobs(per_device_batch=1, cutoff_len=None)
+    configs, _, give_up = walk(start, resolve("default"))
+    assert all(c[2] is None for c in configs)
+    assert "cutoff_len unknown to the command" in give_up.spent[1]
+
+
+def test_lora_then_freeze_never_returns_to_lora() -> None:
+    """Structural rungs fire once, in order: freeze is never followed by LoRA again."""
+    start = Knobs(per_device_batch=1, cutoff_len=256)
+    configs, _, _ = walk(start, resolve("default"))
+    kinds = [c[4] for c in configs]
+    assert kinds == ["full", "full", "lora", "freeze"]
+
+
+def test_rungs_never_mutate_their_input() -> None:
+    """next_step returns new Knobs; the history's are untouched (frozen dataclasses)."""
+    start = Knobs(per_device_batch=8, cutoff_len=512)
+    before = dataclasses.asdict(start)
+    next_step(start, [Attempt(number=1, knobs=start, rung=None, verdict=OOM)],
+              resolve("default"))
+    assert dataclasses.asdict(start) == before
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("rung = [", "not valid TOML"),
+    ('[[rung]]\naction = "halfe"\nknob = "per_device_batch"',
+     "rung 1: unknown action 'halfe'; valid: enable, halve, set"),
+    ('[[rung]]\naction = "halve"\nknob = "per_device_batch"\nfloor = -2',
+     "rung 1: floor must be >= 1, not -2"),
+    ('[[rung]]\naction = "halve"\nknob = "batch"',
+     "cannot act on knob 'batch'; valid: per_device_batch"),
+    ('[[rung]]\nname = "x"\naction = "set"\nknob = "finetuning_type"\nvalue = "qlora"',
+     "rung 1 ('x'): 'qlora' is not a finetuning type; valid: full, lora, freeze"),
+    ('[[rung]]\naction = "enable"\nknob = "gradient_checkpointing"\ncost = "cheap"',
+     "unknown cost 'cheap'; valid: none, speed, quality"),
+    ('[[rung]]\naction = "enable"\nknob = "gradient_checkpointing"\nrestre = true',
+     "unknown key 'restre'"),
+    ('name = "empty"', "no [[rung]] tables"),
+    ('max_attempts = 0\n[[rung]]\naction = "enable"\nknob = "gradient_checkpointing"',
+     "max_attempts must be >= 1, not 0"),
+])
+def test_bad_policy_files_fail_with_one_line_naming_file_and_rung(
+        tmp_path: Path, text: str, message: str) -> None:
+    """Every invalid policy is one PolicyError line naming the file and what to fix."""
+    path = tmp_path / "mine.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(PolicyError) as info:
+        load(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_shipped_policies_load() -> None:
+    """Every policy in policies/ parses and the default is the seed's order."""
+    assert [r.name for r in resolve("default").rungs] == [
+        "smaller-batch", "shorter-cutoff", "gradient-checkpointing", "lora", "freeze"]
+    assert resolve("quality-first").rungs[1].name == "gradient-checkpointing"
+
+
+def test_unknown_policy_name_lists_shipped_ones() -> None:
+    """A name that is neither shipped nor a file says which names exist."""
+    with pytest.raises(PolicyError, match="shipped: default, quality-first"):
+        resolve("fastest")

@@ -135,10 +135,10 @@ class Verdict:
         return self.kind is VerdictKind.OOM
 
 
-_SIZE = r"([\d.]+) ?([KMGT]i?B)"
+_SIZE = r"([\d.]+) ?([KMGT]i?B|bytes)"
 _NUMBER_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
     "tried_mib": (re.compile(rf"Tried to allocate {_SIZE}"),),
-    "capacity_mib": (re.compile(rf"total capacity of {_SIZE}"),  # torch >= 2.1
+    "capacity_mib": (re.compile(rf"total capaci?ty of {_SIZE}"),  # torch >= 2.1 ("capacty" in 2.1)
                      re.compile(rf"{_SIZE} total capacity"),  # torch < 2.1
                      re.compile(rf"simulated device of {_SIZE}")),  # our live-bytes budget
     "free_mib": (re.compile(rf"of which {_SIZE} is free"), re.compile(rf"{_SIZE} free\b")),
@@ -146,7 +146,8 @@ _NUMBER_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
                       re.compile(rf"{_SIZE} already allocated"),
                       re.compile(rf"with {_SIZE} live")),
 }
-_UNIT_MIB = {"B": 1 / 2**20, "KB": 1 / 1024, "KiB": 1 / 1024, "MB": 1.0, "MiB": 1.0,
+_UNIT_MIB = {"B": 1 / 2**20, "bytes": 1 / 2**20, "KB": 1 / 1024, "KiB": 1 / 1024,
+             "MB": 1.0, "MiB": 1.0,
              "GB": 1024.0, "GiB": 1024.0, "TB": 2**20, "TiB": 2**20}
 
 
@@ -194,7 +195,7 @@ def classify(outcome: Outcome) -> Verdict:
 
 def _oom_kind(line: str) -> OomKind:
     stripped = line.strip()
-    return next(r.kind for r in OOM_RULES if r.pattern.search(stripped))  # type: ignore[misc]
+    return OomKind(next(r.kind for r in OOM_RULES if r.pattern.search(stripped)))
 
 
 def _most_specific(lines: list[str]) -> str:

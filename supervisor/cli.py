@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -130,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("no command to supervise; put it after `--`, e.g. "
                              "`oom-supervisor run -- python train.py "
                              "--per_device_train_batch_size 8`")
-            command = Command(argv=tuple(words), cwd=os.getcwd())
+            command = Command(argv=tuple(words), cwd=str(Path.cwd()))
         return _run(args, command)
     except (PolicyError, CommandError) as exc:
         print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
@@ -146,7 +145,7 @@ def demo_command(device_mib: int) -> Command:
         "--cutoff_len", "1024", "--max_steps", "2",
         "--device-memory", str(device_mib),
         "--output_dir", "reference-trainer-output",
-    ), cwd=os.getcwd())
+    ), cwd=str(Path.cwd()))
 
 
 def _run(args: argparse.Namespace, command: Command) -> int:
@@ -185,8 +184,8 @@ def _install_signal_handlers(stop: StopRequest) -> None:
 
 
 def _print_summary(result: RunResult) -> None:
-    lines = [f"oom-supervisor: {result.status} after {result.attempts} attempt(s); "
-             f"report: {result.run_dir / 'report.md'}"]
+    lines = [(f"oom-supervisor: {result.status} after {result.attempts} attempt(s); "
+              f"report: {result.run_dir / 'report.md'}")]
     if result.final_knobs is not None:
         k = result.final_knobs
         lines.append(

@@ -157,7 +157,7 @@ def locate(argv: tuple[str, ...]) -> Invocation:
 
 def _launcher_key(argv: tuple[str, ...], i: int) -> str | None:
     name = PurePath(argv[i]).name
-    if name == "accelerate" and i + 1 < len(argv) and argv[i + 1] == "launch":
+    if name == "accelerate" and argv[i + 1:i + 2] == ("launch",):
         return "accelerate launch"
     if name in _LAUNCHERS and name != "accelerate launch":
         return name
@@ -189,8 +189,8 @@ def _skip_launcher(argv: tuple[str, ...], i: int, key: str,
             i += 1
         elif (token in spec.bare
               or (key == "prlimit" and _PRLIMIT_RESOURCES.match(token))
-              or (key == "srun" and len(token) > 2 and token[1] != "-")):  # -N2 style
-            if key == "srun" and len(token) > 2 and token[1] != "-":
+              or (key == "srun" and _is_glued_short(token))):
+            if key == "srun" and _is_glued_short(token):  # `-N2` is `-N 2`
                 values[token[:2]] = token[2:]
             i += 1
         else:
@@ -199,6 +199,10 @@ def _skip_launcher(argv: tuple[str, ...], i: int, key: str,
             i += 2
     size, known = _world_size(values, spec)
     return i, size, known
+
+
+def _is_glued_short(token: str) -> bool:
+    return not token.startswith("--") and len(token) > len("-N")
 
 
 def _world_size(values: dict[str, str], spec: _Launcher) -> tuple[int, bool]:

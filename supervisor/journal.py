@@ -39,7 +39,7 @@ class Journal:
         """Close the file; later writes fail."""
         self._file.close()
 
-    def __enter__(self) -> Journal:
+    def __enter__(self) -> Journal:  # noqa: PYI034 - final class, no subclasses
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -73,13 +73,13 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     run_dir: Path,
     run_attempt: runner.RunAttempt = runner.run,
     judge: Callable[[Outcome], Verdict] = classify,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], object] = time.sleep,
     max_attempts: int | None = None,
     stop: runner.StopRequest | None = None,
     echo: bool = True,
     env: Mapping[str, str] | None = None,
 ) -> RunResult:
-    """Run the command, walk the ladder on each OOM, and end with a report and the working config."""
+    """Run the command, walk the ladder on each OOM, end with a report and the working config."""
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = stop or runner.StopRequest()
     budget = max_attempts or ladder.max_attempts
@@ -148,7 +148,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                 stop=stop_after_attempt(ladder.transient_retries + 1)
                 | stop_after_delay(ladder.transient_max_delay_s),
                 wait=wait_exponential(multiplier=2, min=1, max=60),
-                sleep=sleep,
+                sleep=lambda seconds: None if sleep(seconds) else None,
                 before_sleep=before_retry,
                 retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
             )

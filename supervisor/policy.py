@@ -10,8 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs
 from supervisor.classify import Verdict
+from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs
 
 
 class PolicyError(ValueError):
@@ -116,7 +116,8 @@ def _halve(knobs: Knobs, rung: Rung) -> Knobs | None:
 def _enable(knobs: Knobs, rung: Rung) -> Knobs | None:
     if getattr(knobs, rung.knob):
         return None
-    return dataclasses.replace(knobs, **{rung.knob: True})
+    changes: dict[str, Any] = {rung.knob: True}
+    return dataclasses.replace(knobs, **changes)
 
 
 def _set(knobs: Knobs, rung: Rung) -> Knobs | None:
@@ -278,7 +279,8 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         raise PolicyError(msg)
     transient = data.get("transient", {})
     if not isinstance(transient, dict):
-        msg = f"{source}: [transient] must be a table with keys {', '.join(sorted(_TRANSIENT_KEYS))}"
+        keys = ", ".join(sorted(_TRANSIENT_KEYS))
+        msg = f"{source}: [transient] must be a table with keys {keys}"
         raise PolicyError(msg)
     _check_keys(transient, _TRANSIENT_KEYS, f"{source}: [transient]")
     name = data.get("name", Path(source).stem)
@@ -312,6 +314,7 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
         msg = f"{where}: unknown action {action!r}; valid: {', '.join(sorted(ACTIONS))}"
         raise PolicyError(msg)
     knob = raw.get("knob")
+    action = str(action)
     valid_knobs = {"halve": _HALVABLE, "enable": _BOOLEAN, "set": _SETTABLE}[action]
     if knob not in valid_knobs:
         msg = f"{where}: action {action!r} cannot act on knob {knob!r}; valid: " + \

@@ -16,6 +16,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,9 +195,11 @@ def _build_config(parser: argparse.ArgumentParser, values: dict[str, Any]) -> Ll
     from transformers import LlamaConfig
 
     try:
-        return LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
+        config = LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
     except (TypeError, ValueError) as error:
         parser.error(f"invalid Llama config: {error}")
+    config.use_cache = False  # training never reuses a KV cache; checkpointing would say so
+    return config
 
 
 def _resolve_checkpoint(parser: argparse.ArgumentParser, value: str | None, output_dir: str) -> str | None:
@@ -234,7 +237,12 @@ def _apply_finetuning_type(parser: argparse.ArgumentParser, model: PreTrainedMod
 
         lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
                           target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
-        return get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft reads transformers' renamed is_gradient_checkpointing property: noise in
+            # every LoRA run's output that says nothing about this run.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            return get_peft_model(model, lora)
     if args.finetuning_type == "freeze":
         layers = model.config.num_hidden_layers
         n = args.freeze_trainable_layers

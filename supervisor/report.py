@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,8 +115,8 @@ def final_command_script(data: dict[str, Any]) -> str:
     """A shell script that runs the working command exactly, from the original directory."""
     lines = ["#!/bin/sh",
              f"# Working config found by oom-supervisor, run {data['run_id']}.",
-             f"# Effective batch {data['effective_batch']['final']} "
-             f"(started at {data['effective_batch']['start']}).",
+             (f"# Effective batch {data['effective_batch']['final']} "
+              f"(started at {data['effective_batch']['start']})."),
              "set -e"]
     if data.get("cwd"):
         lines.append(f"cd {shlex.quote(data['cwd'])}")
@@ -136,8 +135,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         out += [f"- Directory: `{data['cwd']}`"]
     out += [f"- Dialect: {data['dialect']}",
             f"- Policy: {data['policy']['name']} ({data['policy']['source']})",
-            f"- Attempts: {len(data['attempts'])}, of which {data['oom_verdicts']} ran out of "
-            "memory", ""]
+            (f"- Attempts: {len(data['attempts'])}, of which {data['oom_verdicts']} ran out "
+             "of memory"), ""]
     eb = data["effective_batch"]
     if data["final_knobs"]:
         out += ["## Final config", "",
@@ -163,8 +162,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     for a in data["attempts"]:
         changed = ", ".join(f"{k} {_cell(v[0])}->{_cell(v[1])}" for k, v in a["changed"].items())
         evidence = (a.get("evidence") or "").replace("|", "\\|")
-        if len(evidence) > 160:
-            evidence = evidence[:157] + "..."
+        if len(evidence) > _EVIDENCE_CHARS:
+            evidence = evidence[:_EVIDENCE_CHARS - 3] + "..."
         verdict = a["verdict"] + (f" ({a['oom_kind']})" if a.get("oom_kind") else "")
         out.append(f"| {a['attempt']} | {a['rung'] or '(as given)'} | {changed or '-'} | "
                    f"{verdict} | {evidence} | {a.get('duration_s') or ''} |")
@@ -177,9 +176,12 @@ def render_markdown(data: dict[str, Any]) -> str:
                            f"{knob} {_cell(before)} -> {_cell(after)}")
             for skip in s.get("skipped", []):
                 out.append(f"- before attempt {s['next_attempt']}, skipped {skip}")
-    out += ["", "Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
-            "`journal.jsonl`.", ""]
+    out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
+                 "`journal.jsonl`."), ""]
     return "\n".join(out)
+
+
+_EVIDENCE_CHARS = 160
 
 
 def _cell(value: object) -> str:
@@ -191,4 +193,4 @@ def _cell(value: object) -> str:
 def _atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp.replace(path)

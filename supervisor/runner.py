@@ -95,7 +95,8 @@ def run(spec: AttemptSpec, *, is_oom: Callable[[str], bool] = is_oom_line) -> Ou
                     oom_line.append(line)
                     oom_seen.set()
 
-    assert proc.stdout is not None and proc.stderr is not None  # noqa: S101 - PIPE above
+    assert proc.stdout is not None  # noqa: S101 - PIPE above
+    assert proc.stderr is not None  # noqa: S101
     readers = [
         threading.Thread(target=pump, args=(proc.stdout, "stdout", _console(sys.stdout)),
                          daemon=True),
@@ -118,9 +119,13 @@ def run(spec: AttemptSpec, *, is_oom: Callable[[str], bool] = is_oom_line) -> Ou
             interrupted = True
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         oom_seen.wait(0.05)
-    tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)  # stragglers: workers in their own sessions outlive the leader
+    # Stragglers: workers in sessions of their own outlive the leader.
+    tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
     for reader in readers:
         reader.join(timeout=5.0)
+    for stream in (proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):
+            stream.close()
     with lock:
         lines = tuple(tail)
     return Outcome(
@@ -177,9 +182,18 @@ def _is_running(proc: psutil.Process) -> bool:
         return False
 
 
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        return None
+
+
 def _console(stream: IO[str]) -> IO[bytes]:
+    # pytest's capture and some IDEs give a text stream with no byte buffer under it.
     buffer = getattr(stream, "buffer", None)
-    return buffer if buffer is not None else open(os.devnull, "wb")  # noqa: SIM115, PTH123
+    return buffer if buffer is not None else _Discard()  # type: ignore[return-value]
 
 
 def _kernel_oom_kills() -> int:

@@ -23,7 +23,7 @@ class Dialect(Protocol):
         ...
 
 
-def detect(command: Command) -> Dialect:
+def detect(command: Command) -> Dialect:  # noqa: ARG001 - one dialect so far
     """Pick the dialect for a command (only the argv-flags dialect exists so far)."""
     from supervisor.dialects.argv import ArgvDialect  # noqa: PLC0415 - avoids an import cycle
 

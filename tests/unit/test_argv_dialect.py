@@ -1,4 +1,4 @@
-"""The argv-flags dialect: reading knobs behind launchers, rendering changes in the command's syntax."""
+"""The argv-flags dialect: knobs read behind launchers, changes rendered in the command's syntax."""
 
 from __future__ import annotations
 
@@ -32,15 +32,19 @@ def render(text: str, **changes: object) -> str:
 COMMANDS = [
     SEED_LORA,
     SEED_FULL,
-    "python -m supervisor.reference_trainer --per_device_train_batch_size=8 --gradient_checkpointing",
-    "env CUDA_VISIBLE_DEVICES=0 HF_HUB_OFFLINE=1 python -u train.py --per_device_train_batch_size 4",
+    ("python -m supervisor.reference_trainer --per_device_train_batch_size=8 "
+     "--gradient_checkpointing"),
+    ("env CUDA_VISIBLE_DEVICES=0 HF_HUB_OFFLINE=1 python -u train.py "
+     "--per_device_train_batch_size 4"),
     "prlimit --as=8000000000 --nofile=1024 python3 train.py --per_device_train_batch_size 4",
-    "torchrun --standalone --nnodes=1 --nproc-per-node=4 src/train_bash.py --cutoff_len 2100 "
-    "--per_device_train_batch_size 1 --gradient_accumulation_steps 4 --gradient_accumulation_steps 4",
+    ("torchrun --standalone --nnodes=1 --nproc-per-node=4 src/train_bash.py --cutoff_len 2100 "
+     "--per_device_train_batch_size 1 --gradient_accumulation_steps 4 "
+     "--gradient_accumulation_steps 4"),
     "python -m torch.distributed.run --nproc_per_node 2 train.py --per_device_train_batch_size 2",
-    "accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train.py "
-    "--per_device_train_batch_size 2 --max_seq_length 4096 --bf16",
-    "nice -n 10 numactl --cpunodebind=0 taskset -c 0-7 python train.py --per_device_train_batch_size 1",
+    ("accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train.py "
+     "--per_device_train_batch_size 2 --max_seq_length 4096 --bf16"),
+    ("nice -n 10 numactl --cpunodebind=0 taskset -c 0-7 python train.py "
+     "--per_device_train_batch_size 1"),
 ]
 
 

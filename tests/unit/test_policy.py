@@ -50,7 +50,7 @@ def test_default_ladder_whole_walk_keeps_effective_batch() -> None:
         (4, 2, 1024, True, "freeze"), (2, 4, 1024, True, "freeze"), (1, 8, 1024, True, "freeze"),
         (1, 8, 512, True, "freeze"), (1, 8, 256, True, "freeze"),
     ]
-    assert {b * ga for b, ga, *_ in configs} == {8}
+    assert {int(str(b)) * int(str(ga)) for b, ga, *_ in configs} == {8}
     gc_step = next(s for s in steps if s.rung == "gradient-checkpointing")
     assert gc_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
                                 ("cutoff_len", 256, 1024))

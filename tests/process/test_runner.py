@@ -1,0 +1,81 @@
+"""The runner on real processes: output teed, the whole tree ended on the first OOM line."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor.classify import VerdictKind, classify
+from supervisor.runner import AttemptSpec, StopRequest, run
+
+pytestmark = pytest.mark.process
+
+TRAINER = f"{shlex.quote(sys.executable)} -m supervisor.reference_trainer"
+
+
+def _alive(marker: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if marker in " ".join(cmdline) and "pytest" not in " ".join(cmdline):
+            found.append(proc)
+    return found
+
+
+def test_real_oom_ends_the_whole_tree_at_once(tmp_path: Path,
+                                              trainer_env: dict[str, str]) -> None:
+    """A launcher that would wait on a hung peer (sleep) is ended with it on the OOM line.
+
+    The peer runs in a session of its own, as torchrun's workers do, so only the runner's
+    memory of descendants (not the process group) can end it.
+    """
+    script = (f"setsid sleep 3171 & sleep 3172 & {TRAINER} --per_device_train_batch_size 8 "
+              f"--cutoff_len 512 --max_steps 1 --device-memory 50 --output_dir {tmp_path}/o; "
+              "wait")
+    outcome = run(AttemptSpec(argv=("sh", "-c", script), env=trainer_env,
+                              log_dir=tmp_path / "logs", echo=False, grace_s=2.0))
+    assert outcome.killed_by_supervisor
+    assert outcome.exit_code == -signal.SIGTERM  # the shell was still waiting: we ended it
+    assert outcome.oom_line is not None
+    assert outcome.oom_line.startswith("torch.OutOfMemoryError")
+    assert classify(outcome).kind is VerdictKind.OOM
+    assert _alive("sleep 3171") == []
+    assert _alive("sleep 3172") == []
+    assert "OutOfMemoryError" in (tmp_path / "logs" / "stderr.log").read_text()
+
+
+def test_output_is_teed_line_by_line(tmp_path: Path, trainer_env: dict[str, str]) -> None:
+    """stdout and stderr go to their own files; the tail keeps both."""
+    outcome = run(AttemptSpec(
+        argv=(sys.executable, "-c",
+              "import sys; print('to-out'); print('to-err', file=sys.stderr)"),
+        env=trainer_env, log_dir=tmp_path, echo=False))
+    assert outcome.exit_code == 0
+    assert (tmp_path / "stdout.log").read_text() == "to-out\n"
+    assert (tmp_path / "stderr.log").read_text() == "to-err\n"
+    assert sorted(outcome.tail) == ["to-err", "to-out"]
+
+
+def test_missing_program_is_reported_not_raised(tmp_path: Path) -> None:
+    """A command that cannot start is an attempt with exit 127 and the reason in its tail."""
+    outcome = run(AttemptSpec(argv=("/nonexistent/python", "train.py"), env={},
+                              log_dir=tmp_path, echo=False))
+    assert outcome.exit_code == 127
+    assert "cannot start" in outcome.tail[0]
+    assert classify(outcome).kind is VerdictKind.FATAL
+
+
+def test_stop_request_ends_the_attempt_as_interrupted(tmp_path: Path) -> None:
+    """A stop asked before the attempt ends is honoured at once and classified `interrupted`."""
+    stop = StopRequest()
+    stop.request()
+    outcome = run(AttemptSpec(argv=("sleep", "3173"), env={}, log_dir=tmp_path, echo=False,
+                              stop=stop, grace_s=1.0))
+    assert outcome.interrupted
+    assert classify(outcome).kind is VerdictKind.INTERRUPTED
+    assert _alive("sleep 3173") == []

@@ -1,0 +1,94 @@
+"""The CLI: argv maps onto supervise(); every usage error is one line and exit code 2."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from supervisor import cli
+from supervisor.journal import Journal
+from supervisor.loop import ExitCode
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse exits; main() itself returns
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(("policy_text", "message"), [
+    ("[[rung]\n", "not valid TOML"),
+    ('[[rung]]\naction = "shrink"\nknob = "per_device_batch"\n', "unknown action 'shrink'"),
+    ('[[rung]]\naction = "halve"\nknob = "cutoff_len"\nfloor = -1\n', "floor must be >= 1"),
+])
+def test_bad_policy_file_is_one_line_and_usage_exit(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], policy_text: str,
+        message: str) -> None:
+    """A broken policy stops before anything runs: one stderr line, exit 2, no run folder."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(policy_text, encoding="utf-8")
+    code, _, err = run_cli(capsys, "run", "--policy", str(policy), "--runs-dir",
+                           str(tmp_path / "runs"), "--", "python", "train.py",
+                           "--per_device_train_batch_size", "8")
+    assert code == ExitCode.USAGE
+    assert err.count("\n") == 1
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run"], "no command to supervise"),
+    (["run", "--"], "no command to supervise"),
+    (["run", "--max-attempts", "0", "--", "python", "t.py"], "must be at least 1"),
+    (["run", "--policy", "nope", "--", "python", "t.py"], "no policy named 'nope'"),
+    (["run", "--", "python", "t.py", "--lr", "1e-4"], "found none of the memory flags"),
+    (["run", "--", "python", "t.py", "--per_device_train_batch_size", "x"],
+     "is not a whole number"),
+    (["fly"], "invalid choice: 'fly'"),
+    (["report", "/nonexistent/run"], "does not exist"),
+])
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                   argv: list[str], message: str) -> None:
+    """Missing or unreadable commands and bad options: one clear line, exit 2."""
+    code, _, err = run_cli(capsys, *argv[:1], *(["--runs-dir", str(tmp_path)]
+                                                 if argv[0] == "run" else []), *argv[1:])
+    assert code == ExitCode.USAGE
+    assert err.strip().count("\n") == 0
+    assert message in err
+
+
+def test_run_options_reach_the_parser() -> None:
+    """--policy, --runs-dir, --max-attempts and the command after -- are parsed as given."""
+    args = cli.build_parser().parse_args(shlex.split(
+        "run --policy quality-first --runs-dir /x --max-attempts 5 -- "
+        "torchrun --nproc_per_node 2 train.py --per_device_train_batch_size 8"))
+    assert (args.policy, args.runs_dir, args.max_attempts) == ("quality-first", Path("/x"), 5)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    assert command == ["torchrun", "--nproc_per_node", "2", "train.py",
+                       "--per_device_train_batch_size", "8"]
+
+
+def test_report_of_a_journal_without_start_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`report` on a folder whose journal is not ours says so in one line."""
+    with Journal(tmp_path / "journal.jsonl") as journal:
+        journal.write("something.else")
+    code, _, err = run_cli(capsys, "report", str(tmp_path))
+    assert code == ExitCode.USAGE
+    assert "no run.started event" in err
+
+
+def test_existing_run_id_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run folder that already holds a journal is never overwritten."""
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "journal.jsonl").write_text("{}\n", encoding="utf-8")
+    code, _, err = run_cli(capsys, "run", "--runs-dir", str(tmp_path), "--run-id", "r1", "--",
+                           "python", "t.py", "--per_device_train_batch_size", "8")
+    assert code == ExitCode.USAGE
+    assert "already holds a run" in err

@@ -82,7 +82,7 @@ def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
-class LiveBytesBudget(TorchDispatchMode):
+class LiveBytesBudget(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Count live tensor-storage bytes and fail like a GPU allocator past a budget.
 
     Every storage is counted once, however many views share it, from the first op that
@@ -91,7 +91,7 @@ class LiveBytesBudget(TorchDispatchMode):
     """
 
     def __init__(self, budget_bytes: int | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.budget_bytes = budget_bytes
         self._live: dict[int, _Entry] = {}
         self._live_bytes = 0
@@ -157,7 +157,8 @@ class LiveBytesBudget(TorchDispatchMode):
         if entry is None:
             entry = _Entry(nbytes=nbytes)
             self._live[key] = entry
-            weakref.finalize(storage, self._forget, key, entry)
+            # No bookkeeping at interpreter exit: the count no longer matters then.
+            weakref.finalize(storage, self._forget, key, entry).atexit = False
         else:
             entry.nbytes = nbytes  # resized in place (e.g. an out= op)
         self._live_bytes += grown
@@ -204,5 +205,5 @@ def install_device_budget(budget_mib: int | None) -> PeakMemory:
         torch.cuda.reset_peak_memory_stats()
         return _CudaPeak()
     budget = LiveBytesBudget(None if budget_mib is None else budget_mib * _MIB)
-    budget.__enter__()
+    budget.__enter__()  # type: ignore[no-untyped-call]
     return budget

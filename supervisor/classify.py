@@ -138,7 +138,10 @@ class Verdict:
 _SIZE = r"([\d.]+) ?([KMGT]i?B|bytes)"
 _NUMBER_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
     "tried_mib": (re.compile(rf"Tried to allocate {_SIZE}"),),
-    "capacity_mib": (re.compile(rf"total capaci?ty of {_SIZE}"),  # torch >= 2.1 ("capacty" in 2.1)
+    # Under set_per_process_memory_fraction the message says what this process is allowed:
+    # that, not the card's size, is the capacity the attempt ran into.
+    "capacity_mib": (re.compile(rf"{_SIZE} allowed;"),
+                     re.compile(rf"total capaci?ty of {_SIZE}"),  # torch >= 2.1 ("capacty" in 2.1)
                      re.compile(rf"{_SIZE} total capacity"),  # torch < 2.1
                      re.compile(rf"simulated device of {_SIZE}")),  # our live-bytes budget
     "free_mib": (re.compile(rf"of which {_SIZE} is free"), re.compile(rf"{_SIZE} free\b")),

@@ -148,7 +148,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                 stop=stop_after_attempt(ladder.transient_retries + 1)
                 | stop_after_delay(ladder.transient_max_delay_s),
                 wait=wait_exponential(multiplier=2, min=1, max=60),
-                sleep=lambda seconds: None if sleep(seconds) else None,
+                sleep=_returning_none(sleep),
                 before_sleep=before_retry,
                 retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
             )
@@ -201,6 +201,15 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     report.write(run_dir, events)
     return RunResult(status=status, exit_code=exit_code, run_dir=run_dir,
                      final_knobs=knobs if status == "fitted" else None, attempts=len(history))
+
+
+def _returning_none(sleep: Callable[[float], object]) -> Callable[[float], None]:
+    """tenacity wants a sleep that returns None; Event.wait (interruptible) returns a bool."""
+
+    def pause(seconds: float) -> None:
+        sleep(seconds)
+
+    return pause
 
 
 def _profile(dialect: Dialect, command: Command) -> str:

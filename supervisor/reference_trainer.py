@@ -1,4 +1,4 @@
-"""A real Hugging Face Trainer (+ PEFT LoRA) run on a tiny Llama built from a config, for tests and demos.
+"""A real Hugging Face Trainer (+ PEFT LoRA) on a tiny Llama built from a config, for tests.
 
 Run as ``python -m supervisor.reference_trainer [LLaMA-Factory / HF flags]``. Nothing is
 downloaded: the model is built from a named size or a local ``config.json`` and trained on
@@ -8,16 +8,20 @@ allocator error that propagates uncaught (traceback, exit 1), as real training s
 The last stdout line of a finished run is ``reference-trainer.result {json}``.
 """
 
+# Flags are parsed before torch is imported (OMP_NUM_THREADS must be set first), so the heavy
+# imports live inside functions; the result line is this script's output, hence print.
+# ruff: noqa: PLC0415, T201
+
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import torch
-    from transformers import LlamaConfig, PreTrainedModel
+    from transformers import LlamaConfig, PreTrainedModel, TrainingArguments
 
     from supervisor._sim import PeakMemory
 
@@ -135,35 +139,66 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(*_spellings(name), dest=name.replace("-", "_"), **kwargs)
 
     def add_bool(name: str, help_text: str) -> None:
-        add(name, type=_parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
-            help=f"{help_text} (bare flag: true)")
+        add(
+            name,
+            type=_parse_bool,
+            nargs="?",
+            const=True,
+            default=False,
+            metavar="BOOL",
+            help=f"{help_text} (bare flag: true)",
+        )
 
-    add("model_name_or_path", default="tiny",
-        help="'tiny' (~5.2M params), 'small' (~30M) or a local directory with a Llama config.json")
+    add(
+        "model_name_or_path",
+        default="tiny",
+        help="'tiny' (~5.2M params), 'small' (~30M) or a local directory with a Llama config.json",
+    )
     add("finetuning_type", choices=["full", "lora", "freeze"], default="full")
     add("lora_rank", type=_positive_int, default=8, help="LoRA rank; alpha is twice the rank")
-    add("freeze_trainable_layers", type=_int, default=2,
-        help="N>0 trains the last N decoder layers, N<0 the first |N|")
+    add(
+        "freeze_trainable_layers",
+        type=_int,
+        default=2,
+        help="N>0 trains the last N decoder layers, N<0 the first |N|",
+    )
     add("per_device_train_batch_size", type=_positive_int, default=8)
     add("gradient_accumulation_steps", type=_positive_int, default=1)
     add("cutoff_len", type=_positive_int, default=512, help="tokens in every synthetic sample")
     add_bool("gradient_checkpointing", "recompute decoder-layer activations in backward")
     add("max_steps", type=_positive_int, default=4)
     add("output_dir", default="./reference-trainer-output")
-    add("save_steps", type=_non_negative_int, default=0,
-        help="save checkpoint-N every N steps; 0 saves none")
-    add("resume_from_checkpoint", default=None,
-        help="a checkpoint directory, or true/latest for the newest checkpoint-N in output_dir")
+    add(
+        "save_steps",
+        type=_non_negative_int,
+        default=0,
+        help="save checkpoint-N every N steps; 0 saves none",
+    )
+    add(
+        "resume_from_checkpoint",
+        default=None,
+        help="a checkpoint directory, or true/latest for the newest checkpoint-N in output_dir",
+    )
     add("learning_rate", type=_positive_float, default=1e-4)
     add("seed", type=_non_negative_int, default=0)
     add("logging_steps", type=_positive_int, default=1)
     add_bool("bf16", "bf16 mixed precision")
     add_bool("fp16", "fp16 mixed precision (GPU only; ignored on CPU)")
-    add("host-memory-cap", type=_positive_int, default=None, metavar="MIB",
+    add(
+        "host-memory-cap",
+        type=_positive_int,
+        default=None,
+        metavar="MIB",
         help="cap further address-space growth (RLIMIT_AS) right before training; "
-             "sets OMP_NUM_THREADS=1 unless already set")
-    add("device-memory", type=_positive_int, default=None, metavar="MIB",
-        help="device memory budget: a live-bytes budget on CPU, a memory fraction on CUDA")
+        "sets OMP_NUM_THREADS=1 unless already set",
+    )
+    add(
+        "device-memory",
+        type=_positive_int,
+        default=None,
+        metavar="MIB",
+        help="device memory budget: a live-bytes budget on CPU, a memory fraction on CUDA",
+    )
     return parser
 
 
@@ -186,7 +221,9 @@ def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, 
         parser.error(f"{config_path} holds {type(loaded).__name__}, expected a JSON object")
     model_type = loaded.get("model_type", "llama")
     if model_type != "llama":
-        parser.error(f"{config_path} has model_type {model_type!r}; only 'llama' configs are supported")
+        parser.error(
+            f"{config_path} has model_type {model_type!r}; only 'llama' configs are supported"
+        )
     return loaded
 
 
@@ -196,20 +233,24 @@ def _build_config(parser: argparse.ArgumentParser, values: dict[str, Any]) -> Ll
 
     try:
         config = LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
-    except (TypeError, ValueError) as error:
-        parser.error(f"invalid Llama config: {error}")
+    except Exception as error:  # noqa: BLE001 - huggingface_hub validators raise their own types
+        parser.error(f"invalid Llama config: {' '.join(str(error).split())}")
     config.use_cache = False  # training never reuses a KV cache; checkpointing would say so
     return config
 
 
-def _resolve_checkpoint(parser: argparse.ArgumentParser, value: str | None, output_dir: str) -> str | None:
+def _resolve_checkpoint(
+    parser: argparse.ArgumentParser, value: str | None, output_dir: str
+) -> str | None:
     """Return the checkpoint directory to resume from (None: start fresh), or exit 2."""
     if value is None or value.strip().lower() in _FALSE:
         return None
     from transformers.trainer_utils import get_last_checkpoint
 
     if value.strip().lower() in _TRUE | {"latest"}:
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        last: str | None = None
+        if Path(output_dir).is_dir():
+            last = get_last_checkpoint(output_dir)  # type: ignore[no-untyped-call]
         if last is None:
             parser.error(
                 f"--resume_from_checkpoint {value}: no checkpoint-N directory in {output_dir}; "
@@ -217,7 +258,9 @@ def _resolve_checkpoint(parser: argparse.ArgumentParser, value: str | None, outp
             )
         return last
     if not (Path(value) / "trainer_state.json").is_file():
-        parser.error(f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json)")
+        parser.error(
+            f"--resume_from_checkpoint {value}: not a checkpoint directory (no trainer_state.json)"
+        )
     return value
 
 
@@ -229,26 +272,37 @@ def _resumed_step(checkpoint: str | None) -> int:
     return int(state.get("global_step", 0))
 
 
-def _apply_finetuning_type(parser: argparse.ArgumentParser, model: PreTrainedModel,
-                           args: argparse.Namespace) -> torch.nn.Module:
+def _apply_finetuning_type(
+    parser: argparse.ArgumentParser, model: PreTrainedModel, args: argparse.Namespace
+) -> torch.nn.Module:
     """Make only the parameters the finetuning type trains require grad; wrap LoRA in PEFT."""
     if args.finetuning_type == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                          target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=2 * args.lora_rank,
+            lora_dropout=0.0,
+            target_modules=_LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        )
         with warnings.catch_warnings():
             # peft reads transformers' renamed is_gradient_checkpointing property: noise in
             # every LoRA run's output that says nothing about this run.
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
             return get_peft_model(model, lora)
     if args.finetuning_type == "freeze":
         layers = model.config.num_hidden_layers
         n = args.freeze_trainable_layers
         if n == 0 or abs(n) > layers:
-            parser.error(f"--freeze_trainable_layers {n}: expected a non-zero value within ±{layers}, "
-                         f"the model's number of decoder layers")
+            parser.error(
+                f"--freeze_trainable_layers {n}: expected a non-zero value within ±{layers}, "
+                "the model's number of decoder layers"
+            )
         # LLaMA-Factory: N>0 trains the last N decoder layers, N<0 the first |N|.
         trainable = range(layers - n, layers) if n > 0 else range(-n)
         prefixes = tuple(f"model.layers.{i}." for i in trainable)
@@ -278,7 +332,7 @@ class _SyntheticTokens:
         return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class _Result:
     """What one run reports on its last stdout line."""
 
@@ -298,7 +352,7 @@ class _Result:
     resumed_from_step: int
 
 
-def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> Any:  # noqa: ANN401 - TrainingArguments, imported late
+def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArguments:
     """Build TrainingArguments; checkpointing is enabled on the model itself, not here."""
     from transformers import TrainingArguments
 
@@ -315,7 +369,7 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> Any:  # noqa
         seed=args.seed,
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps > 0 else "no",
-        save_steps=args.save_steps if args.save_steps > 0 else 500,
+        save_steps=max(args.save_steps, 1),  # unused when save_strategy is "no"
         bf16=bf16,
         fp16=fp16,
         optim="adamw_torch",
@@ -335,7 +389,9 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(  # type: ignore[no-untyped-call]
+            gradient_checkpointing_kwargs=kwargs
+        )
 
 
 def _count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -377,10 +433,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainable_params, total_params = _count_params(trainable_model)
 
     samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
-    dataset = _SyntheticTokens(size=samples, cutoff_len=args.cutoff_len,
-                               vocab_size=config.vocab_size, seed=args.seed)
-    trainer = Trainer(model=trainable_model, args=_training_arguments(args, cuda=cuda),
-                      train_dataset=dataset, data_collator=default_data_collator)
+    dataset = _SyntheticTokens(
+        size=samples, cutoff_len=args.cutoff_len, vocab_size=config.vocab_size, seed=args.seed
+    )
+    trainer = Trainer(
+        model=trainable_model,
+        args=_training_arguments(args, cuda=cuda),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+    )
 
     if args.host_memory_cap is not None:
         set_host_memory_cap(args.host_memory_cap)
@@ -390,7 +451,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     resumed = _resumed_step(checkpoint)
     steps = trainer.state.global_step
-    tokens = (steps - resumed) * samples // args.max_steps * args.cutoff_len
+    tokens_per_step = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.cutoff_len
+    )
+    tokens = (steps - resumed) * tokens_per_step
     result = _Result(
         steps=steps,
         tokens_per_s=round(tokens / elapsed_s, 1) if elapsed_s > 0 else 0.0,
@@ -407,8 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         gradient_checkpointing=bool(args.gradient_checkpointing),
         resumed_from_step=resumed,
     )
-    payload = {name: getattr(result, name) for name in result.__slots__}
-    print(f"{RESULT_PREFIX} {json.dumps(payload)}", flush=True)
+    print(f"{RESULT_PREFIX} {json.dumps(dataclasses.asdict(result))}", flush=True)
     return 0
 
 

@@ -36,6 +36,7 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("missing_model_dir.txt", 2, VerdictKind.FATAL, None),
     ("import_error.txt", 1, VerdictKind.FATAL, None),
     ("transient_rendezvous.txt", 1, VerdictKind.TRANSIENT, None),
+    ("cuda_device_budget_oom.txt", 1, VerdictKind.OOM, OomKind.CUDA),
     ("quoted/cuda_oom_torch22.txt", 1, VerdictKind.OOM, OomKind.CUDA),
     ("quoted/cuda_oom_torch21.txt", 1, VerdictKind.OOM, OomKind.CUDA),
     ("quoted/cuda_oom_torch113.txt", 1, VerdictKind.OOM, OomKind.CUDA),
@@ -61,6 +62,8 @@ def test_fatal_evidence_is_the_error_line() -> None:
 
 
 @pytest.mark.parametrize(("name", "numbers"), [
+    ("cuda_device_budget_oom.txt",  # capped by set_per_process_memory_fraction on an H200
+     OomNumbers(tried_mib=20.0, capacity_mib=100.0, free_mib=142387.2, allocated_mib=82.31)),
     ("quoted/cuda_oom_torch22.txt",
      OomNumbers(tried_mib=30.0, capacity_mib=11264.0, free_mib=0.0, allocated_mib=17387.52)),
     ("quoted/cuda_oom_torch21.txt",

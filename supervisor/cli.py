@@ -16,6 +16,7 @@ import structlog
 from supervisor import __version__
 from supervisor.command import Command, CommandError
 from supervisor.dialects import detect
+from supervisor.dialects import names as dialect_names
 from supervisor.journal import replay
 from supervisor.loop import ExitCode, RunResult, new_run_id, supervise
 from supervisor.policy import PolicyError, resolve
@@ -81,6 +82,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-attempts", type=_positive, default=None, metavar="N",
                    help="stop after N attempts (default: the policy's max_attempts)")
     p.add_argument("--quiet", action="store_true", help="do not echo the command's output")
+    p.add_argument("--dialect", choices=dialect_names(), default=None,
+                   help="how to read the command (default: detected)")
 
 
 def _positive(text: str) -> int:
@@ -150,7 +153,7 @@ def demo_command(device_mib: int) -> Command:
 
 def _run(args: argparse.Namespace, command: Command) -> int:
     ladder = resolve(args.policy)
-    dialect = detect(command)
+    dialect = detect(command, forced=getattr(args, "dialect", None))
     dialect.read(command)  # fail on an unreadable command before anything is created
     run_dir = args.runs_dir / (args.run_id or new_run_id())
     if (run_dir / "journal.jsonl").exists():

@@ -92,7 +92,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     with Journal(run_dir / "journal.jsonl") as journal:
         journal.write(
             "run.started", run_id=run_dir.name, argv=list(command.argv), cwd=command.cwd,
-            dialect=f"{dialect.name} ({_profile(dialect, command)})",
+            dialect=dialect.describe(command),
             policy={"name": ladder.name, "source": ladder.source,
                     "rungs": [{"name": r.name, "knob": r.knob, "cost": str(r.cost)}
                               for r in ladder.rungs]},
@@ -195,6 +195,10 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
             knobs, rung = step.knobs, step.rung
 
         exit_code = _STATUS_EXIT.get(status, ExitCode.FATAL)
+        if status == "fitted":
+            files = dialect.finalize(command, knobs, run_dir)
+            if files:
+                journal.write("final.written", files=[str(p.relative_to(run_dir)) for p in files])
         journal.write("run.finished", status=status, exit_code=int(exit_code),
                       attempt=len(history), reason=reason, spent=spent)
     events = _read_events(run_dir / "journal.jsonl")
@@ -210,11 +214,6 @@ def _returning_none(sleep: Callable[[float], object]) -> Callable[[float], None]
         sleep(seconds)
 
     return pause
-
-
-def _profile(dialect: Dialect, command: Command) -> str:
-    profile = getattr(dialect, "profile_name", None)
-    return str(profile(command)) if callable(profile) else dialect.name
 
 
 def _numbers(verdict: Verdict) -> dict[str, float] | None:

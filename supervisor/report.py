@@ -38,6 +38,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     attempts: dict[int, dict[str, Any]] = {}
     steps: list[dict[str, Any]] = []
     end: dict[str, Any] | None = None
+    final_files: list[str] = []
     for event in events:
         kind = event["event"]
         if kind == "attempt.started":
@@ -54,6 +55,8 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
             })
         elif kind == "ladder.stepped":
             steps.append({k: v for k, v in event.items() if k not in ("ts", "event")})
+        elif kind == "final.written":
+            final_files = list(event.get("files", []))
         elif kind == "run.finished":
             end = event
     status = end["status"] if end else "running"
@@ -75,6 +78,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "start_knobs": started["knobs"],
         "final_knobs": final.to_dict() if final and status == "fitted" else None,
         "final_command": final_attempt["argv"] if final_attempt and status == "fitted" else None,
+        "final_files": final_files,
         "effective_batch": {
             "start": start.effective_batch,
             "final": final.effective_batch if final and status == "fitted" else None,
@@ -153,6 +157,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         out += ["", f"Effective batch: {eb['start']} -> {eb['final']} ({kept})."]
         if not eb["world_size_known"]:
             out.append("The launcher's world size is decided at launch time; it counts as 1 here.")
+        for name in data["final_files"]:
+            out += ["", f"The working config in the command's own format: `{name}`"]
         out += ["", "Run it again as is: `sh final-command.sh`", "",
                 "```sh", shlex.join(data["final_command"]), "```", ""]
     if data["spent"]:

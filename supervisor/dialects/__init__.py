@@ -1,7 +1,12 @@
-"""Dialects: read Knobs out of a command and render a command from Knobs, one per command family."""
+"""Dialects: read Knobs out of a command and render a command from Knobs, one per command family.
+
+A dialect is mostly a table (knob -> flag or config key, and a value codec) plus the minimum
+code; adding one means adding a module and a line to `_REGISTRY`, never touching the loop.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -14,6 +19,10 @@ class Dialect(Protocol):
 
     name: str
 
+    def claims(self, command: Command) -> bool:
+        """True if this dialect recognises the command (used when none is forced)."""
+        ...
+
     def read(self, command: Command) -> Knobs:
         """Knobs the command runs with: its own values, else the program's documented defaults."""
         ...
@@ -22,12 +31,44 @@ class Dialect(Protocol):
         """The same command rewritten to run with `knobs` (config copies go under `workdir`)."""
         ...
 
+    def describe(self, command: Command) -> str:
+        """Which program family the command was read as, for the journal and report."""
+        ...
 
-def detect(command: Command) -> Dialect:  # noqa: ARG001 - one dialect so far
-    """Pick the dialect for a command (only the argv-flags dialect exists so far)."""
+    def finalize(self, command: Command, knobs: Knobs, run_dir: Path) -> tuple[Path, ...]:
+        """Write the working config in the command's own format (e.g. final.yaml); may be none."""
+        ...
+
+
+def _argv() -> Dialect:
     from supervisor.dialects.argv import ArgvDialect  # noqa: PLC0415 - avoids an import cycle
 
     return ArgvDialect()
 
 
-__all__ = ["CommandError", "Dialect", "detect"]
+# Most specific first: the argv-flags dialect claims any command that names a known flag.
+_REGISTRY: dict[str, Callable[[], Dialect]] = {
+    "argv": _argv,
+}
+
+
+def names() -> tuple[str, ...]:
+    """Every dialect `--dialect` accepts."""
+    return tuple(_REGISTRY)
+
+
+def detect(command: Command, *, forced: str | None = None) -> Dialect:
+    """The dialect named by `forced`, else the first that claims the command."""
+    if forced is not None:
+        if forced not in _REGISTRY:
+            msg = f"no dialect named {forced!r}; valid: {', '.join(_REGISTRY)}"
+            raise CommandError(msg)
+        return _REGISTRY[forced]()
+    for factory in _REGISTRY.values():
+        dialect = factory()
+        if dialect.claims(command):
+            return dialect
+    return _argv()
+
+
+__all__ = ["CommandError", "Dialect", "detect", "names"]

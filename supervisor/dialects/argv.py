@@ -153,9 +153,21 @@ class ArgvDialect:
         rendered = [tok for i, tok in enumerate(argv) if i not in removals] + appended
         return dataclasses.replace(command, argv=tuple(rendered))
 
-    def profile_name(self, command: Command) -> str:
+    def claims(self, command: Command) -> bool:
+        """Any command whose program it can read (the fallback dialect)."""
+        try:
+            _scan(command.argv)
+        except CommandError:
+            return False
+        return True
+
+    def describe(self, command: Command) -> str:
         """Which program family the command was read as."""
-        return _scan(command.argv)[1].name
+        return f"argv ({_scan(command.argv)[1].name})"
+
+    def finalize(self, command: Command, knobs: Knobs, run_dir: Path) -> tuple[Path, ...]:  # noqa: ARG002
+        """Flags live in argv: final-command.sh (written by the report) is the whole config."""
+        return ()
 
 
 def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]]:

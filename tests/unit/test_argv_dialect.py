@@ -61,7 +61,7 @@ def test_seed_lora_command_reads_llamafactory_defaults() -> None:
     assert knobs == Knobs(per_device_batch=8, grad_accum=1, cutoff_len=1024,
                           gradient_checkpointing=True, finetuning_type=FinetuningType.LORA,
                           lora_rank=8)
-    assert D.profile_name(cmd(SEED_LORA)) == "llamafactory-legacy"
+    assert D.describe(cmd(SEED_LORA)) == "argv (llamafactory-legacy)"
 
 
 def test_absent_knobs_are_added_with_their_flags() -> None:

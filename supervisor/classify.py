@@ -18,6 +18,8 @@ class VerdictKind(StrEnum):
     (rendezvous, port in use, a network reset); the same knobs are retried with backoff.
     `fatal`: anything else that failed; the loop stops at once rather than burn the night.
     `interrupted`: the supervisor was told to stop; the attempt's tree is ended and recorded.
+    `hang`: the watchdog ended an attempt that ran past its time limit or fell silent; it is
+    retried like a transient failure (a rank stuck in a collective), bounded the same way.
     """
 
     FITS = "fits"
@@ -25,6 +27,7 @@ class VerdictKind(StrEnum):
     TRANSIENT = "transient"
     FATAL = "fatal"
     INTERRUPTED = "interrupted"
+    HANG = "hang"
 
 
 class OomKind(StrEnum):
@@ -108,6 +111,10 @@ class Outcome:
     interrupted: bool = False
     kernel_oom_kills: int = 0
     """How many processes the kernel's OOM killer took in our cgroup during the attempt."""
+    hung: str | None = None
+    """Why the watchdog ended the attempt (time limit, silence), if it did."""
+    adopted: bool = False
+    """Followed by a resumed supervisor rather than started by this one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -183,6 +190,11 @@ def classify(outcome: Outcome) -> Verdict:
         evidence = _most_specific(oom_lines)
         return Verdict(kind=VerdictKind.OOM, oom_kind=_oom_kind(evidence), evidence=evidence,
                        numbers=parse_numbers(oom_lines))
+    if outcome.hung is not None:
+        return Verdict(kind=VerdictKind.HANG, evidence=f"the watchdog ended it: it {outcome.hung}")
+    if outcome.exit_code is None:
+        return Verdict(kind=VerdictKind.FATAL, evidence=(
+            "the attempt ended while no supervisor watched it and left no exit status"))
     if outcome.exit_code == -signal.SIGKILL and not outcome.killed_by_supervisor:
         if outcome.kernel_oom_kills > 0:
             evidence = (f"killed by SIGKILL; the kernel's OOM killer fired "

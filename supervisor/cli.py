@@ -18,8 +18,9 @@ from supervisor.command import Command, CommandError
 from supervisor.dialects import detect
 from supervisor.dialects import names as dialect_names
 from supervisor.journal import replay
-from supervisor.loop import ExitCode, RunResult, new_run_id, supervise
+from supervisor.loop import ExitCode, ResumeError, RunResult, new_run_id, resume, supervise
 from supervisor.policy import PolicyError, resolve
+from supervisor.report import render_table
 from supervisor.report import write as write_report
 from supervisor.runner import StopRequest
 
@@ -67,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(demo)
     demo.add_argument("--device-memory", type=int, default=DEMO_DEVICE_MIB, metavar="MiB",
                       help=f"simulated device size (default {DEMO_DEVICE_MIB})")
+    demo.add_argument("--echo", dest="quiet", action="store_false",
+                      help="show the trainer's own output (tracebacks included)")
+    demo.set_defaults(quiet=True)
+
+    res = sub.add_parser("resume", help="carry on a run whose supervisor died",
+                         epilog=EXIT_CODES_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    res.add_argument("run_dir", type=Path)
+    res.add_argument("--orphan", choices=("adopt", "end"), default="adopt",
+                     help="an attempt still running from the dead supervisor: follow it to its "
+                          "end (adopt, default) or end it and run that config again (end)")
+    res.add_argument("--quiet", action="store_true", help="do not echo the command's output")
 
     rep = sub.add_parser("report", help="rebuild report.md/json from a run's journal")
     rep.add_argument("run_dir", type=Path)
@@ -122,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "report":
             return _report(args.run_dir)
+        if args.verb == "resume":
+            return _resume(args)
         if args.verb == "demo":
             command = demo_command(args.device_memory)
         else:
@@ -134,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "--per_device_train_batch_size 8`")
             command = Command(argv=tuple(words), cwd=str(Path.cwd()))
         return _run(args, command)
-    except (PolicyError, CommandError) as exc:
+    except (PolicyError, CommandError, ResumeError) as exc:
         print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
         return ExitCode.USAGE
 
@@ -170,6 +185,17 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     return int(result.exit_code)
 
 
+def _resume(args: argparse.Namespace) -> int:
+    stop = StopRequest()
+    _install_signal_handlers(stop)
+    result = resume(args.run_dir.resolve(),
+                    dialect_for=lambda command, name: detect(command, forced=name),
+                    ladder_for=resolve, orphan=args.orphan, stop=stop, echo=not args.quiet,
+                    sleep=stop.graceful.wait)
+    _print_summary(result)
+    return int(result.exit_code)
+
+
 def _demo_output_into(command: Command, run_dir: Path) -> Command:
     argv = list(command.argv)
     argv[argv.index("--output_dir") + 1] = str((run_dir / "trainer-output").resolve())
@@ -187,8 +213,11 @@ def _install_signal_handlers(stop: StopRequest) -> None:
 
 
 def _print_summary(result: RunResult) -> None:
-    lines = [(f"oom-supervisor: {result.status} after {result.attempts} attempt(s); "
-              f"report: {result.run_dir / 'report.md'}")]
+    lines = []
+    if result.report:
+        lines += [render_table(result.report), ""]
+    lines += [(f"oom-supervisor: {result.status} after {result.attempts} attempt(s); "
+               f"report: {result.run_dir / 'report.md'}")]
     if result.final_knobs is not None:
         k = result.final_knobs
         lines.append(

@@ -32,8 +32,10 @@ class Knobs:
     deepspeed_stage: int | None = None
     max_steps: int | None = None
     resume_from_checkpoint: str | None = None
-    # Not rewritten by any rung: read from the launcher so the effective batch counts every rank.
+    # Read, never rewritten by a rung: the launcher's world size (so the effective batch counts
+    # every rank) and where the trainer writes its checkpoints.
     world_size: int = 1
+    output_dir: str | None = None
 
     @property
     def effective_batch(self) -> int:
@@ -82,5 +84,6 @@ KNOB_TYPES: dict[str, str] = {
     "max_steps": "int",
     "resume_from_checkpoint": "str",
     "world_size": "int",
+    "output_dir": "str",
 }
 """The value type of each knob, as policy validation and dialect codecs see it."""

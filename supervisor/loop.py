@@ -1,12 +1,19 @@
-"""The supervisor loop: run, classify, record, then step down the ladder or return."""
+"""The supervisor loop: run, classify, record, then step down the ladder or return.
+
+It reads like torchelastic's `_invoke_run`: run an attempt, classify its outcome, journal it,
+then either step one rung down (OOM), retry the same config (transient, hang), or stop.
+`resume` rebuilds the same state from the journal and carries on.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -22,12 +29,13 @@ from tenacity import (
 )
 
 from supervisor import report, runner
-from supervisor.classify import Outcome, Verdict, VerdictKind, classify
+from supervisor.classify import OomKind, Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, environment, locate
 from supervisor.dialects import Dialect
-from supervisor.journal import Journal
+from supervisor.journal import Journal, replay
 from supervisor.knobs import Knobs
-from supervisor.policy import Attempt, GiveUp, Ladder, next_step
+from supervisor.policy import Attempt, GiveUp, Ladder, Step, next_step
+from supervisor.secrets import Redactor
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +53,14 @@ class ExitCode(IntEnum):
 
 _STATUS_EXIT = {
     "fitted": ExitCode.FITTED, "exhausted": ExitCode.EXHAUSTED, "fatal": ExitCode.FATAL,
-    "transient": ExitCode.TRANSIENT, "interrupted": ExitCode.INTERRUPTED,
+    "transient": ExitCode.TRANSIENT, "hang": ExitCode.TRANSIENT,
+    "interrupted": ExitCode.INTERRUPTED,
 }
+_RETRIED = (VerdictKind.TRANSIENT, VerdictKind.HANG)
+
+
+class ResumeError(ValueError):
+    """A run folder cannot be resumed; the message says why and what to do."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,6 +72,40 @@ class RunResult:
     run_dir: Path
     final_knobs: Knobs | None
     attempts: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Pending:
+    """An attempt the journal shows started but not finished (the supervisor died)."""
+
+    number: int
+    knobs: Knobs
+    rung: str | None
+    spawned: runner.Spawned | None
+
+
+@dataclass(slots=True, kw_only=True)
+class _Run:
+    """What one supervised run needs at hand; built fresh or from the journal."""
+
+    command: Command
+    dialect: Dialect
+    ladder: Ladder
+    run_dir: Path
+    journal: Journal
+    start: Knobs
+    env: dict[str, str]
+    redactor: Redactor
+    run_attempt: runner.RunAttempt
+    judge: Callable[[Outcome], Verdict]
+    sleep: Callable[[float], object]
+    stop: runner.StopRequest
+    echo: bool
+    budget: int
+    started_at: float
+    history: list[Attempt] = field(default_factory=list)
+    log: Any = None
 
 
 def new_run_id() -> str:
@@ -81,139 +129,371 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
 ) -> RunResult:
     """Run the command, walk the ladder on each OOM, end with a report and the working config."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    stop = stop or runner.StopRequest()
-    budget = max_attempts or ladder.max_attempts
     start = dialect.read(command)
-    invocation = locate(command.argv)
     base_env = dict(env) if env is not None else environment(command)
-    bound = log.bind(run_id=run_dir.name)
-    history: list[Attempt] = []
-
+    redactor = Redactor.for_run(command.argv, base_env)
+    budget = max_attempts or ladder.max_attempts
     with Journal(run_dir / "journal.jsonl") as journal:
-        journal.write(
-            "run.started", run_id=run_dir.name, argv=list(command.argv), cwd=command.cwd,
-            dialect=dialect.describe(command),
+        opened = journal.write(
+            "run.started", run_id=run_dir.name, argv=redactor.argv(command.argv),
+            cwd=command.cwd, dialect=dialect.describe(command), dialect_name=dialect.name,
             policy={"name": ladder.name, "source": ladder.source,
                     "rungs": [{"name": r.name, "knob": r.knob, "cost": str(r.cost)}
                               for r in ladder.rungs]},
             knobs=start.to_dict(), effective_batch=start.effective_batch,
-            world_size_known=invocation.world_size_known, max_attempts=budget,
+            world_size_known=locate(command.argv).world_size_known, max_attempts=budget,
         )
-        bound.info("run.started", argv=" ".join(command.argv), policy=ladder.name,
-                   per_device_batch=start.per_device_batch, grad_accum=start.grad_accum,
-                   effective_batch=start.effective_batch)
+        state = _Run(command=command, dialect=dialect, ladder=ladder, run_dir=run_dir,
+                     journal=journal, start=start, env=base_env, redactor=redactor,
+                     run_attempt=run_attempt, judge=judge, sleep=sleep,
+                     stop=stop or runner.StopRequest(), echo=echo, budget=budget,
+                     started_at=float(opened["ts"]), log=log.bind(run_id=run_dir.name))
+        state.log.info("run.started", argv=" ".join(redactor.argv(command.argv)),
+                       policy=ladder.name, per_device_batch=start.per_device_batch,
+                       grad_accum=start.grad_accum, effective_batch=start.effective_batch)
+        status, reason, spent, final = _drive(state, first=(start, None), pending=None)
+    return _finish(state, status, reason, spent, final)
 
-        def attempt_once(knobs: Knobs, rung: str | None) -> Verdict:
-            number = len(history) + 1
-            attempt_dir = run_dir / "attempts" / f"{number:02d}"
-            rendered = dialect.render(command, knobs, attempt_dir)
-            attempt_dir.mkdir(parents=True, exist_ok=True)
-            (attempt_dir / "argv.json").write_text(json.dumps(list(rendered.argv)) + "\n",
-                                                   encoding="utf-8")
-            changed = {k: list(v) for k, v in start.diff(knobs).items()}
-            journal.write("attempt.started", attempt=number, rung=rung, knobs=knobs.to_dict(),
-                          changed=changed, argv=list(rendered.argv),
-                          log_dir=str(attempt_dir.relative_to(run_dir)))
-            alog = bound.bind(attempt=number)
-            alog.info("attempt.started", rung=rung or "(as given)",
-                      **{k: v[1] for k, v in changed.items()})
-            outcome = run_attempt(runner.AttemptSpec(
-                argv=rendered.argv, env=base_env, cwd=rendered.cwd, log_dir=attempt_dir,
-                stop=stop, echo=echo))
-            verdict = judge(outcome)
-            history.append(Attempt(number=number, knobs=knobs, rung=rung, verdict=verdict))
-            journal.write("attempt.finished", attempt=number, verdict=str(verdict.kind),
-                          oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
-                          evidence=verdict.evidence,
-                          numbers=_numbers(verdict), exit_code=outcome.exit_code,
-                          duration_s=outcome.duration_s,
-                          killed_by_supervisor=outcome.killed_by_supervisor,
-                          peak_live_mib=_peak_from_tail(outcome.tail))
-            alog.info("attempt.finished", verdict=str(verdict.kind),
-                      oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
-                      exit_code=outcome.exit_code, duration_s=outcome.duration_s,
-                      evidence=(verdict.evidence or "")[:200])
-            return verdict
 
-        def before_retry(state: RetryCallState) -> None:
-            delay = state.next_action.sleep if state.next_action else 0.0
-            journal.write("transient.retrying", attempt=len(history), delay_s=round(delay, 2))
-            bound.warning("transient.retrying", attempt=len(history), delay_s=round(delay, 2))
+def resume(  # noqa: PLR0913
+    run_dir: Path,
+    *,
+    dialect_for: Callable[[Command, str | None], Dialect],
+    ladder_for: Callable[[str], Ladder],
+    orphan: str = "adopt",
+    run_attempt: runner.RunAttempt = runner.run,
+    adopt: Callable[[runner.AttemptSpec, runner.Spawned], Outcome] = runner.adopt,
+    end_orphan: Callable[[runner.AttemptSpec, runner.Spawned], None] = runner.end_orphan,
+    judge: Callable[[Outcome], Verdict] = classify,
+    sleep: Callable[[float], object] = time.sleep,
+    stop: runner.StopRequest | None = None,
+    echo: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> RunResult:
+    """Carry on a run whose supervisor died: adopt or end its running attempt, walk on."""
+    path = run_dir / "journal.jsonl"
+    if not path.is_file():
+        msg = f"{path} does not exist; give the folder of a run (runs/<run-id>)"
+        raise ResumeError(msg)
+    replayed = replay(path)
+    events = list(replayed.events)
+    started = next((e for e in events if e["event"] == "run.started"), None)
+    if started is None:
+        msg = f"{path} has no run.started event; it is not an oom-supervisor journal"
+        raise ResumeError(msg)
+    finished = next((e for e in events if e["event"] == "run.finished"), None)
+    if finished is not None:
+        msg = (f"run {run_dir.name} already finished ({finished['status']}); nothing to resume. "
+               f"Read {run_dir / 'report.md'} or start a new run")
+        raise ResumeError(msg)
+    command = Command(argv=tuple(started["argv"]), cwd=started.get("cwd"))
+    if any("<redacted:" in a for a in command.argv):
+        command = _unredact(command, env if env is not None else environment(command))
+    dialect = dialect_for(command, started.get("dialect_name"))
+    ladder = ladder_for(started["policy"]["source"])
+    history, pending = _recover(events)
+    base_env = dict(env) if env is not None else environment(command)
+    with Journal(path) as journal:
+        state = _Run(command=command, dialect=dialect, ladder=ladder, run_dir=run_dir,
+                     journal=journal, start=Knobs.from_dict(started["knobs"]), env=base_env,
+                     redactor=Redactor.for_run(command.argv, base_env), run_attempt=run_attempt,
+                     judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
+                     budget=int(started.get("max_attempts", ladder.max_attempts)),
+                     started_at=float(started["ts"]), history=history,
+                     log=log.bind(run_id=run_dir.name))
+        journal.write("run.resumed", attempts_done=len(history), torn_line=replayed.torn_line,
+                      pending=pending.number if pending else None, orphan=orphan)
+        state.log.info("run.resumed", attempts_done=len(history),
+                       pending=pending.number if pending else None, orphan=orphan)
+        first: tuple[Knobs, str | None] | None = None
+        if pending is not None:
+            verdict = _settle_orphan(state, pending, orphan, adopt, end_orphan)
+            if verdict.kind is VerdictKind.INTERRUPTED:
+                first = (pending.knobs, pending.rung)  # ended by us: run that config again
+        elif not history:
+            first = (state.start, None)
+        status, reason, spent, final = _drive(state, first=first, pending=None)
+    return _finish(state, status, reason, spent, final)
 
-        def attempt_with_retries(knobs: Knobs, rung: str | None) -> Verdict:
-            # Transient failures retry the *same* knobs; walking the ladder is policy's job.
-            retrying = Retrying(
-                retry=retry_if_result(lambda v: v.kind is VerdictKind.TRANSIENT
-                                      and len(history) < budget),
-                stop=stop_after_attempt(ladder.transient_retries + 1)
-                | stop_after_delay(ladder.transient_max_delay_s),
-                wait=wait_exponential(multiplier=2, min=1, max=60),
-                sleep=_returning_none(sleep),
-                before_sleep=before_retry,
-                retry_error_callback=lambda state: state.outcome.result(),  # type: ignore[union-attr]
-            )
-            return retrying(attempt_once, knobs, rung)
 
-        knobs, rung = start, None
-        status, reason, spent = "exhausted", None, []
-        while True:
-            if stop.graceful.is_set():
-                status, reason = "interrupted", "stopped by signal before the next attempt"
-                break
-            verdict = attempt_with_retries(knobs, rung)
-            if verdict.kind is VerdictKind.FITS:
-                status = "fitted"
-                bound.info("run.fitted", attempt=len(history), **_short(knobs))
-                break
-            if verdict.kind is not VerdictKind.OOM:
-                status = str(verdict.kind)
-                reason = verdict.evidence
-                if verdict.kind is VerdictKind.TRANSIENT:
-                    reason = f"still failing after {ladder.transient_retries} retries: {reason}"
-                bound.error("run.stopped", status=status, evidence=reason)
-                break
-            if len(history) >= budget:
-                reason = (f"the attempt budget of {budget} is spent and the last config still "
-                          "runs out of memory; raise --max-attempts or start smaller")
-                bound.error("ladder.exhausted", reason=reason)
-                break
-            step = next_step(start, history, ladder)
-            if isinstance(step, GiveUp):
-                reason, spent = step.reason, list(step.spent)
-                journal.write("ladder.exhausted", reason=reason, spent=spent,
-                              skipped=list(step.skipped))
-                bound.error("ladder.exhausted", reason=reason)
-                break
-            changed = {k: list(v) for k, v in knobs.diff(step.knobs).items()}
-            journal.write("ladder.stepped", after_attempt=len(history),
-                          next_attempt=len(history) + 1, rung=step.rung, changed=changed,
-                          restored=[list(r) for r in step.restored], skipped=list(step.skipped))
-            bound.info("ladder.stepped", rung=step.rung,
-                       **{k: v[1] for k, v in changed.items()},
+def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
+           pending: _Pending | None) -> tuple[str, str | None, list[str], Knobs | None]:
+    """The loop proper. `first` is a config to run before looking at the history."""
+    del pending
+    verdict: Verdict
+    knobs: Knobs
+    if first is not None:
+        knobs, rung = first
+        if state.stop.graceful.is_set():
+            return "interrupted", "stopped by signal before the first attempt", [], None
+        verdict = _attempt_with_retries(state, knobs, rung)
+    else:
+        knobs, verdict = state.history[-1].knobs, state.history[-1].verdict
+        if verdict.kind in _RETRIED:
+            verdict = _attempt_with_retries(state, knobs, state.history[-1].rung)
+    while True:
+        if verdict.kind is VerdictKind.FITS:
+            state.log.info("run.fitted", attempt=len(state.history), **_short(knobs))
+            return "fitted", None, [], knobs
+        if verdict.kind is not VerdictKind.OOM:
+            status, reason = str(verdict.kind), verdict.evidence
+            if verdict.kind in _RETRIED:
+                reason = (f"still failing after {state.ladder.transient_retries} retries "
+                          f"on the same config: {reason}")
+            state.log.error("run.stopped", status=status, evidence=reason)
+            return status, reason, [], knobs
+        if len(state.history) >= state.budget:
+            reason = (f"the attempt budget of {state.budget} is spent and the last config still "
+                      "runs out of memory; raise --max-attempts or start smaller")
+            state.journal.write("ladder.exhausted", reason=reason, spent=[], skipped=[])
+            state.log.error("ladder.exhausted", reason=reason)
+            return "exhausted", reason, [], knobs
+        if state.stop.graceful.is_set():
+            return "interrupted", "stopped by signal before the next attempt", [], knobs
+        step = next_step(state.start, state.history, state.ladder)
+        if isinstance(step, GiveUp):
+            state.journal.write("ladder.exhausted", reason=step.reason, spent=list(step.spent),
+                                skipped=list(step.skipped))
+            state.log.error("ladder.exhausted", reason=step.reason)
+            return "exhausted", step.reason, list(step.spent), knobs
+        new = _with_checkpoint(state, knobs, step)
+        changed = {k: list(v) for k, v in knobs.diff(new).items()}
+        state.journal.write("ladder.stepped", after_attempt=len(state.history),
+                            next_attempt=len(state.history) + 1, rung=step.rung, changed=changed,
+                            restored=[list(r) for r in step.restored],
+                            skipped=list(step.skipped))
+        state.log.info("ladder.stepped", rung=step.rung,
+                       **{k: v[1] for k, v in changed.items() if k != "resume_from_checkpoint"},
                        restored=[r[0] for r in step.restored] or None,
                        skipped=list(step.skipped) or None)
-            knobs, rung = step.knobs, step.rung
-
-        exit_code = _STATUS_EXIT.get(status, ExitCode.FATAL)
-        if status == "fitted":
-            files = dialect.finalize(command, knobs, run_dir)
-            if files:
-                journal.write("final.written", files=[str(p.relative_to(run_dir)) for p in files])
-        journal.write("run.finished", status=status, exit_code=int(exit_code),
-                      attempt=len(history), reason=reason, spent=spent)
-    events = _read_events(run_dir / "journal.jsonl")
-    report.write(run_dir, events)
-    return RunResult(status=status, exit_code=exit_code, run_dir=run_dir,
-                     final_knobs=knobs if status == "fitted" else None, attempts=len(history))
+        knobs = new
+        verdict = _attempt_with_retries(state, knobs, step.rung)
 
 
-def _returning_none(sleep: Callable[[float], object]) -> Callable[[float], None]:
-    """tenacity wants a sleep that returns None; Event.wait (interruptible) returns a bool."""
+def _attempt_with_retries(state: _Run, knobs: Knobs, rung: str | None) -> Verdict:
+    """Transient failures retry the *same* knobs; walking the ladder is policy's job."""
+
+    def before_retry(retry_state: RetryCallState) -> None:
+        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
+        state.journal.write("transient.retrying", attempt=len(state.history),
+                            delay_s=round(delay, 2))
+        state.log.warning("transient.retrying", attempt=len(state.history),
+                          delay_s=round(delay, 2))
 
     def pause(seconds: float) -> None:
-        sleep(seconds)
+        state.sleep(seconds)  # Event.wait in the CLI: a signal cuts the backoff short
 
-    return pause
+    retrying = Retrying(
+        retry=retry_if_result(lambda v: v.kind in _RETRIED and len(state.history) < state.budget
+                              and not state.stop.graceful.is_set()),
+        stop=stop_after_attempt(state.ladder.transient_retries + 1)
+        | stop_after_delay(state.ladder.transient_max_delay_s),
+        wait=wait_exponential(multiplier=2, min=1, max=60),
+        sleep=pause,
+        before_sleep=before_retry,
+        retry_error_callback=_last_result,
+    )
+    return retrying(_attempt, state, knobs, rung)
+
+
+def _last_result(retry_state: RetryCallState) -> Verdict:
+    """Out of retries: the last verdict stands (tenacity would raise RetryError instead)."""
+    assert retry_state.outcome is not None  # noqa: S101 - tenacity sets it before calling
+    verdict: Verdict = retry_state.outcome.result()
+    return verdict
+
+
+def _attempt(state: _Run, knobs: Knobs, rung: str | None) -> Verdict:
+    number = len(state.history) + 1
+    attempt_dir = state.run_dir / "attempts" / f"{number:02d}"
+    rendered = state.dialect.render(state.command, knobs, attempt_dir)
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    shown = state.redactor.argv(rendered.argv)
+    (attempt_dir / "argv.json").write_text(json.dumps(shown) + "\n", encoding="utf-8")
+    changed = {k: list(v) for k, v in state.start.diff(knobs).items()}
+    state.journal.write("attempt.started", attempt=number, rung=rung, knobs=knobs.to_dict(),
+                        changed=changed, argv=shown,
+                        log_dir=str(attempt_dir.relative_to(state.run_dir)))
+    alog = state.log.bind(attempt=number)
+    alog.info("attempt.started", rung=rung or "(as given)",
+              **{k: v[1] for k, v in changed.items() if k != "resume_from_checkpoint"})
+
+    def spawned(proc: runner.Spawned) -> None:
+        state.journal.write("attempt.spawned", attempt=number, pid=proc.pid,
+                            create_time=proc.create_time)
+
+    outcome = state.run_attempt(_spec(state, attempt_dir, number, rendered,
+                                      on_spawn=spawned))
+    return _record(state, number, knobs, rung, outcome)
+
+
+def _spec(state: _Run, attempt_dir: Path, number: int, rendered: Command,
+          on_spawn: Callable[[runner.Spawned], None] | None = None) -> runner.AttemptSpec:
+    return runner.AttemptSpec(
+        argv=rendered.argv, env=state.env, cwd=rendered.cwd, log_dir=attempt_dir,
+        stop=state.stop, echo=state.echo, timeout_s=state.ladder.attempt_timeout_s,
+        stall_s=state.ladder.stall_timeout_s, marker=f"{state.run_dir.name}/{number}",
+        on_spawn=on_spawn, redactor=state.redactor)
+
+
+def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,
+            outcome: Outcome) -> Verdict:
+    verdict = state.judge(outcome)
+    state.history.append(Attempt(number=number, knobs=knobs, rung=rung, verdict=verdict))
+    evidence = state.redactor.text(verdict.evidence) if verdict.evidence else None
+    state.journal.write("attempt.finished", attempt=number, verdict=str(verdict.kind),
+                        oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
+                        evidence=evidence, numbers=_numbers(verdict),
+                        exit_code=outcome.exit_code, duration_s=outcome.duration_s,
+                        killed_by_supervisor=outcome.killed_by_supervisor,
+                        adopted=outcome.adopted, peak_live_mib=_peak_from_tail(outcome.tail),
+                        trained_steps=_steps_from_tail(outcome.tail))
+    state.log.bind(attempt=number).info(
+        "attempt.finished", verdict=str(verdict.kind),
+        oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
+        exit_code=outcome.exit_code, duration_s=outcome.duration_s,
+        evidence=(evidence or "")[:200])
+    return verdict
+
+
+def _settle_orphan(state: _Run, pending: _Pending, orphan: str,
+                   adopt: Callable[[runner.AttemptSpec, runner.Spawned], Outcome],
+                   end_orphan: Callable[[runner.AttemptSpec, runner.Spawned], None]) -> Verdict:
+    """The attempt a dead supervisor left: follow it to its end, or end it and say so."""
+    attempt_dir = state.run_dir / "attempts" / f"{pending.number:02d}"
+    rendered = state.dialect.render(state.command, pending.knobs, attempt_dir)
+    spec = _spec(state, attempt_dir, pending.number, rendered)
+    if orphan == "adopt" and pending.spawned is not None:
+        state.log.info("attempt.adopted", attempt=pending.number, pid=pending.spawned.pid)
+        return _record(state, pending.number, pending.knobs, pending.rung,
+                       adopt(spec, pending.spawned))
+    if pending.spawned is not None:
+        end_orphan(spec, pending.spawned)
+    outcome = Outcome(exit_code=None, duration_s=0.0, interrupted=True,
+                      tail=("ended on resume (--orphan end)",))
+    return _record(state, pending.number, pending.knobs, pending.rung, outcome)
+
+
+def _with_checkpoint(state: _Run, before: Knobs, step: Step) -> Knobs:
+    """Resume from the newest checkpoint when the new config can load it; say so either way."""
+    new = step.knobs
+    found = _latest_checkpoint(state.command, before.output_dir, since=state.started_at)
+    if found is None:
+        return dataclasses.replace(new, resume_from_checkpoint=state.start.resume_from_checkpoint)
+    path, steps = found
+    why_not = _incompatible(before, new)
+    if why_not is not None:
+        state.journal.write("checkpoint.skipped", checkpoint=path, step=steps, reason=why_not)
+        state.log.info("checkpoint.skipped", checkpoint=path, reason=why_not)
+        return dataclasses.replace(new, resume_from_checkpoint=None)
+    state.journal.write("checkpoint.resumed", checkpoint=path, step=steps)
+    state.log.info("checkpoint.resumed", checkpoint=path, step=steps)
+    return dataclasses.replace(new, resume_from_checkpoint=path)
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _latest_checkpoint(command: Command, output_dir: str | None, *,
+                       since: float) -> tuple[str, int] | None:
+    """The newest `output_dir/checkpoint-N` (HF Trainer layout) written during this run.
+
+    Checkpoints older than the run belong to some earlier training: never resume from those.
+    """
+    if not output_dir:
+        return None
+    base = Path(output_dir)
+    if not base.is_absolute() and command.cwd:
+        base = Path(command.cwd) / base
+    best: tuple[str, int] | None = None
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return None
+    for entry in entries:
+        match = _CHECKPOINT.match(entry.name)
+        state_file = entry / "trainer_state.json"
+        if match and state_file.is_file() and state_file.stat().st_mtime >= since - 1.0:
+            steps = int(match.group(1))
+            if best is None or steps > best[1]:
+                best = (str(entry), steps)
+    return best
+
+
+def _incompatible(before: Knobs, after: Knobs) -> str | None:
+    """Why a checkpoint of `before` cannot seed `after`, or None when it can."""
+    if before.finetuning_type != after.finetuning_type:
+        return (f"the parameter set changes ({before.finetuning_type} -> "
+                f"{after.finetuning_type}): starting fresh")
+    if (before.lora_rank, before.freeze_trainable_layers) != (
+            after.lora_rank, after.freeze_trainable_layers):
+        return "the trainable parameters change (rank or frozen layers): starting fresh"
+    if before.effective_batch != after.effective_batch:
+        return (f"the effective batch changes ({before.effective_batch} -> "
+                f"{after.effective_batch}): the optimizer state and data position would not match")
+    return None
+
+
+def _recover(events: list[dict[str, Any]]) -> tuple[list[Attempt], _Pending | None]:
+    """History and the unfinished attempt, rebuilt from journal events."""
+    started: dict[int, dict[str, Any]] = {}
+    spawned: dict[int, runner.Spawned] = {}
+    history: list[Attempt] = []
+    for event in events:
+        kind = event["event"]
+        if kind == "attempt.started":
+            started[event["attempt"]] = event
+        elif kind == "attempt.spawned":
+            spawned[event["attempt"]] = runner.Spawned(pid=int(event["pid"]),
+                                                       create_time=float(event["create_time"]))
+        elif kind == "attempt.finished" and event["attempt"] in started:
+            begun = started.pop(event["attempt"])
+            verdict = Verdict(kind=VerdictKind(event["verdict"]),
+                              oom_kind=OomKind(event["oom_kind"]) if event.get("oom_kind")
+                              else None, evidence=event.get("evidence"))
+            history.append(Attempt(number=event["attempt"],
+                                   knobs=Knobs.from_dict(begun["knobs"]),
+                                   rung=begun.get("rung"), verdict=verdict))
+    pending = None
+    if started:
+        number = max(started)
+        begun = started[number]
+        pending = _Pending(number=number, knobs=Knobs.from_dict(begun["knobs"]),
+                           rung=begun.get("rung"), spawned=spawned.get(number))
+    return history, pending
+
+
+def _unredact(command: Command, env: Mapping[str, str]) -> Command:
+    """Put secrets back into a journaled argv from the environment, or say which are missing."""
+    words = []
+    for word in command.argv:
+        restored = word
+        for name in re.findall(r"<redacted:([A-Za-z_][A-Za-z0-9_]*)>", word):
+            if name not in env:
+                msg = (f"the command had a secret that was redacted from the journal; set {name} "
+                       "in the environment and run resume again")
+                raise ResumeError(msg)
+            restored = restored.replace(f"<redacted:{name}>", env[name])
+        words.append(restored)
+    return dataclasses.replace(command, argv=tuple(words))
+
+
+def _finish(state: _Run, status: str, reason: str | None, spent: list[str],
+            final: Knobs | None) -> RunResult:
+    exit_code = _STATUS_EXIT.get(status, ExitCode.FATAL)
+    with Journal(state.run_dir / "journal.jsonl") as journal:
+        if status == "fitted" and final is not None:
+            files = state.dialect.finalize(state.command, final, state.run_dir)
+            if files:
+                journal.write("final.written",
+                              files=[str(p.relative_to(state.run_dir)) for p in files])
+        journal.write("run.finished", status=status, exit_code=int(exit_code),
+                      attempt=len(state.history), reason=state.redactor.text(reason or "") or None,
+                      spent=spent)
+    data = report.write(state.run_dir, list(replay(state.run_dir / "journal.jsonl").events))
+    return RunResult(status=status, exit_code=exit_code, run_dir=state.run_dir,
+                     final_knobs=final if status == "fitted" else None,
+                     attempts=len(state.history), report=data)
 
 
 def _numbers(verdict: Verdict) -> dict[str, float] | None:
@@ -233,19 +513,26 @@ def _short(knobs: Knobs) -> dict[str, Any]:
 _RESULT_PREFIX = "reference-trainer.result "
 
 
-def _peak_from_tail(tail: tuple[str, ...]) -> float | None:
-    """The reference trainer's own peak, when the attempt printed its result line."""
+def _result(tail: tuple[str, ...]) -> dict[str, Any] | None:
+    """The reference trainer's result line, when the attempt printed one."""
     for line in reversed(tail):
         if line.startswith(_RESULT_PREFIX):
             try:
-                value = json.loads(line[len(_RESULT_PREFIX):]).get("peak_live_mib")
-            except (ValueError, AttributeError):
+                value = json.loads(line[len(_RESULT_PREFIX):])
+            except ValueError:
                 return None
-            return float(value) if isinstance(value, int | float) else None
+            return value if isinstance(value, dict) else None
     return None
 
 
-def _read_events(path: Path) -> list[dict[str, Any]]:
-    from supervisor.journal import replay  # noqa: PLC0415 - keeps the loop's imports to its flow
+def _peak_from_tail(tail: tuple[str, ...]) -> float | None:
+    value = (_result(tail) or {}).get("peak_live_mib")
+    return float(value) if isinstance(value, int | float) else None
 
-    return list(replay(path).events)
+
+def _steps_from_tail(tail: tuple[str, ...]) -> dict[str, int] | None:
+    result = _result(tail)
+    if result is None:
+        return None
+    return {"steps": int(result.get("steps", 0)),
+            "resumed_from_step": int(result.get("resumed_from_step", 0))}

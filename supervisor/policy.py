@@ -56,6 +56,14 @@ class Ladder:
     max_attempts: int = 32
     transient_retries: int = 3
     transient_max_delay_s: float = 600.0
+    attempt_timeout_s: float | None = None
+    """Wall-clock limit of one attempt ([watchdog] attempt_timeout_s; none by default)."""
+    stall_timeout_s: float | None = None
+    """Longest silence of an attempt before it counts as hung ([watchdog] stall_timeout_s)."""
+    release_wait_s: float = 60.0
+    """How long to wait after an attempt for its GPU memory to come back ([gpu])."""
+    on_held_memory: str = "continue"
+    """What to do when memory is still held after the wait: continue or stop."""
     source: str = "<memory>"
 
     def rung(self, name: str) -> Rung:
@@ -208,13 +216,18 @@ def _summary(knobs: Knobs) -> str:
 
 # --- loading ---------------------------------------------------------------------------------
 
-_TOP_KEYS = frozenset({"name", "description", "max_attempts", "transient", "rung"})
+_TOP_KEYS = frozenset({"name", "description", "max_attempts", "transient", "watchdog", "gpu",
+                       "rung"})
+_WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s"})
+_GPU_KEYS = frozenset({"release_wait_s", "on_held_memory"})
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
                         "restore", "cost"})
 _TRANSIENT_KEYS = frozenset({"retries", "max_delay_s"})
 _HALVABLE = tuple(k for k, t in KNOB_TYPES.items() if t == "int" and k != "world_size")
+_READ_ONLY = ("world_size", "output_dir")
 _BOOLEAN = tuple(k for k, t in KNOB_TYPES.items() if t == "bool")
-_SETTABLE = tuple(k for k in KNOB_NAMES if k not in ("world_size", "resume_from_checkpoint"))
+_SETTABLE = tuple(k for k in KNOB_NAMES
+                  if k not in ("world_size", "resume_from_checkpoint", "output_dir"))
 
 
 def policy_dirs() -> tuple[Path, ...]:
@@ -277,12 +290,13 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
     if duplicate is not None:
         msg = f"{source}: two rungs are named {duplicate!r}; give each rung its own name"
         raise PolicyError(msg)
-    transient = data.get("transient", {})
-    if not isinstance(transient, dict):
-        keys = ", ".join(sorted(_TRANSIENT_KEYS))
-        msg = f"{source}: [transient] must be a table with keys {keys}"
+    transient = _table(data, "transient", _TRANSIENT_KEYS, source)
+    watchdog = _table(data, "watchdog", _WATCHDOG_KEYS, source)
+    gpu = _table(data, "gpu", _GPU_KEYS, source)
+    on_held = gpu.get("on_held_memory", "continue")
+    if on_held not in ("continue", "stop"):
+        msg = f"{source}: [gpu] on_held_memory must be 'continue' or 'stop', not {on_held!r}"
         raise PolicyError(msg)
-    _check_keys(transient, _TRANSIENT_KEYS, f"{source}: [transient]")
     name = data.get("name", Path(source).stem)
     description = data.get("description", "")
     if not isinstance(name, str) or not isinstance(description, str):
@@ -297,8 +311,29 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
                                  minimum=0),
         transient_max_delay_s=float(_whole(transient.get("max_delay_s", 600),
                                            f"{source}: transient.max_delay_s", minimum=0)),
+        attempt_timeout_s=_optional_seconds(watchdog, "attempt_timeout_s", source),
+        stall_timeout_s=_optional_seconds(watchdog, "stall_timeout_s", source),
+        release_wait_s=float(_whole(gpu.get("release_wait_s", 60), f"{source}: gpu.release_wait_s",
+                                    minimum=0)),
+        on_held_memory=on_held,
         source=source,
     )
+
+
+def _table(data: Mapping[str, Any], key: str, valid: frozenset[str],
+           source: str) -> Mapping[str, Any]:
+    table = data.get(key, {})
+    if not isinstance(table, dict):
+        msg = f"{source}: [{key}] must be a table with keys {', '.join(sorted(valid))}"
+        raise PolicyError(msg)
+    _check_keys(table, valid, f"{source}: [{key}]")
+    return table
+
+
+def _optional_seconds(table: Mapping[str, Any], key: str, source: str) -> float | None:
+    """A duration in seconds; 0 or absent turns the watchdog off."""
+    value = _whole(table.get(key, 0), f"{source}: {key}", minimum=0)
+    return float(value) if value else None
 
 
 def _parse_rung(raw: object, number: int, source: str) -> Rung:

@@ -95,7 +95,7 @@ def _costs(start: Knobs, final: Knobs, policy: dict[str, Any]) -> list[dict[str,
     cost_of = {r["knob"]: r["cost"] for r in policy.get("rungs", [])}
     costs = []
     for knob, (before, after) in start.diff(final).items():
-        if knob in ("grad_accum", "world_size", "resume_from_checkpoint"):
+        if knob in ("grad_accum", "world_size", "resume_from_checkpoint", "output_dir"):
             continue
         costs.append({"knob": knob, "from": before, "to": after,
                       "cost": cost_of.get(knob, "none"),
@@ -188,6 +188,23 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 
 _EVIDENCE_CHARS = 160
+
+
+def render_table(data: dict[str, Any]) -> str:
+    """The attempts as a plain-text table for the terminal."""
+    rows = [("#", "rung", "batch x GA", "cutoff", "ckpt", "method", "verdict", "s")]
+    for a in data["attempts"]:
+        k = a["knobs"]
+        method = str(k["finetuning_type"]) + (f" r{k['lora_rank']}"
+                                              if k["finetuning_type"] == "lora" else "")
+        verdict = a["verdict"] + (f" ({a['oom_kind']})" if a.get("oom_kind") else "")
+        rows.append((str(a["attempt"]), a["rung"] or "(as given)",
+                     f"{k['per_device_batch']} x {k['grad_accum']}", _cell(k["cutoff_len"]),
+                     _cell(k["gradient_checkpointing"]), method, verdict,
+                     f"{a.get('duration_s') or 0:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
 
 
 def _cell(value: object) -> str:

@@ -1,8 +1,15 @@
-"""One attempt: the command in its own session, output teed line by line, the tree ended on OOM."""
+"""One attempt: the command in its own session, output teed line by line, the tree ended on OOM.
+
+The command runs under a small shim (`supervisor._wrap`) that writes its exit status to a file,
+and writes its output straight into the attempt's log files, which the runner follows. So an
+attempt survives the supervisor being killed, and `resume` can adopt it and still learn how it
+ended.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,10 +26,15 @@ import psutil
 import structlog
 
 from supervisor.classify import Outcome, is_oom_line
+from supervisor.secrets import Redactor
 
 log = structlog.get_logger(__name__)
 
 TAIL_LINES = 200
+MARKER_ENV = "OOM_SUPERVISOR_ATTEMPT"
+"""Set in every attempt's environment: finds its processes even after they left the tree."""
+STATUS_FILE = "exit_status.json"
+_POLL_S = 0.05
 
 
 class StopRequest:
@@ -40,6 +52,14 @@ class StopRequest:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Spawned:
+    """An attempt's leader process, identified across pid reuse by its start time."""
+
+    pid: int
+    create_time: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttemptSpec:
     """Everything the runner needs for one attempt."""
 
@@ -50,6 +70,13 @@ class AttemptSpec:
     grace_s: float = 5.0
     echo: bool = True
     stop: StopRequest = field(default_factory=StopRequest)
+    timeout_s: float | None = None
+    """Wall-clock limit of the attempt; past it the tree is ended and the verdict is `hang`."""
+    stall_s: float | None = None
+    """Longest silence allowed (no output line); past it the tree is ended, verdict `hang`."""
+    marker: str = ""
+    on_spawn: Callable[[Spawned], None] | None = None
+    redactor: Redactor = field(default_factory=Redactor)
 
 
 class RunAttempt(Protocol):
@@ -63,87 +90,192 @@ class RunAttempt(Protocol):
 def run(spec: AttemptSpec, *, is_oom: Callable[[str], bool] = is_oom_line) -> Outcome:
     """Spawn the command in a new session, tee its output, end its whole tree on the first OOM."""
     spec.log_dir.mkdir(parents=True, exist_ok=True)
+    status = spec.log_dir / STATUS_FILE
+    status.unlink(missing_ok=True)
+    env = dict(spec.env)
+    env[MARKER_ENV] = spec.marker or str(spec.log_dir)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the logs (and the OOM watch) at once
+    kills_before = kernel_oom_kills()
+    started = time.monotonic()
+    with (spec.log_dir / "stdout.log").open("ab") as out, \
+            (spec.log_dir / "stderr.log").open("ab") as err:
+        proc = subprocess.Popen(  # noqa: S603 - running the user's own command is the point
+            [sys.executable, "-m", "supervisor._wrap", str(status), "--", *spec.argv],
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=spec.cwd,
+            start_new_session=True,
+        )
+    spawned = Spawned(pid=proc.pid, create_time=_create_time(proc.pid))
+    if spec.on_spawn is not None:
+        spec.on_spawn(spawned)
+    return _watch(spec, spawned, proc.poll, started=started, kills_before=kills_before,
+                  is_oom=is_oom, marker=env[MARKER_ENV])
+
+
+def adopt(spec: AttemptSpec, spawned: Spawned, *,
+          is_oom: Callable[[str], bool] = is_oom_line) -> Outcome:
+    """Take over an attempt a previous supervisor started: follow it to its end, read its status."""
+    try:
+        proc = psutil.Process(spawned.pid)
+        alive = abs(proc.create_time() - spawned.create_time) < 1.0 and _is_running(proc)
+    except psutil.Error:
+        alive = False
+
+    def poll() -> int | None:
+        if alive and _is_running(proc):
+            return None
+        return _status_code(spec.log_dir / STATUS_FILE)
+
+    return _watch(spec, spawned, poll, started=time.monotonic(), kills_before=kernel_oom_kills(),
+                  is_oom=is_oom, marker=spec.marker or str(spec.log_dir), adopted=True)
+
+
+def end_orphan(spec: AttemptSpec, spawned: Spawned) -> None:
+    """End what is left of an attempt a previous supervisor started (by pid and marker)."""
+    tree = _Tree(spawned.pid, spec.marker or str(spec.log_dir))
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process(spawned.pid)
+        if abs(proc.create_time() - spawned.create_time) < 1.0:
+            tree.remember()
+    tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+
+
+def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], *,  # noqa: PLR0913
+           started: float, kills_before: int, is_oom: Callable[[str], bool], marker: str,
+           adopted: bool = False) -> Outcome:
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    lock = threading.Lock()
     oom_seen = threading.Event()
     oom_line: list[str] = []
-    kills_before = _kernel_oom_kills()
-    started = time.monotonic()
-    try:
-        proc = subprocess.Popen(  # noqa: S603 - running the user's own command is the point
-            spec.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(spec.env),
-            cwd=spec.cwd, start_new_session=True,
-        )
-    except OSError as exc:
-        line = f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}"
-        (spec.log_dir / "stderr.log").write_text(line + "\n", encoding="utf-8")
-        return Outcome(exit_code=127, duration_s=0.0, tail=(line,))
+    last_output = [time.monotonic()]
+    lock = threading.Lock()
+    done = threading.Event()
 
-    def pump(stream: IO[bytes], name: str, console: IO[bytes]) -> None:
-        with (spec.log_dir / f"{name}.log").open("wb") as sink:
-            for raw in iter(stream.readline, b""):
-                sink.write(raw)
-                sink.flush()
-                if spec.echo:
-                    with contextlib.suppress(OSError, ValueError):
-                        console.write(raw)
-                        console.flush()
-                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                with lock:
-                    tail.append(line)
-                if not oom_seen.is_set() and is_oom(line):
-                    oom_line.append(line)
-                    oom_seen.set()
+    def on_line(line: str) -> None:
+        with lock:
+            tail.append(line)
+            last_output[0] = time.monotonic()
+        if not oom_seen.is_set() and is_oom(line):
+            oom_line.append(line)
+            oom_seen.set()
 
-    assert proc.stdout is not None  # noqa: S101 - PIPE above
-    assert proc.stderr is not None  # noqa: S101
-    readers = [
-        threading.Thread(target=pump, args=(proc.stdout, "stdout", _console(sys.stdout)),
-                         daemon=True),
-        threading.Thread(target=pump, args=(proc.stderr, "stderr", _console(sys.stderr)),
-                         daemon=True),
+    followers = [
+        threading.Thread(target=_follow, daemon=True, args=(
+            spec.log_dir / f"{name}.log", console, on_line, done, spec.echo, spec.redactor))
+        for name, console in (("stdout", _console(sys.stdout)), ("stderr", _console(sys.stderr)))
     ]
-    for reader in readers:
-        reader.start()
+    for follower in followers:
+        follower.start()
 
     killed = interrupted = False
-    tree = _Tree(proc.pid)
-    while proc.poll() is None:
+    hung: str | None = None
+    tree = _Tree(spawned.pid, marker)
+    code = poll()
+    while code is None:
         tree.remember()
+        now = time.monotonic()
         if oom_seen.is_set() and not killed:
-            log.info("oom.detected", line=oom_line[0][:300], pid=proc.pid)
+            log.info("oom.detected", line=spec.redactor.text(oom_line[0])[:300], pid=spawned.pid)
             # A stuck peer rank must not hold the night: end the whole tree now.
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
             killed = True
-        elif spec.stop.immediate.is_set() or (spec.stop.graceful.is_set() and not interrupted):
+        elif (spec.stop.graceful.is_set() and not interrupted) or spec.stop.immediate.is_set():
             interrupted = True
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-        oom_seen.wait(0.05)
+        elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
+            hung = f"ran past its time limit of {spec.timeout_s:g} s"
+            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+        elif hung is None and spec.stall_s is not None and now - last_output[0] > spec.stall_s:
+            hung = f"printed nothing for {spec.stall_s:g} s (stalled)"
+            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+        oom_seen.wait(_POLL_S)
+        code = poll()
     # Stragglers: workers in sessions of their own outlive the leader.
     tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-    for reader in readers:
-        reader.join(timeout=5.0)
-    for stream in (proc.stdout, proc.stderr):
-        with contextlib.suppress(OSError):
-            stream.close()
+    done.set()
+    for follower in followers:
+        follower.join(timeout=5.0)
+    status_code = _status_code(spec.log_dir / STATUS_FILE)
+    if status_code is not None and not (killed or interrupted or hung):
+        code = status_code
+    _scrub(spec)
     with lock:
-        lines = tuple(tail)
+        lines = tuple(spec.redactor.text(line) for line in tail)
     return Outcome(
-        exit_code=proc.returncode,
+        exit_code=code,
         duration_s=round(time.monotonic() - started, 3),
         tail=lines,
-        oom_line=oom_line[0] if oom_line else None,
-        killed_by_supervisor=killed,
+        oom_line=spec.redactor.text(oom_line[0]) if oom_line else None,
+        killed_by_supervisor=killed or hung is not None,
         interrupted=interrupted,
-        kernel_oom_kills=max(0, _kernel_oom_kills() - kills_before),
+        hung=hung,
+        kernel_oom_kills=max(0, kernel_oom_kills() - kills_before),
+        adopted=adopted,
     )
 
 
-class _Tree:
-    """The attempt's processes: the leader's group plus every descendant ever seen."""
+def _follow(path: Path, console: IO[bytes], on_line: Callable[[str], None],  # noqa: PLR0913, PLR0917
+            done: threading.Event, echo: bool, redactor: Redactor) -> None:  # noqa: FBT001
+    """Read a growing log file line by line until `done` is set and the file is drained."""
+    partial = b""
+    with path.open("rb") as source:
+        while True:
+            chunk = source.read(65536)
+            if not chunk:
+                if done.is_set():
+                    break
+                time.sleep(_POLL_S)
+                continue
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            for raw in lines:
+                _emit(raw + b"\n", console, on_line, echo, redactor)
+    if partial:
+        _emit(partial, console, on_line, echo, redactor)
 
-    def __init__(self, pid: int) -> None:
+
+def _emit(raw: bytes, console: IO[bytes], on_line: Callable[[str], None], echo: bool,  # noqa: FBT001
+          redactor: Redactor) -> None:
+    if echo:
+        with contextlib.suppress(OSError, ValueError):
+            console.write(redactor.data(raw))
+            console.flush()
+    # tqdm redraws with \r: the last frame is the line a person would see.
+    on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1])
+
+
+def _scrub(spec: AttemptSpec) -> None:
+    """Replace secret values in the finished attempt's logs."""
+    if not spec.redactor.values:
+        return
+    for name in ("stdout.log", "stderr.log"):
+        path = spec.log_dir / name
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()
+            clean = spec.redactor.data(data)
+            if clean != data:
+                path.write_bytes(clean)
+
+
+def _status_code(path: Path) -> int | None:
+    try:
+        code = json.loads(path.read_text(encoding="utf-8"))["exit_code"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return int(code) if isinstance(code, int) else None
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+class _Tree:
+    """The attempt's processes: the leader's group, every descendant seen, and the marker."""
+
+    def __init__(self, pid: int, marker: str) -> None:
         self.pid = pid
+        self.marker = marker
         self.known: dict[int, psutil.Process] = {}
 
     def remember(self) -> None:
@@ -154,9 +286,23 @@ class _Tree:
             for proc in (leader, *leader.children(recursive=True)):
                 self.known.setdefault(proc.pid, proc)
 
+    def _marked(self) -> list[psutil.Process]:
+        """Processes whose environment carries this attempt's marker (daemonised escapees)."""
+        found = []
+        me = os.getpid()
+        for proc in psutil.process_iter():
+            if proc.pid == me or proc.pid in self.known:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get(MARKER_ENV) == self.marker:
+                    found.append(proc)
+        return found
+
     def end(self, *, grace_s: float, hurry: threading.Event) -> None:
-        """SIGTERM the group and every known descendant, SIGKILL what is left after grace_s."""
+        """SIGTERM the group and every known or marked process; SIGKILL the rest after grace_s."""
         self.remember()
+        for proc in self._marked():
+            self.known.setdefault(proc.pid, proc)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGTERM)
         still = [p for p in self.known.values() if _is_running(p)]
@@ -196,17 +342,24 @@ def _console(stream: IO[str]) -> IO[bytes]:
     return buffer if buffer is not None else _Discard()  # type: ignore[return-value]
 
 
-def _kernel_oom_kills() -> int:
-    """The kernel OOM killer's count for our cgroup (cgroup v2 memory.events), 0 if unreadable."""
+def kernel_oom_kills() -> int:
+    """The kernel OOM killer's count for our cgroup (v2 memory.events or v1 oom_control)."""
     try:
-        cgroup = Path("/proc/self/cgroup").read_text(encoding="utf-8").splitlines()
-        rel = next(line.split("::", 1)[1] for line in cgroup if line.startswith("0::"))
-        events = Path("/sys/fs/cgroup", rel.lstrip("/"), "memory.events").read_text(
-            encoding="utf-8")
-    except (OSError, StopIteration, IndexError):
+        lines = Path("/proc/self/cgroup").read_text(encoding="utf-8").splitlines()
+    except OSError:
         return 0
-    for line in events.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill" and value.strip().isdigit():
-            return int(value)
+    candidates: list[Path] = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            candidates.append(Path("/sys/fs/cgroup", rel.lstrip("/"), "memory.events"))
+        elif "memory" in controllers.split(","):
+            candidates.append(Path("/sys/fs/cgroup/memory", rel.lstrip("/"),
+                                   "memory.oom_control"))
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            for entry in path.read_text(encoding="utf-8").splitlines():
+                key, _, value = entry.partition(" ")
+                if key == "oom_kill" and value.strip().isdigit():
+                    return int(value)
     return 0

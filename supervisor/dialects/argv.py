@@ -50,6 +50,7 @@ _COMMON = (
     Flag("quantization_bit", ("--quantization_bit",), "int"),
     Flag("max_steps", ("--max_steps", "--max-steps"), "int"),
     Flag("resume_from_checkpoint", ("--resume_from_checkpoint",), "str"),
+    Flag("output_dir", ("--output_dir", "--output-dir"), "str"),
 )
 _HF_GC = (Flag("gradient_checkpointing", ("--gradient_checkpointing",
                                            "--activation_checkpointing"), "bool"),)
@@ -136,8 +137,8 @@ class ArgvDialect:
         removals: set[int] = set()
         appended: list[str] = []
         for knob in current.diff(knobs):
-            if knob == "world_size":
-                continue  # set by the launcher, never rewritten
+            if knob in ("world_size", "output_dir"):
+                continue  # read from the command, never rewritten
             value = getattr(knobs, knob)
             occurrences = [o for o in found if o.flag.knob == knob]
             if occurrences:

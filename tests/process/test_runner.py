@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -39,8 +38,9 @@ def test_real_oom_ends_the_whole_tree_at_once(tmp_path: Path,
               "wait")
     outcome = run(AttemptSpec(argv=("sh", "-c", script), env=trainer_env,
                               log_dir=tmp_path / "logs", echo=False, grace_s=2.0))
+    # The shell would `wait` for its sleepers for an hour: the attempt ending at all means the
+    # runner ended the tree on the OOM line rather than waiting for the leader.
     assert outcome.killed_by_supervisor
-    assert outcome.exit_code == -signal.SIGTERM  # the shell was still waiting: we ended it
     assert outcome.oom_line is not None
     assert outcome.oom_line.startswith("torch.OutOfMemoryError")
     assert classify(outcome).kind is VerdictKind.OOM

@@ -60,7 +60,7 @@ def test_seed_lora_command_reads_llamafactory_defaults() -> None:
     knobs = D.read(cmd(SEED_LORA))
     assert knobs == Knobs(per_device_batch=8, grad_accum=1, cutoff_len=1024,
                           gradient_checkpointing=True, finetuning_type=FinetuningType.LORA,
-                          lora_rank=8)
+                          lora_rank=8, output_dir="outputs/llama-7b-lora")
     assert D.describe(cmd(SEED_LORA)) == "argv (llamafactory-legacy)"
 
 

@@ -1,0 +1,217 @@
+"""The FakeTensor estimator: two real training steps traced without allocating anything.
+
+Run as ``python -m supervisor._estimate_child`` with one JSON request on stdin::
+
+    {"config": {...config.json...}, "device": "cpu" | "cuda", "requests": [{knobs}, ...]}
+
+For each request it builds the model under ``FakeTensorMode`` (tensors with shapes, dtypes
+and storages but no data), runs forward -> backward -> gradient clipping -> AdamW step twice,
+as the Hugging Face Trainer does, while a live-bytes ``TorchDispatchMode`` counts every
+storage from the op that makes it until it is freed. It prints one line per request,
+``estimate.result {json}``, as soon as that request is done. Only this child imports torch:
+the supervisor stays torch-free.
+"""
+
+# The result lines are this module's output, hence print; torch is imported here on purpose.
+# ruff: noqa: T201
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from supervisor._sim import LiveBytesBudget
+
+RESULT_PREFIX = "estimate.result"
+_MIB = 2**20
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# The reference trainer's (and LLaMA-Factory's `lora_target: all`) LoRA targets on Llama.
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Keys of a hub config.json that would make transformers load remote code, quantise, or pick
+# a dtype behind our back: the precision comes from the knobs.
+_DROPPED_KEYS = ("quantization_config", "auto_map", "torch_dtype", "dtype")
+
+
+class _PhasedLiveBytes(LiveBytesBudget):
+    """LiveBytesBudget that also remembers the phase and the op at the peak."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.phase = "build"
+        self.peak_phase = "build"
+        self.peak_op = ""
+
+    def __torch_dispatch__(
+        self,
+        func: Callable[..., Any],
+        types: object,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:  # noqa: ANN401 - an op returns whatever its schema says
+        before = self.peak_bytes
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if self.peak_bytes > before:
+            self.peak_phase, self.peak_op = self.phase, str(func)
+        return out
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Under FakeTensorMode `.to(dtype)` on a built model swaps parameters, which fake tensors
+    # refuse: build the model in its dtype from the start instead.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@contextlib.contextmanager
+def _module_to_is_identity() -> Iterator[None]:
+    # PEFT moves each new adapter to its base layer's device and dtype with Module.to, which
+    # swaps parameters; fake parameters refuse to be swapped. Everything is already in place.
+    original = torch.nn.Module.to
+
+    def identity(self: torch.nn.Module, *_: object, **__: object) -> torch.nn.Module:
+        return self
+
+    torch.nn.Module.to = identity  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original  # type: ignore[method-assign]
+
+
+def _never_packed() -> None:
+    # transformers cannot read a fake position_ids tensor, so it assumes packed sequences and
+    # builds a 4-D float mask per layer that a real run (unpacked samples) never has. Our
+    # samples are never packed: tell it so, and it uses SDPA's is_causal as a real run does.
+    with contextlib.suppress(ImportError):
+        from transformers import masking_utils  # noqa: PLC0415 - only once transformers is needed
+
+        if hasattr(masking_utils, "find_packed_sequence_indices"):
+            masking_utils.find_packed_sequence_indices = lambda *_, **__: None
+
+
+def _build_model(config_values: dict[str, Any], knobs: dict[str, Any]) -> torch.nn.Module:
+    """The model as the trainer would train it: checkpointing, then LoRA or freeze."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    values = {k: v for k, v in config_values.items() if k not in _DROPPED_KEYS}
+    config = AutoConfig.for_model(**values)
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_config(config)
+    if knobs.get("gradient_checkpointing"):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    kind = knobs.get("finetuning_type", "full")
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+        rank = int(knobs.get("lora_rank") or 8)
+        lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                          target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
+        with _module_to_is_identity(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_peft_model(model, lora)  # type: ignore[no-any-return]
+    if kind == "freeze":
+        layers = int(config.num_hidden_layers)
+        n = int(knobs.get("freeze_trainable_layers") or 2)
+        trainable = range(layers - n, layers) if n > 0 else range(-n)
+        prefixes = tuple(f"model.layers.{i}." for i in trainable)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith(prefixes))
+    return model  # type: ignore[no-any-return]
+
+
+def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Peak live bytes of two training steps of `knobs`, with a breakdown."""
+    batch = int(knobs["per_device_batch"])
+    cutoff = knobs.get("cutoff_len")
+    if cutoff is None:
+        msg = "cutoff_len unknown: the sequence length decides the activations"
+        raise ValueError(msg)
+    micro_batches = min(int(knobs.get("grad_accum") or 1), 2)
+    dtype = _DTYPES.get(str(knobs.get("precision") or "fp32").lower(), torch.float32)
+    # On CUDA AdamW and clipping use the foreach kernels (fake tensors would not pick them).
+    foreach = device == "cuda"
+    started = time.perf_counter()
+    live = _PhasedLiveBytes()
+    with _default_dtype(dtype), FakeTensorMode(allow_non_fake_inputs=True), live:
+        model = _build_model(config_values, knobs)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
+        vocab = int(config_values.get("vocab_size", 32000))
+        for _ in range(2):
+            # With accumulation, the second micro-batch runs while the first one's gradients
+            # are held: two micro-batches show the peak of any number of them.
+            for _ in range(micro_batches):
+                ids = torch.randint(3, vocab, (batch, int(cutoff)))
+                live.phase = "forward"
+                loss = model(input_ids=ids, labels=ids).loss / micro_batches
+                live.phase = "backward"
+                loss.backward()
+                del loss, ids
+            live.phase = "optimizer"
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in params)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        grads = sum(p.numel() * p.element_size() for p in params)
+        states = sum(v.numel() * v.element_size() for s in optimizer.state.values()
+                     for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    fixed = weights + states + (grads if live.peak_phase == "optimizer" or micro_batches > 1
+                                else 0)
+    return {
+        "peak_bytes": live.peak_bytes,
+        "breakdown": {
+            "weights_mib": round(weights / _MIB, 2),
+            "gradients_mib": round(grads / _MIB, 2),
+            "optimizer_mib": round(states / _MIB, 2),
+            "activations_and_temporaries_mib": round(max(live.peak_bytes - fixed, 0) / _MIB, 2),
+        },
+        "peak_phase": live.peak_phase,
+        "peak_op": live.peak_op,
+        "total_params": total,
+        "trainable_params": trainable,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def main() -> int:
+    """Read the request from stdin, print one result line per config."""
+    request = json.loads(sys.stdin.read())
+    _never_packed()
+    config_values = request["config"]
+    device = request.get("device", "cpu")
+    for index, knobs in enumerate(request["requests"]):
+        try:
+            result: dict[str, Any] = estimate_one(config_values, knobs, device=device)
+        except Exception as error:  # noqa: BLE001 - every failure goes back as data
+            last = traceback.format_exception_only(error)[-1].strip()
+            result = {"error": " ".join(last.split())[:500]}
+        result["index"] = index
+        print(f"{RESULT_PREFIX} {json.dumps(result)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

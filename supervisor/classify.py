@@ -113,6 +113,8 @@ class Outcome:
     """How many processes the kernel's OOM killer took in our cgroup during the attempt."""
     hung: str | None = None
     """Why the watchdog ended the attempt (time limit, silence), if it did."""
+    kill_s: float | None = None
+    """Seconds from seeing the OOM line to the last process of the attempt gone."""
     adopted: bool = False
     """Followed by a resumed supervisor rather than started by this one."""
 

@@ -346,7 +346,8 @@ def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,
                         evidence=evidence, numbers=_numbers(verdict),
                         exit_code=outcome.exit_code, duration_s=outcome.duration_s,
                         killed_by_supervisor=outcome.killed_by_supervisor,
-                        adopted=outcome.adopted, peak_live_mib=_peak_from_tail(outcome.tail),
+                        adopted=outcome.adopted, kill_s=outcome.kill_s,
+                        peak_live_mib=_peak_from_tail(outcome.tail),
                         trained_steps=_steps_from_tail(outcome.tail))
     state.log.bind(attempt=number).info(
         "attempt.finished", verdict=str(verdict.kind),
@@ -383,10 +384,12 @@ def _with_checkpoint(state: _Run, before: Knobs, step: Step) -> Knobs:
     path, steps = found
     why_not = _incompatible(before, new)
     if why_not is not None:
-        state.journal.write("checkpoint.skipped", checkpoint=path, step=steps, reason=why_not)
+        state.journal.write("checkpoint.skipped", attempt=len(state.history) + 1,
+                            checkpoint=path, step=steps, reason=why_not)
         state.log.info("checkpoint.skipped", checkpoint=path, reason=why_not)
         return dataclasses.replace(new, resume_from_checkpoint=None)
-    state.journal.write("checkpoint.resumed", checkpoint=path, step=steps)
+    state.journal.write("checkpoint.resumed", attempt=len(state.history) + 1, checkpoint=path,
+                        step=steps)
     state.log.info("checkpoint.resumed", checkpoint=path, step=steps)
     return dataclasses.replace(new, resume_from_checkpoint=path)
 

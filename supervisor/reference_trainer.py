@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="device memory budget: a live-bytes budget on CPU, a memory fraction on CUDA",
     )
+    add(
+        "memory_cap_rank",
+        type=_non_negative_int,
+        default=None,
+        metavar="RANK",
+        help="apply the memory caps on this rank only (env RANK under torchrun): one rank "
+        "running out of memory while its peers wait, as in a real multi-GPU job",
+    )
     return parser
 
 
@@ -422,8 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _build_config(parser, config_values)
     checkpoint = _resolve_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
     cuda = torch.cuda.is_available()
+    capped = args.memory_cap_rank is None or int(os.environ.get("RANK", "0")) == args.memory_cap_rank
     # Entered before the model exists, so weights, gradients and optimizer state all count.
-    peak: PeakMemory = install_device_budget(args.device_memory)
+    peak: PeakMemory = install_device_budget(args.device_memory if capped else None)
 
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
@@ -443,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_collator=default_data_collator,
     )
 
-    if args.host_memory_cap is not None:
+    if args.host_memory_cap is not None and capped:
         set_host_memory_cap(args.host_memory_cap)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -475,5 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _entry() -> int:
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        # Under torchrun: write the failure to the error file torchrun's "Root Cause" reads.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return int(record(main)())
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.knobs import Knobs
+from supervisor.secrets import shell_word
 
 _STATUS_LINE = {
     "fitted": "fitted: the command finished with the final config below",
@@ -39,6 +40,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     end: dict[str, Any] | None = None
     final_files: list[str] = []
+    progress: list[dict[str, Any]] = []
     for event in events:
         kind = event["event"]
         if kind == "attempt.started":
@@ -55,6 +57,8 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
             })
         elif kind == "ladder.stepped":
             steps.append({k: v for k, v in event.items() if k not in ("ts", "event")})
+        elif kind in ("checkpoint.resumed", "checkpoint.skipped"):
+            progress.append({k: v for k, v in event.items() if k != "ts"})
         elif kind == "final.written":
             final_files = list(event.get("files", []))
         elif kind == "run.finished":
@@ -87,6 +91,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "costs": costs,
         "attempts": list(attempts.values()),
         "steps": steps,
+        "progress": progress,
         "oom_verdicts": sum(1 for a in attempts.values() if a["verdict"] == "oom"),
     }
 
@@ -124,7 +129,8 @@ def final_command_script(data: dict[str, Any]) -> str:
              "set -e"]
     if data.get("cwd"):
         lines.append(f"cd {shlex.quote(data['cwd'])}")
-    lines.append("exec " + shlex.join(data["final_command"]))
+    # Redacted secrets become required environment variables: `"${HF_TOKEN:?set HF_TOKEN ...}"`.
+    lines.append("exec " + " ".join(shell_word(w) for w in data["final_command"]))
     return "\n".join(lines) + "\n"
 
 
@@ -173,6 +179,15 @@ def render_markdown(data: dict[str, Any]) -> str:
         verdict = a["verdict"] + (f" ({a['oom_kind']})" if a.get("oom_kind") else "")
         out.append(f"| {a['attempt']} | {a['rung'] or '(as given)'} | {changed or '-'} | "
                    f"{verdict} | {evidence} | {a.get('duration_s') or ''} |")
+    if data.get("progress"):
+        out += ["", "## Progress kept across OOMs", ""]
+        for p in data["progress"]:
+            if p["event"] == "checkpoint.resumed":
+                out.append(f"- attempt {p['attempt']} resumed from `{p['checkpoint']}`: the "
+                           f"{p['step']} steps trained before the OOM were kept")
+            else:
+                out.append(f"- attempt {p['attempt']} started fresh, not from "
+                           f"`{p['checkpoint']}`: {p['reason']}")
     notes = [s for s in data["steps"] if s.get("restored") or s.get("skipped")]
     if notes:
         out += ["", "## Ladder notes", ""]

@@ -167,15 +167,18 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
 
     killed = interrupted = False
     hung: str | None = None
+    kill_s: float | None = None
     tree = _Tree(spawned.pid, marker)
     code = poll()
     while code is None:
         tree.remember()
         now = time.monotonic()
         if oom_seen.is_set() and not killed:
+            seen_at = time.monotonic()
             log.info("oom.detected", line=spec.redactor.text(oom_line[0])[:300], pid=spawned.pid)
             # A stuck peer rank must not hold the night: end the whole tree now.
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+            kill_s = round(time.monotonic() - seen_at, 3)
             killed = True
         elif (spec.stop.graceful.is_set() and not interrupted) or spec.stop.immediate.is_set():
             interrupted = True
@@ -193,8 +196,9 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     done.set()
     for follower in followers:
         follower.join(timeout=5.0)
+    # The shim recorded how the command itself ended (the shim's own status is one step removed).
     status_code = _status_code(spec.log_dir / STATUS_FILE)
-    if status_code is not None and not (killed or interrupted or hung):
+    if status_code is not None:
         code = status_code
     _scrub(spec)
     with lock:
@@ -207,6 +211,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         killed_by_supervisor=killed or hung is not None,
         interrupted=interrupted,
         hung=hung,
+        kill_s=kill_s,
         kernel_oom_kills=max(0, kernel_oom_kills() - kills_before),
         adopted=adopted,
     )
@@ -309,16 +314,20 @@ class _Tree:
         for proc in still:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGTERM)
+        # Poll rather than psutil.wait_procs: that would reap our own child, and Popen would
+        # then report exit status 0. Short slices let a second Ctrl-C cut the grace short.
         deadline = time.monotonic() + grace_s
-        # Wait in short slices so a second Ctrl-C (hurry) cuts the grace period short.
         while still and time.monotonic() < deadline and not hurry.is_set():
-            _, still = psutil.wait_procs(still, timeout=0.1)
+            time.sleep(_POLL_S)
+            still = [p for p in still if _is_running(p)]
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         for proc in still:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        psutil.wait_procs([p for p in self.known.values() if _is_running(p)], timeout=2.0)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(_is_running(p) for p in still):
+            time.sleep(_POLL_S)
 
 
 def _is_running(proc: psutil.Process) -> bool:

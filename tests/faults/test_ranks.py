@@ -1,0 +1,42 @@
+"""A 2-process torchrun (gloo, CPU) where only rank 1 runs out of host memory for real."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor.command import Command
+from supervisor.dialects.argv import ArgvDialect
+from supervisor.journal import replay
+from supervisor.loop import ExitCode, supervise
+from supervisor.policy import resolve
+from tests.faults.conftest import attempt_processes, quiet_env
+
+pytestmark = pytest.mark.process
+
+
+def test_one_rank_ooms_the_whole_tree_ends_and_the_ladder_walks(tmp_path: Path) -> None:
+    """Rank 1's DefaultCPUAllocator failure ends torchrun and both workers; b4 x GA 2 fits."""
+    argv = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "supervisor.reference_trainer", "--per_device_train_batch_size", "8",
+            "--cutoff_len", "512", "--max_steps", "1", "--host-memory-cap", "600",
+            "--memory_cap_rank", "1", "--output_dir", "out")
+    command = Command(argv=argv, cwd=str(tmp_path))
+    dialect = ArgvDialect()
+    assert dialect.read(command).effective_batch == 16  # both ranks count
+    result = supervise(command, dialect=dialect, ladder=resolve("default"),
+                       run_dir=tmp_path / "run", echo=False, env=quiet_env())
+    assert result.exit_code is ExitCode.FITTED
+    finished = [e for e in replay(tmp_path / "run" / "journal.jsonl").events
+                if e["event"] == "attempt.finished"]
+    assert finished[0]["verdict"] == "oom"
+    assert finished[0]["oom_kind"] == "cpu"
+    assert finished[0]["killed_by_supervisor"] is True
+    assert finished[-1]["verdict"] == "fits"
+    assert result.final_knobs is not None
+    assert result.final_knobs.effective_batch == 16
+    assert attempt_processes("run/") == []
+    # A figure, not an assertion: how long ending the tree took after the OOM line.
+    print(f"\nOOM line -> last process of the attempt gone: {finished[0]['kill_s']} s")  # noqa: T201

@@ -430,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _build_config(parser, config_values)
     checkpoint = _resolve_checkpoint(parser, args.resume_from_checkpoint, args.output_dir)
     cuda = torch.cuda.is_available()
-    capped = args.memory_cap_rank is None or int(os.environ.get("RANK", "0")) == args.memory_cap_rank
+    rank = int(os.environ.get("RANK", "0"))
+    capped = args.memory_cap_rank is None or rank == args.memory_cap_rank
     # Entered before the model exists, so weights, gradients and optimizer state all count.
     peak: PeakMemory = install_device_budget(args.device_memory if capped else None)
 
@@ -489,7 +490,8 @@ def _entry() -> int:
         # Under torchrun: write the failure to the error file torchrun's "Root Cause" reads.
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        return int(record(main)())
+        result: int = record(main)()
+        return result
     return main()
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
@@ -202,7 +203,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         code = status_code
     _scrub(spec)
     with lock:
-        lines = tuple(spec.redactor.text(line) for line in tail)
+        lines = tuple(spec.redactor.text(line) for line in (*tail, *_error_files(tail)))
     return Outcome(
         exit_code=code,
         duration_s=round(time.monotonic() - started, 3),
@@ -245,6 +246,24 @@ def _emit(raw: bytes, console: IO[bytes], on_line: Callable[[str], None], echo: 
             console.flush()
     # tqdm redraws with \r: the last frame is the line a person would see.
     on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1])
+
+
+_ERROR_FILE = re.compile(r"error_file\s*:\s*(\S+\.json)")
+
+
+def _error_files(lines: Iterable[str]) -> list[str]:
+    """The messages of torchrun's per-rank error.json files named in its Root Cause block."""
+    found: list[str] = []
+    for line in lines:
+        match = _ERROR_FILE.search(line)
+        if not match:
+            continue
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            data = json.loads(Path(match.group(1)).read_text(encoding="utf-8"))
+            message = data["message"]
+            text = message.get("message") if isinstance(message, dict) else str(message)
+            found.extend(f"[{match.group(1)}] {part}" for part in str(text).splitlines()[-5:])
+    return found
 
 
 def _scrub(spec: AttemptSpec) -> None:

@@ -25,7 +25,7 @@ def quiet_env() -> dict[str, str]:
 
 def start_supervisor(runs: Path, run_id: str, *command: str,
                      verb: tuple[str, ...] = ("run",)) -> subprocess.Popen[bytes]:
-    """`python -m supervisor run --quiet --runs-dir RUNS --run-id ID -- COMMAND` in the background."""
+    """`python -m supervisor run --quiet --runs-dir RUNS --run-id ID -- COMMAND`, backgrounded."""
     argv = [sys.executable, "-m", "supervisor", "--log-format", "json", *verb]
     if verb == ("run",):
         argv += ["--quiet", "--runs-dir", str(runs), "--run-id", run_id, "--", *command]

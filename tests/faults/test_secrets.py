@@ -41,7 +41,8 @@ def test_secrets_appear_in_no_file_and_final_command_still_runs(tmp_path: Path) 
         text = path.read_text(encoding="utf-8", errors="replace")
         for value in SECRETS.values():
             assert value not in text, f"{value} leaked into {path}"
-    assert "<redacted:HF_TOKEN>" in (tmp_path / "run" / "attempts" / "01" / "stdout.log").read_text()
+    stdout = (tmp_path / "run" / "attempts" / "01" / "stdout.log").read_text()
+    assert "<redacted:HF_TOKEN>" in stdout
     script = (tmp_path / "run" / "final-command.sh").read_text()
     assert '"${WANDB_API_KEY:?' in script
     assert '"${HUB_TOKEN:?' in script

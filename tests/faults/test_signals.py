@@ -1,4 +1,4 @@
-"""SIGINT/SIGTERM to the supervisor: the attempt's tree ends, `interrupted` is recorded, exit 130."""
+"""SIGINT/SIGTERM to the supervisor: the attempt's tree ends, `interrupted` recorded, exit 130."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transient failures retry the same config with backoff; hung attempts are ended by the watchdog."""
+"""Transient failures retry the same config with backoff; the watchdog ends hung attempts."""
 
 from __future__ import annotations
 

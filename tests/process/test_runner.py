@@ -79,3 +79,15 @@ def test_stop_request_ends_the_attempt_as_interrupted(tmp_path: Path) -> None:
     assert outcome.interrupted
     assert classify(outcome).kind is VerdictKind.INTERRUPTED
     assert _alive("sleep 3173") == []
+
+
+def test_torchrun_error_files_join_the_tail(tmp_path: Path, trainer_env: dict[str, str]) -> None:
+    """A rank that dies with an OOM under torchrun (@record) leaves error.json; its text is read."""
+    argv = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "1", "-m", "supervisor.reference_trainer", "--per_device_train_batch_size", "8",
+            "--max_steps", "1", "--device-memory", "50", "--output_dir", str(tmp_path / "o"))
+    outcome = run(AttemptSpec(argv=argv, env=trainer_env, log_dir=tmp_path / "logs",
+                              echo=False), is_oom=lambda _line: False)  # let torchrun report
+    assert any(line.startswith("[") and "error.json] " in line and "OutOfMemoryError" in line
+               for line in outcome.tail)
+    assert classify(outcome).kind is VerdictKind.OOM

@@ -1,0 +1,119 @@
+"""Benchmark harness: the speed targets of oom-supervisor, measured on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+TRAINER = [PY, "-m", "supervisor.reference_trainer"]
+
+
+def _supervise(runs: Path, run_id: str, *command: str, verb: str = "run") -> dict[str, object]:
+    argv = [PY, "-m", "supervisor", "--log-format", "json", verb, "--quiet",
+            "--runs-dir", str(runs), "--run-id", run_id]
+    if verb == "run":
+        argv += ["--", *command]
+    subprocess.run(argv, check=True, env=ENV, cwd=runs, capture_output=True)  # noqa: S603
+    report: dict[str, object] = json.loads((runs / run_id / "report.json").read_text())
+    return report
+
+
+def bench_demo(tmp: Path) -> dict[str, float]:
+    """Wall seconds of the README's demo."""
+    started = time.monotonic()
+    report = _supervise(tmp, "demo", verb="demo")
+    attempts = report["attempts"]
+    assert isinstance(attempts, list)
+    return {"wall_s": round(time.monotonic() - started, 1), "attempts": len(attempts),
+            "target_s": 180}
+
+
+def bench_kill(tmp: Path) -> dict[str, float]:
+    """Seconds from the OOM line to the last process of a 2-rank torchrun attempt gone."""
+    samples = []
+    for i in range(3):
+        report = _supervise(
+            tmp, f"kill{i}", PY, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", "2", "-m", "supervisor.reference_trainer",
+            "--per_device_train_batch_size", "8", "--cutoff_len", "512", "--max_steps", "1",
+            "--host-memory-cap", "600", "--memory_cap_rank", "1", "--output_dir", "out")
+        journal = [json.loads(line) for line in
+                   (tmp / f"kill{i}" / "journal.jsonl").read_text().splitlines()]
+        first = next(e for e in journal if e["event"] == "attempt.finished")
+        samples.append(float(first["kill_s"]))
+        assert report["status"] == "fitted"
+    return {"median_s": round(statistics.median(samples), 3), "max_s": max(samples),
+            "target_s": 1.0}
+
+
+def bench_overhead(tmp: Path) -> dict[str, float]:
+    """Supervisor seconds per attempt: a fitting run under `run` minus the bare command."""
+    command = [*TRAINER, "--per_device_train_batch_size", "2", "--cutoff_len", "128",
+               "--max_steps", "2", "--output_dir", "out"]
+    bare, supervised = [], []
+    for i in range(3):
+        started = time.monotonic()
+        subprocess.run(command, check=True, env=ENV, cwd=tmp, capture_output=True)  # noqa: S603
+        bare.append(time.monotonic() - started)
+        started = time.monotonic()
+        _supervise(tmp, f"over{i}", *command)
+        supervised.append(time.monotonic() - started)
+    return {"bare_s": round(statistics.median(bare), 2),
+            "supervised_s": round(statistics.median(supervised), 2),
+            "overhead_s": round(statistics.median(supervised) - statistics.median(bare), 2),
+            "target_s": 1.0}
+
+
+def bench_plan(tmp: Path) -> dict[str, float]:
+    """Seconds for `plan` on a Llama-7B-shaped config.json."""
+    model = tmp / "llama-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16"}))
+    started = time.monotonic()
+    proc = subprocess.run(  # noqa: S603
+        [PY, "-m", "supervisor", "plan", "--device-memory", "80GiB", "--", "python",
+         "src/train_bash.py", "--model_name_or_path", str(model), "--finetuning_type", "full",
+         "--per_device_train_batch_size", "8", "--cutoff_len", "2048", "--bf16"],
+        env=ENV, cwd=tmp, capture_output=True, text=True, check=False)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}  # type: ignore[dict-item]
+    return {"wall_s": round(wall, 1), "target_s": 180}
+
+
+BENCHES: dict[str, Callable[[Path], dict[str, float]]] = {
+    "demo": bench_demo, "kill": bench_kill, "overhead": bench_overhead, "plan": bench_plan}
+
+
+def main(names: list[str]) -> int:
+    """Run the named benchmarks (all by default), print a table, write results.json."""
+    chosen = names or list(BENCHES)
+    results: dict[str, dict[str, float]] = {}
+    for name in chosen:
+        with tempfile.TemporaryDirectory() as tmp:
+            results[name] = BENCHES[name](Path(tmp))
+        print(f"{name:10} {json.dumps(results[name])}", flush=True)  # noqa: T201
+    out = ROOT / "benchmarks" / "results.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    previous.update(results)
+    previous["_machine"] = {"cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%d %H:%M")}
+    out.write_text(json.dumps(previous, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

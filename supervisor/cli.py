@@ -36,7 +36,7 @@ EXIT_CODES_HELP = """exit codes:
 """
 
 DEMO_DEVICE_MIB = 70
-"""Budget of the demo's simulated device: full b8x1024 needs ~10x that; LoRA+gc at 512 fits."""
+"""Budget of the demo's simulated device: full b4x1024 needs ~9x that; LoRA+gc at 512 fits."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,12 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def demo_command(device_mib: int) -> Command:
-    """The demo's ambitious start: full fine-tuning, batch 8 x 1024 tokens, on a small device."""
+    """The demo's ambitious start: full fine-tuning, batch 4 x 1024 tokens, on a small device."""
     return Command(argv=(
         sys.executable, "-m", "supervisor.reference_trainer",
         "--model_name_or_path", "tiny", "--finetuning_type", "full",
-        "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
-        "--cutoff_len", "1024", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+        "--cutoff_len", "1024", "--max_steps", "1",
         "--device-memory", str(device_mib),
         "--output_dir", "reference-trainer-output",
     ), cwd=str(Path.cwd()))

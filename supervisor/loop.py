@@ -261,11 +261,11 @@ def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
         state.journal.write("ladder.stepped", after_attempt=len(state.history),
                             next_attempt=len(state.history) + 1, rung=step.rung, changed=changed,
                             restored=[list(r) for r in step.restored],
-                            skipped=list(step.skipped))
+                            skipped=list(step.skipped), note=step.note)
         state.log.info("ladder.stepped", rung=step.rung,
                        **{k: v[1] for k, v in changed.items() if k != "resume_from_checkpoint"},
                        restored=[r[0] for r in step.restored] or None,
-                       skipped=list(step.skipped) or None)
+                       skipped=list(step.skipped) or None, note=step.note)
         knobs = new
         verdict = _attempt_with_retries(state, knobs, step.rung)
 

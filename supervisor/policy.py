@@ -54,6 +54,8 @@ class Ladder:
     description: str
     rungs: tuple[Rung, ...]
     max_attempts: int = 32
+    speed_before_quality: bool = True
+    """Before a rung that costs quality, try a later one that costs only speed."""
     transient_retries: int = 3
     transient_max_delay_s: float = 600.0
     attempt_timeout_s: float | None = None
@@ -91,6 +93,8 @@ class Step:
     """(knob, from, to) for each value a structural rung gave back."""
     skipped: tuple[str, ...] = ()
     """Rungs passed over without an attempt, each with its reason."""
+    note: str | None = None
+    """Why this rung came out of order, if it did."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,11 +186,37 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder) -> Step 
         if new in tried:
             skipped.append(f"{rung.name}: that config was already tried")
             continue
+        if ladder.speed_before_quality and rung.cost is Cost.QUALITY:
+            cheaper = _cheaper_first(last, tried, ladder, index, spent_index)
+            if cheaper is not None:
+                return dataclasses.replace(cheaper, skipped=tuple(skipped),
+                                           note=f"tried before {rung.name}, which costs quality")
         return Step(knobs=new, rung=rung.name, restored=restored, skipped=tuple(skipped))
     spent = tuple(_spent(rung, last, history) for rung in ladder.rungs)
     reason = (f"every rung of the '{ladder.name}' ladder is spent and the smallest config "
               f"still runs out of memory ({_summary(last)})")
     return GiveUp(reason=reason, spent=spent, skipped=tuple(skipped))
+
+
+def _cheaper_first(last: Knobs, tried: set[Knobs], ladder: Ladder, index: int,
+                   spent_index: int) -> Step | None:
+    """A later rung that costs only speed, applied to the current config as it stands.
+
+    Before the run gives up quality (truncating samples, changing the method), check whether
+    a structural rung further down that costs only speed (gradient checkpointing) fits
+    instead. Memory grows with batch and cutoff, so the batch and cutoff the earlier rungs
+    already searched are kept, not restored: the larger configs under that rung cannot fit
+    where this one does not.
+    """
+    for later_index, later in enumerate(ladder.rungs):
+        if later_index <= max(index, spent_index) or not later.is_structural:
+            continue
+        if later.cost is Cost.QUALITY:
+            continue
+        candidate = ACTIONS[later.action](last, later)
+        if candidate is not None and candidate not in tried:
+            return Step(knobs=candidate, rung=later.name)
+    return None
 
 
 def _show(value: object) -> str:
@@ -216,8 +246,8 @@ def _summary(knobs: Knobs) -> str:
 
 # --- loading ---------------------------------------------------------------------------------
 
-_TOP_KEYS = frozenset({"name", "description", "max_attempts", "transient", "watchdog", "gpu",
-                       "rung"})
+_TOP_KEYS = frozenset({"name", "description", "max_attempts", "speed_before_quality",
+                       "transient", "watchdog", "gpu", "rung"})
 _WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s"})
 _GPU_KEYS = frozenset({"release_wait_s", "on_held_memory"})
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
@@ -307,6 +337,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         description=description,
         rungs=rungs,
         max_attempts=_whole(data.get("max_attempts", 32), f"{source}: max_attempts", minimum=1),
+        speed_before_quality=_flag(data, "speed_before_quality", source),
         transient_retries=_whole(transient.get("retries", 3), f"{source}: transient.retries",
                                  minimum=0),
         transient_max_delay_s=float(_whole(transient.get("max_delay_s", 600),
@@ -328,6 +359,14 @@ def _table(data: Mapping[str, Any], key: str, valid: frozenset[str],
         raise PolicyError(msg)
     _check_keys(table, valid, f"{source}: [{key}]")
     return table
+
+
+def _flag(table: Mapping[str, Any], key: str, source: str) -> bool:
+    value = table.get(key, True)
+    if not isinstance(value, bool):
+        msg = f"{source}: {key} must be true or false, not {value!r}"
+        raise PolicyError(msg)
+    return value
 
 
 def _optional_seconds(table: Mapping[str, Any], key: str, source: str) -> float | None:

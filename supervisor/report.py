@@ -188,13 +188,16 @@ def render_markdown(data: dict[str, Any]) -> str:
             else:
                 out.append(f"- attempt {p['attempt']} started fresh, not from "
                            f"`{p['checkpoint']}`: {p['reason']}")
-    notes = [s for s in data["steps"] if s.get("restored") or s.get("skipped")]
+    notes = [s for s in data["steps"]
+             if s.get("restored") or s.get("skipped") or s.get("note")]
     if notes:
         out += ["", "## Ladder notes", ""]
         for s in notes:
             for knob, before, after in s.get("restored", []):
                 out.append(f"- before attempt {s['next_attempt']}, rung {s['rung']} restored "
                            f"{knob} {_cell(before)} -> {_cell(after)}")
+            if s.get("note"):
+                out.append(f"- attempt {s['next_attempt']}: {s['rung']} {s['note']}")
             for skip in s.get("skipped", []):
                 out.append(f"- before attempt {s['next_attempt']}, skipped {skip}")
     out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "

@@ -26,7 +26,7 @@ def test_demo_walks_several_rungs_and_keeps_the_effective_batch(tmp_path: Path) 
     assert all(a["oom_kind"] == "torch" for a in report["attempts"][:-1])
     rungs = {a["rung"] for a in report["attempts"]}
     assert {"smaller-batch", "shorter-cutoff", "gradient-checkpointing", "lora"} <= rungs
-    assert report["effective_batch"]["start"] == report["effective_batch"]["final"] == 8
+    assert report["effective_batch"]["start"] == report["effective_batch"]["final"] == 4
     assert "working config:" in proc.stderr
     # The working command runs as it is, and really trains with the final config.
     rerun = subprocess.run(["sh", str(tmp_path / "demo" / "final-command.sh")],  # noqa: S603, S607

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.knobs import FinetuningType, Knobs
-from supervisor.policy import Attempt, GiveUp, Ladder, PolicyError, Step, load, next_step, resolve
+from supervisor.policy import (
+    Attempt,
+    GiveUp,
+    Ladder,
+    PolicyError,
+    Step,
+    load,
+    next_step,
+    parse,
+    resolve,
+    shipped_policies,
+)
 
+DEFAULT = shipped_policies()["default"]
 OOM = Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.TORCH, evidence="recorded")
 FULL = FinetuningType.FULL
 LORA = FinetuningType.LORA
@@ -36,9 +49,41 @@ def _short(k: Knobs) -> tuple[object, ...]:
 
 
 def test_default_ladder_whole_walk_keeps_effective_batch() -> None:
-    """Batch 4 x cutoff 1024 walks batch, cutoff, then restores under gc, LoRA and freeze."""
+    """Batch first; checkpointing (speed) before any cut in cutoff (quality); LoRA, freeze."""
     start = Knobs(per_device_batch=4, grad_accum=2, cutoff_len=1024)
     configs, steps, give_up = walk(start, resolve("default"))
+    assert configs == [
+        (4, 2, 1024, False, "full"), (2, 4, 1024, False, "full"), (1, 8, 1024, False, "full"),
+        # before truncating samples, checkpointing on the config as it stands
+        (1, 8, 1024, True, "full"),
+        (1, 8, 512, True, "full"), (1, 8, 256, True, "full"),
+        (4, 2, 1024, True, "lora"), (2, 4, 1024, True, "lora"), (1, 8, 1024, True, "lora"),
+        (1, 8, 512, True, "lora"), (1, 8, 256, True, "lora"),
+        (4, 2, 1024, True, "freeze"), (2, 4, 1024, True, "freeze"), (1, 8, 1024, True, "freeze"),
+        (1, 8, 512, True, "freeze"), (1, 8, 256, True, "freeze"),
+    ]
+    assert {int(str(b)) * int(str(ga)) for b, ga, *_ in configs} == {8}
+    gc_step = next(s for s in steps if s.rung == "gradient-checkpointing")
+    assert gc_step.note == "tried before shorter-cutoff, which costs quality"
+    assert gc_step.restored == ()
+    lora_step = next(s for s in steps if s.rung == "lora")
+    assert lora_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
+                                  ("cutoff_len", 256, 1024))
+    assert give_up.spent == (
+        "smaller-batch: per_device_batch at 1 (floor 1)",
+        "shorter-cutoff: cutoff_len at 256 (floor 256)",
+        "gradient-checkpointing: gradient_checkpointing=true tried from attempt 4",
+        "lora: finetuning_type=lora tried from attempt 7",
+        "freeze: finetuning_type=freeze tried from attempt 12",
+    )
+
+
+def test_seed_order_walk_without_speed_before_quality() -> None:
+    """With speed_before_quality off, the seed's order exactly: cutoff is cut before gc."""
+    data = tomllib.loads(DEFAULT.read_text(encoding="utf-8"))
+    data["speed_before_quality"] = False
+    start = Knobs(per_device_batch=4, grad_accum=2, cutoff_len=1024)
+    configs, steps, give_up = walk(start, parse(data))
     assert configs == [
         (4, 2, 1024, False, "full"), (2, 4, 1024, False, "full"), (1, 8, 1024, False, "full"),
         (1, 8, 512, False, "full"), (1, 8, 256, False, "full"),

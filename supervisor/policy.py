@@ -384,18 +384,18 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
         where = f"{where} ({raw['name']!r})"
     _check_keys(raw, _RUNG_KEYS, where)
     action = raw.get("action")
-    if action not in ACTIONS:
+    if not isinstance(action, str) or action not in ACTIONS:
         msg = f"{where}: unknown action {action!r}; valid: {', '.join(sorted(ACTIONS))}"
         raise PolicyError(msg)
     knob = raw.get("knob")
     action = str(action)
     valid_knobs = {"halve": _HALVABLE, "enable": _BOOLEAN, "set": _SETTABLE}[action]
-    if knob not in valid_knobs:
+    if not isinstance(knob, str) or knob not in valid_knobs:
         msg = f"{where}: action {action!r} cannot act on knob {knob!r}; valid: " + \
             ", ".join(valid_knobs)
         raise PolicyError(msg)
     cost = raw.get("cost", "none")
-    if cost not in {c.value for c in Cost}:
+    if not isinstance(cost, str) or cost not in {c.value for c in Cost}:
         msg = f"{where}: unknown cost {cost!r}; valid: {', '.join(c.value for c in Cost)}"
         raise PolicyError(msg)
     restore = raw.get("restore", False)
@@ -408,7 +408,8 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
     if action == "halve":
         floor = _whole(raw.get("floor", 1), f"{where}: floor", minimum=1)
         compensate = raw.get("compensate")
-        if compensate is not None and compensate not in _HALVABLE:
+        if compensate is not None and (not isinstance(compensate, str)
+                                       or compensate not in _HALVABLE):
             msg = f"{where}: cannot compensate with {compensate!r}; valid: {', '.join(_HALVABLE)}"
             raise PolicyError(msg)
     else:
@@ -444,7 +445,7 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
 def _knob_value(knob: str, value: object, where: str) -> Any:  # noqa: ANN401
     kind = KNOB_TYPES[knob]
     if kind == "finetuning_type":
-        if value not in {t.value for t in FinetuningType}:
+        if not isinstance(value, str) or value not in {t.value for t in FinetuningType}:
             msg = (f"{where}: {value!r} is not a finetuning type; valid: "
                    f"{', '.join(t.value for t in FinetuningType)}")
             raise PolicyError(msg)

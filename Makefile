@@ -3,8 +3,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# The LLaMA-Factory test tier's own venv (real llamafactory-cli; tests/llamafactory/).
+LF_VENV ?= .venv-lf
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean lf-venv
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,11 +17,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Builds (or, when current, leaves) the LLaMA-Factory venv; the tier also calls this itself.
+lf-venv:
+	bash tests/llamafactory/build_venv.sh $(LF_VENV)
+
 demo: $(STAMP)
 	$(VENV)/bin/oom-supervisor demo
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) lf-venv
+	OOM_SUPERVISOR_LF_VENV=$(abspath $(LF_VENV)) $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m ruff check supervisor tests
 	$(PY) -m mypy
 
@@ -28,4 +34,4 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LF_VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -50,6 +50,8 @@ class _Launcher:
     total: tuple[str, ...] = ()
     positional: int = 0
     """Positional arguments the launcher takes before the program (taskset's mask)."""
+    config_decides: bool = False
+    """Without its world-size flags, the launcher's own config file decides (accelerate)."""
 
 
 _LAUNCHERS: dict[str, _Launcher] = {
@@ -67,7 +69,8 @@ _LAUNCHERS: dict[str, _Launcher] = {
                         "--module", "--no_python", "--same_network", "--downcast_bf16",
                         "--dynamo_use_fullgraph", "--dynamo_use_dynamic",
                         "--enable_cpu_affinity", "--tpu_use_cluster", "--tpu_use_sudo"}),
-        total=("--num_processes",),
+        total=("--num_processes", "--num-processes"),
+        config_decides=True,
     ),
     "deepspeed": _Launcher(
         bare=frozenset({"--no_python", "--module", "--no_local_rank", "--force_multi",
@@ -212,6 +215,8 @@ def _world_size(values: dict[str, str], spec: _Launcher) -> tuple[int, bool]:
     total, nproc, nodes = first(spec.total), first(spec.nproc), first(spec.nodes)
     if total is not None:
         return (int(total), True) if total.isdigit() else (1, False)
+    if spec.config_decides:
+        return 1, False  # accelerate's config file (or its default one) says, at launch
     size, known = 1, True
     for value in (nproc, nodes):
         if value is None:

@@ -46,8 +46,30 @@ def _argv() -> Dialect:
     return ArgvDialect()
 
 
+def _llamafactory() -> Dialect:
+    from supervisor.dialects.llamafactory import LlamaFactoryDialect  # noqa: PLC0415
+
+    return LlamaFactoryDialect()
+
+
+def _axolotl() -> Dialect:
+    from supervisor.dialects.axolotl import AxolotlDialect  # noqa: PLC0415
+
+    return AxolotlDialect()
+
+
+def _hf_args() -> Dialect:
+    from supervisor.dialects.hfargs import HfArgsFileDialect  # noqa: PLC0415
+
+    return HfArgsFileDialect()
+
+
 # Most specific first: the argv-flags dialect claims any command that names a known flag.
+# A user's own knob map (--knobs FILE) is not here: supervisor.dialects.knobmap.load builds it.
 _REGISTRY: dict[str, Callable[[], Dialect]] = {
+    "llamafactory": _llamafactory,
+    "axolotl": _axolotl,
+    "hf-args": _hf_args,
     "argv": _argv,
 }
 

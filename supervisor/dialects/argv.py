@@ -9,7 +9,9 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor.command import Command, CommandError, Invocation, locate
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.dialects import deepspeed
+from supervisor.dialects._config import is_inside, output_dir_for, params_of
+from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "0"})
@@ -35,6 +37,9 @@ class Profile:
     defaults: dict[str, Any]
     requires_flags: bool = False
     """A program we know nothing about must name at least one knob, or we cannot read it."""
+    output_hygiene: bool = False
+    """LLaMA-Factory: changed attempts set overwrite_output_dir, and another parameter set
+    writes to its own sibling folder (see the llamafactory dialect and docs/dialects.md)."""
 
 
 _CUTOFF_NAMES = ("--cutoff_len", "--max_seq_length", "--max_length", "--block_size",
@@ -51,6 +56,14 @@ _COMMON = (
     Flag("max_steps", ("--max_steps", "--max-steps"), "int"),
     Flag("resume_from_checkpoint", ("--resume_from_checkpoint",), "str"),
     Flag("output_dir", ("--output_dir", "--output-dir"), "str"),
+    # Not knobs: what the supervisor reads or sets besides them (DeepSpeed copies, hygiene).
+    Flag("deepspeed", ("--deepspeed", "--deepspeed_config"), "str"),
+)
+_LF_EXTRA = (
+    Flag("overwrite_output_dir", ("--overwrite_output_dir",), "bool"),
+    Flag("stage", ("--stage",), "str"),
+    Flag("packing", ("--packing",), "bool"),
+    Flag("neat_packing", ("--neat_packing",), "bool"),
 )
 _HF_GC = (Flag("gradient_checkpointing", ("--gradient_checkpointing",
                                            "--activation_checkpointing"), "bool"),)
@@ -77,17 +90,19 @@ PROFILES: tuple[Profile, ...] = (
         # The seed's legacy entry point (LLaMA-Factory <= 0.6): cutoff_len defaulted to 1024.
         name="llamafactory-legacy",
         programs=re.compile(r"^(.*/)?train_bash\.py$"),
-        flags=(*_COMMON, *_LF_GC, Flag("cutoff_len", ("--cutoff_len",), "int")),
+        flags=(*_COMMON, *_LF_GC, *_LF_EXTRA, Flag("cutoff_len", ("--cutoff_len",), "int")),
         defaults={**_HF_DEFAULTS, "finetuning_type": FinetuningType.LORA,
                   "gradient_checkpointing": True, "cutoff_len": 1024},
+        output_hygiene=True,
     ),
     Profile(
         # llamafactory-cli train --flag value ... (hparams: finetuning_type lora, cutoff_len 2048).
         name="llamafactory",
         programs=re.compile(r"^(.*/)?(llamafactory-cli|lmf)$|^llamafactory(\..*)?$"),
-        flags=(*_COMMON, *_LF_GC, Flag("cutoff_len", ("--cutoff_len",), "int")),
+        flags=(*_COMMON, *_LF_GC, *_LF_EXTRA, Flag("cutoff_len", ("--cutoff_len",), "int")),
         defaults={**_HF_DEFAULTS, "finetuning_type": FinetuningType.LORA,
                   "gradient_checkpointing": True, "cutoff_len": 2048},
+        output_hygiene=True,
     ),
     Profile(
         name="huggingface",
@@ -119,9 +134,13 @@ class ArgvDialect:
         invocation, profile, found = _scan(command.argv)
         values: dict[str, Any] = {k: v for k, v in profile.defaults.items() if v is not None}
         for occ in found:  # the last occurrence wins, as with argparse
-            values[occ.flag.knob] = _decode(occ)
+            if occ.flag.knob in KNOB_NAMES:
+                values[occ.flag.knob] = _decode(occ)
         if "per_device_batch" not in values:
             values["per_device_batch"] = 8
+        config = _extras(found).get("deepspeed")
+        values["deepspeed_stage"] = (deepspeed.stage(config, command)
+                                     if deepspeed.is_path(config) else None)
         values["world_size"] = invocation.world_size
         try:
             return Knobs(**values)
@@ -129,17 +148,29 @@ class ArgvDialect:
             msg = f"dialect table error: {exc}"
             raise CommandError(msg) from None
 
-    def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:  # noqa: ARG002
+    def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command with each changed knob's flags rewritten in place or appended."""
         _, profile, found = _scan(command.argv)
         current = self.read(command)
+        wanted: dict[str, Any] = {}
+        for knob in current.diff(knobs):
+            if knob in ("world_size", "output_dir", "deepspeed_stage"):
+                continue  # read from the command, never rewritten (stage: in the DS copy)
+            wanted[knob] = getattr(knobs, knob)
+        extras = _extras(found)
+        config = extras.get("deepspeed")
+        if knobs.deepspeed_stage != current.deepspeed_stage:
+            deepspeed.require_config(config, "deepspeed_stage")
+        updates = deepspeed.changes(config, command, current, knobs) if config else {}
+        if updates and deepspeed.is_path(config):
+            target = workdir / Path(str(config)).name
+            wanted["deepspeed"] = str(deepspeed.write(str(config), command, updates, target))
+        if wanted and profile.output_hygiene:
+            wanted.update(_hygiene(command, current, knobs, extras))
         argv = list(command.argv)
         removals: set[int] = set()
         appended: list[str] = []
-        for knob in current.diff(knobs):
-            if knob in ("world_size", "output_dir"):
-                continue  # read from the command, never rewritten
-            value = getattr(knobs, knob)
+        for knob, value in wanted.items():
             occurrences = [o for o in found if o.flag.knob == knob]
             if occurrences:
                 for occ in occurrences:
@@ -148,7 +179,8 @@ class ArgvDialect:
             flag = next((f for f in profile.flags if f.knob == knob), None)
             if flag is None:
                 msg = (f"cannot set {knob}={value!r}: the {profile.name} command line has no "
-                       "flag for it; use a policy without that rung or declare the flag")
+                       "flag for it; use a policy without that rung or declare the flag "
+                       "with --knobs FILE (docs/dialects.md)")
                 raise CommandError(msg)
             appended.extend(_encode_new(flag, value))
         rendered = [tok for i, tok in enumerate(argv) if i not in removals] + appended
@@ -163,12 +195,40 @@ class ArgvDialect:
         return True
 
     def describe(self, command: Command) -> str:
-        """Which program family the command was read as."""
-        return f"argv ({_scan(command.argv)[1].name})"
+        """Which program family the command was read as (and, for LLaMA-Factory, the cutoff)."""
+        _, profile, found = _scan(command.argv)
+        if not profile.output_hygiene:
+            return f"argv ({profile.name})"
+        from supervisor.dialects.llamafactory import cutoff_effect  # noqa: PLC0415 - one use
+
+        return f"argv ({profile.name}; {cutoff_effect(_extras(found))})"
 
     def finalize(self, command: Command, knobs: Knobs, run_dir: Path) -> tuple[Path, ...]:  # noqa: ARG002
         """Flags live in argv: final-command.sh (written by the report) is the whole config."""
         return ()
+
+
+_DEFAULT_OUTPUT_DIR = "trainer_output"
+
+
+def _extras(found: list[_Occurrence]) -> dict[str, Any]:
+    """The last value of each non-knob flag (deepspeed, overwrite_output_dir, packing ...)."""
+    return {occ.flag.knob: _decode(occ) for occ in found if occ.flag.knob not in KNOB_NAMES}
+
+
+def _hygiene(command: Command, current: Knobs, knobs: Knobs,
+             extras: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA-Factory's output folder: no auto-resume, no other parameter set's leftovers."""
+    out: dict[str, Any] = {}
+    if extras.get("overwrite_output_dir") is not True:
+        out["overwrite_output_dir"] = True
+    if params_of(knobs) != params_of(current):
+        base = current.output_dir or _DEFAULT_OUTPUT_DIR
+        out["output_dir"] = output_dir_for(base, knobs)
+        if is_inside(knobs.resume_from_checkpoint, base, command):
+            # A checkpoint of the command's own parameter set cannot seed another one.
+            out["resume_from_checkpoint"] = current.resume_from_checkpoint
+    return out
 
 
 def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]]:
@@ -211,10 +271,12 @@ def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]
                 raise CommandError(msg)
             found.append(_Occurrence(flag, name, i, "sep", argv[i + 1]))
             i += 2
-    if profile.requires_flags and not found:
+    if profile.requires_flags and not any(o.flag.knob in KNOB_NAMES for o in found):
         names = ", ".join(f.names[0] for f in profile.flags[:3])
         msg = (f"found none of the memory flags this tool rewrites ({names}, ...) in the "
-               f"arguments of {program}; add them to the command explicitly")
+               f"arguments of {program}; add them to the command, declare where the script "
+               "keeps them with --knobs FILE (docs/dialects.md), or force a reader with "
+               "--dialect NAME")
         raise CommandError(msg)
     return invocation, profile, found
 
@@ -257,6 +319,11 @@ def _text(flag: Flag, value: Any) -> str:  # noqa: ANN401
 
 def _rewrite(argv: list[str], removals: set[int], occ: _Occurrence,
              value: Any, default: Any) -> None:  # noqa: ANN401
+    if value is None and occ.flag.codec != "bool":  # unset: drop the flag and its value
+        removals.add(occ.index)
+        if occ.form == "sep":
+            removals.add(occ.index + 1)
+        return
     if occ.form == "eq":
         argv[occ.index] = f"{occ.name}={_text(occ.flag, value)}"
     elif occ.form == "sep":
@@ -275,6 +342,8 @@ def _rewrite(argv: list[str], removals: set[int], occ: _Occurrence,
 
 
 def _encode_new(flag: Flag, value: Any) -> list[str]:  # noqa: ANN401
+    if value is None:
+        return []
     if flag.codec == "bool":
         flag_on = (not value) if flag.inverted else bool(value)
         # A bare switch works with argparse store_true scripts as well as HfArgumentParser.

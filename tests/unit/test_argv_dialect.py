@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 from pathlib import Path
 
@@ -61,14 +62,15 @@ def test_seed_lora_command_reads_llamafactory_defaults() -> None:
     assert knobs == Knobs(per_device_batch=8, grad_accum=1, cutoff_len=1024,
                           gradient_checkpointing=True, finetuning_type=FinetuningType.LORA,
                           lora_rank=8, output_dir="outputs/llama-7b-lora")
-    assert D.describe(cmd(SEED_LORA)) == "argv (llamafactory-legacy)"
+    assert D.describe(cmd(SEED_LORA)) == (
+        "argv (llamafactory-legacy; a shorter cutoff_len truncates the samples longer than it)")
 
 
 def test_absent_knobs_are_added_with_their_flags() -> None:
     """The seed's full line gains batch, accumulation and cutoff flags when a rung changes them."""
     assert render(SEED_FULL, per_device_batch=4, grad_accum=2, cutoff_len=512) == (
         SEED_FULL + " --per_device_train_batch_size 4 --gradient_accumulation_steps 2"
-        " --cutoff_len 512")
+        " --cutoff_len 512 --overwrite_output_dir")
 
 
 def test_values_are_rewritten_in_their_own_form() -> None:
@@ -89,9 +91,10 @@ def test_values_are_rewritten_in_their_own_form() -> None:
      None, "python train.py --per_device_train_batch_size 2"),
     ("python train.py --per_device_train_batch_size 2 --activation_checkpointing=True",
      None, "python train.py --per_device_train_batch_size 2 --activation_checkpointing=false"),
-    # LLaMA-Factory's inverse switch: dropping it turns checkpointing back on.
+    # LLaMA-Factory's inverse switch: dropping it turns checkpointing back on (and a changed
+    # LLaMA-Factory attempt never auto-resumes an earlier attempt's checkpoint).
     ("python src/train_bash.py --disable_gradient_checkpointing",
-     "python src/train_bash.py", None),
+     "python src/train_bash.py --overwrite_output_dir", None),
 ])
 def test_boolean_flags(text: str, on: str | None, off: str | None) -> None:
     """Bare switches, valued booleans and inverse switches all render in their own syntax."""
@@ -135,7 +138,9 @@ def test_effective_batch_counts_every_rank() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("python train.py --per_device_train_batch_size eight",
      "--per_device_train_batch_size 'eight' is not a whole number"),
-    ("python train.py --lr 3e-5", "found none of the memory flags"),
+    ("python train.py --lr 3e-5",
+     "found none of the memory flags .* declare where the script keeps them with --knobs FILE"),
+    ("python train.py --deepspeed ds.json", "found none of the memory flags"),
     ("python train.py --per_device_train_batch_size", "has no value after it"),
     ("python src/train_bash.py --finetuning_type qlora", "valid: full, lora, freeze"),
     ("env A=1", "No training program found"),
@@ -145,3 +150,79 @@ def test_unreadable_commands_say_what_to_fix(text: str, message: str) -> None:
     """A command the dialect cannot read raises one CommandError line."""
     with pytest.raises(CommandError, match=message):
         D.read(cmd(text))
+
+
+SEED_LF_FLAGS = ("llamafactory-cli train --stage sft --model_name_or_path m --finetuning_type full "
+                 "--output_dir saves/full --per_device_train_batch_size 4 --cutoff_len 1024")
+
+
+@pytest.mark.parametrize(("changes", "appended"), [
+    ({"per_device_batch": 2, "grad_accum": 2},
+     ("--per_device_train_batch_size 2 --cutoff_len 1024 --gradient_accumulation_steps 2 "
+     "--overwrite_output_dir")),
+    ({"gradient_checkpointing": False},
+     ("--per_device_train_batch_size 4 --cutoff_len 1024 --disable_gradient_checkpointing "
+     "--overwrite_output_dir")),
+    ({"finetuning_type": FinetuningType.LORA, "lora_rank": 16},
+     ("--per_device_train_batch_size 4 --cutoff_len 1024 --lora_rank 16 "
+     "--overwrite_output_dir")),
+    ({"finetuning_type": FinetuningType.FREEZE, "freeze_trainable_layers": -2},
+     ("--per_device_train_batch_size 4 --cutoff_len 1024 --freeze_trainable_layers -2 "
+     "--overwrite_output_dir")),
+])
+def test_llamafactory_keys_work_as_flags(changes: dict[str, object], appended: str) -> None:
+    """Every LLaMA-Factory key is a flag too, with the same output-folder hygiene."""
+    out = render(SEED_LF_FLAGS, **changes)
+    ft = changes.get("finetuning_type", FinetuningType.FULL)
+    assert isinstance(ft, FinetuningType)
+    folder = {FinetuningType.FULL: "saves/full", FinetuningType.LORA: "saves/full-lora-r16",
+              FinetuningType.FREEZE: "saves/full-freeze--2"}[ft]
+    assert out == ("llamafactory-cli train --stage sft --model_name_or_path m "
+                   f"--finetuning_type {ft} --output_dir {folder} " + appended)
+
+
+def test_llamafactory_flags_read_their_defaults_and_packing() -> None:
+    """`train --flag` form: LLaMA-Factory's defaults, and packing named in the description."""
+    command = cmd("lmf train --stage sft --packing true --disable_gradient_checkpointing")
+    assert D.read(command) == Knobs(per_device_batch=8, cutoff_len=2048,
+                                    gradient_checkpointing=False,
+                                    finetuning_type=FinetuningType.LORA)
+    assert D.describe(command) == ("argv (llamafactory; packing is on: a shorter cutoff_len "
+                                   "DROPS the samples longer than it (they are not truncated))")
+
+
+def test_hf_scripts_get_no_llamafactory_hygiene() -> None:
+    """A plain HF script keeps its output folder: only LLaMA-Factory resumes by itself."""
+    assert render("python train.py --per_device_train_batch_size 4 --output_dir out",
+                  per_device_batch=2, grad_accum=2) == (
+        "python train.py --per_device_train_batch_size 2 --output_dir out "
+        "--gradient_accumulation_steps 2")
+
+
+def test_no_flag_booleans_turn_back_on() -> None:
+    """`--no_gradient_checkpointing` (HfArgumentParser, default-true field) is rewritten."""
+    assert render("python train.py --per_device_train_batch_size 2 --no_gradient_checkpointing",
+                  gradient_checkpointing=True) == (
+        "python train.py --per_device_train_batch_size 2 --gradient_checkpointing=true")
+
+
+def test_deepspeed_json_gets_a_consistent_copy(tmp_path: Path) -> None:
+    """Explicit micro batch, GA and train_batch_size are rewritten in a copy per attempt."""
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+        "train_batch_size": 8, "zero_optimization": {"stage": 2}}), encoding="utf-8")
+    command = Command(argv=tuple(shlex.split(
+        "torchrun --nproc_per_node 2 train.py --per_device_train_batch_size 4 "
+        "--deepspeed ds.json")), cwd=str(tmp_path))
+    knobs = D.read(command)
+    assert (knobs.deepspeed_stage, knobs.effective_batch) == (2, 8)
+    workdir = tmp_path / "attempts" / "02"
+    out = D.render(command, dataclasses.replace(knobs, per_device_batch=2, grad_accum=2),
+                   workdir)
+    assert shlex.join(out.argv) == (
+        "torchrun --nproc_per_node 2 train.py --per_device_train_batch_size 2 "
+        f"--deepspeed {workdir / 'ds.json'} --gradient_accumulation_steps 2")
+    assert json.loads((workdir / "ds.json").read_text(encoding="utf-8")) == {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+        "train_batch_size": 8, "zero_optimization": {"stage": 2}}
+    assert D.render(command, knobs, workdir).argv == command.argv  # unchanged: no copy

@@ -1,0 +1,241 @@
+"""The axolotl dialect: `axolotl train cfg.yml`, `python -m axolotl.cli.train cfg.yml`
+(also behind `accelerate launch -m`).
+
+axolotl has no command-line override for every knob, so each attempt runs a rewritten copy of
+the YAML in its own folder (comments and key order kept). `--key value` / `--key=value` options
+after the config are read too (they win over the file) and rewritten in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+from supervisor.command import Command, CommandError, Invocation, locate
+from supervisor.dialects import deepspeed
+from supervisor.dialects._config import (
+    YAML_SUFFIXES,
+    ConfigFile,
+    Key,
+    decode,
+    encode,
+    format_scalar,
+    output_dir_for,
+    params_of,
+    parse_scalar,
+    resolve,
+    suffix_of,
+)
+from supervisor.knobs import FinetuningType, Knobs
+
+_MODULE = "axolotl.cli.train"
+_BITS_4, _BITS_8 = 4, 8
+
+KEYS: tuple[Key, ...] = (
+    Key("per_device_batch", ("micro_batch_size",), "int"),
+    Key("grad_accum", ("gradient_accumulation_steps",), "int"),
+    Key("cutoff_len", ("sequence_len",), "int"),
+    Key("gradient_checkpointing", ("gradient_checkpointing",), "bool"),
+    Key("lora_rank", ("lora_r",), "int"),
+    Key("max_steps", ("max_steps",), "steps"),
+    Key("resume_from_checkpoint", ("resume_from_checkpoint",), "str"),
+    Key("output_dir", ("output_dir",), "str"),
+)
+"""Knob -> axolotl key; `adapter` (empty = full, lora, qlora) is decoded on its own."""
+
+DEFAULTS: dict[str, Any] = {
+    # utils/schemas/config.py and training.py of axolotl.
+    "per_device_batch": 1, "grad_accum": 1, "cutoff_len": 512, "gradient_checkpointing": False,
+    "finetuning_type": FinetuningType.FULL, "output_dir": "./model-out",
+}
+_BY_KNOB = {k.knob: k for k in KEYS}
+_OPTION_KEYS = {name for k in KEYS for name in k.names} | {"adapter", "deepspeed"}
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    index: int  # the option token's index in argv
+    key: str
+    value: object
+    separate: bool = False  # `--key value` (else `--key=value`)
+
+
+def config_index(argv: tuple[str, ...]) -> tuple[Invocation, int] | None:
+    """Where the YAML sits, when argv is an axolotl training command."""
+    try:
+        invocation = locate(argv)
+    except CommandError:
+        return None
+    start = invocation.args_start
+    if PurePath(invocation.program).name == "axolotl":
+        if argv[start:start + 1] != ("train",):
+            return None
+        start += 1
+    elif invocation.program != _MODULE:
+        return None
+    if start < len(argv) and suffix_of(argv[start]) in YAML_SUFFIXES:
+        return invocation, start
+    return None
+
+
+class AxolotlDialect:
+    """axolotl's YAML config; a rewritten copy per attempt."""
+
+    name = "axolotl"
+
+    def claims(self, command: Command) -> bool:
+        """`axolotl train X.yml` or the `axolotl.cli.train` module with a YAML."""
+        return config_index(command.argv) is not None
+
+    def read(self, command: Command) -> Knobs:
+        """Knobs from the YAML and any `--key value` options, with axolotl's defaults."""
+        _, _, config, options = self._parse(command)
+        return self._knobs(command, config, options)
+
+    def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
+        """The command pointed at a rewritten copy of the YAML (unchanged: as it was)."""
+        _, index, config, options = self._parse(command)
+        changes = self._changes(command, config, options, knobs, workdir, prefix="")
+        if not changes:
+            return command
+        copy = config.write_copy(changes, workdir / config.path.name)
+        argv = list(command.argv)
+        argv[index] = str(copy)
+        for option in options:
+            if option.key in changes:
+                text = format_scalar(changes[option.key])
+                if option.separate:
+                    argv[option.index + 1] = text
+                else:
+                    argv[option.index] = f"{argv[option.index].partition('=')[0]}={text}"
+        return dataclasses.replace(command, argv=tuple(argv))
+
+    def describe(self, command: Command) -> str:
+        """The YAML read, and what a shorter sequence_len does to long rows."""
+        _, _, config, options = self._parse(command)
+        merged = {**config.data, **{o.key: o.value for o in options}}
+        strategy = str(merged.get("excess_length_strategy") or "drop")
+        effect = ("a shorter sequence_len DROPS the rows longer than it" if strategy == "drop"
+                  else f"rows longer than sequence_len: {strategy}")
+        return f"axolotl ({config.path.name}; {effect})"
+
+    def finalize(self, command: Command, knobs: Knobs, run_dir: Path) -> tuple[Path, ...]:
+        """final.yml: the user's YAML with the working values (and options) put in."""
+        _, _, config, options = self._parse(command)
+        values: dict[str, object] = {o.key: o.value for o in options}
+        values.update(self._changes(command, config, options, knobs, run_dir, prefix="final-"))
+        target = run_dir / f"final{config.path.suffix}"
+        config.write_copy(values, target)
+        ds = values.get("deepspeed")
+        extra = (Path(ds),) if isinstance(ds, str) and Path(ds).parent == run_dir else ()
+        return (target, *extra)
+
+    def _parse(self, command: Command) -> tuple[Invocation, int, ConfigFile, list[_Option]]:
+        found = config_index(command.argv)
+        if found is None:
+            msg = ("not an axolotl command: expected `axolotl train CONFIG.yml` or "
+                   "`python -m axolotl.cli.train CONFIG.yml`")
+            raise CommandError(msg)
+        invocation, index = found
+        config = ConfigFile.load(resolve(command, command.argv[index]), what="axolotl config")
+        options: list[_Option] = []
+        argv = command.argv
+        i = index + 1
+        while i < len(argv):
+            name, eq, raw = argv[i].removeprefix("--").partition("=")
+            key = name.replace("-", "_")
+            if argv[i].startswith("--") and key in _OPTION_KEYS:
+                if eq:
+                    options.append(_Option(i, key, parse_scalar(raw), separate=False))
+                elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    options.append(_Option(i, key, parse_scalar(argv[i + 1]), separate=True))
+                    i += 1
+                else:
+                    options.append(_Option(i, key, value=True, separate=False))
+            i += 1
+        return invocation, index, config, options
+
+    def _knobs(self, command: Command, config: ConfigFile, options: list[_Option]) -> Knobs:
+        merged = {**config.data, **{o.key: o.value for o in options}}
+        where = config.path.name
+        values: dict[str, Any] = dict(DEFAULTS)
+        for key in KEYS:
+            name = key.names[0]
+            if name in merged:
+                raw = merged[name]
+                if key.knob == "gradient_checkpointing" and isinstance(raw, str):
+                    raw = raw.lower() not in ("false", "none", "")  # "unsloth", "offload": on
+                decoded = decode(key, name, raw, where)
+                if decoded is not None or key.knob not in DEFAULTS:
+                    values[key.knob] = decoded
+        adapter = merged.get("adapter") or None
+        if adapter not in (None, "lora", "qlora"):
+            msg = (f"{where}: adapter: {adapter!r} is not one this tool steps down from; "
+                   "valid: (empty) for full fine-tuning, lora, qlora")
+            raise CommandError(msg)
+        if adapter is not None:
+            values["finetuning_type"] = FinetuningType.LORA
+        if adapter == "qlora" or merged.get("load_in_4bit") is True:
+            values["quantization_bit"] = _BITS_4
+        elif merged.get("load_in_8bit") is True:
+            values["quantization_bit"] = _BITS_8
+        values["precision"] = ("bf16" if merged.get("bf16") is True
+                               else "fp16" if merged.get("fp16") is True else None)
+        ds = merged.get("deepspeed")
+        values["deepspeed_stage"] = deepspeed.stage(ds, command) if ds else None
+        invocation = locate(command.argv)
+        values["world_size"] = invocation.world_size
+        return Knobs(**values)
+
+    def _changes(self, command: Command, config: ConfigFile, options: list[_Option],  # noqa: PLR0913
+                 knobs: Knobs, folder: Path, *, prefix: str) -> dict[str, object]:
+        current = self._knobs(command, config, options)
+        merged = {**config.data, **{o.key: o.value for o in options}}
+        changes: dict[str, object] = {}
+        for knob in current.diff(knobs):
+            if knob in ("world_size", "output_dir", "deepspeed_stage", "quantization_bit",
+                        "finetuning_type"):
+                continue
+            if knob not in _BY_KNOB:
+                msg = (f"cannot set {knob}: axolotl's config has no key this tool writes for "
+                       "it; use a policy without that rung")
+                raise CommandError(msg)
+            changes[_BY_KNOB[knob].names[0]] = encode(_BY_KNOB[knob], getattr(knobs, knob))
+        if knobs.finetuning_type != current.finetuning_type:
+            changes.update(_adapter_keys(knobs, merged))
+        if knobs.quantization_bit != current.quantization_bit:
+            changes.update(_quantization_keys(knobs.quantization_bit))
+        ds = merged.get("deepspeed")
+        if knobs.deepspeed_stage != current.deepspeed_stage:
+            deepspeed.require_config(ds, "deepspeed_stage")
+        ds_updates = deepspeed.changes(ds, command, current, knobs) if ds else {}
+        if ds_updates and deepspeed.is_path(ds):
+            target = folder / f"{prefix}{PurePath(str(ds)).name}"
+            changes["deepspeed"] = str(deepspeed.write(str(ds), command, ds_updates, target))
+        if changes and params_of(knobs) != params_of(current):
+            # Another parameter set must not meet the first one's files (see docs/dialects.md).
+            changes["output_dir"] = output_dir_for(str(current.output_dir), knobs)
+        return changes
+
+
+def _adapter_keys(knobs: Knobs, merged: dict[str, Any]) -> dict[str, object]:
+    if knobs.finetuning_type is FinetuningType.FREEZE:
+        msg = ("cannot set finetuning_type=freeze: axolotl selects trainable layers with "
+               "`unfrozen_parameters` patterns this tool does not write; use a policy without "
+               "the freeze rung, or add the patterns yourself")
+        raise CommandError(msg)
+    if knobs.finetuning_type is FinetuningType.FULL:
+        return {"adapter": None}
+    keys: dict[str, object] = {"adapter": "qlora" if knobs.quantization_bit == _BITS_4 else "lora",
+                               "lora_r": knobs.lora_rank}
+    if "lora_alpha" not in merged:
+        keys["lora_alpha"] = 2 * knobs.lora_rank
+    if "lora_target_modules" not in merged and "lora_target_linear" not in merged:
+        keys["lora_target_linear"] = True
+    return keys
+
+
+def _quantization_keys(bits: int | None) -> dict[str, object]:
+    return {"load_in_4bit": bits == _BITS_4, "load_in_8bit": bits == _BITS_8}

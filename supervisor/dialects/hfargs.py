@@ -1,0 +1,163 @@
+"""Hugging Face scripts given one args file: `python train.py args.json` (or `.yaml`).
+
+`HfArgumentParser.parse_json_file` / `parse_yaml_file` is the convention: a single positional
+argument naming the file. Each attempt gets a rewritten copy of the file in its own folder; the
+command points at the copy. The flag form (`--flag value`) is the argv dialect's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path, PurePath
+from typing import Any
+
+from supervisor.command import Command, CommandError, Invocation, locate
+from supervisor.dialects import deepspeed
+from supervisor.dialects._config import (
+    CONFIG_SUFFIXES,
+    ConfigFile,
+    Key,
+    decode,
+    encode,
+    resolve,
+    suffix_of,
+)
+from supervisor.knobs import FinetuningType, Knobs
+
+CUTOFF_KEYS = ("max_seq_length", "max_length", "block_size", "model_max_length", "cutoff_len",
+               "max_seq_len")
+"""Names scripts give the cutoff; the first one the file has is the one read and written."""
+
+KEYS: tuple[Key, ...] = (
+    Key("per_device_batch", ("per_device_train_batch_size",), "int"),
+    Key("grad_accum", ("gradient_accumulation_steps",), "int"),
+    Key("cutoff_len", CUTOFF_KEYS, "int"),
+    # transformers 5 renamed it activation_checkpointing (the old name warns); 4.x knows only
+    # the old one, so that is what an absent key is written as.
+    Key("gradient_checkpointing", ("gradient_checkpointing", "activation_checkpointing"),
+        "bool"),
+    Key("finetuning_type", ("finetuning_type",), "finetuning_type"),
+    Key("lora_rank", ("lora_r", "lora_rank"), "int"),
+    Key("freeze_trainable_layers", ("freeze_trainable_layers",), "int"),
+    Key("quantization_bit", ("quantization_bit",), "int"),
+    Key("max_steps", ("max_steps",), "steps"),
+    Key("resume_from_checkpoint", ("resume_from_checkpoint",), "str"),
+    Key("output_dir", ("output_dir",), "str"),
+)
+
+DEFAULTS: dict[str, Any] = {
+    # transformers.TrainingArguments; the cutoff is the script's own (unknown unless named).
+    "per_device_batch": 8, "grad_accum": 1, "gradient_checkpointing": False,
+    "finetuning_type": FinetuningType.FULL,
+}
+_READ_ONLY = ("world_size", "output_dir", "deepspeed_stage", "precision")
+
+
+def args_file_index(argv: tuple[str, ...]) -> tuple[Invocation, int] | None:
+    """Where the single args file sits, when the program's only argument is one."""
+    try:
+        invocation = locate(argv)
+    except CommandError:
+        return None
+    rest = argv[invocation.args_start:]
+    if len(rest) == 1 and suffix_of(rest[0]) in CONFIG_SUFFIXES:
+        return invocation, invocation.args_start
+    return None
+
+
+class HfArgsFileDialect:
+    """A script whose only argument is an HfArgumentParser args file (.json/.yaml)."""
+
+    name = "hf-args"
+
+    def claims(self, command: Command) -> bool:
+        """The program's only argument is a .json/.yaml file (read() then says what it lacks)."""
+        return args_file_index(command.argv) is not None
+
+    def read(self, command: Command) -> Knobs:
+        """Knobs from the args file, with TrainingArguments' defaults for absent keys."""
+        invocation, config, found = self._parse(command)
+        values: dict[str, Any] = dict(DEFAULTS)
+        for key in KEYS:
+            name = found.get(key.knob)
+            if name is not None:
+                decoded = decode(key, name, config.data[name], config.path.name)
+                if decoded is not None or key.knob not in DEFAULTS:
+                    values[key.knob] = decoded
+        ds = config.data.get("deepspeed")
+        values["deepspeed_stage"] = deepspeed.stage(ds, command) if ds else None
+        values["precision"] = ("bf16" if config.data.get("bf16") is True
+                               else "fp16" if config.data.get("fp16") is True else None)
+        values["world_size"] = invocation.world_size
+        return Knobs(**values)
+
+    def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
+        """The command pointed at a rewritten copy of the args file (unchanged: as it was)."""
+        _, index, config, changes = self._changes(command, knobs, workdir, prefix="")
+        if not changes:
+            return command
+        copy = config.write_copy(changes, workdir / config.path.name)
+        argv = list(command.argv)
+        argv[index] = str(copy)
+        return dataclasses.replace(command, argv=tuple(argv))
+
+    def describe(self, command: Command) -> str:
+        """The args file read."""
+        _, config, found = self._parse(command)
+        cutoff = found.get("cutoff_len")
+        note = (f"a shorter {cutoff} truncates or drops long samples as the script decides"
+                if cutoff else "no cutoff key: the cutoff rung is skipped")
+        return f"hf-args ({config.path.name}; {note})"
+
+    def finalize(self, command: Command, knobs: Knobs, run_dir: Path) -> tuple[Path, ...]:
+        """final.json / final.yaml: the args file with the working values."""
+        _, _, config, changes = self._changes(command, knobs, run_dir, prefix="final-")
+        target = run_dir / f"final{config.path.suffix}"
+        config.write_copy(changes, target)
+        ds = changes.get("deepspeed")
+        extra = (Path(ds),) if isinstance(ds, str) and Path(ds).parent == run_dir else ()
+        return (target, *extra)
+
+    def _parse(self, command: Command) -> tuple[Invocation, ConfigFile, dict[str, str]]:
+        found_at = args_file_index(command.argv)
+        if found_at is None:
+            msg = ("not an args-file command: expected the script's only argument to be a "
+                   ".json or .yaml file (HfArgumentParser convention)")
+            raise CommandError(msg)
+        invocation, index = found_at
+        config = ConfigFile.load(resolve(command, command.argv[index]), what="arguments file")
+        found = {key.knob: name for key in KEYS
+                 for name in reversed(key.names) if name in config.data}
+        if not {"per_device_batch", "grad_accum", "cutoff_len"} & found.keys():
+            msg = (f"{config.path.name} names none of per_device_train_batch_size, "
+                   f"gradient_accumulation_steps or a cutoff ({', '.join(CUTOFF_KEYS)}); add "
+                   "the keys the script uses, or declare them with --knobs FILE")
+            raise CommandError(msg)
+        return invocation, config, found
+
+    def _changes(self, command: Command, knobs: Knobs, folder: Path, *,
+                 prefix: str) -> tuple[Invocation, int, ConfigFile, dict[str, object]]:
+        invocation, config, found = self._parse(command)
+        current = self.read(command)
+        by_knob = {k.knob: k for k in KEYS}
+        changes: dict[str, object] = {}
+        for knob in current.diff(knobs):
+            if knob in _READ_ONLY:
+                continue
+            key = by_knob[knob]
+            name = found.get(knob, key.names[0])
+            if knob == "cutoff_len" and knob not in found:
+                msg = ("cannot set cutoff_len: the args file names no cutoff key; add the one "
+                       "the script reads, or use a policy without the cutoff rung")
+                raise CommandError(msg)
+            changes[name] = encode(key, getattr(knobs, knob))
+        ds = config.data.get("deepspeed")
+        if knobs.deepspeed_stage != current.deepspeed_stage:
+            deepspeed.require_config(ds, "deepspeed_stage")
+        ds_updates = deepspeed.changes(ds, command, current, knobs) if ds else {}
+        if ds_updates and deepspeed.is_path(ds):
+            target = folder / f"{prefix}{PurePath(str(ds)).name}"
+            changes["deepspeed"] = str(deepspeed.write(str(ds), command, ds_updates, target))
+        elif ds_updates:  # an inline DeepSpeed mapping lives in the args file itself
+            changes.update({f"deepspeed.{k}": v for k, v in ds_updates.items()})
+        return invocation, invocation.args_start, config, changes

@@ -7,6 +7,7 @@ then either step one rung down (OOM), retry the same config (transient, hang), o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -83,6 +84,7 @@ class _Pending:
     knobs: Knobs
     rung: str | None
     spawned: runner.Spawned | None
+    started_at: float
 
 
 @dataclass(slots=True, kw_only=True)
@@ -105,6 +107,8 @@ class _Run:
     budget: int
     started_at: float
     history: list[Attempt] = field(default_factory=list)
+    checkpoints: list[tuple[str, int, Knobs]] = field(default_factory=list)
+    """Checkpoints written during this run: (path, step, knobs of the attempt that wrote it)."""
     log: Any = None
 
 
@@ -191,7 +195,7 @@ def resume(  # noqa: PLR0913
         command = _unredact(command, env if env is not None else environment(command))
     dialect = dialect_for(command, started.get("dialect_name"))
     ladder = ladder_for(started["policy"]["source"])
-    history, pending = _recover(events)
+    history, pending, checkpoints = _recover(events)
     base_env = dict(env) if env is not None else environment(command)
     with Journal(path) as journal:
         state = _Run(command=command, dialect=dialect, ladder=ladder, run_dir=run_dir,
@@ -199,7 +203,7 @@ def resume(  # noqa: PLR0913
                      redactor=Redactor.for_run(command.argv, base_env), run_attempt=run_attempt,
                      judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
                      budget=int(started.get("max_attempts", ladder.max_attempts)),
-                     started_at=float(started["ts"]), history=history,
+                     started_at=float(started["ts"]), history=history, checkpoints=checkpoints,
                      log=log.bind(run_id=run_dir.name))
         journal.write("run.resumed", attempts_done=len(history), torn_line=replayed.torn_line,
                       pending=pending.number if pending else None, orphan=orphan)
@@ -322,24 +326,30 @@ def _attempt(state: _Run, knobs: Knobs, rung: str | None) -> Verdict:
         state.journal.write("attempt.spawned", attempt=number, pid=proc.pid,
                             create_time=proc.create_time)
 
-    outcome = state.run_attempt(_spec(state, attempt_dir, number, rendered,
+    began = time.time()
+    outcome = state.run_attempt(_spec(state, attempt_dir, rendered,
                                       on_spawn=spawned))
-    return _record(state, number, knobs, rung, outcome)
+    return _record(state, number, knobs, rung, outcome, began=began)
 
 
-def _spec(state: _Run, attempt_dir: Path, number: int, rendered: Command,
+def _spec(state: _Run, attempt_dir: Path, rendered: Command,
           on_spawn: Callable[[runner.Spawned], None] | None = None) -> runner.AttemptSpec:
     return runner.AttemptSpec(
         argv=rendered.argv, env=state.env, cwd=rendered.cwd, log_dir=attempt_dir,
         stop=state.stop, echo=state.echo, timeout_s=state.ladder.attempt_timeout_s,
-        stall_s=state.ladder.stall_timeout_s, marker=f"{state.run_dir.name}/{number}",
+        stall_s=state.ladder.stall_timeout_s,
+        # Unique across runs (two runs may share a run id in different folders): the tree
+        # kill ends every process carrying it.
+        marker=str(attempt_dir.resolve()),
         on_spawn=on_spawn, redactor=state.redactor)
 
 
-def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,
-            outcome: Outcome) -> Verdict:
+def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,  # noqa: PLR0913
+            outcome: Outcome, *, began: float) -> Verdict:
     verdict = state.judge(outcome)
     state.history.append(Attempt(number=number, knobs=knobs, rung=rung, verdict=verdict))
+    written = _checkpoints(state.command, knobs.output_dir, since=began)
+    state.checkpoints.extend((path, step, knobs) for path, step in written)
     evidence = state.redactor.text(verdict.evidence) if verdict.evidence else None
     state.journal.write("attempt.finished", attempt=number, verdict=str(verdict.kind),
                         oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
@@ -348,7 +358,8 @@ def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,
                         killed_by_supervisor=outcome.killed_by_supervisor,
                         adopted=outcome.adopted, kill_s=outcome.kill_s,
                         peak_live_mib=_peak_from_tail(outcome.tail),
-                        trained_steps=_steps_from_tail(outcome.tail))
+                        trained_steps=_steps_from_tail(outcome.tail),
+                        checkpoints=[[path, step] for path, step in written])
     state.log.bind(attempt=number).info(
         "attempt.finished", verdict=str(verdict.kind),
         oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
@@ -363,31 +374,40 @@ def _settle_orphan(state: _Run, pending: _Pending, orphan: str,
     """The attempt a dead supervisor left: follow it to its end, or end it and say so."""
     attempt_dir = state.run_dir / "attempts" / f"{pending.number:02d}"
     rendered = state.dialect.render(state.command, pending.knobs, attempt_dir)
-    spec = _spec(state, attempt_dir, pending.number, rendered)
+    spec = _spec(state, attempt_dir, rendered)
     if orphan == "adopt" and pending.spawned is not None:
         state.log.info("attempt.adopted", attempt=pending.number, pid=pending.spawned.pid)
         return _record(state, pending.number, pending.knobs, pending.rung,
-                       adopt(spec, pending.spawned))
+                       adopt(spec, pending.spawned), began=pending.started_at)
     if pending.spawned is not None:
         end_orphan(spec, pending.spawned)
     outcome = Outcome(exit_code=None, duration_s=0.0, interrupted=True,
                       tail=("ended on resume (--orphan end)",))
-    return _record(state, pending.number, pending.knobs, pending.rung, outcome)
+    return _record(state, pending.number, pending.knobs, pending.rung, outcome,
+                   began=pending.started_at)
 
 
 def _with_checkpoint(state: _Run, before: Knobs, step: Step) -> Knobs:
-    """Resume from the newest checkpoint when the new config can load it; say so either way."""
+    """Resume from the newest checkpoint the new config can load; say so either way.
+
+    Only checkpoints this run wrote count, each judged against the config of the attempt
+    that wrote it (not merely the last one: an earlier attempt may have trained differently).
+    """
+    del before
     new = step.knobs
-    found = _latest_checkpoint(state.command, before.output_dir, since=state.started_at)
-    if found is None:
+    alive = [c for c in state.checkpoints if (Path(c[0]) / "trainer_state.json").is_file()]
+    if not alive:
         return dataclasses.replace(new, resume_from_checkpoint=state.start.resume_from_checkpoint)
-    path, steps = found
-    why_not = _incompatible(before, new)
-    if why_not is not None:
+    alive.sort(key=lambda c: c[1])
+    compatible = [c for c in alive if _incompatible(c[2], new) is None]
+    if not compatible:
+        path, steps, producer = alive[-1]
+        why_not = _incompatible(producer, new)
         state.journal.write("checkpoint.skipped", attempt=len(state.history) + 1,
                             checkpoint=path, step=steps, reason=why_not)
         state.log.info("checkpoint.skipped", checkpoint=path, reason=why_not)
         return dataclasses.replace(new, resume_from_checkpoint=None)
+    path, steps, _ = compatible[-1]
     state.journal.write("checkpoint.resumed", attempt=len(state.history) + 1, checkpoint=path,
                         step=steps)
     state.log.info("checkpoint.resumed", checkpoint=path, step=steps)
@@ -397,30 +417,29 @@ def _with_checkpoint(state: _Run, before: Knobs, step: Step) -> Knobs:
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _latest_checkpoint(command: Command, output_dir: str | None, *,
-                       since: float) -> tuple[str, int] | None:
-    """The newest `output_dir/checkpoint-N` (HF Trainer layout) written during this run.
+def _checkpoints(command: Command, output_dir: str | None, *,
+                 since: float) -> list[tuple[str, int]]:
+    """`output_dir/checkpoint-N` folders (HF Trainer layout) written since `since`.
 
-    Checkpoints older than the run belong to some earlier training: never resume from those.
+    Checkpoints older than the attempt belong to some other training: never resume from those.
     """
     if not output_dir:
-        return None
+        return []
     base = Path(output_dir)
     if not base.is_absolute() and command.cwd:
         base = Path(command.cwd) / base
-    best: tuple[str, int] | None = None
     try:
         entries = list(base.iterdir())
     except OSError:
-        return None
+        return []
+    found = []
     for entry in entries:
         match = _CHECKPOINT.match(entry.name)
         state_file = entry / "trainer_state.json"
-        if match and state_file.is_file() and state_file.stat().st_mtime >= since - 1.0:
-            steps = int(match.group(1))
-            if best is None or steps > best[1]:
-                best = (str(entry), steps)
-    return best
+        with contextlib.suppress(OSError):
+            if match and state_file.is_file() and state_file.stat().st_mtime >= since - 1.0:
+                found.append((str(entry), int(match.group(1))))
+    return sorted(found, key=lambda c: c[1])
 
 
 def _incompatible(before: Knobs, after: Knobs) -> str | None:
@@ -437,11 +456,13 @@ def _incompatible(before: Knobs, after: Knobs) -> str | None:
     return None
 
 
-def _recover(events: list[dict[str, Any]]) -> tuple[list[Attempt], _Pending | None]:
-    """History and the unfinished attempt, rebuilt from journal events."""
+def _recover(events: list[dict[str, Any]]
+             ) -> tuple[list[Attempt], _Pending | None, list[tuple[str, int, Knobs]]]:
+    """History, the unfinished attempt and the run's checkpoints, rebuilt from the journal."""
     started: dict[int, dict[str, Any]] = {}
     spawned: dict[int, runner.Spawned] = {}
     history: list[Attempt] = []
+    checkpoints: list[tuple[str, int, Knobs]] = []
     for event in events:
         kind = event["event"]
         if kind == "attempt.started":
@@ -454,16 +475,18 @@ def _recover(events: list[dict[str, Any]]) -> tuple[list[Attempt], _Pending | No
             verdict = Verdict(kind=VerdictKind(event["verdict"]),
                               oom_kind=OomKind(event["oom_kind"]) if event.get("oom_kind")
                               else None, evidence=event.get("evidence"))
-            history.append(Attempt(number=event["attempt"],
-                                   knobs=Knobs.from_dict(begun["knobs"]),
+            knobs = Knobs.from_dict(begun["knobs"])
+            history.append(Attempt(number=event["attempt"], knobs=knobs,
                                    rung=begun.get("rung"), verdict=verdict))
+            checkpoints.extend((str(p), int(s), knobs) for p, s in event.get("checkpoints", []))
     pending = None
     if started:
         number = max(started)
         begun = started[number]
         pending = _Pending(number=number, knobs=Knobs.from_dict(begun["knobs"]),
-                           rung=begun.get("rung"), spawned=spawned.get(number))
-    return history, pending
+                           rung=begun.get("rung"), spawned=spawned.get(number),
+                           started_at=float(begun["ts"]))
+    return history, pending, checkpoints
 
 
 def _unredact(command: Command, env: Mapping[str, str]) -> Command:

@@ -59,8 +59,9 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 240.0) -> None:
     raise AssertionError(msg)
 
 
-def attempt_processes(marker_prefix: str) -> list[psutil.Process]:
+def attempt_processes(run_dir: Path) -> list[psutil.Process]:
     """Live processes whose environment marks them as part of the given run's attempts."""
+    marker_prefix = str(run_dir.resolve())
     found = []
     for proc in psutil.process_iter():
         try:

@@ -37,6 +37,6 @@ def test_one_rank_ooms_the_whole_tree_ends_and_the_ladder_walks(tmp_path: Path) 
     assert finished[-1]["verdict"] == "fits"
     assert result.final_knobs is not None
     assert result.final_knobs.effective_batch == 16
-    assert attempt_processes("run/") == []
+    assert attempt_processes(tmp_path / "run") == []
     # A figure, not an assertion: how long ending the tree took after the OOM line.
     print(f"\nOOM line -> last process of the attempt gone: {finished[0]['kill_s']} s")  # noqa: T201

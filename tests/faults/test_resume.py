@@ -65,7 +65,7 @@ def test_kill_9_then_resume_finishes_without_repeating_an_attempt(
         assert sorted(started) == [1, 2, 3, 4]
         assert finished[3]["verdict"] == "interrupted"
         assert finished[4]["verdict"] == "fits"
-    assert attempt_processes("r/") == []
+    assert attempt_processes(run_dir) == []
 
 
 def test_resume_of_a_finished_run_is_refused(tmp_path: Path) -> None:

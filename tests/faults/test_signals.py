@@ -26,7 +26,7 @@ def test_signal_ends_the_attempt_and_records_it(
     run_dir = tmp_path / name
     proc = start_supervisor(tmp_path, name, *LONG)
     wait_for(lambda: any(e["event"] == "attempt.spawned" for e in events(run_dir)))
-    wait_for(lambda: len(attempt_processes(f"{name}/")) >= 2)  # shim and trainer are up
+    wait_for(lambda: len(attempt_processes(run_dir)) >= 2)  # shim and trainer are up
     for signum in signals:
         proc.send_signal(signum)
     assert proc.wait(timeout=120) == 130
@@ -36,4 +36,4 @@ def test_signal_ends_the_attempt_and_records_it(
     finished = [e for e in journal if e["event"] == "attempt.finished"]
     assert [e["verdict"] for e in finished] == ["interrupted"]
     assert (run_dir / "report.md").read_text().count("interrupted") >= 1
-    assert attempt_processes(f"{name}/") == []
+    assert attempt_processes(run_dir) == []

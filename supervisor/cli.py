@@ -15,7 +15,7 @@ import structlog
 
 from supervisor import __version__
 from supervisor.command import Command, CommandError
-from supervisor.dialects import detect
+from supervisor.dialects import Dialect, detect, knobmap
 from supervisor.dialects import names as dialect_names
 from supervisor.journal import replay
 from supervisor.loop import ExitCode, ResumeError, RunResult, new_run_id, resume, supervise
@@ -97,6 +97,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="do not echo the command's output")
     p.add_argument("--dialect", choices=dialect_names(), default=None,
                    help="how to read the command (default: detected)")
+    p.add_argument("--knobs", type=Path, default=None, metavar="FILE",
+                   help="a TOML knob map for a script no dialect reads (docs/dialects.md)")
 
 
 def _positive(text: str) -> int:
@@ -168,7 +170,9 @@ def demo_command(device_mib: int) -> Command:
 
 def _run(args: argparse.Namespace, command: Command) -> int:
     ladder = resolve(args.policy)
-    dialect = detect(command, forced=getattr(args, "dialect", None))
+    knobs_file = getattr(args, "knobs", None)
+    dialect = (knobmap.load(knobs_file.resolve()) if knobs_file is not None
+               else detect(command, forced=getattr(args, "dialect", None)))
     dialect.read(command)  # fail on an unreadable command before anything is created
     run_dir = args.runs_dir / (args.run_id or new_run_id())
     if (run_dir / "journal.jsonl").exists():
@@ -188,8 +192,12 @@ def _run(args: argparse.Namespace, command: Command) -> int:
 def _resume(args: argparse.Namespace) -> int:
     stop = StopRequest()
     _install_signal_handlers(stop)
-    result = resume(args.run_dir.resolve(),
-                    dialect_for=lambda command, name: detect(command, forced=name),
+    def dialect_for(command: Command, name: str | None, knobs_file: str | None) -> Dialect:
+        if knobs_file is not None:
+            return knobmap.load(Path(knobs_file))
+        return detect(command, forced=name)
+
+    result = resume(args.run_dir.resolve(), dialect_for=dialect_for,
                     ladder_for=resolve, orphan=args.orphan, stop=stop, echo=not args.quiet,
                     sleep=stop.graceful.wait)
     _print_summary(result)

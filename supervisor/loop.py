@@ -141,6 +141,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
         opened = journal.write(
             "run.started", run_id=run_dir.name, argv=redactor.argv(command.argv),
             cwd=command.cwd, dialect=dialect.describe(command), dialect_name=dialect.name,
+            knobs_file=getattr(dialect, "source", None) if dialect.name == "knobmap" else None,
             policy={"name": ladder.name, "source": ladder.source,
                     "rungs": [{"name": r.name, "knob": r.knob, "cost": str(r.cost)}
                               for r in ladder.rungs]},
@@ -162,7 +163,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
 def resume(  # noqa: PLR0913
     run_dir: Path,
     *,
-    dialect_for: Callable[[Command, str | None], Dialect],
+    dialect_for: Callable[[Command, str | None, str | None], Dialect],
     ladder_for: Callable[[str], Ladder],
     orphan: str = "adopt",
     run_attempt: runner.RunAttempt = runner.run,
@@ -193,7 +194,7 @@ def resume(  # noqa: PLR0913
     command = Command(argv=tuple(started["argv"]), cwd=started.get("cwd"))
     if any("<redacted:" in a for a in command.argv):
         command = _unredact(command, env if env is not None else environment(command))
-    dialect = dialect_for(command, started.get("dialect_name"))
+    dialect = dialect_for(command, started.get("dialect_name"), started.get("knobs_file"))
     ladder = ladder_for(started["policy"]["source"])
     history, pending, checkpoints = _recover(events)
     base_env = dict(env) if env is not None else environment(command)

@@ -51,6 +51,8 @@ def test_bad_policy_file_is_one_line_and_usage_exit(
     (["run", "--", "python", "t.py", "--per_device_train_batch_size", "x"],
      "is not a whole number"),
     (["fly"], "invalid choice: 'fly'"),
+    (["run", "--knobs", "/nonexistent/map.toml", "--", "python", "t.py"],
+     "cannot read the knob map"),
     (["report", "/nonexistent/run"], "does not exist"),
 ])
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,

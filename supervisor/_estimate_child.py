@@ -42,7 +42,7 @@ _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 _DROPPED_KEYS = ("quantization_config", "auto_map", "torch_dtype", "dtype")
 
 
-class _PhasedLiveBytes(LiveBytesBudget):
+class _PhasedLiveBytes(LiveBytesBudget):  # type: ignore[no-untyped-call]
     """LiveBytesBudget that also remembers the phase and the op at the peak."""
 
     def __init__(self) -> None:
@@ -111,7 +111,7 @@ def _build_model(config_values: dict[str, Any], knobs: dict[str, Any]) -> torch.
     values = {k: v for k, v in config_values.items() if k not in _DROPPED_KEYS}
     config = AutoConfig.for_model(**values)
     config.use_cache = False
-    model = AutoModelForCausalLM.from_config(config)
+    model: Any = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     if knobs.get("gradient_checkpointing"):
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
@@ -127,7 +127,7 @@ def _build_model(config_values: dict[str, Any], knobs: dict[str, Any]) -> torch.
                           target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
         with _module_to_is_identity(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return get_peft_model(model, lora)  # type: ignore[no-any-return]
+            return get_peft_model(model, lora)
     if kind == "freeze":
         layers = int(config.num_hidden_layers)
         n = int(knobs.get("freeze_trainable_layers") or 2)
@@ -147,7 +147,9 @@ def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
         msg = "cutoff_len unknown: the sequence length decides the activations"
         raise ValueError(msg)
     micro_batches = min(int(knobs.get("grad_accum") or 1), 2)
-    dtype = _DTYPES.get(str(knobs.get("precision") or "fp32").lower(), torch.float32)
+    precision = str(knobs.get("precision") or "fp32").lower()
+    mixed = precision.endswith("-mixed")
+    dtype = _DTYPES.get(precision.removesuffix("-mixed"), torch.float32)
     # On CUDA AdamW and clipping use the foreach kernels (fake tensors would not pick them).
     foreach = device == "cuda"
     started = time.perf_counter()
@@ -156,22 +158,38 @@ def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
         model = _build_model(config_values, knobs)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
+        if mixed:
+            # LLaMA-Factory's default under bf16/fp16: the model loads in half precision and
+            # the trainable parameters (and so gradients and AdamW state) are cast to fp32;
+            # the Trainer computes under autocast.
+            for p in params:
+                p.data = p.data.float()
+        autocast = (torch.autocast("cpu", dtype=dtype) if mixed and dtype != torch.float32
+                    else contextlib.nullcontext())
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
         vocab = int(config_values.get("vocab_size", 32000))
-        for _ in range(2):
-            # With accumulation, the second micro-batch runs while the first one's gradients
-            # are held: two micro-batches show the peak of any number of them.
-            for _ in range(micro_batches):
-                ids = torch.randint(3, vocab, (batch, int(cutoff)))
-                live.phase = "forward"
+        # Step 1's forward and backward peak below step 2's (no AdamW state yet): give its
+        # optimizer step gradients directly (free under fake mode) and trace step 2 in full.
+        live.phase = "optimizer"
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # With accumulation, the second micro-batch runs while the first one's gradients are
+        # held: two micro-batches show the peak of any number of them.
+        for _ in range(micro_batches):
+            ids = torch.randint(3, vocab, (batch, int(cutoff)))
+            live.phase = "forward"
+            with autocast:
                 loss = model(input_ids=ids, labels=ids).loss / micro_batches
-                live.phase = "backward"
-                loss.backward()
-                del loss, ids
-            live.phase = "optimizer"
-            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            live.phase = "backward"
+            loss.backward()
+            del loss, ids
+        live.phase = "optimizer"
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in params)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())

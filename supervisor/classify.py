@@ -117,6 +117,10 @@ class Outcome:
     """Seconds from seeing the OOM line to the last process of the attempt gone."""
     adopted: bool = False
     """Followed by a resumed supervisor rather than started by this one."""
+    gpu_peak_mib: float | None = None
+    """Peak GPU memory of the attempt's processes, sampled ~2 Hz (None without a GPU)."""
+    release: dict[str, object] | None = None
+    """Whether the attempt's GPU memory came back after it, and who still holds memory."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,6 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from supervisor.classify import OomNumbers
 from supervisor.knobs import FinetuningType, Knobs
 
 _MIB = 2**20
@@ -251,6 +252,7 @@ class Shape:
         return self.layers * per_layer
 
 
+_FP32 = 4
 _PRECISION_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
@@ -258,7 +260,8 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     """Count the peak from the config's shape: the larger of the loss-backward and AdamW peaks.
 
     Assumes what the FakeTensor estimator traces: SDPA attention, no dropout, AdamW, the
-    loss computed in fp32, a half-precision config training all in that precision.
+    loss computed in fp32; precision "bf16"/"fp16" trains everything in that precision,
+    "bf16-mixed"/"fp16-mixed" keeps the trainable parameters in fp32 under autocast.
     """
     shape = spec.shape()
     if shape is None:
@@ -268,7 +271,11 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     if knobs.cutoff_len is None:
         msg = "cutoff_len unknown: the sequence length decides the activations"
         raise EstimateError(msg)
-    w = _PRECISION_BYTES.get(str(knobs.precision or "fp32").lower(), 4)
+    precision = str(knobs.precision or "fp32").lower()
+    mixed = precision.endswith("-mixed")
+    w = _PRECISION_BYTES.get(precision.removesuffix("-mixed"), _FP32)
+    # Mixed: trainable parameters, their gradients and AdamW state in fp32, the rest in w.
+    tw = _FP32 if mixed else w
     h, i, v, n = shape.hidden, shape.intermediate, shape.vocab, shape.layers
     tokens = knobs.per_device_batch * knobs.cutoff_len
     total = shape.parameters
@@ -280,9 +287,13 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     else:
         trainable = total
     largest = max(v * h, h * i)  # the largest single parameter: embeddings or an MLP matrix
-    weights = total * w
-    grads = trainable * w
-    states = 2 * trainable * w  # AdamW: exp_avg and exp_avg_sq, in the parameters' dtype
+    weights = (total - trainable) * w + trainable * tw
+    grads = trainable * tw
+    states = 2 * trainable * tw  # AdamW: exp_avg and exp_avg_sq, in the parameters' dtype
+    # Autocast keeps a half-precision copy of each trainable matrix it multiplies (not the
+    # embeddings) from the forward pass until backward has used it.
+    embeddings = v * h if knobs.finetuning_type is FinetuningType.FULL else 0
+    casts = (trainable - embeddings) * w if mixed and w != _FP32 else 0
 
     # Saved activations, bytes per token of one decoder layer (SDPA, no dropout): each RMSNorm
     # keeps its fp32 input and its normalised output and hands the layer's projections their
@@ -291,28 +302,33 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     norm = 4 * h + 2 * w * h
     attention = w * (3 * h + 2 * shape.kv_dim)
     layer = 2 * norm + attention + 4 * w * i
-    # Logits: the loss's log-softmax output, its incoming gradient and its outgoing gradient
-    # (fp32) at the peak, plus the head's own half-precision logits when not fp32.
-    logits = 12 * v + (w * v if w != 4 else 0)
+    # After the last layer: the final norm and the head's input, then the logits: the loss's
+    # log-softmax output, its incoming and its outgoing gradient (fp32) at the loss-backward
+    # peak, plus the head's own half-precision logits when not fp32.
+    head = norm + w * h
+    logits = 12 * v + (w * v if w != _FP32 else 0)
+    accumulating = knobs.grad_accum > 1  # the second micro-batch runs beside held gradients
+    held = weights + states + casts + (grads if accumulating else 0)
     if knobs.gradient_checkpointing:
-        # Only each layer's input is kept; one layer is recomputed at a time in backward.
-        kept = n * w * h + layer + 2 * w * h
+        # Only each layer's input is kept. Two candidate peaks: the loss's backward, and later
+        # the recompute of one layer (the logits gone, its activations and their gradients).
+        checkpoints = n * w * h
+        per_token = max(checkpoints + head + logits, checkpoints + layer + 2 * w * h)
     elif knobs.finetuning_type is FinetuningType.FREEZE:
         # Frozen layers before the trainable ones need no activations for any gradient.
-        kept = min(abs(knobs.freeze_trainable_layers), n) * layer
+        per_token = min(abs(knobs.freeze_trainable_layers), n) * layer + head + logits
     else:
-        kept = n * layer
-    accumulating = knobs.grad_accum > 1  # the second micro-batch runs beside held gradients
-    backward = weights + states + (grads if accumulating else 0) + tokens * (kept + logits)
+        per_token = n * layer + head + logits
+    backward = held + tokens * per_token
     foreach = device == "cuda"  # foreach AdamW keeps a sqrt copy of every second moment
-    temporaries = trainable * w if foreach else 2 * min(largest, trainable) * w
+    temporaries = trainable * tw if foreach else 2 * min(largest, trainable) * tw
     optimizer = weights + grads + states + temporaries
     peak = max(backward, optimizer)
     breakdown = {
         "weights_mib": round(weights / _MIB, 2), "gradients_mib": round(grads / _MIB, 2),
         "optimizer_mib": round(states / _MIB, 2),
         "activations_and_temporaries_mib": round(
-            (tokens * (kept + logits) if backward >= optimizer else temporaries) / _MIB, 2),
+            (tokens * per_token if backward >= optimizer else temporaries) / _MIB, 2),
         "peak_phase": "backward" if backward >= optimizer else "optimizer",
         "total_params": total, "trainable_params": trainable,
     }
@@ -324,13 +340,14 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
-def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",
+def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",  # noqa: PLR0913 - keyword-only edges
               python: str = sys.executable, workers: int | None = None,
-              timeout_s: float = 900.0, run: Run = subprocess.run) -> list[Prediction]:
+              timeout_s: float = 900.0,
+              run: Run = subprocess.run) -> list[Prediction | EstimateError]:
     """FakeTensor estimates of many configs, in `workers` child processes (default: CPUs, max 4).
 
     Raises EstimateError when the child cannot run at all (no torch there, a crash, a
-    timeout); a config the child could not trace is an EstimateError too, naming it.
+    timeout); a config the child could not trace comes back as an EstimateError naming it.
     """
     if not configs:
         return []
@@ -347,12 +364,13 @@ def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",
     with ThreadPoolExecutor(max_workers=count) as pool:
         for part in pool.map(one, chunks):
             merged.update(part)
-    predictions = []
+    predictions: list[Prediction | EstimateError] = []
     for k, knobs in enumerate(configs):
         result = merged[k]
         if "error" in result:
-            msg = f"FakeTensor estimate of {_short(knobs)} failed: {result['error']}"
-            raise EstimateError(msg)
+            predictions.append(EstimateError(
+                f"FakeTensor estimate of {_short(knobs)} failed: {result['error']}"))
+            continue
         breakdown = {**result["breakdown"], "peak_phase": result["peak_phase"],
                      "peak_op": result["peak_op"], "total_params": result["total_params"],
                      "trainable_params": result["trainable_params"],
@@ -363,10 +381,8 @@ def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",
 
 
 def _child_knobs(knobs: Knobs) -> dict[str, Any]:
-    keys = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
-            "finetuning_type", "lora_rank", "freeze_trainable_layers", "precision")
     data = knobs.to_dict()
-    return {k: data[k] for k in keys}
+    return {k: data[k] for k in _MEMORY_KNOBS}
 
 
 def _run_child(request: Mapping[str, Any], *, python: str, timeout_s: float,
@@ -399,21 +415,29 @@ def _run_child(request: Mapping[str, Any], *, python: str, timeout_s: float,
 
 # --- both, cached, with fallback -------------------------------------------------------------
 
+_MEMORY_KNOBS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
+                 "finetuning_type", "lora_rank", "freeze_trainable_layers", "precision",
+                 "quantization_bit", "deepspeed_stage")
+"""The knobs that change a single device's peak; the rest (steps, paths, ranks) do not."""
+
 _CACHE: dict[tuple[str, Knobs, str, str], Prediction] = {}
 """Estimates made in this process, per (config, memory-relevant knobs, device, method)."""
 
-_IRRELEVANT = {"max_steps": None, "resume_from_checkpoint": None, "world_size": 1}
+
+def clear_cache() -> None:
+    """Forget every estimate made in this process (tests; a changed model directory)."""
+    _CACHE.clear()
 
 
 def _key_knobs(knobs: Knobs) -> Knobs:
-    """The knobs with the ones that change no memory normalised (and GA only as 1 or >1)."""
-    changes: dict[str, Any] = dict(_IRRELEVANT)
-    changes["grad_accum"] = min(knobs.grad_accum, 2)
+    """Only the memory-relevant knobs (GA only as 1 or >1; rank and layers where they apply)."""
+    values = {name: getattr(knobs, name) for name in _MEMORY_KNOBS}
+    values["grad_accum"] = min(knobs.grad_accum, 2)
     if knobs.finetuning_type is not FinetuningType.LORA:
-        changes["lora_rank"] = 8
+        del values["lora_rank"]
     if knobs.finetuning_type is not FinetuningType.FREEZE:
-        changes["freeze_trainable_layers"] = 2
-    return dataclasses.replace(knobs, **changes)
+        del values["freeze_trainable_layers"]
+    return Knobs(**values)
 
 
 def _needs_analytic(knobs: Knobs) -> str | None:
@@ -424,41 +448,65 @@ def _needs_analytic(knobs: Knobs) -> str | None:
     return None
 
 
-def estimate_many(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "auto",
+def estimate_many(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "auto",  # noqa: PLR0913 - keyword-only edges
                   device: str = "cpu", python: str = sys.executable,
                   workers: int | None = None, run: Run = subprocess.run) -> list[Prediction]:
     """Predictions for many configs: FakeTensor where it can ("auto"), else analytic.
 
-    `method` is "auto", "fake" (raise EstimateError instead of falling back) or "analytic".
-    Estimates are cached in this process. Raises EstimateError only when nothing can predict.
+    `method` is "auto", "fake" (no fallback) or "analytic". Estimates are cached in this
+    process. Raises EstimateError for the first config nothing could predict.
     """
+    out = []
+    for result in predict_all(spec, configs, method=method, device=device, python=python,
+                              workers=workers, run=run):
+        if isinstance(result, EstimateError):
+            raise result
+        out.append(result)
+    return out
+
+
+def predict_all(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "auto",  # noqa: PLR0913 - keyword-only edges
+                device: str = "cpu", python: str = sys.executable, workers: int | None = None,
+                run: Run = subprocess.run) -> list[Prediction | EstimateError]:
+    """As estimate_many, with each config's failure returned in its place instead of raised."""
     if method not in {"auto", "fake", "analytic"}:
         msg = f"unknown estimate method {method!r}; valid: auto, fake, analytic"
         raise ValueError(msg)
     keyed = [_key_knobs(k) for k in configs]
     wanted = "analytic" if method == "analytic" else "fake"
-    todo = [k for k in dict.fromkeys(keyed)
-            if (spec.config_json, k, device, wanted) not in _CACHE and not (
-                wanted == "fake" and _needs_analytic(k))]
-    note: str | None = None
-    if wanted == "fake" and todo:
+    failed: dict[Knobs, EstimateError] = {}
+    if wanted == "fake":
+        todo = [k for k in dict.fromkeys(keyed)
+                if (spec.config_json, k, device, "fake") not in _CACHE
+                and not _needs_analytic(k) and k.cutoff_len is not None]
         try:
-            for k, prediction in zip(todo, fake_many(spec, todo, device=device, python=python,
-                                                      workers=workers, run=run), strict=True):
-                _CACHE[(spec.config_json, k, device, "fake")] = prediction
+            results = fake_many(spec, todo, device=device, python=python, workers=workers,
+                                run=run)
         except EstimateError as error:
-            if method == "fake":
-                raise
-            note = f"{error}; analytic estimate instead"
-    out: list[Prediction] = []
+            results = [error] * len(todo)
+        for k, result in zip(todo, results, strict=True):
+            if isinstance(result, EstimateError):
+                failed[k] = result
+            else:
+                _CACHE[(spec.config_json, k, device, "fake")] = result
+    out: list[Prediction | EstimateError] = []
     for k in keyed:
         cached = _CACHE.get((spec.config_json, k, device, wanted))
-        if cached is None:
-            cached = analytic(spec, k, device=device)
-            why = _needs_analytic(k) if wanted == "fake" else None
-            if why or note:
-                cached = dataclasses.replace(cached, note=why or note)
-        out.append(cached)
+        if cached is not None:
+            out.append(cached)
+            continue
+        if method == "fake" and k in failed:
+            out.append(failed[k])
+            continue
+        try:
+            counted = analytic(spec, k, device=device)
+        except EstimateError as error:
+            out.append(error)
+            continue
+        why = _needs_analytic(k) if wanted == "fake" else None
+        if why is None and k in failed:
+            why = f"{failed[k]}; analytic estimate instead"
+        out.append(counted if why is None else dataclasses.replace(counted, note=why))
     return out
 
 
@@ -507,22 +555,15 @@ class Estimator:
 
     def predict_many(self, configs: Sequence[Knobs]) -> list[Prediction | None]:
         """Calibrated predictions for many configs (one child process run for all)."""
-        try:
-            raw = estimate_many(self.spec, configs, method=self.method, device=self.device,
-                                python=self.python, run=self.run)
-        except EstimateError as error:
-            self.errors.append(str(error))
-            return [self._one(k) for k in configs]
-        return [calibrated(p, self.ratio) for p in raw]
-
-    def _one(self, knobs: Knobs) -> Prediction | None:
-        try:
-            raw = estimate_many(self.spec, [knobs], method=self.method, device=self.device,
-                                python=self.python, run=self.run)[0]
-        except EstimateError as error:
-            self.errors.append(str(error))
-            return None
-        return calibrated(raw, self.ratio)
+        out: list[Prediction | None] = []
+        for result in predict_all(self.spec, configs, method=self.method, device=self.device,
+                                  python=self.python, run=self.run):
+            if isinstance(result, EstimateError):
+                self.errors.append(str(result))
+                out.append(None)
+            else:
+                out.append(calibrated(result, self.ratio))
+        return out
 
     def calibrate(self, knobs: Knobs, measured_mib: float, *,
                   lower_bound: bool = False) -> float:
@@ -541,6 +582,18 @@ class Estimator:
             return self.ratio
         self.ratio = ratio
         return ratio
+
+
+def oom_lower_bound_mib(numbers: OomNumbers | None) -> float | None:
+    """What an OOM message proves the attempt needed at least (None: it says too little).
+
+    Allocated plus what it tried to allocate, or the capacity it ran into, whichever is more.
+    """
+    if numbers is None:
+        return None
+    bound = max(numbers.capacity_mib or 0.0,
+                (numbers.allocated_mib or 0.0) + (numbers.tried_mib or 0.0))
+    return bound or None
 
 
 def fits(prediction: Prediction | None, device_mib: float, *,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from tenacity import (
@@ -33,8 +33,11 @@ from supervisor import report, runner
 from supervisor.classify import OomKind, Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, environment, locate
 from supervisor.dialects import Dialect
+from supervisor.estimate import Prediction, oom_lower_bound_mib
+from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, replay
 from supervisor.knobs import Knobs
+from supervisor.plan import START, next_runnable
 from supervisor.policy import Attempt, GiveUp, Ladder, Step, next_step
 from supervisor.secrets import Redactor
 
@@ -58,6 +61,34 @@ _STATUS_EXIT = {
     "interrupted": ExitCode.INTERRUPTED,
 }
 _RETRIED = (VerdictKind.TRANSIENT, VerdictKind.HANG)
+
+
+class Predictor(Protocol):
+    """Predicted peak memory of a config (estimate.Estimator), calibrated by measurements."""
+
+    def predict(self, knobs: Knobs) -> Prediction | None:
+        """The prediction, or None when none can be made (then nothing is skipped)."""
+        ...
+
+    def calibrate(self, knobs: Knobs, measured_mib: float, *, lower_bound: bool = False,
+                  ) -> float:
+        """Learn from a measured peak (or an OOM's lower bound); return the ratio in force."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Memory:
+    """What the loop knows of memory: a predictor and the device's size, and a GPU probe."""
+
+    predictor: Predictor | None = None
+    device_mib: float | None = None
+    margin: float = 0.10
+    gpu: GpuProbe | None = None
+
+    @property
+    def can_skip(self) -> bool:
+        """Skipping on predictions needs both a predictor and a device size."""
+        return self.predictor is not None and self.device_mib is not None
 
 
 class ResumeError(ValueError):
@@ -107,6 +138,10 @@ class _Run:
     budget: int
     started_at: float
     history: list[Attempt] = field(default_factory=list)
+    """Attempts that ran, in order."""
+    walk: list[Attempt] = field(default_factory=list)
+    """What the policy has seen: the attempts plus configs skipped on a prediction (number 0)."""
+    memory: Memory = field(default_factory=Memory)
     checkpoints: list[tuple[str, int, Knobs]] = field(default_factory=list)
     """Checkpoints written during this run: (path, step, knobs of the attempt that wrote it)."""
     log: Any = None
@@ -130,6 +165,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     stop: runner.StopRequest | None = None,
     echo: bool = True,
     env: Mapping[str, str] | None = None,
+    memory: Memory | None = None,
 ) -> RunResult:
     """Run the command, walk the ladder on each OOM, end with a report and the working config."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,12 +188,39 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                      journal=journal, start=start, env=base_env, redactor=redactor,
                      run_attempt=run_attempt, judge=judge, sleep=sleep,
                      stop=stop or runner.StopRequest(), echo=echo, budget=budget,
-                     started_at=float(opened["ts"]), log=log.bind(run_id=run_dir.name))
+                     started_at=float(opened["ts"]), log=log.bind(run_id=run_dir.name),
+                     memory=memory or Memory())
         state.log.info("run.started", argv=" ".join(redactor.argv(command.argv)),
                        policy=ladder.name, per_device_batch=start.per_device_batch,
                        grad_accum=start.grad_accum, effective_batch=start.effective_batch)
-        status, reason, spent, final = _drive(state, first=(start, None), pending=None)
+        _journal_memory(state)
+        status, reason, spent, final = _drive(state, first=_first(state), pending=None)
     return _finish(state, status, reason, spent, final)
+
+
+def _journal_memory(state: _Run) -> None:
+    memory = state.memory
+    gpu_note = getattr(memory.gpu, "unavailable", None)
+    if gpu_note:
+        state.journal.write("gpu.unavailable", reason=gpu_note)
+    if memory.predictor is not None or memory.device_mib is not None:
+        state.journal.write("estimate.setup", device_mib=memory.device_mib,
+                            predictor=memory.predictor is not None, margin=memory.margin)
+
+
+def _first(state: _Run) -> tuple[Knobs, str | None]:
+    """The first config: the command's own, or the first predicted to fit."""
+    if not state.memory.can_skip:
+        return state.start, None
+    candidate, skips = _runnable(state, [])
+    if isinstance(candidate, Step):
+        return candidate.knobs, None if candidate.rung == START else candidate.rung
+    # Everything predicted not to fit: predictions can be wrong, so run the smallest for real.
+    last = skips[-1]
+    state.walk.pop()
+    state.log.warning("estimate.distrusted", reason="every config is predicted not to fit; "
+                      "running the smallest to check")
+    return last.knobs, last.rung
 
 
 def resume(  # noqa: PLR0913
@@ -204,7 +267,8 @@ def resume(  # noqa: PLR0913
                      redactor=Redactor.for_run(command.argv, base_env), run_attempt=run_attempt,
                      judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
                      budget=int(started.get("max_attempts", ladder.max_attempts)),
-                     started_at=float(started["ts"]), history=history, checkpoints=checkpoints,
+                     started_at=float(started["ts"]), history=history, walk=list(history),
+                     checkpoints=checkpoints,
                      log=log.bind(run_id=run_dir.name))
         journal.write("run.resumed", attempts_done=len(history), torn_line=replayed.torn_line,
                       pending=pending.number if pending else None, orphan=orphan)
@@ -255,7 +319,7 @@ def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
             return "exhausted", reason, [], knobs
         if state.stop.graceful.is_set():
             return "interrupted", "stopped by signal before the next attempt", [], knobs
-        step = next_step(state.start, state.history, state.ladder)
+        step, _ = _runnable(state, state.walk)
         if isinstance(step, GiveUp):
             state.journal.write("ladder.exhausted", reason=step.reason, spent=list(step.spent),
                                 skipped=list(step.skipped))
@@ -273,6 +337,24 @@ def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
                        skipped=list(step.skipped) or None, note=step.note)
         knobs = new
         verdict = _attempt_with_retries(state, knobs, step.rung)
+
+
+def _runnable(state: _Run, walked: list[Attempt]) -> tuple[Step | GiveUp, list[Any]]:
+    """The policy's next step, passing over configs predicted not to fit (journaled)."""
+    memory = state.memory
+    if not memory.can_skip or memory.predictor is None or memory.device_mib is None:
+        return next_step(state.start, walked, state.ladder), []
+    candidate, skips = next_runnable(state.start, walked, state.ladder,
+                                     predict=memory.predictor.predict,
+                                     device_mib=memory.device_mib, margin=memory.margin)
+    for skip in skips:
+        state.walk.append(skip.attempt)
+        state.journal.write("rung.skipped", rung=skip.rung, knobs=skip.knobs.to_dict(),
+                            changed={k: list(v) for k, v in state.start.diff(skip.knobs).items()},
+                            predicted_mib=round(skip.prediction.peak_mib, 1),
+                            method=str(skip.prediction.method), reason=skip.reason)
+        state.log.info("rung.skipped", rung=skip.rung or "(as given)", reason=skip.reason)
+    return candidate, list(skips)
 
 
 def _attempt_with_retries(state: _Run, knobs: Knobs, rung: str | None) -> Verdict:
@@ -348,7 +430,10 @@ def _spec(state: _Run, attempt_dir: Path, rendered: Command,
 def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,  # noqa: PLR0913
             outcome: Outcome, *, began: float) -> Verdict:
     verdict = state.judge(outcome)
-    state.history.append(Attempt(number=number, knobs=knobs, rung=rung, verdict=verdict))
+    attempt = Attempt(number=number, knobs=knobs, rung=rung, verdict=verdict)
+    state.history.append(attempt)
+    state.walk.append(attempt)
+    ratio = _calibrate(state, knobs, verdict, outcome)
     written = _checkpoints(state.command, knobs.output_dir, since=began)
     state.checkpoints.extend((path, step, knobs) for path, step in written)
     evidence = state.redactor.text(verdict.evidence) if verdict.evidence else None
@@ -360,13 +445,29 @@ def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,  # noqa: P
                         adopted=outcome.adopted, kill_s=outcome.kill_s,
                         peak_live_mib=_peak_from_tail(outcome.tail),
                         trained_steps=_steps_from_tail(outcome.tail),
-                        checkpoints=[[path, step] for path, step in written])
+                        checkpoints=[[path, step] for path, step in written],
+                        gpu_peak_mib=outcome.gpu_peak_mib, gpu_release=outcome.release,
+                        calibration=ratio)
     state.log.bind(attempt=number).info(
         "attempt.finished", verdict=str(verdict.kind),
         oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
         exit_code=outcome.exit_code, duration_s=outcome.duration_s,
         evidence=(evidence or "")[:200])
     return verdict
+
+
+def _calibrate(state: _Run, knobs: Knobs, verdict: Verdict, outcome: Outcome) -> float | None:
+    """Teach the predictor what this attempt really took (a peak, or an OOM's lower bound)."""
+    predictor = state.memory.predictor
+    if predictor is None:
+        return None
+    measured = outcome.gpu_peak_mib or _peak_from_tail(outcome.tail)
+    if measured and verdict.kind is VerdictKind.FITS:
+        return predictor.calibrate(knobs, measured)
+    bound = oom_lower_bound_mib(verdict.numbers) if verdict.is_oom else None
+    if bound:
+        return predictor.calibrate(knobs, bound, lower_bound=True)
+    return None
 
 
 def _settle_orphan(state: _Run, pending: _Pending, orphan: str,

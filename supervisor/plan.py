@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
 from supervisor.knobs import FinetuningType, Knobs
-from supervisor.policy import Attempt, Cost, GiveUp, Ladder, next_step
+from supervisor.policy import Attempt, Cost, GiveUp, Ladder, Step, next_step
 
 DEFAULT_MARGIN = 0.10
 """Safety margin: a config is recommended when its prediction x (1 + margin) fits the device."""
@@ -23,6 +23,9 @@ SEED_BYTES_PER_PARAM: dict[FinetuningType, int] = {
     FinetuningType.FREEZE: 6,
 }
 """The seed article's rule of thumb (shared/seed: 全参数 ≈ 参数 x 20, LoRA x 10, 冻结 x 6 bytes)."""
+
+START = "(start)"
+"""The rung name next_runnable gives the command's own config."""
 
 _ASSUMED_OOM = Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.TORCH,
                        evidence="plan: assumed out of memory to enumerate the ladder")
@@ -49,7 +52,7 @@ def parse_size_mib(text: str) -> int:
             msg = f"{text!r} is bytes; give the size in MiB or GiB, e.g. 24GiB"
             raise ValueError(msg)
         unit = "M"
-    mib = number * 1024 ** (_POWER[unit] - 2)
+    mib = number * 1024.0 ** (_POWER[unit] - 2)
     if mib < 1:
         msg = f"{text!r} is less than 1 MiB; give a device size such as 24GiB"
         raise ValueError(msg)
@@ -108,26 +111,42 @@ Predict = Callable[[Sequence[Knobs]], Sequence[Prediction | None]]
 
 
 def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str], ...]:
-    """What `knobs` gives up against `start`, per the ladder's rung costs (empty: nothing)."""
+    """What `knobs` gives up against `start`, per the ladder's rung costs (empty: nothing).
+
+    Each entry is (cost, what changed), e.g. (speed, "batch 8->2 (GA 1->4)").
+    """
     found: list[tuple[Cost, str]] = []
     for rung in ladder.rungs:
         now, then = getattr(knobs, rung.knob), getattr(start, rung.knob)
-        if now == then:
+        if now == then or (rung.action == "set" and now != rung.value):
             continue
-        if rung.action == "set" and now != rung.value:
-            continue
+        label = _SHORT.get(rung.knob, rung.knob)
         if rung.action == "halve":
-            detail = f"{rung.knob} {then}->{now}"
+            detail = f"{label} {then}->{now}"
             if rung.compensate:
-                detail += (f", {rung.compensate} {getattr(start, rung.compensate)}"
-                           f"->{getattr(knobs, rung.compensate)}")
+                detail += (f" ({_SHORT.get(rung.compensate, rung.compensate)} "
+                           f"{getattr(start, rung.compensate)}->{getattr(knobs, rung.compensate)})")
+        elif rung.action == "enable":
+            detail = label
         else:
-            detail = f"{rung.knob}={_show(now)}"
-        found.append((rung.cost, f"{rung.name} ({detail})"))
+            detail = _show(now)
+        found.append((rung.cost, detail))
     return tuple(found)
 
 
-def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,
+_SHORT = {"per_device_batch": "batch", "grad_accum": "GA", "cutoff_len": "cutoff",
+          "gradient_checkpointing": "checkpointing"}
+
+
+def _costs_cell(row_costs: tuple[tuple[Cost, str], ...]) -> str:
+    by_cost: dict[Cost, list[str]] = {}
+    for cost, detail in row_costs:
+        by_cost.setdefault(cost, []).append(detail)
+    return "; ".join(f"{cost}: {', '.join(details)}" for cost, details in by_cost.items()) \
+        or "none"
+
+
+def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # noqa: PLR0913 - keyword-only knobs
           predict: Predict, margin: float = DEFAULT_MARGIN) -> Plan:
     """Predict every config of the walk and pick the first that fits with the margin."""
     configs = walk(start, ladder)
@@ -143,6 +162,47 @@ def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,
     recommended = next((i for i, r in enumerate(rows) if r.fits), None)
     return Plan(model=spec.name, params=params, device_mib=device_mib, margin=margin,
                 rows=tuple(rows), recommended=recommended)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Skip:
+    """A config passed over on its prediction alone, and why."""
+
+    knobs: Knobs
+    rung: str | None
+    prediction: Prediction
+    reason: str
+    attempt: Attempt
+    """What the policy's history records for it (number 0: never run), so it moves past it."""
+
+
+def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
+                  predict: Callable[[Knobs], Prediction | None], device_mib: float,
+                  margin: float = DEFAULT_MARGIN) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
+    """The next config worth running: the policy's next step, skipping those predicted not to fit.
+
+    With an empty history the start itself is the first candidate (returned as a Step with
+    rung "(start)" when it is predicted to fit or has no prediction). A config without a
+    prediction is never skipped. Append each Skip's `attempt` to the history the policy sees.
+    """
+    walked = list(history)
+    skips: list[Skip] = []
+    candidate: Step | GiveUp = (Step(knobs=start, rung=START) if not history
+                                else next_step(start, walked, ladder))
+    while isinstance(candidate, Step):
+        prediction = predict(candidate.knobs)
+        if prediction is None or fits(prediction, device_mib, margin=margin):
+            break
+        rung = None if candidate.rung == START else candidate.rung
+        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({prediction.method}) + "
+                  f"{margin:.0%} margin > {device_mib:.0f} MiB device")
+        attempt = Attempt(number=0, knobs=candidate.knobs, rung=rung,
+                          verdict=Verdict(kind=VerdictKind.OOM, evidence=f"skipped: {reason}"))
+        skips.append(Skip(knobs=candidate.knobs, rung=rung, prediction=prediction,
+                          reason=reason, attempt=attempt))
+        walked.append(attempt)
+        candidate = next_step(start, walked, ladder)
+    return candidate, tuple(skips)
 
 
 def recommended_start(plan: Plan) -> Knobs | None:
@@ -172,7 +232,7 @@ def render(plan: Plan) -> str:
                       "on" if k.gradient_checkpointing else "off", method,
                       str(row.effective_batch), predicted, fit,
                       "n/a" if row.seed_mib is None else _mib(row.seed_mib),
-                      "; ".join(f"{c}: {what}" for c, what in row.costs) or "none"))
+                      _costs_cell(row.costs)))
     widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(header)]
     right = {0, 6, 7, 9}
 
@@ -181,8 +241,9 @@ def render(plan: Plan) -> str:
                          for j, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     params = "unknown parameters" if plan.params is None else f"{plan.params / 1e6:,.1f}M params"
-    out = [f"model {plan.model} ({params}); device {_mib(plan.device_mib)}, "
-           f"safety margin {plan.margin:.0%}", "", fmt(header),
+    title = (f"model {plan.model} ({params}); device {_mib(plan.device_mib)}, "
+             f"safety margin {plan.margin:.0%}")
+    out = [title, "", fmt(header),
            fmt(tuple("-" * w for w in widths))]
     out += [fmt(r) for r in lines]
     out.append("")
@@ -219,6 +280,10 @@ def _show(value: object) -> str:
 
 
 def _mib(value: float) -> str:
-    if value >= 1024:
-        return f"{value / 1024:.1f} GiB"
-    return f"{value:.0f} MiB" if value >= 10 else f"{value:.1f} MiB"
+    if value >= _GIB_IN_MIB:
+        return f"{value / _GIB_IN_MIB:.1f} GiB"
+    return f"{value:.0f} MiB" if value >= _WHOLE_MIB else f"{value:.1f} MiB"
+
+
+_GIB_IN_MIB = 1024
+_WHOLE_MIB = 10  # below this, show a decimal

@@ -490,8 +490,8 @@ def _entry() -> int:
         # Under torchrun: write the failure to the error file torchrun's "Root Cause" reads.
         from torch.distributed.elastic.multiprocessing.errors import record
 
-        result: int = record(main)()
-        return result
+        result = record(main)()
+        return 0 if result is None else int(result)
     return main()
 
 

@@ -27,6 +27,7 @@ import psutil
 import structlog
 
 from supervisor.classify import Outcome, is_oom_line
+from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
 
 log = structlog.get_logger(__name__)
@@ -78,6 +79,9 @@ class AttemptSpec:
     marker: str = ""
     on_spawn: Callable[[Spawned], None] | None = None
     redactor: Redactor = field(default_factory=Redactor)
+    gpu: GpuProbe | None = None
+    """Where GPU memory is sampled during the attempt and watched for release after it."""
+    release_wait_s: float = 60.0
 
 
 class RunAttempt(Protocol):
@@ -170,6 +174,9 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     hung: str | None = None
     kill_s: float | None = None
     tree = _Tree(spawned.pid, marker)
+    sampler = Sampler(spec.gpu, pids=lambda: list(tree.known)) if spec.gpu else None
+    if sampler is not None:
+        sampler.start()
     code = poll()
     while code is None:
         tree.remember()
@@ -194,6 +201,13 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         code = poll()
     # Stragglers: workers in sessions of their own outlive the leader.
     tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+    gpu_peak_mib: float | None = None
+    release: dict[str, object] | None = None
+    if sampler is not None and spec.gpu is not None:
+        gpu_peak_mib = float(sampler.stop().peak_mib)
+        # The next attempt needs the memory back: wait for the driver to release it.
+        released = wait_for_release(spec.gpu, list(tree.known), timeout_s=spec.release_wait_s)
+        release = {**released.to_dict(), "describe": released.describe()}
     done.set()
     for follower in followers:
         follower.join(timeout=5.0)
@@ -213,6 +227,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         interrupted=interrupted,
         hung=hung,
         kill_s=kill_s,
+        gpu_peak_mib=gpu_peak_mib,
+        release=release,
         kernel_oom_kills=max(0, kernel_oom_kills() - kills_before),
         adopted=adopted,
     )

@@ -274,7 +274,7 @@ def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]
     if profile.requires_flags and not any(o.flag.knob in KNOB_NAMES for o in found):
         names = ", ".join(f.names[0] for f in profile.flags[:3])
         msg = (f"found none of the memory flags this tool rewrites ({names}, ...) in the "
-               f"arguments of {program}; add them to the command, declare where the script "
+               f"arguments of {program!r}; add them to the command, declare where the script "
                "keeps them with --knobs FILE (docs/dialects.md), or force a reader with "
                "--dialect NAME")
         raise CommandError(msg)

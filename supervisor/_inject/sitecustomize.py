@@ -1,0 +1,126 @@
+"""oom-supervisor's simulated device, injected on PYTHONPATH by `--device-memory`.
+
+When OOM_SUPERVISOR_DEVICE_MIB is set, the program's own `import torch` is followed by a
+device memory limit of that many MiB: on CUDA `torch.cuda.set_per_process_memory_fraction`
+for every visible device, applied when CUDA initialises (real CUDA out-of-memory errors); on
+CPU the live-bytes budget of `supervisor._sim` (a real `torch.OutOfMemoryError` past it).
+A program that never imports torch pays nothing but this file. Then the sitecustomize this
+one shadows, if any, runs as it would have.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+ENV_VAR = "OOM_SUPERVISOR_DEVICE_MIB"
+_HERE = os.path.dirname(os.path.abspath(__file__))  # noqa: PTH100, PTH120 - os.path is cheaper to import at start-up
+_SIM = os.path.join(os.path.dirname(_HERE), "_sim.py")  # noqa: PTH118, PTH120
+_MIB = 1024 * 1024
+_kept: list[object] = []  # the CPU budget must live as long as the process
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"oom-supervisor device memory: {message}\n")
+
+
+def _limit_cuda(torch: Any, mib: int) -> None:  # noqa: ANN401 - torch is not imported here
+    def limit() -> None:
+        for index in range(torch.cuda.device_count()):
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, mib * _MIB / total), index)
+
+    # Queued until CUDA initialises: a process that never uses CUDA (a launcher) never
+    # creates a context for it, and each worker limits the devices it really sees.
+    lazy_call = getattr(torch.cuda, "_lazy_call", None)
+    if lazy_call is not None:
+        lazy_call(limit)
+    else:
+        limit()
+
+
+def _limit_cpu(mib: int) -> None:
+    # By path, under a private name: the program's interpreter may not have our package.
+    spec = importlib.util.spec_from_file_location("_oom_supervisor_sim", _SIM)
+    if spec is None or spec.loader is None:
+        _say(f"cannot load {_SIM}; no limit applied")
+        return
+    sim = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sim
+    spec.loader.exec_module(sim)
+    budget = sim.LiveBytesBudget(mib * _MIB)
+    budget.__enter__()
+    _kept.append(budget)
+
+
+def _apply(torch: Any, mib: int) -> None:  # noqa: ANN401 - torch is not imported here
+    try:
+        if torch.cuda.is_available():
+            _limit_cuda(torch, mib)
+        else:
+            _limit_cpu(mib)
+    except Exception as error:  # noqa: BLE001 - never break the program we were asked to limit
+        _say(f"could not apply the {mib} MiB limit: {type(error).__name__}: {error}")
+
+
+class _AfterTorch:
+    """A meta-path finder that lets torch load as usual, then applies the limit."""
+
+    def __init__(self, mib: int) -> None:
+        self.mib = mib
+        self.done = False
+
+    def find_spec(self, fullname: str, path: object = None,  # noqa: ARG002 - the finder protocol
+                  target: object = None) -> importlib.machinery.ModuleSpec | None:  # noqa: ARG002
+        if fullname != "torch" or self.done:
+            return None
+        self.done = True  # find the real spec below without coming back here
+        spec = importlib.util.find_spec("torch")
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader: Any = spec.loader
+        original = loader.exec_module
+        mib = self.mib
+
+        def exec_module(module: ModuleType) -> None:
+            original(module)
+            _apply(module, mib)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def _install() -> None:
+    raw = os.environ.get(ENV_VAR)
+    if not raw:
+        return
+    try:
+        mib = int(raw)
+    except ValueError:
+        mib = 0
+    if mib <= 0:
+        _say(f"{ENV_VAR}={raw!r} is not a positive number of MiB; no limit applied")
+        return
+    if "torch" in sys.modules:
+        _apply(sys.modules["torch"], mib)
+    else:
+        sys.meta_path.insert(0, _AfterTorch(mib))
+
+
+def _chain() -> None:
+    """Run the sitecustomize that this directory shadows, as `sitecustomize`."""
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]  # noqa: PTH100
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sitecustomize"] = module
+    spec.loader.exec_module(module)
+
+
+_install()
+_chain()

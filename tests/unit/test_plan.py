@@ -1,0 +1,212 @@
+"""plan.py: sizes, the walk, the table, and skipping configs predicted not to fit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from supervisor.estimate import Method, ModelSpec, Prediction, analytic
+from supervisor.knobs import FinetuningType, Knobs
+from supervisor.plan import (
+    START,
+    Skip,
+    build,
+    costs,
+    next_runnable,
+    parse_size_mib,
+    recommended_start,
+    render,
+    walk,
+)
+from supervisor.policy import Attempt, GiveUp, Step, next_step, resolve
+from tests.unit.test_policy import OOM
+
+DEMO = Knobs(per_device_batch=8, cutoff_len=1024)
+
+
+@pytest.mark.parametrize(("text", "mib"), [
+    ("24GiB", 24_576), ("24GB", 24_576), ("80G", 81_920), ("512MiB", 512), ("512M", 512),
+    ("512", 512), ("1.5GiB", 1_536), ("1TiB", 1_048_576), (" 70 mib ", 70), ("2048KiB", 2),
+])
+def test_sizes_parse_into_mib(text: str, mib: int) -> None:
+    """Binary and decimal spellings both read as binary units; a bare number is MiB."""
+    assert parse_size_mib(text) == mib
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "24 gigs", "-1GiB", "24iB", "512B", "0.1", "1e3"])
+def test_bad_sizes_are_one_clear_error(text: str) -> None:
+    """Anything else is a ValueError whose one line shows what to write."""
+    with pytest.raises(ValueError, match=r"24GiB") as error:
+        parse_size_mib(text)
+    assert "\n" not in str(error.value)
+
+
+def test_walk_is_the_policy_walk_assuming_every_config_oom() -> None:
+    """The same configs next_step gives over an all-OOM history, start first, then GiveUp."""
+    ladder = resolve("default")
+    configs = walk(DEMO, ladder)
+    assert configs[0] == (DEMO, None)
+    history = [Attempt(number=i + 1, knobs=k, rung=r, verdict=OOM)
+               for i, (k, r) in enumerate(configs)]
+    for i in range(1, len(history)):
+        step = next_step(DEMO, history[:i], ladder)
+        assert isinstance(step, Step)
+        assert (step.knobs, step.rung) == configs[i]
+    assert isinstance(next_step(DEMO, history, ladder), GiveUp)
+    assert {k.effective_batch for k, _ in configs} == {8}
+
+
+def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
+    """On a 70 MiB device the first row whose prediction x 1.1 fits is LoRA + gc at 512."""
+    spec = ModelSpec.named("tiny")
+
+    def predict(configs: Sequence[Knobs]) -> list[Prediction | None]:
+        return [analytic(spec, k) for k in configs]
+
+    plan = build(DEMO, resolve("default"), spec, 70, predict=predict)
+    assert plan.recommended is not None
+    first = plan.rows[plan.recommended]
+    assert first.fits
+    assert first.prediction is not None
+    assert first.prediction.peak_mib * 1.1 <= 70
+    assert all(r.fits is False for r in plan.rows[:plan.recommended])
+    knobs = recommended_start(plan)
+    assert knobs is not None
+    assert (knobs.finetuning_type, knobs.gradient_checkpointing, knobs.cutoff_len) == (
+        FinetuningType.LORA, True, 512)
+    assert first.effective_batch == 8
+    assert first.seed_mib == pytest.approx(5_261_568 * 10 / 2**20)
+
+    table = render(plan)
+    assert table.startswith("model tiny (5.3M params); device 70 MiB, safety margin 10%")
+    assert f"recommended first config: #{plan.recommended + 1} " in table
+    assert "seed rule" in table
+    assert "x 20 B (full), x 10 (LoRA), x 6 (freeze)" in table
+    assert "~ marks the analytic fallback" in table
+    assert len(table.splitlines()) == 4 + len(plan.rows) + 4
+
+
+def test_plan_without_predictions_recommends_nothing_and_says_unknown() -> None:
+    """No prediction: '?' in the fits column, no recommendation, nothing skipped."""
+    spec = ModelSpec.named("tiny")
+    plan = build(DEMO, resolve("default"), spec, 70, predict=lambda cs: [None] * len(cs))
+    assert plan.recommended is None
+    assert all(r.fits is None for r in plan.rows)
+    assert "nothing in this ladder is predicted to fit" in render(plan)
+
+
+def test_costs_name_what_each_config_gives_up() -> None:
+    """Batch halving costs speed (GA kept), cutoff and LoRA cost quality."""
+    ladder = resolve("default")
+    knobs = Knobs(per_device_batch=2, grad_accum=4, cutoff_len=512,
+                  gradient_checkpointing=True, finetuning_type=FinetuningType.LORA)
+    assert [(str(c), what) for c, what in costs(knobs, DEMO, ladder)] == [
+        ("speed", "batch 8->2 (GA 1->4)"), ("quality", "cutoff 1024->512"),
+        ("speed", "checkpointing"), ("quality", "lora")]
+    assert costs(DEMO, DEMO, ladder) == ()
+
+
+def _fixed(peaks: dict[tuple[int, int | None, bool, str], float | None],
+           ) -> Callable[[Knobs], Prediction | None]:
+    def predict(k: Knobs) -> Prediction | None:
+        peak = peaks.get((k.per_device_batch, k.cutoff_len, k.gradient_checkpointing,
+                          str(k.finetuning_type)))
+        return None if peak is None else Prediction(peak_mib=peak, method=Method.FAKE)
+
+    return predict
+
+
+def test_next_runnable_skips_configs_predicted_far_over_and_says_why() -> None:
+    """Start and the batch halvings are predicted over 70 MiB: skipped, each with its reason."""
+    start = Knobs(per_device_batch=4, grad_accum=1, cutoff_len=256)
+    predict = _fixed({(4, 256, False, "full"): 400.0, (2, 256, False, "full"): 200.0,
+                      (1, 256, False, "full"): 60.0})
+    step, skips = next_runnable(start, [], resolve("default"), predict=predict,
+                                device_mib=70)
+    assert isinstance(step, Step)
+    assert (step.knobs.per_device_batch, step.knobs.grad_accum, step.rung) == (1, 4,
+                                                                                "smaller-batch")
+    assert [(s.knobs.per_device_batch, s.rung) for s in skips] == [(4, None), (2, "smaller-batch")]
+    assert skips[0].reason == "predicted 400 MiB (fake) + 10% margin > 70 MiB device"
+    assert all(isinstance(s, Skip) and s.attempt.number == 0 for s in skips)
+    assert skips[1].attempt.verdict.evidence == f"skipped: {skips[1].reason}"
+
+
+def test_next_runnable_never_skips_without_a_prediction() -> None:
+    """No prediction for the start: it is run as given."""
+    start = Knobs(per_device_batch=4, cutoff_len=256)
+    step, skips = next_runnable(start, [], resolve("default"),
+                                predict=lambda _: None, device_mib=1)
+    assert isinstance(step, Step)
+    assert (step.knobs, step.rung, skips) == (start, START, ())
+
+
+def test_next_runnable_after_a_real_oom_continues_from_the_history() -> None:
+    """After attempt 1 OOMed for real, the next config predicted to fit is returned."""
+    start = Knobs(per_device_batch=2, cutoff_len=256)
+    history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
+    step, skips = next_runnable(start, history, resolve("default"),
+                                predict=_fixed({(1, 256, False, "full"): 10.0}),
+                                device_mib=70)
+    assert isinstance(step, Step)
+    assert step.knobs.per_device_batch == 1
+    assert skips == ()
+
+
+def test_next_runnable_gives_up_when_everything_is_predicted_over() -> None:
+    """Every config predicted over the device: GiveUp, with every config listed as skipped."""
+    start = Knobs(per_device_batch=2, cutoff_len=256)
+    ladder = resolve("default")
+    step, skips = next_runnable(
+        start, [], ladder, device_mib=1,
+        predict=lambda _: Prediction(peak_mib=1000.0, method=Method.ANALYTIC))
+    assert isinstance(step, GiveUp)
+    assert len(skips) == len(walk(start, ladder))
+
+
+def test_skipping_on_predictions_reaches_the_fit_in_fewer_attempts() -> None:
+    """Tiny, full b8 x 1024 on a 70 MiB device, every attempt's peak as really measured.
+
+    Without predictions the ladder runs 11 configs that OOM before LoRA b1 x 512 fits; with
+    the analytic estimate it skips them and its first attempt fits.
+    """
+    record = json.loads((PEAKS / "tiny.json").read_text(encoding="utf-8"))
+    measured = {_memory(Knobs.from_dict({k: r["knobs"][k] for k in KEYS})): r["peak_live_mib"]
+                for r in record["rows"]}
+    ladder, device = resolve("default"), 70.0
+    spec = ModelSpec.named("tiny")
+
+    def attempts(*, skipping: bool) -> tuple[int, Knobs]:
+        history: list[Attempt] = []
+        step: Step | GiveUp = Step(knobs=DEMO, rung=START)
+        while True:
+            if skipping:
+                step, skips = next_runnable(DEMO, history, ladder, device_mib=device,
+                                            predict=lambda k: analytic(spec, k))
+                history += [s.attempt for s in skips]
+            elif history:
+                step = next_step(DEMO, history, ladder)
+            assert isinstance(step, Step)
+            ran = [a for a in history if a.number > 0]
+            if measured[_memory(step.knobs)] <= device:
+                return len(ran) + 1, step.knobs
+            history.append(Attempt(number=len(ran) + 1, knobs=step.knobs, rung=step.rung,
+                                   verdict=OOM))
+
+    without, fitted = attempts(skipping=False)
+    with_estimate, fitted_too = attempts(skipping=True)
+    assert (without, with_estimate) == (12, 1)
+    assert fitted == fitted_too
+    assert (fitted.finetuning_type, fitted.cutoff_len) == (FinetuningType.LORA, 512)
+
+
+KEYS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
+        "finetuning_type", "lora_rank", "freeze_trainable_layers")
+PEAKS = Path(__file__).parent.parent / "data" / "peaks"
+
+
+def _memory(knobs: Knobs) -> tuple[object, ...]:
+    return tuple(getattr(knobs, k) for k in KEYS)

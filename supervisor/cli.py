@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -14,11 +15,26 @@ from typing import NoReturn
 import structlog
 
 from supervisor import __version__
-from supervisor.command import Command, CommandError
+from supervisor.command import Command, CommandError, environment
+from supervisor.device_memory import device_memory_env
 from supervisor.dialects import Dialect, detect, knobmap
 from supervisor.dialects import names as dialect_names
+from supervisor.estimate import Estimator, ModelSpec, ModelSpecError, model_argument
+from supervisor.gpu import NvmlProbe, smallest_device_mib
 from supervisor.journal import replay
-from supervisor.loop import ExitCode, ResumeError, RunResult, new_run_id, resume, supervise
+from supervisor.loop import (
+    ExitCode,
+    Memory,
+    ResumeError,
+    RunResult,
+    new_run_id,
+    resume,
+    supervise,
+)
+from supervisor.plan import build as build_plan
+from supervisor.plan import parse_size_mib
+from supervisor.plan import render as render_plan
+from supervisor.plan import walk as walk_plan
 from supervisor.policy import PolicyError, resolve
 from supervisor.report import render_table
 from supervisor.report import write as write_report
@@ -61,8 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(run)
+    run.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
+                     help="run as if the device had only SIZE (24GiB, 512MiB): a real memory "
+                          "limit injected into any Python command; also what predictions "
+                          "are checked against (default: the visible GPU's)")
+    run.add_argument("--no-estimate", dest="estimate", action="store_false",
+                     help="never skip a config on its predicted memory")
     run.add_argument("command", nargs=argparse.REMAINDER,
                      help="the training command, after `--`")
+
+    plan = sub.add_parser("plan", help="predict the memory of every config on the ladder",
+                          epilog=EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("--policy", default="default", metavar="NAME|FILE")
+    plan.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
+                      help="device size to plan for (default: the visible GPU's)")
+    plan.add_argument("--dialect", choices=dialect_names(), default=None)
+    plan.add_argument("--knobs", type=Path, default=None, metavar="FILE")
+    plan.add_argument("--method", choices=("auto", "fake", "analytic"), default="auto",
+                      help="FakeTensor (exact, runs torch in a child) or analytic (default: auto)")
+    plan.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after `--`")
 
     demo = sub.add_parser("demo", help="walk the ladder on the bundled tiny model (CPU, no GPU)")
     _add_run_options(demo)
@@ -99,6 +133,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="how to read the command (default: detected)")
     p.add_argument("--knobs", type=Path, default=None, metavar="FILE",
                    help="a TOML knob map for a script no dialect reads (docs/dialects.md)")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size_mib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -139,21 +180,89 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args.run_dir)
         if args.verb == "resume":
             return _resume(args)
+        if args.verb == "plan":
+            return _plan(args, _command_from(parser, args))
         if args.verb == "demo":
             command = demo_command(args.device_memory)
         else:
-            words = list(args.command)
-            if words and words[0] == "--":
-                words = words[1:]
-            if not words:
-                parser.error("no command to supervise; put it after `--`, e.g. "
-                             "`oom-supervisor run -- python train.py "
-                             "--per_device_train_batch_size 8`")
-            command = Command(argv=tuple(words), cwd=str(Path.cwd()))
+            command = _command_from(parser, args)
         return _run(args, command)
-    except (PolicyError, CommandError, ResumeError) as exc:
+    except (PolicyError, CommandError, ResumeError, ModelSpecError) as exc:
         print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
         return ExitCode.USAGE
+
+
+def _command_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Command:
+    words = list(args.command)
+    if words and words[0] == "--":
+        words = words[1:]
+    if not words:
+        parser.error(f"no command to {'plan' if args.verb == 'plan' else 'supervise'}; put it "
+                     "after `--`, e.g. `oom-supervisor run -- python train.py "
+                     "--per_device_train_batch_size 8`")
+    return Command(argv=tuple(words), cwd=str(Path.cwd()))
+
+
+def _dialect(args: argparse.Namespace, command: Command) -> Dialect:
+    knobs_file = getattr(args, "knobs", None)
+    return (knobmap.load(knobs_file.resolve()) if knobs_file is not None
+            else detect(command, forced=getattr(args, "dialect", None)))
+
+
+def _device_mib(args: argparse.Namespace, probe: NvmlProbe | None) -> int | None:
+    size: int | None = getattr(args, "device_memory", None)
+    if size is None and probe is not None:
+        size = smallest_device_mib(probe)
+    return size
+
+
+def _plan(args: argparse.Namespace, command: Command) -> int:
+    ladder = resolve(args.policy)
+    dialect = _dialect(args, command)
+    start = dialect.read(command)
+    probe = NvmlProbe() if args.device_memory is None else None
+    device_mib = _device_mib(args, probe)
+    if device_mib is None:
+        msg = ("no NVIDIA GPU is visible to take the device size from; give one, e.g. "
+               "--device-memory 24GiB")
+        raise CommandError(msg)
+    spec = _model_spec(command)
+    estimator = Estimator(spec, method=args.method, device=_estimate_device(probe))
+    print(render_plan(build_plan(start, ladder, spec, device_mib,  # noqa: T201
+                                 predict=estimator.predict_many)))
+    return ExitCode.FITTED
+
+
+def _model_spec(command: Command) -> ModelSpec:
+    name = model_argument(command.argv)
+    if name is None:
+        msg = ("the command names no --model_name_or_path; plan and the estimator need the "
+               "model's config.json (a local directory or a named size)")
+        raise ModelSpecError(msg)
+    return ModelSpec.resolve(name)
+
+
+def _estimate_device(probe: NvmlProbe | None) -> str:
+    return "cuda" if probe is not None and probe.unavailable is None else "cpu"
+
+
+def _memory(args: argparse.Namespace, command: Command) -> Memory:
+    """Predictions and GPU sampling for `run`: each used only where it can be."""
+    probe = NvmlProbe()
+    gpu = probe if probe.unavailable is None else None
+    device_mib = _device_mib(args, gpu)
+    predictor = None
+    if getattr(args, "estimate", False) and device_mib is not None:
+        try:
+            predictor = Estimator(_model_spec(command), device=_estimate_device(gpu))
+        except ModelSpecError as exc:
+            log.info("estimate.unavailable", reason=str(exc))
+    if predictor is not None and args.policy:
+        # One batch of child processes for the whole walk, rather than one per step.
+        with contextlib.suppress(Exception):
+            start = _dialect(args, command).read(command)
+            predictor.predict_many([k for k, _ in walk_plan(start, resolve(args.policy))])
+    return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe)
 
 
 def demo_command(device_mib: int) -> Command:
@@ -170,9 +279,7 @@ def demo_command(device_mib: int) -> Command:
 
 def _run(args: argparse.Namespace, command: Command) -> int:
     ladder = resolve(args.policy)
-    knobs_file = getattr(args, "knobs", None)
-    dialect = (knobmap.load(knobs_file.resolve()) if knobs_file is not None
-               else detect(command, forced=getattr(args, "dialect", None)))
+    dialect = _dialect(args, command)
     dialect.read(command)  # fail on an unreadable command before anything is created
     run_dir = args.runs_dir / (args.run_id or new_run_id())
     if (run_dir / "journal.jsonl").exists():
@@ -180,11 +287,17 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         raise CommandError(msg)
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)
+    env = environment(command)
+    memory = Memory()
+    if args.verb == "run":
+        memory = _memory(args, command)
+        if args.device_memory is not None:
+            env = device_memory_env(env, args.device_memory)
     stop = StopRequest()
     _install_signal_handlers(stop)
     result = supervise(command, dialect=dialect, ladder=ladder, run_dir=run_dir.resolve(),
                        max_attempts=args.max_attempts, stop=stop, echo=not args.quiet,
-                       sleep=stop.graceful.wait)
+                       sleep=stop.graceful.wait, env=env, memory=memory)
     _print_summary(result)
     return int(result.exit_code)
 

@@ -82,7 +82,10 @@ class Memory:
 
     predictor: Predictor | None = None
     device_mib: float | None = None
-    margin: float = 0.10
+    margin: float = 0.0
+    """Skip only configs predicted over the device outright: one near the edge is tried for
+    real, since skipping it moves the run to a rung that costs quality (plan's recommendation
+    keeps a 10% margin)."""
     gpu: GpuProbe | None = None
 
     @property
@@ -142,6 +145,8 @@ class _Run:
     walk: list[Attempt] = field(default_factory=list)
     """What the policy has seen: the attempts plus configs skipped on a prediction (number 0)."""
     memory: Memory = field(default_factory=Memory)
+    held: str | None = None
+    """Set when an attempt's GPU memory did not come back in time (who holds it)."""
     checkpoints: list[tuple[str, int, Knobs]] = field(default_factory=list)
     """Checkpoints written during this run: (path, step, knobs of the attempt that wrote it)."""
     log: Any = None
@@ -301,6 +306,12 @@ def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
         if verdict.kind in _RETRIED:
             verdict = _attempt_with_retries(state, knobs, state.history[-1].rung)
     while True:
+        if state.held and state.ladder.on_held_memory == "stop" and \
+                verdict.kind is not VerdictKind.FITS:
+            held = (f"GPU memory was not released after attempt {len(state.history)} "
+                    f"({state.held}); the policy says stop ([gpu] on_held_memory)")
+            state.log.error("run.stopped", status="fatal", evidence=held)
+            return "fatal", held, [], knobs
         if verdict.kind is VerdictKind.FITS:
             state.log.info("run.fitted", attempt=len(state.history), **_short(knobs))
             return "fitted", None, [], knobs
@@ -424,7 +435,12 @@ def _spec(state: _Run, attempt_dir: Path, rendered: Command,
         # Unique across runs (two runs may share a run id in different folders): the tree
         # kill ends every process carrying it.
         marker=str(attempt_dir.resolve()),
-        on_spawn=on_spawn, redactor=state.redactor)
+        on_spawn=on_spawn, redactor=state.redactor, gpu=_usable(state.memory.gpu),
+        release_wait_s=state.ladder.release_wait_s)
+
+
+def _usable(gpu: GpuProbe | None) -> GpuProbe | None:
+    return None if gpu is None or getattr(gpu, "unavailable", None) else gpu
 
 
 def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,  # noqa: PLR0913
@@ -434,6 +450,9 @@ def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,  # noqa: P
     state.history.append(attempt)
     state.walk.append(attempt)
     ratio = _calibrate(state, knobs, verdict, outcome)
+    if outcome.release is not None and not outcome.release.get("released", True):
+        state.held = str(outcome.release.get("describe", "GPU memory still held"))
+        state.log.warning("gpu.held", attempt=number, detail=state.held)
     written = _checkpoints(state.command, knobs.output_dir, since=began)
     state.checkpoints.extend((path, step, knobs) for path, step in written)
     evidence = state.redactor.text(verdict.evidence) if verdict.evidence else None

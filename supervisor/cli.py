@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="walk the ladder on the bundled tiny model (CPU, no GPU)")
     _add_run_options(demo)
-    demo.add_argument("--device-memory", type=int, default=DEMO_DEVICE_MIB, metavar="MiB",
-                      help=f"simulated device size (default {DEMO_DEVICE_MIB})")
+    demo.add_argument("--device-memory", type=_size, default=DEMO_DEVICE_MIB, metavar="SIZE",
+                      help=f"simulated device size (default {DEMO_DEVICE_MIB}MiB)")
     demo.add_argument("--echo", dest="quiet", action="store_false",
                       help="show the trainer's own output (tracebacks included)")
     demo.set_defaults(quiet=True)
@@ -182,10 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _resume(args)
         if args.verb == "plan":
             return _plan(args, _command_from(parser, args))
-        if args.verb == "demo":
-            command = demo_command(args.device_memory)
-        else:
-            command = _command_from(parser, args)
+        command = demo_command() if args.verb == "demo" else _command_from(parser, args)
         return _run(args, command)
     except (PolicyError, CommandError, ResumeError, ModelSpecError) as exc:
         print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
@@ -265,14 +262,13 @@ def _memory(args: argparse.Namespace, command: Command) -> Memory:
     return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe)
 
 
-def demo_command(device_mib: int) -> Command:
+def demo_command() -> Command:
     """The demo's ambitious start: full fine-tuning, batch 4 x 1024 tokens, on a small device."""
     return Command(argv=(
         sys.executable, "-m", "supervisor.reference_trainer",
         "--model_name_or_path", "tiny", "--finetuning_type", "full",
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
         "--cutoff_len", "1024", "--max_steps", "1",
-        "--device-memory", str(device_mib),
         "--output_dir", "reference-trainer-output",
     ), cwd=str(Path.cwd()))
 
@@ -291,8 +287,11 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     memory = Memory()
     if args.verb == "run":
         memory = _memory(args, command)
-        if args.device_memory is not None:
-            env = device_memory_env(env, args.device_memory)
+    else:  # the demo shows the ladder itself: no predictions, every OOM real
+        memory = Memory(device_mib=args.device_memory)
+    if args.device_memory is not None:
+        # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
+        env = device_memory_env(env, args.device_memory)
     stop = StopRequest()
     _install_signal_handlers(stop)
     result = supervise(command, dialect=dialect, ladder=ladder, run_dir=run_dir.resolve(),

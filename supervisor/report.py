@@ -41,6 +41,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     end: dict[str, Any] | None = None
     final_files: list[str] = []
     progress: list[dict[str, Any]] = []
+    device_mib: float | None = None
     for event in events:
         kind = event["event"]
         if kind == "attempt.started":
@@ -59,6 +60,8 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
             steps.append({k: v for k, v in event.items() if k not in ("ts", "event")})
         elif kind in ("checkpoint.resumed", "checkpoint.skipped"):
             progress.append({k: v for k, v in event.items() if k != "ts"})
+        elif kind == "estimate.setup":
+            device_mib = event.get("device_mib")
         elif kind == "final.written":
             final_files = list(event.get("files", []))
         elif kind == "run.finished":
@@ -83,6 +86,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "final_knobs": final.to_dict() if final and status == "fitted" else None,
         "final_command": final_attempt["argv"] if final_attempt and status == "fitted" else None,
         "final_files": final_files,
+        "device_mib": device_mib,
         "effective_batch": {
             "start": start.effective_batch,
             "final": final.effective_batch if final and status == "fitted" else None,
@@ -127,6 +131,9 @@ def final_command_script(data: dict[str, Any]) -> str:
              (f"# Effective batch {data['effective_batch']['final']} "
               f"(started at {data['effective_batch']['start']})."),
              "set -e"]
+    if data.get("device_mib"):
+        lines.insert(3, f"# Found for a device of {data['device_mib']:g} MiB (--device-memory); "
+                        "this command carries no limit of its own.")
     if data.get("cwd"):
         lines.append(f"cd {shlex.quote(data['cwd'])}")
     # Redacted secrets become required environment variables: `"${HF_TOKEN:?set HF_TOKEN ...}"`.

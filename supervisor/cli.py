@@ -284,11 +284,9 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)
     env = environment(command)
-    memory = Memory()
-    if args.verb == "run":
-        memory = _memory(args, command)
-    else:  # the demo shows the ladder itself: no predictions, every OOM real
-        memory = Memory(device_mib=args.device_memory)
+    # The demo shows the ladder itself: no predictions, every OOM real.
+    memory = (_memory(args, command) if args.verb == "run"
+              else Memory(device_mib=args.device_memory))
     if args.device_memory is not None:
         # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
         env = device_memory_env(env, args.device_memory)

@@ -1,4 +1,4 @@
-"""`run --device-memory` with the estimator: configs predicted not to fit are skipped, and said so."""
+"""`run --device-memory` with the estimator: configs predicted not to fit are skipped, said so."""
 
 from __future__ import annotations
 

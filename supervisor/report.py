@@ -70,7 +70,8 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     start = Knobs.from_dict(started["knobs"])
     final_attempt = attempts.get(end["attempt"]) if end and end.get("attempt") else None
     final = Knobs.from_dict(final_attempt["knobs"]) if final_attempt else None
-    costs = _costs(start, final, started["policy"]) if final and status == "fitted" else []
+    costs = (_costs(start, final, started["policy"], str(started.get("dialect", "")))
+             if final and status == "fitted" else [])
     return {
         "run_id": started["run_id"],
         "status": status,
@@ -100,15 +101,19 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _costs(start: Knobs, final: Knobs, policy: dict[str, Any]) -> list[dict[str, Any]]:
+def _costs(start: Knobs, final: Knobs, policy: dict[str, Any],
+           dialect: str) -> list[dict[str, Any]]:
     cost_of = {r["knob"]: r["cost"] for r in policy.get("rungs", [])}
+    notes = dict(_KNOB_COST_NOTE)
+    if "DROPS" in dialect:  # packing (LLaMA-Factory) or axolotl's default: rows are dropped
+        notes["cutoff_len"] = "samples longer than the cutoff are DROPPED, not truncated"
     costs = []
     for knob, (before, after) in start.diff(final).items():
         if knob in ("grad_accum", "world_size", "resume_from_checkpoint", "output_dir"):
             continue
         costs.append({"knob": knob, "from": before, "to": after,
                       "cost": cost_of.get(knob, "none"),
-                      "note": _KNOB_COST_NOTE.get(knob, "")})
+                      "note": notes.get(knob, "")})
     return costs
 
 

@@ -37,6 +37,7 @@ MARKER_ENV = "OOM_SUPERVISOR_ATTEMPT"
 """Set in every attempt's environment: finds its processes even after they left the tree."""
 STATUS_FILE = "exit_status.json"
 _POLL_S = 0.05
+_REMEMBER_S = 0.5
 
 
 class StopRequest:
@@ -174,13 +175,17 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     hung: str | None = None
     kill_s: float | None = None
     tree = _Tree(spawned.pid, marker)
-    sampler = Sampler(spec.gpu, pids=lambda: list(tree.known)) if spec.gpu else None
+    # dict.copy() is atomic under the GIL; the poll loop below adds pids while this samples.
+    sampler = Sampler(spec.gpu, pids=lambda: tree.known.copy().keys()) if spec.gpu else None
     if sampler is not None:
         sampler.start()
     code = poll()
+    remembered = 0.0
     while code is None:
-        tree.remember()
         now = time.monotonic()
+        if now - remembered > _REMEMBER_S:  # a /proc scan: not on every 50 ms tick
+            tree.remember()
+            remembered = now
         if oom_seen.is_set() and not killed:
             seen_at = time.monotonic()
             log.info("oom.detected", line=spec.redactor.text(oom_line[0])[:300], pid=spawned.pid)

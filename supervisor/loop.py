@@ -480,7 +480,10 @@ def _calibrate(state: _Run, knobs: Knobs, verdict: Verdict, outcome: Outcome) ->
     predictor = state.memory.predictor
     if predictor is None:
         return None
-    measured = outcome.gpu_peak_mib or _peak_from_tail(outcome.tail)
+    # The trainer's own tensor peak only: NVML's per-process figure also holds the CUDA
+    # context (500-900 MiB; measured 934 MiB for a 172 MiB peak on an H200), which would
+    # inflate every later prediction.
+    measured = _peak_from_tail(outcome.tail)
     if measured and verdict.kind is VerdictKind.FITS:
         return predictor.calibrate(knobs, measured)
     bound = oom_lower_bound_mib(verdict.numbers) if verdict.is_oom else None

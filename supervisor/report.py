@@ -42,6 +42,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     final_files: list[str] = []
     progress: list[dict[str, Any]] = []
     device_mib: float | None = None
+    predicted: list[dict[str, Any]] = []
     for event in events:
         kind = event["event"]
         if kind == "attempt.started":
@@ -60,6 +61,8 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
             steps.append({k: v for k, v in event.items() if k not in ("ts", "event")})
         elif kind in ("checkpoint.resumed", "checkpoint.skipped"):
             progress.append({k: v for k, v in event.items() if k != "ts"})
+        elif kind == "rung.skipped":
+            predicted.append({k: v for k, v in event.items() if k not in ("ts", "event")})
         elif kind == "estimate.setup":
             device_mib = event.get("device_mib")
         elif kind == "final.written":
@@ -88,6 +91,7 @@ def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "final_command": final_attempt["argv"] if final_attempt and status == "fitted" else None,
         "final_files": final_files,
         "device_mib": device_mib,
+        "skipped_on_prediction": predicted,
         "effective_batch": {
             "start": start.effective_batch,
             "final": final.effective_batch if final and status == "fitted" else None,
@@ -191,6 +195,13 @@ def render_markdown(data: dict[str, Any]) -> str:
         verdict = a["verdict"] + (f" ({a['oom_kind']})" if a.get("oom_kind") else "")
         out.append(f"| {a['attempt']} | {a['rung'] or '(as given)'} | {changed or '-'} | "
                    f"{verdict} | {evidence} | {a.get('duration_s') or ''} |")
+    if data.get("skipped_on_prediction"):
+        out += ["", "## Skipped on their predicted memory (never run)", ""]
+        for s in data["skipped_on_prediction"]:
+            changed = ", ".join(f"{k} {_cell(v[0])}->{_cell(v[1])}"
+                                for k, v in s.get("changed", {}).items())
+            label = f"{s['rung']} ({changed})" if s.get("rung") else "the command as given"
+            out.append(f"- {label}: {s['reason']}")
     if data.get("progress"):
         out += ["", "## Progress kept across OOMs", ""]
         for p in data["progress"]:

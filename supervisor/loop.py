@@ -199,7 +199,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                        policy=ladder.name, per_device_batch=start.per_device_batch,
                        grad_accum=start.grad_accum, effective_batch=start.effective_batch)
         _journal_memory(state)
-        status, reason, spent, final = _drive(state, first=_first(state), pending=None)
+        status, reason, spent, final = _drive(state, first=_first(state))
     return _finish(state, status, reason, spent, final)
 
 
@@ -286,14 +286,13 @@ def resume(  # noqa: PLR0913
                 first = (pending.knobs, pending.rung)  # ended by us: run that config again
         elif not history:
             first = (state.start, None)
-        status, reason, spent, final = _drive(state, first=first, pending=None)
+        status, reason, spent, final = _drive(state, first=first)
     return _finish(state, status, reason, spent, final)
 
 
 def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
-           pending: _Pending | None) -> tuple[str, str | None, list[str], Knobs | None]:
+           ) -> tuple[str, str | None, list[str], Knobs | None]:
     """The loop proper. `first` is a config to run before looking at the history."""
-    del pending
     verdict: Verdict
     knobs: Knobs
     if first is not None:
@@ -336,7 +335,7 @@ def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
                                 skipped=list(step.skipped))
             state.log.error("ladder.exhausted", reason=step.reason)
             return "exhausted", step.reason, list(step.spent), knobs
-        new = _with_checkpoint(state, knobs, step)
+        new = _with_checkpoint(state, step)
         changed = {k: list(v) for k, v in knobs.diff(new).items()}
         state.journal.write("ladder.stepped", after_attempt=len(state.history),
                             next_attempt=len(state.history) + 1, rung=step.rung, changed=changed,
@@ -511,13 +510,12 @@ def _settle_orphan(state: _Run, pending: _Pending, orphan: str,
                    began=pending.started_at)
 
 
-def _with_checkpoint(state: _Run, before: Knobs, step: Step) -> Knobs:
+def _with_checkpoint(state: _Run, step: Step) -> Knobs:
     """Resume from the newest checkpoint the new config can load; say so either way.
 
     Only checkpoints this run wrote count, each judged against the config of the attempt
     that wrote it (not merely the last one: an earlier attempt may have trained differently).
     """
-    del before
     new = step.knobs
     alive = [c for c in state.checkpoints if (Path(c[0]) / "trainer_state.json").is_file()]
     if not alive:

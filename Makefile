@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip            # >= 25.1 understands --group (PEP 735)
 	$(PY) -m pip install -q torch==2.13.0            # the CPU wheel; pinned only here, not for users
-	$(PY) -m pip install -q -e '.[train]' --group dev
+	$(PY) -m pip install -q -e '.[train,plot]' --group dev   # plot: the demo's memory.png
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -34,4 +34,4 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) $(LF_VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LF_VENV) .venv-trl runs .pytest_cache .mypy_cache .ruff_cache

@@ -36,6 +36,8 @@ class OomKind(StrEnum):
     CUDA = "cuda"
     HIP = "hip"
     MPS = "mps"
+    XPU = "xpu"  # Intel GPUs (torch.xpu)
+    NPU = "npu"  # Ascend NPUs (torch_npu)
     CPU = "cpu"
     TORCH = "torch"  # torch.OutOfMemoryError by type (any device, our simulated one too)
     CUBLAS = "cublas"
@@ -63,6 +65,14 @@ OOM_RULES: tuple[Rule, ...] = (
     _rule(OomKind.HIP, r"HIP out of memory\. Tried to allocate"),  # the same allocator on ROCm
     _rule(OomKind.HIP, r"HIP error: out of memory"),
     _rule(OomKind.MPS, r"MPS backend out of memory"),  # aten/src/ATen/mps/MPSAllocator.mm
+    # pytorch/pytorch c10/xpu/XPUCachingAllocator.cpp (00d512ae), TORCH_CHECK_WITH(OutOfMemoryError,
+    # ..., "XPU out of memory. Tried to allocate ", ...); intel-extension-for-pytorch's own
+    # allocator used the same words before torch 2.4 took XPU in.
+    _rule(OomKind.XPU, r"XPU out of memory\. Tried to allocate"),
+    # Ascend/pytorch torch_npu/csrc/core/npu/NPUCachingAllocator.cpp (9e73e708): "NPU out of
+    # memory. Tried to allocate " (the usual OOM) and "NPU out of memory. Allocation was
+    # preemptively rejected because it would exceed per_process_memory_fraction limit."
+    _rule(OomKind.NPU, r"NPU out of memory\. (?:Tried to allocate|Allocation was preemptively)"),
     _rule(OomKind.CPU, r"DefaultCPUAllocator: can't allocate memory"),  # c10/core/impl/alloc_cpu
     _rule(OomKind.CUBLAS, r"CUBLAS_STATUS_ALLOC_FAILED"),  # at::cuda::blas, cublasCreate
     _rule(OomKind.CUDNN, r"CUDNN_STATUS_ALLOC_FAILED"),  # cuDNN workspace allocation
@@ -82,18 +92,88 @@ TRANSIENT_RULES: tuple[Rule, ...] = tuple(
         r"EADDRINUSE|[Aa]ddress already in use",
         r"Connection reset by peer",
         r"Watchdog caught collective operation timeout",  # ProcessGroupNCCL
+        # pytorch/pytorch torch/csrc/distributed/c10d/NCCLUtils.hpp, C10D_NCCL_CHECK_TIMEOUT:
+        # TORCH_CHECK_WITH(DistBackendError, false, "NCCL timeout in: " + __FILE__ ...)
+        r"DistBackendError: NCCL timeout\b",
+        # A socket timeout while NCCL sets up: torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp,
+        # broadcastUniqueNCCLID: "[3] is setting up NCCL communicator and retrieving ncclUniqueId
+        # from [0] via c10d key-value store by key '0', but store->get('0') got error: Socket
+        # Timeout" (as pasted in github.com/hiyouga/LlamaFactory/issues/3698 and
+        # github.com/bytedance/HLLM/issues/20), or an "NCCL error" line that ends the same way.
+        r"NCCL (?:error|communicator)\b.*[Ss]ocket [Tt]ime ?out",
         r"(?:HTTP Error |Server Error: |status(?: code)? )50[234]\b",  # hub 5xx
         r"Temporary failure in name resolution",
     )
 )
 """Lines that mean an infrastructure hiccup worth retrying, when no OOM is anywhere."""
 
-_OOM_ANY = re.compile("|".join(f"(?:{r.pattern.pattern})" for r in OOM_RULES), re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class LauncherPrefix:
+    """A label a launcher writes before each line of a worker's output, and who writes it."""
+
+    launcher: str
+    pattern: re.Pattern[str]
+
+
+def _prefix(launcher: str, pattern: str) -> LauncherPrefix:
+    return LauncherPrefix(launcher, re.compile(pattern))
+
+
+# A pdsh host label is a host name; an exception's type ("torch.OutOfMemoryError: ") is not one.
+_NOT_AN_EXCEPTION = r"(?![\w.]*(?:Error|Exception|Warning|Interrupt|Exit)\b)"
+
+LAUNCHER_PREFIXES: tuple[LauncherPrefix, ...] = (
+    # pytorch/pytorch torch/distributed/distributed_c10d.py, init_process_group installs
+    # _distributed_excepthook: f"{excepthook_prefix}: {s}" with excepthook_prefix =
+    # f"[rank{get_rank()}]" before each line of an uncaught exception's traceback.
+    _prefix("torch.distributed excepthook", r"\[rank\d+\]: "),
+    # pytorch/pytorch torch/distributed/elastic/multiprocessing/tail_log.py, TailLog:
+    # header = f"[{self._name}{local_rank}]:" (torchrun --tee/--redirects; role "default"), or
+    # the user's --log-line-prefix-template; no space follows the colon.
+    _prefix("torchrun --tee", r"\[[^\]\s]+\]: ?"),
+    # SchedMD/slurm src/common/write_labelled_message.c, _build_label: "%*d: " (task id,
+    # right-aligned to the widest), "P%u %*d: " for a heterogeneous job's components.
+    _prefix("srun --label", r"(?:P\d+ )? *\d+: "),
+    # chaos/pdsh src/pdsh/dsh.c labels each line "%S: " with the host (DeepSpeed's multi-node
+    # launcher runs pdsh, so its lines read "worker-1: ...").
+    _prefix("pdsh", rf"{_NOT_AN_EXCEPTION}[A-Za-z0-9][A-Za-z0-9.-]*: "),
+)
+"""Launcher labels, stripped (repeatedly: they nest) before any rule is matched."""
+
+_PREFIXES = re.compile("(?:(?:" + "|".join(f"(?:{p.pattern.pattern})" for p in LAUNCHER_PREFIXES)
+                       + r")\s*)+")
+_MAX_LINE = 16_384  # a longer line is cut for matching: a regex over megabytes stalls the runner
+
+
+def strip_launcher_prefix(line: str) -> str:
+    """The line as the program wrote it: surrounding space and any launcher labels removed."""
+    text = line.strip()[:_MAX_LINE]
+    match = _PREFIXES.match(text)
+    return text[match.end():].lstrip() if match else text
+
+
+def launcher_of(line: str) -> tuple[str, ...]:
+    """Which launchers labelled this line, outermost first (empty when none did)."""
+    text, found = line.strip(), []
+    while True:
+        for prefix in LAUNCHER_PREFIXES:
+            match = prefix.pattern.match(text)
+            if match:
+                found.append(prefix.launcher)
+                text = text[match.end():].lstrip()
+                break
+        else:
+            return tuple(found)
+
+
+_OOM_ANY = re.compile("|".join(f"(?:{r.pattern.pattern})" for r in OOM_RULES))
 
 
 def is_oom_line(line: str) -> bool:
     """True if a single output line says out of memory (the runner's early-kill test)."""
-    return _OOM_ANY.search(line.strip()) is not None
+    return _OOM_ANY.search(strip_launcher_prefix(line)) is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +201,10 @@ class Outcome:
     """Peak GPU memory of the attempt's processes, sampled ~2 Hz (None without a GPU)."""
     release: dict[str, object] | None = None
     """Whether the attempt's GPU memory came back after it, and who still holds memory."""
+    wrapper_died: bool = False
+    """The attempt's wrapper was gone with no exit status written (a resumed supervisor saw)."""
+    escaped: tuple[str, ...] = ()
+    """Processes that had left the attempt's tree (found by the environment marker, ended)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,6 +215,8 @@ class OomNumbers:
     capacity_mib: float | None = None
     free_mib: float | None = None
     allocated_mib: float | None = None
+    reserved_unallocated_mib: float | None = None
+    """Held by the caching allocator but in no tensor: what fragmentation keeps from a request."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -161,7 +247,11 @@ _NUMBER_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
     "allocated_mib": (re.compile(rf"{_SIZE} is allocated by PyTorch"),
                       re.compile(rf"{_SIZE} already allocated"),
                       re.compile(rf"with {_SIZE} live")),
+    # torch >= 2.1 (CUDA, HIP, XPU) says it outright; older CUDA and torch_npu say how much is
+    # reserved in total, and the rest is derived below (reserved - allocated).
+    "reserved_unallocated_mib": (re.compile(rf"{_SIZE} is reserved by PyTorch but unallocated"),),
 }
+_RESERVED_TOTAL = re.compile(rf"{_SIZE} reserved in total by PyTorch")
 _UNIT_MIB = {"B": 1 / 2**20, "bytes": 1 / 2**20, "KB": 1 / 1024, "KiB": 1 / 1024,
              "MB": 1.0, "MiB": 1.0,
              "GB": 1024.0, "GiB": 1024.0, "TB": 2**20, "TiB": 2**20}
@@ -170,6 +260,7 @@ _UNIT_MIB = {"B": 1 / 2**20, "bytes": 1 / 2**20, "KB": 1 / 1024, "KiB": 1 / 1024
 def parse_numbers(lines: Iterable[str]) -> OomNumbers | None:
     """Sizes from CUDA/HIP-style OOM messages (and ours); None if no line gives any."""
     found: dict[str, float] = {}
+    reserved_total: float | None = None
     for line in lines:
         for key, patterns in _NUMBER_PATTERNS.items():
             if key in found:
@@ -177,9 +268,41 @@ def parse_numbers(lines: Iterable[str]) -> OomNumbers | None:
             for pattern in patterns:
                 match = pattern.search(line)
                 if match:
-                    found[key] = round(float(match.group(1)) * _UNIT_MIB[match.group(2)], 2)
+                    found[key] = _mib(match)
                     break
+        total = _RESERVED_TOTAL.search(line)
+        if reserved_total is None and total:
+            reserved_total = _mib(total)
+    allocated = found.get("allocated_mib")
+    if ("reserved_unallocated_mib" not in found and reserved_total is not None
+            and allocated is not None and reserved_total >= allocated):
+        found["reserved_unallocated_mib"] = round(reserved_total - allocated, 2)
     return OomNumbers(**found) if found else None
+
+
+def _mib(match: re.Match[str]) -> float:
+    return round(float(match.group(1)) * _UNIT_MIB[match.group(2)], 2)
+
+
+FRAGMENTATION_SHARE = 0.02
+"""Reserved-but-unallocated memory under this share of all the allocator holds is rounding."""
+
+
+def shows_fragmentation(numbers: OomNumbers | None) -> bool:
+    """True when the OOM's own figures say fragmentation, not size, refused the request.
+
+    That is: the memory the caching allocator held but had given to no tensor was at least
+    the request (so the bytes were there, only not in one block: the case CUDA's message
+    sends to `expandable_segments:True`), and it was more than FRAGMENTATION_SHARE (2%) of
+    all the allocator held. Below that it is the allocator's normal rounding (2 MiB small
+    segments, 20 MiB large ones) on a small attempt, which expandable segments would not
+    give back. Without both figures it is False: never guessed.
+    """
+    if numbers is None or numbers.tried_mib is None or numbers.reserved_unallocated_mib is None:
+        return False
+    spare = numbers.reserved_unallocated_mib
+    held = spare + (numbers.allocated_mib or 0.0)
+    return spare >= numbers.tried_mib and spare > FRAGMENTATION_SHARE * held
 
 
 def classify(outcome: Outcome) -> Verdict:
@@ -200,7 +323,8 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.HANG, evidence=f"the watchdog ended it: it {outcome.hung}")
     if outcome.exit_code is None:
         return Verdict(kind=VerdictKind.FATAL, evidence=(
-            "the attempt ended while no supervisor watched it and left no exit status"))
+            "the attempt's wrapper died without writing its exit status" if outcome.wrapper_died
+            else "the attempt ended while no supervisor watched it and left no exit status"))
     if outcome.exit_code == -signal.SIGKILL and not outcome.killed_by_supervisor:
         if outcome.kernel_oom_kills > 0:
             evidence = (f"killed by SIGKILL; the kernel's OOM killer fired "
@@ -209,13 +333,13 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.FATAL,
                        evidence="killed by SIGKILL from outside, with no OOM-killer evidence")
     for line in reversed(lines):
-        if any(rule.pattern.search(line) for rule in TRANSIENT_RULES):
+        if any(rule.pattern.search(strip_launcher_prefix(line)) for rule in TRANSIENT_RULES):
             return Verdict(kind=VerdictKind.TRANSIENT, evidence=line.strip())
     return Verdict(kind=VerdictKind.FATAL, evidence=_error_line(lines, outcome.exit_code))
 
 
 def _oom_kind(line: str) -> OomKind:
-    stripped = line.strip()
+    stripped = strip_launcher_prefix(line)
     return OomKind(next(r.kind for r in OOM_RULES if r.pattern.search(stripped)))
 
 

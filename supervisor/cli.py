@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
+import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -14,31 +17,51 @@ from typing import NoReturn
 
 import structlog
 
-from supervisor import __version__
+from supervisor import __version__, notify, remember
 from supervisor.command import Command, CommandError, environment
+from supervisor.console import Output, summary
 from supervisor.device_memory import device_memory_env
 from supervisor.dialects import Dialect, detect, knobmap
 from supervisor.dialects import names as dialect_names
-from supervisor.estimate import Estimator, ModelSpec, ModelSpecError, model_argument
+from supervisor.estimate import (
+    Estimator,
+    ModelSpec,
+    ModelSpecError,
+    model_argument,
+    model_name,
+    pick_python,
+)
+from supervisor.events import JournalError, RunConfig
+from supervisor.fits import FitStore, FitStoreError
+from supervisor.fits import default_path as default_fits_path
+from supervisor.fits import render_entries as render_fits
 from supervisor.gpu import NvmlProbe, smallest_device_mib
-from supervisor.journal import replay
+from supervisor.journal import Journal, JournalWriteError, RunFolderBusyError
+from supervisor.journal import load as load_journal
+from supervisor.knobs import Knobs
 from supervisor.loop import (
     ExitCode,
     Memory,
+    Rebuilt,
     ResumeError,
     RunResult,
+    Signals,
     new_run_id,
     resume,
     supervise,
 )
 from supervisor.plan import build as build_plan
-from supervisor.plan import parse_size_mib
+from supervisor.plan import describe_reading, parse_size_mib
 from supervisor.plan import render as render_plan
 from supervisor.plan import walk as walk_plan
-from supervisor.policy import PolicyError, resolve
-from supervisor.report import render_table
+from supervisor.policy import Ladder, PolicyError, check_knobs, resolve
+from supervisor.policy import parse as parse_policy
 from supervisor.report import write as write_report
+from supervisor.rundir import RunDirError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
+from supervisor.status import StatusError, newest_run
+from supervisor.status import render as render_status
+from supervisor.status import watch as watch_status
 
 log = structlog.get_logger("supervisor")
 
@@ -49,6 +72,16 @@ EXIT_CODES_HELP = """exit codes:
   4    fatal: the command failed for a reason other than memory
   5    transient failures outlasted their retries
   130  interrupted (SIGINT/SIGTERM)
+"""
+
+PLAN_EXIT_CODES_HELP = """exit codes:
+  0    the plan was printed
+  2    usage error: bad arguments, policy file, command, or no device size to plan for
+"""
+
+STATUS_EXIT_CODES_HELP = """exit codes:
+  0    the run was shown
+  2    usage error: no such run folder, or no run under --runs-dir
 """
 
 DEMO_DEVICE_MIB = 70
@@ -69,14 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
         "until it fits."), epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-format", choices=("auto", "console", "json"), default="auto",
-                        help="console on a TTY, JSON lines otherwise (default: auto)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                        help="auto: a live console on a terminal, plain timestamped lines "
+                             "otherwise; json: JSON lines (anywhere on the command line; the "
+                             "run folder's supervisor.jsonl is JSON either way)")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="supervise a training command",
                          epilog=EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(run)
+    _add_command_options(run)
     run.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
                      help="run as if the device had only SIZE (24GiB, 512MiB): a real memory "
                           "limit injected into any Python command; also what predictions "
@@ -87,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the training command, after `--`")
 
     plan = sub.add_parser("plan", help="predict the memory of every config on the ladder",
-                          epilog=EXIT_CODES_HELP,
+                          epilog=PLAN_EXIT_CODES_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     plan.add_argument("--policy", default="default", metavar="NAME|FILE")
     plan.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
@@ -98,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FakeTensor (exact, runs torch in a child) or analytic (default: auto)")
     plan.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after `--`")
 
-    demo = sub.add_parser("demo", help="walk the ladder on the bundled tiny model (CPU, no GPU)")
+    demo = sub.add_parser("demo", help="walk the ladder on the bundled tiny model (CPU, no GPU)",
+                          epilog=EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(demo)
     demo.add_argument("--device-memory", type=_size, default=DEMO_DEVICE_MIB, metavar="SIZE",
                       help=f"simulated device size (default {DEMO_DEVICE_MIB}MiB)")
@@ -114,9 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an attempt still running from the dead supervisor: follow it to its "
                           "end (adopt, default) or end it and run that config again (end)")
     res.add_argument("--quiet", action="store_true", help="do not echo the command's output")
+    _add_notify(res)
 
-    rep = sub.add_parser("report", help="rebuild report.md/json from a run's journal")
+    rep = sub.add_parser("report", help="rebuild report.md/json from a run's journal",
+                         epilog=STATUS_EXIT_CODES_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     rep.add_argument("run_dir", type=Path)
+    _add_status_parser(sub)
+
+    _add_fits_parser(sub)
     return parser
 
 
@@ -125,14 +169,68 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="ladder to walk: a shipped name (default, quality-first) or a .toml file")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
                    help="where run folders go (default ./runs)")
-    p.add_argument("--run-id", default=None, help="name of the run folder (default: time-based)")
+    p.add_argument("--run-id", type=_run_id, default=None,
+                   help="name of the run folder (default: time-based)")
     p.add_argument("--max-attempts", type=_positive, default=None, metavar="N",
                    help="stop after N attempts (default: the policy's max_attempts)")
     p.add_argument("--quiet", action="store_true", help="do not echo the command's output")
+    _add_notify(p)
+    p.add_argument("--fits-db", type=Path, default=None, metavar="PATH",
+                   help="the remembered-fit store to use (default: "
+                        "$XDG_DATA_HOME/oom-supervisor/fits.sqlite3; docs/fits.md)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore remembered fits: start from the command's own config")
+
+
+def _add_command_options(p: argparse.ArgumentParser) -> None:
+    """How to read a user's command (run, plan); the demo's command is known."""
     p.add_argument("--dialect", choices=dialect_names(), default=None,
                    help="how to read the command (default: detected)")
     p.add_argument("--knobs", type=Path, default=None, metavar="FILE",
                    help="a TOML knob map for a script no dialect reads (docs/dialects.md)")
+
+
+def _add_notify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--notify", default=None, metavar="COMMAND",
+                   help="after the run, run COMMAND through the shell with "
+                        "OOM_SUPERVISOR_EXIT_CODE, OOM_SUPERVISOR_RUN_DIR and "
+                        "OOM_SUPERVISOR_SUMMARY set and the summary on stdin (docs/console.md); "
+                        "its failure never changes the run's exit code")
+
+
+def _add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    status = sub.add_parser("status", help="show a running or finished run (another terminal)",
+                            epilog=STATUS_EXIT_CODES_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.add_argument("run_dir", type=Path, nargs="?", default=None, metavar="RUN_DIR",
+                        help="a run folder (default: the newest run under --runs-dir)")
+    status.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
+                        help="where run folders are (default ./runs)")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
+                        metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until the run ends or Ctrl-C")
+    status.add_argument("--lines", type=_positive, default=5, metavar="N",
+                        help="last lines of the running attempt's logs to show (default 5)")
+
+
+def _add_fits_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    fits = sub.add_parser("fits", help="list or forget remembered fits (docs/fits.md)")
+    fits.add_argument("--fits-db", type=Path, default=None, metavar="PATH",
+                      help="the store (default: $XDG_DATA_HOME/oom-supervisor/fits.sqlite3)")
+    actions = fits.add_subparsers(dest="fits_action", parser_class=_Parser)
+    actions.add_parser("list", help="the remembered fits, newest first (the default)")
+    forget = actions.add_parser("forget", help="forget the fits whose key starts with a prefix")
+    forget.add_argument("key_prefix", nargs="?", default=None, metavar="KEY_PREFIX",
+                        help="hex digits from the KEY column of `fits list`")
+    forget.add_argument("--all", dest="forget_all", action="store_true",
+                        help="forget every remembered fit")
+
+
+def _run_id(text: str) -> str:
+    try:
+        return validate_run_id(text)
+    except RunDirError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size(text: str) -> int:
@@ -154,39 +252,105 @@ def _positive(text: str) -> int:
     return value
 
 
-def configure_logging(fmt: str = "auto") -> None:
-    """Readable console lines on a TTY, JSON lines otherwise; always to stderr."""
-    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if use_console
-        else structlog.processors.JSONRenderer())
+LOG_FORMATS = ("auto", "console", "plain", "json")
+"""auto: a live console on a terminal, plain timestamped lines otherwise; json: JSON lines."""
+
+
+def configure_logging(fmt: str = "auto") -> Output:
+    """Lines for people on stderr (JSON only with `json`); a JSON copy goes to the run folder."""
+    output = Output(fmt, sys.stderr)
     structlog.configure(
-        processors=[structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    renderer],
+        processors=output.processors(),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    return output
+
+
+def split_log_format(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`--log-format F` wherever it stands before `--` (before or after the subcommand)."""
+    words, fmt, rest = list(argv), None, []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            rest += words[i:]
+            break
+        if word == "--log-format" and i + 1 < len(words):
+            fmt, i = words[i + 1], i + 2
+            continue
+        if word.startswith("--log-format="):
+            fmt, i = word.split("=", 1)[1], i + 1
+            continue
+        rest.append(word)
+        i += 1
+    return fmt, rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `oom-supervisor` console script."""
+    _guard_std_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(args.log_format)
+    fmt, words = split_log_format(sys.argv[1:] if argv is None else argv)
+    if fmt is not None and fmt not in LOG_FORMATS:
+        parser.error(f"argument --log-format: invalid choice: {fmt!r} (choose from "
+                     f"{', '.join(LOG_FORMATS)})")
+    args = parser.parse_args(words)
+    args.output = configure_logging(fmt or "auto")
     try:
         if args.verb == "report":
             return _report(args.run_dir)
+        if args.verb == "status":
+            return _status(args)
+        if args.verb == "fits":
+            return _fits(parser, args)
         if args.verb == "resume":
             return _resume(args)
         if args.verb == "plan":
             return _plan(args, _command_from(parser, args))
         command = demo_command() if args.verb == "demo" else _command_from(parser, args)
         return _run(args, command)
-    except (PolicyError, CommandError, ResumeError, ModelSpecError) as exc:
+    except (PolicyError, CommandError, ResumeError, ModelSpecError, JournalError,
+            RunFolderBusyError, JournalWriteError, RunDirError, StatusError) as exc:
         print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
         return ExitCode.USAGE
+
+
+def _guard_std_streams() -> None:
+    """Closed stdin/stdout/stderr (`2>&-`) become /dev/null, so that no file we open later takes
+    their place (a journal on fd 2 would get the children's error output) and nothing dies
+    writing to them; the exit status still says how the run ended."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:  # the lowest free descriptor is this one, unless raced
+                os.dup2(opened, fd)
+                os.close(opened)
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))  # noqa: SIM115
+
+
+def _fits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`oom-supervisor fits [list | forget KEY_PREFIX | forget --all]`."""
+    action = args.fits_action or "list"
+    if action == "forget" and (args.key_prefix is None) == (not args.forget_all):
+        parser.error("fits forget takes a KEY_PREFIX or --all (one of them)")
+    try:
+        with FitStore.open(args.fits_db or default_fits_path()) as store:
+            if action == "list":
+                print(render_fits(store.entries(), now=time.time()))  # noqa: T201
+            else:
+                count = (store.forget_all() if args.forget_all
+                         else store.forget(args.key_prefix))
+                print(f"forgot {count} fit{'' if count == 1 else 's'} in {store.path}")  # noqa: T201
+    except (FitStoreError, ValueError) as exc:
+        print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
+        return ExitCode.USAGE
+    return ExitCode.FITTED
 
 
 def _command_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Command:
@@ -202,6 +366,10 @@ def _command_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def _dialect(args: argparse.Namespace, command: Command) -> Dialect:
     knobs_file = getattr(args, "knobs", None)
+    if knobs_file is not None and getattr(args, "dialect", None) is not None:
+        msg = ("--dialect and --knobs both say how to read the command; give one (--knobs "
+               "FILE for a script no dialect reads)")
+        raise CommandError(msg)
     return (knobmap.load(knobs_file.resolve()) if knobs_file is not None
             else detect(command, forced=getattr(args, "dialect", None)))
 
@@ -216,27 +384,63 @@ def _device_mib(args: argparse.Namespace, probe: NvmlProbe | None) -> int | None
 def _plan(args: argparse.Namespace, command: Command) -> int:
     ladder = resolve(args.policy)
     dialect = _dialect(args, command)
-    start = dialect.read(command)
+    reading = dialect.read_sourced(command)
+    start = reading.knobs
     probe = NvmlProbe() if args.device_memory is None else None
     device_mib = _device_mib(args, probe)
     if device_mib is None:
         msg = ("no NVIDIA GPU is visible to take the device size from; give one, e.g. "
                "--device-memory 24GiB")
         raise CommandError(msg)
-    spec = _model_spec(command)
-    estimator = Estimator(spec, method=args.method, device=_estimate_device(probe))
-    print(render_plan(build_plan(start, ladder, spec, device_mib,  # noqa: T201
-                                 predict=estimator.predict_many)))
-    return ExitCode.FITTED
+    spec = _model_spec(command, start)
+    if args.method == "analytic":
+        python, how = None, "counted analytically (--method analytic)"
+    else:
+        print(f"plan: looking for torch and transformers in {command.argv[0]}'s interpreter",  # noqa: T201
+              file=sys.stderr, flush=True)
+        python, how = pick_python(command.argv, env=environment(command), cwd=command.cwd)
+    progress = _Progress(spec.name, python)
+    estimator = Estimator(spec, method=args.method, device=_estimate_device(probe),
+                          python=python, progress=progress)
+    plan = build_plan(start, ladder, spec, device_mib, predict=estimator.predict_many,
+                      assumptions=(describe_reading(start, reading.sources), how))
+    progress.finish()
+    print(render_plan(plan))  # noqa: T201
+    return ExitCode.FITTED if plan.recommended is not None else ExitCode.EXHAUSTED
 
 
-def _model_spec(command: Command) -> ModelSpec:
-    name = model_argument(command.argv)
+class _Progress:
+    """plan's progress line on stderr: rewritten in place on a terminal, else start and end."""
+
+    def __init__(self, model: str, python: str | None) -> None:
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.total = 0
+        where = (f"FakeTensor in {python}; a deep model traces 2 layers and scales" if python
+                 else "analytic count")
+        print(f"plan: predicting {model} ({where})", file=sys.stderr, flush=True)  # noqa: T201
+
+    def __call__(self, done: int, total: int) -> None:
+        self.total = total
+        if self.tty:
+            print(f"\rplan: traced {done}/{total} configs, "  # noqa: T201
+                  f"{time.monotonic() - self.started:.0f} s", end="", file=sys.stderr,
+                  flush=True)
+
+    def finish(self) -> None:
+        end = "\n" if self.tty and self.total else ""
+        print(f"{end}plan: done in {time.monotonic() - self.started:.0f} s",  # noqa: T201
+              file=sys.stderr, flush=True)
+
+
+def _model_spec(command: Command, knobs: Knobs | None = None) -> ModelSpec:
+    name = model_name(knobs, command.argv) if knobs is not None else model_argument(command.argv)
     if name is None:
-        msg = ("the command names no --model_name_or_path; plan and the estimator need the "
-               "model's config.json (a local directory or a named size)")
+        msg = ("the command names no model (--model_name_or_path, or model_name_or_path in "
+               "its config); plan and the estimator need the model's config.json (a local "
+               "directory or a named size)")
         raise ModelSpecError(msg)
-    return ModelSpec.resolve(name)
+    return ModelSpec.resolve(name, cwd=command.cwd)
 
 
 def _estimate_device(probe: NvmlProbe | None) -> str:
@@ -251,7 +455,11 @@ def _memory(args: argparse.Namespace, command: Command) -> Memory:
     predictor = None
     if getattr(args, "estimate", False) and device_mib is not None:
         try:
-            predictor = Estimator(_model_spec(command), device=_estimate_device(gpu))
+            knobs = _dialect(args, command).read(command)
+            python, how = pick_python(command.argv, env=environment(command), cwd=command.cwd)
+            log.info("estimate.interpreter", how=how)
+            predictor = Estimator(_model_spec(command, knobs), device=_estimate_device(gpu),
+                                  python=python)
         except ModelSpecError as exc:
             log.info("estimate.unavailable", reason=str(exc))
     if predictor is not None and args.policy:
@@ -276,11 +484,12 @@ def demo_command() -> Command:
 def _run(args: argparse.Namespace, command: Command) -> int:
     ladder = resolve(args.policy)
     dialect = _dialect(args, command)
-    dialect.read(command)  # fail on an unreadable command before anything is created
-    run_dir = args.runs_dir / (args.run_id or new_run_id())
-    if (run_dir / "journal.jsonl").exists():
-        msg = f"{run_dir} already holds a run; choose another --run-id or --runs-dir"
-        raise CommandError(msg)
+    # Fail on an unreadable command, impossible knob values or a knob map the policy cannot
+    # walk before anything is created.
+    check_knobs(dialect.read(command))
+    if isinstance(dialect, knobmap.KnobMapDialect):
+        dialect.check_policy((r.name, r.knob, r.compensate) for r in ladder.rungs)
+    run_dir = prepare_run_dir(args.runs_dir, args.run_id or new_run_id())
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)
     env = environment(command)
@@ -290,28 +499,119 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     if args.device_memory is not None:
         # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
         env = device_memory_env(env, args.device_memory)
-    stop = StopRequest()
-    _install_signal_handlers(stop)
-    result = supervise(command, dialect=dialect, ladder=ladder, run_dir=run_dir.resolve(),
-                       max_attempts=args.max_attempts, stop=stop, echo=not args.quiet,
-                       sleep=stop.graceful.wait, env=env, memory=memory)
-    _print_summary(result)
-    return int(result.exit_code)
+    device_source = ("--device-memory" if args.device_memory is not None
+                     else "nvml" if memory.device_mib is not None else None)
+    # The demo walks the whole ladder every time: it never uses the fit store.
+    remembered = _remembered(args, command, dialect, ladder, memory) if args.verb == "run" \
+        else None
+    stop, signals = StopRequest(), Signals()
+    _install_signal_handlers(stop, signals, run_dir)
+    args.output.attach(run_dir.resolve())
+    try:
+        result = supervise(command, dialect=dialect, ladder=ladder, run_dir=run_dir.resolve(),
+                           max_attempts=args.max_attempts, stop=stop, echo=not args.quiet,
+                           sleep=stop.graceful.wait, env=env, memory=memory,
+                           device_source=device_source,
+                           inject_device_memory=args.device_memory is not None,
+                           signals=signals,
+                           fits_key=remembered.key if remembered else None,
+                           remembered=remembered.knobs if remembered else None,
+                           remembered_from=remembered.run_id if remembered else None,
+                           fits_db=str(args.fits_db) if args.fits_db else None)
+    finally:
+        args.output.close()
+    if remembered is not None and result.final_knobs is not None:
+        remember.store(args.fits_db, remembered.key, final=result.final_knobs,
+                       run_id=result.run_dir.name, attempts=result.attempts)
+    return _ended(args, result)
+
+
+def _remembered(args: argparse.Namespace, command: Command, dialect: Dialect, ladder: Ladder,
+                memory: Memory) -> remember.Remembered:
+    """This run's key in the fit store, and the fit remembered under it unless --fresh."""
+    start = dialect.read(command)
+    model_config = None
+    with contextlib.suppress(ModelSpecError, CommandError, OSError, ValueError):
+        model_config = _model_spec(command).config
+    device_name: str | None = None
+    if args.device_memory is None and isinstance(memory.gpu, NvmlProbe):
+        devices = memory.gpu.devices() if memory.gpu.unavailable is None else ()
+        device_name = devices[0].name if devices else None
+    policy_text = ""
+    with contextlib.suppress(OSError):
+        policy_text = Path(ladder.source).read_text(encoding="utf-8")
+    key = remember.key_of(start=start, model_config=model_config, dialect=dialect.name,
+                          policy_text=policy_text,
+                          device_name=device_name or ("simulated" if args.device_memory
+                                                      else None),
+                          device_mib=memory.device_mib)
+    return remember.lookup(args.fits_db, key, start, fresh=args.fresh)
+
+
+def _rebuild(config: RunConfig) -> Rebuilt:
+    """The edges of a journaled run, exactly as it was started (resume)."""
+    command = _unredact(Command(argv=config.argv, cwd=config.cwd), config)
+    if config.knobs_file is not None:
+        dialect: Dialect = knobmap.load(Path(config.knobs_file))
+    else:
+        dialect = detect(command, forced=config.dialect)
+    try:
+        ladder = parse_policy(tomllib.loads(config.policy_text), source=config.policy_source)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"the journaled policy is not valid TOML ({exc})"
+        raise ResumeError(msg) from None
+    env = environment(command)
+    env.update(config.env_added)  # the variables the run saw, whatever this shell has
+    if config.inject_device_memory and config.device_mib is not None:
+        env = device_memory_env(env, int(config.device_mib))
+    probe = NvmlProbe()
+    predictor = None
+    if config.estimate and config.device_mib is not None:
+        with contextlib.suppress(ModelSpecError):
+            predictor = Estimator(_model_spec(command),
+                                  device=_estimate_device(probe if probe.unavailable is None
+                                                          else None))
+    memory = Memory(predictor=predictor, device_mib=config.device_mib,
+                    margin=config.estimate_margin, gpu=probe)
+    check_knobs(config.start)
+    if isinstance(dialect, knobmap.KnobMapDialect):
+        dialect.check_policy((r.name, r.knob, r.compensate) for r in ladder.rungs)
+    return Rebuilt(command=command, dialect=dialect, ladder=ladder, env=env, memory=memory)
+
+
+def _unredact(command: Command, config: RunConfig) -> Command:
+    """Secrets come back from this shell's environment, by the names the run journaled."""
+    env = environment(command)
+    missing = [n for n in config.secret_names if n not in env]
+    if missing:
+        msg = (f"the run needs the secret variable(s) {', '.join(missing)}, which this shell "
+               "does not have; export them (the journal keeps names, never values) and run "
+               "resume again")
+        raise ResumeError(msg)
+    words = []
+    for word in command.argv:
+        for name in config.secret_names:
+            word = word.replace(f"<redacted:{name}>", env[name])  # noqa: PLW2901
+        words.append(word)
+    return Command(argv=tuple(words), cwd=command.cwd, env=command.env)
 
 
 def _resume(args: argparse.Namespace) -> int:
-    stop = StopRequest()
-    _install_signal_handlers(stop)
-    def dialect_for(command: Command, name: str | None, knobs_file: str | None) -> Dialect:
-        if knobs_file is not None:
-            return knobmap.load(Path(knobs_file))
-        return detect(command, forced=name)
-
-    result = resume(args.run_dir.resolve(), dialect_for=dialect_for,
-                    ladder_for=resolve, orphan=args.orphan, stop=stop, echo=not args.quiet,
-                    sleep=stop.graceful.wait)
-    _print_summary(result)
-    return int(result.exit_code)
+    stop, signals = StopRequest(), Signals()
+    _install_signal_handlers(stop, signals, args.run_dir)
+    args.output.attach(args.run_dir.resolve())
+    try:
+        result = resume(args.run_dir.resolve(), rebuild=_rebuild, orphan=args.orphan,
+                        stop=stop, echo=not args.quiet, sleep=stop.graceful.wait,
+                        signals=signals)
+    finally:
+        args.output.close()
+    config = load_journal(result.run_dir)[0].config
+    if config.fits_key and result.final_knobs is not None:
+        remember.store(Path(config.fits_db) if config.fits_db else None, config.fits_key,
+                       final=result.final_knobs, run_id=result.run_dir.name,
+                       attempts=result.attempts)
+    return _ended(args, result)
 
 
 def _demo_output_into(command: Command, run_dir: Path) -> Command:
@@ -320,46 +620,73 @@ def _demo_output_into(command: Command, run_dir: Path) -> Command:
     return Command(argv=tuple(argv), env=command.env, cwd=command.cwd)
 
 
-def _install_signal_handlers(stop: StopRequest) -> None:
+def _install_signal_handlers(stop: StopRequest, signals: Signals, run_dir: Path) -> None:
     def handler(signum: int, _frame: FrameType | None) -> None:
         stop.request()
         how = "immediately" if stop.immediate.is_set() else "gracefully (again to hurry)"
-        log.warning("supervisor.stopping", signal=signal.Signals(signum).name, how=how)
+        signals.stopping(signal.Signals(signum).name, how)
+
+    def hangup(_signum: int, _frame: FrameType | None) -> None:
+        # A dropped ssh or a closed terminal must not end the night: the output that went to
+        # the terminal goes to the run folder from now on, and the run carries on.
+        target = run_dir.resolve() / "supervisor.log"
+        with contextlib.suppress(OSError):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        signals.hangup(str(target))
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, hangup)
 
 
-def _print_summary(result: RunResult) -> None:
-    lines = []
-    if result.report:
-        lines += [render_table(result.report), ""]
-    lines += [(f"oom-supervisor: {result.status} after {result.attempts} attempt(s); "
-               f"report: {result.run_dir / 'report.md'}")]
-    if result.final_knobs is not None:
-        k = result.final_knobs
-        lines.append(
-            f"working config: per_device_batch={k.per_device_batch} grad_accum={k.grad_accum} "
-            f"(effective batch {k.effective_batch}) cutoff_len={k.cutoff_len} "
-            f"gradient_checkpointing={str(k.gradient_checkpointing).lower()} "
-            f"finetuning_type={k.finetuning_type}")
-        lines.append(f"run it again as is: sh {result.run_dir / 'final-command.sh'}")
-    print("\n".join(lines), file=sys.stderr)  # noqa: T201
+def _ended(args: argparse.Namespace, result: RunResult) -> int:
+    """The summary for people, then the user's --notify command (which never changes the code)."""
+    lines = summary(result.report, result.run_dir) if result.report else [
+        f"oom-supervisor: {result.status} after {result.attempts} attempt(s)"]
+    args.output.print("\n".join(lines))
+    if getattr(args, "notify", None):
+        event = notify.run(args.notify, exit_code=int(result.exit_code), run_dir=result.run_dir,
+                           summary="\n".join(lines))
+        try:
+            with Journal(result.run_dir) as journal:  # the run has ended: the lock is free
+                journal.write(event)
+            write_report(result.run_dir, load_journal(result.run_dir)[0])
+        except (RunFolderBusyError, JournalWriteError, JournalError) as exc:
+            args.output.print(f"oom-supervisor: note: the notify result was not journaled "
+                              f"({exc})")
+        if event.error:
+            args.output.print(f"oom-supervisor: note: --notify {event.error} (the run's exit "
+                              f"code is unchanged: {int(result.exit_code)})")
+    return int(result.exit_code)
+
+
+def _status(args: argparse.Namespace) -> int:
+    """`oom-supervisor status [RUN_DIR] [--runs-dir DIR] [--watch [S]]`."""
+    run_dir = args.run_dir if args.run_dir is not None else newest_run(args.runs_dir)
+    if args.watch is None:
+        print(render_status(run_dir, lines=args.lines))  # noqa: T201
+        return ExitCode.FITTED
+    with contextlib.suppress(KeyboardInterrupt):
+        watch_status(run_dir, every_s=args.watch, lines=args.lines)
+    return ExitCode.FITTED
 
 
 def _report(run_dir: Path) -> int:
-    journal = run_dir / "journal.jsonl"
-    if not journal.is_file():
-        print(f"oom-supervisor: error: {journal} does not exist; give a run folder "  # noqa: T201
-              "(runs/<run-id>)", file=sys.stderr)
-        return ExitCode.USAGE
+    state, torn = load_journal(run_dir)
     try:
-        replayed = replay(journal)
-        data = write_report(run_dir, replayed.events)
-    except ValueError as exc:
-        print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
-        return ExitCode.USAGE
-    if replayed.torn_line is not None:
+        data = write_report(run_dir, state)
+    except OSError as exc:
+        msg = (f"cannot write the report into {run_dir} ({exc.strerror or exc}); make the "
+               "folder writable, or copy the run folder somewhere writable and run report there")
+        raise CommandError(msg) from None
+    if torn is not None:
         print("oom-supervisor: note: the journal's last line was torn (the supervisor died "  # noqa: T201
               "mid-write) and was left out", file=sys.stderr)
     print(f"{data['summary']}; wrote {run_dir / 'report.md'}")  # noqa: T201

@@ -9,6 +9,15 @@ Two ways, same answer type (`Prediction`):
   checkpointing and the LoRA/freeze trainable share, counted from the config's shape. For
   when torch or the model's code is not at hand; within ~25% of ``fake`` (docs/memory.md).
 
+A deep model is traced as two shallow copies and extrapolated (its decoder layers are
+identical): a Llama-7B config in ~2 s instead of ~15. What neither method traces is counted
+on top of the unsharded, unquantised trace (`adjusted`): 4/8-bit weights (QLoRA implies
+LoRA) and DeepSpeed ZeRO sharding over the world size, optimizer offload included. Each
+prediction lists its assumptions (precision assumed fp32 when the command does not say...).
+
+The child runs in the wrapped command's own interpreter when that has torch and
+transformers (`pick_python`), else in the supervisor's own, else the count is analytic.
+
 `Estimator` wraps both for the loop: cached, calibrated by the peaks that attempts measure.
 """
 
@@ -18,17 +27,21 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor.classify import OomNumbers
 from supervisor.knobs import FinetuningType, Knobs
+from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS, named_config
 
 _MIB = 2**20
 RESULT_PREFIX = "estimate.result "
@@ -63,12 +76,15 @@ class Prediction:
     """Before calibration (None: not calibrated)."""
     note: str | None = None
     """Why this method (e.g. why the FakeTensor estimate was not available)."""
+    assumptions: tuple[str, ...] = ()
+    """What the prediction took for granted or counted on top of the trace, in words."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for the journal and report."""
         return {"peak_mib": round(self.peak_mib, 2), "method": str(self.method),
                 "raw_peak_mib": None if self.raw_peak_mib is None else round(self.raw_peak_mib, 2),
-                "breakdown": dict(self.breakdown), "note": self.note}
+                "breakdown": dict(self.breakdown), "note": self.note,
+                "assumptions": list(self.assumptions)}
 
 
 # --- the model's config ----------------------------------------------------------------------
@@ -98,17 +114,11 @@ class ModelSpec:
 
     @classmethod
     def named(cls, size: str) -> ModelSpec:
-        """One of the reference trainer's sizes (`tiny`, `small`)."""
-        # Torch-free: the trainer imports torch only inside its functions.
-        from supervisor.reference_trainer import (  # noqa: PLC0415 - only for named sizes
-            _COMMON_CONFIG,
-            _NAMED_CONFIGS,
-        )
-
-        if size not in _NAMED_CONFIGS:
-            msg = f"no named size {size!r}; named sizes: {', '.join(_NAMED_CONFIGS)}"
+        """One of the bundled sizes (`tiny`, `small`; supervisor/models.py)."""
+        if size not in NAMED_CONFIGS:
+            msg = f"no named size {size!r}; named sizes: {', '.join(NAMED_CONFIGS)}"
             raise ModelSpecError(msg)
-        return cls.from_config(size, {**_COMMON_CONFIG, **_NAMED_CONFIGS[size]},
+        return cls.from_config(size, {**COMMON_CONFIG, **NAMED_CONFIGS[size]},
                                source="reference trainer named size")
 
     @classmethod
@@ -126,20 +136,24 @@ class ModelSpec:
         return cls.from_config(name or str(directory), loaded, source=str(path))
 
     @classmethod
-    def resolve(cls, name_or_path: str, *,
-                env: Mapping[str, str] | None = None) -> ModelSpec:
-        """A named size, a local directory, or a hub id already in the Hugging Face cache.
+    def resolve(cls, name_or_path: str, *, env: Mapping[str, str] | None = None,
+                cwd: str | Path | None = None) -> ModelSpec:
+        """A local directory, a named size, or a hub id already in the Hugging Face cache.
 
-        Never downloads: a hub id that is not cached raises ModelSpecError naming the cache.
+        A local path (relative to `cwd`, the command's directory) always wins over a named
+        size. Never downloads: a hub id that is not cached raises ModelSpecError naming the cache.
         """
         env = os.environ if env is None else env
-        try:
-            return cls.named(name_or_path)
-        except ModelSpecError:
-            pass
         directory = Path(name_or_path).expanduser()
+        if not directory.is_absolute() and cwd is not None:
+            directory = Path(cwd) / directory
         if directory.is_dir():
             return cls.from_dir(directory, name=name_or_path)
+        if directory.exists():
+            msg = f"model {name_or_path!r} is a file, not a model folder with a config.json"
+            raise ModelSpecError(msg)
+        if named_config(name_or_path, cwd=cwd) is not None:
+            return cls.named(name_or_path)
         cache = hub_cache(env)
         snapshot = _cached_snapshot(cache, name_or_path)
         if snapshot is not None:
@@ -194,6 +208,11 @@ def model_argument(argv: Sequence[str]) -> str | None:
             if token.startswith(name + "="):
                 return token.split("=", 1)[1]
     return None
+
+
+def model_name(knobs: Knobs, argv: Sequence[str] = ()) -> str | None:
+    """The model the command trains: as its dialect read it, else `--model_name_or_path`."""
+    return knobs.model or model_argument(argv)
 
 
 # --- the analytic estimate -------------------------------------------------------------------
@@ -330,6 +349,10 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         "activations_and_temporaries_mib": round(
             (tokens * per_token if backward >= optimizer else temporaries) / _MIB, 2),
         "peak_phase": "backward" if backward >= optimizer else "optimizer",
+        "phase_peaks_mib": {"backward": round(backward / _MIB, 2),
+                            "optimizer": round(optimizer / _MIB, 2)},
+        "phase_gradients_mib": {"backward": round((grads if accumulating else 0) / _MIB, 2),
+                                "optimizer": round(grads / _MIB, 2)},
         "total_params": total, "trainable_params": trainable,
     }
     return Prediction(peak_mib=peak / _MIB, method=Method.ANALYTIC, breakdown=breakdown)
@@ -342,10 +365,12 @@ Run = Callable[..., "subprocess.CompletedProcess[str]"]
 
 def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",  # noqa: PLR0913 - keyword-only edges
               python: str = sys.executable, workers: int | None = None,
-              timeout_s: float = 900.0,
-              run: Run = subprocess.run) -> list[Prediction | EstimateError]:
+              timeout_s: float = 900.0, scale: bool = True, run: Run = subprocess.run,
+              progress: Callable[[int, int], None] | None = None,
+              ) -> list[Prediction | EstimateError]:
     """FakeTensor estimates of many configs, in `workers` child processes (default: CPUs, max 4).
 
+    `scale`: trace two shallow copies and extrapolate to the real depth (see the child).
     Raises EstimateError when the child cannot run at all (no torch there, a crash, a
     timeout); a config the child could not trace comes back as an EstimateError naming it.
     """
@@ -355,12 +380,22 @@ def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",
     chunks = [list(range(len(configs)))[j::count] for j in range(count)]
 
     def one(indices: list[int]) -> dict[int, dict[str, Any]]:
-        request = {"config": spec.config, "device": device,
+        request = {"config": spec.config, "device": device, "scale": scale,
                    "requests": [_child_knobs(configs[k]) for k in indices]}
-        results = _run_child(request, python=python, timeout_s=timeout_s, run=run)
+        results = _run_child(request, python=python, timeout_s=timeout_s, run=run,
+                             on_result=None if progress is None else one_done)
         return {indices[r["index"]]: r for r in results}
 
     merged: dict[int, dict[str, Any]] = {}
+    lock = threading.Lock()
+    done = [0]
+
+    def one_done() -> None:
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(configs))
+
     with ThreadPoolExecutor(max_workers=count) as pool:
         for part in pool.map(one, chunks):
             merged.update(part)
@@ -375,6 +410,13 @@ def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",
                      "peak_op": result["peak_op"], "total_params": result["total_params"],
                      "trainable_params": result["trainable_params"],
                      "seconds": result["seconds"]}
+        if "phase_peaks" in result:
+            breakdown["phase_peaks_mib"] = {p: round(v / _MIB, 2)
+                                            for p, v in result["phase_peaks"].items()}
+            breakdown["phase_gradients_mib"] = {p: round(v / _MIB, 2) for p, v
+                                                in result.get("phase_grads", {}).items()}
+        if "traced_layers" in result:
+            breakdown["traced_layers"] = result["traced_layers"]
         predictions.append(Prediction(peak_mib=result["peak_bytes"] / _MIB, method=Method.FAKE,
                                       breakdown=breakdown))
     return predictions
@@ -386,7 +428,71 @@ def _child_knobs(knobs: Knobs) -> dict[str, Any]:
 
 
 def _run_child(request: Mapping[str, Any], *, python: str, timeout_s: float,
-               run: Run) -> list[dict[str, Any]]:
+               run: Run, on_result: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    env = _child_env()
+    argv = [python, "-m", "supervisor._estimate_child"]
+    try:
+        if run is subprocess.run and on_result is not None:
+            returncode, stdout, stderr = _stream(argv, json.dumps(request), env=env,
+                                                 timeout_s=timeout_s, on_result=on_result)
+        else:
+            proc = run(argv, input=json.dumps(request), capture_output=True, text=True,
+                       env=env, timeout=timeout_s, check=False)
+            returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired:
+        msg = f"the FakeTensor estimator took longer than {timeout_s:.0f} s"
+        raise EstimateError(msg) from None
+    except OSError as error:
+        msg = f"cannot start {python} for the FakeTensor estimator: {error}"
+        raise EstimateError(msg) from None
+    results = [json.loads(line[len(RESULT_PREFIX):]) for line in stdout.splitlines()
+               if line.startswith(RESULT_PREFIX)]
+    if returncode != 0 or len(results) != len(request["requests"]):
+        last = next((line for line in reversed(stderr.splitlines()) if line.strip()),
+                    f"exit status {returncode}")
+        msg = f"the FakeTensor estimator ({python}) failed: {last.strip()[:300]}"
+        raise EstimateError(msg)
+    return results
+
+
+def _stream(argv: list[str], text: str, *, env: Mapping[str, str], timeout_s: float,
+            on_result: Callable[[], None]) -> tuple[int, str, str]:
+    """subprocess.run's answer, calling on_result as each result line arrives."""
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,  # noqa: S603 - our own child
+                          stderr=subprocess.PIPE, text=True, env=dict(env)) as proc:
+        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+        if stdin is None or stdout is None or stderr is None:
+            msg = "the FakeTensor estimator's pipes did not open"
+            raise OSError(msg)
+        errors: list[str] = []
+        reader = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
+        reader.start()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.start()
+        lines = []
+        try:
+            stdin.write(text)
+            stdin.close()
+            for line in stdout:
+                lines.append(line)
+                if line.startswith(RESULT_PREFIX):
+                    on_result()
+            returncode = proc.wait()
+        finally:
+            timer.cancel()
+        reader.join()
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(argv, timeout_s)
+    return returncode, "".join(lines), "".join(errors)
+
+
+def _child_env() -> dict[str, str]:
     here = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     # The child must import this very package, whichever interpreter runs it.
@@ -394,63 +500,241 @@ def _run_child(request: Mapping[str, Any], *, python: str, timeout_s: float,
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.pop("OOM_SUPERVISOR_DEVICE_MIB", None)  # never estimate under a simulated device
+    return env
+
+
+# --- which interpreter runs the child --------------------------------------------------------
+
+_PROBED: dict[tuple[str, float], str | None] = {}
+"""probe_python's answers, per (interpreter, its mtime)."""
+
+_PYTHON_NAME = re.compile(r"^python(\d+(\.\d+)?)?$")
+
+
+_PROBE = ("import importlib.util as u, sys; "
+          "sys.exit(0 if u.find_spec('torch') and u.find_spec('transformers') else 3)")
+"""Finds torch and transformers without importing them (an import costs seconds)."""
+
+
+def probe_python(python: str, *, run: Run = subprocess.run,
+                 timeout_s: float = 60.0) -> str | None:
+    """None when `python` has torch and transformers; else why not. Cached by path+mtime."""
     try:
-        proc = run([python, "-m", "supervisor._estimate_child"], input=json.dumps(request),
-                   capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        msg = f"the FakeTensor estimator took longer than {timeout_s:.0f} s"
-        raise EstimateError(msg) from None
+        key = (python, Path(python).stat().st_mtime)
     except OSError as error:
-        msg = f"cannot start {python} for the FakeTensor estimator: {error}"
-        raise EstimateError(msg) from None
-    results = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
-               if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or len(results) != len(request["requests"]):
-        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()),
-                    f"exit status {proc.returncode}")
-        msg = f"the FakeTensor estimator ({python}) failed: {last.strip()[:300]}"
-        raise EstimateError(msg)
-    return results
+        return f"{python}: {error.strerror or error}"
+    if key in _PROBED:
+        return _PROBED[key]
+    try:
+        proc = run([python, "-c", _PROBE], capture_output=True, text=True,
+                   env=_child_env(), timeout=timeout_s, check=False)
+        why = None if proc.returncode == 0 else f"{python}: " + (
+            "no torch or no transformers" if proc.returncode == 3 else  # noqa: PLR2004 - _PROBE's
+            next((line.strip() for line in reversed(proc.stderr.splitlines()) if line.strip()),
+                 f"exit status {proc.returncode}")[:200])
+    except subprocess.TimeoutExpired:
+        why = f"{python}: looking for torch and transformers took over {timeout_s:.0f} s"
+    except OSError as error:
+        why = f"{python}: {error.strerror or error}"
+    _PROBED[key] = why
+    return why
+
+
+def command_python(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None) -> str | None:
+    """The interpreter the command's program runs in: its `python` word, or a shebang's.
+
+    `env VAR=x` prefixes are skipped; a console script (`llamafactory-cli`, `torchrun`,
+    `accelerate`) is read for its `#!` line. None when there is no Python to be seen.
+    """
+    env = os.environ if env is None else env
+    words = list(argv)
+    while words and (PurePath(words[0]).name == "env" or "=" in words[0]):
+        words.pop(0)
+        while words and words[0].startswith("-"):
+            words.pop(0)
+    if not words:
+        return None
+    found = _which(words[0], env=env, cwd=cwd)
+    if found is None:
+        return None
+    if _PYTHON_NAME.match(PurePath(found).name):
+        return found
+    try:
+        with Path(found).open("rb") as handle:
+            first = handle.readline(512).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    parts = first[2:].split()
+    if parts and PurePath(parts[0]).name == "env":
+        parts = [p for p in parts[1:] if not p.startswith("-")]
+    if not parts or not _PYTHON_NAME.match(PurePath(parts[0]).name):
+        return None
+    return _which(parts[0], env=env, cwd=cwd)
+
+
+def _which(word: str, *, env: Mapping[str, str], cwd: str | None) -> str | None:
+    if os.sep in word:
+        path = Path(word) if Path(word).is_absolute() or cwd is None else Path(cwd) / word
+        return str(path) if path.is_file() else None
+    return shutil.which(word, path=env.get("PATH"))
+
+
+def pick_python(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+                cwd: str | None = None, run: Run = subprocess.run) -> tuple[str | None, str]:
+    """(the interpreter for the FakeTensor child, in words why) — None: count analytically.
+
+    The command's own interpreter first (it has the model's code and the versions that will
+    train), then the supervisor's own; each must import torch and transformers.
+    """
+    own = command_python(argv, env=env, cwd=cwd)
+    reasons = []
+    for python, whose in ((own, "the command's interpreter"),
+                          (sys.executable, "the supervisor's interpreter")):
+        if python is None:
+            reasons.append("the command names no Python interpreter")
+            continue
+        why = probe_python(python, run=run)
+        if why is None:
+            return python, f"traced in {whose} ({python})"
+        reasons.append(why)
+    return None, ("no interpreter with torch and transformers (" + "; ".join(reasons)
+                  + "): counted analytically")
+
+
+# --- what the trace does not see: quantisation and ZeRO --------------------------------------
+
+QUANT_BYTES_PER_PARAM = {4: 0.5 + 1 / 64, 8: 1.0}
+"""Bytes per quantised weight: 4-bit NF4 with double-quantised absmax (bitsandbytes, per 64
+weights one int8 scale plus an fp32 per 256 scales), LLM.int8 (one byte, row scales aside)."""
+
+
+def trace_knobs(knobs: Knobs) -> Knobs:
+    """What is traced for `knobs`: unquantised, unsharded; a quantised model trains LoRA."""
+    values = {name: getattr(knobs, name) for name in _MEMORY_KNOBS}
+    values["grad_accum"] = min(knobs.grad_accum, 2)
+    if knobs.quantization_bit is not None:
+        values["finetuning_type"] = FinetuningType.LORA
+    if values["finetuning_type"] is not FinetuningType.LORA:
+        del values["lora_rank"]
+    if values["finetuning_type"] is not FinetuningType.FREEZE:
+        del values["freeze_trainable_layers"]
+    return Knobs(**values)
+
+
+def _half(precision: str) -> int:
+    return _PRECISION_BYTES.get(precision.removesuffix("-mixed"), _FP32)
+
+
+def adjusted(spec: ModelSpec, knobs: Knobs, base: Prediction) -> Prediction:
+    """`base` (the unquantised, unsharded trace of trace_knobs) made `knobs`' own, with its
+    assumptions: quantised weights, ZeRO sharding over the world size, optimizer offload."""
+    notes: list[str] = list(base.assumptions)
+    if knobs.precision is None:
+        notes.append("precision not given: assumed fp32")
+    breakdown = dict(base.breakdown)
+    phases = {k: float(v) for k, v in dict(breakdown.get("phase_peaks_mib") or {}).items()} \
+        or {"peak": base.peak_mib}
+    shape = spec.shape()
+    w = _half(str(knobs.precision or "fp32").lower())
+    if knobs.quantization_bit is not None:
+        if knobs.finetuning_type is not FinetuningType.LORA:
+            notes.append(f"{knobs.quantization_bit}-bit weights train LoRA adapters only (QLoRA): "
+                         f"counted as LoRA r{knobs.lora_rank}")
+        q = QUANT_BYTES_PER_PARAM.get(knobs.quantization_bit)
+        if q is None or shape is None:
+            notes.append(f"{knobs.quantization_bit}-bit quantisation not counted "
+                         + ("(unknown width)" if q is None else "(the config's shape is unknown)"))
+        else:
+            linear = shape.layers * (shape.layer_parameters - 2 * shape.hidden)
+            saved = linear * (w - q) / _MIB
+            # Each quantised matmul dequantises its weight into the compute dtype, one at a time.
+            dequant = max(shape.hidden * shape.intermediate, shape.hidden ** 2) * w / _MIB
+            phases = {p: v - saved + (dequant if p != "optimizer" else 0.0)
+                      for p, v in phases.items()}
+            breakdown["weights_mib"] = round(float(breakdown.get("weights_mib", 0)) - saved, 2)
+            notes.append(f"{knobs.quantization_bit}-bit base weights at {q:.2f} B/param "
+                         "(bitsandbytes); embeddings, head and LoRA adapters as counted")
+    if knobs.deepspeed_stage is not None or knobs.deepspeed_offload:
+        phases, note = _zero(knobs, breakdown, phases, shape, w)
+        notes.append(note)
+    peak_phase = max(phases, key=lambda p: phases[p])
+    if "phase_peaks_mib" in breakdown:
+        breakdown["phase_peaks_mib"] = {p: round(v, 2) for p, v in phases.items()}
+        breakdown["peak_phase"] = peak_phase
+    if phases[peak_phase] == base.peak_mib and not notes:
+        return base
+    return dataclasses.replace(base, peak_mib=phases[peak_phase], breakdown=breakdown,
+                               assumptions=tuple(dict.fromkeys(notes)))
+
+
+def _zero(knobs: Knobs, breakdown: Mapping[str, Any], phases: dict[str, float],
+          shape: Shape | None, w: int) -> tuple[dict[str, float], str]:
+    """ZeRO's saving per phase, counted from the unsharded trace's parts (MiB)."""
+    stage = knobs.deepspeed_stage or 0
+    ranks = max(knobs.world_size, 1)
+    share = 1 - 1 / ranks
+    trainable = float(breakdown.get("trainable_params") or 0)
+    mixed = str(knobs.precision or "").endswith("-mixed")
+    states = float(breakdown.get("optimizer_mib") or 0)
+    grads = float(breakdown.get("gradients_mib") or 0)
+    weights = float(breakdown.get("weights_mib") or 0)
+    # Under mixed precision DeepSpeed keeps a half-precision working copy of the trainable
+    # weights and moves their fp32 master copy into the (sharded) optimizer partition.
+    master = trainable * _FP32 / _MIB if mixed else 0.0
+    working = trainable * w / _MIB if mixed else 0.0
+    optimizer = states + master
+    saved_static = (optimizer if knobs.deepspeed_offload else share * optimizer
+                    if stage >= 1 else 0.0) - working
+    if stage >= 3:  # noqa: PLR2004 - ZeRO stage 3
+        saved_static += share * (weights - master + working)
+        if shape is not None:  # the layer being gathered (and the next, prefetched)
+            saved_static -= 2 * shape.layer_parameters * w / _MIB
+    # Gradients held at each phase's peak (all of them at the optimizer step; in backward
+    # only those already produced, or the accumulated ones): DeepSpeed keeps them in the
+    # model's half precision under mixed precision, and ZeRO-2 keeps 1/ranks of them.
+    held = dict(breakdown.get("phase_gradients_mib") or {})
+    kept = (w / _FP32 if mixed else 1.0) * (1 / ranks if stage >= 2 else 1.0)  # noqa: PLR2004 - ZeRO stage 2
+
+    def saved_grads(phase: str) -> float:
+        return (1 - kept) * float(held.get(phase, grads if phase == "optimizer" else 0))
+
+    # Nor does DeepSpeed autocast: the model computes in its half-precision copy, so the
+    # per-matrix casts the trace holds in forward and backward do not exist.
+    out = {p: v - saved_static - saved_grads(p) - (working if p != "optimizer" else 0.0)
+           for p, v in phases.items()}
+    what = {1: "optimizer state", 2: "optimizer state and gradients",
+            3: "optimizer state, gradients and parameters"}.get(stage, "nothing")
+    note = (f"ZeRO-{stage} over {ranks} rank(s): {what} sharded 1/{ranks}"
+            + ("; optimizer state offloaded to CPU" if knobs.deepspeed_offload else "")
+            + " (counted on the unsharded trace)")
+    if ranks == 1 and not knobs.deepspeed_offload:
+        note = f"ZeRO-{stage} on 1 rank shards nothing"
+    return out, note
 
 
 # --- both, cached, with fallback -------------------------------------------------------------
 
 _MEMORY_KNOBS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
-                 "finetuning_type", "lora_rank", "freeze_trainable_layers", "precision",
-                 "quantization_bit", "deepspeed_stage")
-"""The knobs that change a single device's peak; the rest (steps, paths, ranks) do not."""
+                 "finetuning_type", "lora_rank", "freeze_trainable_layers", "precision")
+"""The knobs the trace sees; quantisation, ZeRO and the world size are counted on top."""
 
 _CACHE: dict[tuple[str, Knobs, str, str], Prediction] = {}
-"""Estimates made in this process, per (config, memory-relevant knobs, device, method)."""
+"""Traces made in this process, per (config, trace_knobs, device, method)."""
 
 
 def clear_cache() -> None:
-    """Forget every estimate made in this process (tests; a changed model directory)."""
+    """Forget every estimate and interpreter probe made in this process (tests)."""
     _CACHE.clear()
-
-
-def _key_knobs(knobs: Knobs) -> Knobs:
-    """Only the memory-relevant knobs (GA only as 1 or >1; rank and layers where they apply)."""
-    values = {name: getattr(knobs, name) for name in _MEMORY_KNOBS}
-    values["grad_accum"] = min(knobs.grad_accum, 2)
-    if knobs.finetuning_type is not FinetuningType.LORA:
-        del values["lora_rank"]
-    if knobs.finetuning_type is not FinetuningType.FREEZE:
-        del values["freeze_trainable_layers"]
-    return Knobs(**values)
-
-
-def _needs_analytic(knobs: Knobs) -> str | None:
-    if knobs.quantization_bit is not None:
-        return "quantised weights are not traced; counted analytically (unquantised)"
-    if knobs.deepspeed_stage is not None:
-        return "DeepSpeed sharding is not traced; counted analytically for one unsharded rank"
-    return None
+    _PROBED.clear()
 
 
 def estimate_many(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "auto",  # noqa: PLR0913 - keyword-only edges
-                  device: str = "cpu", python: str = sys.executable,
-                  workers: int | None = None, run: Run = subprocess.run) -> list[Prediction]:
+                  device: str = "cpu", python: str | None = sys.executable,
+                  workers: int | None = None, scale: bool = True,
+                  run: Run = subprocess.run) -> list[Prediction]:
     """Predictions for many configs: FakeTensor where it can ("auto"), else analytic.
 
     `method` is "auto", "fake" (no fallback) or "analytic". Estimates are cached in this
@@ -458,7 +742,7 @@ def estimate_many(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "a
     """
     out = []
     for result in predict_all(spec, configs, method=method, device=device, python=python,
-                              workers=workers, run=run):
+                              workers=workers, scale=scale, run=run):
         if isinstance(result, EstimateError):
             raise result
         out.append(result)
@@ -466,52 +750,62 @@ def estimate_many(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "a
 
 
 def predict_all(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "auto",  # noqa: PLR0913 - keyword-only edges
-                device: str = "cpu", python: str = sys.executable, workers: int | None = None,
-                run: Run = subprocess.run) -> list[Prediction | EstimateError]:
-    """As estimate_many, with each config's failure returned in its place instead of raised."""
+                device: str = "cpu", python: str | None = sys.executable,
+                workers: int | None = None, scale: bool = True, run: Run = subprocess.run,
+                progress: Callable[[int, int], None] | None = None,
+                ) -> list[Prediction | EstimateError]:
+    """As estimate_many, with each config's failure returned in its place instead of raised.
+
+    `python` None: no interpreter has torch and transformers (pick_python), so "auto" counts
+    analytically and "fake" fails.
+    """
     if method not in {"auto", "fake", "analytic"}:
         msg = f"unknown estimate method {method!r}; valid: auto, fake, analytic"
         raise ValueError(msg)
-    keyed = [_key_knobs(k) for k in configs]
-    wanted = "analytic" if method == "analytic" else "fake"
+    traced = [trace_knobs(k) for k in configs]
+    wanted = "analytic" if method == "analytic" or (python is None and method == "auto") \
+        else "fake"
+    tag = f"fake{'-scaled' if scale else ''}" if wanted == "fake" else "analytic"
     failed: dict[Knobs, EstimateError] = {}
     if wanted == "fake":
-        todo = [k for k in dict.fromkeys(keyed)
-                if (spec.config_json, k, device, "fake") not in _CACHE
-                and not _needs_analytic(k) and k.cutoff_len is not None]
+        todo = [k for k in dict.fromkeys(traced)
+                if (spec.config_json, k, device, tag) not in _CACHE and k.cutoff_len is not None]
         try:
+            if python is None:
+                msg = "no interpreter with torch and transformers for the FakeTensor estimator"
+                raise EstimateError(msg)  # noqa: TRY301 - the same path as a failed child
             results = fake_many(spec, todo, device=device, python=python, workers=workers,
-                                run=run)
+                                scale=scale, run=run, progress=progress)
         except EstimateError as error:
             results = [error] * len(todo)
         for k, result in zip(todo, results, strict=True):
             if isinstance(result, EstimateError):
                 failed[k] = result
             else:
-                _CACHE[(spec.config_json, k, device, "fake")] = result
+                _CACHE[(spec.config_json, k, device, tag)] = result
     out: list[Prediction | EstimateError] = []
-    for k in keyed:
-        cached = _CACHE.get((spec.config_json, k, device, wanted))
-        if cached is not None:
-            out.append(cached)
-            continue
-        if method == "fake" and k in failed:
-            out.append(failed[k])
-            continue
-        try:
-            counted = analytic(spec, k, device=device)
-        except EstimateError as error:
-            out.append(error)
-            continue
-        why = _needs_analytic(k) if wanted == "fake" else None
-        if why is None and k in failed:
-            why = f"{failed[k]}; analytic estimate instead"
-        out.append(counted if why is None else dataclasses.replace(counted, note=why))
+    for knobs, k in zip(configs, traced, strict=True):
+        base = _CACHE.get((spec.config_json, k, device, tag))
+        if base is None:
+            if method == "fake" and k in failed:
+                out.append(failed[k])
+                continue
+            try:
+                base = analytic(spec, k, device=device)
+            except EstimateError as error:
+                out.append(error)
+                continue
+            if k in failed:
+                base = dataclasses.replace(base, note=f"{failed[k]}; analytic estimate instead")
+            elif python is None and method == "auto":
+                base = dataclasses.replace(base, note="no interpreter with torch and "
+                                           "transformers: analytic estimate")
+        out.append(adjusted(spec, knobs, base))
     return out
 
 
 def estimate(spec: ModelSpec, knobs: Knobs, *, method: str = "auto", device: str = "cpu",
-             python: str = sys.executable) -> Prediction:
+             python: str | None = sys.executable) -> Prediction:
     """Predicted peak of one config (see estimate_many)."""
     return estimate_many(spec, [knobs], method=method, device=device, python=python)[0]
 
@@ -542,7 +836,12 @@ class Estimator:
     spec: ModelSpec
     method: str = "auto"
     device: str = "cpu"
-    python: str = sys.executable
+    python: str | None = sys.executable
+    """The FakeTensor child's interpreter (pick_python); None: count analytically."""
+    scale: bool = True
+    """Trace two shallow copies of a deep model and extrapolate (False: the whole model)."""
+    progress: Callable[[int, int], None] | None = None
+    """Called with (done, total) as predictions of a batch come in (plan's progress line)."""
     run: Run = subprocess.run
     ratio: float = 1.0
     """measured / predicted, from the latest calibration."""
@@ -557,7 +856,8 @@ class Estimator:
         """Calibrated predictions for many configs (one child process run for all)."""
         out: list[Prediction | None] = []
         for result in predict_all(self.spec, configs, method=self.method, device=self.device,
-                                  python=self.python, run=self.run):
+                                  python=self.python, scale=self.scale, run=self.run,
+                                  progress=self.progress):
             if isinstance(result, EstimateError):
                 self.errors.append(str(result))
                 out.append(None)

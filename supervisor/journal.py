@@ -1,43 +1,203 @@
-"""Append-only JSONL journal, flushed and fsynced per event; replay for `report` and `resume`."""
+"""The journal on disk: append-only JSONL, fsynced per event, one writer per run folder.
+
+A run folder is locked (`flock` on `<run>/.lock`) by the supervisor that writes it, so a
+second `run` with the same id, or `resume` while the first supervisor lives, is refused with
+the holder's pid instead of interleaving two journals. A torn last line (power loss, disk
+full, a kill in mid-write) is recognised on open, kept aside in the folder and cut off, so that
+the next event never lands on half a line.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, TypeVar
+
+from supervisor.events import Event, JournalError, RunState, replay
+
+E = TypeVar("E", bound=Event)
+
+JOURNAL = "journal.jsonl"
+LOCK = ".lock"
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another supervisor holds the run folder; the message names its pid."""
+
+
+class JournalWriteError(OSError):
+    """An event could not be made durable (disk full, folder gone); the message says what to do."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Replay:
-    """Events read back from a journal, and whether its last line was torn."""
+class Read:
+    """A journal's whole records, and its torn last line if it has one (not repaired)."""
 
-    events: tuple[dict[str, Any], ...]
+    records: tuple[dict[str, Any], ...]
     torn_line: str | None = None
 
 
+def read(path: Path) -> Read:
+    """Every whole record of a journal; a torn last line is returned apart, never parsed."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        msg = f"cannot read {path} ({exc.strerror or exc}); give the folder of a run"
+        raise JournalError(msg) from None
+    whole, torn = _split_torn(data)
+    records: list[dict[str, Any]] = []
+    for number, raw in enumerate(whole.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            msg = (f"{path}:{number}: not a JSON event; the journal is damaged before its last "
+                   "line and cannot be replayed")
+            raise JournalError(msg) from None
+        if not isinstance(record, dict):
+            msg = f"{path}:{number}: not a JSON object"
+            raise JournalError(msg)
+        records.append(record)
+    return Read(records=tuple(records),
+                torn_line=torn.decode("utf-8", errors="replace") if torn else None)
+
+
+def load(run_dir: Path) -> tuple[RunState, str | None]:
+    """Replay a run folder's journal: its state and its torn last line (if any)."""
+    path = run_dir / JOURNAL
+    if not path.is_file():
+        msg = f"{path} does not exist; give the folder of a run (runs/<run-id>)"
+        raise JournalError(msg)
+    got = read(path)
+    return replay(got.records), got.torn_line
+
+
+def _split_torn(data: bytes) -> tuple[bytes, bytes]:
+    """(whole lines, torn tail): the tail is a last line without its newline, or one that does
+    not parse (a crash can leave zeros or half a record behind a newline that made it)."""
+    if not data:
+        return b"", b""
+    if not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        return data[:cut], data[cut:]
+    body = data[:-1]
+    cut = body.rfind(b"\n") + 1
+    last = body[cut:]
+    try:
+        json.loads(last)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return data[:cut], data[cut:]
+    return data, b""
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who holds the run folder's lock (`pid N`), or None when nobody does."""
+    path = run_dir / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 200, 0).decode("utf-8", errors="replace").split()
+            return f"pid {text[0]}" if text else "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 class Journal:
-    """The record of a run: one JSON object per line, on disk before the call returns."""
+    """The record of a run: one JSON object per line, on disk before `write` returns."""
 
-    def __init__(self, path: Path, *, clock: Any = time.time) -> None:  # noqa: ANN401
-        self.path = path
+    def __init__(self, run_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / JOURNAL
         self._clock = clock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = path.open("a", encoding="utf-8")
+        self.torn_kept: Path | None = None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            msg = f"cannot create the run folder {run_dir} ({exc.strerror or exc})"
+            raise JournalWriteError(msg) from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(self._lock, 200, 0).decode("utf-8", errors="replace").split()
+            os.close(self._lock)
+            who = f"pid {text[0]}" if text else "another process"
+            msg = (f"run folder {run_dir} is in use by {who} (an oom-supervisor run or resume); "
+                   "wait for it to end, or choose another --run-id")
+            raise RunFolderBusyError(msg) from None
+        os.ftruncate(self._lock, 0)
+        os.pwrite(self._lock, f"{os.getpid()}\n".encode(), 0)
+        try:
+            self._repair()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o644)
+        except OSError as exc:
+            self._release()
+            msg = f"cannot open {self.path} ({exc.strerror or exc})"
+            raise JournalWriteError(msg) from None
 
-    def write(self, event: str, **fields: Any) -> dict[str, Any]:  # noqa: ANN401
-        """Append one event and fsync it, so a killed supervisor loses nothing it wrote."""
-        record = {"ts": round(self._clock(), 3), "event": event, **fields}
-        self._file.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        return record
+    def _repair(self) -> None:
+        """Keep a torn last line aside (journal.torn-N.txt) and cut it off the journal."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        whole, torn = _split_torn(data)
+        if not torn:
+            return
+        number = 1
+        while (self.run_dir / f"journal.torn-{number}.txt").exists():
+            number += 1
+        kept = self.run_dir / f"journal.torn-{number}.txt"
+        kept.write_bytes(torn)
+        with self.path.open("r+b") as handle:
+            handle.truncate(len(whole))
+            os.fsync(handle.fileno())
+        self.torn_kept = kept
+
+    def write(self, event: E) -> E:
+        """Append one event (stamped now) and fsync it; a failed write leaves no torn line."""
+        stamped = replace(event, ts=round(self._clock(), 3))
+        line = (json.dumps(stamped.to_record(), default=str, ensure_ascii=False) + "\n").encode()
+        size = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(28, "short write")  # noqa: TRY301 - handled just below
+            os.fsync(self._fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)  # never leave half an event behind
+            msg = (f"cannot write the journal {self.path} ({exc.strerror or exc}); the running "
+                   f"attempt was left running: free the space, then `oom-supervisor resume "
+                   f"{self.run_dir}`")
+            raise JournalWriteError(msg) from None
+        return stamped
 
     def close(self) -> None:
-        """Close the file; later writes fail."""
-        self._file.close()
+        """Close the file and release the run folder."""
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._release()
+
+    def _release(self) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            os.close(self._lock)
 
     def __enter__(self) -> Journal:  # noqa: PYI034 - final class, no subclasses
         return self
@@ -46,22 +206,11 @@ class Journal:
         self.close()
 
 
-def replay(path: Path) -> Replay:
-    """Read every whole event; a torn last line (the supervisor died mid-write) is set aside."""
-    events: list[dict[str, Any]] = []
-    torn: str | None = None
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                torn = line
-                continue
-            msg = f"{path}:{number}: not a JSON event; the journal is damaged beyond its last line"
-            raise ValueError(msg) from None
-        if isinstance(record, dict):
-            events.append(record)
-    return Replay(events=tuple(events), torn_line=torn)
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[Journal]:
+    """A Journal held for the block."""
+    journal = Journal(run_dir)
+    try:
+        yield journal
+    finally:
+        journal.close()

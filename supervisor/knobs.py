@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
+
+
+class Precision(StrEnum):
+    """How training holds numbers: fp32, autocast with fp32 master weights (-mixed), or pure."""
+
+    FP32 = "fp32"
+    BF16_MIXED = "bf16-mixed"
+    """Autocast in bf16, fp32 master weights: HF `--bf16`, LLaMA-Factory `bf16: true`."""
+    FP16_MIXED = "fp16-mixed"
+    BF16 = "bf16"
+    """Pure bf16 weights and optimizer state: LLaMA-Factory `pure_bf16: true`."""
+    FP16 = "fp16"
 
 
 class FinetuningType(StrEnum):
@@ -30,12 +44,16 @@ class Knobs:
     precision: str | None = None
     quantization_bit: int | None = None
     deepspeed_stage: int | None = None
+    deepspeed_offload: bool | None = None
+    """ZeRO offloads optimizer state (and parameters, stage 3) to CPU or NVMe (DS JSON)."""
     max_steps: int | None = None
     resume_from_checkpoint: str | None = None
     # Read, never rewritten by a rung: the launcher's world size (so the effective batch counts
     # every rank) and where the trainer writes its checkpoints.
     world_size: int = 1
     output_dir: str | None = None
+    model: str | None = None
+    """The model (a local folder or a hub id / built-in size name), as the command names it."""
 
     @property
     def effective_batch(self) -> int:
@@ -81,9 +99,75 @@ KNOB_TYPES: dict[str, str] = {
     "precision": "str",
     "quantization_bit": "int",
     "deepspeed_stage": "int",
+    "deepspeed_offload": "bool",
     "max_steps": "int",
     "resume_from_checkpoint": "str",
     "world_size": "int",
     "output_dir": "str",
+    "model": "str",
 }
 """The value type of each knob, as policy validation and dialect codecs see it."""
+
+
+class Source(StrEnum):
+    """Where a knob's value came from; only the first two are the user's own words."""
+
+    COMMAND_LINE = "command_line"
+    CONFIG_FILE = "config_file"
+    PROGRAM = "program"
+    """The program said so itself: a default printed by its `--help`."""
+    KNOWN_DEFAULT = "known_default"
+    """The documented default of the program family the command was recognised as."""
+    ASSUMED = "assumed"
+    """Nothing confirmed it: a guess, shown as assumed wherever a person reads it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reading:
+    """What a dialect read from a command: the knobs, where each came from, what it can set."""
+
+    knobs: Knobs
+    sources: Mapping[str, Source] = field(default_factory=lambda: MappingProxyType({}))
+    """Knob name -> source, for every knob (one the dialect did not name counts as assumed)."""
+    rewritable: frozenset[str] = frozenset()
+    """Knobs the dialect can write for this command (the program accepts their flag or key)."""
+    program: str | None = None
+    """What the program's own `--help` told us, in a few words (None: not asked)."""
+    refused: frozenset[tuple[str, str]] = frozenset()
+    """(knob, value) pairs the program cannot take although it can set the knob
+    (a TRL script's `--use_peft` gives LoRA or full, never freeze)."""
+
+    def __post_init__(self) -> None:
+        # Every knob has a source: one the dialect did not name counts as assumed.
+        full = {k: Source(self.sources.get(k, Source.ASSUMED)) for k in KNOB_NAMES}
+        object.__setattr__(self, "sources", MappingProxyType(full))
+
+    def source(self, knob: str) -> Source:
+        """Where `knob`'s value came from (assumed when the dialect did not say)."""
+        return self.sources.get(knob, Source.ASSUMED)
+
+    def can_set(self, knob: str, value: object = None) -> bool:
+        """True when a rung may set `knob` (to `value`, if given) in this program's command."""
+        if knob not in self.rewritable:
+            return False
+        return value is None or (knob, str(_plain(value))) not in self.refused
+
+    def assumed(self) -> tuple[str, ...]:
+        """Knobs whose value nothing confirmed, in field order."""
+        return tuple(k for k in KNOB_NAMES if self.source(k) is Source.ASSUMED)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready mapping: knobs, sources (every knob), rewritable (sorted), program."""
+        return {"knobs": self.knobs.to_dict(),
+                "sources": {k: str(self.source(k)) for k in KNOB_NAMES},
+                "rewritable": sorted(self.rewritable), "program": self.program,
+                "refused": sorted([k, v] for k, v in self.refused)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Reading:
+        """Inverse of to_dict."""
+        return cls(knobs=Knobs.from_dict(dict(data["knobs"])),
+                   sources={k: Source(v) for k, v in dict(data.get("sources", {})).items()},
+                   rewritable=frozenset(data.get("rewritable", ())),
+                   program=data.get("program"),
+                   refused=frozenset((str(k), str(v)) for k, v in data.get("refused", ())))

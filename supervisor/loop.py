@@ -1,8 +1,9 @@
 """The supervisor loop: run, classify, record, then step down the ladder or return.
 
-It reads like torchelastic's `_invoke_run`: run an attempt, classify its outcome, journal it,
-then either step one rung down (OOM), retry the same config (transient, hang), or stop.
-`resume` rebuilds the same state from the journal and carries on.
+`drive` reads like torchelastic's `_invoke_run`: run an attempt, classify its outcome, journal
+it, then let the pure `decide` say what comes next (finish, or one rung down). `supervise`
+starts a run from a fresh `RunConfig`; `resume` replays a journal into the same state and calls
+the same `drive`, so a resumed run cannot behave differently from one never interrupted.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import re
+import os
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import psutil
 import structlog
 from tenacity import (
     RetryCallState,
@@ -29,19 +31,46 @@ from tenacity import (
     wait_exponential,
 )
 
-from supervisor import report, runner
-from supervisor.classify import OomKind, Outcome, Verdict, VerdictKind, classify
-from supervisor.command import Command, environment, locate
+from supervisor import checkpoints, report, runner, trainer_output
+from supervisor.classify import Outcome, Verdict, VerdictKind, classify
+from supervisor.command import Command, CommandError, environment, locate
 from supervisor.dialects import Dialect
 from supervisor.estimate import Prediction, oom_lower_bound_mib
+from supervisor.events import (
+    AttemptFinished,
+    AttemptRecord,
+    AttemptSpawned,
+    AttemptStarted,
+    CheckpointResumed,
+    CheckpointSkipped,
+    EstimateDistrusted,
+    Event,
+    FinalWritten,
+    GpuHeld,
+    LadderExhausted,
+    LadderStepped,
+    RetryScheduled,
+    RunConfig,
+    RunFinished,
+    RungSkipped,
+    RunResumed,
+    RunStarted,
+    RunState,
+    SignalReceived,
+    TerminalLost,
+    numbers_of,
+    replay,
+    replay_events,
+)
 from supervisor.gpu import GpuProbe
-from supervisor.journal import Journal, replay
+from supervisor.journal import Journal, read
 from supervisor.knobs import Knobs
 from supervisor.plan import START, next_runnable
-from supervisor.policy import Attempt, GiveUp, Ladder, Step, next_step
-from supervisor.secrets import Redactor
+from supervisor.policy import GiveUp, Ladder, Step, next_step
+from supervisor.secrets import Redactor, is_secret_name
 
 log = structlog.get_logger(__name__)
+E = TypeVar("E", bound=Event)
 
 
 class ExitCode(IntEnum):
@@ -55,10 +84,31 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
-_STATUS_EXIT = {
-    "fitted": ExitCode.FITTED, "exhausted": ExitCode.EXHAUSTED, "fatal": ExitCode.FATAL,
-    "transient": ExitCode.TRANSIENT, "hang": ExitCode.TRANSIENT,
-    "interrupted": ExitCode.INTERRUPTED,
+class RunStatus(StrEnum):
+    """Where a run stands; every run ends in exactly one of the states after RUNNING.
+
+    `running`: attempts are being made (also what a journal without `run.finished` shows).
+    `fitted`: an attempt exited 0; its config is the working one and is written out.
+    `exhausted`: every rung is spent (or the attempt budget is) and the last config still OOMs.
+    `fatal`: an attempt failed for a reason other than memory (or GPU memory stayed held and
+    the policy says stop): the run stops at once rather than burn the night.
+    `transient` / `hang`: a transient failure or a hang outlasted its bounded retries.
+    `interrupted`: the supervisor was told to stop (SIGINT/SIGTERM); the attempt was ended.
+    """
+
+    RUNNING = "running"
+    FITTED = "fitted"
+    EXHAUSTED = "exhausted"
+    FATAL = "fatal"
+    TRANSIENT = "transient"
+    HANG = "hang"
+    INTERRUPTED = "interrupted"
+
+
+STATUS_EXIT: Mapping[RunStatus, ExitCode] = {
+    RunStatus.FITTED: ExitCode.FITTED, RunStatus.EXHAUSTED: ExitCode.EXHAUSTED,
+    RunStatus.FATAL: ExitCode.FATAL, RunStatus.TRANSIENT: ExitCode.TRANSIENT,
+    RunStatus.HANG: ExitCode.TRANSIENT, RunStatus.INTERRUPTED: ExitCode.INTERRUPTED,
 }
 _RETRIED = (VerdictKind.TRANSIENT, VerdictKind.HANG)
 
@@ -110,27 +160,102 @@ class RunResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+class Signals:
+    """What the CLI's signal handlers tell the loop: a lost terminal, a stop request."""
+
+    def __init__(self) -> None:
+        self._listener: Callable[[Event], object] | None = None
+        self.missed: list[Event] = []
+
+    def listen(self, listener: Callable[[Event], object] | None) -> None:
+        """Journal what arrives from now on (and what arrived before a journal was open)."""
+        self._listener = listener
+        if listener is not None:
+            while self.missed:
+                listener(self.missed.pop(0))
+
+    def tell(self, event: Event) -> None:
+        """Called from a signal handler: journal the event now, or as soon as a journal is open."""
+        if self._listener is None:
+            self.missed.append(event)
+        else:
+            self._listener(event)
+
+    def hangup(self, output_to: str) -> None:
+        """SIGHUP: the terminal is gone and output now goes to `output_to`."""
+        self.tell(TerminalLost(output_to=output_to))
+
+    def stopping(self, signal_name: str, how: str) -> None:
+        """SIGINT/SIGTERM arrived."""
+        self.tell(SignalReceived(signal=signal_name, how=how))
+
+
+# --- the pure decision -----------------------------------------------------------------------
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _Pending:
-    """An attempt the journal shows started but not finished (the supervisor died)."""
+class Finish:
+    """End the run with this status."""
 
-    number: int
-    knobs: Knobs
-    rung: str | None
-    spawned: runner.Spawned | None
-    started_at: float
+    status: RunStatus
+    reason: str | None = None
 
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepDown:
+    """Ask the policy for the next config (one rung down) and run it."""
+
+
+Decision = Finish | StepDown
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class View:
+    """What `decide` needs to know of the run besides the verdict."""
+
+    attempts_done: int
+    budget: int
+    held: str | None = None
+    stop_on_held: bool = False
+    stopping: bool = False
+    retries: int = 0
+
+
+def decide(view: View, verdict: Verdict) -> Decision:
+    """What follows an attempt's verdict (after its transient retries are spent)."""
+    if view.held and view.stop_on_held and verdict.kind is not VerdictKind.FITS:
+        return Finish(status=RunStatus.FATAL, reason=(
+            f"GPU memory was not released after attempt {view.attempts_done} ({view.held}); "
+            "the policy says stop ([gpu] on_held_memory)"))
+    if verdict.kind is VerdictKind.FITS:
+        return Finish(status=RunStatus.FITTED)
+    if verdict.kind is not VerdictKind.OOM:
+        reason = verdict.evidence
+        if verdict.kind in _RETRIED:
+            reason = (f"still failing after {view.retries} retries on the same config: {reason}")
+        return Finish(status=RunStatus(str(verdict.kind)), reason=reason)
+    if view.attempts_done >= view.budget:
+        return Finish(status=RunStatus.EXHAUSTED, reason=(
+            f"the attempt budget of {view.budget} is spent and the last config still runs out "
+            "of memory; raise --max-attempts or start smaller"))
+    if view.stopping:
+        return Finish(status=RunStatus.INTERRUPTED,
+                      reason="stopped by signal before the next attempt")
+    return StepDown()
+
+
+# --- the run in progress ---------------------------------------------------------------------
 
 @dataclass(slots=True, kw_only=True)
-class _Run:
-    """What one supervised run needs at hand; built fresh or from the journal."""
+class _Live:
+    """What one supervised run has at hand: its config, the edges, and its events so far."""
 
+    config: RunConfig
     command: Command
+    """The command with its secrets (never journaled as is)."""
     dialect: Dialect
     ladder: Ladder
     run_dir: Path
     journal: Journal
-    start: Knobs
     env: dict[str, str]
     redactor: Redactor
     run_attempt: runner.RunAttempt
@@ -138,23 +263,99 @@ class _Run:
     sleep: Callable[[float], object]
     stop: runner.StopRequest
     echo: bool
-    budget: int
-    started_at: float
-    history: list[Attempt] = field(default_factory=list)
-    """Attempts that ran, in order."""
-    walk: list[Attempt] = field(default_factory=list)
-    """What the policy has seen: the attempts plus configs skipped on a prediction (number 0)."""
-    memory: Memory = field(default_factory=Memory)
-    held: str | None = None
-    """Set when an attempt's GPU memory did not come back in time (who holds it)."""
-    checkpoints: list[tuple[str, int, Knobs]] = field(default_factory=list)
-    """Checkpoints written during this run: (path, step, knobs of the attempt that wrote it)."""
-    log: Any = None
+    memory: Memory
+    events: list[Event]
+    log: Any
+
+    def state(self) -> RunState:
+        """The run as its journal tells it so far (the same replay resume uses)."""
+        return replay_events(self.events)
+
+    def view(self, state: RunState) -> View:
+        return View(attempts_done=state.done, budget=self.config.max_attempts, held=state.held,
+                    stop_on_held=self.ladder.on_held_memory == "stop",
+                    stopping=self.stop.graceful.is_set(),
+                    retries=self.ladder.transient_retries)
+
+
+_QUIET_FIELDS = frozenset({"knobs", "argv", "config", "changed", "checkpoints_before",
+                           "gpu_release", "fresh_argv", "continue_argv", "numbers"})
+
+
+def _emit(live: _Live, event: E) -> E:
+    """Write one event to the journal and to the log, together."""
+    stamped = live.journal.write(event)
+    live.events.append(stamped)
+    fields = {k: v for k, v in stamped.to_record().items()
+              if k not in ("v", "ts", "event") and k not in _QUIET_FIELDS
+              and v not in (None, [], {}, (), False)}
+    level = ("error" if stamped.KIND == "ladder.exhausted" else
+             "warning" if stamped.KIND in ("gpu.held", "transient.retrying", "terminal.lost",
+                                           "signal.received", "estimate.distrusted") else "info")
+    getattr(live.log, level)(stamped.KIND, **fields)
+    return stamped
 
 
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus a random suffix."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+# Variables that shape a training run and that resume restores as the run saw them (never a
+# secret: secret-named ones are checked for by name instead).
+_KEPT_ENV_PREFIXES = ("CUDA_", "NVIDIA_", "HIP_", "ROCR_", "PYTORCH_", "TORCH_", "NCCL_", "HF_",
+                      "TRANSFORMERS_", "ACCELERATE_", "DS_", "OMP_", "MKL_", "TOKENIZERS_",
+                      "WANDB_", "MASTER_", "WORLD_", "LOCAL_", "PYTHONPATH", "VIRTUAL_ENV",
+                      "SLURM_", "OOM_SUPERVISOR_")
+
+
+def kept_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of the environment a resumed run must see again (no secret-named variables)."""
+    return {k: v for k, v in env.items()
+            if k.startswith(_KEPT_ENV_PREFIXES) and not is_secret_name(k)
+            and k != runner.MARKER_ENV}
+
+
+def build_config(  # noqa: PLR0913 - one value per field of the config
+    command: Command, *, run_id: str, dialect: Dialect, ladder: Ladder, start: Knobs,
+    max_attempts: int | None, memory: Memory, env: Mapping[str, str],
+    device_source: str | None = None, inject_device_memory: bool = False,
+    sources: Mapping[str, str] | None = None, fits_key: str | None = None,
+    remembered: Knobs | None = None, remembered_from: str | None = None,
+    fits_db: str | None = None,
+) -> RunConfig:
+    """The frozen config of a new run, secrets replaced by placeholders, env by what matters."""
+    redactor = Redactor.for_run(command.argv, env, cwd=command.cwd)
+    policy_text = ""
+    if ladder.source and Path(ladder.source).is_file():
+        policy_text = Path(ladder.source).read_text(encoding="utf-8")
+    placeholders = {m for word in redactor.argv(command.argv)
+                    for m in _placeholders(word)}
+    env_secrets = {k for k, v in env.items() if is_secret_name(k) and len(v) >= 4}  # noqa: PLR2004
+    return RunConfig(
+        run_id=run_id, argv=tuple(redactor.argv(command.argv)), cwd=command.cwd,
+        dialect=dialect.name, dialect_description=dialect.describe(command),
+        # The dialect says so in its description (packing in LLaMA-Factory, axolotl's default).
+        cutoff_drops_rows="DROPS" in dialect.describe(command),
+        knobs_file=str(getattr(dialect, "source", None)) if dialect.name == "knobmap" else None,
+        policy_name=ladder.name, policy_source=ladder.source, policy_text=policy_text,
+        start=start, start_sources=dict(sources or {}),
+        world_size_known=locate(command.argv).world_size_known,
+        max_attempts=max_attempts or ladder.max_attempts,
+        device_mib=memory.device_mib, device_source=device_source,
+        inject_device_memory=inject_device_memory, estimate=memory.predictor is not None,
+        estimate_margin=memory.margin,
+        gpu_note=getattr(memory.gpu, "unavailable", None) if memory.gpu is not None else None,
+        env_added=kept_environment(env), secret_names=tuple(sorted(placeholders | env_secrets)),
+        fits_key=fits_key, remembered=remembered, remembered_from=remembered_from,
+        fits_db=fits_db,
+    )
+
+
+def _placeholders(word: str) -> set[str]:
+    import re  # noqa: PLC0415
+
+    return set(re.findall(r"<redacted:([A-Za-z_][A-Za-z0-9_]*)>", word))
 
 
 def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pypa/build
@@ -171,68 +372,50 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     echo: bool = True,
     env: Mapping[str, str] | None = None,
     memory: Memory | None = None,
+    device_source: str | None = None,
+    inject_device_memory: bool = False,
+    signals: Signals | None = None,
+    start: Knobs | None = None,
+    sources: Mapping[str, str] | None = None,
+    fits_key: str | None = None,
+    remembered: Knobs | None = None,
+    remembered_from: str | None = None,
+    fits_db: str | None = None,
 ) -> RunResult:
     """Run the command, walk the ladder on each OOM, end with a report and the working config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = dialect.read(command)
     base_env = dict(env) if env is not None else environment(command)
-    redactor = Redactor.for_run(command.argv, base_env)
-    budget = max_attempts or ladder.max_attempts
-    with Journal(run_dir / "journal.jsonl") as journal:
-        opened = journal.write(
-            "run.started", run_id=run_dir.name, argv=redactor.argv(command.argv),
-            cwd=command.cwd, dialect=dialect.describe(command), dialect_name=dialect.name,
-            knobs_file=getattr(dialect, "source", None) if dialect.name == "knobmap" else None,
-            policy={"name": ladder.name, "source": ladder.source,
-                    "rungs": [{"name": r.name, "knob": r.knob, "cost": str(r.cost)}
-                              for r in ladder.rungs]},
-            knobs=start.to_dict(), effective_batch=start.effective_batch,
-            world_size_known=locate(command.argv).world_size_known, max_attempts=budget,
-        )
-        state = _Run(command=command, dialect=dialect, ladder=ladder, run_dir=run_dir,
-                     journal=journal, start=start, env=base_env, redactor=redactor,
-                     run_attempt=run_attempt, judge=judge, sleep=sleep,
-                     stop=stop or runner.StopRequest(), echo=echo, budget=budget,
-                     started_at=float(opened["ts"]), log=log.bind(run_id=run_dir.name),
-                     memory=memory or Memory())
-        state.log.info("run.started", argv=" ".join(redactor.argv(command.argv)),
-                       policy=ladder.name, per_device_batch=start.per_device_batch,
-                       grad_accum=start.grad_accum, effective_batch=start.effective_batch)
-        _journal_memory(state)
-        status, reason, spent, final = _drive(state, first=_first(state))
-    return _finish(state, status, reason, spent, final)
-
-
-def _journal_memory(state: _Run) -> None:
-    memory = state.memory
-    gpu_note = getattr(memory.gpu, "unavailable", None)
-    if gpu_note:
-        state.journal.write("gpu.unavailable", reason=gpu_note)
-    if memory.predictor is not None or memory.device_mib is not None:
-        state.journal.write("estimate.setup", device_mib=memory.device_mib,
-                            predictor=memory.predictor is not None, margin=memory.margin)
-
-
-def _first(state: _Run) -> tuple[Knobs, str | None]:
-    """The first config: the command's own, or the first predicted to fit."""
-    if not state.memory.can_skip:
-        return state.start, None
-    candidate, skips = _runnable(state, [])
-    if isinstance(candidate, Step):
-        return candidate.knobs, None if candidate.rung == START else candidate.rung
-    # Everything predicted not to fit: predictions can be wrong, so run the smallest for real.
-    last = skips[-1]
-    state.walk.pop()
-    state.log.warning("estimate.distrusted", reason="every config is predicted not to fit; "
-                      "running the smallest to check")
-    return last.knobs, last.rung
+    memory = memory or Memory()
+    first_knobs = start if start is not None else dialect.read(command)
+    config = build_config(command, run_id=run_dir.name, dialect=dialect, ladder=ladder,
+                          start=first_knobs, max_attempts=max_attempts, memory=memory,
+                          env=base_env, device_source=device_source,
+                          inject_device_memory=inject_device_memory, sources=sources,
+                          fits_key=fits_key, remembered=remembered,
+                          remembered_from=remembered_from, fits_db=fits_db)
+    with Journal(run_dir) as journal:
+        if (run_dir / "journal.jsonl").stat().st_size:
+            msg = f"{run_dir} already holds a run; choose another --run-id or --runs-dir"
+            raise CommandError(msg)
+        live = _Live(config=config, command=command, dialect=dialect, ladder=ladder,
+                     run_dir=run_dir, journal=journal, env=base_env,
+                     redactor=Redactor.for_run(command.argv, base_env, cwd=command.cwd),
+                     run_attempt=run_attempt,
+                     judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
+                     memory=memory, events=[], log=log.bind(run_id=run_dir.name))
+        _emit(live, RunStarted(config=config))
+        if signals is not None:
+            signals.listen(lambda e: _emit(live, e))
+        try:
+            return _drive(live, first=_first(live))
+        finally:
+            if signals is not None:
+                signals.listen(None)
 
 
 def resume(  # noqa: PLR0913
     run_dir: Path,
     *,
-    dialect_for: Callable[[Command, str | None, str | None], Dialect],
-    ladder_for: Callable[[str], Ladder],
+    rebuild: Callable[[RunConfig], Rebuilt],
     orphan: str = "adopt",
     run_attempt: runner.RunAttempt = runner.run,
     adopt: Callable[[runner.AttemptSpec, runner.Spawned], Outcome] = runner.adopt,
@@ -241,156 +424,159 @@ def resume(  # noqa: PLR0913
     sleep: Callable[[float], object] = time.sleep,
     stop: runner.StopRequest | None = None,
     echo: bool = True,
-    env: Mapping[str, str] | None = None,
+    signals: Signals | None = None,
 ) -> RunResult:
-    """Carry on a run whose supervisor died: adopt or end its running attempt, walk on."""
+    """Carry on a run whose supervisor died: replay its journal, settle its attempt, drive on."""
     path = run_dir / "journal.jsonl"
     if not path.is_file():
         msg = f"{path} does not exist; give the folder of a run (runs/<run-id>)"
         raise ResumeError(msg)
-    replayed = replay(path)
-    events = list(replayed.events)
-    started = next((e for e in events if e["event"] == "run.started"), None)
-    if started is None:
-        msg = f"{path} has no run.started event; it is not an oom-supervisor journal"
-        raise ResumeError(msg)
-    finished = next((e for e in events if e["event"] == "run.finished"), None)
-    if finished is not None:
-        msg = (f"run {run_dir.name} already finished ({finished['status']}); nothing to resume. "
-               f"Read {run_dir / 'report.md'} or start a new run")
-        raise ResumeError(msg)
-    command = Command(argv=tuple(started["argv"]), cwd=started.get("cwd"))
-    if any("<redacted:" in a for a in command.argv):
-        command = _unredact(command, env if env is not None else environment(command))
-    dialect = dialect_for(command, started.get("dialect_name"), started.get("knobs_file"))
-    ladder = ladder_for(started["policy"]["source"])
-    history, pending, checkpoints = _recover(events)
-    base_env = dict(env) if env is not None else environment(command)
-    with Journal(path) as journal:
-        state = _Run(command=command, dialect=dialect, ladder=ladder, run_dir=run_dir,
-                     journal=journal, start=Knobs.from_dict(started["knobs"]), env=base_env,
-                     redactor=Redactor.for_run(command.argv, base_env), run_attempt=run_attempt,
-                     judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
-                     budget=int(started.get("max_attempts", ladder.max_attempts)),
-                     started_at=float(started["ts"]), history=history, walk=list(history),
-                     checkpoints=checkpoints,
-                     log=log.bind(run_id=run_dir.name))
-        journal.write("run.resumed", attempts_done=len(history), torn_line=replayed.torn_line,
-                      pending=pending.number if pending else None, orphan=orphan)
-        state.log.info("run.resumed", attempts_done=len(history),
-                       pending=pending.number if pending else None, orphan=orphan)
-        first: tuple[Knobs, str | None] | None = None
-        if pending is not None:
-            verdict = _settle_orphan(state, pending, orphan, adopt, end_orphan)
-            if verdict.kind is VerdictKind.INTERRUPTED:
-                first = (pending.knobs, pending.rung)  # ended by us: run that config again
-        elif not history:
-            first = (state.start, None)
-        status, reason, spent, final = _drive(state, first=first)
-    return _finish(state, status, reason, spent, final)
+    with Journal(run_dir) as journal:
+        state = replay(read(path).records)
+        if state.finished is not None:
+            msg = (f"run {run_dir.name} already finished ({state.finished.status}); nothing to "
+                   f"resume. Read {run_dir / 'report.md'} or start a new run")
+            raise ResumeError(msg)
+        rebuilt = rebuild(state.config)
+        live = _Live(config=state.config, command=rebuilt.command, dialect=rebuilt.dialect,
+                     ladder=rebuilt.ladder, run_dir=run_dir, journal=journal, env=rebuilt.env,
+                     redactor=Redactor.for_run(rebuilt.command.argv, rebuilt.env,
+                                                 cwd=rebuilt.command.cwd),
+                     run_attempt=run_attempt, judge=judge, sleep=sleep,
+                     stop=stop or runner.StopRequest(), echo=echo, memory=rebuilt.memory,
+                     events=list(state.events), log=log.bind(run_id=run_dir.name))
+        pending = state.pending
+        _emit(live, RunResumed(attempts_done=state.done,
+                               pending=pending.number if pending else None, orphan=orphan,
+                               torn_kept=journal.torn_kept.name if journal.torn_kept else None,
+                               pid=os.getpid()))
+        if signals is not None:
+            signals.listen(lambda e: _emit(live, e))
+        try:
+            first: tuple[Knobs, str | None] | None = None
+            if pending is not None:
+                verdict = _settle_orphan(live, pending, orphan, adopt, end_orphan)
+                if verdict.kind is VerdictKind.INTERRUPTED:
+                    first = (pending.knobs, pending.started.rung)  # ended by us: run it again
+            elif not state.history:
+                first = _first(live)
+            return _drive(live, first=first)
+        finally:
+            if signals is not None:
+                signals.listen(None)
 
 
-def _drive(state: _Run, *, first: tuple[Knobs, str | None] | None,
-           ) -> tuple[str, str | None, list[str], Knobs | None]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rebuilt:
+    """The edges of a run rebuilt from its journaled config (by the CLI, for resume)."""
+
+    command: Command
+    dialect: Dialect
+    ladder: Ladder
+    env: dict[str, str]
+    memory: Memory
+
+
+def _drive(live: _Live, *, first: tuple[Knobs, str | None] | None) -> RunResult:
     """The loop proper. `first` is a config to run before looking at the history."""
-    verdict: Verdict
-    knobs: Knobs
+    state = live.state()
     if first is not None:
+        if live.stop.graceful.is_set():
+            return _finish(live, Finish(status=RunStatus.INTERRUPTED,
+                                        reason="stopped by signal before the first attempt"))
         knobs, rung = first
-        if state.stop.graceful.is_set():
-            return "interrupted", "stopped by signal before the first attempt", [], None
-        verdict = _attempt_with_retries(state, knobs, rung)
+        verdict = _attempt_with_retries(live, knobs, rung)
     else:
-        knobs, verdict = state.history[-1].knobs, state.history[-1].verdict
+        last = state.history[-1]
+        knobs, verdict = last.knobs, last.verdict
         if verdict.kind in _RETRIED:
-            verdict = _attempt_with_retries(state, knobs, state.history[-1].rung)
+            verdict = _attempt_with_retries(live, knobs, last.rung)
     while True:
-        if state.held and state.ladder.on_held_memory == "stop" and \
-                verdict.kind is not VerdictKind.FITS:
-            held = (f"GPU memory was not released after attempt {len(state.history)} "
-                    f"({state.held}); the policy says stop ([gpu] on_held_memory)")
-            state.log.error("run.stopped", status="fatal", evidence=held)
-            return "fatal", held, [], knobs
-        if verdict.kind is VerdictKind.FITS:
-            state.log.info("run.fitted", attempt=len(state.history), **_short(knobs))
-            return "fitted", None, [], knobs
-        if verdict.kind is not VerdictKind.OOM:
-            status, reason = str(verdict.kind), verdict.evidence
-            if verdict.kind in _RETRIED:
-                reason = (f"still failing after {state.ladder.transient_retries} retries "
-                          f"on the same config: {reason}")
-            state.log.error("run.stopped", status=status, evidence=reason)
-            return status, reason, [], knobs
-        if len(state.history) >= state.budget:
-            reason = (f"the attempt budget of {state.budget} is spent and the last config still "
-                      "runs out of memory; raise --max-attempts or start smaller")
-            state.journal.write("ladder.exhausted", reason=reason, spent=[], skipped=[])
-            state.log.error("ladder.exhausted", reason=reason)
-            return "exhausted", reason, [], knobs
-        if state.stop.graceful.is_set():
-            return "interrupted", "stopped by signal before the next attempt", [], knobs
-        step, _ = _runnable(state, state.walk)
+        state = live.state()
+        decision = decide(live.view(state), verdict)
+        if isinstance(decision, Finish):
+            return _finish(live, decision)
+        step = _runnable(live, state)
         if isinstance(step, GiveUp):
-            state.journal.write("ladder.exhausted", reason=step.reason, spent=list(step.spent),
-                                skipped=list(step.skipped))
-            state.log.error("ladder.exhausted", reason=step.reason)
-            return "exhausted", step.reason, list(step.spent), knobs
-        new = _with_checkpoint(state, step)
-        changed = {k: list(v) for k, v in knobs.diff(new).items()}
-        state.journal.write("ladder.stepped", after_attempt=len(state.history),
-                            next_attempt=len(state.history) + 1, rung=step.rung, changed=changed,
-                            restored=[list(r) for r in step.restored],
-                            skipped=list(step.skipped), note=step.note)
-        state.log.info("ladder.stepped", rung=step.rung,
-                       **{k: v[1] for k, v in changed.items() if k != "resume_from_checkpoint"},
-                       restored=[r[0] for r in step.restored] or None,
-                       skipped=list(step.skipped) or None, note=step.note)
+            _emit(live, LadderExhausted(reason=step.reason, spent=step.spent,
+                                        skipped=step.skipped))
+            return _finish(live, Finish(status=RunStatus.EXHAUSTED, reason=step.reason),
+                           spent=step.spent)
+        new = _with_checkpoint(live, step)
+        _emit(live, LadderStepped(after_attempt=state.done, next_attempt=state.done + 1,
+                                  rung=step.rung, changed=_changes(knobs, new),
+                                  restored=step.restored, skipped=step.skipped, note=step.note))
         knobs = new
-        verdict = _attempt_with_retries(state, knobs, step.rung)
+        verdict = _attempt_with_retries(live, knobs, step.rung)
 
 
-def _runnable(state: _Run, walked: list[Attempt]) -> tuple[Step | GiveUp, list[Any]]:
-    """The policy's next step, passing over configs predicted not to fit (journaled)."""
-    memory = state.memory
-    if not memory.can_skip or memory.predictor is None or memory.device_mib is None:
-        return next_step(state.start, walked, state.ladder), []
-    candidate, skips = next_runnable(state.start, walked, state.ladder,
-                                     predict=memory.predictor.predict,
-                                     device_mib=memory.device_mib, margin=memory.margin)
+def _changes(before: Knobs, after: Knobs) -> dict[str, list[Any]]:
+    return {k: list(v) for k, v in before.diff(after).items()}
+
+
+def _first(live: _Live) -> tuple[Knobs, str | None]:
+    """The first config: the command's own, or the first predicted to fit."""
+    start = live.config.walk_start
+    if not live.memory.can_skip:
+        return start, None
+    candidate = _runnable(live, live.state())
+    if isinstance(candidate, Step):
+        return candidate.knobs, None if candidate.rung == START else candidate.rung
+    return start, None  # every config predicted over: _runnable distrusted the predictions
+
+
+def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
+    """The policy's next step, passing over configs predicted not to fit (journaled).
+
+    When every remaining config is predicted over the device, the predictions are distrusted
+    for the rest of the run (journaled) and the walk goes on for real from where it stands,
+    so that skipping never lands the run on a more degraded config than the walk would.
+    """
+    memory, start, ladder = live.memory, live.config.walk_start, live.ladder
+    predictor, device = memory.predictor, memory.device_mib
+    if state.distrusted or predictor is None or device is None:
+        return next_step(start, state.walk, ladder)
+    candidate, skips = next_runnable(start, state.walk, ladder, predict=predictor.predict,
+                                     device_mib=device, margin=memory.margin)
+    if isinstance(candidate, GiveUp) and skips:
+        smallest = min(s.prediction.peak_mib for s in skips)
+        _emit(live, EstimateDistrusted(reason=(
+            f"every remaining config is predicted over the {device:g} MiB device (smallest "
+            f"{smallest:.0f} MiB); predictions can be wrong, so the ladder is walked for real "
+            "from here and no further config is skipped on a prediction")))
+        if not state.walk:
+            return Step(knobs=start, rung=START)
+        return next_step(start, state.walk, ladder)
     for skip in skips:
-        state.walk.append(skip.attempt)
-        state.journal.write("rung.skipped", rung=skip.rung, knobs=skip.knobs.to_dict(),
-                            changed={k: list(v) for k, v in state.start.diff(skip.knobs).items()},
-                            predicted_mib=round(skip.prediction.peak_mib, 1),
-                            method=str(skip.prediction.method), reason=skip.reason)
-        state.log.info("rung.skipped", rung=skip.rung or "(as given)", reason=skip.reason)
-    return candidate, list(skips)
+        _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
+                                changed=_changes(start, skip.knobs),
+                                predicted_mib=round(skip.prediction.peak_mib, 1),
+                                method=str(skip.prediction.method), reason=skip.reason))
+    return candidate
 
 
-def _attempt_with_retries(state: _Run, knobs: Knobs, rung: str | None) -> Verdict:
+def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
     """Transient failures retry the *same* knobs; walking the ladder is policy's job."""
 
     def before_retry(retry_state: RetryCallState) -> None:
         delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        state.journal.write("transient.retrying", attempt=len(state.history),
-                            delay_s=round(delay, 2))
-        state.log.warning("transient.retrying", attempt=len(state.history),
-                          delay_s=round(delay, 2))
+        _emit(live, RetryScheduled(attempt=live.state().done, delay_s=round(delay, 2)))
 
     def pause(seconds: float) -> None:
-        state.sleep(seconds)  # Event.wait in the CLI: a signal cuts the backoff short
+        live.sleep(seconds)  # Event.wait in the CLI: a signal cuts the backoff short
 
     retrying = Retrying(
-        retry=retry_if_result(lambda v: v.kind in _RETRIED and len(state.history) < state.budget
-                              and not state.stop.graceful.is_set()),
-        stop=stop_after_attempt(state.ladder.transient_retries + 1)
-        | stop_after_delay(state.ladder.transient_max_delay_s),
+        retry=retry_if_result(lambda v: v.kind in _RETRIED
+                              and live.state().done < live.config.max_attempts
+                              and not live.stop.graceful.is_set()),
+        stop=stop_after_attempt(live.ladder.transient_retries + 1)
+        | stop_after_delay(live.ladder.transient_max_delay_s),
         wait=wait_exponential(multiplier=2, min=1, max=60),
         sleep=pause,
         before_sleep=before_retry,
         retry_error_callback=_last_result,
     )
-    return retrying(_attempt, state, knobs, rung)
+    return retrying(_attempt, live, knobs, rung)
 
 
 def _last_result(retry_state: RetryCallState) -> Verdict:
@@ -400,287 +586,204 @@ def _last_result(retry_state: RetryCallState) -> Verdict:
     return verdict
 
 
-def _attempt(state: _Run, knobs: Knobs, rung: str | None) -> Verdict:
-    number = len(state.history) + 1
-    attempt_dir = state.run_dir / "attempts" / f"{number:02d}"
-    rendered = state.dialect.render(state.command, knobs, attempt_dir)
+def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
+    number = len(live.state().attempts) + 1
+    attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
+    rendered = live.dialect.render(live.command, knobs, attempt_dir)
     attempt_dir.mkdir(parents=True, exist_ok=True)
-    shown = state.redactor.argv(rendered.argv)
-    (attempt_dir / "argv.json").write_text(json.dumps(shown) + "\n", encoding="utf-8")
-    changed = {k: list(v) for k, v in state.start.diff(knobs).items()}
-    state.journal.write("attempt.started", attempt=number, rung=rung, knobs=knobs.to_dict(),
-                        changed=changed, argv=shown,
-                        log_dir=str(attempt_dir.relative_to(state.run_dir)))
-    alog = state.log.bind(attempt=number)
-    alog.info("attempt.started", rung=rung or "(as given)",
-              **{k: v[1] for k, v in changed.items() if k != "resume_from_checkpoint"})
+    shown = tuple(live.redactor.argv(rendered.argv))
+    (attempt_dir / "argv.json").write_text(json.dumps(list(shown)) + "\n", encoding="utf-8")
+    before = checkpoints.listing(knobs.output_dir, live.command.cwd)
+    started = _emit(live, AttemptStarted(
+        attempt=number, rung=rung, knobs=knobs, changed=_changes(live.config.start, knobs),
+        argv=shown, log_dir=str(attempt_dir.relative_to(live.run_dir)),
+        checkpoints_before=before))
 
     def spawned(proc: runner.Spawned) -> None:
-        state.journal.write("attempt.spawned", attempt=number, pid=proc.pid,
-                            create_time=proc.create_time)
+        _emit(live, AttemptSpawned(attempt=number, pid=proc.pid, create_time=proc.create_time))
 
-    began = time.time()
-    outcome = state.run_attempt(_spec(state, attempt_dir, rendered,
-                                      on_spawn=spawned))
-    return _record(state, number, knobs, rung, outcome, began=began)
+    outcome = live.run_attempt(_spec(live, attempt_dir, rendered, on_spawn=spawned))
+    return _record(live, started, outcome)
 
 
-def _spec(state: _Run, attempt_dir: Path, rendered: Command,
+def _spec(live: _Live, attempt_dir: Path, rendered: Command,
           on_spawn: Callable[[runner.Spawned], None] | None = None) -> runner.AttemptSpec:
+    gpu = live.memory.gpu
     return runner.AttemptSpec(
-        argv=rendered.argv, env=state.env, cwd=rendered.cwd, log_dir=attempt_dir,
-        stop=state.stop, echo=state.echo, timeout_s=state.ladder.attempt_timeout_s,
-        stall_s=state.ladder.stall_timeout_s,
+        argv=rendered.argv, env=live.env, cwd=rendered.cwd, log_dir=attempt_dir,
+        stop=live.stop, echo=live.echo, timeout_s=live.ladder.attempt_timeout_s,
+        stall_s=live.ladder.stall_timeout_s,
         # Unique across runs (two runs may share a run id in different folders): the tree
         # kill ends every process carrying it.
         marker=str(attempt_dir.resolve()),
-        on_spawn=on_spawn, redactor=state.redactor, gpu=_usable(state.memory.gpu),
-        release_wait_s=state.ladder.release_wait_s)
+        on_spawn=on_spawn, redactor=live.redactor,
+        gpu=None if gpu is None or getattr(gpu, "unavailable", None) else gpu,
+        release_wait_s=live.ladder.release_wait_s)
 
 
-def _usable(gpu: GpuProbe | None) -> GpuProbe | None:
-    return None if gpu is None or getattr(gpu, "unavailable", None) else gpu
+_NOT_LIMITED = ("--device-memory was not in force in this attempt: the injected limit never "
+                "announced itself (the command may reset PYTHONPATH in a script, run python "
+                "-I/-E/-S, or not run Python at all), so its fit says nothing about a device "
+                "of {mib:g} MiB; run the Python program directly, or drop --device-memory")
 
 
-def _record(state: _Run, number: int, knobs: Knobs, rung: str | None,  # noqa: PLR0913
-            outcome: Outcome, *, began: float) -> Verdict:
-    verdict = state.judge(outcome)
-    attempt = Attempt(number=number, knobs=knobs, rung=rung, verdict=verdict)
-    state.history.append(attempt)
-    state.walk.append(attempt)
-    ratio = _calibrate(state, knobs, verdict, outcome)
+def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
+    """Judge an attempt's outcome and journal it (with what it measured and wrote)."""
+    number, knobs = started.attempt, started.knobs
+    verdict = live.judge(outcome)
+    attempt_dir = live.run_dir / started.log_dir
+    measured = trainer_output.measure(outcome.tail, attempt_dir)
+    if (live.config.inject_device_memory and verdict.kind is VerdictKind.FITS
+            and not measured.announced):
+        verdict = Verdict(kind=VerdictKind.FATAL,
+                          evidence=_NOT_LIMITED.format(mib=live.config.device_mib or 0))
+    ratio = _calibrate(live, knobs, verdict, measured.peak_mib)
+    prediction = live.memory.predictor.predict(knobs) if live.memory.predictor else None
     if outcome.release is not None and not outcome.release.get("released", True):
-        state.held = str(outcome.release.get("describe", "GPU memory still held"))
-        state.log.warning("gpu.held", attempt=number, detail=state.held)
-    written = _checkpoints(state.command, knobs.output_dir, since=began)
-    state.checkpoints.extend((path, step, knobs) for path, step in written)
-    evidence = state.redactor.text(verdict.evidence) if verdict.evidence else None
-    state.journal.write("attempt.finished", attempt=number, verdict=str(verdict.kind),
-                        oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
-                        evidence=evidence, numbers=_numbers(verdict),
-                        exit_code=outcome.exit_code, duration_s=outcome.duration_s,
-                        killed_by_supervisor=outcome.killed_by_supervisor,
-                        adopted=outcome.adopted, kill_s=outcome.kill_s,
-                        peak_live_mib=_peak_from_tail(outcome.tail),
-                        trained_steps=_steps_from_tail(outcome.tail),
-                        checkpoints=[[path, step] for path, step in written],
-                        gpu_peak_mib=outcome.gpu_peak_mib, gpu_release=outcome.release,
-                        calibration=ratio)
-    state.log.bind(attempt=number).info(
-        "attempt.finished", verdict=str(verdict.kind),
+        _emit(live, GpuHeld(attempt=number, detail=str(
+            outcome.release.get("describe", "GPU memory still held"))))
+    after = checkpoints.listing(knobs.output_dir, live.command.cwd)
+    wrote = checkpoints.written(started.checkpoints_before, after)
+    evidence = live.redactor.text(verdict.evidence) if verdict.evidence else None
+    steps = ({"steps": measured.steps, "resumed_from_step": measured.resumed_from_step or 0}
+             if measured.steps is not None else None)
+    if steps is None and wrote:
+        # Any HF-style trainer: its newest checkpoint says how far it got.
+        resumed_from = checkpoints.step_of(knobs.resume_from_checkpoint)
+        steps = {"steps": max(step for _, step in wrote), "resumed_from_step": resumed_from}
+    _emit(live, AttemptFinished(
+        attempt=number, verdict=str(verdict.kind),
         oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
-        exit_code=outcome.exit_code, duration_s=outcome.duration_s,
-        evidence=(evidence or "")[:200])
+        evidence=evidence, numbers=numbers_of(verdict), exit_code=outcome.exit_code,
+        duration_s=outcome.duration_s, killed_by_supervisor=outcome.killed_by_supervisor,
+        adopted=outcome.adopted, kill_s=outcome.kill_s, peak_mib=measured.peak_mib,
+        peak_source=measured.peak_source, trained_steps=steps,
+        checkpoints=[[path, step] for path, step in wrote],
+        gpu_peak_mib=outcome.gpu_peak_mib, gpu_release=outcome.release, calibration=ratio,
+        predicted_mib=round(prediction.peak_mib, 1) if prediction else None,
+        escaped=outcome.escaped, wrapper_died=outcome.wrapper_died,
+    ))
     return verdict
 
 
-def _calibrate(state: _Run, knobs: Knobs, verdict: Verdict, outcome: Outcome) -> float | None:
+def _calibrate(live: _Live, knobs: Knobs, verdict: Verdict, peak_mib: float | None,
+               ) -> float | None:
     """Teach the predictor what this attempt really took (a peak, or an OOM's lower bound)."""
-    predictor = state.memory.predictor
+    predictor = live.memory.predictor
     if predictor is None:
         return None
-    # The trainer's own tensor peak only: NVML's per-process figure also holds the CUDA
-    # context (500-900 MiB; measured 934 MiB for a 172 MiB peak on an H200), which would
-    # inflate every later prediction.
-    measured = _peak_from_tail(outcome.tail)
-    if measured and verdict.kind is VerdictKind.FITS:
-        return predictor.calibrate(knobs, measured)
+    # The tensor peak the trainer (or the injected code) reported, never NVML's per-process
+    # figure: that holds the CUDA context too (934 MiB for a 172 MiB peak on an H200).
+    if peak_mib and verdict.kind is VerdictKind.FITS:
+        return predictor.calibrate(knobs, peak_mib)
     bound = oom_lower_bound_mib(verdict.numbers) if verdict.is_oom else None
     if bound:
         return predictor.calibrate(knobs, bound, lower_bound=True)
     return None
 
 
-def _settle_orphan(state: _Run, pending: _Pending, orphan: str,
+def _with_checkpoint(live: _Live, step: Step) -> Knobs:
+    """Resume from the newest checkpoint the new config can load; say so either way."""
+    state = live.state()
+    choice = checkpoints.choose(state.checkpoints, step.knobs)
+    if choice.checkpoint is not None:
+        chosen = choice.checkpoint
+        _emit(live, CheckpointResumed(attempt=state.done + 1, checkpoint=chosen.path,
+                                      step=chosen.step))
+        return dataclasses.replace(step.knobs, resume_from_checkpoint=chosen.path)
+    if choice.passed_over is not None:
+        _emit(live, CheckpointSkipped(attempt=state.done + 1, checkpoint=choice.passed_over.path,
+                                      step=choice.passed_over.step, reason=choice.reason or ""))
+    return dataclasses.replace(step.knobs,
+                               resume_from_checkpoint=live.config.start.resume_from_checkpoint)
+
+
+# --- resume: the attempt a dead supervisor left ----------------------------------------------
+
+def find_leader(marker: str) -> runner.Spawned | None:
+    """The attempt wrapper carrying `marker`, if one runs (its spawn was never journaled)."""
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(runner.MARKER_ENV) != marker:
+                continue
+            if "supervisor._wrap" in " ".join(proc.cmdline()):
+                return runner.Spawned(pid=proc.pid, create_time=proc.create_time())
+        except psutil.Error:
+            continue
+    return None
+
+
+def _settle_orphan(live: _Live, pending: AttemptRecord, orphan: str,
                    adopt: Callable[[runner.AttemptSpec, runner.Spawned], Outcome],
                    end_orphan: Callable[[runner.AttemptSpec, runner.Spawned], None]) -> Verdict:
-    """The attempt a dead supervisor left: follow it to its end, or end it and say so."""
-    attempt_dir = state.run_dir / "attempts" / f"{pending.number:02d}"
-    rendered = state.dialect.render(state.command, pending.knobs, attempt_dir)
-    spec = _spec(state, attempt_dir, rendered)
-    if orphan == "adopt" and pending.spawned is not None:
-        state.log.info("attempt.adopted", attempt=pending.number, pid=pending.spawned.pid)
-        return _record(state, pending.number, pending.knobs, pending.rung,
-                       adopt(spec, pending.spawned), began=pending.started_at)
-    if pending.spawned is not None:
-        end_orphan(spec, pending.spawned)
-    outcome = Outcome(exit_code=None, duration_s=0.0, interrupted=True,
-                      tail=("ended on resume (--orphan end)",))
-    return _record(state, pending.number, pending.knobs, pending.rung, outcome,
-                   began=pending.started_at)
+    """The attempt a dead supervisor left: follow it to its end, or end it and say so.
 
-
-def _with_checkpoint(state: _Run, step: Step) -> Knobs:
-    """Resume from the newest checkpoint the new config can load; say so either way.
-
-    Only checkpoints this run wrote count, each judged against the config of the attempt
-    that wrote it (not merely the last one: an earlier attempt may have trained differently).
+    A kill between `attempt.started` and `attempt.spawned` leaves no pid in the journal: the
+    wrapper is then found by the attempt's marker, so no instant leaves an attempt neither
+    adoptable nor endable.
     """
-    new = step.knobs
-    alive = [c for c in state.checkpoints if (Path(c[0]) / "trainer_state.json").is_file()]
-    if not alive:
-        return dataclasses.replace(new, resume_from_checkpoint=state.start.resume_from_checkpoint)
-    alive.sort(key=lambda c: c[1])
-    compatible = [c for c in alive if _incompatible(c[2], new) is None]
-    if not compatible:
-        path, steps, producer = alive[-1]
-        why_not = _incompatible(producer, new)
-        state.journal.write("checkpoint.skipped", attempt=len(state.history) + 1,
-                            checkpoint=path, step=steps, reason=why_not)
-        state.log.info("checkpoint.skipped", checkpoint=path, reason=why_not)
-        return dataclasses.replace(new, resume_from_checkpoint=None)
-    path, steps, _ = compatible[-1]
-    state.journal.write("checkpoint.resumed", attempt=len(state.history) + 1, checkpoint=path,
-                        step=steps)
-    state.log.info("checkpoint.resumed", checkpoint=path, step=steps)
-    return dataclasses.replace(new, resume_from_checkpoint=path)
+    attempt_dir = live.run_dir / pending.started.log_dir
+    rendered = live.dialect.render(live.command, pending.knobs, attempt_dir)
+    spec = _spec(live, attempt_dir, rendered)
+    spawned: runner.Spawned | None = (
+        runner.Spawned(pid=pending.spawned.pid, create_time=pending.spawned.create_time)
+        if pending.spawned is not None else find_leader(spec.marker))
+    if spawned is not None and pending.spawned is None:
+        _emit(live, AttemptSpawned(attempt=pending.number, pid=spawned.pid,
+                                   create_time=spawned.create_time))
+    if orphan == "adopt" and spawned is not None:
+        return _record(live, pending.started, adopt(spec, spawned))
+    if spawned is not None:
+        end_orphan(spec, spawned)
+    why = ("ended on resume (--orphan end)" if spawned is not None else
+           "the supervisor died before the attempt was running; it runs again")
+    outcome = Outcome(exit_code=None, duration_s=0.0, interrupted=True, tail=(why,))
+    return _record(live, pending.started, outcome)
 
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# --- the end ---------------------------------------------------------------------------------
+
+def _finish(live: _Live, decision: Finish, spent: Sequence[str] = ()) -> RunResult:
+    state = live.state()
+    final: Knobs | None = None
+    if decision.status is RunStatus.FITTED and state.history:
+        final = state.history[-1].knobs
+        _write_final(live, state, final)
+    last = state.history[-1].number if state.history else 0
+    exit_code = STATUS_EXIT.get(decision.status, ExitCode.FATAL)
+    if decision.status is not RunStatus.FITTED and decision.reason:
+        live.log.error("run.stopped", status=str(decision.status), reason=decision.reason)
+    _emit(live, RunFinished(status=str(decision.status), exit_code=int(exit_code), attempt=last,
+                            reason=live.redactor.text(decision.reason or "") or None,
+                            spent=tuple(spent)))
+    data = report.write(live.run_dir, live.state())
+    return RunResult(status=str(decision.status), exit_code=exit_code, run_dir=live.run_dir,
+                     final_knobs=final, attempts=live.state().done, report=data)
 
 
-def _checkpoints(command: Command, output_dir: str | None, *,
-                 since: float) -> list[tuple[str, int]]:
-    """`output_dir/checkpoint-N` folders (HF Trainer layout) written since `since`.
-
-    Checkpoints older than the attempt belong to some other training: never resume from those.
-    """
-    if not output_dir:
-        return []
-    base = Path(output_dir)
-    if not base.is_absolute() and command.cwd:
-        base = Path(command.cwd) / base
-    try:
-        entries = list(base.iterdir())
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        match = _CHECKPOINT.match(entry.name)
-        state_file = entry / "trainer_state.json"
-        with contextlib.suppress(OSError):
-            if match and state_file.is_file() and state_file.stat().st_mtime >= since - 1.0:
-                found.append((str(entry), int(match.group(1))))
-    return sorted(found, key=lambda c: c[1])
-
-
-def _incompatible(before: Knobs, after: Knobs) -> str | None:
-    """Why a checkpoint of `before` cannot seed `after`, or None when it can."""
-    if before.finetuning_type != after.finetuning_type:
-        return (f"the parameter set changes ({before.finetuning_type} -> "
-                f"{after.finetuning_type}): starting fresh")
-    if (before.lora_rank, before.freeze_trainable_layers) != (
-            after.lora_rank, after.freeze_trainable_layers):
-        return "the trainable parameters change (rank or frozen layers): starting fresh"
-    if before.effective_batch != after.effective_batch:
-        return (f"the effective batch changes ({before.effective_batch} -> "
-                f"{after.effective_batch}): the optimizer state and data position would not match")
-    return None
-
-
-def _recover(events: list[dict[str, Any]]
-             ) -> tuple[list[Attempt], _Pending | None, list[tuple[str, int, Knobs]]]:
-    """History, the unfinished attempt and the run's checkpoints, rebuilt from the journal."""
-    started: dict[int, dict[str, Any]] = {}
-    spawned: dict[int, runner.Spawned] = {}
-    history: list[Attempt] = []
-    checkpoints: list[tuple[str, int, Knobs]] = []
-    for event in events:
-        kind = event["event"]
-        if kind == "attempt.started":
-            started[event["attempt"]] = event
-        elif kind == "attempt.spawned":
-            spawned[event["attempt"]] = runner.Spawned(pid=int(event["pid"]),
-                                                       create_time=float(event["create_time"]))
-        elif kind == "attempt.finished" and event["attempt"] in started:
-            begun = started.pop(event["attempt"])
-            verdict = Verdict(kind=VerdictKind(event["verdict"]),
-                              oom_kind=OomKind(event["oom_kind"]) if event.get("oom_kind")
-                              else None, evidence=event.get("evidence"))
-            knobs = Knobs.from_dict(begun["knobs"])
-            history.append(Attempt(number=event["attempt"], knobs=knobs,
-                                   rung=begun.get("rung"), verdict=verdict))
-            checkpoints.extend((str(p), int(s), knobs) for p, s in event.get("checkpoints", []))
-    pending = None
-    if started:
-        number = max(started)
-        begun = started[number]
-        pending = _Pending(number=number, knobs=Knobs.from_dict(begun["knobs"]),
-                           rung=begun.get("rung"), spawned=spawned.get(number),
-                           started_at=float(begun["ts"]))
-    return history, pending, checkpoints
-
-
-def _unredact(command: Command, env: Mapping[str, str]) -> Command:
-    """Put secrets back into a journaled argv from the environment, or say which are missing."""
-    words = []
-    for word in command.argv:
-        restored = word
-        for name in re.findall(r"<redacted:([A-Za-z_][A-Za-z0-9_]*)>", word):
-            if name not in env:
-                msg = (f"the command had a secret that was redacted from the journal; set {name} "
-                       "in the environment and run resume again")
-                raise ResumeError(msg)
-            restored = restored.replace(f"<redacted:{name}>", env[name])
-        words.append(restored)
-    return dataclasses.replace(command, argv=tuple(words))
-
-
-def _finish(state: _Run, status: str, reason: str | None, spent: list[str],
-            final: Knobs | None) -> RunResult:
-    exit_code = _STATUS_EXIT.get(status, ExitCode.FATAL)
-    with Journal(state.run_dir / "journal.jsonl") as journal:
-        if status == "fitted" and final is not None:
-            files = state.dialect.finalize(state.command, final, state.run_dir)
-            if files:
-                journal.write("final.written",
-                              files=[str(p.relative_to(state.run_dir)) for p in files])
-        journal.write("run.finished", status=status, exit_code=int(exit_code),
-                      attempt=len(state.history), reason=state.redactor.text(reason or "") or None,
-                      spent=spent)
-    data = report.write(state.run_dir, list(replay(state.run_dir / "journal.jsonl").events))
-    return RunResult(status=status, exit_code=exit_code, run_dir=state.run_dir,
-                     final_knobs=final if status == "fitted" else None,
-                     attempts=len(state.history), report=data)
-
-
-def _numbers(verdict: Verdict) -> dict[str, float] | None:
-    if verdict.numbers is None:
-        return None
-    return {k: v for k in ("tried_mib", "capacity_mib", "free_mib", "allocated_mib")
-            if (v := getattr(verdict.numbers, k)) is not None}
-
-
-def _short(knobs: Knobs) -> dict[str, Any]:
-    return {"per_device_batch": knobs.per_device_batch, "grad_accum": knobs.grad_accum,
-            "cutoff_len": knobs.cutoff_len,
-            "gradient_checkpointing": knobs.gradient_checkpointing,
-            "finetuning_type": str(knobs.finetuning_type)}
-
-
-_RESULT_PREFIX = "reference-trainer.result "
-
-
-def _result(tail: tuple[str, ...]) -> dict[str, Any] | None:
-    """The reference trainer's result line, when the attempt printed one."""
-    for line in reversed(tail):
-        if line.startswith(_RESULT_PREFIX):
-            try:
-                value = json.loads(line[len(_RESULT_PREFIX):])
-            except ValueError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
-
-
-def _peak_from_tail(tail: tuple[str, ...]) -> float | None:
-    value = (_result(tail) or {}).get("peak_live_mib")
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _steps_from_tail(tail: tuple[str, ...]) -> dict[str, int] | None:
-    result = _result(tail)
-    if result is None:
-        return None
-    return {"steps": int(result.get("steps", 0)),
-            "resumed_from_step": int(result.get("resumed_from_step", 0))}
+def _write_final(live: _Live, state: RunState, final: Knobs) -> None:
+    """The working config as a fresh run, and (when there is one) the way to continue this run."""
+    start = live.config.start
+    fresh = dataclasses.replace(final, resume_from_checkpoint=start.resume_from_checkpoint)
+    fitted = state.attempts[-1]
+    rendered = live.dialect.render(live.command, fresh, live.run_dir / "final")
+    fresh_argv: Sequence[str] = (fitted.started.argv if fresh == fitted.knobs
+                                 else live.redactor.argv(rendered.argv))
+    output_dir = fresh.output_dir
+    with contextlib.suppress(CommandError, OSError, ValueError):
+        # Read back from the command as rendered: a rung may have moved it to a sibling folder.
+        output_dir = live.dialect.read(rendered).output_dir or output_dir
+    files = live.dialect.finalize(live.command, fresh, live.run_dir)
+    continue_argv: Sequence[str] = ()
+    chosen = checkpoints.choose(state.checkpoints, final).checkpoint
+    if chosen is not None:
+        more = dataclasses.replace(final, resume_from_checkpoint=chosen.path)
+        continue_argv = live.redactor.argv(
+            live.dialect.render(live.command, more, live.run_dir / "continue").argv)
+    _emit(live, FinalWritten(files=tuple(str(p.relative_to(live.run_dir)) for p in files),
+                             fresh_argv=tuple(fresh_argv), continue_argv=tuple(continue_argv),
+                             continue_checkpoint=chosen.path if chosen else None,
+                             output_dir=output_dir))

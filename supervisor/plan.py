@@ -5,8 +5,10 @@ Pure apart from the estimator it is handed (which may start a child process).
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from supervisor.classify import OomKind, Verdict, VerdictKind
@@ -104,6 +106,22 @@ class Plan:
     rows: tuple[Row, ...]
     recommended: int | None
     """Index into rows of the first config predicted to fit with the margin (None: none does)."""
+    assumptions: tuple[str, ...] = ()
+    """What the plan read or assumed about the command (precision, quantisation, ranks...)."""
+    levers: tuple[Lever, ...] = ()
+    """What each well-known lever would make of the command's own config."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lever:
+    """One well-known way to save memory, applied alone to the command's config."""
+
+    name: str
+    knobs: Knobs
+    prediction: Prediction | None
+    fits: bool | None
+    seed: str
+    """What the seed article says of it (shared/seed), for comparison."""
 
 
 Predict = Callable[[Sequence[Knobs]], Sequence[Prediction | None]]
@@ -146,11 +164,47 @@ def _costs_cell(row_costs: tuple[tuple[Cost, str], ...]) -> str:
         or "none"
 
 
+def levers(start: Knobs) -> list[tuple[str, Knobs, str]]:
+    """The levers the seed article and practitioners reach for, each applied to `start` alone.
+
+    Each is (name, knobs, what the seed article says of it). Levers already in use are left out.
+    """
+    out: list[tuple[str, Knobs, str]] = []
+    if start.precision in {None, "fp32"}:
+        out.append(("bf16 mixed precision", dataclasses.replace(start, precision="bf16-mixed"),
+                    "seed: mixed precision (fp16/bf16) lowers memory"))
+    lora = dataclasses.replace(start, finetuning_type=FinetuningType.LORA,
+                               gradient_checkpointing=True)
+    if start.finetuning_type is not FinetuningType.LORA or not start.gradient_checkpointing:
+        out.append(("LoRA + checkpointing", lora,
+                    "seed: LoRA ~ params x 10 B (7B ~75GB), full x 20 (~140GB)"))
+    if start.quantization_bit is None:
+        out.append(("QLoRA (4-bit) + ckpt", dataclasses.replace(lora, quantization_bit=4),
+                    "seed: not covered; QLoRA paper: 4-bit base ~0.5 B/param"))
+    if (start.deepspeed_stage or 0) < 3:  # noqa: PLR2004 - ZeRO-3
+        if start.world_size > 1:
+            out.append((f"ZeRO-3 over {start.world_size} GPUs",
+                        dataclasses.replace(start, deepspeed_stage=3),
+                        "seed: ZeRO-3 for very large models"))
+        elif not start.deepspeed_offload:
+            out.append(("ZeRO-2 + CPU offload", dataclasses.replace(
+                start, deepspeed_stage=2, deepspeed_offload=True),
+                "seed: ZeRO-3 for very large models (1 GPU: offload)"))
+    if start.cutoff_len is not None and start.cutoff_len > 256:  # noqa: PLR2004 - a useful floor
+        out.append((f"cutoff {start.cutoff_len} -> {start.cutoff_len // 2}",
+                    dataclasses.replace(start, cutoff_len=start.cutoff_len // 2),
+                    "seed: lower cutoff_len (e.g. 2048 -> 512)"))
+    return out
+
+
 def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # noqa: PLR0913 - keyword-only knobs
-          predict: Predict, margin: float = DEFAULT_MARGIN) -> Plan:
-    """Predict every config of the walk and pick the first that fits with the margin."""
+          predict: Predict, margin: float = DEFAULT_MARGIN,
+          assumptions: Sequence[str] = (), advise: bool = True) -> Plan:
+    """Predict every config of the walk (and each lever) and pick the first that fits."""
     configs = walk(start, ladder)
-    predictions = predict([k for k, _ in configs])
+    extra = levers(start) if advise else []
+    everything = list(predict([k for k, _ in configs] + [k for _, k, _ in extra]))
+    predictions, lever_predictions = everything[:len(configs)], everything[len(configs):]
     params = spec.parameters()
     rows: list[Row] = []
     for (knobs, rung), prediction in zip(configs, predictions, strict=True):
@@ -160,8 +214,13 @@ def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # 
                         fits=fits(prediction, device_mib, margin=margin),
                         costs=costs(knobs, start, ladder), seed_mib=seed))
     recommended = next((i for i, r in enumerate(rows) if r.fits), None)
+    found = tuple(Lever(name=name, knobs=knobs, prediction=prediction, seed=seed,
+                        fits=fits(prediction, device_mib, margin=margin))
+                  for (name, knobs, seed), prediction in zip(extra, lever_predictions,
+                                                             strict=True))
     return Plan(model=spec.name, params=params, device_mib=device_mib, margin=margin,
-                rows=tuple(rows), recommended=recommended)
+                rows=tuple(rows), recommended=recommended, assumptions=tuple(assumptions),
+                levers=found)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,58 +269,138 @@ def recommended_start(plan: Plan) -> Knobs | None:
     return None if plan.recommended is None else plan.rows[plan.recommended].knobs
 
 
+WIDTH = 100
+"""The table and every line of the plan fit this many columns."""
+
+_READ = (("model", "model"), ("precision", "precision"), ("quantization_bit", "quantisation"),
+         ("deepspeed_stage", "ZeRO stage"), ("deepspeed_offload", "offload"),
+         ("world_size", "world size"), ("cutoff_len", "cutoff"),
+         ("gradient_checkpointing", "checkpointing"))
+
+
+def describe_reading(knobs: Knobs, sources: Mapping[str, str]) -> str:
+    """What the command says about memory and where each value came from, in one line.
+
+    `sources` maps a knob to its Source ("command_line", "config_file", "program",
+    "known_default", "assumed"); a knob it does not name counts as assumed.
+    """
+    parts = []
+    for name, label in _READ:
+        value = getattr(knobs, name)
+        source = str(sources.get(name, "assumed")).replace("_", " ")
+        if value is None:
+            shown = {"precision": "fp32", "quantization_bit": "none",
+                     "deepspeed_stage": "none", "deepspeed_offload": "no"}.get(name, "unknown")
+        else:
+            shown = _show(value)
+        parts.append(f"{label} {shown} ({source})")
+    return "read: " + ", ".join(parts)
+
+
 def render(plan: Plan) -> str:
-    """The plan as a text table, with the recommendation and the seed's rule of thumb."""
-    header = ("#", "rung", "batch x GA", "cutoff", "gc", "method", "eff.batch", "predicted",
-              "fits", "seed rule", "costs")
+    """The plan as text within 100 columns: the table, the recommendation, levers, assumptions."""
+    header = ("#", "rung", "batch", "cutoff", "gc", "method", "predicted", "fits", "gives up")
     lines: list[tuple[str, ...]] = []
     for i, row in enumerate(plan.rows):
         k = row.knobs
-        method = str(k.finetuning_type)
-        if k.finetuning_type is FinetuningType.LORA:
-            method += f" r{k.lora_rank}"
-        elif k.finetuning_type is FinetuningType.FREEZE:
-            method += f" {k.freeze_trainable_layers}"
         predicted = "n/a" if row.prediction is None else (
             _mib(row.prediction.peak_mib) + ("" if row.prediction.method == "fake" else " ~"))
-        fit = {True: "yes", False: "no", None: "?"}[row.fits]
         mark = "*" if i == plan.recommended else ""
-        lines.append((f"{i + 1}{mark}", row.rung or "(start)",
-                      f"{k.per_device_batch} x {k.grad_accum}",
+        lines.append((f"{i + 1}{mark}", _rung(row.rung),
+                      f"{k.per_device_batch}x{k.grad_accum}",
                       "-" if k.cutoff_len is None else str(k.cutoff_len),
-                      "on" if k.gradient_checkpointing else "off", method,
-                      str(row.effective_batch), predicted, fit,
-                      "n/a" if row.seed_mib is None else _mib(row.seed_mib),
+                      "on" if k.gradient_checkpointing else "off", _method(k), predicted,
+                      {True: "yes", False: "no", None: "?"}[row.fits],
                       _costs_cell(row.costs)))
-    widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(header)]
-    right = {0, 6, 7, 9}
+    widths = [max(len(h), *(len(r[j]) for r in lines)) for j, h in enumerate(header[:-1])]
+    last = max(WIDTH - sum(widths) - 2 * len(widths), 12)
+    right = {0, 6}
 
-    def fmt(cells: tuple[str, ...]) -> str:
-        return "  ".join(c.rjust(w) if j in right else c.ljust(w)
-                         for j, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+    def fmt(cells: Sequence[str]) -> list[str]:
+        head = "  ".join(c.rjust(w) if j in right else c.ljust(w)
+                         for j, (c, w) in enumerate(zip(cells[:-1], widths, strict=True)))
+        wrapped = textwrap.wrap(cells[-1], last) or [""]
+        pad = " " * (len(head) + 2)
+        return [f"{head}  {wrapped[0]}".rstrip(), *(pad + more for more in wrapped[1:])]
 
     params = "unknown parameters" if plan.params is None else f"{plan.params / 1e6:,.1f}M params"
-    title = (f"model {plan.model} ({params}); device {_mib(plan.device_mib)}, "
-             f"safety margin {plan.margin:.0%}")
-    out = [title, "", fmt(header),
-           fmt(tuple("-" * w for w in widths))]
-    out += [fmt(r) for r in lines]
+    out = _wrap(f"model {plan.model} ({params}); device {_mib(plan.device_mib)}, "
+                f"safety margin {plan.margin:.0%}")
+    out += ["", *fmt(header), *fmt(tuple("-" * w for w in [*widths, last]))]
+    for cells in lines:
+        out += fmt(cells)
     out.append("")
     if plan.recommended is None:
-        out.append("recommended: nothing in this ladder is predicted to fit; a bigger device, "
-                   "a shorter cutoff or another policy is needed")
+        out += _wrap("recommended: nothing in this ladder is predicted to fit this device; "
+                     "see the levers below, or a bigger device")
     else:
         row = plan.rows[plan.recommended]
-        out.append(f"recommended first config: #{plan.recommended + 1} "
-                   f"({_describe(row.knobs)}), predicted {_mib(_peak(row))}")
+        out += _wrap(f"recommended first config: #{plan.recommended + 1} "
+                     f"({_describe(row.knobs)}), predicted {_mib(_peak(row))}")
+    out += _render_levers(plan)
+    notes = list(plan.assumptions) + list(dict.fromkeys(
+        a for r in plan.rows if r.prediction is not None for a in r.prediction.assumptions))
+    if notes:
+        out += ["", "assumptions:"]
+        for note in dict.fromkeys(notes):
+            out += _wrap(note, "  - ", "    ")
     methods = {r.prediction.method for r in plan.rows if r.prediction is not None}
-    out.append("predicted: peak live tensor memory of two training steps (weights, gradients, "
-               "AdamW state, activations)" + (
-                   "; ~ marks the analytic fallback" if "analytic" in methods else
-                   ", traced under FakeTensorMode"))
-    out.append("seed rule: the seed article's rule of thumb, parameters x 20 B (full), "
-               "x 10 (LoRA), x 6 (freeze), whatever the batch and cutoff")
+    out.append("")
+    out += _wrap("predicted: peak live tensor memory of two training steps (weights, "
+                 "gradients, AdamW state, activations; SDPA attention, no dropout)" + (
+                     "; ~ marks the analytic fallback" if "analytic" in methods else
+                     ", traced under FakeTensorMode"))
+    seeds = {str(r.knobs.finetuning_type): r.seed_mib for r in plan.rows
+             if r.seed_mib is not None}
+    out += _wrap("seed rule: the seed article's rule of thumb (shared/seed), parameters x 20 B "
+                 "(full), x 10 (LoRA), x 6 (freeze), whatever the batch and cutoff"
+                 + (": " + ", ".join(f"{k} {_mib(v)}" for k, v in seeds.items())
+                    if seeds else ""))
     return "\n".join(out) + "\n"
+
+
+_RUNG_WIDTH = 14
+
+
+def _rung(name: str | None) -> str:
+    name = (name or "(start)").removeprefix("gradient-")
+    return name if len(name) <= _RUNG_WIDTH else name[:_RUNG_WIDTH - 1] + "~"
+
+
+def _render_levers(plan: Plan) -> list[str]:
+    if not plan.levers:
+        return []
+    start = plan.rows[0].prediction if plan.rows else None
+    out = ["", "levers, each alone on the command's own config"
+           + (f" ({_mib(start.peak_mib)}):" if start is not None else ":")]
+    width = max(len(lever.name) for lever in plan.levers)
+    for lever in plan.levers:
+        if lever.prediction is None:
+            said = "no prediction"
+        else:
+            said = _mib(lever.prediction.peak_mib)
+            if start is not None:
+                saved = start.peak_mib - lever.prediction.peak_mib
+                said += f" ({'saves' if saved >= 0 else 'adds'} {_mib(abs(saved))})"
+            said += ", fits" if lever.fits else ", does not fit"
+        out += _wrap(f"{lever.name.ljust(width)}  {said}; {lever.seed}", "  ",
+                     "  " + " " * (width + 2))
+    return out
+
+
+def _wrap(text: str, first: str = "", rest: str = "  ") -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=rest) or [""]
+
+
+def _method(knobs: Knobs) -> str:
+    method = str(knobs.finetuning_type)
+    if knobs.finetuning_type is FinetuningType.LORA:
+        method += f" r{knobs.lora_rank}"
+    elif knobs.finetuning_type is FinetuningType.FREEZE:
+        method += f" {knobs.freeze_trainable_layers}"
+    if knobs.quantization_bit is not None:
+        method = f"q{knobs.quantization_bit} {method}"
+    return method
 
 
 def _peak(row: Row) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,10 +118,13 @@ def _halve(knobs: Knobs, rung: Rung) -> Knobs | None:
         return dataclasses.replace(knobs, **{rung.knob: max(floor, value // 2)})
     # Keep value x compensate exactly: take the largest divisor of value at or below half
     # (12 -> 6, 6 -> 3, 3 -> 1), and multiply the compensating knob by the quotient.
-    new = next((d for d in range(value // 2, floor - 1, -1) if value % d == 0), None)
-    if new is None:
+    # The largest divisor at or below half is value / its smallest prime factor: found by trial
+    # division up to sqrt(value), so bounded even for a value nobody should give.
+    factor = next((p for p in range(2, min(math.isqrt(value), _MAX_TRIAL) + 1) if value % p == 0),
+                  value)
+    new = value // factor
+    if new < floor:
         return None
-    factor = value // new
     return dataclasses.replace(knobs, **{rung.knob: new,
                                          rung.compensate: getattr(knobs, rung.compensate) * factor})
 
@@ -137,6 +141,29 @@ def _set(knobs: Knobs, rung: Rung) -> Knobs | None:
     if all(getattr(knobs, k) == v for k, v in changes.items()):
         return None
     return dataclasses.replace(knobs, **changes)
+
+
+_MAX_TRIAL = 1 << 20
+MAX_KNOB_INT = 1 << 24
+"""Largest value a whole-number knob may have (batch, accumulation, cutoff, rank): beyond it
+the command is a usage error, not a config to walk down."""
+_POSITIVE = ("per_device_batch", "grad_accum", "cutoff_len", "lora_rank", "world_size",
+             "max_steps")
+
+
+def check_knobs(knobs: Knobs) -> None:
+    """PolicyError (one line) for knob values no training can have: 0, negative, huge."""
+    for name in KNOB_NAMES:
+        value = getattr(knobs, name, None)
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if abs(value) > MAX_KNOB_INT:
+            msg = (f"{name}={value} is not a size a training run can have (at most "
+                   f"{MAX_KNOB_INT}); fix the command")
+            raise PolicyError(msg)
+        if name in _POSITIVE and value < 1:
+            msg = f"{name}={value} must be at least 1; fix the command"
+            raise PolicyError(msg)
 
 
 ACTIONS: Mapping[str, Callable[[Knobs, Rung], Knobs | None]] = {
@@ -163,8 +190,27 @@ def _restore(knobs: Knobs, start: Knobs) -> tuple[Knobs, tuple[tuple[str, Any, A
     return dataclasses.replace(knobs, **changes), tuple(restored)
 
 
-def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder) -> Step | GiveUp:
-    """Return the next cheaper Knobs after the last attempt's OOM, or GiveUp naming spent rungs."""
+CanSet = Callable[[str, Any], bool]
+"""Whether the command's program can take `knob` = `value` (Reading.can_set)."""
+
+
+def _blocked(last: Knobs, new: Knobs, can_set: CanSet | None) -> str | None:
+    """The first change in `new` the program cannot take, as `knob=value` (None: all fine)."""
+    if can_set is None:
+        return None
+    for knob, (_, value) in last.diff(new).items():
+        if not can_set(knob, value):
+            return f"{knob}={_show(value)}"
+    return None
+
+
+def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
+              can_set: CanSet | None = None) -> Step | GiveUp:
+    """Return the next cheaper Knobs after the last attempt's OOM, or GiveUp naming spent rungs.
+
+    `can_set` (the command's Reading.can_set) skips a rung whose change the program cannot
+    take, e.g. a LoRA rung on a script with no LoRA flag, with a one-line reason in `skipped`.
+    """
     last = history[-1].knobs if history else start
     tried = {a.knobs for a in history}
     spent_index = max((i for i, r in enumerate(ladder.rungs)
@@ -186,8 +232,13 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder) -> Step 
         if new in tried:
             skipped.append(f"{rung.name}: that config was already tried")
             continue
+        blocked = _blocked(last, new, can_set)
+        if blocked is not None:
+            skipped.append(f"{rung.name}: the program takes no flag or key for {blocked}")
+            continue
         if ladder.speed_before_quality and rung.cost is Cost.QUALITY:
-            cheaper = _cheaper_first(last, tried, ladder, index, spent_index)
+            cheaper = _cheaper_first(last, tried, ladder, index, spent_index,
+                                     can_set=can_set)
             if cheaper is not None:
                 return dataclasses.replace(cheaper, skipped=tuple(skipped),
                                            note=f"tried before {rung.name}, which costs quality")
@@ -198,8 +249,8 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder) -> Step 
     return GiveUp(reason=reason, spent=spent, skipped=tuple(skipped))
 
 
-def _cheaper_first(last: Knobs, tried: set[Knobs], ladder: Ladder, index: int,
-                   spent_index: int) -> Step | None:
+def _cheaper_first(last: Knobs, tried: set[Knobs], ladder: Ladder, index: int,  # noqa: PLR0913
+                   spent_index: int, *, can_set: CanSet | None = None) -> Step | None:
     """A later rung that costs only speed, applied to the current config as it stands.
 
     Before the run gives up quality (truncating samples, changing the method), check whether
@@ -214,7 +265,8 @@ def _cheaper_first(last: Knobs, tried: set[Knobs], ladder: Ladder, index: int,
         if later.cost is Cost.QUALITY:
             continue
         candidate = ACTIONS[later.action](last, later)
-        if candidate is not None and candidate not in tried:
+        if (candidate is not None and candidate not in tried
+                and _blocked(last, candidate, can_set) is None):
             return Step(knobs=candidate, rung=later.name)
     return None
 
@@ -304,6 +356,9 @@ def load(path: Path) -> Ladder:
     except tomllib.TOMLDecodeError as exc:
         msg = f"{path}: not valid TOML ({exc}); fix the syntax or start from policies/default.toml"
         raise PolicyError(msg) from None
+    except RecursionError:
+        msg = f"{path}: nested too deeply to be a policy; start from policies/default.toml"
+        raise PolicyError(msg) from None
     return parse(data, source=str(path))
 
 
@@ -315,8 +370,13 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         msg = f"{source}: no [[rung]] tables; a policy needs at least one rung"
         raise PolicyError(msg)
     rungs = tuple(_parse_rung(r, i + 1, source) for i, r in enumerate(raw_rungs))
-    names = [r.name for r in rungs]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
+    seen: set[str] = set()  # linear: a 10 MB policy must load in seconds
+    duplicate = None
+    for rung in rungs:
+        if rung.name in seen:
+            duplicate = rung.name
+            break
+        seen.add(rung.name)
     if duplicate is not None:
         msg = f"{source}: two rungs are named {duplicate!r}; give each rung its own name"
         raise PolicyError(msg)
@@ -412,6 +472,10 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
                                        or compensate not in _HALVABLE):
             msg = f"{where}: cannot compensate with {compensate!r}; valid: {', '.join(_HALVABLE)}"
             raise PolicyError(msg)
+        if compensate == knob:
+            msg = (f"{where}: compensate = {knob!r} is the knob this rung halves (it would "
+                   "double it back); compensate with another knob, e.g. grad_accum")
+            raise PolicyError(msg)
     else:
         for key in ("floor", "compensate"):
             if key in raw:
@@ -456,7 +520,12 @@ def _knob_value(knob: str, value: object, where: str) -> Any:  # noqa: ANN401
             raise PolicyError(msg)
         return value
     if kind == "int":
-        return _whole(value, f"{where}: {knob}", minimum=None)
+        # A batch of 0 or -4 "fits" and trains nothing: every settable count is at least 1.
+        number = _whole(value, f"{where}: {knob}", minimum=1 if knob in _POSITIVE else None)
+        if abs(number) > MAX_KNOB_INT:
+            msg = f"{where}: {knob} must be at most {MAX_KNOB_INT}, not {number}"
+            raise PolicyError(msg)
+        return number
     if not isinstance(value, str):
         msg = f"{where}: {knob} must be a string, not {value!r}"
         raise PolicyError(msg)

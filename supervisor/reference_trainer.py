@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from supervisor.models import NAMED_CONFIGS, named_config
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -35,35 +37,6 @@ if TYPE_CHECKING:
 
 RESULT_PREFIX = "reference-trainer.result"
 
-# Named sizes. A 4096-token vocabulary keeps the logits (and the three logits-sized tensors
-# the loss's backward holds at once) the largest per-sample cost without drowning the
-# decoder-layer activations: peak live bytes then order batch, cutoff, checkpointing, LoRA and
-# freeze as on a real model. Untied embeddings; tiny has 5.26M parameters, small 29.5M.
-_NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "vocab_size": 4096,
-        "hidden_size": 256,
-        "intermediate_size": 688,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-    },
-    "small": {
-        "vocab_size": 4096,
-        "hidden_size": 512,
-        "intermediate_size": 1376,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-    },
-}
-_COMMON_CONFIG: dict[str, Any] = {
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": False,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
@@ -212,12 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, Any]:
     """Return the Llama config dict for a named size or a local directory, or exit 2."""
-    if spec in _NAMED_CONFIGS:
-        return {**_COMMON_CONFIG, **_NAMED_CONFIGS[spec]}
+    named = named_config(spec)  # a local folder of the same name wins
+    if named is not None:
+        return named
     directory = Path(spec)
     if not directory.is_dir():
         parser.error(
-            f"--model_name_or_path {spec!r} is neither a named size ({', '.join(_NAMED_CONFIGS)}) "
+            f"--model_name_or_path {spec!r} is neither a named size ({', '.join(NAMED_CONFIGS)}) "
             "nor an existing directory; this trainer never downloads models"
         )
     config_path = directory / "config.json"

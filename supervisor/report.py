@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from supervisor.events import AttemptRecord, Notified, RunConfig, RunState
 from supervisor.knobs import Knobs
 from supervisor.secrets import shell_word
 
@@ -30,87 +32,136 @@ _KNOB_COST_NOTE = {
 }
 
 
-def build(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The whole run as one JSON-ready mapping, derived from journal events only."""
-    started = next((e for e in events if e["event"] == "run.started"), None)
-    if started is None:
-        msg = "the journal has no run.started event; it is not an oom-supervisor journal"
-        raise ValueError(msg)
-    attempts: dict[int, dict[str, Any]] = {}
-    steps: list[dict[str, Any]] = []
-    end: dict[str, Any] | None = None
-    final_files: list[str] = []
-    progress: list[dict[str, Any]] = []
-    device_mib: float | None = None
-    predicted: list[dict[str, Any]] = []
-    for event in events:
-        kind = event["event"]
-        if kind == "attempt.started":
-            attempts[event["attempt"]] = {
-                "attempt": event["attempt"], "rung": event.get("rung"),
-                "changed": event.get("changed", {}), "knobs": event["knobs"],
-                "argv": event["argv"], "log_dir": event.get("log_dir"),
-                "verdict": "running",
-            }
-        elif kind == "attempt.finished" and event["attempt"] in attempts:
-            attempts[event["attempt"]].update({
-                k: event.get(k) for k in ("verdict", "oom_kind", "evidence", "numbers",
-                                          "exit_code", "duration_s", "peak_live_mib")
-            })
-        elif kind == "ladder.stepped":
-            steps.append({k: v for k, v in event.items() if k not in ("ts", "event")})
-        elif kind in ("checkpoint.resumed", "checkpoint.skipped"):
-            progress.append({k: v for k, v in event.items() if k != "ts"})
-        elif kind == "rung.skipped":
-            predicted.append({k: v for k, v in event.items() if k not in ("ts", "event")})
-        elif kind == "estimate.setup":
-            device_mib = event.get("device_mib")
-        elif kind == "final.written":
-            final_files = list(event.get("files", []))
-        elif kind == "run.finished":
-            end = event
-    status = end["status"] if end else "running"
-    start = Knobs.from_dict(started["knobs"])
-    final_attempt = attempts.get(end["attempt"]) if end and end.get("attempt") else None
-    final = Knobs.from_dict(final_attempt["knobs"]) if final_attempt else None
-    costs = (_costs(start, final, started["policy"], str(started.get("dialect", "")))
-             if final and status == "fitted" else [])
+def build(state: RunState) -> dict[str, Any]:
+    """The whole run as one JSON-ready mapping, derived from the replayed journal only."""
+    config = state.config
+    end = state.finished
+    status = end.status if end else "running"
+    start = config.start
+    attempts = [_attempt_row(a) for a in state.attempts]
+    fitted = end is not None and status == "fitted" and bool(state.attempts)
+    final_record = state.attempt(end.attempt) if end and end.attempt else None
+    final = final_record.knobs if fitted and final_record else None
+    final_argv = list(state.final.fresh_argv) if fitted and state.final else (
+        list(final_record.started.argv) if fitted and final_record else None)
+    costs = _costs(start, final, config) if final else []
     return {
-        "run_id": started["run_id"],
+        "run_id": config.run_id,
         "status": status,
         "summary": _STATUS_LINE.get(status, status),
-        "exit_code": end.get("exit_code") if end else None,
-        "reason": end.get("reason") if end else None,
-        "spent": end.get("spent", []) if end else [],
-        "command": started["argv"],
-        "cwd": started.get("cwd"),
-        "dialect": started.get("dialect"),
-        "policy": started["policy"],
-        "start_knobs": started["knobs"],
-        "final_knobs": final.to_dict() if final and status == "fitted" else None,
-        "final_command": final_attempt["argv"] if final_attempt and status == "fitted" else None,
-        "final_files": final_files,
-        "device_mib": device_mib,
-        "skipped_on_prediction": predicted,
+        "exit_code": end.exit_code if end else None,
+        "reason": end.reason if end else None,
+        "spent": list(end.spent) if end else [],
+        "started_at": state.started_at,
+        "ended_at": end.ts if end else None,
+        "command": list(config.argv),
+        "cwd": config.cwd,
+        "dialect": config.dialect_description,
+        "policy": {"name": config.policy_name, "source": config.policy_source},
+        "start_knobs": start.to_dict(),
+        "start_sources": dict(config.start_sources),
+        "final_knobs": final.to_dict() if final else None,
+        "final_command": final_argv,
+        "continue_command": (list(state.final.continue_argv)
+                             if fitted and state.final and state.final.continue_argv else None),
+        "continue_checkpoint": state.final.continue_checkpoint if fitted and state.final else None,
+        "final_files": list(state.final.files) if fitted and state.final else [],
+        "device_mib": config.device_mib,
+        "device_source": config.device_source,
+        "estimate_distrusted": state.distrusted,
+        "skipped_on_prediction": [
+            {"rung": s.rung, "changed": dict(s.changed), "predicted_mib": s.predicted_mib,
+             "method": s.method, "reason": s.reason} for s in state.skipped],
         "effective_batch": {
             "start": start.effective_batch,
-            "final": final.effective_batch if final and status == "fitted" else None,
-            "world_size_known": started.get("world_size_known", True),
+            "final": final.effective_batch if final else None,
+            "world_size_known": config.world_size_known,
         },
         "costs": costs,
-        "attempts": list(attempts.values()),
-        "steps": steps,
-        "progress": progress,
-        "oom_verdicts": sum(1 for a in attempts.values() if a["verdict"] == "oom"),
+        "attempts": attempts,
+        "steps": [{k: v for k, v in s.to_record().items() if k not in ("v", "ts", "event")}
+                  for s in state.steps],
+        "progress": [{k: v for k, v in p.to_record().items() if k not in ("v", "ts")}
+                     for p in state.progress],
+        "resumes": len(state.resumes),
+        "oom_verdicts": sum(1 for a in attempts if a["verdict"] == "oom"),
+        "duration_s": round((end.ts if end else state.last_ts) - state.started_at, 3),
+        "assumed": [k for k in _SHOWN_KNOBS if config.start_sources.get(k) == "assumed"],
+        "output_dir": _output_dir(state, final, final_argv),
+        "other_changes": _other_changes(start, final, final_argv),
+        "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error}
+                     for e in state.events if isinstance(e, Notified)],
     }
 
 
-def _costs(start: Knobs, final: Knobs, policy: dict[str, Any],
-           dialect: str) -> list[dict[str, Any]]:
-    cost_of = {r["knob"]: r["cost"] for r in policy.get("rungs", [])}
+def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
+    started, done = record.started, record.finished
+    row: dict[str, Any] = {
+        "attempt": record.number, "rung": started.rung, "changed": dict(started.changed),
+        "knobs": started.knobs.to_dict(), "argv": list(started.argv), "log_dir": started.log_dir,
+        "started_at": started.ts, "verdict": "running",
+    }
+    if done is not None:
+        row.update({"verdict": done.verdict, "oom_kind": done.oom_kind,
+                    "evidence": done.evidence, "numbers": dict(done.numbers or {}),
+                    "exit_code": done.exit_code, "duration_s": done.duration_s,
+                    "peak_mib": done.peak_mib, "peak_source": done.peak_source,
+                    "predicted_mib": done.predicted_mib,
+                    "trained_steps": dict(done.trained_steps or {}) or None,
+                    "checkpoints": [list(c) for c in done.checkpoints],
+                    "adopted": done.adopted, "escaped": list(done.escaped),
+                    "wrapper_died": done.wrapper_died,
+                    "need_mib": (need_mib(done.numbers, done.peak_mib)
+                                 if done.verdict == "oom" else None)})
+    return row
+
+
+def _sibling(start: Knobs, final: Knobs, final_argv: list[str] | None) -> str | None:
+    """The sibling folder the final command writes to, when its dialect moved it there."""
+    if not start.output_dir or final.finetuning_type == start.finetuning_type:
+        return None
+    from supervisor.dialects._config import output_dir_for  # noqa: PLC0415
+
+    sibling = output_dir_for(start.output_dir, final)
+    words = final_argv or []
+    return sibling if any(w == sibling or w.endswith(f"={sibling}") for w in words) else None
+
+
+def _output_dir(state: RunState, final: Knobs | None,
+                final_argv: list[str] | None) -> str | None:
+    """Where the working command writes its model (the final.written record says, if it can)."""
+    if final is None:
+        return None
+    told = getattr(state.final, "output_dir", None)
+    if isinstance(told, str) and told:
+        return told
+    return _sibling(state.config.start, final, final_argv) or final.output_dir
+
+
+def _other_changes(start: Knobs, final: Knobs | None, final_argv: list[str] | None) -> list[str]:
+    """What the rungs changed besides memory: the output folder, hyper-parameters kept as set."""
+    if final is None or final.finetuning_type == start.finetuning_type:
+        return []
+    out = []
+    sibling = _sibling(start, final, final_argv)
+    if sibling:
+        out.append(f"{final.finetuning_type} trains a different parameter set, so it writes to "
+                   f"its own folder `{sibling}`, not `{start.output_dir}`")
+    out.append(f"the learning rate and other hyper-parameters chosen for "
+               f"{start.finetuning_type} fine-tuning were kept for {final.finetuning_type}; "
+               f"{final.finetuning_type} usually wants a higher learning rate (LoRA: 1e-4 to "
+               "2e-4 where full fine-tuning uses 1e-5 to 2e-5): check it before the long run")
+    if final.finetuning_type != "full":
+        what = "a LoRA adapter" if final.finetuning_type == "lora" else "a partly trained model"
+        out.append(f"the result is {what}, not fully fine-tuned weights")
+    return out
+
+
+def _costs(start: Knobs, final: Knobs, config: RunConfig) -> list[dict[str, Any]]:
     notes = dict(_KNOB_COST_NOTE)
-    if "DROPS" in dialect:  # packing (LLaMA-Factory) or axolotl's default: rows are dropped
+    if config.cutoff_drops_rows:  # packing (LLaMA-Factory) or axolotl's default: rows are dropped
         notes["cutoff_len"] = "samples longer than the cutoff are DROPPED, not truncated"
+    cost_of = _rung_costs(config)
     costs = []
     for knob, (before, after) in start.diff(final).items():
         if knob in ("grad_accum", "world_size", "resume_from_checkpoint", "output_dir"):
@@ -121,22 +172,51 @@ def _costs(start: Knobs, final: Knobs, policy: dict[str, Any],
     return costs
 
 
-def write(run_dir: Path, events: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _rung_costs(config: RunConfig) -> dict[str, str]:
+    """knob -> the cost its rung declares, from the journaled policy text."""
+    import tomllib  # noqa: PLC0415
+
+    try:
+        data = tomllib.loads(config.policy_text) if config.policy_text else {}
+    except tomllib.TOMLDecodeError:
+        return {}
+    out: dict[str, str] = {}
+    for rung in data.get("rung", []) if isinstance(data.get("rung"), list) else []:
+        if isinstance(rung, dict) and isinstance(rung.get("knob"), str):
+            out.setdefault(rung["knob"], str(rung.get("cost", "none")))
+    return out
+
+
+def write(run_dir: Path, state: RunState) -> dict[str, Any]:
     """Write report.json, report.md and (when fitted) final-command.sh into run_dir."""
-    data = build(events)
+    data = build(state)
+    from supervisor import plot  # noqa: PLC0415 - matplotlib is optional and slow to import
+
+    if plot.write(run_dir / "memory.png", data) is not None:
+        data["plot"] = "memory.png"
     _atomic(run_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
     _atomic(run_dir / "report.md", render_markdown(data))
     if data["final_command"]:
         script = run_dir / "final-command.sh"
         _atomic(script, final_command_script(data))
         script.chmod(0o755)
+    if data.get("continue_command"):
+        script = run_dir / "continue-command.sh"
+        _atomic(script, final_command_script(data, continue_run=True))
+        script.chmod(0o755)
     return data
 
 
-def final_command_script(data: dict[str, Any]) -> str:
-    """A shell script that runs the working command exactly, from the original directory."""
-    lines = ["#!/bin/sh",
-             f"# Working config found by oom-supervisor, run {data['run_id']}.",
+def final_command_script(data: dict[str, Any], *, continue_run: bool = False) -> str:
+    """A shell script that runs the working command exactly, from the original directory.
+
+    The default is a fresh run of the working config; `continue_run` continues this run from
+    its last checkpoint instead (and writes into its output folder).
+    """
+    what = (f"Continues run {data['run_id']} from {data['continue_checkpoint']}."
+            if continue_run else
+            f"Working config found by oom-supervisor, run {data['run_id']}: a fresh run.")
+    lines = ["#!/bin/sh", f"# {what}",
              (f"# Effective batch {data['effective_batch']['final']} "
               f"(started at {data['effective_batch']['start']})."),
              "set -e"]
@@ -146,59 +226,47 @@ def final_command_script(data: dict[str, Any]) -> str:
     if data.get("cwd"):
         lines.append(f"cd {shlex.quote(data['cwd'])}")
     # Redacted secrets become required environment variables: `"${HF_TOKEN:?set HF_TOKEN ...}"`.
-    lines.append("exec " + " ".join(shell_word(w) for w in data["final_command"]))
+    argv = data["continue_command"] if continue_run else data["final_command"]
+    lines.append("exec " + " ".join(shell_word(w) for w in argv))
     return "\n".join(lines) + "\n"
 
 
 def render_markdown(data: dict[str, Any]) -> str:
-    """The morning read: what happened, what works, what it cost."""
+    """The morning read: what happened, when, what works, what it cost, and memory per attempt."""
     out = [f"# oom-supervisor run {data['run_id']}", ""]
-    out += [f"**{data['summary']}** (exit code {data['exit_code']}).", ""]
+    out += [f"**{data['summary']}** (exit code {_cell(data['exit_code'])}).", ""]
     if data["reason"]:
         out += [f"Reason: {data['reason']}", ""]
-    out += [f"- Command: `{shlex.join(data['command'])}`"]
+    device = data.get("device_mib")
+    out += [f"- Started: {local_time(data.get('started_at'))}",
+            (f"- Ended: {local_time(data.get('ended_at'))}" if data.get("ended_at")
+             else "- Ended: not yet (the journal ends while an attempt runs)"),
+            f"- Total time: {human_duration(data.get('duration_s'))}",
+            f"- Command: `{shlex.join(data['command'])}`"]
     if data.get("cwd"):
         out += [f"- Directory: `{data['cwd']}`"]
     out += [f"- Dialect: {data['dialect']}",
             f"- Policy: {data['policy']['name']} ({data['policy']['source']})",
+            f"- Device: {_device_words(device, data.get('device_source'))}",
             (f"- Attempts: {len(data['attempts'])}, of which {data['oom_verdicts']} ran out "
-             "of memory"), ""]
+             "of memory")]
+    if data.get("assumed"):
+        start = data["start_knobs"]
+        out.append("- Assumed (nothing in the command or the program confirmed them): "
+                   + ", ".join(f"{k} = {_cell(start.get(k))}" for k in data["assumed"]))
+    out.append("")
     eb = data["effective_batch"]
     if data["final_knobs"]:
-        out += ["## Final config", "",
-                "| knob | started | final | cost |", "| --- | --- | --- | --- |"]
-        start, final = data["start_knobs"], data["final_knobs"]
-        cost_of = {c["knob"]: c for c in data["costs"]}
-        for knob in ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
-                     "finetuning_type", "lora_rank", "freeze_trainable_layers"):
-            note = cost_of.get(knob)
-            cost = f"{note['cost']}: {note['note']}" if note else ""
-            out.append(f"| {knob} | {_cell(start.get(knob))} | {_cell(final.get(knob))} | "
-                       f"{cost} |")
-        kept = "kept" if eb["start"] == eb["final"] else "CHANGED"
-        out += ["", f"Effective batch: {eb['start']} -> {eb['final']} ({kept})."]
-        if not eb["world_size_known"]:
-            out.append("The launcher's world size is decided at launch time; it counts as 1 here.")
-        for name in data["final_files"]:
-            out += ["", f"The working config in the command's own format: `{name}`"]
-        out += ["", "Run it again as is: `sh final-command.sh`", "",
-                "```sh", shlex.join(data["final_command"]), "```", ""]
+        out += _final_section(data, eb)
+    if data.get("plot"):
+        out += ["## Memory per attempt", "", f"![memory per attempt]({data['plot']})", ""]
     if data["spent"]:
         out += ["## Rungs tried", ""] + [f"- {s}" for s in data["spent"]] + [""]
-    out += ["## Attempts", "", "| # | rung | changed | verdict | evidence | seconds |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for a in data["attempts"]:
-        changed = ", ".join(f"{k} {_cell(v[0])}->{_cell(v[1])}" for k, v in a["changed"].items())
-        evidence = (a.get("evidence") or "").replace("|", "\\|")
-        if len(evidence) > _EVIDENCE_CHARS:
-            evidence = evidence[:_EVIDENCE_CHARS - 3] + "..."
-        verdict = a["verdict"] + (f" ({a['oom_kind']})" if a.get("oom_kind") else "")
-        out.append(f"| {a['attempt']} | {a['rung'] or '(as given)'} | {changed or '-'} | "
-                   f"{verdict} | {evidence} | {a.get('duration_s') or ''} |")
+    out += _attempts_section(data, device)
     if data.get("skipped_on_prediction"):
         out += ["", "## Skipped on their predicted memory (never run)", ""]
         for s in data["skipped_on_prediction"]:
-            changed = ", ".join(f"{k} {_cell(v[0])}->{_cell(v[1])}"
+            changed = ", ".join(f"{k} {_cell(v[0])} -> {_cell(v[1])}"
                                 for k, v in s.get("changed", {}).items())
             label = f"{s['rung']} ({changed})" if s.get("rung") else "the command as given"
             out.append(f"- {label}: {s['reason']}")
@@ -216,36 +284,253 @@ def render_markdown(data: dict[str, Any]) -> str:
     if notes:
         out += ["", "## Ladder notes", ""]
         for s in notes:
-            for knob, before, after in s.get("restored", []):
+            if s.get("restored"):
+                restored = ", ".join(f"{knob} {_cell(before)} -> {_cell(after)}"
+                                     for knob, before, after in s["restored"])
                 out.append(f"- before attempt {s['next_attempt']}, rung {s['rung']} restored "
-                           f"{knob} {_cell(before)} -> {_cell(after)}")
+                           f"{restored}")
             if s.get("note"):
                 out.append(f"- attempt {s['next_attempt']}: {s['rung']} {s['note']}")
             for skip in s.get("skipped", []):
                 out.append(f"- before attempt {s['next_attempt']}, skipped {skip}")
+    troubles = [a for a in data["attempts"] if a.get("escaped") or a.get("wrapper_died")]
+    if troubles:
+        out += ["", "## Processes", ""]
+        for a in troubles:
+            if a.get("wrapper_died"):
+                out.append(f"- attempt {a['attempt']}: its wrapper died without writing the "
+                           "command's exit status (a reboot, a preemption, a kill of its group)")
+            if a.get("escaped"):
+                out.append(f"- attempt {a['attempt']}: found outside its process tree by the "
+                           f"attempt's marker, and ended: {', '.join(a['escaped'])}")
+    for n in data.get("notified", []):
+        result = (f"exit code {n['exit_code']}" if n.get("exit_code") is not None
+                  else f"did not run ({n.get('error')})")
+        out += ["", f"Notified with `{n['command']}`: {result}."]
     out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
-                 "`journal.jsonl`."), ""]
+                 "`journal.jsonl`; the supervisor's own log: `supervisor.jsonl`."), ""]
     return "\n".join(out)
 
 
-_EVIDENCE_CHARS = 160
+def _final_section(data: dict[str, Any], eb: dict[str, Any]) -> list[str]:
+    start, final = data["start_knobs"], data["final_knobs"]
+    cost_of = {c["knob"]: c for c in data["costs"]}
+    assumed = set(data.get("assumed", ()))
+    out = ["## Final config", "", f"Working config: {describe_knobs(final)}.", "",
+           "| knob | started | final | cost |", "| --- | --- | --- | --- |"]
+    for knob in _SHOWN_KNOBS:
+        if not _differs(knob, start, final):
+            continue
+        note = cost_of.get(knob)
+        cost = f"{note['cost']}: {note['note']}" if note else ""
+        if knob == "grad_accum":
+            cost = "keeps the effective batch"
+        was = _cell(start.get(knob)) + (" (assumed)" if knob in assumed else "")
+        out.append(f"| {knob} | {was} | {_cell(final.get(knob))} | {cost} |")
+    kept = "kept" if eb["start"] == eb["final"] else "CHANGED"
+    out += ["", f"Effective batch: {eb['start']} -> {eb['final']} ({kept})."]
+    if not eb["world_size_known"]:
+        out.append("The launcher's world size is decided at launch time; it counts as 1 here.")
+    given = _given_up(data["costs"])
+    if given:
+        out += ["", f"Given up: {given}."]
+    if data.get("output_dir"):
+        out += ["", f"The model will be written to `{data['output_dir']}`."]
+    out += [f"- {note}" for note in data.get("other_changes", [])]
+    for name in data["final_files"]:
+        out += ["", f"The working config in the command's own format: `{name}`"]
+    out += ["", "Run it again as is, as a fresh run: `sh final-command.sh`", "",
+            "```sh", shlex.join(data["final_command"]), "```", ""]
+    if data.get("continue_command"):
+        out += [(f"Continue this run from `{data['continue_checkpoint']}` (it writes into "
+                 "this run's output folder): `sh continue-command.sh`"), ""]
+    return out
+
+
+def _attempts_section(data: dict[str, Any], device: float | None) -> list[str]:
+    head = f"memory (device {_mib(device)})" if device else "memory"
+    out = ["## Attempts", "", f"| # | rung | config | verdict | {head} | predicted | time |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    evidence: list[str] = []
+    for a in data["attempts"]:
+        verdict = a["verdict"] + (f" ({a['oom_kind']})" if a.get("oom_kind") else "")
+        out.append(f"| {a['attempt']} | {a['rung'] or '(as given)'} | "
+                   f"{describe_knobs(a['knobs'], short=True)} | {verdict} | "
+                   f"{memory_words(a, device).replace('|', '/')} | "
+                   f"{_mib(a.get('predicted_mib')) if a.get('predicted_mib') else '-'} | "
+                   f"{human_duration(a.get('duration_s')) if 'duration_s' in a else 'running'} |")
+        if a.get("evidence"):
+            evidence.append(f"- attempt {a['attempt']}: `{_evidence(a['evidence'])}`")
+    if evidence:
+        out += ["", "Evidence (the line each verdict rests on):", "", *evidence]
+    return out
+
+
+def _evidence(text: str) -> str:
+    """One line, uncut up to the allocated-by-PyTorch figure, then cut at _EVIDENCE_CHARS."""
+    line = " ".join(text.split()).replace("`", "'")
+    keep = _EVIDENCE_CHARS
+    marker = line.find("allocated by PyTorch")
+    if marker >= 0:
+        keep = max(keep, marker + len("allocated by PyTorch") + 1)
+    return line if len(line) <= keep else line[:keep].rstrip() + " ..."
+
+
+_EVIDENCE_CHARS = 400
+
+_SHOWN_KNOBS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
+                "finetuning_type", "lora_rank", "freeze_trainable_layers", "precision",
+                "quantization_bit", "deepspeed_stage", "deepspeed_offload")
+
+
+def _differs(knob: str, start: dict[str, Any], final: dict[str, Any]) -> bool:
+    """A knob changed in a way that matters (a LoRA rank on a full run does not)."""
+    if start.get(knob) == final.get(knob):
+        return False
+    if knob == "lora_rank":
+        return "lora" in (start.get("finetuning_type"), final.get("finetuning_type"))
+    if knob == "freeze_trainable_layers":
+        return "freeze" in (start.get("finetuning_type"), final.get("finetuning_type"))
+    return True
+
+
+def _given_up(costs: list[dict[str, Any]]) -> str:
+    """`quality (cutoff_len 1024 -> 512, ...); speed (...)`, or "" when nothing was."""
+    parts = []
+    for kind in ("quality", "speed"):
+        knobs = [f"{c['knob']} {_cell(c['from'])} -> {_cell(c['to'])}"
+                 for c in costs if c["cost"] == kind]
+        if knobs:
+            parts.append(f"{kind} ({', '.join(knobs)})")
+    return "; ".join(parts)
 
 
 def render_table(data: dict[str, Any]) -> str:
-    """The attempts as a plain-text table for the terminal."""
-    rows = [("#", "rung", "batch x GA", "cutoff", "ckpt", "method", "verdict", "s")]
+    """The attempts as a plain-text table for the terminal (status), 100 columns at most."""
+    device = data.get("device_mib")
+    rows = [("#", "rung", "config", "verdict", "memory", "time")]
     for a in data["attempts"]:
-        k = a["knobs"]
-        method = str(k["finetuning_type"]) + (f" r{k['lora_rank']}"
-                                              if k["finetuning_type"] == "lora" else "")
         verdict = a["verdict"] + (f" ({a['oom_kind']})" if a.get("oom_kind") else "")
         rows.append((str(a["attempt"]), a["rung"] or "(as given)",
-                     f"{k['per_device_batch']} x {k['grad_accum']}", _cell(k["cutoff_len"]),
-                     _cell(k["gradient_checkpointing"]), method, verdict,
-                     f"{a.get('duration_s') or 0:.1f}"))
+                     describe_knobs(a["knobs"], short=True), verdict,
+                     memory_words(a, device, short=True),
+                     human_duration(a["duration_s"]) if "duration_s" in a else "running"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
+
+
+# --- words for people (shared with the console and status) -------------------------------------
+
+def describe_knobs(knobs: Mapping[str, Any], *, short: bool = False) -> str:
+    """A config in words: `LoRA r8, batch 1 x 4 accumulated (effective 4), cutoff 512, ...`."""
+    method = str(knobs.get("finetuning_type", "full"))
+    if method == "lora":
+        words = f"LoRA r{knobs.get('lora_rank')}"
+    elif method == "freeze":
+        words = f"freeze ({knobs.get('freeze_trainable_layers')} layers train)"
+    else:
+        words = "full" if short else "full fine-tuning"
+    batch, accum = knobs.get("per_device_batch"), knobs.get("grad_accum") or 1
+    world = knobs.get("world_size") or 1
+    if short:
+        parts = [words, f"b{batch}x{accum}"]
+        if knobs.get("cutoff_len"):
+            parts.append(f"cut {knobs['cutoff_len']}")
+        if knobs.get("gradient_checkpointing"):
+            parts.append("ckpt")
+    else:
+        effective = (batch or 0) * accum * world
+        batch_words = (f"batch {batch} x {accum} accumulated (effective {effective})"
+                       if accum > 1 or world > 1 else f"batch {batch}")
+        parts = [words, batch_words]
+        if knobs.get("cutoff_len"):
+            parts.append(f"cutoff {knobs['cutoff_len']}")
+        parts.append(f"checkpointing {'on' if knobs.get('gradient_checkpointing') else 'off'}")
+    if knobs.get("quantization_bit"):
+        parts.append(f"{knobs['quantization_bit']}-bit")
+    if knobs.get("deepspeed_stage"):
+        parts.append(f"ZeRO-{knobs['deepspeed_stage']}"
+                     + (" offload" if knobs.get("deepspeed_offload") else ""))
+    return ", ".join(parts) if not short else " ".join(parts)
+
+
+def memory_words(row: Mapping[str, Any], device_mib: float | None, *,
+                 short: bool = False) -> str:
+    """An attempt's memory beside the device: its peak, or what its OOM message proves."""
+    numbers = row.get("numbers") or {}
+    of = f" of {_mib(device_mib)}" if device_mib else ""
+    if row.get("verdict") == "oom" and numbers:
+        tried, allocated = numbers.get("tried_mib"), numbers.get("allocated_mib")
+        free, capacity = numbers.get("free_mib"), numbers.get("capacity_mib")
+        if short:
+            need = row.get("need_mib")
+            return f">= {_mib(need)}{of}" if need else "oom"
+        parts = []
+        if tried is not None:
+            parts.append(f"tried {_mib(tried)}")
+        if allocated is not None:
+            parts.append(f"allocated {_mib(allocated)}")
+        if free is not None:
+            parts.append(f"free {_mib(free)}")
+        if capacity is not None:
+            parts.append(f"capacity {_mib(capacity)}")
+        return ", ".join(parts)
+    peak = row.get("peak_mib")
+    if peak:
+        share = f" ({peak / device_mib:.0%})" if device_mib else ""
+        lead = "peak" if row.get("verdict") != "oom" else "reached"
+        return f"{lead} {_mib(peak)}{of}{share}"
+    return "-"
+
+
+def need_mib(numbers: Mapping[str, float] | None, peak_mib: float | None) -> float | None:
+    """What an OOM proves the attempt needed at least: allocated + tried, else its peak."""
+    numbers = numbers or {}
+    allocated, tried = numbers.get("allocated_mib"), numbers.get("tried_mib")
+    if allocated is not None and tried is not None:
+        return round(allocated + tried, 2)
+    return peak_mib
+
+
+def human_duration(seconds: float | None) -> str:
+    """`7.1 s`, `4 min 25 s`, `6 h 0 min`: a duration as a person says it."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:  # noqa: PLR2004
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s"
+
+
+def local_time(ts: float | None) -> str:
+    """A journal timestamp in local time, to the second, with the zone's name."""
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
+
+
+def _device_words(device: float | None, source: str | None) -> str:
+    if not device:
+        return "unknown (no --device-memory and no GPU visible)"
+    return f"{_mib(device)} ({source or 'source not recorded'})"
+
+
+def _mib(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 10240:  # noqa: PLR2004
+        return f"{value / 1024:.1f} GiB"
+    return f"{value:.1f} MiB" if value < 100 else f"{value:.0f} MiB"  # noqa: PLR2004
+
+
+def cell(value: object) -> str:
+    """A knob value for people: `on`/`off` for booleans, `-` for none."""
+    return _cell(value)
 
 
 def _cell(value: object) -> str:

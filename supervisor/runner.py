@@ -1,9 +1,12 @@
-"""One attempt: the command in its own session, output teed line by line, the tree ended on OOM.
+"""One attempt: the command in its own session, its output followed, the tree ended on OOM.
 
-The command runs under a small shim (`supervisor._wrap`) that writes its exit status to a file,
-and writes its output straight into the attempt's log files, which the runner follows. So an
-attempt survives the supervisor being killed, and `resume` can adopt it and still learn how it
-ended.
+The command runs under a small shim (`supervisor._wrap`) that reads the command's output,
+redacts it, writes the attempt's capped log files and forwards every byte to the runner through
+a pipe; then it writes the command's exit status to a file. So an attempt survives the
+supervisor being killed, and `resume` can adopt it (following the log files instead) and still
+learn how it ended. The verdict is built only after the streams are drained (the pipes close
+when the shim exits), and any byte counts as progress for the stall watchdog (a tqdm bar
+redraws with `\\r` and never ends a line).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -26,6 +30,7 @@ from typing import IO, Protocol
 import psutil
 import structlog
 
+from supervisor import _wrap
 from supervisor.classify import Outcome, is_oom_line
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
@@ -38,6 +43,19 @@ MARKER_ENV = "OOM_SUPERVISOR_ATTEMPT"
 STATUS_FILE = "exit_status.json"
 _POLL_S = 0.05
 _REMEMBER_S = 0.5
+_CHUNK = 65536
+_MAX_LINE = 65536
+"""A line longer than this (no newline in 64 KiB) is judged in pieces; memory stays bounded."""
+_OOM_HINTS = (b"memory", b"alloc", b"cumem")
+"""Words every OOM rule's text contains (lower case): chunks without them skip the rules."""
+ECHO_LINES_PER_S = 2000
+ECHO_BURST_LINES = 20000
+"""The console echo's rate: output beyond it is counted and said, never silently lost."""
+DRAIN_S = 60.0
+"""How long the followers may take to read what is left after the attempt ended."""
+LOG_CAP_ENV = "OOM_SUPERVISOR_LOG_CAP_MIB"
+"""Where the log cap can be set (MiB per stream, 0 keeps everything)."""
+WRAPPER_DIED = "the attempt's wrapper died without writing its exit status"
 
 
 class StopRequest:
@@ -76,13 +94,23 @@ class AttemptSpec:
     timeout_s: float | None = None
     """Wall-clock limit of the attempt; past it the tree is ended and the verdict is `hang`."""
     stall_s: float | None = None
-    """Longest silence allowed (no output line); past it the tree is ended, verdict `hang`."""
+    """Longest silence allowed (no output byte); past it the tree is ended, verdict `hang`."""
     marker: str = ""
     on_spawn: Callable[[Spawned], None] | None = None
     redactor: Redactor = field(default_factory=Redactor)
     gpu: GpuProbe | None = None
     """Where GPU memory is sampled during the attempt and watched for release after it."""
     release_wait_s: float = 60.0
+    log_cap_bytes: int = field(default_factory=lambda: log_cap_bytes(os.environ))
+    """Most bytes kept per log file (its first and last half); 0 keeps everything."""
+
+
+def log_cap_bytes(env: Mapping[str, str]) -> int:
+    """The log cap per stream: OOM_SUPERVISOR_LOG_CAP_MIB (0: keep all), else 64 MiB."""
+    raw = env.get(LOG_CAP_ENV, "").strip()
+    if raw.isdigit() and len(raw) < 9:  # noqa: PLR2004 - up to ~95 TiB, never a huge int
+        return int(raw) * 1024 * 1024
+    return _wrap.DEFAULT_CAP_BYTES
 
 
 class RunAttempt(Protocol):
@@ -101,38 +129,67 @@ def run(spec: AttemptSpec, *, is_oom: Callable[[str], bool] = is_oom_line) -> Ou
     env = dict(spec.env)
     env[MARKER_ENV] = spec.marker or str(spec.log_dir)
     env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the logs (and the OOM watch) at once
+    # For the shim only (it removes it before the command starts): how to cap and redact.
+    env[_wrap.CONFIG_ENV] = json.dumps({"cap_bytes": spec.log_cap_bytes,
+                                        "redact": json.loads(spec.redactor.to_json())})
     kills_before = kernel_oom_kills()
     started = time.monotonic()
-    with (spec.log_dir / "stdout.log").open("ab") as out, \
-            (spec.log_dir / "stderr.log").open("ab") as err:
-        proc = subprocess.Popen(  # noqa: S603 - running the user's own command is the point
-            [sys.executable, "-m", "supervisor._wrap", str(status), "--", *spec.argv],
-            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=spec.cwd,
-            start_new_session=True,
-        )
+    proc = subprocess.Popen(  # noqa: S603 - running the user's own command is the point
+        [sys.executable, "-m", "supervisor._wrap", str(status), "--", *spec.argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+        cwd=spec.cwd, start_new_session=True,
+    )
     spawned = Spawned(pid=proc.pid, create_time=_create_time(proc.pid))
     if spec.on_spawn is not None:
         spec.on_spawn(spawned)
-    return _watch(spec, spawned, proc.poll, started=started, kills_before=kills_before,
-                  is_oom=is_oom, marker=env[MARKER_ENV])
+    sources = (proc.stdout, proc.stderr)
+
+    def follow(sink: _Sink) -> list[threading.Thread]:
+        return [threading.Thread(target=_follow_pipe, daemon=True, args=(source, sink, stream))
+                for stream, source in enumerate(sources) if source is not None]
+
+    try:
+        return _watch(spec, spawned, proc.poll, lambda: False, follow, started=started,
+                      kills_before=kills_before, is_oom=is_oom, marker=env[MARKER_ENV])
+    finally:
+        for source in sources:
+            if source is not None:
+                source.close()
 
 
 def adopt(spec: AttemptSpec, spawned: Spawned, *,
           is_oom: Callable[[str], bool] = is_oom_line) -> Outcome:
-    """Take over an attempt a previous supervisor started: follow it to its end, read its status."""
+    """Take over an attempt a previous supervisor started: follow it to its end, read its status.
+
+    The attempt's wrapper is identified by pid and start time. When it is gone and left no
+    exit status (a reboot, `kill -9` of its group), the attempt is reported as died rather than
+    waited on; a stop request (SIGTERM, SIGINT) ends the wait too.
+    """
+    proc: psutil.Process | None
     try:
         proc = psutil.Process(spawned.pid)
-        alive = abs(proc.create_time() - spawned.create_time) < 1.0 and _is_running(proc)
+        if abs(proc.create_time() - spawned.create_time) >= 1.0:
+            proc = None  # the pid was reused by someone else
     except psutil.Error:
-        alive = False
+        proc = None
+    status = spec.log_dir / STATUS_FILE
 
     def poll() -> int | None:
-        if alive and _is_running(proc):
+        if proc is not None and _is_running(proc):
             return None
-        return _status_code(spec.log_dir / STATUS_FILE)
+        return _status_code(status)
 
-    return _watch(spec, spawned, poll, started=time.monotonic(), kills_before=kernel_oom_kills(),
-                  is_oom=is_oom, marker=spec.marker or str(spec.log_dir), adopted=True)
+    def gone() -> bool:
+        return (proc is None or not _is_running(proc)) and _status_code(status) is None
+
+    def follow(sink: _Sink) -> list[threading.Thread]:
+        return [threading.Thread(target=_follow_file, daemon=True,
+                                 args=(spec.log_dir / f"{name}.log", sink, stream))
+                for stream, name in enumerate(("stdout", "stderr"))]
+
+    return _watch(spec, spawned, poll, gone, follow, started=time.monotonic(),
+                  kills_before=kernel_oom_kills(), is_oom=is_oom,
+                  marker=spec.marker or str(spec.log_dir), adopted=True)
 
 
 def end_orphan(spec: AttemptSpec, spawned: Spawned) -> None:
@@ -142,36 +199,112 @@ def end_orphan(spec: AttemptSpec, spawned: Spawned) -> None:
         proc = psutil.Process(spawned.pid)
         if abs(proc.create_time() - spawned.create_time) < 1.0:
             tree.remember()
-    tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+    # A second SIGTERM/SIGINT during resume cuts the grace short.
+    tree.end(grace_s=0.0 if spec.stop.graceful.is_set() else spec.grace_s,
+             hurry=spec.stop.immediate)
 
 
-def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], *,  # noqa: PLR0913
+class _Sink:
+    """What the followers feed: the tail, the first OOM line, progress, the console echo."""
+
+    def __init__(self, spec: AttemptSpec, is_oom: Callable[[str], bool]) -> None:
+        self.is_oom = is_oom
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.oom_line: str | None = None
+        self.oom_seen = threading.Event()
+        self.last_output = time.monotonic()
+        self.lock = threading.Lock()
+        self.partial = [b"", b""]
+        self.echo = spec.echo
+        self.consoles = (_console(sys.stdout), _console(sys.stderr))
+        self.budget = float(ECHO_BURST_LINES)
+        self.refilled = time.monotonic()
+        self.not_echoed = 0
+        self.bytes_read = 0
+        self.abandon = False
+        self.ended = False
+        """Set when the attempt is over: a follower of a file stops at its end."""
+
+    def feed(self, stream: int, chunk: bytes) -> None:
+        """Bytes of one stream, in order: any byte is progress (a tqdm redraw included)."""
+        now = time.monotonic()
+        self.last_output = now
+        self.bytes_read += len(chunk)
+        if self.echo:
+            self._echo(stream, chunk, now)
+        lines = (self.partial[stream] + chunk).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > _MAX_LINE:  # a line that never ends: judge it in pieces
+            lines.append(rest[:_MAX_LINE])
+            rest = rest[_MAX_LINE:][-_MAX_LINE:]
+        self.partial[stream] = rest
+        self._take(lines)
+
+    def finish(self) -> None:
+        """The streams are drained: judge their partial last lines, report what was not echoed."""
+        for stream in (0, 1):
+            if self.partial[stream]:
+                self._take([self.partial[stream]])
+                self.partial[stream] = b""
+        self._note_dropped()
+
+    def _take(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        if not self.oom_seen.is_set():
+            text = b"\n".join(lines)
+            # Every OOM rule's text names memory or an allocation: skip the per-line rules on
+            # chunks without those words (a flood of 500 MB is mostly training chatter).
+            if any(hint in text.lower() for hint in _OOM_HINTS):
+                for raw in lines:
+                    line = _frame(raw)
+                    if self.is_oom(line):
+                        self.oom_line = line
+                        self.oom_seen.set()
+                        break
+        with self.lock:
+            self.tail.extend(_frame(raw) for raw in lines[-TAIL_LINES:])
+
+    def _echo(self, stream: int, chunk: bytes, now: float) -> None:
+        # A console can be slower than a flood: beyond the rate, chunks are counted, not shown.
+        self.budget = min(float(ECHO_BURST_LINES),
+                          self.budget + (now - self.refilled) * ECHO_LINES_PER_S)
+        self.refilled = now
+        lines = chunk.count(b"\n") or 1
+        if self.budget < lines:
+            self.not_echoed += lines
+            return
+        self.budget -= lines
+        self._note_dropped()
+        with contextlib.suppress(OSError, ValueError):
+            self.consoles[stream].write(chunk)
+            self.consoles[stream].flush()
+
+    def _note_dropped(self) -> None:
+        if not self.not_echoed:
+            return
+        note = (f"[oom-supervisor: {self.not_echoed} line(s) of output not echoed (faster than "
+                f"{ECHO_LINES_PER_S} lines/s); the attempt's logs have them]\n")
+        self.not_echoed = 0
+        with contextlib.suppress(OSError, ValueError):
+            self.consoles[1].write(note.encode())
+            self.consoles[1].flush()
+
+
+def _frame(raw: bytes) -> str:
+    # tqdm redraws with \r: the last frame is the line a person would see.
+    return raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1]
+
+
+def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None],  # noqa: PLR0913
+           gone: Callable[[], bool], follow: Callable[[_Sink], list[threading.Thread]], *,
            started: float, kills_before: int, is_oom: Callable[[str], bool], marker: str,
            adopted: bool = False) -> Outcome:
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-    oom_seen = threading.Event()
-    oom_line: list[str] = []
-    last_output = [time.monotonic()]
-    lock = threading.Lock()
-    done = threading.Event()
-
-    def on_line(line: str) -> None:
-        with lock:
-            tail.append(line)
-            last_output[0] = time.monotonic()
-        if not oom_seen.is_set() and is_oom(line):
-            oom_line.append(line)
-            oom_seen.set()
-
-    followers = [
-        threading.Thread(target=_follow, daemon=True, args=(
-            spec.log_dir / f"{name}.log", console, on_line, done, spec.echo, spec.redactor))
-        for name, console in (("stdout", _console(sys.stdout)), ("stderr", _console(sys.stderr)))
-    ]
+    sink = _Sink(spec, is_oom)
+    followers = follow(sink)
     for follower in followers:
         follower.start()
-
-    killed = interrupted = False
+    killed = interrupted = died = False
     hung: str | None = None
     kill_s: float | None = None
     tree = _Tree(spawned.pid, marker)
@@ -186,9 +319,15 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         if now - remembered > _REMEMBER_S:  # a /proc scan: not on every 50 ms tick
             tree.remember()
             remembered = now
-        if oom_seen.is_set() and not killed:
+            if adopted:  # the logs' tail segments grow while the log itself waits
+                sink.last_output = max(sink.last_output, now - _log_age_s(spec.log_dir))
+        if gone():
+            died = True
+            break
+        if sink.oom_seen.is_set() and not killed:
             seen_at = time.monotonic()
-            log.info("oom.detected", line=spec.redactor.text(oom_line[0])[:300], pid=spawned.pid)
+            log.info("oom.detected", line=spec.redactor.text(sink.oom_line or "")[:300],
+                     pid=spawned.pid)
             # A stuck peer rank must not hold the night: end the whole tree now.
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
             kill_s = round(time.monotonic() - seen_at, 3)
@@ -199,10 +338,10 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
             hung = f"ran past its time limit of {spec.timeout_s:g} s"
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-        elif hung is None and spec.stall_s is not None and now - last_output[0] > spec.stall_s:
+        elif hung is None and spec.stall_s is not None and now - sink.last_output > spec.stall_s:
             hung = f"printed nothing for {spec.stall_s:g} s (stalled)"
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-        oom_seen.wait(_POLL_S)
+        sink.oom_seen.wait(_POLL_S)
         code = poll()
     # Stragglers: workers in sessions of their own outlive the leader.
     tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
@@ -213,21 +352,21 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         # The next attempt needs the memory back: wait for the driver to release it.
         released = wait_for_release(spec.gpu, list(tree.known), timeout_s=spec.release_wait_s)
         release = {**released.to_dict(), "describe": released.describe()}
-    done.set()
-    for follower in followers:
-        follower.join(timeout=5.0)
+    _drain(followers, sink)
     # The shim recorded how the command itself ended (the shim's own status is one step removed).
     status_code = _status_code(spec.log_dir / STATUS_FILE)
     if status_code is not None:
         code = status_code
-    _scrub(spec)
-    with lock:
-        lines = tuple(spec.redactor.text(line) for line in (*tail, *_error_files(tail)))
+    with sink.lock:
+        lines = tuple(spec.redactor.text(line) for line in (*sink.tail, *_error_files(sink.tail)))
+    if died:
+        lines = (*lines, WRAPPER_DIED)
+    oom_line = spec.redactor.text(sink.oom_line) if sink.oom_line else None
     return Outcome(
-        exit_code=code,
+        exit_code=None if died else code,
         duration_s=round(time.monotonic() - started, 3),
         tail=lines,
-        oom_line=spec.redactor.text(oom_line[0]) if oom_line else None,
+        oom_line=oom_line,
         killed_by_supervisor=killed or hung is not None,
         interrupted=interrupted,
         hung=hung,
@@ -236,37 +375,69 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         release=release,
         kernel_oom_kills=max(0, kernel_oom_kills() - kills_before),
         adopted=adopted,
+        wrapper_died=died,
+        escaped=tuple(spec.redactor.text(e) for e in tree.escaped()),
     )
 
 
-def _follow(path: Path, console: IO[bytes], on_line: Callable[[str], None],  # noqa: PLR0913, PLR0917
-            done: threading.Event, echo: bool, redactor: Redactor) -> None:  # noqa: FBT001
-    """Read a growing log file line by line until `done` is set and the file is drained."""
-    partial = b""
-    with path.open("rb") as source:
-        while True:
-            chunk = source.read(65536)
-            if not chunk:
-                if done.is_set():
-                    break
-                time.sleep(_POLL_S)
+def _drain(followers: list[threading.Thread], sink: _Sink) -> None:
+    """Let the followers read to the end of the streams, bounded: they never outlive this."""
+    sink.ended = True
+    deadline = time.monotonic() + DRAIN_S
+    for follower in followers:
+        follower.join(timeout=max(0.0, deadline - time.monotonic()))
+    sink.abandon = True
+    for follower in followers:
+        follower.join(timeout=1.0)
+    sink.finish()
+
+
+def _follow_pipe(source: IO[bytes], sink: _Sink, stream: int) -> None:
+    """Read the shim's forwarded stream to its end (the pipe closes when the shim exits)."""
+    fd = source.fileno()
+    while not sink.abandon:
+        ready, _, _ = select.select([fd], [], [], _POLL_S * 4)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except OSError:
+            return
+        if not chunk:
+            return
+        sink.feed(stream, chunk)
+
+
+def _follow_file(path: Path, sink: _Sink, stream: int) -> None:
+    """Read a log the shim writes (append-only) until its status exists and the file is drained."""
+    status = path.with_name(STATUS_FILE)
+    try:
+        source = path.open("rb")
+    except OSError:
+        return
+    with source:
+        while not sink.abandon:
+            chunk = source.read(_CHUNK)
+            if chunk:
+                sink.feed(stream, chunk)
                 continue
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()
-            for raw in lines:
-                _emit(raw + b"\n", console, on_line, echo, redactor)
-    if partial:
-        _emit(partial, console, on_line, echo, redactor)
+            if sink.ended or status.exists():  # the shim writes its status after the last byte
+                rest = source.read(_CHUNK)
+                if not rest:
+                    return
+                sink.feed(stream, rest)
+                continue
+            source.seek(0, os.SEEK_CUR)
+            time.sleep(_POLL_S)
 
 
-def _emit(raw: bytes, console: IO[bytes], on_line: Callable[[str], None], echo: bool,  # noqa: FBT001
-          redactor: Redactor) -> None:
-    if echo:
-        with contextlib.suppress(OSError, ValueError):
-            console.write(redactor.data(raw))
-            console.flush()
-    # tqdm redraws with \r: the last frame is the line a person would see.
-    on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1])
+def _log_age_s(log_dir: Path) -> float:
+    """Seconds since any of the attempt's log files (or their tail segments) last grew."""
+    newest = 0.0
+    for path in log_dir.glob("std*.log*"):
+        with contextlib.suppress(OSError):
+            newest = max(newest, path.stat().st_mtime)
+    return max(0.0, time.time() - newest) if newest else float("inf")
 
 
 _ERROR_FILE = re.compile(r"error_file\s*:\s*(\S+\.json)")
@@ -285,19 +456,6 @@ def _error_files(lines: Iterable[str]) -> list[str]:
             text = message.get("message") if isinstance(message, dict) else str(message)
             found.extend(f"[{match.group(1)}] {part}" for part in str(text).splitlines()[-5:])
     return found
-
-
-def _scrub(spec: AttemptSpec) -> None:
-    """Replace secret values in the finished attempt's logs."""
-    if not spec.redactor.values:
-        return
-    for name in ("stdout.log", "stderr.log"):
-        path = spec.log_dir / name
-        with contextlib.suppress(OSError):
-            data = path.read_bytes()
-            clean = spec.redactor.data(data)
-            if clean != data:
-                path.write_bytes(clean)
 
 
 def _status_code(path: Path) -> int | None:
@@ -322,6 +480,8 @@ class _Tree:
         self.pid = pid
         self.marker = marker
         self.known: dict[int, psutil.Process] = {}
+        self.outside: dict[int, str] = {}
+        """Processes found only by the marker: they had left the tree (pid -> description)."""
 
     def remember(self) -> None:
         # torchrun starts workers in their own sessions, so the process group is not enough;
@@ -348,6 +508,9 @@ class _Tree:
         self.remember()
         for proc in self._marked():
             self.known.setdefault(proc.pid, proc)
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(proc.cmdline())[:120]
+                self.outside.setdefault(proc.pid, f"pid {proc.pid} ({command})")
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGTERM)
         still = [p for p in self.known.values() if _is_running(p)]
@@ -368,6 +531,12 @@ class _Tree:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and any(_is_running(p) for p in still):
             time.sleep(_POLL_S)
+
+
+    def escaped(self) -> tuple[str, ...]:
+        """Who had left the attempt's process tree (found by marker and ended), for the report."""
+        return tuple(f"{text} had left the attempt's process tree; found by its environment "
+                     "marker and ended" for text in self.outside.values())
 
 
 def _is_running(proc: psutil.Process) -> bool:

@@ -6,12 +6,21 @@ for every visible device, applied when CUDA initialises (real CUDA out-of-memory
 CPU the live-bytes budget of `supervisor._sim` (a real `torch.OutOfMemoryError` past it).
 A program that never imports torch pays nothing but this file. Then the sitecustomize this
 one shadows, if any, runs as it would have.
+
+Each process whose limit is in force says so on stderr, once:
+`oom-supervisor.inject {"limit_mib": N, "device": "cpu"|"cuda", "pid": P}`, and at exit
+`oom-supervisor.peak {"peak_mib": X, "device": ..., "pid": P}` (the live-bytes peak on CPU,
+torch.cuda.max_memory_allocated on CUDA). The supervisor treats an attempt without the first
+line as unlimited: an error, never a fit (supervisor.device_memory.read_inject_lines).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 from types import ModuleType
@@ -28,11 +37,33 @@ def _say(message: str) -> None:
     sys.stderr.write(f"oom-supervisor device memory: {message}\n")
 
 
+def _announce(mark: str, **values: object) -> None:
+    # Straight to fd 2, unbuffered: the line must reach the log even when the program
+    # replaced sys.stderr, and must not interleave with a traceback being written.
+    line = f"{mark} {json.dumps({**values, 'pid': os.getpid()})}\n"
+    with contextlib.suppress(OSError):
+        os.write(2, line.encode())
+
+
+def _at_exit(device: str, peak_bytes: Any) -> None:  # noqa: ANN401 - a callable from torch
+    def report() -> None:
+        try:
+            peak = int(peak_bytes())
+        except Exception:  # noqa: BLE001 - at exit, a missing peak must not mask the exit status
+            return
+        _announce("oom-supervisor.peak", peak_mib=round(peak / _MIB, 2), device=device)
+
+    atexit.register(report)
+
+
 def _limit_cuda(torch: Any, mib: int) -> None:  # noqa: ANN401 - torch is not imported here
     def limit() -> None:
         for index in range(torch.cuda.device_count()):
             total = torch.cuda.get_device_properties(index).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, mib * _MIB / total), index)
+        _announce("oom-supervisor.inject", limit_mib=mib, device="cuda")
+        _at_exit("cuda", lambda: max(torch.cuda.max_memory_allocated(i)
+                                     for i in range(torch.cuda.device_count())))
 
     # Queued until CUDA initialises: a process that never uses CUDA (a launcher) never
     # creates a context for it, and each worker limits the devices it really sees.
@@ -55,6 +86,8 @@ def _limit_cpu(mib: int) -> None:
     budget = sim.LiveBytesBudget(mib * _MIB)
     budget.__enter__()
     _kept.append(budget)
+    _announce("oom-supervisor.inject", limit_mib=mib, device="cpu")
+    _at_exit("cpu", lambda: budget.peak_bytes)
 
 
 def _apply(torch: Any, mib: int) -> None:  # noqa: ANN401 - torch is not imported here

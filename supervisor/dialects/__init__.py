@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from supervisor.command import Command, CommandError
-from supervisor.knobs import Knobs
+from supervisor.knobs import Knobs, Reading
 
 
 class Dialect(Protocol):
@@ -25,6 +25,14 @@ class Dialect(Protocol):
 
     def read(self, command: Command) -> Knobs:
         """Knobs the command runs with: its own values, else the program's documented defaults."""
+        ...
+
+    def read_sourced(self, command: Command) -> Reading:
+        """The knobs, where each value came from, and which knobs the program lets a rung set."""
+        ...
+
+    def accepts(self, command: Command, knob: str) -> bool:
+        """True when the program takes a flag or key for `knob` (read_sourced().can_set)."""
         ...
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
@@ -58,6 +66,12 @@ def _axolotl() -> Dialect:
     return AxolotlDialect()
 
 
+def _trl() -> Dialect:
+    from supervisor.dialects.argv import TrlDialect  # noqa: PLC0415
+
+    return TrlDialect()
+
+
 def _hf_args() -> Dialect:
     from supervisor.dialects.hfargs import HfArgsFileDialect  # noqa: PLC0415
 
@@ -70,6 +84,7 @@ _REGISTRY: dict[str, Callable[[], Dialect]] = {
     "llamafactory": _llamafactory,
     "axolotl": _axolotl,
     "hf-args": _hf_args,
+    "trl": _trl,
     "argv": _argv,
 }
 

@@ -20,6 +20,7 @@ from ruamel.yaml.error import YAMLError
 
 from supervisor.command import Command, CommandError
 from supervisor.knobs import FinetuningType, Knobs
+from supervisor.secrets import private_copy, redact_config
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1", "on"})
 _FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
@@ -197,11 +198,17 @@ class ConfigFile:
         except OSError as exc:
             msg = f"cannot read the {what} {path}: {exc.strerror or exc}; check the path"
             raise CommandError(msg) from None
+        except UnicodeDecodeError:
+            msg = f"{path} is not a UTF-8 text file (binary?); give the {what} as YAML or JSON"
+            raise CommandError(msg) from None
         if path.suffix.lower() == ".json":
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 msg = f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); fix the {what}"
+                raise CommandError(msg) from None
+            except RecursionError:
+                msg = f"{path} is nested too deeply to be a {what}"
                 raise CommandError(msg) from None
             yaml = None
         else:
@@ -211,6 +218,9 @@ class ConfigFile:
             except YAMLError as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
                 msg = f"{path} is not valid YAML ({first}); fix the {what}"
+                raise CommandError(msg) from None
+            except RecursionError:
+                msg = f"{path} is nested too deeply to be a {what}"
                 raise CommandError(msg) from None
         if data is None:
             data = {}
@@ -233,11 +243,22 @@ class ConfigFile:
             assign(data, key, value)
         return dump(self.yaml, data)
 
-    def write_copy(self, changes: Mapping[str, object], target: Path) -> Path:
-        """Write the rendered text to `target` (its folder is created) and return it."""
+    def write_copy(self, changes: Mapping[str, object], target: Path, *,
+                   private: bool = True) -> Path:
+        """Write the rendered text to `target` (its folder is created); return what to read.
+
+        `target` never holds a secret: one found in the text (a `hub_token:` key, a token by
+        its shape) is a placeholder there, and the real text goes to a private 0600 copy
+        outside the run folder, whose path is returned for the command to read (none is
+        written when `private` is false, e.g. for final.yaml).
+        """
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(self.render(changes), encoding="utf-8")
-        return target
+        text = self.render(changes)
+        shown = redact_config(text, json_text=self.yaml is None)
+        target.write_text(shown, encoding="utf-8")
+        if shown == text or not private:
+            return target
+        return private_copy(target, text)
 
 
 def _json_indent(text: str) -> int | None:

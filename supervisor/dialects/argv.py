@@ -1,4 +1,12 @@
-"""The argv-flags dialect: `--flag value`, `--flag=value` and bare booleans (HF / LLaMA-Factory)."""
+"""The argv-flags dialect: `--flag value`, `--flag=value`, bare booleans (HF, LLaMA-Factory, TRL).
+
+A command is read with the flag table of its program family (known by name), and, for a Python
+script or module, with what the program's own `--help` says (supervisor.program): which flags it
+accepts and their defaults. The program's word outranks its name: a `train_bash.py` whose help
+lists `--gradient_checkpointing [GRADIENT_CHECKPOINTING] (default: False)` and no
+`--disable_gradient_checkpointing` is a Hugging Face script, whatever LLaMA-Factory once called
+its entry point. Render never adds a flag the program's help does not list.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,14 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, NoReturn
 
 from supervisor.command import Command, CommandError, Invocation, locate
 from supervisor.dialects import deepspeed
-from supervisor.dialects._config import is_inside, output_dir_for, params_of
-from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs
+from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
+from supervisor.dialects._read import READ_ONLY, Values, model_path, precision_of, world_source
+from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs, Reading, Source
+from supervisor.program import HelpProbe, Option, ProgramHelp, read_help, run_help
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "0"})
@@ -23,7 +33,7 @@ class Flag:
 
     knob: str
     names: tuple[str, ...]
-    codec: str  # "int" | "bool" | "str" | "finetuning_type"
+    codec: str  # "int" | "bool" | "str" | "finetuning_type" | "peft" (`--use_peft`: lora/full)
     inverted: bool = False  # `--disable_gradient_checkpointing` is True when the knob is False
 
 
@@ -40,6 +50,11 @@ class Profile:
     output_hygiene: bool = False
     """LLaMA-Factory: changed attempts set overwrite_output_dir, and another parameter set
     writes to its own sibling folder (see the llamafactory dialect and docs/dialects.md)."""
+    known: bool = True
+    """Its defaults are documented for the family (else they are only assumed)."""
+    appendable: frozenset[str] | None = None
+    """Knobs whose flag may be added when the command lacks it (None: every flag's); without
+    the program's `--help`, a generic script is trusted only with TrainingArguments' flags."""
 
 
 _CUTOFF_NAMES = ("--cutoff_len", "--max_seq_length", "--max_length", "--block_size",
@@ -56,10 +71,17 @@ _COMMON = (
     Flag("max_steps", ("--max_steps", "--max-steps"), "int"),
     Flag("resume_from_checkpoint", ("--resume_from_checkpoint",), "str"),
     Flag("output_dir", ("--output_dir", "--output-dir"), "str"),
-    # Not knobs: what the supervisor reads or sets besides them (DeepSpeed copies, hygiene).
+    Flag("model", ("--model_name_or_path", "--model-name-or-path"), "str"),
+    # Not knobs: what the supervisor reads or sets besides them (DeepSpeed copies, hygiene,
+    # and the settings precision and quantisation are derived from).
     Flag("deepspeed", ("--deepspeed", "--deepspeed_config"), "str"),
+    Flag("bf16", ("--bf16",), "bool"),
+    Flag("fp16", ("--fp16",), "bool"),
+    Flag("load_in_4bit", ("--load_in_4bit", "--load-in-4bit"), "bool"),
+    Flag("load_in_8bit", ("--load_in_8bit", "--load-in-8bit"), "bool"),
 )
 _LF_EXTRA = (
+    Flag("pure_bf16", ("--pure_bf16",), "bool"),
     Flag("overwrite_output_dir", ("--overwrite_output_dir",), "bool"),
     Flag("stage", ("--stage",), "str"),
     Flag("packing", ("--packing",), "bool"),
@@ -72,11 +94,24 @@ _HF_GC = (Flag("gradient_checkpointing", ("--gradient_checkpointing",
 _LF_GC = (Flag("gradient_checkpointing", ("--disable_gradient_checkpointing",), "bool",
                inverted=True),)
 
+_TRL = (
+    # trl/trainer/sft_config.py (max_length; max_seq_length before TRL 0.16) and
+    # trl/trainer/model_config.py (use_peft, lora_r, load_in_4bit/8bit, dtype / torch_dtype).
+    Flag("cutoff_len", ("--max_length", "--max_seq_length", "--max-length"), "int"),
+    Flag("finetuning_type", ("--use_peft", "--use-peft"), "peft"),
+    Flag("lora_rank", ("--lora_r", "--lora-r"), "int"),
+    Flag("dtype", ("--dtype", "--torch_dtype", "--torch-dtype"), "str"),
+)
+
 _HF_DEFAULTS: dict[str, Any] = {
-    # transformers.TrainingArguments defaults.
+    # transformers.TrainingArguments defaults (no bf16/fp16: fp32 training).
     "per_device_batch": 8, "grad_accum": 1, "gradient_checkpointing": False,
     "finetuning_type": FinetuningType.FULL, "cutoff_len": None, "max_steps": None,
+    "bf16": False, "fp16": False, "quantization_bit": None,
 }
+_TRAINING_ARGS = frozenset({"per_device_batch", "grad_accum", "gradient_checkpointing",
+                            "max_steps", "resume_from_checkpoint", "output_dir"})
+"""Knobs whose flags every TrainingArguments script takes (HfArgumentParser)."""
 
 PROFILES: tuple[Profile, ...] = (
     Profile(
@@ -84,7 +119,19 @@ PROFILES: tuple[Profile, ...] = (
         programs=re.compile(r"^(supervisor\.reference_trainer|.*reference_trainer\.py)$"),
         flags=(*_COMMON, *_HF_GC,
                Flag("cutoff_len", ("--cutoff_len",), "int")),
-        defaults={**_HF_DEFAULTS, "cutoff_len": 512, "max_steps": 4},
+        defaults={**_HF_DEFAULTS, "cutoff_len": 512, "max_steps": 4, "model": "tiny"},
+    ),
+    Profile(
+        # `trl sft --model_name_or_path M --use_peft --lora_r 16 ...`: SFTConfig turns
+        # checkpointing and bf16 on by default and cuts samples at max_length 1024.
+        name="trl",
+        programs=re.compile(r"^(.*/)?trl$"),
+        flags=(*(f for f in _COMMON if f.knob not in ("finetuning_type", "lora_rank",
+                                                     "freeze_trainable_layers",
+                                                     "quantization_bit")),
+               *_HF_GC, *_TRL),
+        defaults={**_HF_DEFAULTS, "gradient_checkpointing": True, "cutoff_len": 1024,
+                  "bf16": True},
     ),
     Profile(
         # The seed's legacy entry point (LLaMA-Factory <= 0.6): cutoff_len defaulted to 1024.
@@ -110,8 +157,15 @@ PROFILES: tuple[Profile, ...] = (
         flags=(*_COMMON, *_HF_GC, Flag("cutoff_len", _CUTOFF_NAMES, "int")),
         defaults=_HF_DEFAULTS,
         requires_flags=True,
+        known=False,
+        appendable=_TRAINING_ARGS,
     ),
 )
+
+_ANY_FLAGS: tuple[Flag, ...] = (*_COMMON, *_LF_GC, *_HF_GC, *_LF_EXTRA, *_TRL,
+                                Flag("cutoff_len", _CUTOFF_NAMES, "int"))
+"""Every flag spelling any family uses: what a program's `--help` is matched against."""
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,91 +178,339 @@ class _Occurrence:
     negated: bool = False  # `--no_gradient_checkpointing`
 
 
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """One command as its program reads it: the family, the flag table, what argv says."""
+
+    invocation: Invocation
+    profile: Profile
+    flags: tuple[Flag, ...]
+    """The flags the program takes: the family's, or (asked) those its --help lists."""
+    found: list[_Occurrence]
+    help: ProgramHelp | None
+
+
 class ArgvDialect:
-    """Reads and rewrites HF / LLaMA-Factory style command-line flags."""
+    """Reads and rewrites HF / LLaMA-Factory / TRL style command-line flags."""
 
     name = "argv"
+    _forced: Profile | None = None
+
+    def __init__(self, *, probe: HelpProbe | None = run_help) -> None:
+        self.probe = probe
 
     def read(self, command: Command) -> Knobs:
-        """Knobs from the flags, with the program's documented defaults for absent ones."""
-        invocation, profile, found = _scan(command.argv)
-        values: dict[str, Any] = {k: v for k, v in profile.defaults.items() if v is not None}
-        for occ in found:  # the last occurrence wins, as with argparse
-            if occ.flag.knob in KNOB_NAMES:
-                values[occ.flag.knob] = _decode(occ)
-        if "per_device_batch" not in values:
-            values["per_device_batch"] = 8
-        config = _extras(found).get("deepspeed")
-        values["deepspeed_stage"] = (deepspeed.stage(config, command)
-                                     if deepspeed.is_path(config) else None)
-        values["world_size"] = invocation.world_size
-        try:
-            return Knobs(**values)
-        except TypeError as exc:  # pragma: no cover - a profile naming an unknown knob
-            msg = f"dialect table error: {exc}"
-            raise CommandError(msg) from None
+        """Knobs from the flags, with the program's own or its family's defaults."""
+        return self.read_sourced(command).knobs
+
+    def read_sourced(self, command: Command) -> Reading:
+        """Knobs from the flags, where each came from, and which ones the program can take."""
+        scan = self._scan(command)
+        values = self._base(scan)
+        _config_defaults(command, scan, values)
+        for occ in scan.found:  # the last occurrence wins, as with argparse
+            values.set(occ.flag.knob, _decode(occ), Source.COMMAND_LINE)
+        if values.get("per_device_batch") is None:
+            values.set("per_device_batch", 8, Source.ASSUMED)
+        _derive(command, scan, values)
+        return values.reading(rewritable=self._rewritable(scan), program=_said(scan),
+                              refused=_refused(scan))
+
+    def accepts(self, command: Command, knob: str) -> bool:
+        """True when the program takes a flag for `knob` (a rung on it can be rendered)."""
+        return self.read_sourced(command).can_set(knob)
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command with each changed knob's flags rewritten in place or appended."""
-        _, profile, found = _scan(command.argv)
-        current = self.read(command)
+        scan = self._scan(command)
+        reading = self.read_sourced(command)
+        current = reading.knobs
         wanted: dict[str, Any] = {}
         for knob in current.diff(knobs):
-            if knob in ("world_size", "output_dir", "deepspeed_stage"):
+            if knob in ("world_size", "output_dir", "deepspeed_stage", "deepspeed_offload",
+                        "model"):
                 continue  # read from the command, never rewritten (stage: in the DS copy)
+            if knob == "quantization_bit" and not any(f.knob == knob for f in scan.flags):
+                _refuse(scan, knob, getattr(knobs, knob))
             wanted[knob] = getattr(knobs, knob)
-        extras = _extras(found)
+        extras = _extras(scan.found)
         config = extras.get("deepspeed")
-        if knobs.deepspeed_stage != current.deepspeed_stage:
+        if (knobs.deepspeed_stage, knobs.deepspeed_offload) != (current.deepspeed_stage,
+                                                                current.deepspeed_offload):
             deepspeed.require_config(config, "deepspeed_stage")
         updates = deepspeed.changes(config, command, current, knobs) if config else {}
         if updates and deepspeed.is_path(config):
             target = workdir / Path(str(config)).name
             wanted["deepspeed"] = str(deepspeed.write(str(config), command, updates, target))
-        if wanted and profile.output_hygiene:
+        if wanted and _hygiene_applies(scan):
             wanted.update(_hygiene(command, current, knobs, extras))
         argv = list(command.argv)
         removals: set[int] = set()
         appended: list[str] = []
+        base = self._base(scan)
         for knob, value in wanted.items():
-            occurrences = [o for o in found if o.flag.knob == knob]
+            # (A value the flag cannot say, freeze through --use_peft, fails in _on.)
+            if (knob in KNOB_NAMES and knob != "output_dir" and not reading.can_set(knob)
+                    and not any(o.flag.knob == knob for o in scan.found)):
+                _refuse(scan, knob, value)
+            occurrences = [o for o in scan.found if o.flag.knob == knob]
             if occurrences:
                 for occ in occurrences:
-                    _rewrite(argv, removals, occ, value, profile.defaults.get(knob))
+                    _rewrite(argv, removals, occ, value, base.get(knob))
                 continue
-            flag = next((f for f in profile.flags if f.knob == knob), None)
+            flag = next((f for f in scan.flags if f.knob == knob), None)
             if flag is None:
-                msg = (f"cannot set {knob}={value!r}: the {profile.name} command line has no "
-                       "flag for it; use a policy without that rung or declare the flag "
-                       "with --knobs FILE (docs/dialects.md)")
-                raise CommandError(msg)
-            appended.extend(_encode_new(flag, value))
+                _refuse(scan, knob, value)
+            appended.extend(_encode_new(flag, value, _option(scan, flag)))
         rendered = [tok for i, tok in enumerate(argv) if i not in removals] + appended
         return dataclasses.replace(command, argv=tuple(rendered))
 
     def claims(self, command: Command) -> bool:
         """Any command whose program it can read (the fallback dialect)."""
         try:
-            _scan(command.argv)
+            self._scan(command)
         except CommandError:
             return False
         return True
 
     def describe(self, command: Command) -> str:
         """Which program family the command was read as (and, for LLaMA-Factory, the cutoff)."""
-        _, profile, found = _scan(command.argv)
-        if not profile.output_hygiene:
-            return f"argv ({profile.name})"
+        scan = self._scan(command)
+        asked = "; read from its --help" if scan.help is not None else ""
+        if not _hygiene_applies(scan):
+            return f"{self.name} ({_family(scan)}{asked})"
         from supervisor.dialects.llamafactory import cutoff_effect  # noqa: PLC0415 - one use
 
-        return f"argv ({profile.name}; {cutoff_effect(_extras(found))})"
+        return f"{self.name} ({_family(scan)}{asked}; {cutoff_effect(_extras(scan.found))})"
 
     def finalize(self, command: Command, knobs: Knobs, run_dir: Path) -> tuple[Path, ...]:  # noqa: ARG002
         """Flags live in argv: final-command.sh (written by the report) is the whole config."""
         return ()
 
+    # -- internals ---------------------------------------------------------------------------
+
+    def _scan(self, command: Command) -> _Scan:
+        invocation = locate(command.argv)
+        profile = self._forced or _profile_for(invocation.program)
+        help_ = read_help(command, self.probe) if _askable(profile) else None
+        flags = _flag_table(profile, help_)
+        found = _occurrences(command.argv, invocation, flags)
+        if help_ is not None and not any(f.knob in KNOB_NAMES and f.knob not in READ_ONLY
+                                         for f in flags):
+            help_ = None  # the help names none of our flags: read it by family as before
+            flags = profile.flags
+            found = _occurrences(command.argv, invocation, flags)
+        if (help_ is None and profile.requires_flags
+                and not any(o.flag.knob in KNOB_NAMES and o.flag.knob not in READ_ONLY
+                            for o in found)):
+            names = ", ".join(f.names[0] for f in profile.flags[:3])
+            msg = (f"found none of the memory flags this tool rewrites ({names}, ...) in the "
+                   f"arguments of {invocation.program!r}; add them to the command, declare "
+                   "where the script keeps them with --knobs FILE (docs/dialects.md), or "
+                   "force a reader with --dialect NAME")
+            raise CommandError(msg)
+        return _Scan(invocation=invocation, profile=profile, flags=flags, found=found,
+                     help=help_)
+
+    def _base(self, scan: _Scan) -> Values:
+        """What the program runs with before its command line says anything."""
+        values = Values()
+        profile = scan.profile
+        if scan.help is None:
+            values.defaults(_HF_DEFAULTS, Source.ASSUMED)
+            values.defaults(profile.defaults,
+                            Source.KNOWN_DEFAULT if profile.known else Source.ASSUMED)
+            return values
+        # Asked: the family's default holds only where the program takes the family's own
+        # flag (same semantics); the program's printed default outranks it.
+        values.defaults(_HF_DEFAULTS, Source.ASSUMED)
+        own = {f.knob: f for f in profile.flags}
+        for flag in scan.flags:
+            family = own.get(flag.knob)
+            if (profile.known and family is not None and flag.knob in profile.defaults
+                    and set(flag.names) <= set(family.names)):
+                values.set(flag.knob, profile.defaults[flag.knob], Source.KNOWN_DEFAULT)
+            negatable = scan.help.accepts(f"--no_{flag.names[0].removeprefix('--')}")
+            said = _help_default(flag, _option(scan, flag), negatable=negatable)
+            if said is not _UNSAID:
+                values.set(flag.knob, said, Source.PROGRAM)
+        return values
+
+    def _rewritable(self, scan: _Scan) -> frozenset[str]:
+        on_argv = {o.flag.knob for o in scan.found}
+        if scan.help is None and scan.profile.appendable is not None:
+            flagged = {f.knob for f in scan.flags} & scan.profile.appendable
+        else:
+            flagged = {f.knob for f in scan.flags}
+        names = (flagged | on_argv) & set(KNOB_NAMES)
+        if deepspeed.is_path(_extras(scan.found).get("deepspeed")):
+            names |= {"deepspeed_stage", "deepspeed_offload"}
+        return frozenset(names)
+
+
+class TrlDialect(ArgvDialect):
+    """`trl sft --model_name_or_path M --use_peft --lora_r N ...`: TRL's own CLI."""
+
+    name = "trl"
+    _forced = next(p for p in PROFILES if p.name == "trl")
+
+    def claims(self, command: Command) -> bool:
+        """The `trl` command line (TRL-style scripts are read by the argv dialect's --help)."""
+        try:
+            program = locate(command.argv).program
+        except CommandError:
+            return False
+        return bool(self._forced and self._forced.programs.match(program))
+
 
 _DEFAULT_OUTPUT_DIR = "trainer_output"
+_UNSAID = object()
+
+
+def _profile_for(program: str) -> Profile:
+    return next(p for p in PROFILES if p.programs.match(program)
+                or p.programs.match(PurePath(program).name))
+
+
+def _askable(profile: Profile) -> bool:
+    """Scripts and modules are asked for their --help; known CLIs are read by their tables."""
+    return profile.name not in ("llamafactory", "trl")
+
+
+def _family(scan: _Scan) -> str:
+    """The family by name, or (asked) the kind of flags the program's help lists."""
+    if scan.help is None or _same_family(scan):
+        return scan.profile.name
+    gc = next((f for f in scan.flags if f.knob == "gradient_checkpointing"), None)
+    return "LLaMA-Factory flags" if gc is not None and gc.inverted else "Hugging Face flags"
+
+
+def _same_family(scan: _Scan) -> bool:
+    """The program takes its family's own flag for every knob both know (the name holds)."""
+    own = {f.knob: f for f in scan.profile.flags}
+    return scan.profile.known and all(
+        set(f.names) <= set(own[f.knob].names) for f in scan.flags if f.knob in own)
+
+
+def _hygiene_applies(scan: _Scan) -> bool:
+    """LLaMA-Factory's output-folder care, where the program really is LLaMA-Factory."""
+    if not scan.profile.output_hygiene:
+        return False
+    return scan.help is None or scan.help.accepts("--overwrite_output_dir")
+
+
+def _said(scan: _Scan) -> str | None:
+    return scan.help.describe() if scan.help is not None else None
+
+
+def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]:
+    """The flags the program takes: the family's first, then any family's, as its help lists."""
+    if help_ is None:
+        return profile.flags
+    table: list[Flag] = []
+    done: set[str] = set()
+    for flag in (*profile.flags, *_ANY_FLAGS):
+        if flag.knob in done:
+            continue
+        names = tuple(n for n in flag.names if help_.accepts(n))
+        if names:
+            table.append(dataclasses.replace(flag, names=names))
+            done.add(flag.knob)
+    return tuple(table)
+
+
+def _option(scan: _Scan, flag: Flag) -> Option | None:
+    return scan.help.option(flag.names[0]) if scan.help is not None else None
+
+
+def _help_default(flag: Flag, option: Option | None, *, negatable: bool = False) -> object:
+    """The knob's value when the flag is absent, as the program's help says (or _UNSAID)."""
+    if option is None:
+        return _UNSAID
+    if option.takes == "none" and flag.codec in ("bool", "peft"):
+        value: object = False  # a bare switch: store_true
+    elif option.default is None and flag.codec in ("bool", "peft") and negatable:
+        value = True  # HfArgumentParser adds `--no_X` only for a field that defaults to True
+    elif option.default is None:
+        return _UNSAID
+    else:
+        text = option.default
+        if text == "None":
+            return None
+        try:
+            value = _decode(_Occurrence(flag, flag.names[0], -1, "sep", text))
+        except CommandError:
+            return _UNSAID
+        return value
+    if flag.codec == "peft":
+        return FinetuningType.FULL
+    return (not value) if flag.inverted else value
+
+
+def _derive(command: Command, scan: _Scan, values: Values) -> None:
+    """Precision, quantisation, model path, DeepSpeed and world size from what was read."""
+    precision, source = precision_of(values)
+    values.set("precision", precision, source)
+    for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit")):
+        if values.get(name) is True:
+            values.set("quantization_bit", bits, values.source(name))
+    if values.get("model") is not None:
+        values.set("model", model_path(command, values.get("model")), values.source("model"))
+    config = _extras(scan.found).get("deepspeed")
+    on_file = deepspeed.is_path(config)
+    ds_source = Source.CONFIG_FILE if on_file else (
+        Source.ASSUMED if "accelerate launch" in scan.invocation.launchers
+        else Source.COMMAND_LINE)
+    values.set("deepspeed_stage", deepspeed.stage(config, command) if on_file else None,
+               ds_source)
+    values.set("deepspeed_offload", deepspeed.offload(config, command) if on_file else None,
+               ds_source)
+    values.set("world_size", scan.invocation.world_size, world_source(scan.invocation))
+    for name in list(values.values):
+        if name not in KNOB_NAMES:
+            del values.values[name]
+
+
+def _config_defaults(command: Command, scan: _Scan, values: Values) -> None:
+    """TRL's `--config cfg.yaml`: its keys are defaults the command line overrides (TrlParser)."""
+    if scan.profile.name != "trl":
+        return
+    argv, start = command.argv, scan.invocation.args_start
+    path = next((argv[i + 1] for i in range(start, len(argv) - 1) if argv[i] == "--config"),
+                None)
+    path = path or next((a.partition("=")[2] for a in argv[start:]
+                         if a.startswith("--config=")), None)
+    if not path:
+        return
+    data = ConfigFile.load(resolve(command, path), what="TRL config").data
+    for flag in scan.flags:
+        key = next((k for n in flag.names if (k := n.removeprefix("--")) in data), None)
+        if key is not None and data[key] is not None:
+            raw = data[key]
+            text = str(raw).lower() if isinstance(raw, bool) else str(raw)
+            values.set(flag.knob, _decode(_Occurrence(flag, key, -1, "sep", text)),
+                       Source.CONFIG_FILE)
+
+
+def _refused(scan: _Scan) -> frozenset[tuple[str, str]]:
+    flag = next((f for f in scan.flags if f.knob == "finetuning_type"), None)
+    if flag is not None and flag.codec == "peft":
+        return frozenset({("finetuning_type", FinetuningType.FREEZE.value)})
+    return frozenset()
+
+
+def _refuse(scan: _Scan, knob: str, value: object) -> NoReturn:
+    said = "its --help lists no flag" if scan.help is not None else "the command line has no flag"
+    msg = (f"cannot set {knob}={_show(value)}: {said} for it ({scan.invocation.program}, read "
+           f"as {_family(scan)}); use a policy without that rung or declare the flag with "
+           "--knobs FILE (docs/dialects.md)")
+    raise CommandError(msg)
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value.value if isinstance(value, FinetuningType) else value)
 
 
 def _extras(found: list[_Occurrence]) -> dict[str, Any]:
@@ -231,12 +533,9 @@ def _hygiene(command: Command, current: Knobs, knobs: Knobs,
     return out
 
 
-def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]]:
-    invocation = locate(argv)
-    program = invocation.program
-    profile = next(p for p in PROFILES if p.programs.match(program)
-                   or p.programs.match(PurePath(program).name))
-    by_name: dict[str, Flag] = {n: f for f in profile.flags for n in f.names}
+def _occurrences(argv: tuple[str, ...], invocation: Invocation,
+                 flags: tuple[Flag, ...]) -> list[_Occurrence]:
+    by_name: dict[str, Flag] = {n: f for f in flags for n in f.names}
     found: list[_Occurrence] = []
     i = invocation.args_start
     while i < len(argv):
@@ -248,7 +547,7 @@ def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]
         flag = by_name.get(name)
         if flag is None and name.startswith("--no_") and f"--{name[5:]}" in by_name:
             flag = by_name[f"--{name[5:]}"]
-            negated = flag.codec == "bool"
+            negated = flag.codec in ("bool", "peft")
             if not negated:
                 flag = None
         if flag is None:
@@ -257,7 +556,7 @@ def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]
         if eq:
             found.append(_Occurrence(flag, name, i, "eq", raw, negated))
             i += 1
-        elif flag.codec == "bool":
+        elif flag.codec in ("bool", "peft"):
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if not negated and nxt is not None and nxt.lower() in _TRUE | _FALSE:
                 found.append(_Occurrence(flag, name, i, "sep", nxt))
@@ -271,19 +570,12 @@ def _scan(argv: tuple[str, ...]) -> tuple[Invocation, Profile, list[_Occurrence]
                 raise CommandError(msg)
             found.append(_Occurrence(flag, name, i, "sep", argv[i + 1]))
             i += 2
-    if profile.requires_flags and not any(o.flag.knob in KNOB_NAMES for o in found):
-        names = ", ".join(f.names[0] for f in profile.flags[:3])
-        msg = (f"found none of the memory flags this tool rewrites ({names}, ...) in the "
-               f"arguments of {program!r}; add them to the command, declare where the script "
-               "keeps them with --knobs FILE (docs/dialects.md), or force a reader with "
-               "--dialect NAME")
-        raise CommandError(msg)
-    return invocation, profile, found
+    return found
 
 
 def _decode(occ: _Occurrence) -> Any:  # noqa: ANN401 - the knob's own type
     flag, raw = occ.flag, occ.raw
-    if flag.codec == "bool":
+    if flag.codec in ("bool", "peft"):
         if raw is None:
             value = not occ.negated
         elif raw.lower() in _TRUE:
@@ -293,6 +585,8 @@ def _decode(occ: _Occurrence) -> Any:  # noqa: ANN401 - the knob's own type
         else:
             msg = f"{occ.name}={raw!r} is not a boolean; use true or false"
             raise CommandError(msg)
+        if flag.codec == "peft":
+            return FinetuningType.LORA if value else FinetuningType.FULL
         return (not value) if flag.inverted else value
     assert raw is not None  # noqa: S101 - only booleans can be bare
     if flag.codec == "int":
@@ -311,15 +605,27 @@ def _decode(occ: _Occurrence) -> Any:  # noqa: ANN401 - the knob's own type
     return raw
 
 
+def _on(flag: Flag, value: Any) -> bool:  # noqa: ANN401
+    """Whether a boolean flag is on for the knob's value (inverted flags, `--use_peft`)."""
+    if flag.codec == "peft":
+        if value not in (FinetuningType.LORA, FinetuningType.FULL):
+            msg = (f"cannot set finetuning_type={_show(value)} through {flag.names[0]}: it "
+                   "gives LoRA (on) or full fine-tuning (off); use a policy without that rung")
+            raise CommandError(msg)
+        return value is FinetuningType.LORA
+    return (not value) if flag.inverted else bool(value)
+
+
 def _text(flag: Flag, value: Any) -> str:  # noqa: ANN401
-    if flag.codec == "bool":
-        return "true" if (not value if flag.inverted else value) else "false"
+    if flag.codec in ("bool", "peft"):
+        return "true" if _on(flag, value) else "false"
     return str(value)
 
 
 def _rewrite(argv: list[str], removals: set[int], occ: _Occurrence,
              value: Any, default: Any) -> None:  # noqa: ANN401
-    if value is None and occ.flag.codec != "bool":  # unset: drop the flag and its value
+    boolean = occ.flag.codec in ("bool", "peft")
+    if value is None and not boolean:  # unset: drop the flag and its value
         removals.add(occ.index)
         if occ.form == "sep":
             removals.add(occ.index + 1)
@@ -331,21 +637,24 @@ def _rewrite(argv: list[str], removals: set[int], occ: _Occurrence,
     else:
         # A bare switch means its own "on"; for the other value drop it when the
         # program's default gives that value (store_true scripts take no `=false`).
-        bare_means = not occ.negated
-        bare_knob = (not bare_means) if occ.flag.inverted else bare_means
-        if bool(value) == bare_knob:
+        if _on(occ.flag, value) != occ.negated:
             return
-        if default is not None and bool(default) == bool(value):
+        if default is not None and _on(occ.flag, default) == _on(occ.flag, value):
             removals.add(occ.index)
         else:
             argv[occ.index] = f"{occ.flag.names[0]}={_text(occ.flag, value)}"
 
 
-def _encode_new(flag: Flag, value: Any) -> list[str]:  # noqa: ANN401
+def _encode_new(flag: Flag, value: Any, option: Option | None) -> list[str]:  # noqa: ANN401
     if value is None:
         return []
-    if flag.codec == "bool":
-        flag_on = (not value) if flag.inverted else bool(value)
-        # A bare switch works with argparse store_true scripts as well as HfArgumentParser.
-        return [flag.names[0]] if flag_on else [flag.names[0], "false"]
+    if flag.codec in ("bool", "peft"):
+        if _on(flag, value):
+            # A bare switch works with argparse store_true scripts as well as HfArgumentParser.
+            return [flag.names[0]]
+        if option is not None and option.takes == "none":
+            msg = (f"cannot turn {flag.names[0]} off: the program takes it only as a bare "
+                   "switch (store_true); remove it from the command instead")
+            raise CommandError(msg)
+        return [flag.names[0], "false"]
     return [flag.names[0], str(value)]

@@ -9,6 +9,7 @@ after the config are read too (they win over the file) and rewritten in place.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -28,7 +29,8 @@ from supervisor.dialects._config import (
     resolve,
     suffix_of,
 )
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.dialects._read import Values, model_path, world_source
+from supervisor.knobs import FinetuningType, Knobs, Precision, Reading, Source
 
 _MODULE = "axolotl.cli.train"
 _BITS_4, _BITS_8 = 4, 8
@@ -94,6 +96,22 @@ class AxolotlDialect:
         _, _, config, options = self._parse(command)
         return self._knobs(command, config, options)
 
+    def read_sourced(self, command: Command) -> Reading:
+        """The knobs, each from the YAML, an option or axolotl's defaults."""
+        _, _, config, options = self._parse(command)
+        values = self._values(command, config, options)
+        merged = {**config.data, **{o.key: o.value for o in options}}
+        rewritable = set(_BY_KNOB) | {"finetuning_type", "quantization_bit"}
+        if deepspeed.is_path(merged.get("deepspeed")):
+            rewritable |= {"deepspeed_stage", "deepspeed_offload"}
+        # Freeze tuning needs `unfrozen_parameters` patterns this tool does not write.
+        return values.reading(rewritable=frozenset(rewritable),
+                              refused=frozenset({("finetuning_type", "freeze")}))
+
+    def accepts(self, command: Command, knob: str) -> bool:
+        """True for the knobs axolotl has keys for (freeze tuning is not one of them)."""
+        return self.read_sourced(command).can_set(knob)
+
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command pointed at a rewritten copy of the YAML (unchanged: as it was)."""
         _, index, config, options = self._parse(command)
@@ -127,7 +145,7 @@ class AxolotlDialect:
         values: dict[str, object] = {o.key: o.value for o in options}
         values.update(self._changes(command, config, options, knobs, run_dir, prefix="final-"))
         target = run_dir / f"final{config.path.suffix}"
-        config.write_copy(values, target)
+        config.write_copy(values, target, private=False)  # secrets: placeholders only
         ds = values.get("deepspeed")
         extra = (Path(ds),) if isinstance(ds, str) and Path(ds).parent == run_dir else ()
         return (target, *extra)
@@ -158,9 +176,18 @@ class AxolotlDialect:
         return invocation, index, config, options
 
     def _knobs(self, command: Command, config: ConfigFile, options: list[_Option]) -> Knobs:
+        return self._values(command, config, options).reading(rewritable=frozenset()).knobs
+
+    def _values(self, command: Command, config: ConfigFile, options: list[_Option]) -> Values:
         merged = {**config.data, **{o.key: o.value for o in options}}
+        on_argv = {o.key for o in options}
+
+        def said(name: str) -> Source:
+            return Source.COMMAND_LINE if name in on_argv else Source.CONFIG_FILE
+
         where = config.path.name
-        values: dict[str, Any] = dict(DEFAULTS)
+        values = Values()
+        values.defaults({**DEFAULTS, "quantization_bit": None}, Source.KNOWN_DEFAULT)
         for key in KEYS:
             name = key.names[0]
             if name in merged:
@@ -169,25 +196,32 @@ class AxolotlDialect:
                     raw = raw.lower() not in ("false", "none", "")  # "unsloth", "offload": on
                 decoded = decode(key, name, raw, where)
                 if decoded is not None or key.knob not in DEFAULTS:
-                    values[key.knob] = decoded
+                    values.set(key.knob, decoded, said(name))
         adapter = merged.get("adapter") or None
         if adapter not in (None, "lora", "qlora"):
             msg = (f"{where}: adapter: {adapter!r} is not one this tool steps down from; "
                    "valid: (empty) for full fine-tuning, lora, qlora")
             raise CommandError(msg)
-        if adapter is not None:
-            values["finetuning_type"] = FinetuningType.LORA
+        if "adapter" in merged:
+            values.set("finetuning_type",
+                       FinetuningType.LORA if adapter is not None else FinetuningType.FULL,
+                       said("adapter"))
         if adapter == "qlora" or merged.get("load_in_4bit") is True:
-            values["quantization_bit"] = _BITS_4
+            values.set("quantization_bit", _BITS_4,
+                       said("adapter" if adapter == "qlora" else "load_in_4bit"))
         elif merged.get("load_in_8bit") is True:
-            values["quantization_bit"] = _BITS_8
-        values["precision"] = ("bf16" if merged.get("bf16") is True
-                               else "fp16" if merged.get("fp16") is True else None)
+            values.set("quantization_bit", _BITS_8, said("load_in_8bit"))
+        values.set("precision", *_precision(merged, said))
+        if merged.get("base_model"):
+            values.set("model", model_path(command, merged["base_model"]), said("base_model"))
         ds = merged.get("deepspeed")
-        values["deepspeed_stage"] = deepspeed.stage(ds, command) if ds else None
+        ds_source = said("deepspeed") if ds else Source.KNOWN_DEFAULT
+        values.set("deepspeed_stage", deepspeed.stage(ds, command) if ds else None, ds_source)
+        values.set("deepspeed_offload", deepspeed.offload(ds, command) if ds else None,
+                   ds_source)
         invocation = locate(command.argv)
-        values["world_size"] = invocation.world_size
-        return Knobs(**values)
+        values.set("world_size", invocation.world_size, world_source(invocation))
+        return values
 
     def _changes(self, command: Command, config: ConfigFile, options: list[_Option],  # noqa: PLR0913
                  knobs: Knobs, folder: Path, *, prefix: str) -> dict[str, object]:
@@ -196,7 +230,7 @@ class AxolotlDialect:
         changes: dict[str, object] = {}
         for knob in current.diff(knobs):
             if knob in ("world_size", "output_dir", "deepspeed_stage", "quantization_bit",
-                        "finetuning_type"):
+                        "finetuning_type", "deepspeed_offload", "model"):
                 continue
             if knob not in _BY_KNOB:
                 msg = (f"cannot set {knob}: axolotl's config has no key this tool writes for "
@@ -208,7 +242,8 @@ class AxolotlDialect:
         if knobs.quantization_bit != current.quantization_bit:
             changes.update(_quantization_keys(knobs.quantization_bit))
         ds = merged.get("deepspeed")
-        if knobs.deepspeed_stage != current.deepspeed_stage:
+        if (knobs.deepspeed_stage, knobs.deepspeed_offload) != (current.deepspeed_stage,
+                                                                current.deepspeed_offload):
             deepspeed.require_config(ds, "deepspeed_stage")
         ds_updates = deepspeed.changes(ds, command, current, knobs) if ds else {}
         if ds_updates and deepspeed.is_path(ds):
@@ -235,6 +270,21 @@ def _adapter_keys(knobs: Knobs, merged: dict[str, Any]) -> dict[str, object]:
     if "lora_target_modules" not in merged and "lora_target_linear" not in merged:
         keys["lora_target_linear"] = True
     return keys
+
+
+def _precision(merged: dict[str, Any],
+               said: Callable[[str], Source]) -> tuple[str, Source]:
+    """axolotl loads the model in bf16/fp16 under `bf16`/`fp16` (or `bfloat16`/`float16`):
+    the weights train in that precision (normalize_config sets torch_dtype from them)."""
+    for names, precision in ((("bfloat16", "bf16"), Precision.BF16),
+                             (("float16", "fp16"), Precision.FP16)):
+        for name in names:
+            value = merged.get(name)
+            if value is True:
+                return precision.value, said(name)
+            if isinstance(value, str) and value.lower() == "auto":
+                return precision.value, Source.ASSUMED  # bf16 where the device has it
+    return Precision.FP32.value, Source.KNOWN_DEFAULT
 
 
 def _quantization_keys(bits: int | None) -> dict[str, object]:

@@ -20,6 +20,7 @@ _MICRO = "train_micro_batch_size_per_gpu"
 _GA = "gradient_accumulation_steps"
 _TOTAL = "train_batch_size"
 _STAGE = "zero_optimization.stage"
+_OFFLOAD = "zero_optimization.offload_optimizer.device"
 
 
 def is_path(value: object) -> bool:
@@ -35,10 +36,25 @@ def stage(config: object, command: Command) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def offload(config: object, command: Command) -> bool | None:
+    """True when ZeRO offloads optimizer state or parameters to CPU/NVMe (None: no config)."""
+    data = _data(config, command)
+    if data is None:
+        return None
+    zero = data.get("zero_optimization")
+    if not isinstance(zero, Mapping):
+        return False
+    if zero.get("cpu_offload") is True:  # the pre-0.3.13 spelling
+        return True
+    devices = (_get(zero, f"{part}.device") for part in ("offload_optimizer", "offload_param"))
+    return any(str(d).lower() in ("cpu", "nvme") for d in devices if d is not None)
+
+
 def changes(config: object, command: Command, before: Knobs, after: Knobs) -> dict[str, object]:
     """The (dotted) keys a DeepSpeed config needs so that it agrees with `after`."""
-    if (before.per_device_batch, before.grad_accum, before.deepspeed_stage) == (
-            after.per_device_batch, after.grad_accum, after.deepspeed_stage):
+    if (before.per_device_batch, before.grad_accum, before.deepspeed_stage,
+            before.deepspeed_offload) == (after.per_device_batch, after.grad_accum,
+                                          after.deepspeed_stage, after.deepspeed_offload):
         return {}
     data = _data(config, command)
     if data is None:
@@ -54,6 +70,8 @@ def changes(config: object, command: Command, before: Knobs, after: Knobs) -> di
         out[_TOTAL] = after.per_device_batch * after.grad_accum * after.world_size
     if after.deepspeed_stage != before.deepspeed_stage and after.deepspeed_stage is not None:
         out[_STAGE] = after.deepspeed_stage
+    if after.deepspeed_offload != before.deepspeed_offload and after.deepspeed_offload is not None:
+        out[_OFFLOAD] = "cpu" if after.deepspeed_offload else "none"
     return {k: v for k, v in out.items() if _get(data, k) != v}
 
 

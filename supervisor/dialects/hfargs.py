@@ -22,7 +22,8 @@ from supervisor.dialects._config import (
     resolve,
     suffix_of,
 )
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.dialects._read import Values, model_path, precision_of, world_source
+from supervisor.knobs import FinetuningType, Knobs, Reading, Source
 
 CUTOFF_KEYS = ("max_seq_length", "max_length", "block_size", "model_max_length", "cutoff_len",
                "max_seq_len")
@@ -50,7 +51,11 @@ DEFAULTS: dict[str, Any] = {
     "per_device_batch": 8, "grad_accum": 1, "gradient_checkpointing": False,
     "finetuning_type": FinetuningType.FULL,
 }
-_READ_ONLY = ("world_size", "output_dir", "deepspeed_stage", "precision")
+_READ_ONLY = ("world_size", "output_dir", "deepspeed_stage", "deepspeed_offload", "precision",
+              "model")
+_TRAINING_ARGS = ("per_device_batch", "grad_accum", "gradient_checkpointing", "max_steps",
+                  "resume_from_checkpoint", "output_dir")
+"""Knobs every HfArgumentParser script with TrainingArguments takes, named in the file or not."""
 
 
 def args_file_index(argv: tuple[str, ...]) -> tuple[Invocation, int] | None:
@@ -76,20 +81,56 @@ class HfArgsFileDialect:
 
     def read(self, command: Command) -> Knobs:
         """Knobs from the args file, with TrainingArguments' defaults for absent keys."""
+        return self.read_sourced(command).knobs
+
+    def read_sourced(self, command: Command) -> Reading:
+        """The knobs, each from the args file or TrainingArguments' defaults."""
         invocation, config, found = self._parse(command)
-        values: dict[str, Any] = dict(DEFAULTS)
+        data = config.data
+        values = Values()
+        values.defaults({k: v for k, v in DEFAULTS.items() if k != "finetuning_type"},
+                        Source.KNOWN_DEFAULT)
+        values.set("finetuning_type", FinetuningType.FULL, Source.ASSUMED)
         for key in KEYS:
             name = found.get(key.knob)
             if name is not None:
-                decoded = decode(key, name, config.data[name], config.path.name)
+                decoded = decode(key, name, data[name], config.path.name)
                 if decoded is not None or key.knob not in DEFAULTS:
-                    values[key.knob] = decoded
-        ds = config.data.get("deepspeed")
-        values["deepspeed_stage"] = deepspeed.stage(ds, command) if ds else None
-        values["precision"] = ("bf16" if config.data.get("bf16") is True
-                               else "fp16" if config.data.get("fp16") is True else None)
-        values["world_size"] = invocation.world_size
-        return Knobs(**values)
+                    values.set(key.knob, decoded, Source.CONFIG_FILE)
+        if "use_peft" in data:  # TRL's ModelConfig
+            values.set("finetuning_type", FinetuningType.LORA if data["use_peft"] is True
+                       else FinetuningType.FULL, Source.CONFIG_FILE)
+        for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit")):
+            if data.get(name) is True:
+                values.set("quantization_bit", bits, Source.CONFIG_FILE)
+        flags = Values()
+        flags.defaults({"bf16": False, "fp16": False}, Source.KNOWN_DEFAULT)
+        for name, alias in (("bf16", "bf16"), ("fp16", "fp16"), ("dtype", "dtype"),
+                            ("torch_dtype", "dtype")):
+            if name in data:
+                flags.set(alias, data[name], Source.CONFIG_FILE)
+        values.set("precision", *precision_of(flags))
+        if data.get("model_name_or_path"):
+            values.set("model", model_path(command, data["model_name_or_path"]),
+                       Source.CONFIG_FILE)
+        ds = data.get("deepspeed")
+        ds_source = Source.CONFIG_FILE if ds else Source.KNOWN_DEFAULT
+        values.set("deepspeed_stage", deepspeed.stage(ds, command) if ds else None, ds_source)
+        values.set("deepspeed_offload", deepspeed.offload(ds, command) if ds else None,
+                   ds_source)
+        values.set("world_size", invocation.world_size, world_source(invocation))
+        rewritable = set(found) | set(_TRAINING_ARGS)
+        refused: frozenset[tuple[str, str]] = frozenset()
+        if "use_peft" in data:
+            rewritable.add("finetuning_type")
+            refused = frozenset({("finetuning_type", FinetuningType.FREEZE.value)})
+        if ds:
+            rewritable |= {"deepspeed_stage", "deepspeed_offload"}
+        return values.reading(rewritable=frozenset(rewritable), refused=refused)
+
+    def accepts(self, command: Command, knob: str) -> bool:
+        """TrainingArguments' knobs, and any other knob whose key the args file already has."""
+        return self.read_sourced(command).can_set(knob)
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command pointed at a rewritten copy of the args file (unchanged: as it was)."""
@@ -113,7 +154,7 @@ class HfArgsFileDialect:
         """final.json / final.yaml: the args file with the working values."""
         _, _, config, changes = self._changes(command, knobs, run_dir, prefix="final-")
         target = run_dir / f"final{config.path.suffix}"
-        config.write_copy(changes, target)
+        config.write_copy(changes, target, private=False)  # secrets: placeholders only
         ds = changes.get("deepspeed")
         extra = (Path(ds),) if isinstance(ds, str) and Path(ds).parent == run_dir else ()
         return (target, *extra)
@@ -150,9 +191,19 @@ class HfArgsFileDialect:
                 msg = ("cannot set cutoff_len: the args file names no cutoff key; add the one "
                        "the script reads, or use a policy without the cutoff rung")
                 raise CommandError(msg)
+            if knob == "finetuning_type" and "use_peft" in config.data:
+                changes["use_peft"] = _use_peft(knobs.finetuning_type)
+                continue
+            if knob not in found and knob not in _TRAINING_ARGS:
+                # HfArgumentParser rejects keys no dataclass has (allow_extra_keys=False).
+                msg = (f"cannot set {knob}: {config.path.name} has no key for it and "
+                       "TrainingArguments has none either; add the key the script reads, or "
+                       "use a policy without that rung")
+                raise CommandError(msg)
             changes[name] = encode(key, getattr(knobs, knob))
         ds = config.data.get("deepspeed")
-        if knobs.deepspeed_stage != current.deepspeed_stage:
+        if (knobs.deepspeed_stage, knobs.deepspeed_offload) != (current.deepspeed_stage,
+                                                                current.deepspeed_offload):
             deepspeed.require_config(ds, "deepspeed_stage")
         ds_updates = deepspeed.changes(ds, command, current, knobs) if ds else {}
         if ds_updates and deepspeed.is_path(ds):
@@ -161,3 +212,11 @@ class HfArgsFileDialect:
         elif ds_updates:  # an inline DeepSpeed mapping lives in the args file itself
             changes.update({f"deepspeed.{k}": v for k, v in ds_updates.items()})
         return invocation, invocation.args_start, config, changes
+
+
+def _use_peft(finetuning_type: FinetuningType) -> bool:
+    if finetuning_type is FinetuningType.FREEZE:
+        msg = ("cannot set finetuning_type=freeze: use_peft gives LoRA (true) or full "
+               "fine-tuning (false); use a policy without the freeze rung")
+        raise CommandError(msg)
+    return finetuning_type is FinetuningType.LORA

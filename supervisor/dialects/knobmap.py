@@ -27,14 +27,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor.command import Command, CommandError, Invocation, environment, locate
 from supervisor.dialects._config import ConfigFile, lookup, resolve
-from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs
+from supervisor.dialects._read import Values, model_path, world_source
+from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs, Reading, Source
 
 FORMATS = ("number", "text", "true/false", "1/0", "presence")
 _READ_ONLY = ("world_size",)
@@ -73,6 +74,9 @@ def load(path: Path) -> KnobMapDialect:
     except tomllib.TOMLDecodeError as exc:
         msg = f"{path}: not valid TOML ({exc}); fix the knob map"
         raise CommandError(msg) from None
+    except (UnicodeDecodeError, RecursionError):
+        msg = f"{path}: not a text TOML file (binary or nested too deeply); fix the knob map"
+        raise CommandError(msg) from None
     table = data.get("dialect", data)
     if not isinstance(table, Mapping):
         msg = f"{path}: [dialect] must be a table"
@@ -92,6 +96,14 @@ def from_table(table: Mapping[str, Any], *, source: str) -> KnobMapDialect:
         msg = f"{source}: unknown key(s) {', '.join(unknown)}; valid: name, program, config, knobs"
         raise CommandError(msg)
     places = tuple(_place(name, spec, source) for name, spec in knobs_table.items())
+    homes: dict[str, str] = {}
+    for place in places:
+        home = _where(place)
+        if home in homes:
+            msg = (f"{source}: [knobs.{homes[home]}] and [knobs.{place.knob}] both live at "
+                   f"{home}; each knob needs its own flag, key or variable")
+            raise CommandError(msg)
+        homes[home] = place.knob
     if any(p.key for p in places) and not table.get("config"):
         msg = (f"{source}: a knob lives at a config `key` but no `config` says which argument "
                'names the file; add e.g. config = "--config" (or "positional")')
@@ -137,9 +149,22 @@ def _place(name: str, spec: object, source: str) -> Place:
     if flag is not None and not str(flag).startswith("-"):
         msg = f"{where}: flag {flag!r} must start with '-'"
         raise CommandError(msg)
-    return Place(knob=name, flag=_str_or_none(flag), key=_str_or_none(spec.get("key")),
-                 env=_str_or_none(spec.get("env")), format=fmt,
-                 inverted=bool(spec.get("inverted", False)), default=spec.get("default"))
+    inverted = spec.get("inverted", False)
+    if not isinstance(inverted, bool):
+        msg = f"{where}: inverted must be true or false (no quotes), not {inverted!r}"
+        raise CommandError(msg)
+    place = Place(knob=name, flag=_str_or_none(flag), key=_str_or_none(spec.get("key")),
+                  env=_str_or_none(spec.get("env")), format=fmt, inverted=inverted,
+                  default=spec.get("default"))
+    default = spec.get("default")
+    if default is not None:
+        expected = {"int": int, "bool": bool}.get(kind)
+        if expected is not None and (type(default) is not expected):
+            msg = (f"{where}: default {default!r} is not a {kind} value; write it without "
+                   f"quotes, e.g. default = {'8' if kind == 'int' else 'false'}")
+            raise CommandError(msg)
+        _decode(place, default, source)  # a finetuning type must be one this tool knows
+    return place
 
 
 def _str_or_none(value: object) -> str | None:
@@ -172,21 +197,32 @@ class KnobMapDialect:
 
     def read(self, command: Command) -> Knobs:
         """Each declared knob from its flag, key or variable; its declared default otherwise."""
+        return self.read_sourced(command).knobs
+
+    def read_sourced(self, command: Command) -> Reading:
+        """The declared knobs (from the command, its file or the map's defaults); the rest
+        are Knobs' own defaults, shown as assumed."""
         invocation = locate(command.argv)
         config = self._config(command, invocation)
         env = environment(command)
         env.update(invocation.env_assignments)
-        values: dict[str, Any] = {}
+        values = Values()
         for place in self.places:
-            value = self._read_one(command, invocation, config, env, place)
+            value, source = self._read_one(command, invocation, config, env, place)
             if value is not None:
-                values[place.knob] = value
-        if "per_device_batch" not in values:
+                if place.knob == "model":
+                    value = model_path(command, value)
+                values.set(place.knob, value, source)
+        if "per_device_batch" not in values.values:
             msg = (f"{self.source}: the command does not give per_device_batch and the map has "
                    "no default for it; add `default = N` under [knobs.per_device_batch]")
             raise CommandError(msg)
-        values["world_size"] = invocation.world_size
-        return Knobs(**values)
+        values.set("world_size", invocation.world_size, world_source(invocation))
+        return values.reading(rewritable=frozenset(p.knob for p in self.places))
+
+    def accepts(self, command: Command, knob: str) -> bool:  # noqa: ARG002 - the map says it all
+        """True for the knobs the map declares a place for."""
+        return any(p.knob == knob for p in self.places)
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command with each changed knob written where the map says it lives."""
@@ -223,6 +259,22 @@ class KnobMapDialect:
         rendered = _with_env(rendered, env_changes)
         return dataclasses.replace(command, argv=tuple(rendered))
 
+    def check_policy(self, rungs: Iterable[tuple[str, str, str | None]]) -> None:
+        """Fail before anything runs if a rung (name, knob, compensate) needs an undeclared knob.
+
+        A rung on an undeclared knob is skipped (the program cannot take it); but one that
+        halves a declared knob and compensates with an undeclared one would change the
+        effective batch, so the map is incomplete.
+        """
+        declared = {p.knob for p in self.places}
+        for name, knob, compensate in rungs:
+            if knob in declared and compensate and compensate not in declared:
+                msg = (f"{self.source}: the policy's rung {name!r} halves {knob} and multiplies "
+                       f"{compensate} to keep the effective batch, but the map does not say "
+                       f"where {compensate} lives; add [knobs.{compensate}] (e.g. flag and "
+                       "default = 1), or use a policy without that rung")
+                raise CommandError(msg)
+
     def describe(self, command: Command) -> str:  # noqa: ARG002 - the map says it all
         """The map's name and file."""
         return f"knob map {self.label} ({self.source})"
@@ -255,23 +307,26 @@ class KnobMapDialect:
         return ConfigFile.load(resolve(command, command.argv[index]), what="config file")
 
     def _read_one(self, command: Command, invocation: Invocation, config: ConfigFile | None,
-                  env: dict[str, str], place: Place) -> object:
+                  env: dict[str, str], place: Place) -> tuple[object, Source]:
         raw: object = None
+        said = Source.COMMAND_LINE
         if place.flag is not None:
             hits = _flag_hits(command.argv, invocation, place)
             if place.format == "presence":
-                return (not hits) if place.inverted else bool(hits)
+                return ((not hits) if place.inverted else bool(hits)), said
             if hits:
                 raw = hits[-1].raw
         elif place.key is not None and config is not None:
             found, value = lookup(config.data, place.key)
             raw = value if found else None
+            said = Source.CONFIG_FILE
         elif place.env is not None:
             raw = env.get(place.env)
         if raw is None:
-            return _decode(place, place.default, self.source) if place.default is not None \
-                else None
-        return _decode(place, raw, self.source)
+            # The map's declared default: what the user knows of the program.
+            return ((_decode(place, place.default, self.source), Source.KNOWN_DEFAULT)
+                    if place.default is not None else (None, Source.ASSUMED))
+        return _decode(place, raw, self.source), said
 
     def _render_flag(self, argv: list[str], removals: set[int], invocation: Invocation,
                      place: Place, value: object) -> list[str]:

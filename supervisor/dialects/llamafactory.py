@@ -38,7 +38,9 @@ from supervisor.dialects._config import (
     resolve,
     suffix_of,
 )
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.dialects._read import Values, model_path, precision_of, world_source
+from supervisor.knobs import FinetuningType, Knobs, Reading, Source
+from supervisor.secrets import redact_config
 
 _CLI = re.compile(r"^(llamafactory-cli|lmf)$")
 _MODULES = frozenset({"llamafactory.cli", "llamafactory.launcher"})
@@ -135,6 +137,22 @@ class LlamaFactoryDialect:
         """The knobs of the config plus its overrides, with LLaMA-Factory's defaults."""
         return self._knobs(command, self._parse(command))
 
+    def read_sourced(self, command: Command) -> Reading:
+        """The knobs, each from the file, an override or LLaMA-Factory's defaults."""
+        parsed = self._parse(command)
+        values = self._values(command, parsed)
+        rewritable = set(_BY_KNOB)
+        if deepspeed.is_path(parsed.merged.get("deepspeed")):
+            rewritable |= {"deepspeed_stage", "deepspeed_offload"}
+        # LLaMA-Factory refuses freeze tuning of a quantised model (hparams/parser.py).
+        refused = (frozenset({("finetuning_type", FinetuningType.FREEZE.value)})
+                   if values.get("quantization_bit") is not None else frozenset())
+        return values.reading(rewritable=frozenset(rewritable), refused=refused)
+
+    def accepts(self, command: Command, knob: str) -> bool:
+        """True for every knob LLaMA-Factory has a key for (the DeepSpeed ones need a config)."""
+        return self.read_sourced(command).can_set(knob)
+
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command with each change appended (or rewritten) as a `key=value` override."""
         parsed = self._parse(command)
@@ -166,7 +184,9 @@ class LlamaFactoryDialect:
         values.update(self._changes(command, parsed, knobs, run_dir, prefix="final-"))
         is_json = parsed.config.yaml is None
         target = run_dir / ("final.json" if is_json else "final.yaml")
-        text = parsed.config.render(values)
+        # The record never holds a secret (a `hub_token` key or override): final-command.sh
+        # runs the user's own file with the overrides, reading secrets from the environment.
+        text = redact_config(parsed.config.render(values), json_text=is_json)
         if not is_json:
             text = (f"# The working config found by oom-supervisor (run {run_dir.name}).\n"
                     f"# Run it from {command.cwd or 'the original directory'}: "
@@ -205,19 +225,46 @@ class LlamaFactoryDialect:
                        overrides=tuple(overrides), merged=merged)
 
     def _knobs(self, command: Command, parsed: _Parsed) -> Knobs:
-        values: dict[str, Any] = dict(DEFAULTS)
+        return self._values(command, parsed).reading(rewritable=frozenset()).knobs
+
+    def _values(self, command: Command, parsed: _Parsed) -> Values:
+        values = Values()
+        values.defaults({"quantization_bit": None, "bf16": False, "fp16": False,
+                         "pure_bf16": False, **DEFAULTS}, Source.KNOWN_DEFAULT)
+        overridden = {o.key for o in parsed.overrides}
         where = f"{parsed.config.path.name} (+ overrides)"
+
+        def said(name: str) -> Source:
+            return Source.COMMAND_LINE if name in overridden else Source.CONFIG_FILE
+
         for key in KEYS:
             name = key.names[0]
             if name in parsed.merged:
                 decoded = decode(key, name, parsed.merged[name], where)
                 if decoded is not None or key.knob not in DEFAULTS:
-                    values[key.knob] = decoded
-        values["precision"] = _precision(parsed.merged)
+                    values.set(key.knob, decoded, said(name))
+        for name in ("bf16", "fp16", "pure_bf16"):
+            if name in parsed.merged:
+                values.set(name, parsed.merged[name] is True, said(name))
+        precision, source = precision_of(values)
+        if source is Source.KNOWN_DEFAULT:
+            # Neither bf16 nor fp16: LLaMA-Factory picks the compute dtype from the model and
+            # the device (infer_optim_dtype), so fp32 is only a guess.
+            source = Source.ASSUMED
+        values.set("precision", precision, source)
+        for name in ("bf16", "fp16", "pure_bf16"):
+            del values.values[name]
+        if "model_name_or_path" in parsed.merged:
+            values.set("model", model_path(command, parsed.merged["model_name_or_path"]),
+                       said("model_name_or_path"))
         ds = parsed.merged.get("deepspeed")
-        values["deepspeed_stage"] = deepspeed.stage(ds, command) if ds else None
-        values["world_size"] = world_size(command, parsed.invocation)
-        return Knobs(**values)
+        ds_source = said("deepspeed") if ds else Source.KNOWN_DEFAULT
+        values.set("deepspeed_stage", deepspeed.stage(ds, command) if ds else None, ds_source)
+        values.set("deepspeed_offload", deepspeed.offload(ds, command) if ds else None,
+                   ds_source)
+        values.set("world_size", world_size(command, parsed.invocation),
+                   world_source(parsed.invocation))
+        return values
 
     def _changes(self, command: Command, parsed: _Parsed, knobs: Knobs, folder: Path, *,
                  prefix: str) -> dict[str, object]:
@@ -226,7 +273,7 @@ class LlamaFactoryDialect:
         changes: dict[str, object] = {}
         for knob in current.diff(knobs):
             if knob in ("world_size", "output_dir", "resume_from_checkpoint",
-                        "deepspeed_stage"):
+                        "deepspeed_stage", "deepspeed_offload", "model"):
                 continue
             if knob not in _BY_KNOB:
                 msg = (f"cannot set {knob}: LLaMA-Factory's config has no key this tool writes "
@@ -240,7 +287,8 @@ class LlamaFactoryDialect:
         if resume != current.resume_from_checkpoint:
             changes["resume_from_checkpoint"] = resume
         ds = parsed.merged.get("deepspeed")
-        if knobs.deepspeed_stage != current.deepspeed_stage:
+        if (knobs.deepspeed_stage, knobs.deepspeed_offload) != (current.deepspeed_stage,
+                                                                current.deepspeed_offload):
             deepspeed.require_config(ds, "deepspeed_stage")
         ds_updates = deepspeed.changes(ds, command, current, knobs) if ds else {}
         if ds_updates and deepspeed.is_path(ds):
@@ -255,14 +303,6 @@ class LlamaFactoryDialect:
             changes["output_dir"] = output_dir_for(current.output_dir or _DEFAULT_OUTPUT_DIR,
                                                    knobs)
         return changes
-
-
-def _precision(merged: dict[str, Any]) -> str | None:
-    if merged.get("bf16") is True or merged.get("pure_bf16") is True:
-        return "bf16"
-    if merged.get("fp16") is True:
-        return "fp16"
-    return None
 
 
 def world_size(command: Command, invocation: Invocation) -> int:

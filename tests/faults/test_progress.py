@@ -9,7 +9,7 @@ import pytest
 
 from supervisor.command import Command
 from supervisor.dialects.argv import ArgvDialect
-from supervisor.journal import replay
+from supervisor.journal import read
 from supervisor.loop import ExitCode, supervise
 from supervisor.policy import Ladder, parse, resolve
 from tests.faults.conftest import TRAINER, quiet_env
@@ -23,7 +23,7 @@ def _run(tmp_path: Path, *flags: str,
                       cwd=str(tmp_path))
     result = supervise(command, dialect=ArgvDialect(), ladder=ladder or resolve("default"),
                        run_dir=tmp_path / "run", echo=False, env=quiet_env())
-    return result.exit_code, list(replay(tmp_path / "run" / "journal.jsonl").events)
+    return result.exit_code, list(read(tmp_path / "run" / "journal.jsonl").records)
 
 
 def test_oom_after_a_checkpoint_resumes_from_it(tmp_path: Path) -> None:
@@ -43,6 +43,19 @@ def test_oom_after_a_checkpoint_resumes_from_it(tmp_path: Path) -> None:
     assert state["global_step"] == 3
     report = (tmp_path / "run" / "report.md").read_text()
     assert "resumed from" in report
+    # Each checkpoint is credited once, to the attempt that wrote it (not by a time window).
+    credited = [(e["attempt"], [Path(p).name for p, _ in e["checkpoints"]])  # type: ignore[union-attr]
+                for e in finished]
+    assert credited == [(1, ["checkpoint-1"]), (2, ["checkpoint-2", "checkpoint-3"])]
+    # final-command.sh is a fresh run of the working config; continue-command.sh continues
+    # this one from its newest checkpoint.
+    fresh = (tmp_path / "run" / "final-command.sh").read_text()
+    assert "--resume_from_checkpoint" not in fresh
+    assert "--gradient_accumulation_steps 2" in fresh
+    more = (tmp_path / "run" / "continue-command.sh").read_text()
+    assert "--resume_from_checkpoint" in more
+    assert "checkpoint-3" in more
+    assert "continue-command.sh" in report
 
 
 def test_a_rung_that_changes_the_parameter_set_starts_fresh(tmp_path: Path) -> None:

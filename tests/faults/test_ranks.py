@@ -9,7 +9,7 @@ import pytest
 
 from supervisor.command import Command
 from supervisor.dialects.argv import ArgvDialect
-from supervisor.journal import replay
+from supervisor.journal import read
 from supervisor.loop import ExitCode, supervise
 from supervisor.policy import resolve
 from tests.faults.conftest import attempt_processes, quiet_env
@@ -29,7 +29,7 @@ def test_one_rank_ooms_the_whole_tree_ends_and_the_ladder_walks(tmp_path: Path) 
     result = supervise(command, dialect=dialect, ladder=resolve("default"),
                        run_dir=tmp_path / "run", echo=False, env=quiet_env())
     assert result.exit_code is ExitCode.FITTED
-    finished = [e for e in replay(tmp_path / "run" / "journal.jsonl").events
+    finished = [e for e in read(tmp_path / "run" / "journal.jsonl").records
                 if e["event"] == "attempt.finished"]
     assert finished[0]["verdict"] == "oom"
     assert finished[0]["oom_kind"] == "cpu"

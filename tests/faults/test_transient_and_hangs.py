@@ -10,7 +10,7 @@ import pytest
 
 from supervisor.command import Command
 from supervisor.dialects.argv import ArgvDialect
-from supervisor.journal import replay
+from supervisor.journal import read
 from supervisor.loop import ExitCode, RunResult, supervise
 from supervisor.policy import Ladder, parse, resolve
 from tests.faults.conftest import quiet_env
@@ -34,7 +34,7 @@ def _go(tmp_path: Path, argv: tuple[str, ...], ladder: Ladder,
     result = supervise(Command(argv=argv, cwd=str(tmp_path)), dialect=ArgvDialect(),
                        ladder=ladder, run_dir=tmp_path / "run", echo=False,
                        env={**quiet_env(), **env}, sleep=sleeps.append)
-    return result, sleeps, list(replay(tmp_path / "run" / "journal.jsonl").events)
+    return result, sleeps, list(read(tmp_path / "run" / "journal.jsonl").records)
 
 
 def _flaky(tmp_path: Path) -> tuple[str, ...]:

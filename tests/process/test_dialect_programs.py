@@ -71,7 +71,8 @@ def _parsed(command: Command, env: dict[str, str]) -> dict[str, Any]:
 
 def test_hf_flags_with_no_booleans_render_what_the_script_parses(
         tmp_path: Path, trainer_env: dict[str, str]) -> None:
-    """`--no_gradient_checkpointing` reads as off; turning it on renders a flag argparse takes."""
+    """`--no_gradient_checkpointing` reads as off; turning it on drops the switch, since the
+    script's --help (a `--no_` switch) says the default is on."""
     (tmp_path / "train.py").write_text(FLAGS_SCRIPT, encoding="utf-8")
     command = Command(argv=(sys.executable, "train.py", "--per_device_train_batch_size", "4",
                             "--no_gradient_checkpointing", "--max_seq_length=1024"),
@@ -88,8 +89,8 @@ def test_hf_flags_with_no_booleans_render_what_the_script_parses(
                                   gradient_checkpointing=True)
     rendered = dialect.render(command, stepped, tmp_path / "attempt")
     assert shlex.join(rendered.argv[1:]) == (
-        "train.py --per_device_train_batch_size 2 --gradient_checkpointing=true "
-        "--max_seq_length=512 --gradient_accumulation_steps 2")
+        "train.py --per_device_train_batch_size 2 --max_seq_length=512 "
+        "--gradient_accumulation_steps 2")
     assert _parsed(rendered, trainer_env) == {
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
         "max_seq_length": 512, "gradient_checkpointing": True, "learning_rate": 1e-4}

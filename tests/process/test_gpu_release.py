@@ -12,7 +12,7 @@ import pytest
 from supervisor.command import Command
 from supervisor.dialects.argv import ArgvDialect
 from supervisor.gpu import Device, ProcessUsage
-from supervisor.journal import replay
+from supervisor.journal import read
 from supervisor.loop import ExitCode, Memory, supervise
 from supervisor.policy import parse
 
@@ -55,7 +55,7 @@ def test_memory_still_held_is_named_and_stops_the_run_when_the_policy_says(
                        echo=False, env=dict(os.environ),
                        memory=Memory(gpu=StuckGpu()))
     assert result.exit_code is ExitCode.FATAL
-    finished = [e for e in replay(tmp_path / "run" / "journal.jsonl").events
+    finished = [e for e in read(tmp_path / "run" / "journal.jsonl").records
                 if e["event"] == "attempt.finished"]
     assert finished[0]["verdict"] == "oom"
     assert finished[0]["gpu_peak_mib"] == 2048

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.dialects.argv import ArgvDialect
-from supervisor.journal import replay
+from supervisor.journal import read
 from supervisor.loop import ExitCode, supervise
 from supervisor.policy import resolve
 from tests.process.conftest import trainer
@@ -21,7 +21,7 @@ HOST_CAP_MIB = 600
 
 
 def _verdicts(run_dir: Path) -> list[str]:
-    return [e["verdict"] for e in replay(run_dir / "journal.jsonl").events
+    return [e["verdict"] for e in read(run_dir / "journal.jsonl").records
             if e["event"] == "attempt.finished"]
 
 
@@ -33,7 +33,7 @@ def test_host_cap_oom_at_batch_8_then_fits_at_batch_4_ga_2(
     result = supervise(command, dialect=ArgvDialect(), ladder=resolve("default"),
                        run_dir=tmp_path / "run", echo=False, env=trainer_env)
     assert result.exit_code is ExitCode.FITTED
-    events = replay(tmp_path / "run" / "journal.jsonl").events
+    events = read(tmp_path / "run" / "journal.jsonl").records
     finished = [e for e in events if e["event"] == "attempt.finished"]
     assert finished[0]["verdict"] == "oom"
     assert finished[0]["oom_kind"] == "cpu"

@@ -61,7 +61,8 @@ def test_seed_lora_command_reads_llamafactory_defaults() -> None:
     knobs = D.read(cmd(SEED_LORA))
     assert knobs == Knobs(per_device_batch=8, grad_accum=1, cutoff_len=1024,
                           gradient_checkpointing=True, finetuning_type=FinetuningType.LORA,
-                          lora_rank=8, output_dir="outputs/llama-7b-lora")
+                          lora_rank=8, output_dir="outputs/llama-7b-lora", precision="fp32",
+                          model="llama-7b")
     assert D.describe(cmd(SEED_LORA)) == (
         "argv (llamafactory-legacy; a shorter cutoff_len truncates the samples longer than it)")
 
@@ -186,7 +187,7 @@ def test_llamafactory_flags_read_their_defaults_and_packing() -> None:
     command = cmd("lmf train --stage sft --packing true --disable_gradient_checkpointing")
     assert D.read(command) == Knobs(per_device_batch=8, cutoff_len=2048,
                                     gradient_checkpointing=False,
-                                    finetuning_type=FinetuningType.LORA)
+                                    finetuning_type=FinetuningType.LORA, precision="fp32")
     assert D.describe(command) == ("argv (llamafactory; packing is on: a shorter cutoff_len "
                                    "DROPS the samples longer than it (they are not truncated))")
 

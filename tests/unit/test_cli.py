@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import cli
+from supervisor.events import RunResumed
 from supervisor.journal import Journal
 from supervisor.loop import ExitCode
 
@@ -79,11 +80,12 @@ def test_run_options_reach_the_parser() -> None:
 def test_report_of_a_journal_without_start_is_a_usage_error(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`report` on a folder whose journal is not ours says so in one line."""
-    with Journal(tmp_path / "journal.jsonl") as journal:
-        journal.write("something.else")
+    with Journal(tmp_path) as journal:
+        journal.write(RunResumed(attempts_done=0))
     code, _, err = run_cli(capsys, "report", str(tmp_path))
     assert code == ExitCode.USAGE
-    assert "no run.started event" in err
+    assert "does not begin with run.started" in err
+    assert "Traceback" not in err
 
 
 def test_existing_run_id_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -69,15 +69,20 @@ def test_render_without_change_gives_back_the_same_argv(text: str, cwd: Path) ->
 @pytest.mark.parametrize(("text", "expected"), [
     ("axolotl train lora.yml",
      Knobs(per_device_batch=8, cutoff_len=4096, finetuning_type=FinetuningType.LORA,
-           lora_rank=32, deepspeed_stage=2, output_dir="./outputs/lora-out")),
+           lora_rank=32, deepspeed_stage=2, deepspeed_offload=False,
+           output_dir="./outputs/lora-out", precision="fp32",
+           model="NousResearch/Llama-3.2-1B")),
     ("accelerate launch --num_processes 2 -m axolotl.cli.train lora.yml",
      Knobs(per_device_batch=8, cutoff_len=4096, finetuning_type=FinetuningType.LORA,
-           lora_rank=32, deepspeed_stage=2, output_dir="./outputs/lora-out", world_size=2)),
+           lora_rank=32, deepspeed_stage=2, deepspeed_offload=False,
+           output_dir="./outputs/lora-out", world_size=2, precision="fp32",
+           model="NousResearch/Llama-3.2-1B")),
     ("axolotl train full.yml",
-     Knobs(per_device_batch=2, cutoff_len=512, output_dir="./model-out")),
+     Knobs(per_device_batch=2, cutoff_len=512, output_dir="./model-out", precision="fp32",
+           model="m")),
     ("axolotl train full.yml --micro-batch-size 4 --adapter qlora",
      Knobs(per_device_batch=4, cutoff_len=512, finetuning_type=FinetuningType.LORA,
-           quantization_bit=4, output_dir="./model-out")),
+           quantization_bit=4, output_dir="./model-out", precision="fp32", model="m")),
 ])
 def test_read_uses_axolotls_keys_and_defaults(text: str, expected: Knobs, cwd: Path) -> None:
     """micro_batch_size, sequence_len (default 512), adapter (empty = full), lora_r."""

@@ -54,8 +54,9 @@ def test_render_without_change_gives_back_the_same_argv(text: str, cwd: Path) ->
 
 @pytest.mark.parametrize(("name", "expected"), [
     ("args.json", Knobs(per_device_batch=8, cutoff_len=2048, gradient_checkpointing=False,
-                        output_dir="out")),
-    ("args.yaml", Knobs(per_device_batch=4, cutoff_len=1024, gradient_checkpointing=True)),
+                        output_dir="out", precision="fp32", model="m")),
+    ("args.yaml", Knobs(per_device_batch=4, cutoff_len=1024, gradient_checkpointing=True,
+                        precision="fp32", model="m")),
 ])
 def test_read_takes_the_keys_the_file_uses(name: str, expected: Knobs, cwd: Path) -> None:
     """Both checkpointing names and the usual cutoff names are read."""

@@ -87,7 +87,8 @@ def test_defaults_decide_which_rungs_are_no_ops(cwd: Path) -> None:
     """An unsaid key takes LLaMA-Factory's default: checkpointing on, LoRA r8, cutoff 2048."""
     assert D.read(cmd("llamafactory-cli train minimal.yaml", cwd)) == Knobs(
         per_device_batch=8, grad_accum=1, cutoff_len=2048, gradient_checkpointing=True,
-        finetuning_type=FinetuningType.LORA, lora_rank=8, freeze_trainable_layers=2)
+        finetuning_type=FinetuningType.LORA, lora_rank=8, freeze_trainable_layers=2,
+        precision="fp32", model="m")
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
@@ -99,7 +100,8 @@ def test_defaults_decide_which_rungs_are_no_ops(cwd: Path) -> None:
     ("lora_rank=16 quantization_bit=4 max_steps=-1", {"lora_rank": 16, "quantization_bit": 4,
                                                       "max_steps": None}),
     ("resume_from_checkpoint=saves/llama-full/checkpoint-5 bf16=true",
-     {"resume_from_checkpoint": "saves/llama-full/checkpoint-5", "precision": "bf16"}),
+     {"resume_from_checkpoint": "saves/llama-full/checkpoint-5",
+      "precision": "bf16-mixed"}),
 ])
 def test_overrides_win_over_the_file(overrides: str, expected: dict[str, object],
                                      cwd: Path) -> None:

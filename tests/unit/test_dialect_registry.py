@@ -22,7 +22,7 @@ def cwd(tmp_path: Path) -> Path:
 
 def test_argv_stays_the_fallback() -> None:
     """Most specific first; the flag reader last."""
-    assert names() == ("llamafactory", "axolotl", "hf-args", "argv")
+    assert names() == ("llamafactory", "axolotl", "hf-args", "trl", "argv")
 
 
 @pytest.mark.parametrize(("text", "name"), [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,13 @@ from supervisor.estimate import (
     Prediction,
     analytic,
     clear_cache,
+    command_python,
     estimate_many,
     fits,
     model_argument,
+    model_name,
     oom_lower_bound_mib,
+    pick_python,
 )
 from supervisor.knobs import FinetuningType, Knobs
 
@@ -35,7 +40,7 @@ LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 110
 
 @pytest.fixture(autouse=True)
 def _empty_cache() -> Iterator[None]:
-    # The scripted child's numbers must never reach another test through the cache.
+    # The scripted child's numbers (and scripted probes) must never reach another test.
     clear_cache()
     yield
     clear_cache()
@@ -197,15 +202,110 @@ def test_one_untraceable_config_falls_back_alone() -> None:
                       run=child)
 
 
-def test_quantised_configs_are_counted_analytically() -> None:
-    """A 4-bit config is not traced: analytic, with the reason in the note."""
-    child = FakeChild()
-    knobs = Knobs(per_device_batch=1, cutoff_len=128, quantization_bit=4)
-    (prediction,) = estimate_many(ModelSpec.named("tiny"), [knobs], run=child)
-    assert prediction.method is Method.ANALYTIC
-    assert prediction.note is not None
-    assert "quantised" in prediction.note
-    assert child.requests == []
+def test_quantised_configs_trace_lora_and_count_the_4_bit_weights() -> None:
+    """QLoRA: the bf16 LoRA trace, less each decoder linear weight's 2 - 0.52 bytes.
+
+    On a Llama-7B shape: 6.48G linear weights, 8.9 GiB saved; plus one dequantised matrix.
+    A 4-bit full config is counted as LoRA (QLoRA implies LoRA) and says so.
+    """
+    spec = ModelSpec.from_config("llama-7b", LLAMA_7B, source="test")
+    lora = Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-mixed",
+                 gradient_checkpointing=True, finetuning_type=FinetuningType.LORA)
+    qlora = dataclasses.replace(lora, quantization_bit=4)
+    base, quantised, as_full = estimate_many(
+        spec, [lora, qlora, dataclasses.replace(qlora, finetuning_type=FinetuningType.FULL)],
+        method="analytic")
+    shape = spec.shape()
+    assert shape is not None
+    linear = shape.layers * (shape.layer_parameters - 2 * shape.hidden)
+    saved = linear * (2 - (0.5 + 1 / 64)) / 2**20
+    dequant = shape.hidden * shape.intermediate * 2 / 2**20
+    assert quantised.peak_mib == pytest.approx(base.peak_mib - saved + dequant)
+    assert as_full.peak_mib == pytest.approx(quantised.peak_mib)
+    assert any("QLoRA" in a for a in as_full.assumptions)
+    assert any("4-bit" in a for a in quantised.assumptions)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_shards_what_deepspeed_says_over_the_world_size(stage: int) -> None:
+    """Optimizer-step memory over 8 ranks, mixed bf16: ZeRO paper's (2 + 2 + 12)Psi split.
+
+    Stage 1 shards the 12 B/param optimizer state, 2 adds the 2 B gradients, 3 the 2 B
+    parameters (Rajbhandari et al. 2020, fig. 1); the unsharded trace's temporaries and one
+    gathered layer aside, the saving against one rank is that, to 1%.
+    """
+    spec = ModelSpec.from_config("llama-7b", LLAMA_7B, source="test")
+    knobs = Knobs(per_device_batch=1, cutoff_len=64, precision="bf16-mixed",
+                  gradient_checkpointing=True)
+    one, sharded = estimate_many(spec, [
+        dataclasses.replace(knobs, deepspeed_stage=stage, world_size=1),
+        dataclasses.replace(knobs, deepspeed_stage=stage, world_size=8)], method="analytic")
+    psi = 6_738_415_616 / 2**20
+    per_param = {1: 12, 2: 12 + 2, 3: 12 + 2 + 2}[stage]
+    gathered = 2 * 2 * 202_383_360 / 2**20 if stage == 3 else 0
+    assert one.peak_mib - sharded.peak_mib == pytest.approx(
+        psi * per_param * 7 / 8 - gathered, rel=0.01)
+    assert any(f"ZeRO-{stage} over 8" in a for a in sharded.assumptions)
+    assert any("shards nothing" in a for a in one.assumptions)
+
+
+def test_offload_takes_the_optimizer_state_off_the_device() -> None:
+    """ZeRO-2 with optimizer offload on one rank: the 12 B/param optimizer state is gone."""
+    spec = ModelSpec.from_config("llama-7b", LLAMA_7B, source="test")
+    knobs = Knobs(per_device_batch=1, cutoff_len=64, precision="bf16-mixed",
+                  gradient_checkpointing=True, deepspeed_stage=2)
+    kept, offloaded = estimate_many(spec, [knobs, dataclasses.replace(
+        knobs, deepspeed_offload=True)], method="analytic")
+    assert kept.peak_mib - offloaded.peak_mib == pytest.approx(6_738_415_616 * 12 / 2**20,
+                                                               rel=0.01)
+
+
+def test_unknown_precision_is_said_to_be_assumed() -> None:
+    """precision None is counted as fp32 and the prediction says so; a stated one does not."""
+    spec = ModelSpec.named("tiny")
+    unknown, stated = estimate_many(spec, [Knobs(per_device_batch=1, cutoff_len=64),
+                                           Knobs(per_device_batch=1, cutoff_len=64,
+                                                 precision="fp32")], method="analytic")
+    assert unknown.peak_mib == stated.peak_mib
+    assert unknown.assumptions == ("precision not given: assumed fp32",)
+    assert stated.assumptions == ()
+
+
+def test_a_local_folder_wins_over_a_named_size(tmp_path: Path) -> None:
+    """`tiny` in the command's directory is that folder's config, not the built-in size."""
+    assert ModelSpec.resolve("tiny", env={}, cwd=tmp_path).source == "reference trainer named size"
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps(LLAMA_7B))
+    spec = ModelSpec.resolve("tiny", env={}, cwd=tmp_path)
+    assert spec.parameters() == 6_738_415_616
+    assert model_name(Knobs(per_device_batch=1, model="/m"), ["--model_name_or_path", "x"]) \
+        == "/m"
+    assert model_name(Knobs(per_device_batch=1), ["--model_name_or_path", "x"]) == "x"
+
+
+def test_the_child_runs_in_the_commands_own_interpreter(tmp_path: Path) -> None:
+    """A console script's shebang names its interpreter; without torch the supervisor's own
+    is tried next, and with neither the count is analytic (each said in words)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "llamafactory-cli"
+    script.write_text(f"#!{sys.executable}\nimport sys\n")
+    script.chmod(0o755)
+    env = {"PATH": str(bin_dir)}
+    assert command_python(["llamafactory-cli", "train", "x.yaml"], env=env) == sys.executable
+    assert command_python(["env", "A=1", str(script)], env=env) == sys.executable
+    assert command_python(["bash", "run.sh"], env=env) is None
+
+    no_torch = subprocess.CompletedProcess([], 1, "", "No module named 'torch'")
+    python, why = pick_python(["llamafactory-cli"], env=env,
+                              run=lambda *_, **__: no_torch)
+    assert python is None
+    assert "No module named 'torch'" in why
+    ok = subprocess.CompletedProcess([], 0, "", "")
+    clear_cache()  # probes are cached per interpreter and mtime
+    python, why = pick_python(["llamafactory-cli"], env=env, run=lambda *_, **__: ok)
+    assert python == sys.executable
+    assert "the command's interpreter" in why
 
 
 def test_calibration_scales_later_predictions() -> None:
@@ -245,3 +345,28 @@ def test_fits_and_lower_bound() -> None:
     assert oom_lower_bound_mib(OomNumbers(tried_mib=10.75, capacity_mib=100.0)) == 100.0
     assert oom_lower_bound_mib(OomNumbers()) is None
     assert oom_lower_bound_mib(None) is None
+
+
+def test_without_an_interpreter_that_has_torch_the_count_is_analytic() -> None:
+    """python=None (pick_python found none): auto counts analytically and says so; fake fails."""
+    knobs = Knobs(per_device_batch=1, cutoff_len=128, precision="bf16-mixed")
+    (prediction,) = estimate_many(ModelSpec.named("tiny"), [knobs], python=None)
+    assert prediction.method is Method.ANALYTIC
+    assert prediction.note is not None
+    assert "no interpreter with torch" in prediction.note
+    with pytest.raises(EstimateError, match="no interpreter with torch"):
+        estimate_many(ModelSpec.named("tiny"), [knobs], python=None, method="fake")
+
+
+def test_the_supervisor_imports_without_torch() -> None:
+    """With torch, transformers and peft unimportable, the CLI, estimator and plan import."""
+    code = ("import sys\n"
+            "for name in ('torch', 'transformers', 'peft', 'accelerate'):\n"
+            "    sys.modules[name] = None  # any import of it now raises ImportError\n"
+            "import supervisor.cli, supervisor.estimate, supervisor.plan, supervisor.models\n"
+            "import supervisor.device_memory\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: S603
+                          check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "ok"

@@ -1,50 +1,87 @@
-"""The journal: one JSON event per line, on disk at once; a torn last line is tolerated."""
+"""The journal on disk: fsynced per event, one writer per folder, a torn tail kept aside."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from supervisor.journal import Journal, replay
+from supervisor.events import JournalError, RunResumed
+from supervisor.journal import Journal, JournalWriteError, RunFolderBusyError, holder, read
+
+
+def _resumed(n: int) -> RunResumed:
+    return RunResumed(attempts_done=n)
 
 
 def test_each_event_is_on_disk_before_write_returns(tmp_path: Path) -> None:
     """A second reader sees every event written so far, without close()."""
-    path = tmp_path / "journal.jsonl"
-    journal = Journal(path, clock=lambda: 1.5)
-    journal.write("run.started", run_id="r")
-    journal.write("attempt.started", attempt=1)
-    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == [
-        "run.started", "attempt.started"]
+    journal = Journal(tmp_path, clock=lambda: 1.5)
+    journal.write(_resumed(1))
+    journal.write(_resumed(2))
+    records = [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    assert [(r["v"], r["ts"], r["event"], r["attempts_done"]) for r in records] == [
+        (1, 1.5, "run.resumed", 1), (1, 1.5, "run.resumed", 2)]
     journal.close()
 
 
-def test_torn_last_line_is_set_aside(tmp_path: Path) -> None:
-    """A supervisor killed mid-write leaves half a line; replay keeps the whole ones."""
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
+    """Two supervisors on one run folder would interleave their journals: the second is refused."""
+    with Journal(tmp_path):
+        assert holder(tmp_path) == f"pid {os.getpid()}"
+        # flock is per open file description: another process sees the lock as we do.
+        probe = subprocess.run(  # noqa: S603 - our own interpreter
+            [sys.executable, "-c", ("import sys; from pathlib import Path; "
+                                    "from supervisor.journal import Journal; "
+                                    "Journal(Path(sys.argv[1]))"), str(tmp_path)],
+            capture_output=True, text=True, check=False)
+        assert probe.returncode != 0
+        assert f"in use by pid {os.getpid()}" in probe.stderr
+        with pytest.raises(RunFolderBusyError, match=f"in use by pid {os.getpid()}"):
+            Journal(tmp_path)
+    assert holder(tmp_path) is None
+    Journal(tmp_path).close()  # free again once the first closed
+
+
+@pytest.mark.parametrize("torn", [b'{"v": 1, "event": "attempt.sta', b"\x00\x00\x00\n",
+                                  b'{"v": 1, "ev\n'])
+def test_a_torn_last_line_is_kept_aside_and_never_appended_to(tmp_path: Path, torn: bytes) -> None:
+    """Power loss mid-write: the half line goes to journal.torn-1.txt; the next event is whole."""
+    with Journal(tmp_path) as journal:
+        journal.write(_resumed(1))
     path = tmp_path / "journal.jsonl"
-    with Journal(path) as journal:
-        journal.write("run.started", run_id="r")
-    with path.open("a", encoding="utf-8") as f:
-        f.write('{"event": "attempt.sta')
-    replayed = replay(path)
-    assert [e["event"] for e in replayed.events] == ["run.started"]
-    assert replayed.torn_line == '{"event": "attempt.sta'
+    whole = path.read_bytes()
+    path.write_bytes(whole + torn)
+    assert read(path).torn_line is not None
+    with Journal(tmp_path) as journal:
+        assert journal.torn_kept == tmp_path / "journal.torn-1.txt"
+        journal.write(_resumed(2))
+    assert (tmp_path / "journal.torn-1.txt").read_bytes() == torn
+    got = read(path)
+    assert got.torn_line is None
+    assert [r["attempts_done"] for r in got.records] == [1, 2]
 
 
-def test_damage_before_the_last_line_is_an_error(tmp_path: Path) -> None:
-    """Garbage in the middle is not a torn write: say where it is."""
+def test_damage_before_the_last_line_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    """Only the last line can be torn by a crash; damage earlier is reported, not skipped."""
     path = tmp_path / "journal.jsonl"
-    path.write_text('{"event": "a"}\nnot json\n{"event": "b"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"journal.jsonl:2: not a JSON event"):
-        replay(path)
+    path.write_text('{"v": 1}\nnot json\n{"v": 1}\n', encoding="utf-8")
+    with pytest.raises(JournalError, match=r"journal.jsonl:2: not a JSON event"):
+        read(path)
 
 
-def test_appending_keeps_earlier_events(tmp_path: Path) -> None:
-    """Reopening a journal appends; nothing written before is lost."""
-    path = tmp_path / "journal.jsonl"
-    for name in ("one", "two"):
-        with Journal(path) as journal:
-            journal.write(name)
-    assert [e["event"] for e in replay(path).events] == ["one", "two"]
+def test_a_failed_write_leaves_no_half_line(tmp_path: Path) -> None:
+    """Disk full: the write fails with one line saying what to do, and nothing torn remains."""
+    journal = Journal(tmp_path)
+    journal.write(_resumed(1))
+    size = (tmp_path / "journal.jsonl").stat().st_size
+    os.close(journal._fd)  # noqa: SLF001 - the write must fail at the OS, as on a full disk
+    journal._fd = os.open("/dev/full", os.O_WRONLY)  # noqa: SLF001 - ENOSPC on every write
+    with pytest.raises(JournalWriteError, match="resume"):
+        journal.write(_resumed(2))
+    journal.close()
+    assert (tmp_path / "journal.jsonl").stat().st_size == size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -12,8 +13,11 @@ from structlog.testing import capture_logs
 
 from supervisor.command import Command
 from supervisor.dialects.argv import ArgvDialect
-from supervisor.journal import replay
-from supervisor.loop import ExitCode, RunResult, supervise
+from supervisor.estimate import Method, Prediction
+from supervisor.events import replay
+from supervisor.journal import read
+from supervisor.knobs import Knobs
+from supervisor.loop import ExitCode, Memory, RunResult, supervise
 from supervisor.policy import parse, resolve
 from tests.fakes import FATAL, FITS, OOM, ScriptedRunner
 
@@ -31,7 +35,7 @@ def go(tmp_path: Path, script: list[tuple[str, int]], *, text: str = START,
                        dialect=ArgvDialect(), ladder=resolve(policy), run_dir=tmp_path / "run",
                        run_attempt=runner, sleep=sleeps.append, max_attempts=max_attempts,
                        echo=False, env={})
-    events = list(replay(tmp_path / "run" / "journal.jsonl").events)
+    events = list(read(tmp_path / "run" / "journal.jsonl").records)
     return result, runner, events, sleeps
 
 
@@ -44,7 +48,7 @@ def test_oom_at_batch_8_steps_to_batch_4_ga_2_and_fits(tmp_path: Path) -> None:
         + " --gradient_accumulation_steps 2"]
     assert [e["event"] for e in events] == [
         "run.started", "attempt.started", "attempt.finished", "ladder.stepped",
-        "attempt.started", "attempt.finished", "run.finished"]
+        "attempt.started", "attempt.finished", "final.written", "run.finished"]
     assert [e["verdict"] for e in events if e["event"] == "attempt.finished"] == ["oom", "fits"]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["effective_batch"] == {"start": 8, "final": 8, "world_size_known": True}
@@ -112,7 +116,7 @@ def test_log_events_are_dotted_and_in_order(tmp_path: Path) -> None:
         go(tmp_path, [OOM, FITS])
     assert [e["event"] for e in logs] == [
         "run.started", "attempt.started", "attempt.finished", "ladder.stepped",
-        "attempt.started", "attempt.finished", "run.fitted"]
+        "attempt.started", "attempt.finished", "final.written", "run.finished"]
     assert all(e.get("run_id") == "run" for e in logs)
 
 
@@ -147,3 +151,59 @@ def test_each_attempt_keeps_its_argv_and_logs(tmp_path: Path, name: str) -> None
     first = tmp_path / "run" / "attempts" / "01"
     assert json.loads((first / "argv.json").read_text()) == shlex.split(START)
     assert (first / "stdout.log").read_text().strip()
+
+
+class _Everything:
+    """A predictor that calls every config too big (a badly wrong model config, say)."""
+
+    def __init__(self, peak_mib: float) -> None:
+        self.peak_mib = peak_mib
+
+    def predict(self, knobs: Knobs) -> Prediction:
+        return Prediction(peak_mib=self.peak_mib * knobs.per_device_batch, method=Method.ANALYTIC)
+
+    def calibrate(self, knobs: Knobs, measured_mib: float, *,  # noqa: ARG002
+                  lower_bound: bool = False) -> float:  # noqa: ARG002
+        return 1.0
+
+
+def test_when_every_config_is_predicted_over_the_walk_starts_at_the_command(
+        tmp_path: Path) -> None:
+    """Predictions all over the device: distrusted, journaled, and the command's own config runs
+    first, so skipping never lands the run on a more degraded config than the walk would."""
+    runner = ScriptedRunner([OOM, FITS])
+    result = supervise(Command(argv=tuple(shlex.split(START)), cwd=str(tmp_path)),
+                       dialect=ArgvDialect(), ladder=resolve("default"),
+                       run_dir=tmp_path / "run", run_attempt=runner, echo=False, env={},
+                       memory=Memory(predictor=_Everything(10_000.0), device_mib=70.0))
+    assert result.exit_code is ExitCode.FITTED
+    events = list(read(tmp_path / "run" / "journal.jsonl").records)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("estimate.distrusted") == 1
+    assert "rung.skipped" not in kinds
+    assert shlex.join(runner.specs[0].argv) == START
+    assert "--per_device_train_batch_size 4" in shlex.join(runner.specs[1].argv)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Skipped" not in md
+
+
+def test_a_remembered_fit_is_where_the_walk_starts_and_it_only_goes_down(
+        tmp_path: Path) -> None:
+    """A fit remembered for this key is the first attempt; an OOM there walks on down from it
+    (batch 2 -> 1), never back up to the command's batch 8."""
+    start = ArgvDialect().read(Command(argv=tuple(shlex.split(START)), cwd=str(tmp_path)))
+    remembered = dataclasses.replace(start, per_device_batch=2, grad_accum=4)
+    runner = ScriptedRunner([OOM, FITS])
+    result = supervise(Command(argv=tuple(shlex.split(START)), cwd=str(tmp_path)),
+                       dialect=ArgvDialect(), ladder=resolve("default"),
+                       run_dir=tmp_path / "run", run_attempt=runner, echo=False, env={},
+                       fits_key="k", remembered=remembered, remembered_from="earlier")
+    assert result.exit_code is ExitCode.FITTED
+    argvs = [shlex.join(s.argv) for s in runner.specs]
+    assert "--per_device_train_batch_size 2" in argvs[0]
+    assert "--gradient_accumulation_steps 4" in argvs[0]
+    assert "--per_device_train_batch_size 1" in argvs[1]
+    assert "--gradient_accumulation_steps 8" in argvs[1]
+    state = replay(read(tmp_path / "run" / "journal.jsonl").records)
+    assert state.config.start == start  # the report still compares with the command's own
+    assert state.config.remembered == remembered

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.estimate import Method, ModelSpec, Prediction, analytic
+from supervisor.estimate import Method, ModelSpec, Prediction, analytic, estimate_many
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.plan import (
     START,
     Skip,
     build,
     costs,
+    describe_reading,
     next_runnable,
     parse_size_mib,
     recommended_start,
@@ -64,7 +65,7 @@ def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
     spec = ModelSpec.named("tiny")
 
     def predict(configs: Sequence[Knobs]) -> list[Prediction | None]:
-        return [analytic(spec, k) for k in configs]
+        return list(estimate_many(spec, configs, method="analytic"))
 
     plan = build(DEMO, resolve("default"), spec, 70, predict=predict)
     assert plan.recommended is not None
@@ -83,10 +84,33 @@ def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
     table = render(plan)
     assert table.startswith("model tiny (5.3M params); device 70 MiB, safety margin 10%")
     assert f"recommended first config: #{plan.recommended + 1} " in table
-    assert "seed rule" in table
-    assert "x 20 B (full), x 10 (LoRA), x 6 (freeze)" in table
+    words = " ".join(table.split())  # lines wrap at 100 columns
+    assert "seed rule: the seed article's rule of thumb" in words
+    assert "x 20 B (full), x 10 (LoRA), x 6 (freeze)" in words
+    assert "full 100 MiB, lora 50 MiB, freeze 30 MiB" in words
     assert "~ marks the analytic fallback" in table
-    assert len(table.splitlines()) == 4 + len(plan.rows) + 4
+    assert all(len(line) <= 100 for line in table.splitlines()), table
+    # Each lever alone on the start, by what it saves on this model, the seed's word beside.
+    names = [lever.name for lever in plan.levers]
+    assert names == ["bf16 mixed precision", "LoRA + checkpointing", "QLoRA (4-bit) + ckpt",
+                     "ZeRO-2 + CPU offload", "cutoff 1024 -> 512"]
+    start = plan.rows[0].prediction
+    assert start is not None
+    for lever in plan.levers:
+        assert lever.prediction is not None
+        assert lever.prediction.peak_mib < start.peak_mib, lever.name
+        assert f"{lever.name}  " in table
+    assert "seed: LoRA ~ params x 10 B" in words
+    assert "precision not given: assumed fp32" in words
+
+
+def test_describe_reading_says_what_was_read_and_what_assumed() -> None:
+    """Each memory knob with its value and source; one the dialect did not name is assumed."""
+    knobs = Knobs(per_device_batch=2, cutoff_len=1024, precision="bf16-mixed", model="m")
+    line = describe_reading(knobs, {"precision": "config_file", "model": "command_line"})
+    assert line.startswith("read: model m (command line), precision bf16-mixed (config file), "
+                           "quantisation none (assumed)")
+    assert "world size 1 (assumed)" in line
 
 
 def test_plan_without_predictions_recommends_nothing_and_says_unknown() -> None:

@@ -1,0 +1,462 @@
+"""What a person sees while a run goes: a live line for the running attempt, one line per event.
+
+The loop logs each journaled event through structlog (`attempt.started`, `attempt.finished`,
+...). `Console` is the last processor of that chain for people: on a terminal it keeps a live
+line for the running attempt (its number against the budget, its config in words, elapsed time,
+the last line of its output) and prints one settled line per finished attempt above it; when
+not on a terminal it prints the same settled lines, each with the local time. What it shows
+comes from the run's journal (`journal.load`: the RunState that report and status read too),
+never from the log event's own keys, so a line cannot say more or less than the record.
+`JsonTee` keeps the structured log as JSON lines in `<run>/supervisor.jsonl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from rich.console import Console as RichConsole
+from rich.live import Live
+from rich.text import Text
+
+from supervisor import report
+from supervisor.events import AttemptRecord, JournalError, RunState
+from supervisor.journal import load
+
+_SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.detected",
+                     "run.stopped"})
+"""Events the console leaves out: the next line, or the summary, says the same."""
+
+_STYLE = {"fits": "green", "oom": "red", "fatal": "magenta", "transient": "yellow",
+          "hang": "yellow", "interrupted": "bright_black"}
+_MARK = {"fits": "✓", "oom": "✗"}
+_QUIET_KEYS = frozenset({"event", "level", "timestamp", "run_id", "log_dir"})
+
+
+def clock_time(ts: float | None = None) -> str:
+    """Local wall-clock time to the second: `21:08:51`."""
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+class JsonTee:
+    """A structlog processor that also appends each event as JSON to `<run>/supervisor.jsonl`.
+
+    Events before the run folder is known are kept (a few) and written when it is.
+    """
+
+    def __init__(self) -> None:
+        self._file: IO[str] | None = None
+        self._early: list[str] = []
+        self._lock = threading.Lock()
+
+    def open(self, run_dir: Path) -> None:
+        """Start writing into `run_dir` (appending: a resumed run adds to the same file)."""
+        with self._lock:
+            if self._file is not None:
+                return
+            with contextlib.suppress(OSError):
+                run_dir.mkdir(parents=True, exist_ok=True)
+                self._file = (run_dir / "supervisor.jsonl").open("a", encoding="utf-8")
+                for line in self._early:
+                    self._file.write(line)
+                self._file.flush()
+            self._early.clear()
+
+    def close(self) -> None:
+        """Stop writing."""
+        with self._lock:
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+            self._file = None
+
+    def __call__(self, _logger: object, _method: str,
+                 event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        """Write the event; pass it on unchanged."""
+        line = json.dumps(dict(event_dict), default=str, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._file is None:
+                if len(self._early) < 200:  # noqa: PLR2004 - a bound, not a tuning
+                    self._early.append(line)
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    self._file.write(line)
+                    self._file.flush()
+        return event_dict
+
+
+class Console:
+    """The renderer for people: settled lines, and on a terminal a live line for the attempt."""
+
+    def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = _is_tty(self.stream) if live is None else live
+        self._clock = clock
+        self.run_dir: Path | None = None
+        self._state: RunState | None = None
+        self._current: AttemptRecord | None = None
+        self._since = 0.0
+        self._rich: RichConsole | None = None
+        self._live: Live | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._saved: tuple[Any, Any] | None = None
+        self._lost = False
+
+    # --- wiring -------------------------------------------------------------------------------
+
+    def attach(self, run_dir: Path) -> None:
+        """The run folder is known: read its journal from now on (and start the live line)."""
+        self.run_dir = run_dir
+        if self.live and self._live is None and not self._lost:
+            self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=False)
+            self._live = Live(console=self._rich, auto_refresh=False, transient=True,
+                              redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+            self._route_echo()
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._tick, name="console-live", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """End the live line and give the streams back (before the summary is printed)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+            self._thread = None
+        if self._live is not None and not self._lost:
+            with contextlib.suppress(Exception):
+                self._live.stop()
+        self._live = None
+        if self._saved is not None:
+            sys.stdout, sys.stderr = self._saved
+            self._saved = None
+
+    def print(self, text: str) -> None:
+        """A line outside the event stream (the summary), in the console's own manner."""
+        if self._rich is not None and not self._lost:
+            self._rich.print(Text(text))
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    # --- the structlog renderer ---------------------------------------------------------------
+
+    def __call__(self, _logger: object, method: str, event_dict: MutableMapping[str, Any]) -> str:
+        """Render one event: a settled line (returned, or printed above the live line)."""
+        name = str(event_dict.get("event", ""))
+        if name == "terminal.lost":
+            self._lost = True  # the terminal is gone: plain lines into the run folder from here
+        line = self.line(name, event_dict, method)
+        if line is None:
+            raise structlog.DropEvent
+        if self.live and self._rich is not None and self._live is not None and not self._lost:
+            self._rich.print(Text(line, style=_style_of(name, event_dict)))
+            self._refresh()
+            raise structlog.DropEvent
+        return f"{clock_time(self._clock())} {line}"
+
+    def line(self, name: str, event: Mapping[str, Any], method: str = "info") -> str | None:
+        """The settled line for one event, or None when the console leaves it out."""
+        if name in _SILENT:
+            return None
+        if name in ("run.started", "run.resumed", "attempt.started", "attempt.finished",
+                    "ladder.stepped"):
+            self._reload()
+        state = self._state
+        if name in ("run.started", "run.resumed") and state is not None:
+            return _run_line(name, state, self.run_dir)
+        if name == "attempt.started" and state is not None:
+            record = state.attempt(int(event.get("attempt", 0)))
+            if record is not None:
+                self._current, self._since = record, self._clock()
+                self._refresh()
+                return (None if self.live and not self._lost
+                        else _started_line(record, state.config.max_attempts))
+        if name == "attempt.finished" and state is not None:
+            record = state.attempt(int(event.get("attempt", 0)))
+            self._current = None
+            self._refresh()
+            if record is not None and record.finished is not None:
+                return _finished_line(record, state)
+        if name == "ladder.stepped":
+            return _step_line(event)
+        if name == "rung.skipped":
+            return (f"skipped {event.get('rung') or 'the command as given'} without running "
+                    f"it: {event.get('reason')}")
+        return _generic(name, event, method)
+
+    # --- the live line ------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        if self.run_dir is None:
+            return
+        with contextlib.suppress(JournalError, OSError):
+            self._state, _ = load(self.run_dir)
+
+    def live_text(self) -> Text | None:
+        """The live line of the running attempt, or None between attempts."""
+        record, state = self._current, self._state
+        if record is None or state is None:
+            return None
+        elapsed = report.human_duration(self._clock() - self._since)
+        head = (f"attempt {record.number} of at most {state.config.max_attempts} "
+                f"({record.started.rung or 'as given'}): "
+                f"{report.describe_knobs(record.knobs.to_dict())} · {elapsed}")
+        text = Text(head, style="bold")
+        last = last_output_line(self.run_dir / record.started.log_dir) if self.run_dir else None
+        if last:
+            text.append(f" · {last}", style="dim")
+        text.no_wrap = True
+        text.overflow = "ellipsis"
+        return text
+
+    def _refresh(self) -> None:
+        if self._live is None or self._lost:
+            return
+        with contextlib.suppress(Exception):
+            self._live.update(self.live_text() or Text(""), refresh=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            if self._lost:
+                return
+            self._refresh()
+
+    def _route_echo(self) -> None:
+        """The command's echoed output goes above the live line, not through it."""
+        if self._rich is None:
+            return
+        self._saved = (sys.stdout, sys.stderr)
+        rich = self._rich
+        if _is_tty(sys.stdout):
+            sys.stdout = _Above(rich, sys.stdout)
+        sys.stderr = _Above(rich, sys.stderr)
+
+
+def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:
+    """The last non-empty line the attempt wrote (stdout.log or stderr.log, newest first)."""
+    logs = [p for p in (attempt_dir / "stdout.log", attempt_dir / "stderr.log") if p.is_file()]
+    logs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in logs:
+        try:
+            with path.open("rb") as handle:
+                handle.seek(max(0, path.stat().st_size - chars))
+                tail = handle.read().decode("utf-8", errors="replace")
+        except OSError:
+            continue
+        for raw in reversed(tail.splitlines()):
+            line = raw.rsplit("\r", 1)[-1].strip()
+            if line:
+                return line
+    return None
+
+
+class _Above(io.TextIOBase):
+    """A stream whose text (and bytes, for the runner's echo) prints above the live line."""
+
+    def __init__(self, rich: RichConsole, real: IO[str]) -> None:
+        self._rich, self._real, self._partial = rich, real, ""
+        self.buffer = _AboveBytes(self)
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text.replace("\r\n", "\n")).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._rich.print(Text(line.rsplit("\r", 1)[-1]), soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._real.flush()
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+
+class _AboveBytes:
+    def __init__(self, text: _Above) -> None:
+        self._text = text
+
+    def write(self, data: bytes) -> int:
+        self._text.write(data.decode("utf-8", errors="replace"))
+        return len(data)
+
+    def flush(self) -> None:
+        self._text.flush()
+
+
+# --- the lines ----------------------------------------------------------------------------------
+
+def _run_line(name: str, state: RunState, run_dir: Path | None) -> str:
+    config = state.config
+    device = (f"a {config.device_mib:g} MiB device ({config.device_source})"
+              if config.device_mib else "a device of unknown size")
+    verb = "resumed" if name == "run.resumed" else "started"
+    where = f"; record in {run_dir}" if run_dir else ""
+    assumed = [k for k, v in config.start_sources.items() if v == "assumed"
+               and k in ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
+                         "finetuning_type", "precision")]
+    start = report.describe_knobs(config.start.to_dict())
+    line = (f"run {config.run_id} {verb}: {start}, on {device}, at most "
+            f"{config.max_attempts} attempts{where}")
+    if assumed:
+        line += f" (assumed: {', '.join(assumed)})"
+    return line
+
+
+def _started_line(record: AttemptRecord, budget: int) -> str:
+    return (f"attempt {record.number} of at most {budget} ({record.started.rung or 'as given'}): "
+            f"{report.describe_knobs(record.knobs.to_dict())}")
+
+
+def _finished_line(record: AttemptRecord, state: RunState) -> str:
+    done = record.finished
+    assert done is not None  # noqa: S101 - checked by the caller
+    device = state.config.device_mib
+    row: dict[str, Any] = {"verdict": done.verdict, "numbers": dict(done.numbers or {}),
+                           "peak_mib": done.peak_mib}
+    mark = _MARK.get(done.verdict, "!")
+    took = report.human_duration(done.duration_s)
+    config = report.describe_knobs(record.knobs.to_dict(), short=True)
+    what = f"{record.started.rung or 'as given'}: {config}"
+    if done.verdict == "oom":
+        memory = report.memory_words(row, device)
+        of = f" (device {device:g} MiB)" if device else ""
+        line = f"{mark} attempt {record.number} out of memory after {took} · {what} · {memory}{of}"
+    elif done.verdict == "fits":
+        line = (f"{mark} attempt {record.number} fits after {took} · {what} · "
+                f"{report.memory_words(row, device)}")
+    else:
+        line = (f"{mark} attempt {record.number} {done.verdict} after {took} · {what} · "
+                f"{done.evidence or f'exit code {done.exit_code}'}")
+    if done.predicted_mib:
+        line += f" · predicted {done.predicted_mib:g} MiB"
+    return line
+
+
+def _step_line(event: Mapping[str, Any]) -> str | None:
+    parts = []
+    restored = event.get("restored") or []
+    if restored:
+        parts.append("restores " + ", ".join(f"{k} {report.cell(b)} -> {report.cell(a)}"
+                                             for k, b, a in restored))
+    if event.get("note"):
+        parts.append(str(event["note"]))
+    parts += [f"skipped {s}" for s in event.get("skipped") or []]
+    if not parts:
+        return None  # the next attempt's line names its rung
+    return f"  next: {event.get('rung')} {'; '.join(parts)}"
+
+
+def _generic(name: str, event: Mapping[str, Any], method: str) -> str:
+    fields = " ".join(f"{k}={_plain(v)}" for k, v in event.items()
+                      if k not in _QUIET_KEYS and v not in (None, "", [], {}, ()))
+    prefix = "" if method in ("info", "debug") else f"{method}: "
+    return f"{prefix}{name}" + (f" {fields}" if fields else "")
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return ",".join(_plain(v) for v in value)
+    return str(value)
+
+
+def _style_of(name: str, event: Mapping[str, Any]) -> str:
+    if name == "attempt.finished":
+        return _STYLE.get(str(event.get("verdict")), "")
+    return "dim" if name == "ladder.stepped" else ""
+
+
+def _is_tty(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):
+        return False
+
+
+# --- the session's outputs ----------------------------------------------------------------------
+
+class Output:
+    """Where the log goes: to people (lines; JSON with `json`) and as JSON to the run folder."""
+
+    def __init__(self, fmt: str = "auto", stream: IO[str] | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.fmt = fmt
+        self.tee = JsonTee()
+        self.console: Console | None = None
+        if fmt != "json":
+            live = None if fmt == "auto" else fmt == "console"
+            self.console = Console(self.stream, live=live)
+
+    def processors(self) -> list[Any]:
+        """The structlog chain: level, time, the run folder's JSON copy, then the renderer."""
+        chain: list[Any] = [structlog.processors.add_log_level,
+                            structlog.processors.TimeStamper(fmt="iso", utc=True), self.tee]
+        if self.console is None:
+            chain.append(structlog.processors.JSONRenderer())
+        else:
+            chain.append(self.console)
+        return chain
+
+    def attach(self, run_dir: Path) -> None:
+        """The run folder is known: its supervisor.jsonl and (on a terminal) the live line."""
+        self.tee.open(run_dir)
+        if self.console is not None:
+            self.console.attach(run_dir)
+
+    def close(self) -> None:
+        """End the live line and the run folder's log."""
+        if self.console is not None:
+            self.console.close()
+        self.tee.close()
+
+    def print(self, text: str) -> None:
+        """Lines for people after the run (the summary)."""
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
+    """The closing lines: how it ended, in how long, the working config, what it cost, where."""
+    attempts = data.get("attempts", [])
+    ooms = data.get("oom_verdicts", 0)
+    took = report.human_duration(data.get("duration_s"))
+    status = str(data.get("status"))
+    head = {"fitted": "fitted", "exhausted": "ladder exhausted", "fatal": "stopped (fatal)",
+            "transient": "stopped (transient failures)", "hang": "stopped (hung)",
+            "interrupted": "interrupted"}.get(status, status)
+    lines = [(f"oom-supervisor: {head} after {len(attempts)} attempt(s) "
+              f"({ooms} out of memory) in {took}")]
+    if data.get("reason"):
+        lines.append(f"  why: {data['reason']}")
+    final = data.get("final_knobs")
+    if final:
+        eb = data.get("effective_batch", {})
+        kept = "kept" if eb.get("start") == eb.get("final") else f"was {eb.get('start')}"
+        lines.append(f"  working config: {report.describe_knobs(final)} "
+                     f"(effective batch {kept})")
+        given = [f"{c['cost']}: {c['knob']} {report.cell(c['from'])} -> {report.cell(c['to'])}"
+                 for c in data.get("costs", []) if c.get("cost") in ("quality", "speed")]
+        lines.append("  given up: " + ("; ".join(given) if given else "nothing"))
+        if data.get("output_dir"):
+            lines.append(f"  the model will be written to: {data['output_dir']}")
+        lines += [f"  note: {n}" for n in data.get("other_changes", [])[:1]]
+        lines.append(f"  run it again as is: sh {run_dir / 'final-command.sh'}")
+    lines.append(f"  report: {run_dir / 'report.md'}")
+    return lines

@@ -1,0 +1,107 @@
+"""What every dialect's reading shares: values with their sources, model paths, precision."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from supervisor.command import Command, Invocation
+from supervisor.knobs import KNOB_NAMES, Knobs, Precision, Reading, Source
+
+_STRENGTH = {Source.COMMAND_LINE: 4, Source.CONFIG_FILE: 3, Source.PROGRAM: 2,
+             Source.KNOWN_DEFAULT: 1, Source.ASSUMED: 0}
+
+READ_ONLY = frozenset({"world_size", "output_dir", "model", "precision"})
+"""Knobs read from the command but never rewritten by a rung."""
+
+
+class Values:
+    """Knob (and extra setting) values as they are read, each with its source; later set() wins."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, Source] = {}
+
+    def set(self, name: str, value: object, source: Source) -> None:
+        """Record `name` = `value`, said by `source`."""
+        self.values[name] = value
+        self.sources[name] = source
+
+    def defaults(self, values: Mapping[str, Any], source: Source) -> None:
+        """Record each of `values` as said by `source`."""
+        for name, value in values.items():
+            self.set(name, value, source)
+
+    def get(self, name: str, default: object = None) -> Any:  # noqa: ANN401 - the value's own type
+        """The value of `name` (default when nothing said it)."""
+        return self.values.get(name, default)
+
+    def source(self, name: str) -> Source:
+        """Who said `name` (assumed when nobody did)."""
+        return self.sources.get(name, Source.ASSUMED)
+
+    def reading(self, *, rewritable: frozenset[str], program: str | None = None,
+                refused: frozenset[tuple[str, str]] = frozenset()) -> Reading:
+        """The Reading of the knob values recorded (extras are left out)."""
+        knobs = Knobs(**{k: v for k, v in self.values.items() if k in KNOB_NAMES})
+        sources = {k: self.source(k) for k in KNOB_NAMES}
+        return Reading(knobs=knobs, sources=sources, rewritable=rewritable - READ_ONLY,
+                       program=program, refused=refused)
+
+
+def strongest(*sources: Source) -> Source:
+    """The most direct of `sources` (the command line beats a file beats the program ...)."""
+    return max(sources, key=_STRENGTH.__getitem__, default=Source.ASSUMED)
+
+
+def model_path(command: Command, text: object) -> str | None:
+    """A model as the program will find it: a local path against the command's cwd, else as is.
+
+    A hub id (`org/name`) or a name that is no local path stays as written; `./x`, `../x`, `~/x`
+    and any relative path that exists under the command's directory become absolute.
+    """
+    if text is None or text == "":
+        return None
+    value = str(text)
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    base = Path(command.cwd) if command.cwd else Path.cwd()
+    candidate = base / path
+    if value.startswith(("./", "../", "~")) or candidate.exists():
+        return str(candidate.resolve())
+    return value
+
+
+def precision_of(values: Values) -> tuple[str, Source]:
+    """The precision the HF-family settings give: pure, mixed (autocast) or fp32, and its source.
+
+    `pure_bf16` (LLaMA-Factory) and a bf16/fp16 model dtype (`--torch_dtype`/`--dtype`, TRL)
+    keep the trained weights in half precision: pure. `bf16`/`fp16` alone are autocast over fp32
+    master weights: mixed. When both bf16 and fp16 are set, the more directly given one wins.
+    """
+    names = ("pure_bf16", "dtype", "bf16", "fp16")
+    said = [n for n in names if n in values.values]
+    source = strongest(*(values.source(n) for n in said)) if said else Source.ASSUMED
+    if values.get("pure_bf16") is True:
+        return Precision.BF16.value, values.source("pure_bf16")
+    dtype = str(values.get("dtype") or "").lower().removeprefix("torch.")
+    if dtype in ("bfloat16", "bf16"):
+        return Precision.BF16.value, values.source("dtype")
+    if dtype in ("float16", "fp16", "half"):
+        return Precision.FP16.value, values.source("dtype")
+    bf16, fp16 = values.get("bf16") is True, values.get("fp16") is True
+    if bf16 and fp16:
+        bf16 = _STRENGTH[values.source("bf16")] >= _STRENGTH[values.source("fp16")]
+        fp16 = not bf16
+    if bf16:
+        return Precision.BF16_MIXED.value, values.source("bf16")
+    if fp16:
+        return Precision.FP16_MIXED.value, values.source("fp16")
+    return Precision.FP32.value, source
+
+
+def world_source(invocation: Invocation) -> Source:
+    """The launchers' world size is the command's own word unless a config file decides it."""
+    return Source.COMMAND_LINE if invocation.world_size_known else Source.ASSUMED

@@ -1,0 +1,311 @@
+"""Remembered fits: the config that fitted, keyed by what decides memory, kept in SQLite.
+
+The second run of the same command on the same card starts where the first one ended. The store
+is one SQLite file (the standard library's sqlite3, WAL mode, a busy timeout), so several
+supervisors may read and write it at once. See docs/fits.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+SCHEMA_VERSION = 1
+"""`PRAGMA user_version` of the store this code writes."""
+
+KEY_VERSION = 1
+"""Part of every key: a change to what a key covers must not match keys made before it."""
+
+BUSY_TIMEOUT_S = 30.0
+"""How long a write waits for another process's write before giving up."""
+
+_COLUMNS = ("key", "knobs", "run_id", "summary", "created_at", "updated_at")
+_SELECT = "SELECT key, knobs, run_id, summary, created_at, updated_at FROM fits"
+_RUN_WIDTH = 22
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fits (
+    key TEXT PRIMARY KEY,
+    knobs TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)
+"""
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+class FitStoreError(Exception):
+    """The fit store cannot be opened, read or written; the message says which file and why."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fit:
+    """One remembered fit: the knobs that fitted under a key, and which run found them."""
+
+    key: str
+    knobs: Mapping[str, object] = field(default_factory=dict)
+    run_id: str
+    summary: Mapping[str, object] = field(default_factory=dict)
+    created_at: float
+    """Unix seconds when this key was first remembered."""
+    updated_at: float
+    """Unix seconds of the last `remember` under this key."""
+
+
+def default_path() -> Path:
+    """$XDG_DATA_HOME (or ~/.local/share)/oom-supervisor/fits.sqlite3."""
+    base = os.environ.get("XDG_DATA_HOME") or ""
+    root = Path(base) if Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "oom-supervisor" / "fits.sqlite3"
+
+
+def fit_key(*, model_config: Mapping[str, object] | None, model: str | None,  # noqa: PLR0913
+            device_name: str | None, device_total_mib: float | None, dialect: str,
+            start_knobs: Mapping[str, object], policy: str) -> str:
+    """A stable sha256 (hex) of everything that decides whether a config fits.
+
+    Args:
+        model_config: the model's config.json; preferred over `model` (a path or hub name
+            says less: the same weights live under many paths). Keys starting with `_`
+            (`_name_or_path`, `_commit_hash`) are left out: they name, they do not size.
+        model: the model's name or path, used only when there is no config.
+        device_name: the card's name (NVML's), or None for a simulated device.
+        device_total_mib: its total memory (or the simulated size), rounded to whole MiB.
+        dialect: the dialect that read the command.
+        start_knobs: the knobs as the command gave them, before any rung changed them.
+        policy: the policy's identity; pass a digest of its content so an edit changes it.
+    """
+    if model_config is not None:
+        model_part: object = {"config": {k: v for k, v in model_config.items()
+                                         if not str(k).startswith("_")}}
+    else:
+        model_part = {"name": model}
+    total = None if device_total_mib is None else round(device_total_mib)
+    document = {"v": KEY_VERSION, "model": model_part,
+                "device": {"name": device_name, "total_mib": total},
+                "dialect": dialect, "start": dict(start_knobs), "policy": policy}
+    return hashlib.sha256(_canonical(document).encode("utf-8")).hexdigest()
+
+
+def _canonical(value: object) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                          allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        msg = f"a fit key must be plain JSON data (str, number, bool, None, list, dict): {exc}"
+        raise ValueError(msg) from None
+
+
+class FitStore:
+    """The SQLite file of remembered fits; open with `FitStore.open(path)`, close when done."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection,
+                 clock: Callable[[], float]) -> None:
+        self.path = path
+        self._db = connection
+        self._clock = clock
+
+    @classmethod
+    def open(cls, path: Path | str, *, clock: Callable[[], float] = time.time) -> Self:
+        """Open (creating it and its folder if needed) the store at `path`."""
+        path = Path(path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            msg = (f"cannot create the folder of the fit store {path}: {exc.strerror or exc}; "
+                   f"pass --fits-db with a writable path, or --fresh to run without it")
+            raise FitStoreError(msg) from None
+        if path.is_dir():
+            msg = f"the fit store {path} is a folder; pass --fits-db with a file path"
+            raise FitStoreError(msg)
+        try:
+            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _error(path, exc) from None
+        store = cls(path, db, clock)
+        try:
+            store._prepare()
+        except FitStoreError:
+            db.close()
+            raise
+        return store
+
+    def _prepare(self) -> None:
+        with self._guard():
+            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                msg = (f"the fit store {self.path} cannot use SQLite's WAL mode (got {mode!r}); "
+                       f"concurrent runs could not share it. Put it on a local disk with "
+                       f"--fits-db, or use --fresh")
+                raise FitStoreError(msg)
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                msg = (f"the fit store {self.path} was written by a newer oom-supervisor "
+                       f"(schema {version}, this one knows {SCHEMA_VERSION}); upgrade, or pass "
+                       f"--fits-db with another file")
+                raise FitStoreError(msg)
+            with self._write():
+                self._db.execute(_SCHEMA)
+                if version < SCHEMA_VERSION:
+                    self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(fits)")}
+            if not set(_COLUMNS) <= columns:
+                msg = (f"{self.path} has a `fits` table that is not oom-supervisor's (columns "
+                       f"{sorted(columns)}); pass --fits-db with another file")
+                raise FitStoreError(msg)
+
+    def close(self) -> None:
+        """Close the connection (the WAL is checkpointed by SQLite as it sees fit)."""
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        """The store itself, closed on leaving the block."""
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        """Close the store."""
+        self.close()
+
+    def lookup(self, key: str) -> Fit | None:
+        """The fit remembered under `key`, or None."""
+        with self._guard():
+            row = self._db.execute(f"{_SELECT} WHERE key = ?", (key,)).fetchone()
+        return None if row is None else self._fit(row)
+
+    def remember(self, key: str, *, knobs: Mapping[str, object], run_id: str,
+                 summary: Mapping[str, object]) -> Fit:
+        """Record (or replace) the fit under `key`; returns it as stored."""
+        now = self._clock()
+        knobs_json, summary_json = _canonical(dict(knobs)), _canonical(dict(summary))
+        with self._guard(), self._write():
+            self._db.execute(
+                "INSERT INTO fits (key, knobs, run_id, summary, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                "knobs = excluded.knobs, run_id = excluded.run_id, summary = excluded.summary, "
+                "updated_at = excluded.updated_at",
+                (key, knobs_json, run_id, summary_json, now, now))
+            row = self._db.execute(f"{_SELECT} WHERE key = ?", (key,)).fetchone()
+        return self._fit(row)
+
+    def entries(self) -> list[Fit]:
+        """Every remembered fit, the most recently updated first."""
+        with self._guard():
+            rows = self._db.execute(f"{_SELECT} ORDER BY updated_at DESC, key").fetchall()
+        return [self._fit(row) for row in rows]
+
+    def forget(self, key_prefix: str) -> int:
+        """Delete the fits whose key starts with `key_prefix` (hex); returns how many."""
+        prefix = key_prefix.strip().lower()
+        if not _HEX.fullmatch(prefix):
+            msg = (f"a key prefix is one or more hex digits (as `oom-supervisor fits list` "
+                   f"shows them), not {key_prefix!r}; use `forget --all` to forget everything")
+            raise ValueError(msg)
+        with self._guard(), self._write():
+            cursor = self._db.execute("DELETE FROM fits WHERE substr(key, 1, ?) = ?",
+                                      (len(prefix), prefix))
+        return cursor.rowcount
+
+    def forget_all(self) -> int:
+        """Delete every remembered fit; returns how many there were."""
+        with self._guard(), self._write():
+            cursor = self._db.execute("DELETE FROM fits")
+        return cursor.rowcount
+
+    def integrity_ok(self) -> bool:
+        """True when SQLite's own `PRAGMA integrity_check` finds nothing wrong."""
+        with self._guard():
+            rows = self._db.execute("PRAGMA integrity_check").fetchall()
+        return [tuple(r) for r in rows] == [("ok",)]
+
+    def _fit(self, row: tuple[Any, ...]) -> Fit:
+        key, knobs, run_id, summary, created_at, updated_at = row
+        try:
+            knobs_value, summary_value = json.loads(knobs), json.loads(summary)
+        except ValueError as exc:
+            msg = (f"the fit store {self.path} holds a damaged entry {str(key)[:12]} ({exc}); "
+                   f"remove it with `oom-supervisor fits forget {str(key)[:12]}`")
+            raise FitStoreError(msg) from None
+        if not isinstance(knobs_value, dict) or not isinstance(summary_value, dict):
+            msg = (f"the fit store {self.path} holds a damaged entry {str(key)[:12]} (knobs or "
+                   f"summary is not a JSON object); remove it with `oom-supervisor fits forget "
+                   f"{str(key)[:12]}`")
+            raise FitStoreError(msg)
+        return Fit(key=str(key), knobs=knobs_value, run_id=str(run_id), summary=summary_value,
+                   created_at=float(created_at), updated_at=float(updated_at))
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, taken at once (BEGIN IMMEDIATE) so it waits, not deadlocks."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise _error(self.path, exc) from None
+
+
+def _error(path: Path, exc: sqlite3.Error) -> FitStoreError:
+    reason = str(exc) or type(exc).__name__
+    if "not a database" in reason or "malformed" in reason:
+        advice = "it is damaged or not a fit store: move it aside (a new one is made)"
+    elif "locked" in reason or "busy" in reason:
+        advice = (f"another process held it for over {BUSY_TIMEOUT_S:g} s; try again, or "
+                  f"pass --fits-db with another file")
+    else:
+        advice = "check the path and its permissions"
+    return FitStoreError(f"fit store {path}: {reason}; {advice}, or run with --fresh")
+
+
+def format_age(seconds: float) -> str:
+    """A short age: 45s, 12m, 3h, 9d."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def render_entries(fits: list[Fit], *, now: float, width: int = 100) -> str:
+    """The `fits list` table: key, age, run, knobs; no line longer than `width`."""
+    if not fits:
+        return "no remembered fits"
+    header = f"{'KEY':<12}  {'AGE':>4}  {'RUN':<{_RUN_WIDTH}}  KNOBS"
+    lines = [header]
+    for fit in fits:
+        knobs = " ".join(f"{k}={_short(v)}" for k, v in fit.knobs.items())
+        run = (fit.run_id if len(fit.run_id) <= _RUN_WIDTH
+               else fit.run_id[:_RUN_WIDTH - 1] + "~")
+        age = format_age(now - fit.updated_at)
+        line = f"{fit.key[:12]:<12}  {age:>4}  {run:<{_RUN_WIDTH}}  {knobs}"
+        lines.append(line if len(line) <= width else line[:width - 1] + "~")
+    return "\n".join(lines)
+
+
+def _short(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value)

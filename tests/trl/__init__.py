@@ -1,0 +1,1 @@
+"""The TRL tier: the real `trl sft` under the supervisor, in its own venv (.venv-trl)."""

@@ -1,0 +1,66 @@
+"""The console's words and --log-format's place, on a journal recorded from a real demo run."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from supervisor import cli
+from supervisor.console import Console, JsonTee
+
+RUNS = Path(__file__).parent.parent / "data" / "runs"
+
+
+@pytest.mark.parametrize(("argv", "fmt", "rest"), [
+    (["--log-format", "json", "run", "--", "x"], "json", ["run", "--", "x"]),
+    (["run", "--log-format=plain", "--", "x"], "plain", ["run", "--", "x"]),
+    (["status", "--log-format", "json"], "json", ["status"]),
+    # after `--` it is the command's own flag, never ours
+    (["run", "--", "train.py", "--log-format", "json"], None,
+     ["run", "--", "train.py", "--log-format", "json"]),
+])
+def test_log_format_is_taken_anywhere_before_the_command(
+        argv: list[str], fmt: str | None, rest: list[str]) -> None:
+    """`--log-format` before or after the subcommand; the command's own words are left alone."""
+    assert cli.split_log_format(argv) == (fmt, rest)
+
+
+def test_plain_lines_from_the_journal(tmp_path: Path) -> None:
+    """Each event becomes one line for people, read from the journal, silent ones dropped."""
+    run = tmp_path / "p1"
+    shutil.copytree(RUNS / "demo-150", run)
+    console = Console(io.StringIO(), live=False, clock=lambda: 0.0)
+    console.attach(run)
+    assert console.line("attempt.spawned", {"attempt": 1}) is None
+    assert console.line("oom.detected", {"line": "torch.OutOfMemoryError: ..."}) is None
+    started = console.line("run.started", {})
+    assert started is not None
+    assert started.startswith("run p1 started: full fine-tuning, batch 4, cutoff 1024")
+    assert "on a 150 MiB device (--device-memory), at most 32 attempts" in started
+    assert console.line("attempt.started", {"attempt": 2}) == (
+        "attempt 2 of at most 32 (smaller-batch): full fine-tuning, batch 2 x 2 accumulated "
+        "(effective 4), cutoff 1024, checkpointing off")
+    assert console.line("attempt.finished", {"attempt": 2}) == (
+        "✗ attempt 2 out of memory after 6.3 s · smaller-batch: full b2x2 cut 1024 · "
+        "tried 2.0 MiB, allocated 149 MiB, capacity 150 MiB (device 150 MiB)")
+    assert console.line("attempt.finished", {"attempt": 4}) == (
+        "✓ attempt 4 fits after 39.7 s · gradient-checkpointing: full b1x4 cut 1024 ckpt · "
+        "peak 95.5 MiB of 150 MiB (64%)")
+    assert console.line("transient.retrying", {"attempt": 3, "delay_s": 2.0, "note": None},
+                        "warning") == "warning: transient.retrying attempt=3 delay_s=2"
+
+
+def test_json_tee_keeps_early_events_and_writes_json_lines(tmp_path: Path) -> None:
+    """Events logged before the run folder is known are written once it is."""
+    tee = JsonTee()
+    tee(None, "info", {"event": "estimate.unavailable", "reason": "no model"})
+    tee.open(tmp_path)
+    tee(None, "info", {"event": "attempt.started", "attempt": 1})
+    tee.close()
+    lines = (tmp_path / "supervisor.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["estimate.unavailable",
+                                                             "attempt.started"]

@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 # The LLaMA-Factory test tier's own venv (real llamafactory-cli; tests/llamafactory/).
 LF_VENV ?= .venv-lf
 
-.PHONY: demo test lint setup clean lf-venv
+.PHONY: demo test lint setup clean lf-venv slurm-packages
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,10 +21,15 @@ setup: $(STAMP)
 lf-venv:
 	bash tests/llamafactory/build_venv.sh $(LF_VENV)
 
+# The SLURM tier's packages (Debian's slurm-wlm and munge), installed when missing and root.
+# Where that fails the tier (tests/slurm/) skips with the reason; the rest of `make test` runs.
+slurm-packages:
+	-bash tests/slurm/cluster.sh install
+
 demo: $(STAMP)
 	$(VENV)/bin/oom-supervisor demo
 
-test: $(STAMP) lf-venv
+test: $(STAMP) lf-venv slurm-packages
 	OOM_SUPERVISOR_LF_VENV=$(abspath $(LF_VENV)) $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m ruff check supervisor tests
 	$(PY) -m mypy

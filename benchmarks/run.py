@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -97,6 +99,7 @@ def bench_plan(tmp: Path) -> dict[str, float]:
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
             "max_position_embeddings": 4096, "torch_dtype": "bfloat16", **shape}))
         started = time.monotonic()
+        cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run(  # noqa: S603
             [PY, "-m", "supervisor", "plan", "--device-memory", "80GiB", "--", PY,
              "-m", "supervisor.reference_trainer", "--model_name_or_path", str(model),
@@ -104,9 +107,16 @@ def bench_plan(tmp: Path) -> dict[str, float]:
              "--cutoff_len", "2048", "--bf16", "true"],
             env=ENV, cwd=tmp, capture_output=True, text=True, check=False)
         wall = time.monotonic() - started
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode not in {0, 3}:
             return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}  # type: ignore[dict-item]
         out[f"{name}_wall_s"] = round(wall, 1)
+        # CPU seconds of plan and its children: on a shared machine the wall time depends on
+        # the neighbours; CPU / cores is what an idle machine of this size would take.
+        out[f"{name}_cpu_s"] = round(used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime,
+                                     1)
+        out[f"{name}_rows"] = sum(1 for line in proc.stdout.splitlines()
+                                  if re.match(r"^\s*\d+\*?\s{2}", line))
         out[f"{name}_target_s"] = target
     return out
 

@@ -187,14 +187,14 @@ def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
                     else contextlib.nullcontext())
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
         vocab = int(config_values.get("vocab_size", 32000))
-        # Step 1's forward and backward peak below step 2's (no AdamW state yet): give its
-        # optimizer step gradients directly (free under fake mode) and trace step 2 in full.
+        # Step 1 peaks below step 2 (no AdamW state yet): all it leaves behind is the state,
+        # made here as AdamW's first step makes it, and step 2 is traced in full.
         live.phase = "optimizer"
+        keep = torch.preserve_format
         for p in params:
-            p.grad = torch.zeros_like(p)
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=foreach)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            optimizer.state[p] = {"step": torch.tensor(1.0, dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p, memory_format=keep),
+                                  "exp_avg_sq": torch.zeros_like(p, memory_format=keep)}
         # With accumulation, the second micro-batch runs while the first one's gradients are
         # held: two micro-batches show the peak of any number of them.
         for _ in range(micro_batches):
@@ -244,7 +244,10 @@ def scaled_depths(layers: int, knobs: dict[str, Any]) -> tuple[int, int] | None:
     if knobs.get("finetuning_type") == "freeze":
         # Freeze trains k layers at one end: keep all k, vary the frozen ones.
         kept = abs(int(knobs.get("freeze_trainable_layers") or 2))
-    depths = (kept + 1, kept + 2)
+    # Full fine-tuning traces a model with no decoder layer at all beside one with one layer;
+    # LoRA needs a layer to attach to.
+    first = 0 if knobs.get("finetuning_type", "full") == "full" else kept + 1
+    depths = (first, first + 1)
     return depths if depths[1] < layers else None
 
 

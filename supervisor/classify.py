@@ -103,6 +103,10 @@ TRANSIENT_RULES: tuple[Rule, ...] = tuple(
         r"NCCL (?:error|communicator)\b.*[Ss]ocket [Tt]ime ?out",
         r"(?:HTTP Error |Server Error: |status(?: code)? )50[234]\b",  # hub 5xx
         r"Temporary failure in name resolution",
+        # A SLURM requeue landing while srun creates its step (slurm src/srun/allocate.c,
+        # "Unable to confirm allocation for job %u: %m", with ESLURM_JOB_PENDING's text "Job is
+        # pending execution"; seen on the SLURM tier's one-host cluster): the job comes back.
+        r"Unable to confirm allocation for job \d+: Job is pending execution",
     )
 )
 """Lines that mean an infrastructure hiccup worth retrying, when no OOM is anywhere."""
@@ -356,6 +360,9 @@ _ERROR_LINE = re.compile(r"(Error|Exception|error:|Errno|No such file|not found|
 
 
 def _error_line(lines: list[str], exit_code: int | None) -> str:
+    # The injected --device-memory code prints its peak line at exit, after any traceback: it
+    # is never the reason an attempt failed.
+    lines = [line for line in lines if not line.lstrip().startswith("oom-supervisor.")]
     for line in reversed(lines):
         if line.strip() and _ERROR_LINE.search(line):
             return line.strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -180,6 +181,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "$XDG_DATA_HOME/oom-supervisor/fits.sqlite3; docs/fits.md)")
     p.add_argument("--fresh", action="store_true",
                    help="ignore remembered fits: start from the command's own config")
+    p.add_argument("--keep-quality", action="store_true",
+                   help="stop (exit 3) before the first rung that costs quality (a shorter "
+                        "cutoff, LoRA, QLoRA, freeze) and say which it would take")
 
 
 def _add_command_options(p: argparse.ArgumentParser) -> None:
@@ -483,6 +487,8 @@ def demo_command() -> Command:
 
 def _run(args: argparse.Namespace, command: Command) -> int:
     ladder = resolve(args.policy)
+    if getattr(args, "keep_quality", False):
+        ladder = dataclasses.replace(ladder, keep_quality=True)
     dialect = _dialect(args, command)
     # Fail on an unreadable command, impossible knob values or a knob map the policy cannot
     # walk before anything is created.
@@ -557,11 +563,16 @@ def _rebuild(config: RunConfig) -> Rebuilt:
         dialect = detect(command, forced=config.dialect)
     try:
         ladder = parse_policy(tomllib.loads(config.policy_text), source=config.policy_source)
+        ladder = dataclasses.replace(ladder, keep_quality=config.keep_quality)
     except tomllib.TOMLDecodeError as exc:
         msg = f"the journaled policy is not valid TOML ({exc})"
         raise ResumeError(msg) from None
     env = environment(command)
     env.update(config.env_added)  # the variables the run saw, whatever this shell has
+    # ...except SLURM's: a requeued or new batch job has its own allocation (job id, nodes,
+    # task count), and srun must use that one, never the journaled job's (docs/slurm.md).
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    env.update((k, v) for k, v in os.environ.items() if k.startswith("SLURM_"))
     if config.inject_device_memory and config.device_mib is not None:
         env = device_memory_env(env, int(config.device_mib))
     probe = NvmlProbe()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -104,8 +105,14 @@ _PYTHON_LAUNCH_MODULES = {
 }
 
 
-def locate(argv: tuple[str, ...]) -> Invocation:
-    """Find the training program behind launchers (env, prlimit, torchrun, python -m, ...)."""
+def locate(argv: tuple[str, ...], env: Mapping[str, str] | None = None) -> Invocation:
+    """Find the training program behind launchers (env, prlimit, torchrun, python -m, ...).
+
+    `env` (default: this process's) is read only for what srun itself reads from it: inside
+    an allocation an `srun` without task-count flags starts the allocation's tasks
+    (SLURM_NTASKS / SLURM_NPROCS, else one per node, SLURM_NNODES).
+    """
+    allocation = os.environ if env is None else env
     i = 0
     launchers: list[str] = []
     world = 1
@@ -123,7 +130,7 @@ def locate(argv: tuple[str, ...]) -> Invocation:
         if launcher_key is not None:
             spec = _LAUNCHERS[launcher_key]
             i += len(launcher_key.split())
-            i, size, size_known = _skip_launcher(argv, i, launcher_key, spec)
+            i, size, size_known = _skip_launcher(argv, i, launcher_key, spec, allocation)
             launchers.append(launcher_key)
             world *= size
             known = known and size_known
@@ -167,8 +174,8 @@ def _launcher_key(argv: tuple[str, ...], i: int) -> str | None:
     return None
 
 
-def _skip_launcher(argv: tuple[str, ...], i: int, key: str,
-                   spec: _Launcher) -> tuple[int, int, bool]:
+def _skip_launcher(argv: tuple[str, ...], i: int, key: str, spec: _Launcher,
+                   allocation: Mapping[str, str] | None = None) -> tuple[int, int, bool]:
     """Skip a launcher's options; return the program's index and the world size they give."""
     values: dict[str, str] = {}
     positional = spec.positional
@@ -200,8 +207,29 @@ def _skip_launcher(argv: tuple[str, ...], i: int, key: str,
             if i + 1 < len(argv):
                 values[option] = argv[i + 1]
             i += 2
+    if key == "srun" and allocation is not None:
+        values = _srun_defaults(values, allocation)
     size, known = _world_size(values, spec)
     return i, size, known
+
+
+def _srun_defaults(values: dict[str, str], allocation: Mapping[str, str]) -> dict[str, str]:
+    """srun's own flags, completed from the allocation's variables as srun itself does.
+
+    srun reads SLURM_NTASKS (SLURM_NPROCS) as its default `-n`, and a task count overrides
+    `--ntasks-per-node` (srun warns and ignores it); measured on Slurm 22.05 (docs/slurm.md).
+    """
+    if "-n" in values or "--ntasks" in values:
+        return values
+    out = dict(values)
+    tasks = allocation.get("SLURM_NTASKS") or allocation.get("SLURM_NPROCS")
+    if tasks:
+        out["--ntasks"] = tasks
+        return out
+    nodes = allocation.get("SLURM_NNODES") or allocation.get("SLURM_JOB_NUM_NODES")
+    if nodes and "-N" not in values and "--nodes" not in values:
+        out["--nodes"] = nodes
+    return out
 
 
 def _is_glued_short(token: str) -> bool:

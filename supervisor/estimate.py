@@ -657,6 +657,18 @@ def adjusted(spec: ModelSpec, knobs: Knobs, base: Prediction) -> Prediction:
             breakdown["weights_mib"] = round(float(breakdown.get("weights_mib", 0)) - saved, 2)
             notes.append(f"{knobs.quantization_bit}-bit base weights at {q:.2f} B/param "
                          "(bitsandbytes); embeddings, head and LoRA adapters as counted")
+    optimizer = knobs.optimizer or ""
+    if "8bit" in optimizer:
+        # bitsandbytes keeps each moment in one byte plus a float per 2048-value block.
+        states = float(breakdown.get("optimizer_mib") or 0)
+        trainable = float(breakdown.get("trainable_params") or 0)
+        saved = max(states - trainable * 2 * (1 + 4 / 2048) / _MIB, 0.0)
+        phases = {p: v - saved for p, v in phases.items()}
+        breakdown["optimizer_mib"] = round(states - saved, 2)
+        notes.append(f"{optimizer}: AdamW moments in 8 bits (bitsandbytes), 2 B/param; "
+                     "paging to host under pressure not counted")
+    elif optimizer and not optimizer.startswith(("adamw", "adam")):
+        notes.append(f"optimizer {optimizer} counted as AdamW (two moments per parameter)")
     if knobs.deepspeed_stage is not None or knobs.deepspeed_offload:
         phases, note = _zero(knobs, breakdown, phases, shape, w)
         notes.append(note)

@@ -48,9 +48,17 @@ class RunConfig:
     policy_source: str
     policy_text: str
     """The policy's full TOML text: resume walks the same ladder even if the file changed."""
+    keep_quality: bool = False
+    """`--keep-quality`: stop before the first rung that costs quality."""
     start: Knobs
     start_sources: Mapping[str, str] = field(default_factory=dict)
     """Where each start value came from (command line, config file, program, default, assumed)."""
+    rewritable: tuple[str, ...] | None = None
+    """Knobs the program accepts a flag or key for (None: not known, every rung may run)."""
+    refused: tuple[tuple[str, str], ...] = ()
+    """(knob, value) pairs the program cannot take although it sets the knob."""
+    program_help: str | None = None
+    """What the program's own --help said, in a few words."""
     world_size_known: bool = True
     max_attempts: int
     device_mib: float | None = None
@@ -85,6 +93,8 @@ class RunConfig:
         out["start_sources"] = dict(self.start_sources)
         out["env_added"] = dict(self.env_added)
         out["secret_names"] = list(self.secret_names)
+        out["rewritable"] = None if self.rewritable is None else list(self.rewritable)
+        out["refused"] = [list(r) for r in self.refused]
         return out
 
     @classmethod
@@ -97,12 +107,23 @@ class RunConfig:
             values["remembered"] = Knobs.from_dict(dict(_mapping(values["remembered"],
                                                                  "remembered")))
         values["secret_names"] = tuple(_strings(values.get("secret_names", []), "secret_names"))
+        if values.get("rewritable") is not None:
+            values["rewritable"] = tuple(_strings(values["rewritable"], "rewritable"))
+        values["refused"] = tuple((str(k), str(v)) for k, v in values.get("refused", ()))
         return cls(**_checked(cls, _known(cls, values)))
 
     @property
     def effective_batch(self) -> int:
         """The start config's effective batch."""
         return self.start.effective_batch
+
+    def can_set(self, knob: str, value: object = None) -> bool:
+        """True when a rung may set `knob` (to `value`) in this program's command."""
+        if self.rewritable is None:
+            return True
+        if knob not in self.rewritable:
+            return False
+        return value is None or (knob, str(value)) not in self.refused
 
     @property
     def walk_start(self) -> Knobs:
@@ -184,6 +205,9 @@ class AttemptStarted(Event):
     """Knobs that differ from the start config: name -> (start's, this attempt's)."""
     argv: tuple[str, ...] = ()
     log_dir: str = ""
+    env_set: Mapping[str, str] = field(default_factory=dict)
+    """Variables this attempt's config sets in its environment (e.g. a rung's allocator
+    setting), beyond the run's own environment."""
     checkpoints_before: Mapping[str, int] = field(default_factory=dict)
     """The output folder's checkpoints before the attempt (path -> trainer_state mtime, ns):
     only new or changed ones are credited to it."""
@@ -366,6 +390,8 @@ class FinalWritten(Event):
     continue_checkpoint: str | None = None
     output_dir: str | None = None
     """Where the working command writes its model (a rung may have moved it to a sibling)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables the working config sets in the environment (exported by the scripts)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -572,6 +598,7 @@ def replay_events(events: Sequence[Event]) -> RunState:
                 finished = event
             case RunResumed():
                 resumes.append(event)
+                finished = None  # only an interrupted run is resumed: it is running again
             case RunStarted():
                 msg = "the journal holds a second run.started; two runs were written into it"
                 raise JournalError(msg)

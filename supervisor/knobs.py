@@ -46,6 +46,11 @@ class Knobs:
     deepspeed_stage: int | None = None
     deepspeed_offload: bool | None = None
     """ZeRO offloads optimizer state (and parameters, stage 3) to CPU or NVMe (DS JSON)."""
+    expandable_segments: bool = False
+    """PyTorch's CUDA allocator maps memory in growable segments (fragmentation relief): set
+    through `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` in the attempt's environment."""
+    optimizer: str | None = None
+    """The optimizer as the program names it (`--optim` / `optim:`); None: the program's own."""
     max_steps: int | None = None
     resume_from_checkpoint: str | None = None
     # Read, never rewritten by a rung: the launcher's world size (so the effective batch counts
@@ -100,6 +105,8 @@ KNOB_TYPES: dict[str, str] = {
     "quantization_bit": "int",
     "deepspeed_stage": "int",
     "deepspeed_offload": "bool",
+    "expandable_segments": "bool",
+    "optimizer": "str",
     "max_steps": "int",
     "resume_from_checkpoint": "str",
     "world_size": "int",
@@ -107,6 +114,38 @@ KNOB_TYPES: dict[str, str] = {
     "model": "str",
 }
 """The value type of each knob, as policy validation and dialect codecs see it."""
+
+
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+"""The variable PyTorch's CUDA caching allocator reads its settings from (comma-separated)."""
+
+ENV_KNOBS = frozenset({"expandable_segments"})
+"""Knobs that live in the attempt's environment: every program running PyTorch takes them."""
+
+BNB_OPTIMIZERS = frozenset({
+    # transformers.training_args.OptimizerNames backed by bitsandbytes (its optim names).
+    "adamw_bnb_8bit", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "paged_adamw_32bit",
+    "lion_8bit", "lion_32bit", "paged_lion_8bit", "paged_lion_32bit", "rmsprop_bnb",
+    "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "ademamix", "ademamix_8bit", "paged_ademamix",
+    "paged_ademamix_8bit", "paged_ademamix_32bit",
+})
+
+
+def needs_module(knob: str, value: object) -> str | None:
+    """The Python module `knob` = `value` needs in the program's interpreter (None: none)."""
+    if knob == "optimizer" and str(value) in BNB_OPTIMIZERS:
+        return "bitsandbytes"
+    if knob == "quantization_bit" and value is not None:
+        return "bitsandbytes"  # 4- and 8-bit weights: bitsandbytes' Linear4bit / Linear8bitLt
+    return None
+
+
+def refusals_without(module: str) -> frozenset[tuple[str, str]]:
+    """(knob, value) pairs a program cannot take when `module` is not importable."""
+    if module != "bitsandbytes":
+        return frozenset()
+    return frozenset({("optimizer", name) for name in BNB_OPTIMIZERS}
+                     | {("quantization_bit", "4"), ("quantization_bit", "8")})
 
 
 class Source(StrEnum):

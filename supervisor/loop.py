@@ -34,6 +34,7 @@ from tenacity import (
 from supervisor import checkpoints, report, runner, trainer_output
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment, locate
+from supervisor.device_memory import device_memory_argv
 from supervisor.dialects import Dialect
 from supervisor.estimate import Prediction, oom_lower_bound_mib
 from supervisor.events import (
@@ -64,7 +65,7 @@ from supervisor.events import (
 )
 from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, read
-from supervisor.knobs import Knobs
+from supervisor.knobs import Knobs, Reading
 from supervisor.plan import START, next_runnable
 from supervisor.policy import GiveUp, Ladder, Step, next_step
 from supervisor.secrets import Redactor, is_secret_name
@@ -322,7 +323,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
     device_source: str | None = None, inject_device_memory: bool = False,
     sources: Mapping[str, str] | None = None, fits_key: str | None = None,
     remembered: Knobs | None = None, remembered_from: str | None = None,
-    fits_db: str | None = None,
+    fits_db: str | None = None, reading: Reading | None = None,
 ) -> RunConfig:
     """The frozen config of a new run, secrets replaced by placeholders, env by what matters."""
     redactor = Redactor.for_run(command.argv, env, cwd=command.cwd)
@@ -339,6 +340,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
         cutoff_drops_rows="DROPS" in dialect.describe(command),
         knobs_file=str(getattr(dialect, "source", None)) if dialect.name == "knobmap" else None,
         policy_name=ladder.name, policy_source=ladder.source, policy_text=policy_text,
+        keep_quality=ladder.keep_quality,
         start=start, start_sources=dict(sources or {}),
         world_size_known=locate(command.argv).world_size_known,
         max_attempts=max_attempts or ladder.max_attempts,
@@ -349,6 +351,9 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
         env_added=kept_environment(env), secret_names=tuple(sorted(placeholders | env_secrets)),
         fits_key=fits_key, remembered=remembered, remembered_from=remembered_from,
         fits_db=fits_db,
+        rewritable=tuple(sorted(reading.rewritable)) if reading is not None else None,
+        refused=tuple(sorted(reading.refused)) if reading is not None else (),
+        program_help=reading.program if reading is not None else None,
     )
 
 
@@ -385,11 +390,14 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     """Run the command, walk the ladder on each OOM, end with a report and the working config."""
     base_env = dict(env) if env is not None else environment(command)
     memory = memory or Memory()
-    first_knobs = start if start is not None else dialect.read(command)
+    reading = dialect.read_sourced(command)
+    first_knobs = start if start is not None else reading.knobs
     config = build_config(command, run_id=run_dir.name, dialect=dialect, ladder=ladder,
                           start=first_knobs, max_attempts=max_attempts, memory=memory,
                           env=base_env, device_source=device_source,
-                          inject_device_memory=inject_device_memory, sources=sources,
+                          inject_device_memory=inject_device_memory,
+                          sources=sources or {k: str(v) for k, v in reading.sources.items()},
+                          reading=reading,
                           fits_key=fits_key, remembered=remembered,
                           remembered_from=remembered_from, fits_db=fits_db)
     with Journal(run_dir) as journal:
@@ -433,7 +441,7 @@ def resume(  # noqa: PLR0913
         raise ResumeError(msg)
     with Journal(run_dir) as journal:
         state = replay(read(path).records)
-        if state.finished is not None:
+        if state.finished is not None and state.finished.status != RunStatus.INTERRUPTED:
             msg = (f"run {run_dir.name} already finished ({state.finished.status}); nothing to "
                    f"resume. Read {run_dir / 'report.md'} or start a new run")
             raise ResumeError(msg)
@@ -458,6 +466,9 @@ def resume(  # noqa: PLR0913
                 verdict = _settle_orphan(live, pending, orphan, adopt, end_orphan)
                 if verdict.kind is VerdictKind.INTERRUPTED:
                     first = (pending.knobs, pending.started.rung)  # ended by us: run it again
+            elif state.history and state.history[-1].verdict.kind is VerdictKind.INTERRUPTED:
+                last = state.history[-1]  # stopped by a signal (SIGTERM, a requeue): again
+                first = (last.knobs, last.rung)
             elif not state.history:
                 first = _first(live)
             return _drive(live, first=first)
@@ -535,9 +546,10 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
     memory, start, ladder = live.memory, live.config.walk_start, live.ladder
     predictor, device = memory.predictor, memory.device_mib
     if state.distrusted or predictor is None or device is None:
-        return next_step(start, state.walk, ladder)
+        return next_step(start, state.walk, ladder, can_set=live.config.can_set)
     candidate, skips = next_runnable(start, state.walk, ladder, predict=predictor.predict,
-                                     device_mib=device, margin=memory.margin)
+                                     device_mib=device, margin=memory.margin,
+                                     can_set=live.config.can_set)
     if isinstance(candidate, GiveUp) and skips:
         smallest = min(s.prediction.peak_mib for s in skips)
         _emit(live, EstimateDistrusted(reason=(
@@ -546,7 +558,7 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
             "from here and no further config is skipped on a prediction")))
         if not state.walk:
             return Step(knobs=start, rung=START)
-        return next_step(start, state.walk, ladder)
+        return next_step(start, state.walk, ladder, can_set=live.config.can_set)
     for skip in skips:
         _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
                                 changed=_changes(start, skip.knobs),
@@ -597,7 +609,7 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
     started = _emit(live, AttemptStarted(
         attempt=number, rung=rung, knobs=knobs, changed=_changes(live.config.start, knobs),
         argv=shown, log_dir=str(attempt_dir.relative_to(live.run_dir)),
-        checkpoints_before=before))
+        env_set=_env_set(live, rendered), checkpoints_before=before))
 
     def spawned(proc: runner.Spawned) -> None:
         _emit(live, AttemptSpawned(attempt=number, pid=proc.pid, create_time=proc.create_time))
@@ -606,11 +618,22 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
     return _record(live, started, outcome)
 
 
+def _env_set(live: _Live, rendered: Command) -> dict[str, str]:
+    """What the rendered config adds to the command's own environment (a rung's variables)."""
+    own = dict(live.command.env)
+    return {k: v for k, v in rendered.env if own.get(k) != v}
+
+
 def _spec(live: _Live, attempt_dir: Path, rendered: Command,
           on_spawn: Callable[[runner.Spawned], None] | None = None) -> runner.AttemptSpec:
     gpu = live.memory.gpu
+    argv = rendered.argv
+    if live.config.inject_device_memory and live.config.device_mib:
+        # The command's own `env PYTHONPATH=...` / `env -i` prefix keeps the injected limit.
+        argv = device_memory_argv(argv, int(live.config.device_mib))
     return runner.AttemptSpec(
-        argv=rendered.argv, env=live.env, cwd=rendered.cwd, log_dir=attempt_dir,
+        argv=argv, env={**live.env, **dict(rendered.env)}, cwd=rendered.cwd,
+        log_dir=attempt_dir,
         stop=live.stop, echo=live.echo, timeout_s=live.ladder.attempt_timeout_s,
         stall_s=live.ladder.stall_timeout_s,
         # Unique across runs (two runs may share a run id in different folders): the tree
@@ -786,4 +809,4 @@ def _write_final(live: _Live, state: RunState, final: Knobs) -> None:
     _emit(live, FinalWritten(files=tuple(str(p.relative_to(live.run_dir)) for p in files),
                              fresh_argv=tuple(fresh_argv), continue_argv=tuple(continue_argv),
                              continue_checkpoint=chosen.path if chosen else None,
-                             output_dir=output_dir))
+                             output_dir=output_dir, env=_env_set(live, rendered)))

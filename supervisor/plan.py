@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
 from supervisor.knobs import FinetuningType, Knobs
-from supervisor.policy import Attempt, Cost, GiveUp, Ladder, Step, next_step
+from supervisor.policy import Attempt, CanSet, Cost, GiveUp, Ladder, Step, next_step
 
 DEFAULT_MARGIN = 0.10
 """Safety margin: a config is recommended when its prediction x (1 + margin) fits the device."""
@@ -146,6 +146,8 @@ def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str],
                            f"{getattr(start, rung.compensate)}->{getattr(knobs, rung.compensate)})")
         elif rung.action == "enable":
             detail = label
+        elif rung.knob == "quantization_bit":
+            detail = f"{now}-bit weights"
         else:
             detail = _show(now)
         found.append((rung.cost, detail))
@@ -237,7 +239,8 @@ class Skip:
 
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
-                  margin: float = DEFAULT_MARGIN) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
+                  margin: float = DEFAULT_MARGIN, can_set: CanSet | None = None,
+                  ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     """The next config worth running: the policy's next step, skipping those predicted not to fit.
 
     With an empty history the start itself is the first candidate (returned as a Step with
@@ -247,7 +250,7 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
     walked = list(history)
     skips: list[Skip] = []
     candidate: Step | GiveUp = (Step(knobs=start, rung=START) if not history
-                                else next_step(start, walked, ladder))
+                                else next_step(start, walked, ladder, can_set=can_set))
     while isinstance(candidate, Step):
         prediction = predict(candidate.knobs)
         if prediction is None or fits(prediction, device_mib, margin=margin):
@@ -260,7 +263,7 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
         skips.append(Skip(knobs=candidate.knobs, rung=rung, prediction=prediction,
                           reason=reason, attempt=attempt))
         walked.append(attempt)
-        candidate = next_step(start, walked, ladder)
+        candidate = next_step(start, walked, ladder, can_set=can_set)
     return candidate, tuple(skips)
 
 

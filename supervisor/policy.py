@@ -11,8 +11,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from supervisor.classify import Verdict
-from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs
+from supervisor.classify import Verdict, shows_fragmentation
+from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs, needs_module
 
 
 class PolicyError(ValueError):
@@ -40,6 +40,8 @@ class Rung:
     value: Any = None
     also: tuple[tuple[str, Any], ...] = ()
     restore: bool = False
+    when: str | None = None
+    """A condition on the last OOM (CONDITIONS): unmet, the rung is skipped with the reason."""
 
     @property
     def is_structural(self) -> bool:
@@ -67,6 +69,8 @@ class Ladder:
     """How long to wait after an attempt for its GPU memory to come back ([gpu])."""
     on_held_memory: str = "continue"
     """What to do when memory is still held after the wait: continue or stop."""
+    keep_quality: bool = False
+    """Stop before the first rung that costs quality and say what it would try (--keep-quality)."""
     source: str = "<memory>"
 
     def rung(self, name: str) -> Rung:
@@ -136,6 +140,14 @@ def _enable(knobs: Knobs, rung: Rung) -> Knobs | None:
     return dataclasses.replace(knobs, **changes)
 
 
+def _raise(knobs: Knobs, rung: Rung) -> Knobs | None:
+    """Raise an integer knob the command uses to at least `value` (ZeRO 2, then 3); never lower."""
+    now = getattr(knobs, rung.knob)
+    if now is None or now >= rung.value:
+        return None
+    return dataclasses.replace(knobs, **{rung.knob: rung.value, **dict(rung.also)})
+
+
 def _set(knobs: Knobs, rung: Rung) -> Knobs | None:
     changes = {rung.knob: rung.value, **dict(rung.also)}
     if all(getattr(knobs, k) == v for k, v in changes.items()):
@@ -170,8 +182,27 @@ ACTIONS: Mapping[str, Callable[[Knobs, Rung], Knobs | None]] = {
     "halve": _halve,
     "enable": _enable,
     "set": _set,
+    "raise": _raise,
 }
 """Every action a rung may name."""
+
+
+def _fragmented(history: Sequence[Attempt]) -> str | None:
+    """None when the last OOM's own figures show fragmentation; else why they do not."""
+    numbers = history[-1].verdict.numbers if history else None
+    if shows_fragmentation(numbers):
+        return None
+    if numbers is None or numbers.reserved_unallocated_mib is None or numbers.tried_mib is None:
+        return ("the OOM shows no fragmentation: its message gives no reserved-but-unallocated "
+                "figure (only CUDA's caching allocator reports one)")
+    return (f"the OOM shows no fragmentation: {numbers.reserved_unallocated_mib:g} MiB reserved "
+            f"but unallocated against {numbers.tried_mib:g} MiB tried")
+
+
+CONDITIONS: Mapping[str, Callable[[Sequence[Attempt]], str | None]] = {
+    "fragmented": _fragmented,
+}
+"""Every `when` a rung may name: each returns None when met, else the reason it is not."""
 
 _RESTORABLE = (("per_device_batch", "grad_accum"), ("cutoff_len",))
 
@@ -195,12 +226,22 @@ CanSet = Callable[[str, Any], bool]
 
 
 def _blocked(last: Knobs, new: Knobs, can_set: CanSet | None) -> str | None:
-    """The first change in `new` the program cannot take, as `knob=value` (None: all fine)."""
+    """Why the program cannot take the first change in `new` it cannot (None: all fine)."""
     if can_set is None:
         return None
     for knob, (_, value) in last.diff(new).items():
-        if not can_set(knob, value):
-            return f"{knob}={_show(value)}"
+        if can_set(knob, value):
+            continue
+        if knob in ("deepspeed_stage", "deepspeed_offload") and not can_set(knob, None):
+            return ("the command uses no DeepSpeed config (--deepspeed ds.json) to write "
+                    f"{knob}={_show(value)} into")
+        module = needs_module(knob, value)
+        if module is not None and can_set(knob, None):
+            return (f"{knob}={_show(value)} needs {module}, which the command's Python "
+                    "cannot import")
+        if can_set(knob, None):
+            return f"the program cannot take {knob}={_show(value)}"
+        return f"the program takes no flag or key for {knob}={_show(value)}"
     return None
 
 
@@ -218,13 +259,20 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
                       default=-1)
     skipped: list[str] = []
     for index, rung in enumerate(ladder.rungs):
-        if rung.is_structural and index <= spent_index:
+        # A conditional rung answers to its condition, not to the order: it is never spent.
+        if rung.is_structural and index <= spent_index and rung.when is None:
             continue
         new = ACTIONS[rung.action](last, rung)
         if new is None:
-            if rung.is_structural:
+            if rung.is_structural and getattr(last, rung.knob) is None:
+                skipped.append(f"{rung.name}: the command does not use {rung.knob}")
+            elif rung.is_structural:
                 skipped.append(f"{rung.name}: {rung.knob} is already "
                                f"{_show(getattr(last, rung.knob))}")
+            continue
+        unmet = CONDITIONS[rung.when](history) if rung.when is not None else None
+        if unmet is not None:
+            skipped.append(f"{rung.name}: {unmet}")
             continue
         restored: tuple[tuple[str, Any, Any], ...] = ()
         if rung.restore:
@@ -234,14 +282,18 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
             continue
         blocked = _blocked(last, new, can_set)
         if blocked is not None:
-            skipped.append(f"{rung.name}: the program takes no flag or key for {blocked}")
+            skipped.append(f"{rung.name}: {blocked}")
             continue
-        if ladder.speed_before_quality and rung.cost is Cost.QUALITY:
+        if ((ladder.speed_before_quality or ladder.keep_quality)
+                and rung.cost is Cost.QUALITY):
             cheaper = _cheaper_first(last, tried, ladder, index, spent_index,
-                                     can_set=can_set)
+                                     can_set=can_set, history=history)
             if cheaper is not None:
                 return dataclasses.replace(cheaper, skipped=tuple(skipped),
                                            note=f"tried before {rung.name}, which costs quality")
+        if ladder.keep_quality and rung.cost is Cost.QUALITY:
+            spent = tuple(_spent(r, last, history) for r in ladder.rungs)
+            return _kept_quality(rung, last, new, spent=spent, skipped=tuple(skipped))
         return Step(knobs=new, rung=rung.name, restored=restored, skipped=tuple(skipped))
     spent = tuple(_spent(rung, last, history) for rung in ladder.rungs)
     reason = (f"every rung of the '{ladder.name}' ladder is spent and the smallest config "
@@ -249,8 +301,19 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
     return GiveUp(reason=reason, spent=spent, skipped=tuple(skipped))
 
 
+def _kept_quality(rung: Rung, last: Knobs, new: Knobs, *, spent: tuple[str, ...],
+                  skipped: tuple[str, ...]) -> GiveUp:
+    """The walk stops before `rung` (--keep-quality): say what it would try, at which cost."""
+    change = ", ".join(f"{k}={_show(v)}" for k, (_, v) in last.diff(new).items())
+    reason = (f"--keep-quality: would try {rung.name} (cost quality) next, with {change}; "
+              f"rerun without --keep-quality to allow it. Smallest config tried without "
+              f"giving up quality still runs out of memory ({_summary(last)})")
+    return GiveUp(reason=reason, spent=spent, skipped=skipped)
+
+
 def _cheaper_first(last: Knobs, tried: set[Knobs], ladder: Ladder, index: int,  # noqa: PLR0913
-                   spent_index: int, *, can_set: CanSet | None = None) -> Step | None:
+                   spent_index: int, *, can_set: CanSet | None = None,
+                   history: Sequence[Attempt] = ()) -> Step | None:
     """A later rung that costs only speed, applied to the current config as it stands.
 
     Before the run gives up quality (truncating samples, changing the method), check whether
@@ -263,6 +326,8 @@ def _cheaper_first(last: Knobs, tried: set[Knobs], ladder: Ladder, index: int,  
         if later_index <= max(index, spent_index) or not later.is_structural:
             continue
         if later.cost is Cost.QUALITY:
+            continue
+        if later.when is not None and CONDITIONS[later.when](history) is not None:
             continue
         candidate = ACTIONS[later.action](last, later)
         if (candidate is not None and candidate not in tried
@@ -283,6 +348,8 @@ def _spent(rung: Rung, knobs: Knobs, history: Sequence[Attempt]) -> str:
         return f"{rung.name}: {rung.knob} at {value} (floor {rung.floor or 1})"
     first = next((a.number for a in history if a.rung == rung.name), None)
     target = _show(True if rung.action == "enable" else rung.value)
+    if first is None and _show(value) != target:
+        return f"{rung.name}: not tried"
     if first is None:
         return f"{rung.name}: not needed, {rung.knob} was already {target}"
     return f"{rung.name}: {rung.knob}={target} tried from attempt {first}"
@@ -299,11 +366,11 @@ def _summary(knobs: Knobs) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 _TOP_KEYS = frozenset({"name", "description", "max_attempts", "speed_before_quality",
-                       "transient", "watchdog", "gpu", "rung"})
+                       "keep_quality", "transient", "watchdog", "gpu", "rung"})
 _WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s"})
 _GPU_KEYS = frozenset({"release_wait_s", "on_held_memory"})
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
-                        "restore", "cost"})
+                        "restore", "cost", "when"})
 _TRANSIENT_KEYS = frozenset({"retries", "max_delay_s"})
 _HALVABLE = tuple(k for k, t in KNOB_TYPES.items() if t == "int" and k != "world_size")
 _READ_ONLY = ("world_size", "output_dir")
@@ -398,6 +465,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         rungs=rungs,
         max_attempts=_whole(data.get("max_attempts", 32), f"{source}: max_attempts", minimum=1),
         speed_before_quality=_flag(data, "speed_before_quality", source),
+        keep_quality=_flag(data, "keep_quality", source, default=False),
         transient_retries=_whole(transient.get("retries", 3), f"{source}: transient.retries",
                                  minimum=0),
         transient_max_delay_s=float(_whole(transient.get("max_delay_s", 600),
@@ -421,8 +489,8 @@ def _table(data: Mapping[str, Any], key: str, valid: frozenset[str],
     return table
 
 
-def _flag(table: Mapping[str, Any], key: str, source: str) -> bool:
-    value = table.get(key, True)
+def _flag(table: Mapping[str, Any], key: str, source: str, *, default: bool = True) -> bool:
+    value = table.get(key, default)
     if not isinstance(value, bool):
         msg = f"{source}: {key} must be true or false, not {value!r}"
         raise PolicyError(msg)
@@ -449,7 +517,8 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
         raise PolicyError(msg)
     knob = raw.get("knob")
     action = str(action)
-    valid_knobs = {"halve": _HALVABLE, "enable": _BOOLEAN, "set": _SETTABLE}[action]
+    valid_knobs = {"halve": _HALVABLE, "enable": _BOOLEAN, "set": _SETTABLE,
+                   "raise": _HALVABLE}[action]
     if not isinstance(knob, str) or knob not in valid_knobs:
         msg = f"{where}: action {action!r} cannot act on knob {knob!r}; valid: " + \
             ", ".join(valid_knobs)
@@ -481,9 +550,9 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
             if key in raw:
                 msg = f"{where}: {key!r} only applies to action 'halve'"
                 raise PolicyError(msg)
-    if action == "set":
+    if action in ("set", "raise"):
         if "value" not in raw:
-            msg = f"{where}: action 'set' needs a value for {knob}"
+            msg = f"{where}: action {action!r} needs a value for {knob}"
             raise PolicyError(msg)
         value = _knob_value(knob, raw["value"], where)
         extra = raw.get("with", {})
@@ -496,14 +565,18 @@ def _parse_rung(raw: object, number: int, source: str) -> Rung:
                 raise PolicyError(msg)
         also = tuple((k, _knob_value(k, v, f"{where}: with.{k}")) for k, v in extra.items())
     elif "value" in raw or "with" in raw:
-        msg = f"{where}: 'value' and 'with' only apply to action 'set'"
+        msg = f"{where}: 'value' and 'with' only apply to actions 'set' and 'raise'"
+        raise PolicyError(msg)
+    when = raw.get("when")
+    if when is not None and (not isinstance(when, str) or when not in CONDITIONS):
+        msg = f"{where}: unknown condition when = {when!r}; valid: {', '.join(CONDITIONS)}"
         raise PolicyError(msg)
     name = raw.get("name", f"{action}-{knob}")
     if not isinstance(name, str) or not name:
         msg = f"{where}: name must be a non-empty string"
         raise PolicyError(msg)
     return Rung(name=name, action=action, knob=knob, cost=Cost(cost), floor=floor,
-                compensate=compensate, value=value, also=also, restore=restore)
+                compensate=compensate, value=value, also=also, restore=restore, when=when)
 
 
 def _knob_value(knob: str, value: object, where: str) -> Any:  # noqa: ANN401
@@ -519,6 +592,8 @@ def _knob_value(knob: str, value: object, where: str) -> Any:  # noqa: ANN401
             msg = f"{where}: {knob} must be true or false, not {value!r}"
             raise PolicyError(msg)
         return value
+    if kind == "int" and value == "none" and knob not in _POSITIVE:
+        return None  # unset an optional knob (freeze after QLoRA: no 4-bit base)
     if kind == "int":
         # A batch of 0 or -4 "fits" and trains nothing: every settable count is at least 1.
         number = _whole(value, f"{where}: {knob}", minimum=1 if knob in _POSITIVE else None)

@@ -251,3 +251,58 @@ def read_help(command: Command, probe: HelpProbe | None) -> ProgramHelp | None:
         return None
     text = probe(command)
     return parse_help(text) if text else None
+
+
+# --- does the program's Python have a module (bitsandbytes)? ------------------------------------
+
+IMPORT_TIMEOUT_S = 60.0
+"""Longest wait for `python -c "import MODULE"` (bitsandbytes loads its CUDA library)."""
+
+_IMPORTS: dict[tuple[str, str], bool] = {}
+
+
+def interpreter(command: Command) -> str:
+    """The Python that runs the command's program: its own `python`, a launcher's sibling, a
+    console script's shebang (`llamafactory-cli`, `trl`), else this one."""
+    try:
+        invocation = locate(command.argv)
+    except CommandError:
+        return sys.executable
+    program = invocation.program
+    is_module = invocation.args_start >= 2 and command.argv[invocation.args_start - 2] == "-m"  # noqa: PLR2004
+    if is_module or program.endswith(".py"):
+        return _interpreter(command, invocation)
+    found = shutil.which(program, path=environment(command).get("PATH"))
+    if found is not None:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with Path(found).open(encoding="utf-8") as handle:
+                first = handle.readline(400)
+            if first.startswith("#!") and "python" in first:
+                parts = first[2:].split()
+                if parts and PurePath(parts[0]).name == "env" and len(parts) > 1:
+                    return shutil.which(parts[1]) or sys.executable
+                if parts:
+                    return parts[0]
+    return _interpreter(command, invocation)
+
+
+def can_import(command: Command, module: str, *, timeout_s: float = IMPORT_TIMEOUT_S) -> bool:
+    """True when the command's own Python imports `module`; asked once per interpreter."""
+    python = interpreter(command)
+    key = (python, module)
+    if key not in _IMPORTS:
+        env = environment(command)
+        with contextlib.suppress(CommandError):
+            env.update(locate(command.argv).env_assignments)
+        try:
+            done = subprocess.run((python, "-c", f"import {module}"), cwd=command.cwd, env=env,  # noqa: S603 - the user's own interpreter
+                                  capture_output=True, check=False, timeout=timeout_s,
+                                  stdin=subprocess.DEVNULL)
+            _IMPORTS[key] = done.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _IMPORTS[key] = False
+    return _IMPORTS[key]
+
+
+ModuleProbe = Callable[[Command, str], bool]
+"""The edge that says whether the command's Python can import a module (can_import)."""

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.models import NAMED_CONFIGS, named_config
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import MutableMapping, Sequence
 
     import torch
     from transformers import LlamaConfig, PreTrainedModel, TrainingArguments
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("cutoff_len", type=_positive_int, default=512, help="tokens in every synthetic sample")
     add_bool("gradient_checkpointing", "recompute decoder-layer activations in backward")
     add("max_steps", type=_positive_int, default=4)
+    add("optim", default="adamw_torch",
+        help="TrainingArguments.optim; the 8-bit and paged ones need bitsandbytes")
     add("output_dir", default="./reference-trainer-output")
     add(
         "save_steps",
@@ -354,7 +356,7 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
         save_steps=max(args.save_steps, 1),  # unused when save_strategy is "no"
         bf16=bf16,
         fp16=fp16,
-        optim="adamw_torch",
+        optim=args.optim,
         report_to=[],
         use_cpu=not cuda,
         dataloader_num_workers=0,
@@ -386,10 +388,28 @@ def _count_params(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def _ranks_from_slurm(env: MutableMapping[str, str]) -> None:
+    """Under `srun` (no torchrun): take rank, world size and rendezvous from SLURM's task env.
+
+    As Lightning's SLURMEnvironment does: the port is derived from the job and step ids, so
+    every step (every attempt) gets its own and all its tasks agree on it.
+    """
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")  # one-host steps; multi-node sets MASTER_ADDR
+    job, step = env.get("SLURM_JOB_ID", "0"), env["SLURM_STEP_ID"]
+    if job.isdigit() and step.isdigit():
+        env.setdefault("MASTER_PORT", str(20000 + (int(job) * 64 + int(step)) % 20000))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Train as the flags say and print the result line; usage errors exit 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _ranks_from_slurm(os.environ)
     if args.host_memory_cap is not None:
         # Each OpenMP worker reserves its own stack and malloc arena: address space that would
         # make an RLIMIT_AS cap depend on the core count. Must be set before torch is imported.

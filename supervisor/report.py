@@ -66,6 +66,7 @@ def build(state: RunState) -> dict[str, Any]:
                              if fitted and state.final and state.final.continue_argv else None),
         "continue_checkpoint": state.final.continue_checkpoint if fitted and state.final else None,
         "final_files": list(state.final.files) if fitted and state.final else [],
+        "final_env": dict(state.final.env) if fitted and state.final else {},
         "device_mib": config.device_mib,
         "device_source": config.device_source,
         "estimate_distrusted": state.distrusted,
@@ -221,10 +222,14 @@ def final_command_script(data: dict[str, Any], *, continue_run: bool = False) ->
               f"(started at {data['effective_batch']['start']})."),
              "set -e"]
     if data.get("device_mib"):
-        lines.insert(3, f"# Found for a device of {data['device_mib']:g} MiB (--device-memory); "
-                        "this command carries no limit of its own.")
+        how = ("--device-memory; this command carries no limit of its own"
+               if data.get("device_source") == "--device-memory" else
+               str(data.get("device_source") or "the device's size"))
+        lines.insert(3, f"# Found for a device of {data['device_mib']:g} MiB ({how}).")
     if data.get("cwd"):
         lines.append(f"cd {shlex.quote(data['cwd'])}")
+    for name, value in sorted((data.get("final_env") or {}).items()):
+        lines.append(f"export {name}={shell_word(value)}")  # set by a rung (e.g. the allocator)
     # Redacted secrets become required environment variables: `"${HF_TOKEN:?set HF_TOKEN ...}"`.
     argv = data["continue_command"] if continue_run else data["final_command"]
     lines.append("exec " + " ".join(shell_word(w) for w in argv))

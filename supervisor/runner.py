@@ -16,6 +16,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def adopt(spec: AttemptSpec, spawned: Spawned, *,
 
 def end_orphan(spec: AttemptSpec, spawned: Spawned) -> None:
     """End what is left of an attempt a previous supervisor started (by pid and marker)."""
-    tree = _Tree(spawned.pid, spec.marker or str(spec.log_dir))
+    tree = _Tree(spawned.pid, spec.marker or str(spec.log_dir), env=spec.env)
     with contextlib.suppress(psutil.Error):
         proc = psutil.Process(spawned.pid)
         if abs(proc.create_time() - spawned.create_time) < 1.0:
@@ -307,7 +308,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     killed = interrupted = died = False
     hung: str | None = None
     kill_s: float | None = None
-    tree = _Tree(spawned.pid, marker)
+    tree = _Tree(spawned.pid, marker, env=spec.env)
     # dict.copy() is atomic under the GIL; the poll loop below adds pids while this samples.
     sampler = Sampler(spec.gpu, pids=lambda: tree.known.copy().keys()) if spec.gpu else None
     if sampler is not None:
@@ -476,12 +477,13 @@ def _create_time(pid: int) -> float:
 class _Tree:
     """The attempt's processes: the leader's group, every descendant seen, and the marker."""
 
-    def __init__(self, pid: int, marker: str) -> None:
+    def __init__(self, pid: int, marker: str, *, env: Mapping[str, str] | None = None) -> None:
         self.pid = pid
         self.marker = marker
         self.known: dict[int, psutil.Process] = {}
         self.outside: dict[int, str] = {}
         """Processes found only by the marker: they had left the tree (pid -> description)."""
+        self.slurm = _SlurmSteps(os.environ if env is None else env)
 
     def remember(self) -> None:
         # torchrun starts workers in their own sessions, so the process group is not enough;
@@ -511,6 +513,9 @@ class _Tree:
             with contextlib.suppress(psutil.Error):
                 command = " ".join(proc.cmdline())[:120]
                 self.outside.setdefault(proc.pid, f"pid {proc.pid} ({command})")
+        # An srun step's tasks run under slurmstepd, on this node and others: the step is
+        # ended through SLURM too, so that no task is left on any node.
+        cancelled = self.slurm.cancel(self.known.values())
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGTERM)
         still = [p for p in self.known.values() if _is_running(p)]
@@ -531,12 +536,94 @@ class _Tree:
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline and any(_is_running(p) for p in still):
             time.sleep(_POLL_S)
+        if cancelled:
+            self.slurm.wait_gone(cancelled, timeout_s=grace_s + SLURM_GONE_S)
 
 
     def escaped(self) -> tuple[str, ...]:
         """Who had left the attempt's process tree (found by marker and ended), for the report."""
         return tuple(f"{text} had left the attempt's process tree; found by its environment "
                      "marker and ended" for text in self.outside.values())
+
+
+SLURM_GONE_S = 30.0
+"""How long, past the grace period, a cancelled SLURM step may take to leave `squeue`."""
+_SLURM_CMD_S = 20.0
+
+
+class _SlurmSteps:
+    """The SLURM job steps an attempt's `srun` started, found from its tasks' environment.
+
+    Every task of a step carries SLURM_JOB_ID and SLURM_STEP_ID (and, srun exporting the whole
+    environment, the attempt's marker). A step inside the supervisor's own allocation is
+    cancelled as a step (`scancel JOB.STEP`); a job that srun allocated itself (the supervisor
+    runs outside any allocation) is cancelled whole. The supervisor's own step is never touched.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.own_job = os.environ.get("SLURM_JOB_ID") or env.get("SLURM_JOB_ID")
+        self.own_step = (os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID"))
+        self.cancelled: set[str] = set()
+
+    def cancel(self, procs: Iterable[psutil.Process]) -> list[str]:
+        """`scancel` each step (or srun's own job) whose tasks are among `procs`; their ids."""
+        targets: list[str] = []
+        for proc in procs:
+            try:  # is_running() checks the start time too: a reused pid is not ours
+                environ = proc.environ() if proc.is_running() else {}
+            except psutil.Error:
+                continue
+            job, step = environ.get("SLURM_JOB_ID"), environ.get("SLURM_STEP_ID")
+            if not job or not step or (job, step) == self.own_step:
+                continue
+            target = f"{job}.{step}" if job == self.own_job else job
+            if target not in self.cancelled and target not in targets:
+                targets.append(target)
+        if not targets:
+            return []
+        scancel = shutil.which("scancel", path=self.env.get("PATH"))
+        if scancel is None:
+            log.warning("slurm.cancel_unavailable", steps=targets,
+                        hint="scancel is not on the attempt's PATH; only this node's tasks "
+                             "were ended")
+            return []
+        try:
+            done = subprocess.run([scancel, "--quiet", *targets], env=self.env,  # noqa: S603
+                                  capture_output=True, text=True, timeout=_SLURM_CMD_S,
+                                  check=False, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("slurm.cancel_failed", steps=targets, error=str(exc))
+            return []
+        self.cancelled.update(targets)
+        log.info("slurm.step_cancelled", steps=targets, rc=done.returncode,
+                 stderr=done.stderr.strip()[-300:] or None)
+        return targets
+
+    def wait_gone(self, targets: list[str], *, timeout_s: float) -> None:
+        """Wait (bounded) until `squeue` lists none of the cancelled steps or jobs."""
+        squeue = shutil.which("squeue", path=self.env.get("PATH"))
+        if squeue is None:
+            return
+        jobs = sorted({t.split(".", 1)[0] for t in targets})
+        deadline = time.monotonic() + timeout_s
+        left = list(targets)
+        while left and time.monotonic() < deadline:
+            try:
+                listed = subprocess.run(  # noqa: S603
+                    [squeue, "--steps", "--noheader", "--format=%i", f"--jobs={','.join(jobs)}"],
+                    env=self.env, capture_output=True, text=True, timeout=_SLURM_CMD_S,
+                    check=False, stdin=subprocess.DEVNULL)
+                steps = set(listed.stdout.split())
+                # A whole job is gone once it has no step and is not listed as running.
+                left = [t for t in targets if t in steps
+                        or ("." not in t and any(s.startswith(f"{t}.") for s in steps))]
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            if left:
+                time.sleep(0.5)
+        if left:
+            log.warning("slurm.step_lingers", steps=left, waited_s=round(timeout_s, 1))
 
 
 def _is_running(proc: psutil.Process) -> bool:

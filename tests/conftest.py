@@ -1,11 +1,23 @@
-"""Shared fixtures: each test starts from structlog's defaults (the CLI configures it)."""
+"""Shared fixtures: each test starts from structlog's defaults (the CLI configures it), and no
+test writes into the user's own cache or data folders (help cache, remembered fits)."""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 import structlog
+
+# Set before any test (and any process a test starts) looks: one private folder per session.
+_HOME = tempfile.mkdtemp(prefix="oom-supervisor-tests-")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")  # noqa: PTH118
+os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")  # noqa: PTH118
+atexit.register(functools.partial(shutil.rmtree, _HOME, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from supervisor.command import Command, Invocation
-from supervisor.knobs import KNOB_NAMES, Knobs, Precision, Reading, Source
+from supervisor.command import Command, CommandError, Invocation, environment, locate
+from supervisor.knobs import (
+    ALLOC_CONF,
+    ENV_KNOBS,
+    KNOB_NAMES,
+    Knobs,
+    Precision,
+    Reading,
+    Source,
+    refusals_without,
+)
+from supervisor.program import ModuleProbe, can_import
 
 _STRENGTH = {Source.COMMAND_LINE: 4, Source.CONFIG_FILE: 3, Source.PROGRAM: 2,
              Source.KNOWN_DEFAULT: 1, Source.ASSUMED: 0}
@@ -46,7 +57,9 @@ class Values:
         """The Reading of the knob values recorded (extras are left out)."""
         knobs = Knobs(**{k: v for k, v in self.values.items() if k in KNOB_NAMES})
         sources = {k: self.source(k) for k in KNOB_NAMES}
-        return Reading(knobs=knobs, sources=sources, rewritable=rewritable - READ_ONLY,
+        # Environment knobs: every program that runs PyTorch reads its allocator settings.
+        return Reading(knobs=knobs, sources=sources,
+                       rewritable=(rewritable | ENV_KNOBS) - READ_ONLY,
                        program=program, refused=refused)
 
 
@@ -105,3 +118,62 @@ def precision_of(values: Values) -> tuple[str, Source]:
 def world_source(invocation: Invocation) -> Source:
     """The launchers' world size is the command's own word unless a config file decides it."""
     return Source.COMMAND_LINE if invocation.world_size_known else Source.ASSUMED
+
+
+# --- knobs that live in the environment (PYTORCH_CUDA_ALLOC_CONF) -----------------------------
+
+def _alloc_conf(command: Command) -> tuple[str | None, int | None]:
+    """The allocator settings the program sees, and the argv index that sets them (if any)."""
+    try:
+        invocation = locate(command.argv)
+    except CommandError:
+        invocation = None
+    if invocation is not None:
+        for index in range(invocation.args_start - 1, -1, -1):
+            name, eq, value = command.argv[index].partition("=")
+            if eq and name == ALLOC_CONF:
+                return value, index
+    return environment(command).get(ALLOC_CONF), None
+
+
+def _expandable(conf: str | None) -> bool:
+    settings = dict(part.partition(":")[::2] for part in (conf or "").split(",") if part)
+    return settings.get("expandable_segments", "").strip().lower() in ("true", "1")
+
+
+def read_env_knobs(command: Command, values: Values) -> None:
+    """expandable_segments from PYTORCH_CUDA_ALLOC_CONF in the command's environment."""
+    conf, _ = _alloc_conf(command)
+    said = conf is not None and "expandable_segments" in conf
+    values.set("expandable_segments", _expandable(conf),
+               Source.COMMAND_LINE if said else Source.KNOWN_DEFAULT)
+
+
+def with_env_knobs(command: Command, knobs: Knobs) -> Command:
+    """The command with its allocator settings as `knobs` wants them, others kept.
+
+    The variable is merged, never replaced: `max_split_size_mb:128` stays beside
+    `expandable_segments:True`. Where the command sets it on its own line (`env
+    PYTORCH_CUDA_ALLOC_CONF=... python ...`), that token is rewritten, since it would win.
+    """
+    conf, index = _alloc_conf(command)
+    if _expandable(conf) == knobs.expandable_segments:
+        return command
+    parts = [p for p in (conf or "").split(",")
+             if p and p.partition(":")[0].strip() != "expandable_segments"]
+    parts.append(f"expandable_segments:{knobs.expandable_segments}")
+    merged = ",".join(parts)
+    if index is not None:
+        argv = list(command.argv)
+        argv[index] = f"{ALLOC_CONF}={merged}"
+        return dataclasses.replace(command, argv=tuple(argv))
+    env = tuple((k, v) for k, v in command.env if k != ALLOC_CONF)
+    return dataclasses.replace(command, env=(*env, (ALLOC_CONF, merged)))
+
+
+def module_refusals(command: Command,
+                    probe: ModuleProbe = can_import) -> frozenset[tuple[str, str]]:
+    """The knob values the command's Python cannot take: bitsandbytes' when it cannot import it."""
+    if probe(command, "bitsandbytes"):
+        return frozenset()
+    return refusals_without("bitsandbytes")

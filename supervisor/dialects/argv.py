@@ -19,7 +19,16 @@ from typing import Any, NoReturn
 from supervisor.command import Command, CommandError, Invocation, locate
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
-from supervisor.dialects._read import READ_ONLY, Values, model_path, precision_of, world_source
+from supervisor.dialects._read import (
+    READ_ONLY,
+    Values,
+    model_path,
+    module_refusals,
+    precision_of,
+    read_env_knobs,
+    with_env_knobs,
+    world_source,
+)
 from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs, Reading, Source
 from supervisor.program import HelpProbe, Option, ProgramHelp, read_help, run_help
 
@@ -69,6 +78,7 @@ _COMMON = (
     Flag("freeze_trainable_layers", ("--freeze_trainable_layers", "--num_layer_trainable"), "int"),
     Flag("quantization_bit", ("--quantization_bit",), "int"),
     Flag("max_steps", ("--max_steps", "--max-steps"), "int"),
+    Flag("optimizer", ("--optim",), "str"),  # TrainingArguments.optim (LLaMA-Factory, TRL too)
     Flag("resume_from_checkpoint", ("--resume_from_checkpoint",), "str"),
     Flag("output_dir", ("--output_dir", "--output-dir"), "str"),
     Flag("model", ("--model_name_or_path", "--model-name-or-path"), "str"),
@@ -110,7 +120,7 @@ _HF_DEFAULTS: dict[str, Any] = {
     "bf16": False, "fp16": False, "quantization_bit": None,
 }
 _TRAINING_ARGS = frozenset({"per_device_batch", "grad_accum", "gradient_checkpointing",
-                            "max_steps", "resume_from_checkpoint", "output_dir"})
+                            "max_steps", "resume_from_checkpoint", "output_dir", "optimizer"})
 """Knobs whose flags every TrainingArguments script takes (HfArgumentParser)."""
 
 PROFILES: tuple[Profile, ...] = (
@@ -213,8 +223,9 @@ class ArgvDialect:
         if values.get("per_device_batch") is None:
             values.set("per_device_batch", 8, Source.ASSUMED)
         _derive(command, scan, values)
+        read_env_knobs(command, values)
         return values.reading(rewritable=self._rewritable(scan), program=_said(scan),
-                              refused=_refused(scan))
+                              refused=_refused(scan) | module_refusals(command))
 
     def accepts(self, command: Command, knob: str) -> bool:
         """True when the program takes a flag for `knob` (a rung on it can be rendered)."""
@@ -222,13 +233,14 @@ class ArgvDialect:
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command with each changed knob's flags rewritten in place or appended."""
+        command = with_env_knobs(command, knobs)
         scan = self._scan(command)
         reading = self.read_sourced(command)
         current = reading.knobs
         wanted: dict[str, Any] = {}
         for knob in current.diff(knobs):
             if knob in ("world_size", "output_dir", "deepspeed_stage", "deepspeed_offload",
-                        "model"):
+                        "model", "precision"):
                 continue  # read from the command, never rewritten (stage: in the DS copy)
             if knob == "quantization_bit" and not any(f.knob == knob for f in scan.flags):
                 _refuse(scan, knob, getattr(knobs, knob))

@@ -29,7 +29,14 @@ from supervisor.dialects._config import (
     resolve,
     suffix_of,
 )
-from supervisor.dialects._read import Values, model_path, world_source
+from supervisor.dialects._read import (
+    Values,
+    model_path,
+    module_refusals,
+    read_env_knobs,
+    with_env_knobs,
+    world_source,
+)
 from supervisor.knobs import FinetuningType, Knobs, Precision, Reading, Source
 
 _MODULE = "axolotl.cli.train"
@@ -42,6 +49,7 @@ KEYS: tuple[Key, ...] = (
     Key("gradient_checkpointing", ("gradient_checkpointing",), "bool"),
     Key("lora_rank", ("lora_r",), "int"),
     Key("max_steps", ("max_steps",), "steps"),
+    Key("optimizer", ("optimizer",), "str"),  # axolotl's name for TrainingArguments.optim
     Key("resume_from_checkpoint", ("resume_from_checkpoint",), "str"),
     Key("output_dir", ("output_dir",), "str"),
 )
@@ -106,7 +114,8 @@ class AxolotlDialect:
             rewritable |= {"deepspeed_stage", "deepspeed_offload"}
         # Freeze tuning needs `unfrozen_parameters` patterns this tool does not write.
         return values.reading(rewritable=frozenset(rewritable),
-                              refused=frozenset({("finetuning_type", "freeze")}))
+                              refused=frozenset({("finetuning_type", "freeze")})
+                              | module_refusals(command))
 
     def accepts(self, command: Command, knob: str) -> bool:
         """True for the knobs axolotl has keys for (freeze tuning is not one of them)."""
@@ -114,6 +123,7 @@ class AxolotlDialect:
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command pointed at a rewritten copy of the YAML (unchanged: as it was)."""
+        command = with_env_knobs(command, knobs)
         _, index, config, options = self._parse(command)
         changes = self._changes(command, config, options, knobs, workdir, prefix="")
         if not changes:
@@ -221,6 +231,7 @@ class AxolotlDialect:
                    ds_source)
         invocation = locate(command.argv)
         values.set("world_size", invocation.world_size, world_source(invocation))
+        read_env_knobs(command, values)
         return values
 
     def _changes(self, command: Command, config: ConfigFile, options: list[_Option],  # noqa: PLR0913
@@ -230,8 +241,9 @@ class AxolotlDialect:
         changes: dict[str, object] = {}
         for knob in current.diff(knobs):
             if knob in ("world_size", "output_dir", "deepspeed_stage", "quantization_bit",
-                        "finetuning_type", "deepspeed_offload", "model"):
-                continue
+                        "finetuning_type", "deepspeed_offload", "model", "precision",
+                        "expandable_segments"):
+                continue  # (expandable_segments: in the environment, see with_env_knobs)
             if knob not in _BY_KNOB:
                 msg = (f"cannot set {knob}: axolotl's config has no key this tool writes for "
                        "it; use a policy without that rung")

@@ -22,7 +22,15 @@ from supervisor.dialects._config import (
     resolve,
     suffix_of,
 )
-from supervisor.dialects._read import Values, model_path, precision_of, world_source
+from supervisor.dialects._read import (
+    Values,
+    model_path,
+    module_refusals,
+    precision_of,
+    read_env_knobs,
+    with_env_knobs,
+    world_source,
+)
 from supervisor.knobs import FinetuningType, Knobs, Reading, Source
 
 CUTOFF_KEYS = ("max_seq_length", "max_length", "block_size", "model_max_length", "cutoff_len",
@@ -42,6 +50,7 @@ KEYS: tuple[Key, ...] = (
     Key("freeze_trainable_layers", ("freeze_trainable_layers",), "int"),
     Key("quantization_bit", ("quantization_bit",), "int"),
     Key("max_steps", ("max_steps",), "steps"),
+    Key("optimizer", ("optim",), "str"),  # TrainingArguments.optim
     Key("resume_from_checkpoint", ("resume_from_checkpoint",), "str"),
     Key("output_dir", ("output_dir",), "str"),
 )
@@ -52,9 +61,9 @@ DEFAULTS: dict[str, Any] = {
     "finetuning_type": FinetuningType.FULL,
 }
 _READ_ONLY = ("world_size", "output_dir", "deepspeed_stage", "deepspeed_offload", "precision",
-              "model")
+              "model", "expandable_segments")  # (the last: in the environment)
 _TRAINING_ARGS = ("per_device_batch", "grad_accum", "gradient_checkpointing", "max_steps",
-                  "resume_from_checkpoint", "output_dir")
+                  "resume_from_checkpoint", "output_dir", "optimizer")
 """Knobs every HfArgumentParser script with TrainingArguments takes, named in the file or not."""
 
 
@@ -126,7 +135,9 @@ class HfArgsFileDialect:
             refused = frozenset({("finetuning_type", FinetuningType.FREEZE.value)})
         if ds:
             rewritable |= {"deepspeed_stage", "deepspeed_offload"}
-        return values.reading(rewritable=frozenset(rewritable), refused=refused)
+        read_env_knobs(command, values)
+        return values.reading(rewritable=frozenset(rewritable),
+                              refused=refused | module_refusals(command))
 
     def accepts(self, command: Command, knob: str) -> bool:
         """TrainingArguments' knobs, and any other knob whose key the args file already has."""
@@ -134,6 +145,7 @@ class HfArgsFileDialect:
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command pointed at a rewritten copy of the args file (unchanged: as it was)."""
+        command = with_env_knobs(command, knobs)
         _, index, config, changes = self._changes(command, knobs, workdir, prefix="")
         if not changes:
             return command

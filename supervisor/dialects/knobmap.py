@@ -34,7 +34,14 @@ from typing import Any
 
 from supervisor.command import Command, CommandError, Invocation, environment, locate
 from supervisor.dialects._config import ConfigFile, lookup, resolve
-from supervisor.dialects._read import Values, model_path, world_source
+from supervisor.dialects._read import (
+    Values,
+    model_path,
+    module_refusals,
+    read_env_knobs,
+    with_env_knobs,
+    world_source,
+)
 from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs, Reading, Source
 
 FORMATS = ("number", "text", "true/false", "1/0", "presence")
@@ -207,6 +214,7 @@ class KnobMapDialect:
         env = environment(command)
         env.update(invocation.env_assignments)
         values = Values()
+        read_env_knobs(command, values)  # a place the map declares for it wins below
         for place in self.places:
             value, source = self._read_one(command, invocation, config, env, place)
             if value is not None:
@@ -218,7 +226,8 @@ class KnobMapDialect:
                    "no default for it; add `default = N` under [knobs.per_device_batch]")
             raise CommandError(msg)
         values.set("world_size", invocation.world_size, world_source(invocation))
-        return values.reading(rewritable=frozenset(p.knob for p in self.places))
+        return values.reading(rewritable=frozenset(p.knob for p in self.places),
+                              refused=module_refusals(command))
 
     def accepts(self, command: Command, knob: str) -> bool:  # noqa: ARG002 - the map says it all
         """True for the knobs the map declares a place for."""
@@ -226,6 +235,8 @@ class KnobMapDialect:
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command with each changed knob written where the map says it lives."""
+        if all(p.knob != "expandable_segments" for p in self.places):
+            command = with_env_knobs(command, knobs)
         current = self.read(command)
         changed = [p for p in self.places if getattr(current, p.knob) != getattr(knobs, p.knob)]
         undeclared = sorted(set(current.diff(knobs)) - {p.knob for p in self.places}

@@ -38,7 +38,15 @@ from supervisor.dialects._config import (
     resolve,
     suffix_of,
 )
-from supervisor.dialects._read import Values, model_path, precision_of, world_source
+from supervisor.dialects._read import (
+    Values,
+    model_path,
+    module_refusals,
+    precision_of,
+    read_env_knobs,
+    with_env_knobs,
+    world_source,
+)
 from supervisor.knobs import FinetuningType, Knobs, Reading, Source
 from supervisor.secrets import redact_config
 
@@ -58,6 +66,7 @@ KEYS: tuple[Key, ...] = (
     Key("freeze_trainable_layers", ("freeze_trainable_layers",), "int"),
     Key("quantization_bit", ("quantization_bit",), "int"),
     Key("max_steps", ("max_steps",), "steps"),
+    Key("optimizer", ("optim",), "str"),  # TrainingArguments.optim
     Key("resume_from_checkpoint", ("resume_from_checkpoint",), "str"),
     Key("output_dir", ("output_dir",), "str"),
 )
@@ -147,7 +156,8 @@ class LlamaFactoryDialect:
         # LLaMA-Factory refuses freeze tuning of a quantised model (hparams/parser.py).
         refused = (frozenset({("finetuning_type", FinetuningType.FREEZE.value)})
                    if values.get("quantization_bit") is not None else frozenset())
-        return values.reading(rewritable=frozenset(rewritable), refused=refused)
+        return values.reading(rewritable=frozenset(rewritable),
+                              refused=refused | module_refusals(command))
 
     def accepts(self, command: Command, knob: str) -> bool:
         """True for every knob LLaMA-Factory has a key for (the DeepSpeed ones need a config)."""
@@ -155,6 +165,7 @@ class LlamaFactoryDialect:
 
     def render(self, command: Command, knobs: Knobs, workdir: Path) -> Command:
         """The command with each change appended (or rewritten) as a `key=value` override."""
+        command = with_env_knobs(command, knobs)
         parsed = self._parse(command)
         changes = self._changes(command, parsed, knobs, workdir, prefix="")
         if not changes:
@@ -264,6 +275,7 @@ class LlamaFactoryDialect:
                    ds_source)
         values.set("world_size", world_size(command, parsed.invocation),
                    world_source(parsed.invocation))
+        read_env_knobs(command, values)
         return values
 
     def _changes(self, command: Command, parsed: _Parsed, knobs: Knobs, folder: Path, *,
@@ -273,8 +285,9 @@ class LlamaFactoryDialect:
         changes: dict[str, object] = {}
         for knob in current.diff(knobs):
             if knob in ("world_size", "output_dir", "resume_from_checkpoint",
-                        "deepspeed_stage", "deepspeed_offload", "model"):
-                continue
+                        "deepspeed_stage", "deepspeed_offload", "model", "precision",
+                        "expandable_segments"):
+                continue  # (expandable_segments: in the environment, see with_env_knobs)
             if knob not in _BY_KNOB:
                 msg = (f"cannot set {knob}: LLaMA-Factory's config has no key this tool writes "
                        "for it; use a policy without that rung")

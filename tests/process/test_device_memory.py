@@ -130,8 +130,8 @@ def test_device_memory_argv_rewrites_only_env_prefixes() -> None:
         "/usr/bin/env", f"PYTHONPATH={ours}{os.pathsep}x", "A=1", "python")
     assert device_memory_argv(("env", "-i", "python"), 8) == (
         "env", "-i", f"PYTHONPATH={ours}", f"{ENV_VAR}=8", "python")
-    assert device_memory_argv(("env", "-C", "/tmp", "--", "A=1", "torchrun", "x.py"), 8) == (
-        "env", "-C", "/tmp", "--", "A=1", "torchrun", "x.py")
+    assert device_memory_argv(("env", "-C", "/srv", "--", "A=1", "torchrun", "x.py"), 8) == (
+        "env", "-C", "/srv", "--", "A=1", "torchrun", "x.py")
 
 
 def test_without_the_variable_nothing_is_limited_and_torch_is_not_imported(

@@ -227,3 +227,27 @@ def test_deepspeed_json_gets_a_consistent_copy(tmp_path: Path) -> None:
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
         "train_batch_size": 8, "zero_optimization": {"stage": 2}}
     assert D.render(command, knobs, workdir).argv == command.argv  # unchanged: no copy
+
+
+@pytest.mark.parametrize(("text", "allocation", "world"), [
+    ("srun --ntasks 2 --label python train.py", {"SLURM_NTASKS": "8"}, 2),
+    ("srun -n2 python train.py", {}, 2),
+    ("srun --ntasks=4 python train.py", {}, 4),
+    ("srun python train.py", {"SLURM_NTASKS": "16", "SLURM_NNODES": "2"}, 16),
+    ("srun python train.py", {"SLURM_NPROCS": "3"}, 3),
+    ("srun python train.py", {"SLURM_NNODES": "2"}, 2),
+    ("srun python train.py", {}, 1),
+    ("srun --ntasks-per-node 4 python train.py", {"SLURM_NNODES": "2"}, 8),
+    ("srun --ntasks-per-node 4 -N 1 python train.py", {"SLURM_NNODES": "2"}, 4),
+    ("srun -N2 --ntasks-per-node=4 python train.py", {}, 8),
+    # Measured (Slurm 22.05, sbatch --ntasks 4): srun reads SLURM_NTASKS as its -n, and
+    # `-N 1` or `--ntasks-per-node 2` then still start 4 tasks.
+    ("srun -N 1 python train.py", {"SLURM_NTASKS": "4"}, 4),
+    ("srun --ntasks-per-node 2 python train.py", {"SLURM_NTASKS": "4", "SLURM_NNODES": "1"}, 4),
+])
+def test_srun_world_size_from_flags_or_allocation(text: str, allocation: dict[str, str],
+                                                  world: int) -> None:
+    """srun's flags win; without them the allocation's task count (as srun itself reads it)."""
+    invocation = locate(tuple(shlex.split(text)), env=allocation)
+    assert invocation.program == "train.py"
+    assert (invocation.world_size, invocation.world_size_known) == (world, True)

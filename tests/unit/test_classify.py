@@ -318,3 +318,11 @@ def test_fragmentation_needs_more_than_rounding() -> None:
     assert shows_fragmentation(large)
     assert not shows_fragmentation(None)
     assert not shows_fragmentation(OomNumbers(tried_mib=2.0))
+
+
+def test_srun_racing_a_requeue_is_transient() -> None:
+    """srun's own line when a requeue lands while it creates its step (seen on the SLURM tier's
+    cluster): the job comes back, so the same config is retried rather than the run stopped."""
+    line = "srun: error: Unable to confirm allocation for job 7: Job is pending execution"
+    verdict = classify(Outcome(exit_code=1, duration_s=0.1, tail=(line,)))
+    assert verdict.kind is VerdictKind.TRANSIENT

@@ -370,3 +370,15 @@ def test_the_supervisor_imports_without_torch() -> None:
                           check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "ok"
+
+
+def test_an_8_bit_optimizer_keeps_two_bytes_of_state_per_parameter() -> None:
+    """paged_adamw_8bit on a 7B full bf16-mixed config: fp32 moments (8 B/param) become ~2."""
+    spec = ModelSpec.from_config("llama-7b", LLAMA_7B, source="test")
+    knobs = Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-mixed",
+                  gradient_checkpointing=True)
+    adamw, eight = estimate_many(spec, [knobs, dataclasses.replace(
+        knobs, optimizer="paged_adamw_8bit")], method="analytic")
+    assert adamw.peak_mib - eight.peak_mib == pytest.approx(
+        6_738_415_616 * (8 - 2 * (1 + 4 / 2048)) / 2**20)
+    assert any("8 bits" in a for a in eight.assumptions)

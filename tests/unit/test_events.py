@@ -169,3 +169,14 @@ def test_knobs_round_trip_keeps_the_enum() -> None:
     """finetuning_type comes back as the enum, so configs compare equal after replay."""
     lora = dataclasses.replace(START, finetuning_type=FinetuningType.LORA)
     assert Knobs.from_dict(json.loads(json.dumps(lora.to_dict()))) == lora
+
+
+def test_an_interrupted_run_is_running_again_once_resumed() -> None:
+    """A SIGTERM (a SLURM requeue) ends a run `interrupted`; `run.resumed` reopens it."""
+    from supervisor.events import RunResumed  # noqa: PLC0415
+
+    state = replay(_records(RunStarted(config=CONFIG),
+                            RunFinished(status="interrupted", exit_code=130, attempt=1),
+                            RunResumed(attempts_done=1)))
+    assert state.finished is None
+    assert state.status == "running"

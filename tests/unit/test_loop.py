@@ -77,7 +77,8 @@ def test_exhausted_ladder_lists_every_rung(tmp_path: Path) -> None:
     assert len(runner.specs) == 4
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [s.split(":")[0] for s in report["spent"]] == [
-        "smaller-batch", "shorter-cutoff", "gradient-checkpointing", "lora", "freeze"]
+        "expandable-segments", "smaller-batch", "shorter-cutoff", "gradient-checkpointing",
+        "8bit-optimizer", "lora", "qlora", "freeze"]
     md = (tmp_path / "run" / "report.md").read_text()
     for rung in ("smaller-batch", "gradient-checkpointing", "lora", "freeze"):
         assert rung in md
@@ -207,3 +208,28 @@ def test_a_remembered_fit_is_where_the_walk_starts_and_it_only_goes_down(
     state = replay(read(tmp_path / "run" / "journal.jsonl").records)
     assert state.config.start == start  # the report still compares with the command's own
     assert state.config.remembered == remembered
+
+
+PROGRAMS = Path(__file__).resolve().parents[1] / "data" / "programs"
+
+
+def test_a_rung_the_program_lacks_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    """A plain argparse script with no LoRA or freeze flag (read from its real --help): the ladder
+    never appends a flag it would reject; the skipped rungs are journaled with the reason."""
+    text = (f"python {PROGRAMS / 'argparse_train.py'} --per_device_train_batch_size 2 "
+            "--max_length 256")
+    runner = ScriptedRunner([OOM] * 8)
+    result = supervise(Command(argv=tuple(shlex.split(text)), cwd=str(tmp_path)),
+                       dialect=ArgvDialect(), ladder=resolve("default"),
+                       run_dir=tmp_path / "run", run_attempt=runner, echo=False, env={})
+    assert result.exit_code is ExitCode.EXHAUSTED
+    for spec in runner.specs:
+        assert "--finetuning_type" not in spec.argv
+        assert not any(a.startswith("--lora") for a in spec.argv)
+    events = list(read(tmp_path / "run" / "journal.jsonl").records)
+    skipped = [s for e in events if e["event"] in ("ladder.stepped", "ladder.exhausted")
+               for s in e.get("skipped", [])]
+    assert any(s.startswith("lora: the program takes no flag") for s in skipped), skipped
+    state = replay(events)
+    assert state.config.rewritable is not None
+    assert "finetuning_type" not in state.config.rewritable

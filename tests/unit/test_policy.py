@@ -35,12 +35,18 @@ def walk(start: Knobs, ladder: Ladder) -> tuple[list[tuple[object, ...]], list[S
     history: list[Attempt] = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
     steps: list[Step] = []
     while True:
-        step = next_step(start, history, ladder)
+        step = next_step(start, history, ladder, can_set=_without_bnb)
         if isinstance(step, GiveUp):
             return [_short(a.knobs) for a in history], steps, step
         steps.append(step)
         history.append(Attempt(number=len(history) + 1, knobs=step.knobs, rung=step.rung,
                                verdict=OOM))
+
+
+def _without_bnb(knob: str, value: object) -> bool:
+    """A program whose Python cannot import bitsandbytes (as here): no 8-bit optimizer, no QLoRA."""
+    return not ((knob == "optimizer" and value == "paged_adamw_8bit")
+                or (knob == "quantization_bit" and value is not None))
 
 
 def _short(k: Knobs) -> tuple[object, ...]:
@@ -70,10 +76,13 @@ def test_default_ladder_whole_walk_keeps_effective_batch() -> None:
     assert lora_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
                                   ("cutoff_len", 256, 1024))
     assert give_up.spent == (
+        "expandable-segments: not tried",
         "smaller-batch: per_device_batch at 1 (floor 1)",
         "shorter-cutoff: cutoff_len at 256 (floor 256)",
         "gradient-checkpointing: gradient_checkpointing=true tried from attempt 4",
+        "8bit-optimizer: not tried",
         "lora: finetuning_type=lora tried from attempt 7",
+        "qlora: not tried",
         "freeze: finetuning_type=freeze tried from attempt 12",
     )
 
@@ -100,10 +109,13 @@ def test_seed_order_walk_without_speed_before_quality() -> None:
     assert gc_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
                                 ("cutoff_len", 256, 1024))
     assert give_up.spent == (
+        "expandable-segments: not tried",
         "smaller-batch: per_device_batch at 1 (floor 1)",
         "shorter-cutoff: cutoff_len at 256 (floor 256)",
         "gradient-checkpointing: gradient_checkpointing=true tried from attempt 6",
+        "8bit-optimizer: not tried",
         "lora: finetuning_type=lora tried from attempt 11",
+        "qlora: not tried",
         "freeze: finetuning_type=freeze tried from attempt 16",
     )
 
@@ -112,11 +124,14 @@ def test_rung_that_changes_nothing_is_skipped_without_an_attempt() -> None:
     """Checkpointing already on: the gc rung is passed over, said so, and LoRA comes next."""
     start = Knobs(per_device_batch=1, cutoff_len=256, gradient_checkpointing=True)
     history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
-    step = next_step(start, history, resolve("default"))
+    step = next_step(start, history, resolve("default"), can_set=_without_bnb)
     assert isinstance(step, Step)
     assert step.rung == "lora"
     assert step.knobs.finetuning_type is LORA
-    assert step.skipped == ("gradient-checkpointing: gradient_checkpointing is already true",)
+    assert step.skipped[1:] == (
+        "gradient-checkpointing: gradient_checkpointing is already true",
+        ("8bit-optimizer: optimizer=paged_adamw_8bit needs bitsandbytes, which the command's "
+        "Python cannot import"))
 
 
 def test_odd_batch_keeps_exact_effective_batch() -> None:
@@ -142,7 +157,8 @@ def test_unknown_cutoff_is_not_halved() -> None:
     start = Knobs(per_device_batch=1, cutoff_len=None)
     configs, _, give_up = walk(start, resolve("default"))
     assert all(c[2] is None for c in configs)
-    assert "cutoff_len unknown to the command" in give_up.spent[1]
+    assert any(s.startswith("shorter-cutoff: cutoff_len unknown to the command")
+               for s in give_up.spent)
 
 
 def test_lora_then_freeze_never_returns_to_lora() -> None:
@@ -165,7 +181,7 @@ def test_rungs_never_mutate_their_input() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("rung = [", "not valid TOML"),
     ('[[rung]]\naction = "halfe"\nknob = "per_device_batch"',
-     "rung 1: unknown action 'halfe'; valid: enable, halve, set"),
+     "rung 1: unknown action 'halfe'; valid: enable, halve, raise, set"),
     ('[[rung]]\naction = "halve"\nknob = "per_device_batch"\nfloor = -2',
      "rung 1: floor must be >= 1, not -2"),
     ('[[rung]]\naction = "halve"\nknob = "batch"',
@@ -195,11 +211,14 @@ def test_bad_policy_files_fail_with_one_line_naming_file_and_rung(
 def test_shipped_policies_load() -> None:
     """Every policy in policies/ parses and the default is the seed's order."""
     assert [r.name for r in resolve("default").rungs] == [
-        "smaller-batch", "shorter-cutoff", "gradient-checkpointing", "lora", "freeze"]
+        "expandable-segments", "smaller-batch", "shorter-cutoff", "gradient-checkpointing",
+        "8bit-optimizer", "lora", "qlora", "freeze"]
+    assert [r.name for r in resolve("multi-gpu").rungs][2:5] == [
+        "zero-2", "zero-3", "zero-offload"]
     assert resolve("quality-first").rungs[1].name == "gradient-checkpointing"
 
 
 def test_unknown_policy_name_lists_shipped_ones() -> None:
     """A name that is neither shipped nor a file says which names exist."""
-    with pytest.raises(PolicyError, match="shipped: default, quality-first"):
+    with pytest.raises(PolicyError, match="shipped: default, multi-gpu, quality-first"):
         resolve("fastest")

@@ -21,4 +21,4 @@ class Args:
 
 
 if __name__ == "__main__":
-    HfArgumentParser(Args).parse_args_into_dataclasses()
+    HfArgumentParser(Args).parse_args_into_dataclasses()  # type: ignore[arg-type]

@@ -34,13 +34,17 @@ SCRIPT = ROOT / "tests" / "data" / "programs" / "hf" / "train_bash.py"
 COMMAND = (PY, str(SCRIPT), "--model_name_or_path", "tiny", "--per_device_train_batch_size",
            "8", "--max_seq_length", "512", "--max_steps", "2", "--output_dir", "out")
 BUDGETS = (400, 200, 130, 100, 70, 40)
+PEERS = ROOT / "benchmarks" / "peers"
 PASSES = {"walk": ("--no-estimate", "--fresh"), "estimate": ("--fresh",),
-          "remembered": ("--no-estimate",)}
+          "remembered": ("--no-estimate",),
+          # The peers' strategies on the same scenario, as policies of ours (benchmarks/peers/).
+          "accelerate": ("--no-estimate", "--fresh", "--policy", str(PEERS / "accelerate.toml")),
+          "composer": ("--no-estimate", "--fresh", "--policy", str(PEERS / "composer.toml"))}
 
 
 def _config(knobs: dict[str, Any] | None) -> str:
     if not knobs:
-        return "-"
+        return "none fits"
     method = str(knobs["finetuning_type"])
     if method == "lora":
         method += f" r{knobs['lora_rank']}"
@@ -69,11 +73,15 @@ def run(tmp: Path, label: str, budget: int, flags: tuple[str, ...], db: Path) ->
 def main(argv: list[str]) -> int:
     """Run the three passes over the budgets and print the table."""
     budgets = tuple(int(a) for a in argv) or BUDGETS
+    chosen = os.environ.get("SCENARIO_PASSES", "").split(",") if os.environ.get(
+        "SCENARIO_PASSES") else list(PASSES)
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         db = tmp / "fits.sqlite3"
         for label, flags in PASSES.items():
+            if label not in chosen:
+                continue
             for budget in budgets:
                 row = run(tmp, label, budget, flags, db)
                 rows.append(row)
@@ -83,7 +91,7 @@ def main(argv: list[str]) -> int:
     for r in rows:
         print(f"| {r['pass']} | {r['budget_mib']} MiB | {r['attempts']} | {r['final']} | "  # noqa: T201
               f"{r['effective_batch']} | {r['exit']} | {r['seconds']} |")
-    for label in PASSES:
+    for label in chosen:
         mine = [r for r in rows if r["pass"] == label]
         mean = sum(r["attempts"] for r in mine) / len(mine)
         print(f"{label}: {mean:.2f} attempts on average")  # noqa: T201

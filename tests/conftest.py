@@ -21,6 +21,14 @@ atexit.register(functools.partial(shutil.rmtree, _HOME, ignore_errors=True))
 
 
 @pytest.fixture(autouse=True)
+def _own_fit_store(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Remembered fits are keyed by command and device: two tests running the same command
+    # would otherwise start from each other's fit. Each test gets a store of its own.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_structlog() -> Iterator[None]:
     # cli.main() binds structlog to the stderr of its test, which pytest closes afterwards.
     yield

@@ -101,27 +101,38 @@ def _apply(torch: Any, mib: int) -> None:  # noqa: ANN401 - torch is not importe
 
 
 class _AfterTorch:
-    """A meta-path finder that lets torch load as usual, then applies the limit."""
+    """A meta-path finder that lets torch load as usual, then applies the limit.
+
+    Every spec of `torch` it is asked for gets the wrapped loader, until torch has really been
+    executed: `importlib.util.find_spec("torch")` alone (transformers' availability check runs
+    it before the program's own `import torch`) must not use the hook up.
+    """
 
     def __init__(self, mib: int) -> None:
         self.mib = mib
-        self.done = False
+        self.applied = False
+        self._looking = False
 
     def find_spec(self, fullname: str, path: object = None,  # noqa: ARG002 - the finder protocol
                   target: object = None) -> importlib.machinery.ModuleSpec | None:  # noqa: ARG002
-        if fullname != "torch" or self.done:
+        if fullname != "torch" or self.applied or self._looking:
             return None
-        self.done = True  # find the real spec below without coming back here
-        spec = importlib.util.find_spec("torch")
+        self._looking = True  # find the real spec below without coming back here
+        try:
+            spec = importlib.util.find_spec("torch")
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader: Any = spec.loader
         original = loader.exec_module
-        mib = self.mib
+        finder = self
 
         def exec_module(module: ModuleType) -> None:
             original(module)
-            _apply(module, mib)
+            if not finder.applied:
+                finder.applied = True
+                _apply(module, finder.mib)
 
         loader.exec_module = exec_module
         return spec

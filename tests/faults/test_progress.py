@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -44,7 +45,8 @@ def test_oom_after_a_checkpoint_resumes_from_it(tmp_path: Path) -> None:
     report = (tmp_path / "run" / "report.md").read_text()
     assert "resumed from" in report
     # Each checkpoint is credited once, to the attempt that wrote it (not by a time window).
-    credited = [(e["attempt"], [Path(p).name for p, _ in e["checkpoints"]])  # type: ignore[union-attr]
+    credited = [(e["attempt"], [Path(str(c[0])).name for c in cast("list[list[object]]",
+                                                                  e["checkpoints"])])
                 for e in finished]
     assert credited == [(1, ["checkpoint-1"]), (2, ["checkpoint-2", "checkpoint-3"])]
     # final-command.sh is a fresh run of the working config; continue-command.sh continues

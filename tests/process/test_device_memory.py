@@ -164,3 +164,14 @@ def test_a_bad_size_in_the_variable_is_said_and_ignored(tmp_path: Path,
     assert result.returncode == 0
     assert "OOM_SUPERVISOR_DEVICE_MIB='lots' is not a positive number of MiB" in result.stderr
 
+
+
+def test_a_script_that_imports_transformers_before_torch_is_limited(
+        tmp_path: Path, base_env: dict[str, str]) -> None:
+    """transformers asks `importlib.util.find_spec("torch")` before the program's own import:
+    that lookup must not use up the hook (it did: the limit silently did nothing)."""
+    code = "import transformers  # noqa: F401\n" + SCRIPT
+    small = _run(tmp_path, device_memory_env(base_env, 64), code=code)
+    assert small.returncode == 1, small.stderr[-2000:]
+    assert read_inject_lines(small.stderr.splitlines()).announced
+    assert any(is_oom_line(line) for line in small.stderr.splitlines()), small.stderr[-2000:]

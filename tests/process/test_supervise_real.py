@@ -72,5 +72,6 @@ def test_last_rung_still_ooms_exhausts_the_ladder(
     assert [a["rung"] for a in report["attempts"]] == [
         None, "gradient-checkpointing", "lora", "freeze"]
     assert [s.split(":")[0] for s in report["spent"]] == [
-        "smaller-batch", "shorter-cutoff", "gradient-checkpointing", "lora", "freeze"]
+        "expandable-segments", "smaller-batch", "shorter-cutoff", "gradient-checkpointing",
+        "8bit-optimizer", "lora", "qlora", "freeze"]
     assert not (tmp_path / "run" / "final-command.sh").exists()

@@ -13,9 +13,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-# torch before transformers: transformers' availability check (importlib.util.find_spec) made
-# the injected --device-memory hook miss the real import of torch (reported with issue 9).
-import torch  # noqa: F401
 from transformers import HfArgumentParser
 
 from supervisor import reference_trainer

@@ -6,7 +6,8 @@ import re
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
+
+from supervisor._compat import StrEnum
 
 
 class VerdictKind(StrEnum):

@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -19,6 +18,7 @@ from typing import NoReturn
 import structlog
 
 from supervisor import __version__, notify, remember
+from supervisor._compat import tomllib
 from supervisor.command import Command, CommandError, environment
 from supervisor.console import Output, summary
 from supervisor.device_memory import device_memory_env

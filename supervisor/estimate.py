@@ -35,10 +35,10 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path, PurePath
 from typing import Any
 
+from supervisor._compat import StrEnum
 from supervisor.classify import OomNumbers
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS, named_config

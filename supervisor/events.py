@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
+from supervisor._compat import Self
 from supervisor.classify import OomKind, OomNumbers, Verdict, VerdictKind
 from supervisor.knobs import Knobs
 from supervisor.policy import Attempt

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any
+
+from supervisor._compat import Self
 
 SCHEMA_VERSION = 1
 """`PRAGMA user_version` of the store this code writes."""

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -32,8 +32,9 @@ from tenacity import (
 )
 
 from supervisor import checkpoints, report, runner, trainer_output
+from supervisor._compat import StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
-from supervisor.command import Command, CommandError, environment, locate
+from supervisor.command import Command, CommandError, environment
 from supervisor.device_memory import device_memory_argv
 from supervisor.dialects import Dialect
 from supervisor.estimate import Prediction, oom_lower_bound_mib
@@ -65,10 +66,11 @@ from supervisor.events import (
 )
 from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, read
-from supervisor.knobs import Knobs, Reading
+from supervisor.knobs import Knobs
 from supervisor.plan import START, next_runnable
 from supervisor.policy import GiveUp, Ladder, Step, next_step
-from supervisor.secrets import Redactor, is_secret_name
+from supervisor.runconfig import build_config
+from supervisor.secrets import Redactor
 
 log = structlog.get_logger(__name__)
 E = TypeVar("E", bound=Event)
@@ -300,67 +302,6 @@ def _emit(live: _Live, event: E) -> E:
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus a random suffix."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
-
-
-# Variables that shape a training run and that resume restores as the run saw them (never a
-# secret: secret-named ones are checked for by name instead).
-_KEPT_ENV_PREFIXES = ("CUDA_", "NVIDIA_", "HIP_", "ROCR_", "PYTORCH_", "TORCH_", "NCCL_", "HF_",
-                      "TRANSFORMERS_", "ACCELERATE_", "DS_", "OMP_", "MKL_", "TOKENIZERS_",
-                      "WANDB_", "MASTER_", "WORLD_", "LOCAL_", "PYTHONPATH", "VIRTUAL_ENV",
-                      "SLURM_", "OOM_SUPERVISOR_")
-
-
-def kept_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """The part of the environment a resumed run must see again (no secret-named variables)."""
-    return {k: v for k, v in env.items()
-            if k.startswith(_KEPT_ENV_PREFIXES) and not is_secret_name(k)
-            and k != runner.MARKER_ENV}
-
-
-def build_config(  # noqa: PLR0913 - one value per field of the config
-    command: Command, *, run_id: str, dialect: Dialect, ladder: Ladder, start: Knobs,
-    max_attempts: int | None, memory: Memory, env: Mapping[str, str],
-    device_source: str | None = None, inject_device_memory: bool = False,
-    sources: Mapping[str, str] | None = None, fits_key: str | None = None,
-    remembered: Knobs | None = None, remembered_from: str | None = None,
-    fits_db: str | None = None, reading: Reading | None = None,
-) -> RunConfig:
-    """The frozen config of a new run, secrets replaced by placeholders, env by what matters."""
-    redactor = Redactor.for_run(command.argv, env, cwd=command.cwd)
-    policy_text = ""
-    if ladder.source and Path(ladder.source).is_file():
-        policy_text = Path(ladder.source).read_text(encoding="utf-8")
-    placeholders = {m for word in redactor.argv(command.argv)
-                    for m in _placeholders(word)}
-    env_secrets = {k for k, v in env.items() if is_secret_name(k) and len(v) >= 4}  # noqa: PLR2004
-    return RunConfig(
-        run_id=run_id, argv=tuple(redactor.argv(command.argv)), cwd=command.cwd,
-        dialect=dialect.name, dialect_description=dialect.describe(command),
-        # The dialect says so in its description (packing in LLaMA-Factory, axolotl's default).
-        cutoff_drops_rows="DROPS" in dialect.describe(command),
-        knobs_file=str(getattr(dialect, "source", None)) if dialect.name == "knobmap" else None,
-        policy_name=ladder.name, policy_source=ladder.source, policy_text=policy_text,
-        keep_quality=ladder.keep_quality,
-        start=start, start_sources=dict(sources or {}),
-        world_size_known=locate(command.argv).world_size_known,
-        max_attempts=max_attempts or ladder.max_attempts,
-        device_mib=memory.device_mib, device_source=device_source,
-        inject_device_memory=inject_device_memory, estimate=memory.predictor is not None,
-        estimate_margin=memory.margin,
-        gpu_note=getattr(memory.gpu, "unavailable", None) if memory.gpu is not None else None,
-        env_added=kept_environment(env), secret_names=tuple(sorted(placeholders | env_secrets)),
-        fits_key=fits_key, remembered=remembered, remembered_from=remembered_from,
-        fits_db=fits_db,
-        rewritable=tuple(sorted(reading.rewritable)) if reading is not None else None,
-        refused=tuple(sorted(reading.refused)) if reading is not None else (),
-        program_help=reading.program if reading is not None else None,
-    )
-
-
-def _placeholders(word: str) -> set[str]:
-    import re  # noqa: PLC0415
-
-    return set(re.findall(r"<redacted:([A-Za-z_][A-Za-z0-9_]*)>", word))
 
 
 def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pypa/build

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from supervisor._compat import StrEnum, tomllib
 from supervisor.classify import Verdict, shows_fragmentation
 from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs, needs_module
 

@@ -175,7 +175,7 @@ def _costs(start: Knobs, final: Knobs, config: RunConfig) -> list[dict[str, Any]
 
 def _rung_costs(config: RunConfig) -> dict[str, str]:
     """knob -> the cost its rung declares, from the journaled policy text."""
-    import tomllib  # noqa: PLC0415
+    from supervisor._compat import tomllib  # noqa: PLC0415
 
     try:
         data = tomllib.loads(config.policy_text) if config.policy_text else {}

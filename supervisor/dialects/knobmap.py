@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+from supervisor._compat import tomllib
 from supervisor.command import Command, CommandError, Invocation, environment, locate
 from supervisor.dialects._config import ConfigFile, lookup, resolve
 from supervisor.dialects._read import (

@@ -382,13 +382,15 @@ def test_policy_skips_a_rung_the_program_cannot_take() -> None:
     ladder = resolve("default")
     blind = next_step(floor, history, ladder)
     assert isinstance(blind, Step)
-    assert blind.rung == "lora"
+    assert blind.rung == "8bit-optimizer"
     gave_up = next_step(floor, history, ladder, can_set=reading.can_set)
     assert isinstance(gave_up, GiveUp)
-    assert gave_up.skipped == (
+    skipped = [s for s in gave_up.skipped if s.split(":")[0] in (
+        "gradient-checkpointing", "lora", "freeze")]
+    assert skipped == [
         "gradient-checkpointing: gradient_checkpointing is already true",
         "lora: the program takes no flag or key for finetuning_type=lora",
-        "freeze: the program takes no flag or key for finetuning_type=freeze")
+        "freeze: the program takes no flag or key for finetuning_type=freeze"]
 
 
 def test_policy_skips_only_the_value_a_program_refuses() -> None:
@@ -401,5 +403,4 @@ def test_policy_skips_only_the_value_a_program_refuses() -> None:
                Attempt(number=2, knobs=lora, rung="lora", verdict=OOM)]
     gave_up = next_step(full, history, resolve("default"), can_set=reading.can_set)
     assert isinstance(gave_up, GiveUp)
-    assert gave_up.skipped[-1] == (
-        "freeze: the program takes no flag or key for finetuning_type=freeze")
+    assert gave_up.skipped[-1] == "freeze: the program cannot take finetuning_type=freeze"

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import string
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from supervisor._compat import tomllib
 from supervisor.command import Command, CommandError
 from supervisor.dialects.argv import ArgvDialect
 from supervisor.policy import PolicyError, load, parse

@@ -11,12 +11,13 @@ ROOT = Path(__file__).resolve().parents[2] / "supervisor"
 
 # Lowest first. A module may import only modules of a lower layer (or its own package).
 LAYERS: tuple[tuple[str, ...], ...] = (
+    ("_compat",),  # 3.10 stand-ins for 3.11 stdlib names; below everything that uses them
     ("knobs", "command", "secrets", "classify", "gpu", "device_memory", "models", "_sim", "fits",
      "rundir", "plot", "_inject"),
     ("program",),
     ("dialects", "policy", "_wrap", "estimate", "_estimate_child", "reference_trainer"),
     ("events", "plan", "trainer_output", "runner"),
-    ("journal", "checkpoints"),
+    ("journal", "checkpoints", "runconfig"),
     ("report", "notify", "remember"),
     ("console", "status", "loop"),
     ("cli", "__init__"),

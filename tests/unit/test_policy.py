@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
 import pytest
 
+from supervisor._compat import tomllib
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.policy import (

@@ -23,7 +23,8 @@ from supervisor.knobs import FinetuningType
 from supervisor.loop import supervise
 from supervisor.policy import resolve
 
-pytestmark = pytest.mark.llamafactory
+# One xdist worker builds and uses the tier's venv (make test runs pytest -n 2).
+pytestmark = [pytest.mark.llamafactory, pytest.mark.xdist_group("llamafactory")]
 
 CAP_MIB = 3400
 

@@ -21,7 +21,8 @@ import pytest
 from tests.faults.conftest import attempt_processes
 from tests.slurm.conftest import Cluster, wait_until
 
-pytestmark = [pytest.mark.process, pytest.mark.slurm]
+# One xdist worker starts the session's cluster and runs every test on it.
+pytestmark = [pytest.mark.process, pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 PY = sys.executable
 TRAINER = (PY, "-m", "supervisor.reference_trainer", "--cutoff_len", "256", "--max_steps", "1",

@@ -24,7 +24,8 @@ from supervisor.knobs import FinetuningType
 from supervisor.loop import ExitCode, supervise
 from supervisor.policy import resolve
 
-pytestmark = pytest.mark.trl
+# One xdist worker builds and uses the tier's venv (make test runs pytest -n 2).
+pytestmark = [pytest.mark.trl, pytest.mark.xdist_group("trl")]
 
 CAP_MIB = 4200
 

@@ -105,6 +105,10 @@ def one(tmp: Path, rng: random.Random, index: int) -> dict[str, Any]:
                 problems.append("the fit was not under the injected 250 MiB limit")
     except Exception as exc:  # noqa: BLE001 - a stress harness reports, it does not stop
         problems.append(f"journal: {exc}")
+    if problems and not path.exists():
+        # The supervisor ended before it wrote a journal: keep what it said.
+        log = (tmp / f"{run_dir.name}.log").read_text(errors="replace")
+        problems.append(f"supervisor said: {log.strip()[-400:]}")
     if left := _leftovers(run_dir):
         problems.append(f"processes left: {left}")
         for pid in left:  # ours, by pid: they carry this run's marker

@@ -303,12 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(words)
     args.output = configure_logging(fmt or "auto")
     try:
-        if args.verb == "report":
-            return _report(args.run_dir)
-        if args.verb == "status":
-            return _status(args)
-        if args.verb == "fits":
-            return _fits(parser, args)
+        if args.verb in ("report", "status", "fits"):
+            return _read_only(parser, args)
         if args.verb == "resume":
             return _resume(args)
         if args.verb == "plan":
@@ -319,6 +315,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             RunFolderBusyError, JournalWriteError, RunDirError, StatusError) as exc:
         print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
         return ExitCode.USAGE
+
+
+def _read_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """report, status, fits: a reader that goes away (`status | head`) ends them quietly."""
+    try:
+        if args.verb == "report":
+            return _report(args.run_dir)
+        if args.verb == "status":
+            return _status(args)
+        return _fits(parser, args)
+    except BrokenPipeError:
+        # Python would print a traceback when it flushes stdout at exit: point it at /dev/null.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.FITTED
 
 
 def _guard_std_streams() -> None:

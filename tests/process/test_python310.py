@@ -1,13 +1,12 @@
 """The supervisor installs and runs on Python 3.10, without torch (issue 9, item 5).
 
 The venv (`pip install -e` of this repo: the runtime deps as pyproject lists them, with their
-3.10-only markers) is kept in the pytest cache and rebuilt only when pyproject.toml changes;
-being editable, it always runs the code in this tree.
+3.10-only markers) is built fresh in the session's temp folder (about 25 s); being editable,
+it runs the code in this tree.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -44,23 +43,17 @@ def _clean_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def venv310(request: pytest.FixtureRequest) -> Path:
-    """A 3.10 venv with this project installed, torch absent; cached by pyproject's hash."""
+def venv310(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh 3.10 venv with this project installed (editable), torch absent."""
     python = _python310()
     if python is None:
         pytest.skip("no python3.10 on PATH or under ~/.pyenv/versions/3.10*/bin")
-    venv = request.config.cache.mkdir("py310-venv")
-    stamp = venv / ".installed-stamp"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()
-                          + python.encode()).hexdigest()
-    if not (stamp.is_file() and stamp.read_text(encoding="utf-8") == want):
-        shutil.rmtree(venv)
-        env = _clean_env()
-        subprocess.run([python, "-m", "venv", str(venv)], check=True, env=env, timeout=120)  # noqa: S603
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",  # noqa: S603
-                        "--disable-pip-version-check", "-e", str(ROOT)],
-                       check=True, env=env, timeout=300)
-        stamp.write_text(want, encoding="utf-8")
+    venv = tmp_path_factory.mktemp("py310") / "venv"
+    env = _clean_env()
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, env=env, timeout=120)  # noqa: S603
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",  # noqa: S603
+                    "--disable-pip-version-check", "-e", str(ROOT)],
+                   check=True, env=env, timeout=300)
     return venv
 
 

@@ -20,7 +20,7 @@ def _run(tmp_path: Path, run_id: str, *options: str) -> tuple[list[dict[str, obj
     proc = subprocess.run(  # noqa: S603 - our own CLI
         [sys.executable, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
          "--runs-dir", str(tmp_path), "--run-id", run_id, "--device-memory", "100MiB",
-         *options, *COMMAND],
+         "--fresh", *options, *COMMAND],
         capture_output=True, text=True, cwd=tmp_path, timeout=900, check=False,
         env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     journal = [json.loads(line) for line in

@@ -4,6 +4,10 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$1"
+# Two pytest workers may ask at once: one builds, the other waits here and then finds it current.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
 stamp="$venv/.installed-stamp"
 want="$(cat "$here/requirements.txt" "$here/constraints.txt" "$0" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

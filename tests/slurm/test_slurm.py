@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.faults.conftest import attempt_processes
+from tests.faults.conftest import events as read_events
 from tests.slurm.conftest import Cluster, wait_until
 
 # One xdist worker starts the session's cluster and runs every test on it.
@@ -27,19 +28,6 @@ pytestmark = [pytest.mark.process, pytest.mark.slurm, pytest.mark.xdist_group("s
 PY = sys.executable
 TRAINER = (PY, "-m", "supervisor.reference_trainer", "--cutoff_len", "256", "--max_steps", "1",
            "--device-memory", "250", "--memory_cap_rank", "1", "--output_dir", "out")
-
-
-def _events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "journal.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -96,7 +84,7 @@ def alloc_run(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> All
         proc = subprocess.Popen(argv, cwd=folder, env=cluster.env, stdout=sink,  # noqa: S603
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _of(_events(run_dir), "attempt.finished") or proc.poll() is not None,
+        wait_until(lambda: _of(read_events(run_dir), "attempt.finished") or proc.poll() is not None,
                    timeout_s=600, what="attempt 1 of the salloc run finished")
         # Right now the runner has ended attempt 1 (scancel, tree kill, squeue wait) and
         # attempt 2 is at most starting: attempt 1's step and tasks must be gone already.
@@ -118,7 +106,7 @@ def alloc_run(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> All
 def test_rank1_oom_in_an_srun_step_cancels_the_step_and_the_next_rung_fits(
         alloc_run: AllocRun) -> None:
     """Rank 1 OOMs: step JOB.0 is scancelled and gone from squeue, b4 x GA 2 fits (world 2)."""
-    events = _events(alloc_run.run_dir)
+    events = read_events(alloc_run.run_dir)
     finished = _of(events, "attempt.finished")
     assert alloc_run.returncode == 0, alloc_run.log.read_text()[-3000:]
     assert [f["verdict"] for f in finished] == ["oom", "fits"]
@@ -189,7 +177,7 @@ def test_requeued_batch_job_resumes_the_same_run_without_repeating_an_attempt(
     text = out.read_text(errors="replace")
     assert "batch start: restart 0" in text
     assert "batch start: restart 1" in text
-    events = _events(run_dir)
+    events = read_events(run_dir)
     assert cluster.job_state(job) in ("COMPLETED", ""), text[-3000:]
     numbers = [e["attempt"] for e in _of(events, "attempt.started")]
     assert numbers == sorted(set(numbers)), numbers  # each attempt number once

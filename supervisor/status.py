@@ -67,7 +67,8 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
                f"oom-supervisor resume {run_dir}")
     device = (f"{config.device_mib:g} MiB ({config.device_source})" if config.device_mib
               else "unknown")
-    out = [f"run {config.run_id} ({run_dir}): {where}",
+    out = [f"run {config.run_id}: {where}",
+           f"  folder {run_dir}",
            f"  {who}",
            (f"  started {report.local_time(state.started_at)}, "
             f"{report.human_duration(now() - state.started_at)} ago; "

@@ -111,6 +111,7 @@ class Console:
         self._thread: threading.Thread | None = None
         self._saved: tuple[Any, Any] | None = None
         self._lost = False
+        self._said: set[str] = set()  # skip reasons already shown: each is said once a run
 
     # --- wiring -------------------------------------------------------------------------------
 
@@ -189,7 +190,9 @@ class Console:
             if record is not None and record.finished is not None:
                 return _finished_line(record, state)
         if name == "ladder.stepped":
-            return _step_line(event)
+            fresh = [s for s in event.get("skipped") or [] if s not in self._said]
+            self._said.update(fresh)
+            return _step_line({**event, "skipped": fresh})
         if name == "rung.skipped":
             return (f"skipped {event.get('rung') or 'the command as given'} without running "
                     f"it: {event.get('reason')}")

@@ -54,6 +54,21 @@ def test_plain_lines_from_the_journal(tmp_path: Path) -> None:
                         "warning") == "warning: transient.retrying attempt=3 delay_s=2"
 
 
+def test_a_skip_reason_is_said_once_a_run(tmp_path: Path) -> None:
+    """A rung skipped at every step for the same reason is one console line, not one per step."""
+    run = tmp_path / "p1"
+    shutil.copytree(RUNS / "demo-150", run)
+    console = Console(io.StringIO(), live=False, clock=lambda: 0.0)
+    console.attach(run)
+    reason = "expandable-segments: the OOM shows no fragmentation"
+    first = console.line("ladder.stepped", {"rung": "smaller-batch", "skipped": [reason]})
+    assert first == f"  next: smaller-batch skipped {reason}"
+    assert console.line("ladder.stepped", {"rung": "lora", "skipped": [reason]}) is None
+    other = "qlora: bitsandbytes is not importable in the command's interpreter"
+    assert console.line("ladder.stepped", {"rung": "lora", "skipped": [reason, other]}) == (
+        f"  next: lora skipped {other}")
+
+
 def test_json_tee_keeps_early_events_and_writes_json_lines(tmp_path: Path) -> None:
     """Events logged before the run folder is known are written once it is."""
     tee = JsonTee()

@@ -7,8 +7,9 @@ known by its file name: a `train_bash.py` may be LLaMA-Factory's or a Hugging Fa
 
 `parse_help` is pure (unit tests feed help texts recorded from real programs, tests/data/help/).
 `run_help` is the edge: the program with `--help`, without its launcher, in the same
-interpreter and environment, 20 s at most, cached by script path and mtime in a small JSON file
-under the user cache dir (`$XDG_CACHE_HOME/oom-supervisor/help.json`).
+interpreter and environment, 20 s at most, cached by script path, mtime and what decides its
+imports (PYTHONPATH, the venv) in a small JSON file under the user cache dir
+(`$XDG_CACHE_HOME/oom-supervisor/help.json`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from supervisor.command import Command, CommandError, Invocation, environment, l
 HELP_TIMEOUT_S = 20.0
 """Longest wait for a program's `--help` (a script that trains on `--help` is cut off here)."""
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _OPTION_LINE = re.compile(r"^ {1,4}(-{1,2}[A-Za-z0-9].*)$")
 _DEFAULT = re.compile(r"\(default:\s*(.*?)\)\s*$")
 _USAGE = re.compile(r"^usage:", re.IGNORECASE | re.MULTILINE)
@@ -190,16 +191,16 @@ def run_help(command: Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | No
     argv = help_argv(command)
     if argv is None:
         return None
-    key = _cache_key(command, argv)
+    env = environment(command)
+    with contextlib.suppress(CommandError):
+        env.update(locate(command.argv).env_assignments)
+    key = _cache_key(command, argv, env)
     if key in _MEMO:
         return _MEMO[key]
     cached = _load_cache().get(key)
     if isinstance(cached, str):
         _MEMO[key] = cached
         return cached
-    env = environment(command)
-    with contextlib.suppress(CommandError):
-        env.update(locate(command.argv).env_assignments)
     env["COLUMNS"] = "200"  # fewer wrapped lines; the parser reads the help either way
     try:
         done = subprocess.run(argv, cwd=command.cwd, env=env, capture_output=True, text=True,  # noqa: S603 - the user's own program
@@ -214,11 +215,16 @@ def run_help(command: Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | No
     return text
 
 
-def _cache_key(command: Command, argv: tuple[str, ...]) -> str:
+# What decides which code a script imports, and so which flags its --help lists.
+_KEY_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")
+
+
+def _cache_key(command: Command, argv: tuple[str, ...], env: dict[str, str]) -> str:
     if argv[1] == "-m":  # a module: no file to stamp; asked once per supervisor process
         return f"module:{argv[0]}:{argv[2]}:{command.cwd}"
     stat = Path(argv[1]).stat()
-    digest = hashlib.sha256(f"{argv[0]}\0{argv[1]}".encode()).hexdigest()[:16]
+    where = "\0".join(f"{name}={env.get(name, '')}" for name in _KEY_ENV)
+    digest = hashlib.sha256(f"{argv[0]}\0{argv[1]}\0{where}".encode()).hexdigest()[:16]
     return f"script:{digest}:{stat.st_mtime_ns}:{stat.st_size}"
 
 

@@ -72,6 +72,28 @@ def test_help_is_asked_once_per_script_version(tmp_path: Path) -> None:
     assert "--gradient_checkpointing" in second
 
 
+def test_help_is_asked_again_under_another_pythonpath(tmp_path: Path) -> None:
+    """One script, two PYTHONPATHs importing different argument sets: two help texts."""
+    script = tmp_path / "train.py"
+    script.write_text("import argparse, extra\np = argparse.ArgumentParser()\n"
+                      "extra.add(p)\np.parse_args()\n", encoding="utf-8")
+    for name, flag in (("a", "--per_device_train_batch_size"), ("b", "--gradient_checkpointing")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "extra.py").write_text(
+            f"def add(p):\n    p.add_argument('{flag}', type=int)\n", encoding="utf-8")
+    texts = []
+    for name in ("a", "b"):
+        command = Command(argv=("env", f"PYTHONPATH={tmp_path / name}", sys.executable,
+                                "train.py"), cwd=str(tmp_path))
+        text = run_help(command)
+        assert text is not None
+        texts.append(text)
+    assert "--per_device_train_batch_size" in texts[0]
+    assert "--gradient_checkpointing" not in texts[0]
+    assert "--gradient_checkpointing" in texts[1]
+    assert len(json.loads(cache_path().read_text(encoding="utf-8"))["help"]) == 2
+
+
 def test_a_program_that_fails_its_help_is_read_by_name(tmp_path: Path) -> None:
     """A script that crashes on --help gives no help text (and nothing is cached)."""
     (tmp_path / "train_bash.py").write_text("raise SystemExit(3)\n", encoding="utf-8")

@@ -506,6 +506,8 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     check_knobs(dialect.read(command))
     if isinstance(dialect, knobmap.KnobMapDialect):
         dialect.check_policy((r.name, r.knob, r.compensate) for r in ladder.rungs)
+    if args.verb == "run" and args.fits_db is not None and not args.fresh:
+        _check_fits_db(args.fits_db)
     run_dir = prepare_run_dir(args.runs_dir, args.run_id or new_run_id())
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)
@@ -541,6 +543,18 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         remember.store(args.fits_db, remembered.key, final=result.final_knobs,
                        run_id=result.run_dir.name, attempts=result.attempts)
     return _ended(args, result)
+
+
+def _check_fits_db(path: Path) -> None:
+    """A store named with --fits-db must open: a typo there is bad input, not a warning at dawn.
+
+    (The default store may be unusable on a machine: the run then warns and goes on.)
+    """
+    try:
+        with FitStore.open(path):
+            pass
+    except FitStoreError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _remembered(args: argparse.Namespace, command: Command, dialect: Dialect, ladder: Ladder,
@@ -619,6 +633,7 @@ def _unredact(command: Command, config: RunConfig) -> Command:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    load_journal(args.run_dir)  # not a run folder: one line, and nothing written into it
     stop, signals = StopRequest(), Signals()
     _install_signal_handlers(stop, signals, args.run_dir)
     args.output.attach(args.run_dir.resolve())

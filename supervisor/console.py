@@ -62,8 +62,8 @@ class JsonTee:
         with self._lock:
             if self._file is not None:
                 return
+            # Never creates the folder: `resume` of a mistyped path must leave nothing behind.
             with contextlib.suppress(OSError):
-                run_dir.mkdir(parents=True, exist_ok=True)
                 self._file = (run_dir / "supervisor.jsonl").open("a", encoding="utf-8")
                 for line in self._early:
                     self._file.write(line)

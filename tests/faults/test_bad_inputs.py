@@ -130,6 +130,28 @@ ROWS = [
                                    "map.toml", *COMMAND),
         files={"map.toml": MAP_HEAD + "[knobs.grad_accum]\n"
                                       'flag = "--gradient_accumulation_steps"\n'}),
+    # sizes, counts and the command itself
+    Row("device-memory a word", (*RUN, "--device-memory", "abc", *COMMAND)),
+    Row("device-memory zero", (*RUN, "--device-memory", "0", *COMMAND)),
+    Row("device-memory overflows", (*RUN, "--device-memory", "1e400GiB", *COMMAND)),
+    Row("max-attempts zero", (*RUN, "--max-attempts", "0", *COMMAND)),
+    Row("max-attempts a word", (*RUN, "--max-attempts", "many", *COMMAND)),
+    Row("no command", RUN),
+    Row("nothing after --", (*RUN, "--")),
+    Row("unknown subcommand", ("train", *COMMAND)),
+    Row("policy file missing", (*RUN, "--policy", "nope.toml", *COMMAND)),
+    # a fit store named on the command line must be usable before the night starts
+    Row("fits-db is a folder", (*RUN, "--fits-db", "adir", *COMMAND),
+        prepare=lambda root: (root / "adir").mkdir()),
+    Row("fits-db under /proc", (*RUN, "--fits-db", "/proc/oom-supervisor-fits.db", *COMMAND)),
+    # a folder that is not a run: resume, report and status write nothing into it
+    Row("resume a folder that is not a run", ("resume", "notarun"),
+        prepare=lambda root: (root / "notarun").mkdir()),
+    Row("resume a path that does not exist", ("resume", "gone/run")),
+    Row("report a folder that is not a run", ("report", "notarun"),
+        prepare=lambda root: (root / "notarun").mkdir()),
+    Row("status a folder that is not a run", ("status", "notarun"),
+        prepare=lambda root: (root / "notarun").mkdir()),
 ]
 
 

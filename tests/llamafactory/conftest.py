@@ -8,46 +8,31 @@ in that venv. Nothing is downloaded but the venv's packages.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests import tiers
+
 HERE = Path(__file__).parent
-REPO = HERE.parent.parent
-LF_VENV = Path(os.environ.get("OOM_SUPERVISOR_LF_VENV", REPO / ".venv-lf"))
+LF_VENV = Path(os.environ.get("OOM_SUPERVISOR_LF_VENV", HERE.parent.parent / ".venv-lf"))
 
 
 @pytest.fixture(scope="session")
 def lf_venv() -> Path:
     """The LLaMA-Factory venv, built (once, ~2 min) if it is missing or out of date."""
-    script = [shutil.which("bash") or "/bin/bash", str(HERE / "build_venv.sh"), str(LF_VENV)]
-    build = subprocess.run(script, check=False, capture_output=True, text=True)  # noqa: S603
-    if build.returncode != 0:
-        tail = "\n".join(build.stderr.splitlines()[-15:])
-        pytest.fail(f"building {LF_VENV} failed (exit {build.returncode}):\n{tail}")
-    return LF_VENV
+    return tiers.build_venv(HERE, LF_VENV)
 
 
 @pytest.fixture(scope="session")
 def lf_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Offline, one BLAS thread (a host-memory cap is then repeatable), a private HF cache."""
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                "HF_HOME": str(tmp_path_factory.mktemp("hf-home")),
-                "DISABLE_VERSION_CHECK": "1"})
-    for name in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "CUDA_VISIBLE_DEVICES"):
-        env.pop(name, None)
-    return env
+    """The tiers' offline environment, without version checks or a torchrun of its own."""
+    return tiers.tool_env(tmp_path_factory.mktemp("hf-home"), {"DISABLE_VERSION_CHECK": "1"},
+                          ("FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "CUDA_VISIBLE_DEVICES"))
 
 
 @pytest.fixture(scope="session")
 def lf_inputs(lf_venv: Path, lf_env: dict[str, str],
               tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model/ and data/ built by fixtures.py with the LLaMA-Factory venv's transformers."""
-    out = tmp_path_factory.mktemp("lf-inputs")
-    subprocess.run([str(lf_venv / "bin" / "python"), str(HERE / "fixtures.py"), str(out)],  # noqa: S603
-                   check=True, env=lf_env, capture_output=True)
-    return out
+    return tiers.build_inputs(HERE, lf_venv, lf_env, tmp_path_factory.mktemp("lf-inputs"))

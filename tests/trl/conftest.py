@@ -8,46 +8,31 @@ downloaded but the venv's packages.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests import tiers
+
 HERE = Path(__file__).parent
-REPO = HERE.parent.parent
-TRL_VENV = Path(os.environ.get("OOM_SUPERVISOR_TRL_VENV", REPO / ".venv-trl"))
+TRL_VENV = Path(os.environ.get("OOM_SUPERVISOR_TRL_VENV", HERE.parent.parent / ".venv-trl"))
 
 
 @pytest.fixture(scope="session")
 def trl_venv() -> Path:
     """The TRL venv, built (once, a few minutes) if it is missing or out of date."""
-    script = [shutil.which("bash") or "/bin/bash", str(HERE / "build_venv.sh"), str(TRL_VENV)]
-    build = subprocess.run(script, check=False, capture_output=True, text=True)  # noqa: S603
-    if build.returncode != 0:
-        tail = "\n".join(build.stderr.splitlines()[-15:])
-        pytest.fail(f"building {TRL_VENV} failed (exit {build.returncode}):\n{tail}")
-    return TRL_VENV
+    return tiers.build_venv(HERE, TRL_VENV)
 
 
 @pytest.fixture(scope="session")
 def trl_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Offline, one BLAS thread (a host-memory cap is then repeatable), a private HF cache."""
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                "HF_HOME": str(tmp_path_factory.mktemp("hf-home")),
-                "WANDB_DISABLED": "true"})
-    for name in ("CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU"):
-        env.pop(name, None)
-    return env
+    """The tiers' offline environment, with wandb off and no device or accelerate choice."""
+    return tiers.tool_env(tmp_path_factory.mktemp("hf-home"), {"WANDB_DISABLED": "true"},
+                          ("CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU"))
 
 
 @pytest.fixture(scope="session")
 def trl_inputs(trl_venv: Path, trl_env: dict[str, str],
                tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model/ and text/train.jsonl built by fixtures.py with the TRL venv's transformers."""
-    out = tmp_path_factory.mktemp("trl-inputs")
-    subprocess.run([str(trl_venv / "bin" / "python"), str(HERE / "fixtures.py"), str(out)],  # noqa: S603
-                   check=True, env=trl_env, capture_output=True)
-    return out
+    return tiers.build_inputs(HERE, trl_venv, trl_env, tmp_path_factory.mktemp("trl-inputs"))

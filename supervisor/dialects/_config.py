@@ -225,7 +225,8 @@ class ConfigFile:
         if data is None:
             data = {}
         if not isinstance(data, MutableMapping):
-            msg = f"{path} must hold a mapping of keys to values; it holds {type(data).__name__}"
+            msg = (f"{path} must hold a mapping of keys to values; it holds "
+                   f"{_kind_of(data)}; fix the {what}")
             raise CommandError(msg)
         return cls(path=path, text=text, data=data, yaml=yaml)
 
@@ -307,3 +308,16 @@ def is_inside(path: str | None, folder: str | None, command: Command) -> bool:
 def suffix_of(token: str) -> str:
     """The lower-case suffix of a path token (`.yaml`, `.json`, ...)."""
     return PurePath(token).suffix.lower()
+
+
+def _kind_of(data: object) -> str:
+    """What a config file holds, in words (ruamel's CommentedSeq is a list to the user)."""
+    if isinstance(data, (list, tuple)):
+        return "a list"
+    if isinstance(data, str):
+        return "a single string"
+    if isinstance(data, bool):
+        return "a single true/false"
+    if isinstance(data, (int, float)):
+        return "a single number"
+    return f"a {type(data).__name__}"

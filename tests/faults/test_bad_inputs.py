@@ -140,6 +140,10 @@ ROWS = [
     Row("nothing after --", (*RUN, "--")),
     Row("unknown subcommand", ("train", *COMMAND)),
     Row("policy file missing", (*RUN, "--policy", "nope.toml", *COMMAND)),
+    Row("yaml holding a list", (*RUN, "--", "llamafactory-cli", "train", "list.yaml"),
+        files={"list.yaml": "- a\n- b\n"}),
+    Row("args JSON holding a number", (*RUN, "--", sys.executable, OK, "args.json"),
+        files={"args.json": "42"}),
     # a fit store named on the command line must be usable before the night starts
     Row("fits-db is a folder", (*RUN, "--fits-db", "adir", *COMMAND),
         prepare=lambda root: (root / "adir").mkdir()),

@@ -6,6 +6,9 @@ Three ways a value is known to be secret:
   key whose name says token / key / password (`HF_TOKEN`, `--hub_token`, `hub_token:`);
 - by SHAPE, whatever its name: `ghp_...`, `hf_...`, `sk-...`, `AKIA...`, the password of a
   `scheme://user:PASS@host` URL, a `-----BEGIN ... PRIVATE KEY-----` block;
+- in what the command PRINTS, also by the name it gives the value itself (`MY_PASSWORD=...`,
+  `"api_key": "..."`, `?token=...`, `Authorization: Bearer ...`), tokenizer special tokens
+  and numbers excepted;
 - never by being a boolean: `--use_auth_token True` makes nothing secret.
 
 A secret is replaced by `<redacted:NAME>`, NAME being the environment variable that
@@ -93,6 +96,75 @@ def redact_shapes(text: str) -> str:
     return text
 
 
+# What a program PRINTS can name its secret however it likes (`MY_PASSWORD=...`, `"api_key":
+# "..."`, `?token=...`, `Authorization: Bearer ...`). Only output is searched this way, never
+# argv or config files, whose secrets final-command.sh must be able to read back by name.
+# Searched for with str.find (C speed), never with a regex over the whole output: a name that
+# holds one of these, then `=`/`:` and a value, is a candidate.
+_PRINTED_WORDS = ("token", "secret", "passw", "passphrase", "pwd", "key", "auth", "credential")
+_PRINTED_HINTS = (*(w.encode() for w in _PRINTED_WORDS), b"bearer", b"basic")
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+_AFTER_NAME = re.compile(r"""(["']?)(\s*[=:]\s*)(["']?)([^\s"'`,;&<>(){}\[\]|]{8,})""")
+_BEARER = re.compile(r"(?i)\b(Bearer|Basic)(\s+)([A-Za-z0-9._~+/=-]{8,})")
+_NUMBER = re.compile(r"[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?")
+_NAME_PARTS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_SECRET_PARTS = frozenset({"token", "secret", "password", "passwd", "pwd", "passphrase",
+                           "apikey", "credential", "credentials", "auth"})
+# Parts that make a "token" a count, a length or a tokenizer setting, never a credential.
+_COUNTING_PARTS = frozenset({"id", "ids", "len", "length", "count", "num", "max", "min", "type",
+                             "types", "budget", "limit", "per", "eos", "bos", "pad", "unk",
+                             "sep", "cls", "mask", "special", "start", "end", "chat", "im"})
+
+
+def _printed_secret(name: str, value: str) -> bool:
+    """A name the program printed, and its value: a credential, not a setting or a metric."""
+    parts = [p.lower() for p in _NAME_PARTS.findall(name)]
+    if not parts or not is_secret_value(value) or _NUMBER.fullmatch(value):
+        return False
+    if value.startswith("<redacted:") or _NOT_SECRET.match(name.strip("-.")):
+        return False
+    named = bool(_SECRET_PARTS.intersection(parts)) or parts[-1] == "key"
+    return named and not ("token" in parts and _COUNTING_PARTS.intersection(parts))
+
+
+def redact_printed(text: str) -> str:
+    """`text` (a program's output) with the secrets it names itself replaced."""
+    lower = text.lower()
+    if "bearer" in lower or "basic" in lower:
+        text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}<redacted:AUTHORIZATION>", text)
+        lower = text.lower()
+    names: set[tuple[int, int]] = set()
+    for word in _PRINTED_WORDS:
+        at = lower.find(word)
+        while at != -1:
+            start, end = at, at + len(word)
+            while start and text[start - 1] in _NAME_CHARS:
+                start -= 1
+            while end < len(text) and text[end] in _NAME_CHARS:
+                end += 1
+            names.add((start, end))
+            at = lower.find(word, end)
+    cuts: list[tuple[int, int, str]] = []
+    for start, end in sorted(names):
+        after = _AFTER_NAME.match(text, end)
+        if after is None:
+            continue
+        quote, _sep, _vquote, value = after.groups()
+        if quote and (not start or text[start - 1] != quote):
+            continue  # `name"=...`: the quote after the name must close one before it
+        name = text[start:end]
+        if _printed_secret(name, value):
+            cuts.append((after.start(4), after.end(4), placeholder(name)))
+    if not cuts:
+        return text
+    out, last = [], 0
+    for begin, finish, mark in cuts:
+        if begin >= last:
+            out += [text[last:begin], mark]
+            last = finish
+    return "".join([*out, text[last:]])
+
+
 @dataclass(frozen=True, slots=True)
 class Redactor:
     """Knows the secret values of one run and replaces them (and any secret shape) everywhere."""
@@ -147,10 +219,17 @@ class Redactor:
             raw = value.encode()
             if raw in data:
                 data = data.replace(raw, mark.encode())
-        if not _may_hold_shape(data):
+        lower = data.lower()
+        shapes = _may_hold_shape(data)
+        printed = any(hint in lower for hint in _PRINTED_HINTS)
+        if not shapes and not printed:
             return data
-        return redact_shapes(data.decode("utf-8", "surrogateescape")).encode(
-            "utf-8", "surrogateescape")
+        text = data.decode("utf-8", "surrogateescape")
+        if shapes:
+            text = redact_shapes(text)
+        if printed:
+            text = redact_printed(text)
+        return text.encode("utf-8", "surrogateescape")
 
     def to_json(self) -> str:
         """The values as JSON, for the attempt shim (which redacts the logs as they are written)."""

@@ -2,7 +2,8 @@
 
 Channels: the environment, argv (`--flag VALUE`, `env NAME=VALUE`), a URL's password in argv,
 an HF args JSON (`"hub_token"`, a URL in a value), values the command prints whose names are
-unknown (`DATABASE_URL=postgres://u:PASS@h`, `GH_PAT=ghp_...`), and a multi-line PEM key.
+unknown (`DATABASE_URL=postgres://u:PASS@h`, `GH_PAT=ghp_...`), values it prints under a name
+that says secret (`MY_DB_PASSWORD=`, `"apiKey":`, `Bearer`, `?token=`), and a multi-line PEM key.
 The run walks one rung (a real OOM), so a rewritten args copy is written too; then
 final-command.sh runs again with the secrets in the environment and the real values reach the
 command.
@@ -35,6 +36,10 @@ S = {
     "argv_flag": "flagTokenPlanted0008",              # --hub_token VALUE (argv dialect run)
     "argv_url": "argvUrlPassword0009",                # --mlflow_uri=https://u:PASS@h
     "argv_shape": "hf_" + "ArgvShape" * 4 + "0010",   # a bare hf_... token in argv
+    "printed_name": "printedPassword0011",            # printed: MY_DB_PASSWORD=...
+    "printed_json": "printedApiKey0012",              # printed: {"apiKey": "..."}
+    "printed_bearer": "eyJhbGciOi.printedBearer0013",  # printed: Authorization: Bearer ...
+    "printed_query": "printedQueryToken0014",         # printed: https://h/x?token=...
 }
 
 LEAKY = """\
@@ -48,6 +53,10 @@ print("DATABASE_URL=postgres://u:%s@db.example:5432/x" % os.environ["PLANT_PG"])
 print("GH_PAT=%s" % os.environ["PLANT_GHP"], file=sys.stderr)
 print("-----BEGIN RSA PRIVATE KEY-----\\n%s\\nAAAA\\n-----END RSA PRIVATE KEY-----"
       % os.environ["PLANT_PEM"], file=sys.stderr, flush=True)
+print("MY_DB_PASSWORD=%s" % os.environ["PLANT_NAME"])
+print(json.dumps({"apiKey": os.environ["PLANT_JSON"], "eos_token": "</s>"}), file=sys.stderr)
+print("Authorization: Bearer %s" % os.environ["PLANT_BEARER"])
+print("GET https://hub.example/api?token=%s&page=2" % os.environ["PLANT_QUERY"], flush=True)
 print("secret seen by the command:", args["hub_token"] == os.environ["WANT_JSON"])
 sys.argv = ["reference_trainer", "--model_name_or_path", "tiny", "--finetuning_type", "full",
             "--per_device_train_batch_size", str(args["per_device_train_batch_size"]),
@@ -62,9 +71,11 @@ print("argv", sys.argv, flush=True)
 
 
 def _env() -> dict[str, str]:
-    # PLANT_* hold what the script prints: names no rule knows, so only shapes can catch them.
+    # PLANT_* hold what the script prints: names no env or argv rule knows; the output is searched.
     return {**quiet_env(), "HF_TOKEN": S["env"], "PLANT_PG": S["pg"], "PLANT_GHP": S["ghp"],
-            "PLANT_PEM": S["pem"], "WANT_JSON": S["json"]}
+            "PLANT_PEM": S["pem"], "WANT_JSON": S["json"], "PLANT_NAME": S["printed_name"],
+            "PLANT_JSON": S["printed_json"], "PLANT_BEARER": S["printed_bearer"],
+            "PLANT_QUERY": S["printed_query"]}
 
 
 def _cli(tmp_path: Path, run_id: str, *argv: str, device: str | None = None,

@@ -81,6 +81,11 @@ OOM_RULES: tuple[Rule, ...] = (
     _rule(OomKind.NCCL, r"ncclUnhandledCudaError.*out of memory"),
     # The exception type on the traceback's last line, whatever the message says
     # (torch >= 2.5 names it torch.OutOfMemoryError; older ones torch.cuda.OutOfMemoryError).
+    # SchedMD/slurm's cgroup plugins, when the step's cgroup saw the OOM killer: "Detected %lu
+    # oom_kill event%s in %ps. Some of the step tasks have been OOM Killed." (slurm >= 22.05),
+    # "Detected %u oom-kill event(s) in step %u.%u cgroup. ..." before; printed by slurmstepd
+    # into the step's stderr. Quoted, not recorded (the SLURM tier runs without task/cgroup).
+    _rule(OomKind.KERNEL, r"Detected \d+ oom[-_]kill event"),
     _rule(OomKind.TORCH, r"^(?:torch\.(?:cuda\.)?)?OutOfMemoryError\b"),
     _rule(OomKind.PYTHON, r"^MemoryError\b"),
 )
@@ -330,6 +335,13 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.FATAL, evidence=(
             "the attempt's wrapper died without writing its exit status" if outcome.wrapper_died
             else "the attempt ended while no supervisor watched it and left no exit status"))
+    worker = _killed_worker(lines)
+    if (worker is not None and outcome.kernel_oom_kills > 0 and outcome.exit_code != 0
+            and not outcome.killed_by_supervisor):
+        # A launcher (torchrun, srun) outlived the worker the kernel's OOM killer took.
+        evidence = (f"{worker}; the kernel's OOM killer fired {outcome.kernel_oom_kills} "
+                    "time(s) in this cgroup")
+        return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=evidence)
     if outcome.exit_code == -signal.SIGKILL and not outcome.killed_by_supervisor:
         if outcome.kernel_oom_kills > 0:
             evidence = (f"killed by SIGKILL; the kernel's OOM killer fired "
@@ -341,6 +353,23 @@ def classify(outcome: Outcome) -> Verdict:
         if any(rule.pattern.search(strip_launcher_prefix(line)) for rule in TRANSIENT_RULES):
             return Verdict(kind=VerdictKind.TRANSIENT, evidence=line.strip())
     return Verdict(kind=VerdictKind.FATAL, evidence=_error_line(lines, outcome.exit_code))
+
+
+# How a launcher reports a worker that died of SIGKILL: torchrun's ChildFailedError summary
+# (torch/distributed/elastic/multiprocessing/errors: "exitcode  : -9 (pid: N)" and "traceback :
+# Signal 9 (SIGKILL) received by PID N", recorded in tests/data/tails/torchrun_rank1_sigkill.txt)
+# and srun's "srun: error: HOST: task N: Killed" (src/srun/srun_job.c, the signal's strsignal).
+_KILLED_WORKER = re.compile(r"Signal 9 \(SIGKILL\) received by PID \d+|"
+                            r"exitcode\s*:\s*-9\b|task \d+: Killed\b")
+
+
+def _killed_worker(lines: list[str]) -> str | None:
+    """The line saying a launcher's worker was SIGKILLed (the OOM killer's way), if any."""
+    for line in lines:
+        match = _KILLED_WORKER.search(strip_launcher_prefix(line))
+        if match is not None:
+            return f"a worker was killed by SIGKILL: {strip_launcher_prefix(line)[:300]}"
+    return None
 
 
 def _oom_kind(line: str) -> OomKind:

@@ -243,7 +243,15 @@ class ArgvDialect:
                         "model", "precision"):
                 continue  # read from the command, never rewritten (stage: in the DS copy)
             if knob == "quantization_bit" and not any(f.knob == knob for f in scan.flags):
-                _refuse(scan, knob, getattr(knobs, knob))
+                # TRL / HF-style scripts say it with switches: --load_in_4bit, --load_in_8bit.
+                switches = _bit_switches(scan)
+                if not switches:
+                    _refuse(scan, knob, getattr(knobs, knob))
+                on_argv = {o.flag.knob for o in scan.found}
+                for bits, name in switches:
+                    if knobs.quantization_bit == bits or name in on_argv:
+                        wanted[name] = knobs.quantization_bit == bits
+                continue
             wanted[knob] = getattr(knobs, knob)
         extras = _extras(scan.found)
         config = extras.get("deepspeed")
@@ -355,6 +363,8 @@ class ArgvDialect:
         else:
             flagged = {f.knob for f in scan.flags}
         names = (flagged | on_argv) & set(KNOB_NAMES)
+        if _bit_switches(scan) and (scan.help is not None or scan.profile.name == "trl"):
+            names |= {"quantization_bit"}  # set through --load_in_4bit / --load_in_8bit
         if deepspeed.is_path(_extras(scan.found).get("deepspeed")):
             names |= {"deepspeed_stage", "deepspeed_offload"}
         return frozenset(names)
@@ -505,10 +515,22 @@ def _config_defaults(command: Command, scan: _Scan, values: Values) -> None:
 
 
 def _refused(scan: _Scan) -> frozenset[tuple[str, str]]:
+    refused: set[tuple[str, str]] = set()
     flag = next((f for f in scan.flags if f.knob == "finetuning_type"), None)
     if flag is not None and flag.codec == "peft":
-        return frozenset({("finetuning_type", FinetuningType.FREEZE.value)})
-    return frozenset()
+        refused.add(("finetuning_type", FinetuningType.FREEZE.value))
+    switches = _bit_switches(scan)
+    if switches and not any(f.knob == "quantization_bit" for f in scan.flags):
+        refused |= {("quantization_bit", str(bits)) for bits in (4, 8)
+                    if bits not in dict(switches)}
+    return frozenset(refused)
+
+
+def _bit_switches(scan: _Scan) -> tuple[tuple[int, str], ...]:
+    """(bits, flag knob) for the quantisation switches the program takes (TRL's ModelConfig)."""
+    have = {f.knob for f in scan.flags}
+    return tuple((bits, name) for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit"))
+                 if name in have)
 
 
 def _refuse(scan: _Scan, knob: str, value: object) -> NoReturn:

@@ -77,3 +77,30 @@ def test_lora_rung_renders_flags_real_trl_accepts(trl_venv: Path, trl_env: dict[
                           text=True, check=False, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert dialect.read(rendered).finetuning_type is FinetuningType.LORA
+
+
+def test_qlora_rung_renders_load_in_4bit_that_real_trl_takes(
+        trl_venv: Path, trl_env: dict[str, str], trl_inputs: Path, tmp_path: Path) -> None:
+    """QLoRA on `trl sft` is `--load_in_4bit`: real TRL parses it and asks for bitsandbytes.
+
+    This venv has no bitsandbytes, so the supervisor's reading refuses 4-bit here (the rung is
+    skipped with that reason); the rendered command, run anyway, fails on the missing package,
+    never on an argument TRL does not know.
+    """
+    command = Command(argv=_sft(trl_venv, trl_inputs, "--per_device_train_batch_size", "1",
+                                "--max_length", "128", "--use_peft", "--lora_r", "4"),
+                      cwd=str(tmp_path))
+    dialect = detect(command)
+    reading = dialect.read_sourced(command)
+    assert "quantization_bit" in reading.rewritable
+    assert not reading.can_set("quantization_bit", 4)  # bitsandbytes is not importable here
+    assert ("quantization_bit", "4") in reading.refused
+    knobs = dataclasses.replace(reading.knobs, quantization_bit=4)
+    rendered = dialect.render(command, knobs, tmp_path / "attempt")
+    assert rendered.argv[-1] == "--load_in_4bit"
+    assert dialect.read(rendered).quantization_bit == 4
+    done = subprocess.run(rendered.argv, cwd=tmp_path, env=trl_env, capture_output=True,  # noqa: S603
+                          text=True, check=False, timeout=600)
+    assert done.returncode != 0
+    assert "bitsandbytes" in done.stderr
+    assert "unrecognized arguments" not in done.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.command import Command, CommandError, locate
-from supervisor.dialects.argv import ArgvDialect
+from supervisor.dialects.argv import ArgvDialect, TrlDialect
 from supervisor.knobs import FinetuningType, Knobs
 
 D = ArgvDialect()
@@ -251,3 +251,22 @@ def test_srun_world_size_from_flags_or_allocation(text: str, allocation: dict[st
     invocation = locate(tuple(shlex.split(text)), env=allocation)
     assert invocation.program == "train.py"
     assert (invocation.world_size, invocation.world_size_known) == (world, True)
+
+
+def test_trl_says_4bit_with_its_switch_and_takes_it_back(tmp_path: Path) -> None:
+    """TRL has no --quantization_bit: 4-bit is `--load_in_4bit` (ModelConfig), 8-bit its twin."""
+    dialect = TrlDialect(probe=None)
+    command = Command(argv=("trl", "sft", "--model_name_or_path", "m", "--use_peft",
+                            "--lora_r", "8", "--per_device_train_batch_size", "4"))
+    reading = dialect.read_sourced(command)
+    assert reading.knobs.quantization_bit is None
+    assert "quantization_bit" in reading.rewritable
+    four = dialect.render(command, dataclasses.replace(reading.knobs, quantization_bit=4),
+                          tmp_path)
+    assert four.argv == (*command.argv, "--load_in_4bit")
+    assert dialect.read(four).quantization_bit == 4
+    eight = dialect.render(four, dataclasses.replace(reading.knobs, quantization_bit=8), tmp_path)
+    assert eight.argv == (*command.argv, "--load_in_4bit=false", "--load_in_8bit")
+    assert dialect.read(eight).quantization_bit == 8
+    none = dialect.render(four, reading.knobs, tmp_path)
+    assert dialect.read(none).quantization_bit is None

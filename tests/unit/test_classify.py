@@ -54,6 +54,7 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("torchrun_tee_rank1_device_budget_oom.txt", 1, VerdictKind.OOM, OomKind.TORCH),
     ("pdsh_torchrun_rank1_device_budget_oom.txt", 1, VerdictKind.OOM, OomKind.TORCH),
     ("srun_label_rank1_device_budget_oom.txt", 1, VerdictKind.OOM, OomKind.TORCH),
+    ("torchrun_rank1_sigkill.txt", 1, VerdictKind.FATAL, None),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:
@@ -113,6 +114,28 @@ def test_sigkill_with_oom_killer_evidence_is_a_host_oom() -> None:
     """Exit -9 with the cgroup's oom_kill count raised: the kernel OOM killer, walk the ladder."""
     verdict = verdict_of("fits.txt", -signal.SIGKILL, kernel_oom_kills=1)
     assert (verdict.kind, verdict.oom_kind) == (VerdictKind.OOM, OomKind.KERNEL)
+
+
+def test_a_launchers_sigkilled_worker_with_oom_killer_evidence_is_a_host_oom() -> None:
+    """torchrun exits 1 after rank 1's SIGKILL; with the cgroup's oom_kill count raised, memory."""
+    verdict = verdict_of("torchrun_rank1_sigkill.txt", 1, kernel_oom_kills=1)
+    assert (verdict.kind, verdict.oom_kind) == (VerdictKind.OOM, OomKind.KERNEL)
+    assert "failed (exitcode: -9) local_rank: 1" in (verdict.evidence or "")
+    # Without the count nothing says memory: fatal, never guessed (and never "transient").
+    assert verdict_of("torchrun_rank1_sigkill.txt", 1).kind is VerdictKind.FATAL
+
+
+def test_slurm_oom_kill_event_is_a_host_oom() -> None:
+    """slurmstepd's cgroup report (quoted from SchedMD/slurm, both wordings) is an OOM line."""
+    new = ("slurmstepd: error: Detected 1 oom_kill event in StepId=1234.0. Some of the step "
+           "tasks have been OOM Killed.")
+    old = ("slurmstepd: error: Detected 2 oom-kill event(s) in step 1234.0 cgroup. Some of "
+           "your processes may have been killed by the cgroup out-of-memory handler.")
+    for line in (new, old):
+        verdict = classify(Outcome(exit_code=1, duration_s=1.0,
+                                   tail=("srun: error: n1: task 1: Killed", line)))
+        assert (verdict.kind, verdict.oom_kind) == (VerdictKind.OOM, OomKind.KERNEL)
+        assert is_oom_line(line)
 
 
 def test_sigkill_without_evidence_is_fatal() -> None:

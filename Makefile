@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/oom-supervisor demo
 
 test: $(STAMP) lf-venv slurm-packages
-	OOM_SUPERVISOR_LF_VENV=$(abspath $(LF_VENV)) $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	OOM_SUPERVISOR_LF_VENV=$(abspath $(LF_VENV)) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
 	$(PY) -m ruff check supervisor tests
 	$(PY) -m mypy
 

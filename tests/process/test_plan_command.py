@@ -20,7 +20,8 @@ import pytest
 from supervisor.estimate import ModelSpec, clear_cache, estimate_many
 from supervisor.knobs import FinetuningType, Knobs
 
-pytestmark = pytest.mark.process
+# One worker runs the three forms: the module's full 7B trace (~40 s) is then computed once.
+pytestmark = [pytest.mark.process, pytest.mark.xdist_group("plan-7b")]
 
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,

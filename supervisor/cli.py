@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -210,7 +211,7 @@ def _add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                         help="a run folder (default: the newest run under --runs-dir)")
     status.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
                         help="where run folders are (default ./runs)")
-    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None,
+    status.add_argument("--watch", nargs="?", type=_seconds, const=2.0, default=None,
                         metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until the run ends or Ctrl-C")
     status.add_argument("--lines", type=_positive, default=5, metavar="N",
@@ -238,10 +239,25 @@ def _run_id(text: str) -> str:
 
 
 def _size(text: str) -> int:
+    if text.strip().startswith("-"):
+        msg = f"{text!r} is negative; give a device size such as 24GiB"
+        raise argparse.ArgumentTypeError(msg)
     try:
         return parse_size_mib(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"{text!r} is not a number of seconds"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not 0.2 <= value <= 3600:  # noqa: PLR2004 - also refuses nan and inf
+        msg = f"give between 0.2 and 3600 seconds, not {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _positive(text: str) -> int:
@@ -287,9 +303,20 @@ def split_log_format(argv: Sequence[str]) -> tuple[str | None, list[str]]:
         if word.startswith("--log-format="):
             fmt, i = word.split("=", 1)[1], i + 1
             continue
+        if (word in _VALUED and i + 1 < len(words)
+                and re.match(r"-\.?\d", words[i + 1])):
+            # `--device-memory -5GiB`: a value, so that it is refused for what it is (negative)
+            # rather than read by argparse as an unknown option.
+            rest.append(f"{word}={words[i + 1]}")
+            i += 2
+            continue
         rest.append(word)
         i += 1
     return fmt, rest
+
+
+_VALUED = frozenset({"--device-memory", "--max-attempts", "--lines", "--watch"})
+"""Our options that take a number, whose value may be typed negative by mistake."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

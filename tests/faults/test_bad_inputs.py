@@ -7,6 +7,7 @@ Each row is run through the real CLI (`python -m supervisor ...`) in a fresh fol
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -54,6 +55,11 @@ def _report_dir_unwritable(root: Path) -> None:
     report = root / "runs" / "done" / "report.md"
     report.unlink()
     report.mkdir()
+
+
+def _a_finished_run(root: Path) -> None:
+    """A copy of a recorded finished run (the demo at 70 MiB) to point `status` at."""
+    shutil.copytree(Path(__file__).parent.parent / "data" / "runs" / "demo-70", root / "done")
 
 
 def _ten_mb_policy() -> dict[str, bytes | str]:
@@ -134,7 +140,13 @@ ROWS = [
     Row("device-memory a word", (*RUN, "--device-memory", "abc", *COMMAND)),
     Row("device-memory zero", (*RUN, "--device-memory", "0", *COMMAND)),
     Row("device-memory overflows", (*RUN, "--device-memory", "1e400GiB", *COMMAND)),
+    Row("device-memory negative", (*RUN, "--device-memory", "-5GiB", *COMMAND)),
     Row("max-attempts zero", (*RUN, "--max-attempts", "0", *COMMAND)),
+    Row("max-attempts negative", (*RUN, "--max-attempts", "-3", *COMMAND)),
+    Row("status --watch inf", ("status", "--watch", "inf", "done"), prepare=_a_finished_run),
+    Row("status --watch negative", ("status", "--watch", "-1", "done"),
+        prepare=_a_finished_run),
+    Row("status --lines negative", ("status", "--lines", "-2", "done"), prepare=_a_finished_run),
     Row("max-attempts a word", (*RUN, "--max-attempts", "many", *COMMAND)),
     Row("no command", RUN),
     Row("nothing after --", (*RUN, "--")),

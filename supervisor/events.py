@@ -544,7 +544,8 @@ def replay(records: Iterable[Mapping[str, Any]]) -> RunState:
         try:
             events.append(from_record(record))
         except JournalError as exc:
-            msg = f"journal event {number}: {exc}"
+            msg = (f"journal event {number}: {exc}; the journal was edited or damaged: restore "
+                   "it, or start a new run (the folder's logs and configs are left as they are)")
             raise JournalError(msg) from None
     return replay_events(events)
 

@@ -59,10 +59,10 @@ def read(path: Path) -> Read:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             msg = (f"{path}:{number}: not a JSON event; the journal is damaged before its last "
-                   "line and cannot be replayed")
+                   "line and cannot be replayed: restore it, or start a new run")
             raise JournalError(msg) from None
         if not isinstance(record, dict):
-            msg = f"{path}:{number}: not a JSON object"
+            msg = f"{path}:{number}: not a JSON object; restore the journal, or start a new run"
             raise JournalError(msg)
         records.append(record)
     return Read(records=tuple(records),

@@ -139,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="walk the ladder on the bundled tiny model (CPU, no GPU)",
                           epilog=EXIT_CODES_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_run_options(demo)
+    _add_run_options(demo, demo=True)
     demo.add_argument("--device-memory", type=_size, default=DEMO_DEVICE_MIB, metavar="SIZE",
                       help=f"simulated device size (default {DEMO_DEVICE_MIB}MiB)")
     demo.add_argument("--echo", dest="quiet", action="store_false",
                       help="show the trainer's own output (tracebacks included)")
-    demo.set_defaults(quiet=True)
+    # The demo never echoes unless asked, and never uses the fit store: it walks every time.
+    demo.set_defaults(quiet=True, fits_db=None, fresh=False)
 
     res = sub.add_parser("resume", help="carry on a run whose supervisor died",
                          epilog=EXIT_CODES_HELP,
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     p.add_argument("--policy", default="default", metavar="NAME|FILE",
                    help="ladder to walk: a shipped name (default, quality-first) or a .toml file")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
@@ -175,13 +176,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="name of the run folder (default: time-based)")
     p.add_argument("--max-attempts", type=_positive, default=None, metavar="N",
                    help="stop after N attempts (default: the policy's max_attempts)")
-    p.add_argument("--quiet", action="store_true", help="do not echo the command's output")
+    # The demo is quiet unless --echo; its --quiet is still taken (scripts use it), unlisted.
+    p.add_argument("--quiet", action="store_true",
+                   help=argparse.SUPPRESS if demo else "do not echo the command's output")
     _add_notify(p)
-    p.add_argument("--fits-db", type=Path, default=None, metavar="PATH",
-                   help="the remembered-fit store to use (default: "
-                        "$XDG_DATA_HOME/oom-supervisor/fits.sqlite3; docs/fits.md)")
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore remembered fits: start from the command's own config")
+    if not demo:
+        p.add_argument("--fits-db", type=Path, default=None, metavar="PATH",
+                       help="the remembered-fit store to use (default: "
+                            "$XDG_DATA_HOME/oom-supervisor/fits.sqlite3; docs/fits.md)")
+        p.add_argument("--fresh", action="store_true",
+                       help="ignore remembered fits: start from the command's own config")
     p.add_argument("--keep-quality", action="store_true",
                    help="stop (exit 3) before the first rung that costs quality (a shorter "
                         "cutoff, LoRA, QLoRA, freeze) and say which it would take")

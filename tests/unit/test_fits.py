@@ -332,12 +332,15 @@ def test_cli_bad_store_is_one_line_exit_2(tmp_path: Path,
     assert str(db) in err
 
 
-def test_run_and_demo_take_fits_options() -> None:
-    """`--fits-db PATH` and `--fresh` land on args as fits_db and fresh (run and demo)."""
+def test_run_takes_fits_options_and_the_demo_does_not() -> None:
+    """`--fits-db PATH` and `--fresh` land on args as fits_db and fresh; the demo never uses
+    the store, so it offers neither (and its args say so)."""
     args = build_parser().parse_args(["run", "--fits-db", "/x/f.db", "--fresh", "--", "true"])
     assert (args.fits_db, args.fresh) == (Path("/x/f.db"), True)
     args = build_parser().parse_args(["demo"])
     assert (args.fits_db, args.fresh) == (None, False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--fresh"])
 
 
 def _exit_code(argv: list[str]) -> int:

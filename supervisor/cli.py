@@ -77,13 +77,24 @@ EXIT_CODES_HELP = """exit codes:
 """
 
 PLAN_EXIT_CODES_HELP = """exit codes:
-  0    the plan was printed
+  0    the plan was printed and some config is predicted to fit
   2    usage error: bad arguments, policy file, command, or no device size to plan for
+  3    the plan was printed and no config of the ladder is predicted to fit
 """
 
 STATUS_EXIT_CODES_HELP = """exit codes:
   0    the run was shown
   2    usage error: no such run folder, or no run under --runs-dir
+"""
+
+REPORT_EXIT_CODES_HELP = """exit codes:
+  0    report.md and report.json were written into the run folder
+  2    usage error: no such run folder, a damaged journal, or a folder it cannot write
+"""
+
+FITS_EXIT_CODES_HELP = """exit codes:
+  0    the fits were listed, or forgotten
+  2    usage error: bad arguments, or a store that cannot be opened
 """
 
 DEMO_DEVICE_MIB = 70
@@ -158,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_notify(res)
 
     rep = sub.add_parser("report", help="rebuild report.md/json from a run's journal",
-                         epilog=STATUS_EXIT_CODES_HELP,
+                         epilog=REPORT_EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     rep.add_argument("run_dir", type=Path)
     _add_status_parser(sub)
@@ -223,7 +234,9 @@ def _add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 
 def _add_fits_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
-    fits = sub.add_parser("fits", help="list or forget remembered fits (docs/fits.md)")
+    fits = sub.add_parser("fits", help="list or forget remembered fits (docs/fits.md)",
+                          epilog=FITS_EXIT_CODES_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     fits.add_argument("--fits-db", type=Path, default=None, metavar="PATH",
                       help="the store (default: $XDG_DATA_HOME/oom-supervisor/fits.sqlite3)")
     actions = fits.add_subparsers(dest="fits_action", parser_class=_Parser)

@@ -96,3 +96,25 @@ def test_existing_run_id_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtur
                            "python", "t.py", "--per_device_train_batch_size", "8")
     assert code == ExitCode.USAGE
     assert "already holds a run" in err
+
+
+@pytest.mark.parametrize(("verb", "has", "lacks"), [
+    ("run", ["--knobs", "--fits-db", "--fresh", "--quiet", "3    ladder exhausted"], []),
+    ("demo", ["--echo", "--device-memory", "3    ladder exhausted"],
+     ["--knobs", "--dialect", "--fits-db", "--fresh", "--quiet"]),
+    ("plan", ["--method", "3    the plan was printed and no config"],
+     ["ladder exhausted", "--notify", "--fresh"]),
+    ("resume", ["--orphan", "130  interrupted"], ["--knobs", "--policy"]),
+    ("report", ["report.md and report.json were written"], ["ladder exhausted", "--watch"]),
+    ("status", ["--watch", "the run was shown"], ["ladder exhausted", "--policy"]),
+    ("fits", ["--fits-db", "store that cannot be opened"], ["ladder exhausted", "--policy"]),
+])
+def test_each_subcommands_help_has_its_own_options_and_exit_codes(
+        capsys: pytest.CaptureFixture[str], verb: str, has: list[str], lacks: list[str]) -> None:
+    """`oom-supervisor VERB --help`: that verb's options and exit codes, nobody else's."""
+    code, out, _ = run_cli(capsys, verb, "--help")
+    assert code == 0
+    for text in has:
+        assert text in out, (verb, text)
+    for text in lacks:
+        assert text not in out, (verb, text)

@@ -226,7 +226,7 @@ def _add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
                         help="a run folder (default: the newest run under --runs-dir)")
     status.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
                         help="where run folders are (default ./runs)")
-    status.add_argument("--watch", nargs="?", type=_seconds, const=2.0, default=None,
+    status.add_argument("--watch", nargs="?", type=_seconds, const=WATCH_DEFAULT_S, default=None,
                         metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until the run ends or Ctrl-C")
     status.add_argument("--lines", type=_positive, default=5, metavar="N",
@@ -320,6 +320,11 @@ def split_log_format(argv: Sequence[str]) -> tuple[str | None, list[str]]:
         if word.startswith("--log-format="):
             fmt, i = word.split("=", 1)[1], i + 1
             continue
+        if word == "--watch" and (i + 1 >= len(words) or not _is_number(words[i + 1])):
+            # `status --watch runs/x`: the folder is the run, not the refresh interval.
+            rest.append(f"--watch={WATCH_DEFAULT_S:g}")
+            i += 1
+            continue
         if (word in _VALUED and i + 1 < len(words)
                 and re.match(r"-\.?\d", words[i + 1])):
             # `--device-memory -5GiB`: a value, so that it is refused for what it is (negative)
@@ -331,6 +336,17 @@ def split_log_format(argv: Sequence[str]) -> tuple[str | None, list[str]]:
         i += 1
     return fmt, rest
 
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+WATCH_DEFAULT_S = 2.0
+"""`status --watch` with no number: refresh every 2 s."""
 
 _VALUED = frozenset({"--device-memory", "--max-attempts", "--lines", "--watch"})
 """Our options that take a number, whose value may be typed negative by mistake."""

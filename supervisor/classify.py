@@ -389,12 +389,37 @@ def _most_specific(lines: list[str]) -> str:
 _ERROR_LINE = re.compile(r"(Error|Exception|error:|Errno|No such file|not found|Traceback)")
 
 
+# Launchers' own exceptions that wrap a worker's failure (torch.distributed.elastic's
+# ChildFailedError; accelerate / deepspeed launchers' subprocess.CalledProcessError; the
+# torch.multiprocessing.spawn wrapper).
+_LAUNCHER_WRAPPER = re.compile(r"ChildFailedError|CalledProcessError|ProcessRaisedException|"
+                               r"ProcessExitedException")
+# torch/distributed/elastic/multiprocessing/api.py: "failed (exitcode: -9) local_rank: 1 (pid:
+# N) of binary: ..." (tests/data/tails/torchrun_rank1_sigkill.txt).
+_WORKER_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)\b")
+
+
+def _worker_exception(lines: list[str]) -> str | None:
+    """The last exception line a worker printed (behind its launcher label), if any."""
+    for line in reversed(lines):
+        stripped = strip_launcher_prefix(line)
+        if _EXCEPTION.match(stripped) and not _LAUNCHER_WRAPPER.search(stripped):
+            return line.strip()
+    # No exception printed (a signal): torchrun's line naming the worker and its exit code.
+    return next((line.strip() for line in lines if _WORKER_FAILED.search(line)), None)
+
+
 def _error_line(lines: list[str], exit_code: int | None) -> str:
     # The injected --device-memory code prints its peak line at exit, after any traceback: it
     # is never the reason an attempt failed.
     lines = [line for line in lines if not line.lstrip().startswith("oom-supervisor.")]
     for line in reversed(lines):
         if line.strip() and _ERROR_LINE.search(line):
+            if _LAUNCHER_WRAPPER.search(line):
+                # torchrun's ChildFailedError (or a launcher's CalledProcessError) only says a
+                # worker failed: the worker's own exception, further up, says why.
+                return _worker_exception(lines) or line.strip()
             return line.strip()
     last = next((line.strip() for line in reversed(lines) if line.strip()), None)
     if exit_code is not None and exit_code < 0:

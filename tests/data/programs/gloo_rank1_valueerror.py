@@ -1,0 +1,21 @@
+# ruff: noqa: INP001, T201, EM101, TRY003 - a standalone program the tests' recordings came from
+"""Two gloo ranks; rank 1 raises a ValueError after one all-reduce (a bug, not memory).
+
+Recorded with `OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 --master_port 29612 THIS` into
+tests/data/tails/torchrun_rank1_valueerror.txt (see the README there).
+"""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+t = torch.ones(1)
+dist.all_reduce(t)
+if rank == 1:
+    raise ValueError("bad value in the data collator")
+time.sleep(1)
+dist.all_reduce(t)
+print("done", rank)

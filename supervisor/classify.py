@@ -349,8 +349,13 @@ def classify(outcome: Outcome) -> Verdict:
             return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=evidence)
         return Verdict(kind=VerdictKind.FATAL,
                        evidence="killed by SIGKILL from outside, with no OOM-killer evidence")
+    cause = _rank_cause(lines)
+    if cause is not None:
+        # A rank's own error (a bug, a bad input) beside its peers' "connection reset": the
+        # same config would fail again, so it is fatal, whatever the peers say.
+        return Verdict(kind=VerdictKind.FATAL, evidence=cause)
     for line in reversed(lines):
-        if any(rule.pattern.search(strip_launcher_prefix(line)) for rule in TRANSIENT_RULES):
+        if _is_transient(line):
             return Verdict(kind=VerdictKind.TRANSIENT, evidence=line.strip())
     return Verdict(kind=VerdictKind.FATAL, evidence=_error_line(lines, outcome.exit_code))
 
@@ -400,8 +405,36 @@ _WORKER_FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank: \d+")
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)\b")
 
 
+# What a rank prints when a PEER died: its symptom, never the cause (gloo's pair.cc "Connection
+# closed by peer ... typically caused by a remote worker crashing", recorded in
+# tests/data/tails/torchrun_rank1_valueerror_peer.txt; resets and broken pipes likewise).
+_PEER_SYMPTOM = re.compile(r"Connection (?:closed|reset) by peer|remote worker crash|"
+                           r"Broken pipe|DistBackendError")
+
+
+def _is_transient(line: str) -> bool:
+    stripped = strip_launcher_prefix(line)
+    return any(rule.pattern.search(stripped) for rule in TRANSIENT_RULES)
+
+
+def _rank_cause(lines: list[str]) -> str | None:
+    """A labelled rank's own exception that is neither a peer's symptom nor transient."""
+    for line in reversed(lines):
+        if not launcher_of(line):
+            continue
+        stripped = strip_launcher_prefix(line)
+        if (_EXCEPTION.match(stripped) and not _LAUNCHER_WRAPPER.search(stripped)
+                and not _PEER_SYMPTOM.search(stripped) and not _is_transient(line)):
+            return line.strip()
+    return None
+
+
 def _worker_exception(lines: list[str]) -> str | None:
-    """The last exception line a worker printed (behind its launcher label), if any."""
+    """The last exception line a worker printed (behind its launcher label), if any: its own
+    error before a peer's symptom of it."""
+    found = _rank_cause(lines)
+    if found is not None:
+        return found
     for line in reversed(lines):
         stripped = strip_launcher_prefix(line)
         if _EXCEPTION.match(stripped) and not _LAUNCHER_WRAPPER.search(stripped):

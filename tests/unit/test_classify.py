@@ -56,6 +56,7 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("srun_label_rank1_device_budget_oom.txt", 1, VerdictKind.OOM, OomKind.TORCH),
     ("torchrun_rank1_sigkill.txt", 1, VerdictKind.FATAL, None),
     ("torchrun_rank1_valueerror.txt", 1, VerdictKind.FATAL, None),
+    ("torchrun_rank1_valueerror_peer.txt", 1, VerdictKind.FATAL, None),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:
@@ -128,8 +129,10 @@ def test_a_launchers_sigkilled_worker_with_oom_killer_evidence_is_a_host_oom() -
 
 def test_fatal_evidence_behind_torchrun_is_the_workers_own_error() -> None:
     """torchrun's ChildFailedError only says a worker failed: the evidence is why it did."""
-    assert verdict_of("torchrun_rank1_valueerror.txt", 1).evidence == (
-        "[rank1]: ValueError: bad value in the data collator")
+    for name in ("torchrun_rank1_valueerror.txt", "torchrun_rank1_valueerror_peer.txt"):
+        # (the second also holds rank 0's "Connection closed by peer": the symptom, not why)
+        assert verdict_of(name, 1).evidence == (
+            "[rank1]: ValueError: bad value in the data collator"), name
     # A worker that printed no exception (SIGKILL): torchrun's line naming it and its exit code.
     evidence = verdict_of("torchrun_rank1_sigkill.txt", 1).evidence or ""
     assert "failed (exitcode: -9) local_rank: 1" in evidence

@@ -335,9 +335,9 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.FATAL, evidence=(
             "the attempt's wrapper died without writing its exit status" if outcome.wrapper_died
             else "the attempt ended while no supervisor watched it and left no exit status"))
-    worker = _killed_worker(lines)
-    if (worker is not None and outcome.kernel_oom_kills > 0 and outcome.exit_code != 0
-            and not outcome.killed_by_supervisor):
+    worker = (_killed_worker(lines) if outcome.kernel_oom_kills > 0
+              and not outcome.killed_by_supervisor else None)
+    if worker is not None and outcome.exit_code != 0:
         # A launcher (torchrun, srun) outlived the worker the kernel's OOM killer took.
         evidence = (f"{worker}; the kernel's OOM killer fired {outcome.kernel_oom_kills} "
                     "time(s) in this cgroup")
@@ -430,11 +430,8 @@ def _rank_cause(lines: list[str]) -> str | None:
 
 
 def _worker_exception(lines: list[str]) -> str | None:
-    """The last exception line a worker printed (behind its launcher label), if any: its own
-    error before a peer's symptom of it."""
-    found = _rank_cause(lines)
-    if found is not None:
-        return found
+    """The last exception line a worker printed, if any (classify has already taken a rank's
+    own error, `_rank_cause`, before it got here: what is left is a symptom or unlabelled)."""
     for line in reversed(lines):
         stripped = strip_launcher_prefix(line)
         if _EXCEPTION.match(stripped) and not _LAUNCHER_WRAPPER.search(stripped):

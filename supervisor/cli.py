@@ -320,21 +320,35 @@ def split_log_format(argv: Sequence[str]) -> tuple[str | None, list[str]]:
         if word.startswith("--log-format="):
             fmt, i = word.split("=", 1)[1], i + 1
             continue
-        if word == "--watch" and (i + 1 >= len(words) or not _is_number(words[i + 1])):
-            # `status --watch runs/x`: the folder is the run, not the refresh interval.
-            rest.append(f"--watch={WATCH_DEFAULT_S:g}")
-            i += 1
-            continue
-        if (word in _VALUED and i + 1 < len(words)
-                and re.match(r"-\.?\d", words[i + 1])):
-            # `--device-memory -5GiB`: a value, so that it is refused for what it is (negative)
-            # rather than read by argparse as an unknown option.
-            rest.append(f"{word}={words[i + 1]}")
-            i += 2
-            continue
         rest.append(word)
         i += 1
     return fmt, rest
+
+
+def attach_values(argv: Sequence[str]) -> list[str]:
+    """Before `--`, each of our numeric options joined to a value argparse would misread.
+
+    `status --watch runs/x`: the folder is the run, not the refresh interval (`--watch=2`);
+    `--device-memory -5GiB`: a (negative) value, refused for what it is, not taken by argparse
+    for an unknown option.
+    """
+    words, rest = list(argv), list[str]()
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            return rest + words[i:]
+        following = words[i + 1] if i + 1 < len(words) else None
+        if word == "--watch" and (following is None or not _is_number(following)):
+            rest.append(f"--watch={WATCH_DEFAULT_S:g}")
+            i += 1
+        elif word in _VALUED and following is not None and re.match(r"-\.?\d", following):
+            rest.append(f"{word}={following}")
+            i += 2
+        else:
+            rest.append(word)
+            i += 1
+    return rest
 
 
 def _is_number(text: str) -> bool:
@@ -357,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _guard_std_streams()
     parser = build_parser()
     fmt, words = split_log_format(sys.argv[1:] if argv is None else argv)
+    words = attach_values(words)
     if fmt is not None and fmt not in LOG_FORMATS:
         parser.error(f"argument --log-format: invalid choice: {fmt!r} (choose from "
                      f"{', '.join(LOG_FORMATS)})")

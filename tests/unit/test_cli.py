@@ -125,10 +125,10 @@ def test_status_watch_then_a_run_folder_reads_the_folder_as_the_run(
     """`status --watch runs/x`: the folder is the run (not the interval); a finished run is
     drawn once and the command ends."""
     run = Path(__file__).parent.parent / "data" / "runs" / "demo-70"
-    assert cli.split_log_format(["status", "--watch", str(run)]) == (
-        None, ["status", "--watch=2", str(run)])
-    assert cli.split_log_format(["status", "--watch", "5", str(run)]) == (
-        None, ["status", "--watch", "5", str(run)])
+    assert cli.attach_values(["status", "--watch", str(run)]) == (
+        ["status", "--watch=2", str(run)])
+    assert cli.attach_values(["status", "--watch", "5", str(run)]) == (
+        ["status", "--watch", "5", str(run)])
     code, out, err = run_cli(capsys, "status", "--watch", str(run))
     assert (code, err) == (0, "")
     assert "supervisor ended" in out

@@ -6,6 +6,7 @@ import re
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from supervisor._compat import StrEnum
 
@@ -21,6 +22,9 @@ class VerdictKind(StrEnum):
     `interrupted`: the supervisor was told to stop; the attempt's tree is ended and recorded.
     `hang`: the watchdog ended an attempt that ran past its time limit or fell silent; it is
     retried like a transient failure (a rank stuck in a collective), bounded the same way.
+    `lost`: the attempt's wrapper died without an exit status (a reboot, a preemption, a
+    `kill -9` of its group) while no supervisor watched: nothing the command did; it is run
+    again from the newest checkpoint, outside the retry budget.
     """
 
     FITS = "fits"
@@ -29,6 +33,7 @@ class VerdictKind(StrEnum):
     FATAL = "fatal"
     INTERRUPTED = "interrupted"
     HANG = "hang"
+    LOST = "lost"
 
 
 class OomKind(StrEnum):
@@ -215,6 +220,15 @@ class Outcome:
     """The attempt's wrapper was gone with no exit status written (a resumed supervisor saw)."""
     escaped: tuple[str, ...] = ()
     """Processes that had left the attempt's tree (found by the environment marker, ended)."""
+    ended_at: float | None = None
+    """Wall time the command itself ended (when its status was written, if no one watched)."""
+    progress: dict[str, Any] | None = None
+    """The trainer's own progress as it streamed (trainer_output.Tracker.summary)."""
+    watchdog: str | None = None
+    """The silence limit in force at the end, and how it was chosen."""
+    failed_task: str | None = None
+    """The launcher's line for a task that failed while its peers lived (the attempt was
+    ended after a grace for it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -332,7 +346,9 @@ def classify(outcome: Outcome) -> Verdict:
     if outcome.hung is not None:
         return Verdict(kind=VerdictKind.HANG, evidence=f"the watchdog ended it: it {outcome.hung}")
     if outcome.exit_code is None:
-        return Verdict(kind=VerdictKind.FATAL, evidence=(
+        # Nothing the command did: its wrapper is gone (reboot, preemption, kill -9 of the
+        # group). The run goes on from the newest checkpoint.
+        return Verdict(kind=VerdictKind.LOST, evidence=(
             "the attempt's wrapper died without writing its exit status" if outcome.wrapper_died
             else "the attempt ended while no supervisor watched it and left no exit status"))
     worker = (_killed_worker(lines) if outcome.kernel_oom_kills > 0

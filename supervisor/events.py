@@ -260,6 +260,16 @@ class AttemptFinished(Event):
     escaped: Sequence[str] = ()
     """Processes found only by the attempt's marker, outside its tree (left by a daemon)."""
     wrapper_died: bool = False
+    ended_at: float | None = None
+    """Wall time the command itself ended (before the tree kill, drain and GPU release wait;
+    for an attempt that ended while no supervisor watched, when its status was written)."""
+    progress: Mapping[str, Any] | None = None
+    """The trainer's own progress as it streamed (progress.Tracker.summary): the highest step,
+    the total, timed samples [[step, wall time]], when training began, the longest gap."""
+    checkpoint_times: Sequence[Sequence[float]] = ()
+    """[step, wall time] of each checkpoint this attempt wrote (its trainer_state.json mtime)."""
+    watchdog: str | None = None
+    """The silence limit in force when the attempt ended, and how it was chosen."""
 
     def to_verdict(self) -> Verdict:
         """The verdict as the policy sees it."""
@@ -319,6 +329,13 @@ class RetryScheduled(Event):
     KIND: ClassVar[str] = "transient.retrying"
     attempt: int
     delay_s: float
+    retry: int = 0
+    """The retry's number in its failure streak (1 = the first retry after a failure)."""
+    verdict: str | None = None
+    """What the failure was (transient, hang, lost)."""
+    checkpoint: str | None = None
+    """The checkpoint the retry continues from (None: fresh)."""
+    step: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

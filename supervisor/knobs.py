@@ -78,6 +78,10 @@ class Knobs:
             values["finetuning_type"] = FinetuningType(values["finetuning_type"])
         return cls(**values)
 
+    def without_progress(self) -> Knobs:
+        """The config alone: the same knobs with no checkpoint to continue from."""
+        return dataclasses.replace(self, resume_from_checkpoint=None)
+
     def diff(self, other: Knobs) -> dict[str, tuple[Any, Any]]:
         """Fields whose value differs, as name -> (self's, other's)."""
         return {

@@ -18,20 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import psutil
 import structlog
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_result,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
+from tenacity import RetryCallState, wait_exponential
 
-from supervisor import checkpoints, report, runner, trainer_output
+from supervisor import checkpoints, progress, report, runner, trainer_output
 from supervisor._compat import StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
@@ -71,6 +64,7 @@ from supervisor.plan import START, next_runnable
 from supervisor.policy import GiveUp, Ladder, Step, next_step
 from supervisor.runconfig import build_config
 from supervisor.secrets import Redactor
+from supervisor.trainer_output import Watchdog
 
 log = structlog.get_logger(__name__)
 E = TypeVar("E", bound=Event)
@@ -113,7 +107,9 @@ STATUS_EXIT: Mapping[RunStatus, ExitCode] = {
     RunStatus.FATAL: ExitCode.FATAL, RunStatus.TRANSIENT: ExitCode.TRANSIENT,
     RunStatus.HANG: ExitCode.TRANSIENT, RunStatus.INTERRUPTED: ExitCode.INTERRUPTED,
 }
-_RETRIED = (VerdictKind.TRANSIENT, VerdictKind.HANG)
+_RETRIED = progress.RETRIED
+_BACKOFF = wait_exponential(multiplier=2, min=1, max=60)
+"""tenacity's exponential backoff, applied to a failure streak's retry number."""
 
 
 class Predictor(Protocol):
@@ -221,6 +217,8 @@ class View:
     stop_on_held: bool = False
     stopping: bool = False
     retries: int = 0
+    refusal: str | None = None
+    """Why the last failure was not retried (its streak's budget), if it was not."""
 
 
 def decide(view: View, verdict: Verdict) -> Decision:
@@ -231,11 +229,17 @@ def decide(view: View, verdict: Verdict) -> Decision:
             "the policy says stop ([gpu] on_held_memory)"))
     if verdict.kind is VerdictKind.FITS:
         return Finish(status=RunStatus.FITTED)
+    if verdict.kind in _RETRIED and view.stopping:
+        return Finish(status=RunStatus.INTERRUPTED,
+                      reason="stopped by signal before the retry")
     if verdict.kind is not VerdictKind.OOM:
         reason = verdict.evidence
         if verdict.kind in _RETRIED:
-            reason = (f"still failing after {view.retries} retries on the same config: {reason}")
-        return Finish(status=RunStatus(str(verdict.kind)), reason=reason)
+            why = view.refusal or f"still failing after {view.retries} retries on the same config"
+            reason = f"{why}: {reason}"
+        status = (RunStatus.TRANSIENT if verdict.kind is VerdictKind.LOST
+                  else RunStatus(str(verdict.kind)))
+        return Finish(status=status, reason=reason)
     if view.attempts_done >= view.budget:
         return Finish(status=RunStatus.EXHAUSTED, reason=(
             f"the attempt budget of {view.budget} is spent and the last config still runs out "
@@ -269,6 +273,8 @@ class _Live:
     memory: Memory
     events: list[Event]
     log: Any
+    refusal: str | None = None
+    """Why the last retried failure was not retried again (progress.retry_refusal)."""
 
     def state(self) -> RunState:
         """The run as its journal tells it so far (the same replay resume uses)."""
@@ -278,7 +284,7 @@ class _Live:
         return View(attempts_done=state.done, budget=self.config.max_attempts, held=state.held,
                     stop_on_held=self.ladder.on_held_memory == "stop",
                     stopping=self.stop.graceful.is_set(),
-                    retries=self.ladder.transient_retries)
+                    retries=self.ladder.transient_retries, refusal=self.refusal)
 
 
 _QUIET_FIELDS = frozenset({"knobs", "argv", "config", "changed", "checkpoints_before",
@@ -442,7 +448,8 @@ def _drive(live: _Live, *, first: tuple[Knobs, str | None] | None) -> RunResult:
         last = state.history[-1]
         knobs, verdict = last.knobs, last.verdict
         if verdict.kind in _RETRIED:
-            verdict = _attempt_with_retries(live, knobs, last.rung)
+            # resume after a failure: the same streak, the same budget, the backoff journaled
+            verdict = _attempt_with_retries(live, knobs, last.rung, failed=verdict)
     while True:
         state = live.state()
         decision = decide(live.view(state), verdict)
@@ -454,7 +461,7 @@ def _drive(live: _Live, *, first: tuple[Knobs, str | None] | None) -> RunResult:
                                         skipped=step.skipped))
             return _finish(live, Finish(status=RunStatus.EXHAUSTED, reason=step.reason),
                            spent=step.spent)
-        new = _with_checkpoint(live, step)
+        new = _from_newest(live, step.knobs)
         _emit(live, LadderStepped(after_attempt=state.done, next_attempt=state.done + 1,
                                   rung=step.rung, changed=_changes(knobs, new),
                                   restored=step.restored, skipped=step.skipped, note=step.note))
@@ -508,35 +515,52 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
     return candidate
 
 
-def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
-    """Transient failures retry the *same* knobs; walking the ladder is policy's job."""
+def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,
+                          failed: Verdict | None = None) -> Verdict:
+    """Run `knobs`; a transient failure, a hang or a lost attempt runs them again.
 
-    def before_retry(retry_state: RetryCallState) -> None:
-        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        _emit(live, RetryScheduled(attempt=live.state().done, delay_s=round(delay, 2)))
-
-    def pause(seconds: float) -> None:
-        live.sleep(seconds)  # Event.wait in the CLI: a signal cuts the backoff short
-
-    retrying = Retrying(
-        retry=retry_if_result(lambda v: v.kind in _RETRIED
-                              and live.state().done < live.config.max_attempts
-                              and not live.stop.graceful.is_set()),
-        stop=stop_after_attempt(live.ladder.transient_retries + 1)
-        | stop_after_delay(live.ladder.transient_max_delay_s),
-        wait=wait_exponential(multiplier=2, min=1, max=60),
-        sleep=pause,
-        before_sleep=before_retry,
-        retry_error_callback=_last_result,
-    )
-    return retrying(_attempt, live, knobs, rung)
-
-
-def _last_result(retry_state: RetryCallState) -> Verdict:
-    """Out of retries: the last verdict stands (tenacity would raise RetryError instead)."""
-    assert retry_state.outcome is not None  # noqa: S101 - tenacity sets it before calling
-    verdict: Verdict = retry_state.outcome.result()
+    Each retry starts from the newest checkpoint the config can load (journaled), after
+    tenacity's exponential backoff (journaled with the retry's number and checkpoint). The
+    budget is the failure streak's (`progress.streak`): `[transient] retries` failures and
+    `max_delay_s` counted from the streak's first failure, so a failure ten hours into
+    training is retried like one ten seconds in, and an attempt that made progress starts a
+    new streak. The streak is read from the journal, so `resume` neither resets nor skips it.
+    A lost attempt (its wrapper died with no status) is re-run outside that budget.
+    `failed`: the last attempt already failed this way (resume): start with the retry.
+    """
+    verdict = failed if failed is not None else _attempt(live, knobs, rung)
+    live.refusal = None
+    while verdict.kind in _RETRIED:
+        state = live.state()
+        if live.stop.graceful.is_set() or state.done >= live.config.max_attempts:
+            return verdict
+        current = progress.streak(state.attempts)
+        lost = verdict.kind is VerdictKind.LOST
+        refusal = progress.retry_refusal(current, retries=live.ladder.transient_retries,
+                                         window_s=live.ladder.transient_max_delay_s,
+                                         now=time.time(), lost=lost)
+        if refusal is not None:
+            live.refusal = refusal
+            return verdict
+        knobs = _from_newest(live, knobs)
+        delay = 0.0 if lost else float(_BACKOFF(cast("RetryCallState", _Nth(current.failures))))
+        _emit(live, RetryScheduled(
+            attempt=state.done, delay_s=round(delay, 2), retry=current.failures + current.lost,
+            verdict=str(verdict.kind), checkpoint=knobs.resume_from_checkpoint,
+            step=progress.step_of(knobs.resume_from_checkpoint)))
+        if delay:
+            live.sleep(delay)  # Event.wait in the CLI: a signal cuts the backoff short
+        if live.stop.graceful.is_set():
+            return verdict
+        verdict = _attempt(live, knobs, rung)
     return verdict
+
+
+@dataclass(frozen=True, slots=True)
+class _Nth:
+    """What tenacity's wait strategies read of a retry: its number."""
+
+    attempt_number: int
 
 
 def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
@@ -555,7 +579,7 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
     def spawned(proc: runner.Spawned) -> None:
         _emit(live, AttemptSpawned(attempt=number, pid=proc.pid, create_time=proc.create_time))
 
-    outcome = live.run_attempt(_spec(live, attempt_dir, rendered, on_spawn=spawned))
+    outcome = live.run_attempt(_spec(live, attempt_dir, rendered, knobs, on_spawn=spawned))
     return _record(live, started, outcome)
 
 
@@ -565,7 +589,7 @@ def _env_set(live: _Live, rendered: Command) -> dict[str, str]:
     return {k: v for k, v in rendered.env if own.get(k) != v}
 
 
-def _spec(live: _Live, attempt_dir: Path, rendered: Command,
+def _spec(live: _Live, attempt_dir: Path, rendered: Command, knobs: Knobs | None = None,
           on_spawn: Callable[[runner.Spawned], None] | None = None) -> runner.AttemptSpec:
     gpu = live.memory.gpu
     argv = rendered.argv
@@ -577,6 +601,10 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command,
         log_dir=attempt_dir,
         stop=live.stop, echo=live.echo, timeout_s=live.ladder.attempt_timeout_s,
         stall_s=live.ladder.stall_timeout_s,
+        watchdog=Watchdog(fixed_s=live.ladder.stall_timeout_s,
+                          startup_s=live.ladder.startup_timeout_s,
+                          factor=live.ladder.stall_factor, floor_s=live.ladder.stall_floor_s),
+        activity_dir=checkpoints.folder(knobs.output_dir if knobs else None, live.command.cwd),
         # Unique across runs (two runs may share a run id in different folders): the tree
         # kill ends every process carrying it.
         marker=str(attempt_dir.resolve()),
@@ -615,17 +643,26 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         # Any HF-style trainer: its newest checkpoint says how far it got.
         resumed_from = checkpoints.step_of(knobs.resume_from_checkpoint)
         steps = {"steps": max(step for _, step in wrote), "resumed_from_step": resumed_from}
+    duration = outcome.duration_s
+    record = live.state().attempt(number)
+    if outcome.adopted and outcome.ended_at and record is not None:
+        # Followed after a resume: its duration counts from its own start, not the adoption.
+        began = record.spawned.create_time if record.spawned else started.ts
+        duration = round(max(duration, outcome.ended_at - began), 3)
+    times = [[step, round(after[path] / 1e9, 3)] for path, step in wrote if path in after]
     _emit(live, AttemptFinished(
         attempt=number, verdict=str(verdict.kind),
         oom_kind=str(verdict.oom_kind) if verdict.oom_kind else None,
         evidence=evidence, numbers=numbers_of(verdict), exit_code=outcome.exit_code,
-        duration_s=outcome.duration_s, killed_by_supervisor=outcome.killed_by_supervisor,
+        duration_s=duration, killed_by_supervisor=outcome.killed_by_supervisor,
         adopted=outcome.adopted, kill_s=outcome.kill_s, peak_mib=measured.peak_mib,
         peak_source=measured.peak_source, trained_steps=steps,
         checkpoints=[[path, step] for path, step in wrote],
         gpu_peak_mib=outcome.gpu_peak_mib, gpu_release=outcome.release, calibration=ratio,
         predicted_mib=round(prediction.peak_mib, 1) if prediction else None,
         escaped=outcome.escaped, wrapper_died=outcome.wrapper_died,
+        ended_at=outcome.ended_at, progress=outcome.progress, checkpoint_times=times,
+        watchdog=outcome.watchdog,
     ))
     return verdict
 
@@ -646,19 +683,23 @@ def _calibrate(live: _Live, knobs: Knobs, verdict: Verdict, peak_mib: float | No
     return None
 
 
-def _with_checkpoint(live: _Live, step: Step) -> Knobs:
-    """Resume from the newest checkpoint the new config can load; say so either way."""
+def _from_newest(live: _Live, knobs: Knobs) -> Knobs:
+    """`knobs` continuing from the newest checkpoint they can load; say so either way.
+
+    Every new attempt starts here, whatever ended the last one: a ladder step, a retry after a
+    transient failure, a hang or a lost attempt, a resume.
+    """
     state = live.state()
-    choice = checkpoints.choose(state.checkpoints, step.knobs)
+    choice = checkpoints.choose(state.checkpoints, knobs)
     if choice.checkpoint is not None:
         chosen = choice.checkpoint
         _emit(live, CheckpointResumed(attempt=state.done + 1, checkpoint=chosen.path,
                                       step=chosen.step))
-        return dataclasses.replace(step.knobs, resume_from_checkpoint=chosen.path)
+        return dataclasses.replace(knobs, resume_from_checkpoint=chosen.path)
     if choice.passed_over is not None:
         _emit(live, CheckpointSkipped(attempt=state.done + 1, checkpoint=choice.passed_over.path,
                                       step=choice.passed_over.step, reason=choice.reason or ""))
-    return dataclasses.replace(step.knobs,
+    return dataclasses.replace(knobs,
                                resume_from_checkpoint=live.config.start.resume_from_checkpoint)
 
 
@@ -691,7 +732,7 @@ def _settle_orphan(live: _Live, pending: AttemptRecord, orphan: str,
     """
     attempt_dir = live.run_dir / pending.started.log_dir
     rendered = live.dialect.render(live.command, pending.knobs, attempt_dir)
-    spec = _spec(live, attempt_dir, rendered)
+    spec = _spec(live, attempt_dir, rendered, pending.knobs)
     spawned: runner.Spawned | None = (
         runner.Spawned(pid=pending.spawned.pid, create_time=pending.spawned.create_time)
         if pending.spawned is not None else find_leader(spec.marker))

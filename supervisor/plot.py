@@ -84,3 +84,55 @@ def write(path: Path, data: Mapping[str, Any]) -> Path | None:
     fig.savefig(tmp)
     tmp.replace(path)
     return path
+
+
+TIME_COLOURS: Mapping[str, str] = {
+    "kept": "#2e7d32", "startup": "#90a4ae", "oom": "#c62828", "retrained": "#f9a825",
+    "hang": "#ef6c00", "failed": "#6a1b9a", "backoff": "#8d6e63", "gpu_wait": "#0277bd",
+    "down": "#212121", "interrupted": "#757575", "supervisor": "#bdbdbd",
+}
+"""Segment colour per cause in goodput.png."""
+
+
+def time_figure(data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a matplotlib Figure (optional)
+    """goodput.png: the run's wall time as one bar, training kept first, then badput by cause."""
+    import matplotlib as mpl  # noqa: PLC0415
+
+    mpl.use("Agg")
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    good = data["goodput"]
+    parts = [("kept", "training kept", float(good["productive_s"]))]
+    labels = dict(good.get("labels") or {})
+    parts += [(cause, labels.get(cause, cause), float(seconds))
+              for cause, seconds in good["badput_s"].items() if seconds > 0]
+    wall = float(good["wall_s"]) or 1.0
+    fig = Figure(figsize=(8, 3.2), dpi=100)
+    ax = fig.add_subplot()
+    left = 0.0
+    for cause, label, seconds in parts:
+        share = 100 * seconds / wall
+        ax.barh([0], [share], left=left, color=TIME_COLOURS.get(cause, "#9e9e9e"),
+                label=f"{label} ({share:.1f} %)", gid=cause)
+        left += share
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_xlabel("% of the run's wall time")
+    ax.set_title(f"run {data.get('run_id')}: goodput {100 * float(good['goodput']):.1f} %",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3)
+    fig.subplots_adjust(left=0.03, right=0.97, top=0.88, bottom=0.5)
+    return fig
+
+
+def write_time(path: Path, data: Mapping[str, Any]) -> Path | None:
+    """Save goodput.png (atomically); None without matplotlib or with no time to show."""
+    good = data.get("goodput")
+    if not good or not good.get("wall_s") or not available():
+        return None
+    fig = time_figure(data)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+

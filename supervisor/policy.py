@@ -63,7 +63,15 @@ class Ladder:
     attempt_timeout_s: float | None = None
     """Wall-clock limit of one attempt ([watchdog] attempt_timeout_s; none by default)."""
     stall_timeout_s: float | None = None
-    """Longest silence of an attempt before it counts as hung ([watchdog] stall_timeout_s)."""
+    """A fixed longest silence before an attempt counts as hung ([watchdog] stall_timeout_s);
+    when set it wins over the limit learnt from the run's cadence."""
+    startup_timeout_s: float | None = 1800.0
+    """Silence allowed before the first training step ([watchdog] startup_timeout_s)."""
+    stall_factor: float = 10.0
+    """Once training has begun: a hang is a silence this many times the longest gap the run
+    has shown ([watchdog] stall_factor; 0 turns the learnt limit off)."""
+    stall_floor_s: float = 120.0
+    """...and never less than this ([watchdog] stall_floor_s)."""
     release_wait_s: float = 60.0
     """How long to wait after an attempt for its GPU memory to come back ([gpu])."""
     on_held_memory: str = "continue"
@@ -366,7 +374,8 @@ def _summary(knobs: Knobs) -> str:
 
 _TOP_KEYS = frozenset({"name", "description", "max_attempts", "speed_before_quality",
                        "keep_quality", "transient", "watchdog", "gpu", "rung"})
-_WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s"})
+_WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s", "startup_timeout_s",
+                            "stall_factor", "stall_floor_s"})
 _GPU_KEYS = frozenset({"release_wait_s", "on_held_memory"})
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
                         "restore", "cost", "when"})
@@ -471,6 +480,10 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
                                            f"{source}: transient.max_delay_s", minimum=0)),
         attempt_timeout_s=_optional_seconds(watchdog, "attempt_timeout_s", source),
         stall_timeout_s=_optional_seconds(watchdog, "stall_timeout_s", source),
+        startup_timeout_s=_optional_seconds({"startup_timeout_s": 1800, **watchdog},
+                                            "startup_timeout_s", source),
+        stall_factor=_non_negative(watchdog.get("stall_factor", 10), "stall_factor", source),
+        stall_floor_s=_non_negative(watchdog.get("stall_floor_s", 120), "stall_floor_s", source),
         release_wait_s=float(_whole(gpu.get("release_wait_s", 60), f"{source}: gpu.release_wait_s",
                                     minimum=0)),
         on_held_memory=on_held,
@@ -494,6 +507,14 @@ def _flag(table: Mapping[str, Any], key: str, source: str, *, default: bool = Tr
         msg = f"{source}: {key} must be true or false, not {value!r}"
         raise PolicyError(msg)
     return value
+
+
+def _non_negative(value: object, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 \
+            or value == math.inf:
+        msg = f"{source}: [watchdog] {key} must be a number >= 0, not {value!r}"
+        raise PolicyError(msg)
+    return float(value)
 
 
 def _optional_seconds(table: Mapping[str, Any], key: str, source: str) -> float | None:

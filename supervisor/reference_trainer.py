@@ -36,6 +36,15 @@ if TYPE_CHECKING:
     from supervisor._sim import PeakMemory
 
 RESULT_PREFIX = "reference-trainer.result"
+FAULTS_ENV = "REFERENCE_TRAINER_FAULTS"
+"""A night's accidents, for tests and benchmarks/night.py: `longer@K` (from optimizer step K
+on, every sample is cutoff_len long instead of half of it: the data gets longer, a real
+allocator failure under a memory budget), `hang@K` (after step K, silent for good),
+`transient@K` (after step K, torchelastic's RendezvousConnectionError). Each `hang`/`transient`
+fires once per output folder (remembered in `<output_dir>/.reference-trainer-faults`), so a
+retry goes past it, as after a real accident."""
+STEP_S_ENV = "REFERENCE_TRAINER_STEP_S"
+"""Seconds each optimizer step takes at least: a time-scaled night of real steps."""
 
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
@@ -296,13 +305,16 @@ def _apply_finetuning_type(
 
 
 class _SyntheticTokens:
-    """A map-style dataset of random token ids, each sample exactly cutoff_len long."""
+    """A map-style dataset of random token ids, each sample exactly cutoff_len long (half of it
+    while `short`: see FAULTS_ENV's `longer@K`)."""
 
-    def __init__(self, *, size: int, cutoff_len: int, vocab_size: int, seed: int) -> None:
+    def __init__(self, *, size: int, cutoff_len: int, vocab_size: int, seed: int,
+                 short: bool = False) -> None:
         self._size = size
         self._cutoff_len = cutoff_len
         self._vocab_size = vocab_size
         self._seed = seed
+        self.short = short
 
     def __len__(self) -> int:
         return self._size
@@ -312,7 +324,8 @@ class _SyntheticTokens:
 
         generator = torch.Generator().manual_seed(self._seed * 1_000_003 + index)
         # Ids start at 3: 0-2 are pad/bos/eos in the config.
-        ids = torch.randint(3, self._vocab_size, (self._cutoff_len,), generator=generator)
+        length = max(1, self._cutoff_len // 2) if self.short else self._cutoff_len
+        ids = torch.randint(3, self._vocab_size, (length,), generator=generator)
         return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
@@ -378,6 +391,58 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
         )
 
 
+def _faults(text: str) -> dict[str, int]:
+    """`hang@110,transient@150,longer@71` -> {"hang": 110, ...}; bad items are ignored."""
+    faults: dict[str, int] = {}
+    for item in text.split(","):
+        kind, _, step = item.strip().partition("@")
+        if kind in ("hang", "transient", "longer") and step.isdigit():
+            faults[kind] = int(step)
+    return faults
+
+
+def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa: ANN401
+    """The accidents of FAULTS_ENV and the step time of STEP_S_ENV, as a TrainerCallback."""
+    from transformers import TrainerCallback
+
+    faults = _faults(os.environ.get(FAULTS_ENV, ""))
+    step_s = float(os.environ.get(STEP_S_ENV, "0") or 0)
+    fired_file = Path(output_dir) / ".reference-trainer-faults"
+
+    def fire_once(kind: str) -> bool:
+        fired = fired_file.read_text(encoding="utf-8").split() if fired_file.is_file() else []
+        if kind in fired:
+            return False
+        fired_file.parent.mkdir(parents=True, exist_ok=True)
+        with fired_file.open("a", encoding="utf-8") as handle:
+            handle.write(kind + "\n")
+        return True
+
+    class Night(TrainerCallback):
+        def __init__(self) -> None:
+            self.began = time.monotonic()
+
+        def on_step_begin(self, *_: Any, **__: Any) -> None:  # noqa: ANN401 - HF's signature
+            self.began = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: ANN401, ARG002
+            spent = time.monotonic() - self.began
+            if step_s > spent:
+                time.sleep(step_s - spent)
+            step = state.global_step
+            if "longer" in faults:
+                dataset.short = step < faults["longer"]
+            if faults.get("hang") == step and fire_once("hang"):
+                time.sleep(10**7)  # silent for good: the supervisor's watchdog must see it
+            if faults.get("transient") == step and fire_once("transient"):
+                from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+                msg = "The connection to the C10d store has failed. See inner exception."
+                raise RendezvousConnectionError(msg)
+
+    return Night() if faults or step_s else None
+
+
 def _count_params(model: torch.nn.Module) -> tuple[int, int]:
     """Return (trainable, total) parameter counts."""
     total = trainable = 0
@@ -437,14 +502,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainable_params, total_params = _count_params(trainable_model)
 
     samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    longer_at = _faults(os.environ.get(FAULTS_ENV, "")).get("longer")
     dataset = _SyntheticTokens(
-        size=samples, cutoff_len=args.cutoff_len, vocab_size=config.vocab_size, seed=args.seed
+        size=samples, cutoff_len=args.cutoff_len, vocab_size=config.vocab_size, seed=args.seed,
+        short=longer_at is not None and _resumed_step(checkpoint) < longer_at,
     )
+    night = _night_callback(dataset, args.output_dir)
     trainer = Trainer(
         model=trainable_model,
         args=_training_arguments(args, cuda=cuda),
         train_dataset=dataset,
         data_collator=default_data_collator,
+        callbacks=[night] if night is not None else None,
     )
 
     if args.host_memory_cap is not None and capped:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from supervisor import progress
 from supervisor.events import AttemptRecord, Notified, RunConfig, RunState
 from supervisor.knobs import Knobs
 from supervisor.secrets import shell_word
@@ -85,6 +86,7 @@ def build(state: RunState) -> dict[str, Any]:
         "progress": [{k: v for k, v in p.to_record().items() if k not in ("v", "ts")}
                      for p in state.progress],
         "resumes": len(state.resumes),
+        "goodput": _goodput(state),
         "oom_verdicts": sum(1 for a in attempts if a["verdict"] == "oom"),
         "duration_s": round((end.ts if end else state.last_ts) - state.started_at, 3),
         "assumed": [k for k in _SHOWN_KNOBS if config.start_sources.get(k) == "assumed"],
@@ -93,6 +95,29 @@ def build(state: RunState) -> dict[str, Any]:
         "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error}
                      for e in state.events if isinstance(e, Notified)],
     }
+
+
+def _goodput(state: RunState, now: float | None = None) -> dict[str, Any] | None:
+    """Where the wall time went (progress.goodput), JSON-ready; None when it cannot be told."""
+    try:
+        measured = progress.goodput(state, now=now)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None  # a journal with odd progress fields: the rest of the report still stands
+    return {**measured.to_dict(), "labels": dict(progress.CAUSES)}
+
+
+def live_goodput(state: RunState, now: float) -> str | None:
+    """One line for `status` and the console: goodput so far and its largest badput."""
+    good = _goodput(state, now=None if state.finished else now)
+    if not good or not good.get("wall_s"):
+        return None
+    badput = sorted(good["badput_s"].items(), key=lambda kv: -kv[1])[:1]
+    worst = ", ".join(f"{progress.CAUSES.get(k, k)} {human_duration(v)}" for k, v in badput)
+    kept = good["steps"]["kept"]
+    held = "held by the newest checkpoint" if good.get("provisional") else "kept"
+    return (f"goodput {progress.describe_share(good['goodput'])} of "
+            f"{human_duration(good['wall_s'])}: {kept} steps {held}"
+            + (f"; lost to {worst}" if worst else ""))
 
 
 def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
@@ -195,6 +220,8 @@ def write(run_dir: Path, state: RunState) -> dict[str, Any]:
 
     if plot.write(run_dir / "memory.png", data) is not None:
         data["plot"] = "memory.png"
+    if plot.write_time(run_dir / "goodput.png", data) is not None:
+        data["time_plot"] = "goodput.png"
     _atomic(run_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
     _atomic(run_dir / "report.md", render_markdown(data))
     if data["final_command"]:
@@ -261,6 +288,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                    + ", ".join(f"{k} = {_cell(start.get(k))}" for k in data["assumed"]))
     out.append("")
     eb = data["effective_batch"]
+    out += _time_section(data)
     if data["final_knobs"]:
         out += _final_section(data, eb)
     if data.get("plot"):
@@ -276,11 +304,11 @@ def render_markdown(data: dict[str, Any]) -> str:
             label = f"{s['rung']} ({changed})" if s.get("rung") else "the command as given"
             out.append(f"- {label}: {s['reason']}")
     if data.get("progress"):
-        out += ["", "## Progress kept across OOMs", ""]
+        out += ["", "## Progress kept across attempts", ""]
         for p in data["progress"]:
             if p["event"] == "checkpoint.resumed":
                 out.append(f"- attempt {p['attempt']} resumed from `{p['checkpoint']}`: the "
-                           f"{p['step']} steps trained before the OOM were kept")
+                           f"{p['step']} steps trained before it were kept")
             else:
                 out.append(f"- attempt {p['attempt']} started fresh, not from "
                            f"`{p['checkpoint']}`: {p['reason']}")
@@ -315,6 +343,44 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
                  "`journal.jsonl`; the supervisor's own log: `supervisor.jsonl`."), ""]
     return "\n".join(out)
+
+
+def _time_section(data: dict[str, Any]) -> list[str]:
+    """"Where the time went": goodput, badput by cause, and every accident with its cost."""
+    good = data.get("goodput")
+    if not good or not good.get("wall_s"):
+        return []
+    wall, productive = good["wall_s"], good["productive_s"]
+    steps = good["steps"]
+    kept_words = ("held by the newest checkpoint (nothing has fitted yet)"
+                  if good.get("provisional") else "kept in the final model")
+    out = ["## Where the time went", "",
+           (f"Goodput **{progress.describe_share(good['goodput'])}**: "
+            f"{human_duration(productive)} of {human_duration(wall)} went into the "
+            f"{steps['kept']} steps {kept_words}; {steps['trained']} steps were trained in all"
+            + (f", {steps['retrained']} of them twice or thrown away." if steps["retrained"]
+               else ".")), ""]
+    if not good.get("measured"):
+        out += [("(Some attempt showed no step progress; its whole time is counted as "
+                "training.)"), ""]
+    if data.get("time_plot"):
+        out += [f"![where the time went]({data['time_plot']})", ""]
+    out += ["| where | time | share |", "| --- | ---: | ---: |",
+            (f"| training kept | {human_duration(productive)} | "
+            f"{progress.describe_share(productive / wall)} |")]
+    for cause, label in progress.CAUSES.items():
+        seconds = good["badput_s"].get(cause)
+        if seconds:
+            out.append(f"| {label} | {human_duration(seconds)} | "
+                       f"{progress.describe_share(seconds / wall)} |")
+    accidents = good.get("accidents") or []
+    if accidents:
+        out += ["", "What happened, and what it cost:", ""]
+        for a in accidents:
+            cost = f"cost {human_duration(a['cost_s'])}" if a["cost_s"] else "no time lost"
+            lost = f", {a['steps_lost']} steps trained and not kept" if a["steps_lost"] else ""
+            out.append(f"- {local_time(a['at'])} {a['what']}: {cost}{lost}")
+    return [*out, ""]
 
 
 def _final_section(data: dict[str, Any], eb: dict[str, Any]) -> list[str]:

@@ -5,8 +5,13 @@ redacts it, writes the attempt's capped log files and forwards every byte to the
 a pipe; then it writes the command's exit status to a file. So an attempt survives the
 supervisor being killed, and `resume` can adopt it (following the log files instead) and still
 learn how it ended. The verdict is built only after the streams are drained (the pipes close
-when the shim exits), and any byte counts as progress for the stall watchdog (a tqdm bar
-redraws with `\\r` and never ends a line).
+when the shim exits), and any byte counts as output for the stall watchdog (a tqdm bar
+redraws with `\\r` and never ends a line), as does a checkpoint being written. What counts as
+too long a silence is learnt from the trainer's own cadence (`trainer_output.Watchdog`).
+
+Under a launcher that does not end the peers of a failed task itself (`srun` with Slurm's
+default KillOnBadExit=0), a task that exited with an error ends the attempt's tree after a
+short grace, so its peers do not wait out a rendezvous or collective timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from supervisor import _wrap
 from supervisor.classify import Outcome, is_oom_line
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
+from supervisor.trainer_output import Tracker, Watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +63,14 @@ DRAIN_S = 60.0
 LOG_CAP_ENV = "OOM_SUPERVISOR_LOG_CAP_MIB"
 """Where the log cap can be set (MiB per stream, 0 keeps everything)."""
 WRAPPER_DIED = "the attempt's wrapper died without writing its exit status"
+FAILED_TASK_GRACE_S = 5.0
+"""After a launcher says a task exited with an error, how long its peers get to end alone."""
+_ACTIVITY_S = 2.0
+"""How often the output folder is looked at for a checkpoint being written."""
+# srun's own line for a task that ended badly while its step goes on (src/srun/srun_job.c /
+# launch.c: "%s: task %s: Exited with exit code %d", "...: Killed", "...: Terminated").
+_FAILED_TASK = re.compile(
+    r"srun: error: \S+: tasks? ([\d,\-\[\]]+): (Exited with exit code [1-9]\d*|Killed|Terminated)")
 
 
 class StopRequest:
@@ -95,7 +109,12 @@ class AttemptSpec:
     timeout_s: float | None = None
     """Wall-clock limit of the attempt; past it the tree is ended and the verdict is `hang`."""
     stall_s: float | None = None
-    """Longest silence allowed (no output byte); past it the tree is ended, verdict `hang`."""
+    """Longest silence allowed (no output byte); past it the tree is ended, verdict `hang`.
+    Used when `watchdog` is None (a fixed limit)."""
+    watchdog: Watchdog | None = None
+    """The silence that counts as a hang, learnt from the run's cadence (wins over stall_s)."""
+    activity_dir: Path | None = None
+    """The trainer's output folder: a checkpoint being written there is activity, not silence."""
     marker: str = ""
     on_spawn: Callable[[Spawned], None] | None = None
     redactor: Redactor = field(default_factory=Redactor)
@@ -225,13 +244,23 @@ class _Sink:
         self.abandon = False
         self.ended = False
         """Set when the attempt is over: a follower of a file stops at its end."""
+        self.tracker = Tracker()
+        self.failed_task: str | None = None
+        """srun's line for a task that exited with an error while its step goes on."""
+        self.failed_at: float | None = None
 
-    def feed(self, stream: int, chunk: bytes) -> None:
-        """Bytes of one stream, in order: any byte is progress (a tqdm redraw included)."""
+    def feed(self, stream: int, chunk: bytes, *, timed: bool = True) -> None:
+        """Bytes of one stream, in order: any byte is output (a tqdm redraw included).
+
+        `timed=False`: bytes written before this supervisor followed them (a log file's backlog
+        after `resume`): they say how far the trainer got, not that it is alive now.
+        """
         now = time.monotonic()
-        self.last_output = now
+        if timed:
+            self.last_output = now
+        self.tracker.feed(chunk, timed=timed)
         self.bytes_read += len(chunk)
-        if self.echo:
+        if self.echo and timed:
             self._echo(stream, chunk, now)
         lines = (self.partial[stream] + chunk).split(b"\n")
         rest = lines.pop()
@@ -252,17 +281,23 @@ class _Sink:
     def _take(self, lines: list[bytes]) -> None:
         if not lines:
             return
-        if not self.oom_seen.is_set():
-            text = b"\n".join(lines)
-            # Every OOM rule's text names memory or an allocation: skip the per-line rules on
-            # chunks without those words (a flood of 500 MB is mostly training chatter).
-            if any(hint in text.lower() for hint in _OOM_HINTS):
-                for raw in lines:
-                    line = _frame(raw)
-                    if self.is_oom(line):
-                        self.oom_line = line
-                        self.oom_seen.set()
-                        break
+        text = b"\n".join(lines)
+        if self.failed_task is None and b"srun: error" in text:
+            for raw in lines:
+                found = _FAILED_TASK.search(_frame(raw))
+                if found:
+                    self.failed_task = found.group(0)
+                    self.failed_at = time.monotonic()
+                    break
+        # Every OOM rule's text names memory or an allocation: skip the per-line rules on
+        # chunks without those words (a flood of 500 MB is mostly training chatter).
+        if not self.oom_seen.is_set() and any(hint in text.lower() for hint in _OOM_HINTS):
+            for raw in lines:
+                line = _frame(raw)
+                if self.is_oom(line):
+                    self.oom_line = line
+                    self.oom_seen.set()
+                    break
         with self.lock:
             self.tail.extend(_frame(raw) for raw in lines[-TAIL_LINES:])
 
@@ -307,6 +342,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         follower.start()
     killed = interrupted = died = False
     hung: str | None = None
+    failed: str | None = None
     kill_s: float | None = None
     tree = _Tree(spawned.pid, marker, env=spec.env)
     # dict.copy() is atomic under the GIL; the poll loop below adds pids while this samples.
@@ -314,7 +350,22 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     if sampler is not None:
         sampler.start()
     code = poll()
-    remembered = 0.0
+    ended_at: float | None = None
+    if code is not None and adopted:
+        # It ended while no supervisor watched: its status file says when.
+        with contextlib.suppress(OSError):
+            ended_at = (spec.log_dir / STATUS_FILE).stat().st_mtime
+    if adopted:
+        # Silence is counted from the last output the attempt wrote, not from the adoption.
+        age = _log_age_s(spec.log_dir)
+        if age != float("inf"):
+            sink.last_output = time.monotonic() - age
+            sink.tracker.last_output = time.time() - age
+    watchdog = spec.watchdog or (Watchdog(fixed_s=spec.stall_s, startup_s=None)
+                                 if spec.stall_s else None)
+    limit: tuple[float, str] | None = None
+    activity = _Activity(spec.activity_dir)
+    remembered = looked = 0.0
     while code is None:
         now = time.monotonic()
         if now - remembered > _REMEMBER_S:  # a /proc scan: not on every 50 ms tick
@@ -322,9 +373,16 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             remembered = now
             if adopted:  # the logs' tail segments grow while the log itself waits
                 sink.last_output = max(sink.last_output, now - _log_age_s(spec.log_dir))
+        if now - looked > _ACTIVITY_S:
+            looked = now
+            if activity.changed():  # a checkpoint being written is not silence
+                sink.last_output = max(sink.last_output, now)
+                sink.tracker.activity()
         if gone():
             died = True
+            ended_at = time.time() - min(_log_age_s(spec.log_dir), time.monotonic() - started)
             break
+        limit = watchdog.limit(sink.tracker) if watchdog is not None else None
         if sink.oom_seen.is_set() and not killed:
             seen_at = time.monotonic()
             log.info("oom.detected", line=spec.redactor.text(sink.oom_line or "")[:300],
@@ -339,11 +397,23 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
             hung = f"ran past its time limit of {spec.timeout_s:g} s"
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-        elif hung is None and spec.stall_s is not None and now - sink.last_output > spec.stall_s:
-            hung = f"printed nothing for {spec.stall_s:g} s (stalled)"
+        elif hung is None and limit is not None and now - sink.last_output > limit[0]:
+            hung = (f"printed nothing for {now - sink.last_output:.0f} s (stalled; the limit "
+                    f"was {limit[1]})")
+            if watchdog is not None and watchdog.fixed_s:
+                hung = f"printed nothing for {watchdog.fixed_s:g} s (stalled)"
+            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+        elif (failed is None and sink.failed_at is not None
+              and now - sink.failed_at > FAILED_TASK_GRACE_S):
+            # srun keeps the step alive when one task fails (KillOnBadExit=0): its peers
+            # would wait in the rendezvous or a collective until their own timeout.
+            failed = sink.failed_task
+            log.info("task.failed", line=failed, pid=spawned.pid)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         sink.oom_seen.wait(_POLL_S)
         code = poll()
+    if ended_at is None:
+        ended_at = time.time()
     # Stragglers: workers in sessions of their own outlive the leader.
     tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
     gpu_peak_mib: float | None = None
@@ -368,7 +438,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         duration_s=round(time.monotonic() - started, 3),
         tail=lines,
         oom_line=oom_line,
-        killed_by_supervisor=killed or hung is not None,
+        killed_by_supervisor=killed or hung is not None or failed is not None,
         interrupted=interrupted,
         hung=hung,
         kill_s=kill_s,
@@ -378,7 +448,37 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         adopted=adopted,
         wrapper_died=died,
         escaped=tuple(spec.redactor.text(e) for e in tree.escaped()),
+        ended_at=round(ended_at, 3),
+        progress=sink.tracker.summary(),
+        watchdog=limit[1] if limit is not None else None,
+        failed_task=failed,
     )
+
+
+class _Activity:
+    """Whether files in the trainer's output folder changed since last asked: the newest
+    `checkpoint-N` (or a temporary one being written) and the folder's own entries."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.seen: tuple[float, int] | None = None
+
+    def changed(self) -> bool:
+        if self.folder is None:
+            return False
+        newest = (0.0, 0)
+        with contextlib.suppress(OSError):
+            entries = list(self.folder.iterdir())
+            newest = max(newest, (self.folder.stat().st_mtime, len(entries)))
+            saving = [e for e in entries if e.name.startswith(("checkpoint-", "tmp-checkpoint"))]
+            if saving:
+                latest = max(saving, key=lambda e: e.stat().st_mtime)
+                for item in latest.iterdir():
+                    with contextlib.suppress(OSError):
+                        info = item.stat()
+                        newest = max(newest, (info.st_mtime, info.st_size))
+        before, self.seen = self.seen, newest
+        return before is not None and newest != before
 
 
 def _drain(followers: list[threading.Thread], sink: _Sink) -> None:
@@ -414,13 +514,15 @@ def _follow_file(path: Path, sink: _Sink, stream: int) -> None:
     status = path.with_name(STATUS_FILE)
     try:
         source = path.open("rb")
+        backlog = os.fstat(source.fileno()).st_size
     except OSError:
         return
     with source:
         while not sink.abandon:
             chunk = source.read(_CHUNK)
             if chunk:
-                sink.feed(stream, chunk)
+                # Written while no supervisor watched: how far it got, not when.
+                sink.feed(stream, chunk, timed=source.tell() > backlog)
                 continue
             if sink.ended or status.exists():  # the shim writes its status after the last byte
                 rest = source.read(_CHUNK)

@@ -73,6 +73,9 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
            (f"  started {report.local_time(state.started_at)}, "
             f"{report.human_duration(now() - state.started_at)} ago; "
             f"device {device}; policy {config.policy_name}")]
+    good = report.live_goodput(state, now())
+    if good is not None:
+        out.append(f"  {good}")
     if data["attempts"]:
         out += ["", report.render_table(data)]
     if pending is not None:

@@ -1,20 +1,37 @@
-"""What an attempt's own output says about it: its measured peak and how far it trained.
+"""What an attempt's own output says about it: its measured peak, how far it trained, and when.
 
-Two sources, both read from the tail of the output: the bundled reference trainer's result
+Read from the tail of the output after the attempt: the bundled reference trainer's result
 line (`reference-trainer.result {...}`), and the line the injected `--device-memory` code
 prints at exit for ANY Python trainer (`oom-supervisor.peak {...}`, see device_memory.py).
+
+Read while the attempt streams (`Tracker`): the trainer's own progress lines (tqdm's `n/N [`
+frame of the Hugging Face Trainer's bar, LLaMA-Factory's `current_steps`/`total_steps`, an HF
+log dict such as `{'loss': ...}` as a sign that training began), timed by wall clock, with the
+longest silence the trainer has shown since training began: its cadence, which the `Watchdog`
+turns into the silence that counts as a hang.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from supervisor import device_memory
+
+# tqdm's frame: "  40%|████      | 96/240 [03:10<04:45,  1.98s/it]". Only bars without a
+# description (the Trainer's training bar has none; "Writing model shards: 1/1 [" has one).
+_TQDM = re.compile(rb"(?:^|[\r\n])[ \t]*\d{1,3}%\|[^|\r\n]{0,400}\|[ \t]*(\d+)/(\d+) \[")
+# LLaMA-Factory's LogCallback line: {'current_steps': 12, 'total_steps': 240, ...}
+_LF_STEPS = re.compile(rb"""['"]current_steps['"]:\s*(\d+),\s*['"]total_steps['"]:\s*(\d+)""")
+# An HF Trainer log dict: training has begun even where no step number is printed.
+_LOG_DICT = (b"{'loss':", b'{"loss":', b"'train_runtime':", b'"train_runtime":')
 
 _RESULT_PREFIX = "reference-trainer.result "
 
@@ -78,3 +95,123 @@ def measure(tail: Sequence[str], log_dir: Path | None = None) -> Measured:
         resumed_from_step=int(resumed) if isinstance(resumed, int) else None,
         announced=injected.announced,
     )
+
+
+# --- the trainer's own progress, as it streams ----------------------------------------------
+
+class Tracker:
+    """Steps the trainer reports, with the wall time each was seen at, and its cadence.
+
+    Fed every chunk of output by the runner's followers (two threads: stdout, stderr). A chunk
+    read from a log file that was written before this supervisor followed it (`timed=False`,
+    after a `resume`) tells how far the trainer got, but not when: it sets no time and no gap.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.total: int | None = None
+        self.first: tuple[int, float] | None = None
+        """The first step seen completed while timed: (step, wall time)."""
+        self.last: tuple[int, float] | None = None
+        self.step: int | None = None
+        """The highest step seen, timed or not."""
+        self.began = False
+        """Training has begun (a step, or a log dict): the start-up allowance no longer holds."""
+        self.began_at: float | None = None
+        self.last_output: float | None = None
+        self.longest_gap_s = 0.0
+        """The longest silence between two outputs since training began."""
+
+    def feed(self, chunk: bytes, *, timed: bool = True, at: float | None = None) -> None:
+        """One chunk of output (any stream)."""
+        now = (at if at is not None else self.clock()) if timed else None
+        found = _last_step(chunk)
+        with self.lock:
+            if now is not None:
+                if self.began and self.last_output is not None:
+                    self.longest_gap_s = max(self.longest_gap_s, now - self.last_output)
+                self.last_output = now
+            if found is not None:
+                step, total = found
+                if self.total is None or total == self.total:
+                    self.total = total
+                    self._at_step(step, now)
+            elif any(mark in chunk for mark in _LOG_DICT):
+                self._began(now)
+
+    def _at_step(self, step: int, now: float | None) -> None:
+        if step > 0:
+            self._began(now)
+        if self.step is not None and step <= self.step:
+            return
+        self.step = step
+        if now is None or step == 0:
+            return
+        if self.first is None:
+            self.first = (step, now)
+        self.last = (step, now)
+
+    def _began(self, now: float | None) -> None:
+        if not self.began:
+            self.began = True
+            self.began_at = now
+
+    def activity(self, now: float | None = None) -> None:
+        """Something the trainer did that printed nothing (a checkpoint being written)."""
+        self.feed(b"", at=now)
+
+    def summary(self) -> dict[str, Any] | None:
+        """What the journal keeps of it (None when the trainer showed no progress)."""
+        with self.lock:
+            if self.step is None and not self.began:
+                return None
+            samples = [list(s) for s in dict.fromkeys(x for x in (self.first, self.last) if x)]
+            return {"step": self.step, "total": self.total, "samples": samples,
+                    "began_at": self.began_at, "longest_gap_s": round(self.longest_gap_s, 2)}
+
+
+def _last_step(chunk: bytes) -> tuple[int, int] | None:
+    """The last (step, total) a chunk of output reports, if any (cheap when it reports none)."""
+    found: tuple[int, int] | None = None
+    if b"%|" in chunk:
+        for match in _TQDM.finditer(chunk):
+            found = (int(match.group(1)), int(match.group(2)))
+    if b"current_steps" in chunk:
+        for match in _LF_STEPS.finditer(chunk):
+            found = (int(match.group(1)), int(match.group(2)))
+    return found
+
+
+# --- the watchdog ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Watchdog:
+    """When an attempt's silence is a hang (the policy's [watchdog] table).
+
+    `fixed_s` (the policy's `stall_timeout_s`) wins when set. Otherwise the run's own cadence
+    decides: before training begins, `startup_s` (model load, tokenisation, a first compile);
+    once it has begun, `factor` times the longest silence the trainer has shown since (a
+    checkpoint save or an evaluation is a long gap; a checkpoint being written also counts as
+    activity), and never less than `floor_s`.
+    """
+
+    fixed_s: float | None = None
+    startup_s: float | None = 1800.0
+    factor: float = 10.0
+    floor_s: float = 120.0
+
+    def limit(self, tracker: Tracker) -> tuple[float, str] | None:
+        """The silence that is a hang now, and how it was chosen (None: no limit)."""
+        if self.fixed_s:
+            return self.fixed_s, f"{self.fixed_s:g} s (stall_timeout_s)"
+        if not tracker.began:
+            if not self.startup_s:
+                return None
+            return self.startup_s, f"{self.startup_s:g} s before the first training step"
+        gap = tracker.longest_gap_s
+        learnt = self.factor * gap
+        if learnt <= self.floor_s:
+            return self.floor_s, (f"{self.floor_s:g} s, the floor (longest gap so far "
+                                  f"{gap:.1f} s)")
+        return learnt, f"{learnt:.0f} s, {self.factor:g}x the longest gap so far ({gap:.1f} s)"

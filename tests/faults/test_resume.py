@@ -61,6 +61,10 @@ def test_kill_9_then_resume_finishes_without_repeating_an_attempt(
         assert sorted(started) == [1, 2, 3]
         assert finished[3]["adopted"] is True
         assert finished[3]["verdict"] == "fits"
+        # Its duration counts from its own start, not from the adoption.
+        resumed_at = next(e["ts"] for e in after if e["event"] == "run.resumed")
+        spawned = next(e for e in after if e["event"] == "attempt.spawned" and e["attempt"] == 3)
+        assert finished[3]["duration_s"] >= resumed_at - spawned["create_time"]
     else:
         assert sorted(started) == [1, 2, 3, 4]
         assert finished[3]["verdict"] == "interrupted"

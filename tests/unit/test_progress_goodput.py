@@ -1,0 +1,207 @@
+"""Progress as the unit of work: the trainer's progress lines, the learnt watchdog, retry
+streaks and goodput, over output and journals recorded from real runs (tests/data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor import progress
+from supervisor.events import AttemptFinished, replay
+from supervisor.trainer_output import Tracker, Watchdog
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+NIGHT = DATA / "runs" / "night-small" / "journal.jsonl"
+
+
+def _night() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in NIGHT.read_text(encoding="utf-8").splitlines()]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tracker_reads_the_trainer_bar_and_ignores_the_save_bars() -> None:
+    """The real Trainer stderr: steps 1..3 of 3; "Writing model shards 1/1" is not a step."""
+    raw = (DATA / "tails" / "hf_trainer_progress_stderr.txt").read_bytes()
+    clock = Clock()
+    tracker = Tracker(clock=clock)
+    for i in range(0, len(raw), 97):  # chunks cut anywhere, as a pipe delivers them
+        clock.now += 0.1
+        tracker.feed(raw[i:i + 97])
+    summary = tracker.summary()
+    assert summary is not None
+    assert summary["step"] == 3
+    assert summary["total"] == 3
+    assert tracker.began
+    first, last = summary["samples"]
+    assert first[0] == 1
+    assert last[0] == 3
+    assert last[1] > first[1]
+
+
+def test_untimed_backlog_tells_the_step_but_not_the_cadence() -> None:
+    """A log read after resume says how far the trainer got, not when: no samples, no gap."""
+    raw = (DATA / "tails" / "hf_trainer_progress_stderr.txt").read_bytes()
+    tracker = Tracker(clock=Clock())
+    tracker.feed(raw, timed=False)
+    assert tracker.step == 3
+    assert tracker.longest_gap_s == 0.0
+    summary = tracker.summary()
+    assert summary is not None
+    assert summary["samples"] == []
+
+
+def test_an_hf_log_dict_means_training_began() -> None:
+    tracker = Tracker(clock=Clock())
+    tracker.feed(b"loading weights\n")
+    assert not tracker.began
+    tracker.feed(b"{'loss': '8.4', 'grad_norm': '5.61', 'epoch': '0.3333'}\n")
+    assert tracker.began
+
+
+def test_watchdog_start_up_then_cadence_then_floor() -> None:
+    """Before the first step: the start-up allowance; after: 10x the longest gap, floored."""
+    clock = Clock()
+    tracker = Tracker(clock=clock)
+    dog = Watchdog(startup_s=1800, factor=10, floor_s=120)
+    assert dog.limit(tracker) == (1800, "1800 s before the first training step")
+    for step in range(1, 5):
+        clock.now += 2.0
+        tracker.feed(f"\r 10%|#  | {step}/240 [00:01<00:10]".encode())
+    assert dog.limit(tracker) == (120, "120 s, the floor (longest gap so far 2.0 s)")
+    clock.now += 30.0  # a checkpoint save: a long gap, measured
+    tracker.feed(b"\r 10%|#  | 5/240 [00:01<00:10]")
+    limit = dog.limit(tracker)
+    assert limit is not None
+    assert limit[0] == pytest.approx(300.0)
+    assert "10x the longest gap" in limit[1]
+    assert Watchdog(fixed_s=20).limit(tracker) == (20, "20 s (stall_timeout_s)")
+
+
+def test_goodput_of_a_recorded_night() -> None:
+    """The recorded run (a real hang after step 6, a real rendezvous error after step 11):
+    16 steps kept, 21 trained; every second of the wall time is in exactly one cause."""
+    state = replay(_night())
+    good = progress.goodput(state)
+    assert good.steps_kept == 16
+    assert good.steps_trained == 21
+    assert good.steps_retrained == 5
+    assert good.measured
+    assert not good.provisional
+    total = good.productive_s + sum(good.badput.values())
+    assert total == pytest.approx(good.wall_s, abs=0.01)
+    assert good.badput["hang"] > 5  # the silence until the learnt limit (8 s) fired
+    assert good.badput["backoff"] == pytest.approx(4.0, abs=0.1)
+    assert 0.05 < good.share < 0.5
+    kinds = [a.what for a in good.accidents]
+    assert any("hung at step 6" in k for k in kinds)
+    assert any("transient failure at step 11" in k for k in kinds)
+    assert any("from checkpoint-8" in k for k in kinds)
+
+
+def test_goodput_counts_the_supervisor_down_and_an_adopted_attempt_whole() -> None:
+    """A resume 40 s after the last event: the gap is `down` unless an attempt ran through it."""
+    records = _night()
+    t_first_finish = next(r["ts"] for r in records if r["event"] == "attempt.finished")
+    resumed = {"v": 1, "ts": t_first_finish + 40.0, "event": "run.resumed",
+               "attempts_done": 1, "pending": None}
+    shifted = []
+    for original in records:
+        r = dict(original)
+        if r["ts"] > t_first_finish:
+            r["ts"] = r["ts"] + 40.0
+            for key in ("ended_at",):
+                if r.get(key):
+                    r[key] = r[key] + 40.0
+            if r.get("progress"):
+                prog = dict(r["progress"])
+                prog["samples"] = [[s, t + 40.0] for s, t in prog["samples"]]
+                r["progress"] = prog
+            if r.get("checkpoint_times"):
+                r["checkpoint_times"] = [[s, t + 40.0] for s, t in r["checkpoint_times"]]
+        shifted.append(r)
+    at = next(i for i, r in enumerate(shifted) if r["ts"] > t_first_finish)
+    shifted.insert(at, resumed)
+    base = progress.goodput(replay(_night()))
+    good = progress.goodput(replay(shifted))
+    assert good.badput["down"] == pytest.approx(40.0, abs=0.5)
+    assert good.productive_s == pytest.approx(base.productive_s, rel=0.01)
+    assert any("gone 40 s until `resume`" in a.what for a in good.accidents)
+
+
+def _upto_second_failure() -> list[dict[str, Any]]:
+    records = _night()
+    at = next(i for i, r in enumerate(records)
+              if r["event"] == "attempt.finished" and r["attempt"] == 2)
+    return records[:at + 1]
+
+
+def _finished(state_records: list[dict[str, Any]], number: int) -> dict[str, Any]:
+    return next(r for r in state_records
+                if r["event"] == "attempt.finished" and r["attempt"] == number)
+
+
+def test_streak_is_reset_by_progress_and_counts_from_the_failure() -> None:
+    """Two failures of one config, each after new checkpoints: two streaks of one."""
+    state = replay(_upto_second_failure())
+    current = progress.streak(state.attempts)
+    assert current.failures == 1  # attempt 2 wrote checkpoint-8: a new streak
+    second = _finished(_night(), 2)
+    assert current.since == second["ended_at"]
+    # Ten hours into training is no different from ten seconds in: the window counts from the
+    # failure, not from the config's first start.
+    assert progress.retry_refusal(current, retries=3, window_s=20,
+                                  now=float(second["ended_at"]) + 5) is None
+    refused = progress.retry_refusal(current, retries=3, window_s=20,
+                                     now=float(second["ended_at"]) + 25)
+    assert refused is not None
+    assert "20 s" in refused
+
+
+def test_streak_without_progress_counts_every_failure() -> None:
+    """The same failure again with no new step or checkpoint: the budget runs down."""
+    state = replay(_upto_second_failure())
+    last = state.attempts[-1]
+    assert last.finished is not None
+    stuck = dataclasses.replace(last.finished, checkpoints=(), checkpoint_times=(),
+                                progress={"step": 8, "samples": []}, trained_steps=None)
+    again = dataclasses.replace(last, finished=stuck)
+    attempts = (*state.attempts, dataclasses.replace(again, started=dataclasses.replace(
+        again.started, attempt=9)), dataclasses.replace(again, started=dataclasses.replace(
+            again.started, attempt=10)))
+    current = progress.streak(attempts)
+    assert current.failures == 3
+    assert progress.retry_refusal(current, retries=2, window_s=0, now=0.0) == (
+        "still failing after 2 retries on the same config")
+
+
+def test_a_lost_attempt_is_always_retried_and_not_counted() -> None:
+    state = replay(_upto_second_failure())
+    last = state.attempts[-1]
+    assert last.finished is not None
+    lost = dataclasses.replace(last, finished=dataclasses.replace(
+        last.finished, verdict="lost", checkpoints=(), checkpoint_times=(), progress=None))
+    current = progress.streak((*state.attempts[:-1], lost))
+    assert current.lost == 1
+    assert current.failures == 0
+    assert progress.retry_refusal(current, retries=0, window_s=1, now=1e12, lost=True) is None
+
+
+def test_attempt_finished_keeps_the_new_fields() -> None:
+    record = _finished(_night(), 1)
+    event = AttemptFinished.from_record(record)
+    assert event.progress is not None
+    assert event.progress["step"] == 6
+    assert event.ended_at is not None
+    assert event.watchdog is not None
+    assert "longest gap" in event.watchdog

@@ -74,7 +74,7 @@ def test_a_transient_failure_late_in_an_attempt_is_retried(tmp_path: Path) -> No
     assert result.exit_code is ExitCode.FITTED
     finished = [e for e in journal if e["event"] == "attempt.finished"]
     assert [e["verdict"] for e in finished] == ["transient", "fits"]
-    assert finished[0]["duration_s"] > 20  # noqa: PLR2004 - longer than the window
+    assert finished[0]["duration_s"] > 20
     assert "RendezvousConnectionError" in str(finished[0]["evidence"])
     retry = next(e for e in journal if e["event"] == "transient.retrying")
     assert retry["retry"] == 1
@@ -150,7 +150,7 @@ def test_the_watchdog_after_resume_counts_from_the_last_output(tmp_path: Path) -
     assert [e["verdict"] for e in finished] == ["hang", "fits"]
     assert finished[0]["adopted"] is True
     silence = finished[0]["ended_at"] - said
-    assert silence < 15  # noqa: PLR2004 - counted from the adoption it would be 18 s or more
+    assert silence < 15
     # Its duration counts from its own start, not from the adoption.
     spawned = next(e for e in journal if e["event"] == "attempt.spawned")
     assert finished[0]["duration_s"] >= finished[0]["ended_at"] - spawned["create_time"] - 1

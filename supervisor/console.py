@@ -27,7 +27,7 @@ from rich.console import Console as RichConsole
 from rich.live import Live
 from rich.text import Text
 
-from supervisor import report
+from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.journal import load
 
@@ -448,6 +448,13 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
               f"({ooms} out of memory) in {took}")]
     if data.get("reason"):
         lines.append(f"  why: {data['reason']}")
+    good = data.get("goodput")
+    if good and good.get("wall_s") and good["steps"]["trained"]:
+        worst = max(good["badput_s"].items(), key=lambda kv: kv[1], default=None)
+        lost = (f"; most lost to {progress.CAUSES.get(worst[0], worst[0])} "
+                f"({report.human_duration(worst[1])})" if worst else "")
+        lines.append(f"  goodput {progress.describe_share(good['goodput'])}: "
+                     f"{good['steps']['kept']} steps kept{lost}")
     final = data.get("final_knobs")
     if final:
         eb = data.get("effective_batch", {})

@@ -185,3 +185,45 @@ def test_requeued_batch_job_resumes_the_same_run_without_repeating_an_attempt(
     assert _of(events, "run.finished")[-1]["status"] == "fitted"
     # No -n on srun: the world size is the allocation's (sbatch --ntasks 2).
     assert {e["knobs"]["world_size"] for e in _of(events, "attempt.started")} == {2}
+
+
+# Rank 1 raises torchelastic's own RendezvousConnectionError the first time; rank 0 waits for
+# it for an hour, as a peer does in a collective. The second time both ranks finish.
+FAILING_RANK = """\
+import os, time
+from pathlib import Path
+rank = int(os.environ.get("SLURM_PROCID", "0"))
+first = not Path("fired").exists()
+print(f"rank {rank} ready", flush=True)
+if first and rank == 1:
+    time.sleep(2)
+    Path("fired").write_text("x")
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    raise RendezvousConnectionError("The connection to the C10d store has failed.")
+if first:
+    time.sleep(3600)
+print(f"rank {rank} done", flush=True)
+"""
+
+
+def test_a_rank_that_raises_ends_its_srun_step_with_its_own_error(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """Slurm's default KillOnBadExit=0 keeps a step alive when one task fails: the supervisor
+    ends it a few seconds after srun says so; the verdict is rank 1's own (transient) error,
+    so the same config runs again and fits."""
+    (tmp_path / "job.py").write_text(FAILING_RANK, encoding="utf-8")
+    argv = ["salloc", "--ntasks", "2", "--job-name", "oomtier-rank",
+            PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
+            "--runs-dir", "runs", "--run-id", "rank", "--",
+            "srun", "--ntasks", "2", "--label", PY, "job.py"]
+    done = subprocess.run(argv, cwd=tmp_path, env=cluster.env, capture_output=True,  # noqa: S603
+                          text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = read_events(tmp_path / "runs" / "rank")
+    finished = _of(events, "attempt.finished")
+    assert [f["verdict"] for f in finished] == ["transient", "fits"]
+    assert "RendezvousConnectionError" in finished[0]["evidence"]
+    assert finished[0]["evidence"].startswith("1: ")  # rank 1's own line, not rank 0's
+    # Rank 0 would have waited an hour: ended a few seconds after rank 1 failed.
+    assert finished[0]["duration_s"] < 60  # noqa: PLR2004
+    assert attempt_processes(tmp_path / "runs" / "rank" / "attempts" / "01") == []

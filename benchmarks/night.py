@@ -1,0 +1,239 @@
+"""A time-scaled night: how much of the wall time ends up in the final model (goodput).
+
+1/60 of a real night: 240 optimizer steps of the bundled reference trainer, each at least
+2.5 s (150 s at full scale), a checkpoint every 20 steps, under the trainer's own 260 MiB
+live-bytes device budget, so every OOM is a real allocator failure of a real training step.
+The five usual accidents, in one run:
+
+1. the data gets longer at step 71 (`REFERENCE_TRAINER_FAULTS=longer@71`: samples of 256
+   tokens instead of 128): the start config (batch 8, 194 MiB) runs out of memory (329 MiB);
+2. the trainer hangs silently after step 110 (`hang@110`);
+3. a rendezvous error after step 150 (`transient@150`, torchelastic's
+   RendezvousConnectionError);
+4. the terminal is dropped (SIGHUP to the supervisor at 150 s);
+5. the supervisor is SIGKILLed (at 420 s) and `oom-supervisor resume` runs 10 s later.
+
+Beside it, the same command with no accident (the ceiling), and what users write today, with the
+same accidents, for a night as long as the supervised one: a shell loop (`until CMD; do :;
+done`), the loop continuing from the newest checkpoint (`--resume_from_checkpoint`), and a
+torchrun-style restart of the same config (`torchrun --max_restarts 3`). The policy is the
+shipped default with every time constant divided by 60 (`startup_timeout_s` 30, `stall_floor_s`
+2, `max_delay_s` 10, `release_wait_s` 1).
+
+    .venv/bin/python benchmarks/night.py            # ~15 min; all five runs at once
+    NIGHT_ONLY=supervised .venv/bin/python benchmarks/night.py
+
+Prints a markdown table (docs/benchmarks.md keeps the last one) and writes night.json beside
+the runs. Goodput is taken from each supervised run's report.json (derived from its journal);
+a baseline's is the time of the steps its newest checkpoint holds (at the ceiling's measured
+step time) over its wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SCALE = 60
+STEPS, SAVE, STEP_S = 240, 20, 2.5
+FAULTS = "longer@71,hang@110,transient@150"
+HUP_AT_S, KILL_AT_S, DOWN_S = 150.0, 420.0, 10.0
+TRAINER = [PY, "-m", "supervisor.reference_trainer", "--per_device_train_batch_size", "8",
+           "--cutoff_len", "256", "--max_steps", str(STEPS), "--save_steps", str(SAVE),
+           "--device-memory", "260", "--logging_steps", "10", "--output_dir", "out"]
+
+
+def _env(faults: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", "REFERENCE_TRAINER_STEP_S": str(STEP_S)}
+    if faults:
+        env["REFERENCE_TRAINER_FAULTS"] = faults
+    return env
+
+
+def _policy(folder: Path) -> Path:
+    """The shipped default policy, every time constant divided by SCALE."""
+    text = (ROOT / "policies" / "default.toml").read_text(encoding="utf-8")
+    for key, full in (("startup_timeout_s", 1800), ("max_delay_s", 600),
+                      ("release_wait_s", 60)):
+        text = text.replace(f"{key} = {full}", f"{key} = {full // SCALE}")
+    text = text.replace("stall_floor_s = 120", f"stall_floor_s = {120 / SCALE:g}")
+    path = folder / "night.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def supervised(folder: Path, *, accidents: bool) -> dict[str, Any]:
+    """One supervised night; with `accidents`, SIGHUP, SIGKILL and resume on the way."""
+    folder.mkdir(parents=True)
+    policy = _policy(folder)
+    argv = [PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--no-estimate",
+            "--fresh", "--policy", str(policy), "--runs-dir", str(folder), "--run-id", "night",
+            "--", *TRAINER]
+    env = _env(FAULTS if accidents else "")
+    started = time.monotonic()
+    with (folder / "supervisor.log").open("ab") as sink:
+        first = subprocess.Popen(argv, stdout=sink, stderr=sink, env=env,  # noqa: S603
+                                 cwd=folder, start_new_session=True)
+        if accidents:
+            _at(started, HUP_AT_S, first)
+            first.send_signal(signal.SIGHUP)
+            _at(started, KILL_AT_S, first)
+            if first.poll() is None:
+                first.send_signal(signal.SIGKILL)
+                first.wait()
+                time.sleep(DOWN_S)
+                subprocess.run(  # noqa: S603 - our own CLI
+                    [PY, "-m", "supervisor", "--log-format", "json", "resume",
+                     str(folder / "night"), "--quiet"], stdout=sink, stderr=sink, env=env,
+                    cwd=folder, check=False)
+        first.wait()
+    report: dict[str, Any] = json.loads((folder / "night" / "report.json").read_text())
+    journal = [json.loads(line) for line in
+               (folder / "night" / "journal.jsonl").read_text().splitlines()]
+    return {"wall_s": round(time.monotonic() - started, 1), "status": report["status"],
+            "goodput": report["goodput"], "worst_extra": _worst_extra(journal),
+            "accidents": [a["what"] for a in report["goodput"]["accidents"]]}
+
+
+def _at(started: float, offset_s: float, proc: subprocess.Popen[bytes]) -> None:
+    while time.monotonic() - started < offset_s and proc.poll() is None:
+        time.sleep(0.5)
+
+
+def _worst_extra(journal: list[dict[str, Any]]) -> int:
+    """Steps an accident retrained beyond those since the newest checkpoint it had (0: none)."""
+    seen: list[int] = []
+    worst = 0
+    for event in journal:
+        if event["event"] == "attempt.finished":
+            seen += [int(step) for _, step in event.get("checkpoints") or ()]
+        if event["event"] == "attempt.started" and seen:
+            knobs = event["knobs"]
+            resumed = knobs.get("resume_from_checkpoint") or ""
+            step = int(resumed.rsplit("-", 1)[-1]) if "checkpoint-" in resumed else 0
+            worst = max(worst, max(seen) - step)
+    return worst
+
+
+SHELL_LOOP = "until {cmd}; do :; done"
+RESUME_LOOP = ("while :; do last=$(ls -d out/checkpoint-* 2>/dev/null | sort -t- -k2 -n | "
+               "tail -n 1); {cmd} ${{last:+--resume_from_checkpoint $last}} && break; done")
+
+
+def baseline(folder: Path, name: str, night_s: float) -> dict[str, Any]:
+    """What users write today, with the same accidents, for `night_s` seconds."""
+    folder.mkdir(parents=True)
+    cmd = " ".join(TRAINER)
+    if name == "shell loop":
+        argv = ["sh", "-c", SHELL_LOOP.format(cmd=cmd)]
+    elif name == "resume loop":
+        argv = ["sh", "-c", RESUME_LOOP.format(cmd=cmd)]
+    else:  # torchrun-style restart of the same config
+        argv = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                "--max_restarts", "3", *TRAINER[1:]]
+    started = time.monotonic()
+    with (folder / "out.log").open("ab") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=sink, env=_env(FAULTS),  # noqa: S603
+                                cwd=folder, start_new_session=True)
+        try:
+            proc.wait(timeout=night_s)
+            ended = "gave up"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session this benchmark started
+            proc.wait()
+            ended = "still looping at dawn"
+    kept = 0
+    for state in (folder / "out").glob("checkpoint-*/trainer_state.json"):
+        kept = max(kept, int(json.loads(state.read_text())["global_step"]))
+    return {"wall_s": round(max(night_s, time.monotonic() - started), 1), "kept": kept,
+            "ended": ended, "returned_after_s": round(time.monotonic() - started, 1)}
+
+
+def main() -> None:
+    only = os.environ.get("NIGHT_ONLY", "")
+    tmp = Path(tempfile.mkdtemp(prefix="night-"))
+    results: dict[str, Any] = {}
+
+    def go(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        results[name] = fn(tmp / name.replace(" ", "-"), *args, **kwargs)
+
+    night_s = STEPS * STEP_S * 1.3
+    threads = [threading.Thread(target=go, args=("ceiling", supervised), kwargs={"accidents": False}),
+               threading.Thread(target=go, args=("supervised", supervised),
+                                kwargs={"accidents": True})]
+    if only != "supervised":
+        threads += [threading.Thread(target=go, args=(name, baseline, name, night_s))
+                    for name in ("shell loop", "resume loop", "torchrun restart")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ceiling = results["ceiling"]["goodput"]
+    step_s = ceiling["productive_s"] / max(1, ceiling["steps"]["kept"])
+    for name in ("shell loop", "resume loop", "torchrun restart"):
+        if name in results:
+            row = results[name]
+            row["goodput"] = round(row["kept"] * step_s / row["wall_s"], 4)
+    results["projection"] = _project(results["supervised"]["goodput"], step_s)
+    (tmp / "night.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _project(good: dict[str, Any], step_s: float) -> dict[str, float]:
+    """A real night: step time, lost steps and the learnt hang limit (a multiple of the step
+    time) x SCALE; start-up, backoff, the supervisor's own time and its downtime as measured."""
+    badput = good["badput_s"]
+    scaled = {"retrained", "hang"}
+    productive = good["productive_s"] * SCALE
+    lost = sum(v * (SCALE if k in scaled else 1) for k, v in badput.items())
+    own = sum(v for k, v in badput.items() if k != "retrained")
+    return {"goodput": round(productive / (productive + lost), 4),
+            "without_retraining": round(productive / (productive + own + badput.get(
+                "hang", 0.0) * (SCALE - 1)), 4),
+            "step_s": round(step_s * SCALE, 1)}
+
+
+def _table(results: dict[str, Any], step_s: float) -> str:
+    rows = ["| run | wall | steps kept | steps trained | goodput | ended |",
+            "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for name in ("ceiling", "supervised"):
+        row = results[name]
+        good = row["goodput"]
+        rows.append(f"| oom-supervisor, {'no accident' if name == 'ceiling' else 'five accidents'}"
+                    f" | {row['wall_s']:.0f} s | {good['steps']['kept']} | "
+                    f"{good['steps']['trained']} | {100 * good['goodput']:.1f} % | "
+                    f"{row['status']} |")
+    for name in ("shell loop", "resume loop", "torchrun restart"):
+        if name in results:
+            row = results[name]
+            rows.append(f"| {name} | {row['wall_s']:.0f} s | {row['kept']} | - | "
+                        f"{100 * row['goodput']:.1f} % | {row['ended']} "
+                        f"({row['returned_after_s']:.0f} s) |")
+    sup = results["supervised"]
+    badput = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(
+        sup["goodput"]["badput_s"].items(), key=lambda kv: -kv[1]))
+    proj = results["projection"]
+    lines = ["\n".join(rows), "",
+             f"Badput of the supervised night by cause: {badput}.",
+             (f"Largest retraining beyond the steps since the newest checkpoint: "
+             f"{sup['worst_extra']} steps."),
+             (f"Step time at 1/{SCALE}: {step_s:.2f} s; projected to a real night "
+             f"({proj['step_s']:.0f} s steps): goodput {100 * proj['goodput']:.1f} % "
+             f"({100 * proj['without_retraining']:.1f} % leaving out the steps lost since the "
+             f"last checkpoint, which the checkpoint interval bounds)."),
+             "", "Accidents named in report.md:"] + [f"- {a}" for a in sup["accidents"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

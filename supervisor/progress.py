@@ -57,6 +57,9 @@ class Streak:
     """Attempts lost with their wrapper (never counted against the budget)."""
     since: float | None = None
     """When the window opened: the end of the streak's first failure."""
+    running_s: float = 0.0
+    """How long the streak's later attempts ran: their own time is bounded by the watchdog
+    and the retry count, not by the window."""
 
 
 def last_step(record: AttemptRecord) -> int:
@@ -108,8 +111,10 @@ def streak(attempts: Sequence[AttemptRecord]) -> Streak:
     assert first is not None  # noqa: S101
     counted = sum(1 for r in current
                   if r.finished and VerdictKind(r.finished.verdict) in _COUNTED)
+    running = sum(max(0.0, (r.finished.ended_at or r.finished.ts) - r.started.ts)
+                  for r in current[:-1] if r.finished is not None)
     return Streak(failures=counted, lost=len(current) - counted,
-                  since=first.ended_at or first.ts)
+                  since=first.ended_at or first.ts, running_s=running)
 
 
 def _same_config(a: AttemptRecord, b: AttemptRecord) -> bool:
@@ -123,9 +128,11 @@ def retry_refusal(current: Streak, *, retries: int, window_s: float, now: float,
         return None  # a lost attempt is re-run; the attempt budget still bounds the run
     if current.failures > retries:
         return f"still failing after {retries} retries on the same config"
-    if window_s and current.since is not None and now - current.since > window_s:
-        return (f"still failing {now - current.since:.0f} s after the first failure of this "
-                f"streak ({current.failures - 1} retries; the window is {window_s:g} s)")
+    waited = now - current.since - current.running_s if current.since is not None else 0.0
+    if window_s and waited > window_s:
+        return (f"still failing after {current.failures - 1} retries and {waited:.0f} s between "
+                f"attempts since the first failure of this streak (the window is "
+                f"{window_s:g} s)")
     return None
 
 

@@ -117,7 +117,9 @@ class Tracker:
         self.step: int | None = None
         """The highest step seen, timed or not."""
         self.began = False
-        """Training has begun (a step, or a log dict): the start-up allowance no longer holds."""
+        """Training has begun (a step, or a log dict)."""
+        self.timed_steps = 0
+        """Distinct steps seen while timed: two or more show the trainer's cadence."""
         self.began_at: float | None = None
         self.last_output: float | None = None
         self.longest_gap_s = 0.0
@@ -151,11 +153,19 @@ class Tracker:
         if self.first is None:
             self.first = (step, now)
         self.last = (step, now)
+        self.timed_steps += 1
 
     def _began(self, now: float | None) -> None:
         if not self.began:
             self.began = True
             self.began_at = now
+
+    @property
+    def cadence_known(self) -> bool:
+        """At least one whole step interval has been seen (two timed steps), or, for a trainer
+        that prints no step numbers, two outputs since training began."""
+        return self.timed_steps >= 2 or (self.began and self.total is None  # noqa: PLR2004
+                                         and self.longest_gap_s > 0)
 
     def activity(self, now: float | None = None) -> None:
         """Something the trainer did that printed nothing (a checkpoint being written)."""
@@ -191,7 +201,8 @@ class Watchdog:
 
     `fixed_s` (the policy's `stall_timeout_s`) wins when set. Otherwise the run's own cadence
     decides: before training begins, `startup_s` (model load, tokenisation, a first compile);
-    once it has begun, `factor` times the longest silence the trainer has shown since (a
+    once it has shown its cadence (two steps), `factor` times the longest silence it has shown
+    since training began (a
     checkpoint save or an evaluation is a long gap; a checkpoint being written also counts as
     activity), and never less than `floor_s`.
     """
@@ -205,10 +216,11 @@ class Watchdog:
         """The silence that is a hang now, and how it was chosen (None: no limit)."""
         if self.fixed_s:
             return self.fixed_s, f"{self.fixed_s:g} s (stall_timeout_s)"
-        if not tracker.began:
+        if not tracker.cadence_known:
+            # Loading, tokenising, a first compile, the first step: nothing to learn from yet.
             if not self.startup_s:
                 return None
-            return self.startup_s, f"{self.startup_s:g} s before the first training step"
+            return self.startup_s, f"{self.startup_s:g} s before the trainer showed its cadence"
         gap = tracker.longest_gap_s
         learnt = self.factor * gap
         if learnt <= self.floor_s:

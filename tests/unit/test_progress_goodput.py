@@ -74,8 +74,11 @@ def test_watchdog_start_up_then_cadence_then_floor() -> None:
     clock = Clock()
     tracker = Tracker(clock=clock)
     dog = Watchdog(startup_s=1800, factor=10, floor_s=120)
-    assert dog.limit(tracker) == (1800, "1800 s before the first training step")
-    for step in range(1, 5):
+    assert dog.limit(tracker) == (1800, "1800 s before the trainer showed its cadence")
+    clock.now += 2.0
+    tracker.feed(b"\r  0%|   | 1/240 [00:01<00:10]")
+    assert dog.limit(tracker)[0] == 1800  # type: ignore[index]  # one step: no interval yet
+    for step in range(2, 5):
         clock.now += 2.0
         tracker.feed(f"\r 10%|#  | {step}/240 [00:01<00:10]".encode())
     assert dog.limit(tracker) == (120, "120 s, the floor (longest gap so far 2.0 s)")
@@ -205,3 +208,23 @@ def test_attempt_finished_keeps_the_new_fields() -> None:
     assert event.ended_at is not None
     assert event.watchdog is not None
     assert "longest gap" in event.watchdog
+
+
+def test_the_window_leaves_out_the_retries_own_running_time() -> None:
+    """A retry that ran 30 s before failing again does not use up a 20 s window: the window
+    bounds the time between attempts (backoff, waiting), not the attempts themselves."""
+    records = _upto_second_failure()
+    state = replay(records)
+    first = state.attempts[-1]
+    assert first.finished is not None
+    stuck = dataclasses.replace(first.finished, checkpoints=(), checkpoint_times=(),
+                                progress={"step": 8, "samples": []}, trained_steps=None)
+    base = first.finished.ended_at or 0.0
+    retry = dataclasses.replace(
+        first, started=dataclasses.replace(first.started, attempt=9, ts=base + 2.0),
+        finished=dataclasses.replace(stuck, attempt=9, ended_at=base + 32.0, ts=base + 32.5))
+    current = progress.streak((*state.attempts, retry))
+    assert current.failures == 2
+    assert current.running_s == pytest.approx(30.0)
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 33.0) is None
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 55.0) is not None

@@ -226,6 +226,8 @@ class Outcome:
     """The trainer's own progress as it streamed (trainer_output.Tracker.summary)."""
     watchdog: str | None = None
     """The silence limit in force at the end, and how it was chosen."""
+    host_peak_mib: float | None = None
+    """Peak resident memory of the attempt's processes, sampled every 0.5 s (psutil)."""
     failed_task: str | None = None
     """The launcher's line for a task that failed while its peers lived (the attempt was
     ended after a grace for it)."""
@@ -260,7 +262,9 @@ class Verdict:
 
 _SIZE = r"([\d.]+) ?([KMGT]i?B|bytes)"
 _NUMBER_PATTERNS: dict[str, tuple[re.Pattern[str], ...]] = {
-    "tried_mib": (re.compile(rf"Tried to allocate {_SIZE}"),),
+    "tried_mib": (re.compile(rf"Tried to allocate {_SIZE}"),
+                  # c10/core/impl/alloc_cpu.cpp: "...: you tried to allocate 67108864 bytes."
+                  re.compile(rf"you tried to allocate {_SIZE}")),
     # Under set_per_process_memory_fraction the message says what this process is allowed:
     # that, not the card's size, is the capacity the attempt ran into.
     "capacity_mib": (re.compile(rf"{_SIZE} allowed;"),

@@ -649,7 +649,8 @@ def _remembered(args: argparse.Namespace, command: Command, dialect: Dialect, la
     key = remember.key_of(start=start, model_config=model_config, dialect=dialect.name,
                           policy_text=policy_text,
                           device_name=device_name or ("simulated" if args.device_memory
-                                                      else None),
+                                                      else None if memory.device_mib
+                                                      else remember.host_limit(command.argv)),
                           device_mib=memory.device_mib)
     return remember.lookup(args.fits_db, key, start, fresh=args.fresh)
 

@@ -182,7 +182,9 @@ class Console:
                 self._current, self._since = record, self._clock()
                 self._refresh()
                 return (None if self.live and not self._lost
-                        else _started_line(record, state.config.max_attempts))
+                        else _started_line(record, state.config.max_attempts,
+                                           state.config.remembered_from
+                                           if state.config.remembered else None))
         if name == "attempt.finished" and state is not None:
             record = state.attempt(int(event.get("attempt", 0)))
             self._current = None
@@ -313,6 +315,14 @@ def _run_line(name: str, state: RunState, run_dir: Path | None) -> str:
                and k in ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
                          "finetuning_type", "precision")]
     start = report.describe_knobs(config.start.to_dict())
+    if name == "run.resumed" and state.attempts:
+        last = state.attempts[-1]
+        start = (f"at attempt {last.number} ({report.describe_knobs(last.knobs.to_dict())})"
+                 f" after {state.done} finished")
+    elif config.remembered is not None:
+        start = (f"{report.describe_knobs(config.remembered.to_dict())}, remembered from run "
+                 f"{config.remembered_from or '?'} (the command's own: {start}; --fresh "
+                 "starts there)")
     line = (f"run {config.run_id} {verb}: {start}, on {device}, at most "
             f"{config.max_attempts} attempts{where}")
     if assumed:
@@ -320,8 +330,10 @@ def _run_line(name: str, state: RunState, run_dir: Path | None) -> str:
     return line
 
 
-def _started_line(record: AttemptRecord, budget: int) -> str:
-    return (f"attempt {record.number} of at most {budget} ({record.started.rung or 'as given'}): "
+def _started_line(record: AttemptRecord, budget: int, remembered: str | None = None) -> str:
+    how = record.started.rung or (f"remembered from run {remembered}"
+                                  if remembered and record.number == 1 else "as given")
+    return (f"attempt {record.number} of at most {budget} ({how}): "
             f"{report.describe_knobs(record.knobs.to_dict())}")
 
 
@@ -330,7 +342,7 @@ def _finished_line(record: AttemptRecord, state: RunState) -> str:
     assert done is not None  # noqa: S101 - checked by the caller
     device = state.config.device_mib
     row: dict[str, Any] = {"verdict": done.verdict, "numbers": dict(done.numbers or {}),
-                           "peak_mib": done.peak_mib}
+                           "peak_mib": done.peak_mib, "host_peak_mib": done.host_peak_mib}
     mark = _MARK.get(done.verdict, "!")
     took = report.human_duration(done.duration_s)
     config = report.describe_knobs(record.knobs.to_dict(), short=True)

@@ -270,6 +270,10 @@ class AttemptFinished(Event):
     """[step, wall time] of each checkpoint this attempt wrote (its trainer_state.json mtime)."""
     watchdog: str | None = None
     """The silence limit in force when the attempt ended, and how it was chosen."""
+    host_peak_mib: float | None = None
+    """Peak resident (host) memory of the attempt's processes, sampled every 0.5 s."""
+    cost: Mapping[str, float] | None = None
+    """What the trainer measured of its own run: runtime_s, samples_per_s, steps_per_s, loss."""
 
     def to_verdict(self) -> Verdict:
         """The verdict as the policy sees it."""

@@ -662,7 +662,7 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         predicted_mib=round(prediction.peak_mib, 1) if prediction else None,
         escaped=outcome.escaped, wrapper_died=outcome.wrapper_died,
         ended_at=outcome.ended_at, progress=outcome.progress, checkpoint_times=times,
-        watchdog=outcome.watchdog,
+        watchdog=outcome.watchdog, host_peak_mib=outcome.host_peak_mib, cost=measured.cost,
     ))
     return verdict
 

@@ -24,10 +24,30 @@ def available() -> bool:
 
 
 def bar_height(row: Mapping[str, Any]) -> float:
-    """An attempt's bar: its measured peak, or for an OOM the least it proved it needed."""
+    """An attempt's bar: its measured peak, or for an OOM the least it proved it needed; with
+    no device figure at all, the host memory its processes held (resident peak)."""
     if row.get("verdict") == "oom":
-        return float(row.get("need_mib") or row.get("peak_mib") or 0.0)
-    return float(row.get("peak_mib") or 0.0)
+        height = row.get("need_mib") or row.get("peak_mib")
+    else:
+        height = row.get("peak_mib")
+    return float(height or row.get("host_peak_mib") or 0.0)
+
+
+def host_only(data: Mapping[str, Any]) -> bool:
+    """No attempt reported a device figure: the bars are host memory."""
+    return not any(a.get("peak_mib") or a.get("need_mib") for a in data.get("attempts", []))
+
+
+def why_not(data: Mapping[str, Any]) -> str | None:
+    """Why memory.png is not drawn (None when it is, or when nothing ran yet)."""
+    if not data.get("attempts"):
+        return None
+    if not available():
+        return ("matplotlib is not installed (install the `plot` extra: "
+                "pip install 'oom-supervisor[plot]')")
+    if not any(bar_height(a) for a in data["attempts"]):
+        return "no attempt reported a memory figure (device, OOM message or host memory)"
+    return None
 
 
 def figure(data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a matplotlib Figure (optional)
@@ -56,7 +76,8 @@ def figure(data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a matplotlib Figur
         ax.axhline(device, color="black", linestyle="--", linewidth=1, gid="device")
     ax.set_xticks(xs, [f"{a['attempt']}\n{a.get('rung') or 'as given'}" for a in attempts],
                   fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("MiB (peak; an OOM: at least)")
+    ax.set_ylabel("MiB host memory, resident peak" if host_only(data)
+                  else "MiB (peak; an OOM: at least)")
     ax.set_title(f"run {data.get('run_id')}: memory per attempt", fontsize=10)
     seen = []
     for a in attempts:
@@ -76,8 +97,11 @@ def figure(data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a matplotlib Figur
 
 
 def write(path: Path, data: Mapping[str, Any]) -> Path | None:
-    """Save memory.png (atomically); None when matplotlib is missing or nothing ran yet."""
+    """Save memory.png (atomically); None when matplotlib is missing, nothing ran yet, or no
+    attempt has a figure to draw (why_not says which)."""
     if not data.get("attempts") or not available():
+        return None
+    if not any(bar_height(a) for a in data["attempts"]):
         return None
     fig = figure(data)
     tmp = path.with_name(path.name + ".tmp.png")

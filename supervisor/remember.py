@@ -8,11 +8,15 @@ cannot be read or written is one warning line, and the run goes on without it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import resource
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import structlog
 
 from supervisor.fits import FitStore, FitStoreError, fit_key
@@ -29,6 +33,30 @@ class Remembered:
     key: str
     knobs: Knobs | None = None
     run_id: str | None = None
+
+
+def host_limit(argv: Sequence[str]) -> str:
+    """What bounds the command's host memory when no device size is known, for the key: a
+    `prlimit --as` in its command line, the RLIMIT_AS it inherits, its cgroup's memory.max,
+    else the machine's memory. A fit found under one cap is never reused under another."""
+    parts: list[str] = []
+    if any(Path(word).name == "prlimit" for word in argv):
+        for i, word in enumerate(argv):
+            if word.startswith("--as="):
+                parts.append(f"prlimit-as={word.partition('=')[2]}")
+            elif word == "--as" and i + 1 < len(argv):
+                parts.append(f"prlimit-as={argv[i + 1]}")
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        parts.append(f"rlimit-as={soft}")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        relative = Path("/proc/self/cgroup").read_text().splitlines()[0].split(":", 2)[2]
+        limit = (Path("/sys/fs/cgroup") / relative.lstrip("/") / "memory.max").read_text().strip()
+        if limit and limit != "max":
+            parts.append(f"cgroup-max={limit}")
+    if not parts:
+        parts.append(f"ram={round(psutil.virtual_memory().total / 2**30)}GiB")
+    return "host " + " ".join(parts)
 
 
 def key_of(*, start: Knobs, model_config: dict[str, object] | None, dialect: str,  # noqa: PLR0913

@@ -86,6 +86,10 @@ def build(state: RunState) -> dict[str, Any]:
         "progress": [{k: v for k, v in p.to_record().items() if k not in ("v", "ts")}
                      for p in state.progress],
         "resumes": len(state.resumes),
+        "resumed": [{"at": r.ts, "attempts_done": r.attempts_done, "pending": r.pending,
+                     "orphan": r.orphan} for r in state.resumes],
+        "remembered": ({"knobs": config.remembered.to_dict(), "from_run": config.remembered_from}
+                       if config.remembered else None),
         "goodput": _goodput(state),
         "oom_verdicts": sum(1 for a in attempts if a["verdict"] == "oom"),
         "duration_s": round((end.ts if end else state.last_ts) - state.started_at, 3),
@@ -120,6 +124,53 @@ def live_goodput(state: RunState, now: float) -> str | None:
             + (f"; lost to {worst}" if worst else ""))
 
 
+def _step_s(progress_seen: Mapping[str, Any] | None) -> float | None:
+    """Seconds per optimizer step, from the trainer's own timed progress (None: unknown)."""
+    samples = list((progress_seen or {}).get("samples") or ())
+    if len(samples) < 2:  # noqa: PLR2004
+        return None
+    (s0, t0), (s1, t1) = samples[0], samples[-1]
+    return round((t1 - t0) / (s1 - s0), 3) if s1 > s0 else None
+
+
+def _config_of(knobs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in knobs.items() if k != "resume_from_checkpoint"}
+
+
+def _cost_section(data: dict[str, Any]) -> list[str]:
+    """What the trainer measured of each attempt that trained, and what the speed cost was."""
+    rows = [a for a in data["attempts"] if a.get("cost") or a.get("step_s")]
+    if not rows:
+        return []
+    out = ["", "## Measured speed", "",
+           "| # | config | verdict | s / optimizer step | samples / s | runtime | loss |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for a in rows:
+        cost = a.get("cost") or {}
+        out.append(f"| {a['attempt']} | {describe_knobs(a['knobs'], short=True)} | "
+                   f"{a['verdict']} | {_cell(a.get('step_s'))} | "
+                   f"{_cell(cost.get('samples_per_s'))} | "
+                   f"{human_duration(cost['runtime_s']) if cost.get('runtime_s') else '-'} | "
+                   f"{_cell(cost.get('loss'))} |")
+    final = next((a for a in reversed(rows) if a["verdict"] == "fits"), None)
+    if final is not None and final.get("step_s"):
+        others = [a for a in rows if a is not final and a.get("step_s")
+                  and _config_of(a["knobs"]) != _config_of(final["knobs"])]
+        if others:
+            fastest = min(others, key=lambda a: a["step_s"])
+            ratio = final["step_s"] / fastest["step_s"] - 1
+            word = "slower" if ratio > 0 else "faster"
+            out += ["", (f"Measured: the working config takes {final['step_s']:g} s per "
+                         f"optimizer step, {abs(ratio):.0%} {word} than attempt "
+                         f"{fastest['attempt']} ({describe_knobs(fastest['knobs'], short=True)}, "
+                         f"{fastest['step_s']:g} s) before it failed.")]
+        total = (final.get("progress_total") or 0)
+        if total:
+            out += ["", (f"At {final['step_s']:g} s per step, the whole run's {total} steps "
+                         f"take about {human_duration(total * final['step_s'])} of training.")]
+    return out
+
+
 def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
     started, done = record.started, record.finished
     row: dict[str, Any] = {
@@ -132,6 +183,10 @@ def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
                     "evidence": done.evidence, "numbers": dict(done.numbers or {}),
                     "exit_code": done.exit_code, "duration_s": done.duration_s,
                     "peak_mib": done.peak_mib, "peak_source": done.peak_source,
+                    "host_peak_mib": done.host_peak_mib,
+                    "cost": dict(done.cost) if done.cost else None,
+                    "step_s": _step_s(done.progress),
+                    "progress_total": (done.progress or {}).get("total"),
                     "predicted_mib": done.predicted_mib,
                     "trained_steps": dict(done.trained_steps or {}) or None,
                     "checkpoints": [list(c) for c in done.checkpoints],
@@ -220,6 +275,8 @@ def write(run_dir: Path, state: RunState) -> dict[str, Any]:
 
     if plot.write(run_dir / "memory.png", data) is not None:
         data["plot"] = "memory.png"
+    else:
+        data["plot_missing"] = plot.why_not(data)
     if plot.write_time(run_dir / "goodput.png", data) is not None:
         data["time_plot"] = "goodput.png"
     _atomic(run_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
@@ -282,6 +339,18 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"- Device: {_device_words(device, data.get('device_source'))}",
             (f"- Attempts: {len(data['attempts'])}, of which {data['oom_verdicts']} ran out "
              "of memory")]
+    for r in data.get("resumed") or ():
+        pending = (f", adopting attempt {r['pending']}" if r.get("pending") and
+                   r.get("orphan") == "adopt" else f", ending attempt {r['pending']}"
+                   if r.get("pending") else "")
+        out.append(f"- Resumed at {local_time(r['at'])} after {r['attempts_done']} finished "
+                   f"attempt(s){pending} (the supervisor had died or been stopped)")
+    if data.get("remembered"):
+        kept = data["remembered"]
+        out.append(f"- Remembered fit: attempt 1 ran {describe_knobs(kept['knobs'])}, the config "
+                   f"that fitted in run {kept.get('from_run') or '?'} with the same model, "
+                   f"device and command; the command's own config is "
+                   f"{describe_knobs(data['start_knobs'])} (`--fresh` starts there)")
     if data.get("assumed"):
         start = data["start_knobs"]
         out.append("- Assumed (nothing in the command or the program confirmed them): "
@@ -293,9 +362,12 @@ def render_markdown(data: dict[str, Any]) -> str:
         out += _final_section(data, eb)
     if data.get("plot"):
         out += ["## Memory per attempt", "", f"![memory per attempt]({data['plot']})", ""]
+    elif data.get("plot_missing"):
+        out += ["## Memory per attempt", "", f"No picture: {data['plot_missing']}.", ""]
     if data["spent"]:
         out += ["## Rungs tried", ""] + [f"- {s}" for s in data["spent"]] + [""]
     out += _attempts_section(data, device)
+    out += _cost_section(data)
     if data.get("skipped_on_prediction"):
         out += ["", "## Skipped on their predicted memory (never run)", ""]
         for s in data["skipped_on_prediction"]:
@@ -546,12 +618,18 @@ def memory_words(row: Mapping[str, Any], device_mib: float | None, *,
             parts.append(f"free {_mib(free)}")
         if capacity is not None:
             parts.append(f"capacity {_mib(capacity)}")
+        if row.get("host_peak_mib") and capacity is None and not device_mib:
+            parts.append(f"host memory peak {_mib(row['host_peak_mib'])}")
         return ", ".join(parts)
     peak = row.get("peak_mib")
     if peak:
         share = f" ({peak / device_mib:.0%})" if device_mib else ""
         lead = "peak" if row.get("verdict") != "oom" else "reached"
         return f"{lead} {_mib(peak)}{of}{share}"
+    host = row.get("host_peak_mib")
+    if host:
+        # No device figure: what the attempt's processes held in host memory (resident).
+        return f"host {_mib(host)}" if short else f"host memory peak {_mib(host)} (resident)"
     return "-"
 
 

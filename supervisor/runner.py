@@ -366,10 +366,12 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     limit: tuple[float, str] | None = None
     activity = _Activity(spec.activity_dir)
     remembered = looked = 0.0
+    host_peak = 0.0
     while code is None:
         now = time.monotonic()
         if now - remembered > _REMEMBER_S:  # a /proc scan: not on every 50 ms tick
             tree.remember()
+            host_peak = max(host_peak, tree.rss_mib())
             remembered = now
             if adopted:  # the logs' tail segments grow while the log itself waits
                 sink.last_output = max(sink.last_output, now - _log_age_s(spec.log_dir))
@@ -452,6 +454,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         progress=sink.tracker.summary(),
         watchdog=limit[1] if limit is not None else None,
         failed_task=failed,
+        host_peak_mib=round(host_peak, 1) if host_peak else None,
     )
 
 
@@ -594,6 +597,16 @@ class _Tree:
             leader = psutil.Process(self.pid)
             for proc in (leader, *leader.children(recursive=True)):
                 self.known.setdefault(proc.pid, proc)
+
+    def rss_mib(self) -> float:
+        """Resident memory of the command's processes now (the shim itself left out), MiB."""
+        total = 0
+        for pid, proc in list(self.known.items()):
+            if pid == self.pid:
+                continue
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total / 2**20
 
     def _marked(self) -> list[psutil.Process]:
         """Processes whose environment carries this attempt's marker (daemonised escapees)."""

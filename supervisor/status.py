@@ -76,6 +76,12 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
     good = report.live_goodput(state, now())
     if good is not None:
         out.append(f"  {good}")
+    if config.remembered is not None:
+        out.append(f"  attempt 1 ran the fit remembered from run {config.remembered_from or '?'}"
+                   " (--fresh starts at the command's own config)")
+    if state.resumes:
+        out.append(f"  resumed {len(state.resumes)} time(s), last at "
+                   f"{report.local_time(state.resumes[-1].ts)}")
     if data["attempts"]:
         out += ["", report.render_table(data)]
     if pending is not None:

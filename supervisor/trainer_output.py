@@ -47,6 +47,9 @@ class Measured:
     resumed_from_step: int | None = None
     announced: bool = False
     """The injected --device-memory code said it was active in this attempt."""
+    cost: dict[str, float] | None = None
+    """What the trainer measured of its own run (runtime_s, samples_per_s, steps_per_s, loss):
+    the HF Trainer's final metrics line, or LLaMA-Factory's all_results.json."""
 
 
 def _result(tail: Sequence[str]) -> dict[str, Any] | None:
@@ -58,6 +61,27 @@ def _result(tail: Sequence[str]) -> dict[str, Any] | None:
             except ValueError:
                 return None
             return value if isinstance(value, dict) else None
+    return None
+
+
+_METRICS = {"train_runtime": "runtime_s", "train_samples_per_second": "samples_per_s",
+            "train_steps_per_second": "steps_per_s", "train_loss": "loss"}
+# The HF Trainer's last log line: {'train_runtime': '2.807', 'train_samples_per_second': ...}
+# (numbers or, since transformers 5, strings); LLaMA-Factory prints the same keys.
+_METRIC = re.compile(r"""['"](train_runtime|train_samples_per_second|train_steps_per_second|"""
+                     r"""train_loss)['"]\s*:\s*['"]?([0-9.eE+-]+)""")
+
+
+def _metrics(tail: Sequence[str]) -> dict[str, float] | None:
+    """The trainer's own final metrics (the last line that reports train_runtime)."""
+    for line in reversed(tail):
+        if "train_runtime" not in line:
+            continue
+        found: dict[str, float] = {}
+        for key, value in _METRIC.findall(line):
+            with contextlib.suppress(ValueError):
+                found[_METRICS[key]] = float(value)
+        return found or None
     return None
 
 
@@ -89,7 +113,9 @@ def measure(tail: Sequence[str], log_dir: Path | None = None) -> Measured:
         peak, source = float(injected.peak_mib), f"injected ({injected.device or 'cpu'})"
     steps = result.get("steps")
     resumed = result.get("resumed_from_step")
+    cost = _metrics(tail)
     return Measured(
+        cost=cost,
         peak_mib=peak, peak_source=source,
         steps=int(steps) if isinstance(steps, int) else None,
         resumed_from_step=int(resumed) if isinstance(resumed, int) else None,

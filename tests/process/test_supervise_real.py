@@ -44,6 +44,17 @@ def test_host_cap_oom_at_batch_8_then_fits_at_batch_4_ga_2(
     assert result.final_knobs.effective_batch == 8
     started = [e for e in events if e["event"] == "attempt.started"]
     assert "--gradient_accumulation_steps" in started[1]["argv"]
+    # Memory on every run, with no device figure: each attempt's host (resident) peak, the
+    # size the CPU allocator's message names, and a picture with something in it.
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert all(a["host_peak_mib"] and a["host_peak_mib"] > 50 for a in report["attempts"])
+    assert report["attempts"][0]["numbers"]["tried_mib"] > 0
+    assert (tmp_path / "run" / "memory.png").stat().st_size > 1000
+    assert "host memory peak" in (tmp_path / "run" / "report.md").read_text()
+    # The cost, as the trainer measured it: samples per second and loss of the fitting attempt.
+    cost = report["attempts"][-1]["cost"]
+    assert cost["samples_per_s"] > 0
+    assert cost["loss"] > 0
 
 
 def test_non_memory_failure_stops_after_one_attempt(

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from supervisor import progress
+from supervisor import progress, remember
 from supervisor.events import AttemptFinished, replay
+from supervisor.knobs import Knobs
 from supervisor.trainer_output import Tracker, Watchdog
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -228,3 +229,14 @@ def test_the_window_leaves_out_the_retries_own_running_time() -> None:
     assert current.running_s == pytest.approx(30.0)
     assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 33.0) is None
     assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 55.0) is not None
+
+
+def test_the_host_limit_is_part_of_a_fit_key() -> None:
+    """No device size: two prlimit caps never share a remembered fit."""
+    small = remember.host_limit(["prlimit", "--as=4000000000", "--", "trl", "sft"])
+    large = remember.host_limit(["prlimit", "--as", "9200000000", "trl", "sft"])
+    assert "prlimit-as=4000000000" in small
+    assert "prlimit-as=9200000000" in large
+    keys = {remember.key_of(start=Knobs(per_device_batch=8), model_config=None, dialect="trl", policy_text="",
+                            device_name=name, device_mib=None) for name in (small, large)}
+    assert len(keys) == 2

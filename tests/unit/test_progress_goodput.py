@@ -237,6 +237,7 @@ def test_the_host_limit_is_part_of_a_fit_key() -> None:
     large = remember.host_limit(["prlimit", "--as", "9200000000", "trl", "sft"])
     assert "prlimit-as=4000000000" in small
     assert "prlimit-as=9200000000" in large
-    keys = {remember.key_of(start=Knobs(per_device_batch=8), model_config=None, dialect="trl", policy_text="",
+    start = Knobs(per_device_batch=8)
+    keys = {remember.key_of(start=start, model_config=None, dialect="trl", policy_text="",
                             device_name=name, device_mib=None) for name in (small, large)}
     assert len(keys) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
 import re
@@ -560,6 +561,20 @@ def _memory(args: argparse.Namespace, command: Command) -> Memory:
     return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe)
 
 
+_DEMO_NEEDS = ("torch", "transformers", "peft")
+
+
+def _check_demo_packages() -> None:
+    """The demo trains the bundled tiny model in this interpreter: say what is missing first."""
+    missing = [name for name in _DEMO_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        msg = (f"the demo trains a tiny model here and needs {', '.join(missing)}, which "
+               f"{sys.executable} cannot import; install it with the train extra: pip install "
+               "'oom-supervisor[train,plot]' (uv tool install and pipx install take the same "
+               "'[train,plot]'); `run` itself needs none of it")
+        raise CommandError(msg)
+
+
 def demo_command() -> Command:
     """The demo's ambitious start: full fine-tuning, batch 4 x 1024 tokens, on a small device."""
     return Command(argv=(
@@ -583,6 +598,8 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         dialect.check_policy((r.name, r.knob, r.compensate) for r in ladder.rungs)
     if args.verb == "run" and args.fits_db is not None and not args.fresh:
         _check_fits_db(args.fits_db)
+    if args.verb == "demo":
+        _check_demo_packages()
     run_dir = prepare_run_dir(args.runs_dir, args.run_id or new_run_id())
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)

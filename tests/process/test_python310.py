@@ -90,3 +90,16 @@ def test_run_fits_on_310(venv310: Path, tmp_path: Path) -> None:
     assert status.returncode == 0, status.stderr
     assert "fitted" in status.stdout
 
+
+
+def test_demo_without_torch_says_what_to_install(venv310: Path, tmp_path: Path) -> None:
+    """A plain tool install has no torch: the demo says so in one line, before any attempt."""
+    demo = subprocess.run([str(venv310 / "bin" / "oom-supervisor"), "demo", "--runs-dir",  # noqa: S603
+                           str(tmp_path / "runs")], capture_output=True, text=True,
+                          env=_clean_env(), timeout=120, check=False)
+    assert demo.returncode == 2, demo.stderr  # noqa: PLR2004
+    lines = [line for line in demo.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, demo.stderr
+    assert "oom-supervisor[train,plot]" in lines[0]
+    assert "Traceback" not in demo.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started

@@ -97,7 +97,7 @@ def test_demo_without_torch_says_what_to_install(venv310: Path, tmp_path: Path) 
     demo = subprocess.run([str(venv310 / "bin" / "oom-supervisor"), "demo", "--runs-dir",  # noqa: S603
                            str(tmp_path / "runs")], capture_output=True, text=True,
                           env=_clean_env(), timeout=120, check=False)
-    assert demo.returncode == 2, demo.stderr  # noqa: PLR2004
+    assert demo.returncode == 2, demo.stderr
     lines = [line for line in demo.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, demo.stderr
     assert "oom-supervisor[train,plot]" in lines[0]

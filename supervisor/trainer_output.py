@@ -150,6 +150,9 @@ class Tracker:
         self.last_output: float | None = None
         self.longest_gap_s = 0.0
         """The longest silence between two outputs since training began."""
+        self.ended = False
+        """The trainer said its training loop is over (the last step, or its final metrics):
+        saving the model and exiting are not steps, and may be silent for long."""
 
     def feed(self, chunk: bytes, *, timed: bool = True, at: float | None = None) -> None:
         """One chunk of output (any stream)."""
@@ -167,6 +170,8 @@ class Tracker:
                     self._at_step(step, now)
             elif any(mark in chunk for mark in _LOG_DICT):
                 self._began(now)
+            if b"train_runtime" in chunk or (self.total and self.step == self.total):
+                self.ended = True
 
     def _at_step(self, step: int, now: float | None) -> None:
         if step > 0:
@@ -242,6 +247,11 @@ class Watchdog:
         """The silence that is a hang now, and how it was chosen (None: no limit)."""
         if self.fixed_s:
             return self.fixed_s, f"{self.fixed_s:g} s (stall_timeout_s)"
+        if tracker.ended:
+            # The final save, an upload, the interpreter's exit: not steps, no cadence.
+            if not self.startup_s:
+                return None
+            return self.startup_s, f"{self.startup_s:g} s after the last training step"
         if not tracker.cadence_known:
             # Loading, tokenising, a first compile, the first step: nothing to learn from yet.
             if not self.startup_s:

@@ -53,6 +53,8 @@ def _go(tmp_path: Path, argv: tuple[str, ...], ladder: Ladder,
 LATE_TRANSIENT = """\
 import sys, time
 from pathlib import Path
+if "--help" in sys.argv:
+    sys.exit(print("usage: job.py [--per_device_train_batch_size N]"))
 first = not Path("fired").exists()
 for i in range(30 if first else 2):
     print(f"step {i}", flush=True)
@@ -112,8 +114,10 @@ def test_a_hang_is_retried_from_the_newest_checkpoint(tmp_path: Path) -> None:
 
 
 SILENT_ONCE = """\
-import time
+import sys, time
 from pathlib import Path
+if "--help" in sys.argv:
+    sys.exit(print("usage: job.py [--per_device_train_batch_size N]"))
 print("loading", flush=True)
 if not Path("fired").exists():
     Path("fired").write_text("x")

@@ -90,6 +90,9 @@ def test_watchdog_start_up_then_cadence_then_floor() -> None:
     assert limit[0] == pytest.approx(300.0)
     assert "10x the longest gap" in limit[1]
     assert Watchdog(fixed_s=20).limit(tracker) == (20, "20 s (stall_timeout_s)")
+    # The last step: saving the model and exiting are not steps; no cadence applies.
+    tracker.feed(b"\r100%|###| 240/240 [09:59<00:00]")
+    assert dog.limit(tracker) == (1800, "1800 s after the last training step")
 
 
 def test_goodput_of_a_recorded_night() -> None:

@@ -149,6 +149,7 @@ CAUSES: Mapping[str, str] = {
     "down": "supervisor down",
     "interrupted": "interrupted attempts",
     "supervisor": "supervisor (probe, prediction, reports)",
+    "running": "the attempt running now (counted when it ends)",
 }
 """Badput causes, in the order the report lists them."""
 
@@ -311,12 +312,14 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
             intervals += [(start, begin_training, "startup", 3),
                           (begin_training, end_training, "train", 3),
                           (end_training, finish, _TAIL_CAUSE.get(verdict, "failed"), 3)]
-        elif verdict in {"fits", "running"}:
-            if verdict == "fits":
-                measured = False
-            productive = (finish - start) if verdict == "fits" else 0.0
-            intervals.append((start, finish, "train" if verdict == "fits" else "startup", 3))
-            parts["train" if verdict == "fits" else "startup"] = finish - start
+        elif verdict == "running":
+            intervals.append((start, finish, "running", 3))
+            parts["running"] = finish - start
+        elif verdict == "fits":
+            measured = False
+            productive = finish - start
+            intervals.append((start, finish, "train", 3))
+            parts["train"] = finish - start
         else:
             cause = _TAIL_CAUSE.get(verdict, "failed")
             intervals.append((start, finish, cause, 3))

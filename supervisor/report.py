@@ -110,18 +110,24 @@ def _goodput(state: RunState, now: float | None = None) -> dict[str, Any] | None
     return {**measured.to_dict(), "labels": dict(progress.CAUSES)}
 
 
-def live_goodput(state: RunState, now: float) -> str | None:
-    """One line for `status` and the console: goodput so far and its largest badput."""
+def live_goodput(state: RunState, now: float) -> list[str]:
+    """Lines for `status`: goodput so far, and where the rest went (none: nothing to say)."""
     good = _goodput(state, now=None if state.finished else now)
     if not good or not good.get("wall_s"):
-        return None
-    badput = sorted(good["badput_s"].items(), key=lambda kv: -kv[1])[:1]
-    worst = ", ".join(f"{progress.CAUSES.get(k, k)} {human_duration(v)}" for k, v in badput)
+        return []
+    running = good["badput_s"].get("running")
+    badput = sorted(((k, v) for k, v in good["badput_s"].items() if k != "running"),
+                    key=lambda kv: -kv[1])[:2]
     kept = good["steps"]["kept"]
     held = "held by the newest checkpoint" if good.get("provisional") else "kept"
-    return (f"goodput {progress.describe_share(good['goodput'])} of "
-            f"{human_duration(good['wall_s'])}: {kept} steps {held}"
-            + (f"; lost to {worst}" if worst else ""))
+    lines = [(f"goodput {progress.describe_share(good['goodput'])} of "
+             f"{human_duration(good['wall_s'])}: {kept} steps {held}")]
+    rest = [f"{progress.CAUSES.get(k, k)} {human_duration(v)}" for k, v in badput]
+    if running:
+        rest.append(f"running now {human_duration(running)}")
+    if rest:
+        lines.append("  " + "; ".join(rest))
+    return lines
 
 
 def _step_s(progress_seen: Mapping[str, Any] | None) -> float | None:

@@ -73,9 +73,7 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
            (f"  started {report.local_time(state.started_at)}, "
             f"{report.human_duration(now() - state.started_at)} ago; "
             f"device {device}; policy {config.policy_name}")]
-    good = report.live_goodput(state, now())
-    if good is not None:
-        out.append(f"  {good}")
+    out += [f"  {line}" for line in report.live_goodput(state, now())]
     if config.remembered is not None:
         out.append(f"  attempt 1 ran the fit remembered from run {config.remembered_from or '?'}"
                    " (--fresh starts at the command's own config)")

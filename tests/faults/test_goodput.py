@@ -92,7 +92,7 @@ def test_a_hang_is_retried_from_the_newest_checkpoint(tmp_path: Path) -> None:
     argv = (*TRAINER, "--per_device_train_batch_size", "1", "--cutoff_len", "32",
             "--max_steps", "8", "--save_steps", "2", "--output_dir", "out")
     result, _, journal = _go(tmp_path, argv, scaled_default(),
-                             REFERENCE_TRAINER_FAULTS="hang@5", REFERENCE_TRAINER_STEP_S="0.5")
+                             REFERENCE_TRAINER_FAULTS="hang@5", REFERENCE_TRAINER_STEP_S="1")
     assert result.exit_code is ExitCode.FITTED
     finished = [e for e in journal if e["event"] == "attempt.finished"]
     assert [e["verdict"] for e in finished] == ["hang", "fits"]

@@ -190,8 +190,10 @@ def test_requeued_batch_job_resumes_the_same_run_without_repeating_an_attempt(
 # Rank 1 raises torchelastic's own RendezvousConnectionError the first time; rank 0 waits for
 # it for an hour, as a peer does in a collective. The second time both ranks finish.
 FAILING_RANK = """\
-import os, time
+import os, sys, time
 from pathlib import Path
+if "--help" in sys.argv:
+    sys.exit(print("usage: job.py [--per_device_train_batch_size N]"))
 rank = int(os.environ.get("SLURM_PROCID", "0"))
 first = not Path("fired").exists()
 print(f"rank {rank} ready", flush=True)
@@ -215,7 +217,7 @@ def test_a_rank_that_raises_ends_its_srun_step_with_its_own_error(
     argv = ["salloc", "--ntasks", "2", "--job-name", "oomtier-rank",
             PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
             "--runs-dir", "runs", "--run-id", "rank", "--",
-            "srun", "--ntasks", "2", "--label", PY, "job.py"]
+            "srun", "--ntasks", "2", "--label", PY, "job.py", "--per_device_train_batch_size", "1"]
     done = subprocess.run(argv, cwd=tmp_path, env=cluster.env, capture_output=True,  # noqa: S603
                           text=True, timeout=600, check=False, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -443,6 +443,10 @@ def _drive(live: _Live, *, first: tuple[Knobs, str | None] | None) -> RunResult:
             return _finish(live, Finish(status=RunStatus.INTERRUPTED,
                                         reason="stopped by signal before the first attempt"))
         knobs, rung = first
+        if state.attempts:
+            # A run resumed after an interruption (SIGTERM, a requeue): from the newest
+            # checkpoint, not from the one the cut-off attempt started at.
+            knobs = _from_newest(live, knobs)
         verdict = _attempt_with_retries(live, knobs, rung)
     else:
         last = state.history[-1]

@@ -192,6 +192,8 @@ class RunResumed(Event):
     torn_kept: str | None = None
     """Where a torn last journal line was kept aside (a file in the run folder)."""
     pid: int | None = None
+    last_alive: float | None = None
+    """When the previous supervisor was last seen alive (its heartbeat file's time)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import structlog
 from tenacity import RetryCallState, wait_exponential
 
 from supervisor import checkpoints, progress, report, runner, trainer_output
-from supervisor._compat import StrEnum
+from supervisor._compat import Self, StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
 from supervisor.device_memory import device_memory_argv
@@ -305,6 +306,43 @@ def _emit(live: _Live, event: E) -> E:
     return stamped
 
 
+HEARTBEAT = "heartbeat"
+"""Touched every few seconds by a living supervisor: `resume` reads when it was last alive."""
+_HEARTBEAT_S = 5.0
+
+
+class _Heartbeat:
+    """A daemon thread that touches `<run>/heartbeat` while the supervisor lives."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / HEARTBEAT
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
+
+    def start(self) -> Self:
+        """Beat from now on."""
+        self.thread.start()
+        return self
+
+    def end(self) -> None:
+        """The supervisor is leaving (its last beat stays as it was)."""
+        self.stop.set()
+
+    def _beat(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):  # a full disk must not end the run from here
+                self.path.touch()
+            self.stop.wait(_HEARTBEAT_S)
+
+
+def last_alive(run_dir: Path) -> float | None:
+    """When the run's last supervisor was last seen alive (None: never recorded)."""
+    try:
+        return (run_dir / HEARTBEAT).stat().st_mtime
+    except OSError:
+        return None
+
+
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus a random suffix."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
@@ -360,9 +398,11 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
         _emit(live, RunStarted(config=config))
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
+        beat = _Heartbeat(run_dir).start()
         try:
             return _drive(live, first=_first(live))
         finally:
+            beat.end()
             if signals is not None:
                 signals.listen(None)
 
@@ -404,9 +444,10 @@ def resume(  # noqa: PLR0913
         _emit(live, RunResumed(attempts_done=state.done,
                                pending=pending.number if pending else None, orphan=orphan,
                                torn_kept=journal.torn_kept.name if journal.torn_kept else None,
-                               pid=os.getpid()))
+                               pid=os.getpid(), last_alive=last_alive(run_dir)))
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
+        beat = _Heartbeat(run_dir).start()
         try:
             first: tuple[Knobs, str | None] | None = None
             if pending is not None:
@@ -420,6 +461,7 @@ def resume(  # noqa: PLR0913
                 first = _first(live)
             return _drive(live, first=first)
         finally:
+            beat.end()
             if signals is not None:
                 signals.listen(None)
 

@@ -342,8 +342,7 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
         if isinstance(event, RetryScheduled):
             intervals.append((event.ts, event.ts + event.delay_s, "backoff", 2))
         elif isinstance(event, RunResumed) and i > 0:
-            gone_at = events[i - 1].ts
-            intervals.append((gone_at, event.ts, "down", 1))
+            intervals.append((_gone_at(events, i), event.ts, "down", 1))
     badput = _sweep(intervals, begin, end)
     productive = sum(a.productive_s for a in attempts)
     badput["retrained"] = badput.pop("train", 0.0) - productive
@@ -372,6 +371,15 @@ def _sweep(intervals: Iterable[tuple[float, float, str, int]], begin: float,
     return totals
 
 
+def _gone_at(events: Sequence[Event], i: int) -> float:
+    """When the supervisor before the resume at `events[i]` was last alive: its heartbeat,
+    else its last journaled event."""
+    resumed = events[i]
+    last_event = events[i - 1].ts
+    alive = resumed.last_alive if isinstance(resumed, RunResumed) else None
+    return max(last_event, min(alive, resumed.ts)) if alive else last_event
+
+
 def _describe(record: AttemptRecord, verdict: str, resumed: int, reached: int) -> str:
     what = {"oom": "out of memory", "hang": "hung", "transient": "transient failure",
             "lost": "lost (its wrapper died)", "fatal": "failed",
@@ -389,7 +397,7 @@ def _supervisor_accidents(events: Sequence[Event], state: RunState) -> list[Acci
                 f"the terminal was lost (SIGHUP); supervising went on, output to "
                 f"{Path(event.output_to).name}"), cost_s=0.0))
         elif isinstance(event, RunResumed) and i > 0:
-            gap = event.ts - events[i - 1].ts
+            gap = event.ts - _gone_at(events, i)
             adopted = ""
             if event.pending is not None:
                 record = state.attempt(event.pending)

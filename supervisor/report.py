@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor.events import AttemptRecord, Notified, RunConfig, RunState
@@ -42,8 +42,9 @@ def build(state: RunState) -> dict[str, Any]:
     fitted = end is not None and status == "fitted" and bool(state.attempts)
     final_record = state.attempt(end.attempt) if end and end.attempt else None
     final = final_record.knobs if fitted and final_record else None
-    final_argv = list(state.final.fresh_argv) if fitted and state.final else (
-        list(final_record.started.argv) if fitted and final_record else None)
+    final_argv = (_pointed_at_final_files(state.final.fresh_argv, state.final.files)
+                  if fitted and state.final else (
+                      list(final_record.started.argv) if fitted and final_record else None))
     costs = _costs(start, final, config) if final else []
     return {
         "run_id": config.run_id,
@@ -185,6 +186,31 @@ def _rung_costs(config: RunConfig) -> dict[str, str]:
     for rung in data.get("rung", []) if isinstance(data.get("rung"), list) else []:
         if isinstance(rung, dict) and isinstance(rung.get("knob"), str):
             out.setdefault(rung["knob"], str(rung.get("cost", "none")))
+    return out
+
+
+def _pointed_at_final_files(argv: Sequence[str], files: Sequence[str]) -> list[str]:
+    """The working argv with a config copy inside the run folder (`attempts/NN/cfg.yml`,
+    `final/cfg.yml`) replaced by the `final<suffix>` file the report points to.
+
+    Both hold the same working values (the dialect wrote them from the same knobs); the one
+    the report names is the one final-command.sh must run. A copy outside the run folder (a
+    private copy holding secrets) is left as it is.
+    """
+    finals = {PurePath(f).suffix: f for f in files
+              if PurePath(f).stem == "final" and len(PurePath(f).parts) == 1}
+    out = []
+    for word in argv:
+        path = PurePath(word)
+        run_dir = None
+        if (len(path.parts) > 3 and path.parent.name.isdigit()  # noqa: PLR2004 - run/attempts/NN/x
+                and path.parent.parent.name == "attempts"):
+            run_dir = path.parent.parent.parent
+        elif len(path.parts) > 2 and path.parent.name == "final":  # noqa: PLR2004 - run/final/x
+            run_dir = path.parent.parent
+        if run_dir is not None and path.is_absolute() and path.suffix in finals:
+            word = str(run_dir / finals[path.suffix])
+        out.append(word)
     return out
 
 

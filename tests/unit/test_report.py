@@ -97,3 +97,19 @@ def test_write_puts_memory_png_beside_report_md(tmp_path: Path) -> None:
     assert (run / "memory.png").stat().st_size > 1000
     assert data["plot"] == "memory.png"
     assert "![memory per attempt](memory.png)" in (run / "report.md").read_text()
+
+
+def test_final_command_runs_the_final_config_the_report_names() -> None:
+    """An axolotl/args-file argv naming attempts/NN/oom.yml (or final/oom.yml) runs final.yml
+    instead; a copy outside the run folder (private, holding secrets) and other words stay."""
+    state = state_of("demo-150")
+    assert state.final is not None
+    argv = ("axolotl", "train", "/runs/r1/attempts/03/oom.yml", "--micro-batch-size", "2",
+            "/runs/r1/final/args.json", "/tmp/private-xyz/oom.yml", "attempts/03/oom.yml")
+    final = dataclasses.replace(state.final, fresh_argv=argv,
+                                files=("final.yml", "final-ds.json", "final.json"))
+    data = report.build(dataclasses.replace(state, final=final))
+    assert data["final_command"] == [
+        "axolotl", "train", "/runs/r1/final.yml", "--micro-batch-size", "2",
+        "/runs/r1/final.json", "/tmp/private-xyz/oom.yml", "attempts/03/oom.yml"]
+    assert "exec axolotl train /runs/r1/final.yml" in report.final_command_script(data)

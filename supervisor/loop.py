@@ -223,6 +223,11 @@ class View:
     retries: int = 0
 
 
+_WALKED = (VerdictKind.OOM, VerdictKind.NO_DATA)
+"""Verdicts that step down the ladder: memory ran out, or the rung left no rows (that rung is
+spent, and the policy walks on from the last config that had data)."""
+
+
 def decide(view: View, verdict: Verdict) -> Decision:
     """What follows an attempt's verdict (after its transient retries are spent)."""
     if view.held and view.stop_on_held and verdict.kind is not VerdictKind.FITS:
@@ -231,15 +236,17 @@ def decide(view: View, verdict: Verdict) -> Decision:
             "the policy says stop ([gpu] on_held_memory)"))
     if verdict.kind is VerdictKind.FITS:
         return Finish(status=RunStatus.FITTED)
-    if verdict.kind is not VerdictKind.OOM:
+    if verdict.kind not in _WALKED:
         reason = verdict.evidence
         if verdict.kind in _RETRIED:
             reason = (f"still failing after {view.retries} retries on the same config: {reason}")
         return Finish(status=RunStatus(str(verdict.kind)), reason=reason)
     if view.attempts_done >= view.budget:
+        what = ("runs out of memory" if verdict.kind is VerdictKind.OOM
+                else "leaves the trainer no data")
         return Finish(status=RunStatus.EXHAUSTED, reason=(
-            f"the attempt budget of {view.budget} is spent and the last config still runs out "
-            "of memory; raise --max-attempts or start smaller"))
+            f"the attempt budget of {view.budget} is spent and the last config still {what}; "
+            "raise --max-attempts or start smaller"))
     if view.stopping:
         return Finish(status=RunStatus.INTERRUPTED,
                       reason="stopped by signal before the next attempt")

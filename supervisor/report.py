@@ -162,7 +162,9 @@ def _other_changes(start: Knobs, final: Knobs | None, final_argv: list[str] | No
 def _costs(start: Knobs, final: Knobs, config: RunConfig) -> list[dict[str, Any]]:
     notes = dict(_KNOB_COST_NOTE)
     if config.cutoff_drops_rows:  # packing (LLaMA-Factory) or axolotl's default: rows are dropped
-        notes["cutoff_len"] = "samples longer than the cutoff are DROPPED, not truncated"
+        # The share each cutoff drops would need the tokenised dataset: not computed (yet).
+        notes["cutoff_len"] = ("samples longer than the cutoff are DROPPED, not truncated "
+                               "(what share of rows: not computed, the dataset is not read)")
     cost_of = _rung_costs(config)
     costs = []
     for knob, (before, after) in start.diff(final).items():
@@ -209,8 +211,9 @@ def _pointed_at_final_files(argv: Sequence[str], files: Sequence[str]) -> list[s
         elif len(path.parts) > 2 and path.parent.name == "final":  # noqa: PLR2004 - run/final/x
             run_dir = path.parent.parent
         if run_dir is not None and path.is_absolute() and path.suffix in finals:
-            word = str(run_dir / finals[path.suffix])
-        out.append(word)
+            out.append(str(run_dir / finals[path.suffix]))
+        else:
+            out.append(word)
     return out
 
 

@@ -181,8 +181,8 @@ def test_leaving_4bit_writes_adapter_lora_back(cwd: Path) -> None:
 def test_lora_with_load_in_4bit_alone_reads_as_plain_lora(cwd: Path) -> None:
     """`adapter: lora` + `load_in_4bit: true` trains a full-precision base in axolotl: read as
     no quantisation, so the QLoRA rung is not skipped as already done."""
-    (cwd / "l4.yml").write_text(LORA_YML.replace("adapter: lora", "adapter: lora\nload_in_4bit: true"),
-                                encoding="utf-8")
+    text = LORA_YML.replace("adapter: lora", "adapter: lora\nload_in_4bit: true")
+    (cwd / "l4.yml").write_text(text, encoding="utf-8")
     command = cmd("axolotl train l4.yml", cwd)
     assert D.read(command).quantization_bit is None
     D.render(command, dataclasses.replace(D.read(command), quantization_bit=4), cwd / "a")

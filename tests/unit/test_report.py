@@ -105,11 +105,11 @@ def test_final_command_runs_the_final_config_the_report_names() -> None:
     state = state_of("demo-150")
     assert state.final is not None
     argv = ("axolotl", "train", "/runs/r1/attempts/03/oom.yml", "--micro-batch-size", "2",
-            "/runs/r1/final/args.json", "/tmp/private-xyz/oom.yml", "attempts/03/oom.yml")
+            "/runs/r1/final/args.json", "/home/u/.cache/private-xyz/oom.yml", "attempts/03/oom.yml")
     final = dataclasses.replace(state.final, fresh_argv=argv,
                                 files=("final.yml", "final-ds.json", "final.json"))
     data = report.build(dataclasses.replace(state, final=final))
     assert data["final_command"] == [
         "axolotl", "train", "/runs/r1/final.yml", "--micro-batch-size", "2",
-        "/runs/r1/final.json", "/tmp/private-xyz/oom.yml", "attempts/03/oom.yml"]
+        "/runs/r1/final.json", "/home/u/.cache/private-xyz/oom.yml", "attempts/03/oom.yml"]
     assert "exec axolotl train /runs/r1/final.yml" in report.final_command_script(data)

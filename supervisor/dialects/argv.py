@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
-from supervisor.command import Command, CommandError, Invocation, locate
+from supervisor.command import Command, CommandError, Invocation, locate, locate_command
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
 from supervisor.dialects._read import (
@@ -310,7 +310,7 @@ class ArgvDialect:
     # -- internals ---------------------------------------------------------------------------
 
     def _scan(self, command: Command) -> _Scan:
-        invocation = locate(command.argv)
+        invocation = locate_command(command)
         profile = self._forced or _profile_for(invocation.program)
         help_ = read_help(command, self.probe) if _askable(profile) else None
         flags = _flag_table(profile, help_)

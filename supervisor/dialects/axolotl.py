@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from supervisor.command import Command, CommandError, Invocation, locate
+from supervisor.command import Command, CommandError, Invocation, locate, locate_command
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import (
     YAML_SUFFIXES,
@@ -231,7 +231,7 @@ class AxolotlDialect:
         values.set("deepspeed_stage", deepspeed.stage(ds, command) if ds else None, ds_source)
         values.set("deepspeed_offload", deepspeed.offload(ds, command) if ds else None,
                    ds_source)
-        invocation = locate(command.argv)
+        invocation = locate_command(command)
         values.set("world_size", invocation.world_size, world_source(invocation))
         read_env_knobs(command, values)
         return values

@@ -72,7 +72,7 @@ def test_render_without_change_gives_back_the_same_argv(text: str, cwd: Path) ->
            lora_rank=32, deepspeed_stage=2, deepspeed_offload=False,
            output_dir="./outputs/lora-out", precision="fp32",
            model="NousResearch/Llama-3.2-1B")),
-    ("accelerate launch --num_processes 2 -m axolotl.cli.train lora.yml",
+    ("accelerate launch --multi_gpu --num_processes 2 -m axolotl.cli.train lora.yml",
      Knobs(per_device_batch=8, cutoff_len=4096, finetuning_type=FinetuningType.LORA,
            lora_rank=32, deepspeed_stage=2, deepspeed_offload=False,
            output_dir="./outputs/lora-out", world_size=2, precision="fp32",

@@ -68,7 +68,7 @@ def test_flags_without_a_config_file(launch: str, env: dict[str, str],
     ("distributed_type: MULTI_GPU\nnum_processes: 4\n", "--cpu", (1, True, False)),
     # a config without num_processes: accelerate refuses to launch until it is given
     ("distributed_type: MULTI_GPU\n", "", (1, False, True)),
-    ("{\"distributed_type\": \"MULTI_GPU\", \"num_processes\": 3}\n", "", (3, True, True)),
+    ('{"distributed_type": "MULTI_GPU", "num_processes": 3}\n', "", (3, True, True)),
     ("compute_environment: AMAZON_SAGEMAKER\ndistributed_type: DATA_PARALLEL\n", "",
      (1, False, True)),
     ("distributed_type: [MULTI_GPU\n", "", (1, False, True)),  # not YAML

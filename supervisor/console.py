@@ -318,6 +318,9 @@ def _run_line(name: str, state: RunState, run_dir: Path | None) -> str:
             f"{config.max_attempts} attempts{where}")
     if assumed:
         line += f" (assumed: {', '.join(assumed)})"
+    note = report.deepspeed_note(config)
+    if note is not None:
+        line += f"; {note}"
     return line
 
 

@@ -58,7 +58,8 @@ def build(state: RunState) -> dict[str, Any]:
         "command": list(config.argv),
         "cwd": config.cwd,
         "dialect": config.dialect_description,
-        "policy": {"name": config.policy_name, "source": config.policy_source},
+        "policy": {"name": config.policy_name, "source": config.policy_source,
+                   "deepspeed": deepspeed_note(config)},
         "start_knobs": start.to_dict(),
         "start_sources": dict(config.start_sources),
         "final_knobs": final.to_dict() if final else None,
@@ -176,6 +177,18 @@ def _costs(start: Knobs, final: Knobs, config: RunConfig) -> list[dict[str, Any]
     return costs
 
 
+def deepspeed_note(config: RunConfig) -> str | None:
+    """One line for a DeepSpeed command: whether this run's ladder walks the ZeRO rungs."""
+    stage = config.start.deepspeed_stage
+    if stage is None:
+        return None
+    if {"deepspeed_stage", "deepspeed_offload"} & set(_rung_costs(config)):
+        return (f"DeepSpeed ZeRO-{stage}: the '{config.policy_name}' ladder walks the ZeRO "
+                "rungs (ZeRO-2, ZeRO-3, optimizer offload) before any cut in cutoff or method")
+    return (f"DeepSpeed ZeRO-{stage}: the ZeRO rungs (ZeRO-2, ZeRO-3, optimizer offload) are "
+            f"in `--policy multi-gpu`, not in the '{config.policy_name}' ladder this run walks")
+
+
 def _rung_costs(config: RunConfig) -> dict[str, str]:
     """knob -> the cost its rung declares, from the journaled policy text."""
     from supervisor._compat import tomllib  # noqa: PLC0415
@@ -280,7 +293,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     if data.get("cwd"):
         out += [f"- Directory: `{data['cwd']}`"]
     out += [f"- Dialect: {data['dialect']}",
-            f"- Policy: {data['policy']['name']} ({data['policy']['source']})",
+            f"- Policy: {data['policy']['name']} ({data['policy']['source']})"
+            + (f"; {data['policy']['deepspeed']}" if data["policy"].get("deepspeed") else ""),
             f"- Device: {_device_words(device, data.get('device_source'))}",
             (f"- Attempts: {len(data['attempts'])}, of which {data['oom_verdicts']} ran out "
              "of memory")]

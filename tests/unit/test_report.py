@@ -113,3 +113,22 @@ def test_final_command_runs_the_final_config_the_report_names() -> None:
         "axolotl", "train", "/runs/r1/final.yml", "--micro-batch-size", "2",
         "/runs/r1/final.json", "/home/u/.cache/private-xyz/oom.yml", "attempts/03/oom.yml"]
     assert "exec axolotl train /runs/r1/final.yml" in report.final_command_script(data)
+
+
+def test_a_deepspeed_run_says_in_one_line_whether_its_ladder_walks_zero() -> None:
+    """ZeRO-2 under the default ladder: the report names `--policy multi-gpu`; under
+    multi-gpu it says the ZeRO rungs are walked; no line without DeepSpeed."""
+    state = state_of("demo-150")
+    assert report.deepspeed_note(state.config) is None
+    zero2 = dataclasses.replace(state.config,
+                                start=dataclasses.replace(state.config.start, deepspeed_stage=2))
+    note = report.deepspeed_note(zero2)
+    assert note == ("DeepSpeed ZeRO-2: the ZeRO rungs (ZeRO-2, ZeRO-3, optimizer offload) are in "
+                    "`--policy multi-gpu`, not in the 'default' ladder this run walks")
+    md = report.render_markdown(report.build(dataclasses.replace(state, config=zero2)))
+    assert f"; {note}" in md
+    multi = (Path(__file__).parents[2] / "policies" / "multi-gpu.toml").read_text(encoding="utf-8")
+    walked = dataclasses.replace(zero2, policy_name="multi-gpu", policy_text=multi)
+    assert report.deepspeed_note(walked) == (
+        "DeepSpeed ZeRO-2: the 'multi-gpu' ladder walks the ZeRO rungs (ZeRO-2, ZeRO-3, "
+        "optimizer offload) before any cut in cutoff or method")

@@ -132,3 +132,18 @@ def test_a_deepspeed_run_says_in_one_line_whether_its_ladder_walks_zero() -> Non
     assert report.deepspeed_note(walked) == (
         "DeepSpeed ZeRO-2: the 'multi-gpu' ladder walks the ZeRO rungs (ZeRO-2, ZeRO-3, "
         "optimizer offload) before any cut in cutoff or method")
+
+
+def test_a_no_data_attempt_is_reported_with_its_verdict_and_evidence() -> None:
+    """Recorded run (no-data-70): attempt 4 is `no_data` with the trainer's line, not counted
+    as an OOM; the run walked on and fitted at LoRA with the full cutoff."""
+    data = report.build(state_of("no-data-70"))
+    assert [a["verdict"] for a in data["attempts"]] == [
+        "oom", "oom", "oom", "no_data", "oom", "fits"]
+    assert data["oom_verdicts"] == 4
+    assert data["attempts"][3]["rung"] == "shorter-cutoff"
+    assert data["final_knobs"]["cutoff_len"] == 512
+    assert data["final_knobs"]["finetuning_type"] == "lora"
+    md = report.render_markdown(data)
+    assert ("attempt 4: `ValueError: num_samples should be a positive integer value, but got "
+            "num_samples=0`") in md

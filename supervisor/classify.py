@@ -25,6 +25,10 @@ class VerdictKind(StrEnum):
     `lost`: the attempt's wrapper died without an exit status (a reboot, a preemption, a
     `kill -9` of its group) while no supervisor watched: nothing the command did; it is run
     again from the newest checkpoint, outside the retry budget.
+    `no_data`: the trainer failed because its config left it no rows (a shorter cutoff that
+    drops every longer sample, axolotl's default); not the command's fault and not memory:
+    the rung that produced it is spent with that reason and the ladder walks on from the
+    last config that had data (policy.next_step).
     """
 
     FITS = "fits"
@@ -34,6 +38,7 @@ class VerdictKind(StrEnum):
     INTERRUPTED = "interrupted"
     HANG = "hang"
     LOST = "lost"
+    NO_DATA = "no_data"
 
 
 class OomKind(StrEnum):
@@ -121,6 +126,19 @@ TRANSIENT_RULES: tuple[Rule, ...] = tuple(
     )
 )
 """Lines that mean an infrastructure hiccup worth retrying, when no OOM is anywhere."""
+
+NO_DATA_RULES: tuple[Rule, ...] = (
+    # pytorch/pytorch torch/utils/data/sampler.py, RandomSampler.__init__ (torch 2.13):
+    # raise ValueError(f"num_samples should be a positive integer value, but got
+    # num_samples={self.num_samples}"), over an empty dataset. The HF Trainer's
+    # _get_train_sampler returns RandomSampler(train_dataset), and so does axolotl 0.19's
+    # AxolotlTrainer._get_train_sampler (also as the base of its MultipackBatchSampler) after
+    # handle_long_seq_in_dataset dropped every row longer than sequence_len ("Dropped N
+    # samples from dataset"). Recorded: tests/data/tails/no_data_num_samples0.txt.
+    _rule(VerdictKind.NO_DATA,
+          r"num_samples should be a positive integer value, ?but got num_samples=0\b"),
+)
+"""Lines that mean the config left the trainer no rows to train on."""
 
 
 
@@ -355,6 +373,9 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.LOST, evidence=(
             "the attempt's wrapper died without writing its exit status" if outcome.wrapper_died
             else "the attempt ended while no supervisor watched it and left no exit status"))
+    dry = _no_data_line(lines)
+    if dry is not None:
+        return Verdict(kind=VerdictKind.NO_DATA, evidence=dry)
     worker = (_killed_worker(lines) if outcome.kernel_oom_kills > 0
               and not outcome.killed_by_supervisor else None)
     if worker is not None and outcome.exit_code != 0:
@@ -394,6 +415,15 @@ def _killed_worker(lines: list[str]) -> str | None:
         match = _KILLED_WORKER.search(strip_launcher_prefix(line))
         if match is not None:
             return f"a worker was killed by SIGKILL: {strip_launcher_prefix(line)[:300]}"
+    return None
+
+
+def _no_data_line(lines: list[str]) -> str | None:
+    """The trainer's own line saying it was given no rows, if it printed one."""
+    for line in reversed(lines):
+        stripped = strip_launcher_prefix(line)
+        if any(rule.pattern.search(stripped) for rule in NO_DATA_RULES):
+            return stripped
     return None
 
 

@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="predict the memory of every config on the ladder",
                           epilog=PLAN_EXIT_CODES_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    plan.add_argument("--policy", default="default", metavar="NAME|FILE")
+    plan.add_argument("--policy", default=None, metavar="NAME|FILE",
+                      help="ladder to plan (default: `default`; `multi-gpu` for a DeepSpeed "
+                      "command)")
     plan.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
                       help="device size to plan for (default: the visible GPU's)")
     plan.add_argument("--dialect", choices=dialect_names(), default=None)
@@ -180,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    p.add_argument("--policy", default="default", metavar="NAME|FILE",
-                   help="ladder to walk: a shipped name (default, quality-first) or a .toml file")
+    p.add_argument("--policy", default=None, metavar="NAME|FILE",
+                   help="ladder to walk: a shipped name (default, quality-first, multi-gpu) or "
+                   "a .toml file (default: `default`; `multi-gpu` for a DeepSpeed command)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), metavar="DIR",
                    help="where run folders go (default ./runs)")
     p.add_argument("--run-id", type=_run_id, default=None,
@@ -384,8 +387,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "resume":
             return _resume(args)
         if args.verb == "plan":
-            return _plan(args, _command_from(parser, args))
+            command = _command_from(parser, args)
+            args.policy = policy_name(args, command)
+            return _plan(args, command)
         command = demo_command() if args.verb == "demo" else _command_from(parser, args)
+        args.policy = policy_name(args, command)
         return _run(args, command)
     except (PolicyError, CommandError, ResumeError, ModelSpecError, JournalError,
             RunFolderBusyError, JournalWriteError, RunDirError, StatusError) as exc:
@@ -453,6 +459,18 @@ def _command_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      "after `--`, e.g. `oom-supervisor run -- python train.py "
                      "--per_device_train_batch_size 8`")
     return Command(argv=tuple(words), cwd=str(Path.cwd()))
+
+
+def policy_name(args: argparse.Namespace, command: Command) -> str:
+    """The `--policy` given; else `multi-gpu` for a command that runs DeepSpeed from a JSON the
+    ZeRO rungs can rewrite (sharding and offload cost only speed: they come before any cut),
+    else `default`. Console and report say which (report.deepspeed_note)."""
+    if getattr(args, "policy", None) is not None:
+        return str(args.policy)
+    reading = _dialect(args, command).read_sourced(command)
+    if reading.knobs.deepspeed_stage is not None and reading.can_set("deepspeed_stage"):
+        return "multi-gpu"
+    return "default"
 
 
 def _dialect(args: argparse.Namespace, command: Command) -> Dialect:

@@ -36,6 +36,7 @@ _SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.de
 """Events the console leaves out: the next line, or the summary, says the same."""
 
 _STYLE = {"fits": "green", "oom": "red", "fatal": "magenta", "transient": "yellow",
+          "no_data": "yellow",
           "hang": "yellow", "interrupted": "bright_black"}
 _MARK = {"fits": "✓", "oom": "✗"}
 _QUIET_KEYS = frozenset({"event", "level", "timestamp", "run_id", "log_dir"})
@@ -327,6 +328,9 @@ def _run_line(name: str, state: RunState, run_dir: Path | None) -> str:
             f"{config.max_attempts} attempts{where}")
     if assumed:
         line += f" (assumed: {', '.join(assumed)})"
+    note = report.deepspeed_note(config)
+    if note is not None:
+        line += f"; {note}"
     return line
 
 
@@ -354,6 +358,9 @@ def _finished_line(record: AttemptRecord, state: RunState) -> str:
     elif done.verdict == "fits":
         line = (f"{mark} attempt {record.number} fits after {took} · {what} · "
                 f"{report.memory_words(row, device)}")
+    elif done.verdict == "no_data":
+        line = (f"{mark} attempt {record.number} left the trainer no data after {took} · "
+                f"{what} · {done.evidence} · that rung is spent, the ladder walks on")
     else:
         line = (f"{mark} attempt {record.number} {done.verdict} after {took} · {what} · "
                 f"{done.evidence or f'exit code {done.exit_code}'}")

@@ -222,6 +222,11 @@ class View:
     """Why the last failure was not retried (its streak's budget), if it was not."""
 
 
+_WALKED = (VerdictKind.OOM, VerdictKind.NO_DATA)
+"""Verdicts that step down the ladder: memory ran out, or the rung left no rows (that rung is
+spent, and the policy walks on from the last config that had data)."""
+
+
 def decide(view: View, verdict: Verdict) -> Decision:
     """What follows an attempt's verdict (after its transient retries are spent)."""
     if view.held and view.stop_on_held and verdict.kind is not VerdictKind.FITS:
@@ -233,7 +238,7 @@ def decide(view: View, verdict: Verdict) -> Decision:
     if verdict.kind in _RETRIED and view.stopping:
         return Finish(status=RunStatus.INTERRUPTED,
                       reason="stopped by signal before the retry")
-    if verdict.kind is not VerdictKind.OOM:
+    if verdict.kind not in _WALKED:
         reason = verdict.evidence
         if verdict.kind in _RETRIED:
             why = view.refusal or f"still failing after {view.retries} retries on the same config"
@@ -242,9 +247,11 @@ def decide(view: View, verdict: Verdict) -> Decision:
                   else RunStatus(str(verdict.kind)))
         return Finish(status=status, reason=reason)
     if view.attempts_done >= view.budget:
+        what = ("runs out of memory" if verdict.kind is VerdictKind.OOM
+                else "leaves the trainer no data")
         return Finish(status=RunStatus.EXHAUSTED, reason=(
-            f"the attempt budget of {view.budget} is spent and the last config still runs out "
-            "of memory; raise --max-attempts or start smaller"))
+            f"the attempt budget of {view.budget} is spent and the last config still {what}; "
+            "raise --max-attempts or start smaller"))
     if view.stopping:
         return Finish(status=RunStatus.INTERRUPTED,
                       reason="stopped by signal before the next attempt")

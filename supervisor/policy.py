@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor._compat import StrEnum, tomllib
-from supervisor.classify import Verdict, shows_fragmentation
+from supervisor.classify import Verdict, VerdictKind, shows_fragmentation
 from supervisor.knobs import KNOB_NAMES, KNOB_TYPES, FinetuningType, Knobs, needs_module
 
 
@@ -259,7 +259,14 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
     `can_set` (the command's Reading.can_set) skips a rung whose change the program cannot
     take, e.g. a LoRA rung on a script with no LoRA flag, with a one-line reason in `skipped`.
     """
-    last = history[-1].knobs if history else start
+    dry = [a for a in history if a.verdict.kind is VerdictKind.NO_DATA]
+    if dry and dry[-1].rung not in {r.name for r in ladder.rungs}:  # the start config
+        return GiveUp(reason=(f"the command's own config leaves the trainer no data "
+                              f"({dry[-1].verdict.evidence}); no rung adds rows"),
+                      spent=(), skipped=())
+    # A config that left no rows is not a base to walk from: the last one that had data is.
+    with_data = [a for a in history if a.verdict.kind is not VerdictKind.NO_DATA]
+    last = with_data[-1].knobs if with_data else start
     tried = {a.knobs for a in history}
     spent_index = max((i for i, r in enumerate(ladder.rungs)
                        if r.is_structural and any(a.rung == r.name for a in history)),
@@ -284,6 +291,10 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
         restored: tuple[tuple[str, Any, Any], ...] = ()
         if rung.restore:
             new, restored = _restore(new, start)
+        no_data = _leaves_no_data(new, dry, ladder)
+        if no_data is not None:
+            skipped.append(f"{rung.name}: {no_data}")
+            continue
         if new in tried:
             skipped.append(f"{rung.name}: that config was already tried")
             continue
@@ -347,8 +358,31 @@ def _show(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _leaves_no_data(new: Knobs, dry: Sequence[Attempt], ladder: Ladder) -> str | None:
+    """Why `new` would leave the trainer no rows, as an earlier attempt showed, or None.
+
+    A halving rung (the cutoff) that left no data at value V leaves none at any value <= V:
+    a shorter cutoff drops at least the rows the longer one dropped.
+    """
+    halving = {r.name: r.knob for r in ladder.rungs if r.action == "halve"}
+    for attempt in dry:
+        knob = halving.get(attempt.rung or "")
+        if knob is None:
+            continue
+        value, empty_at = getattr(new, knob), getattr(attempt.knobs, knob)
+        if value is not None and empty_at is not None and value <= empty_at:
+            return (f"{knob}={value} leaves the trainer no data: attempt {attempt.number} at "
+                    f"{knob}={empty_at} failed with '{attempt.verdict.evidence}'")
+    return None
+
+
 def _spent(rung: Rung, knobs: Knobs, history: Sequence[Attempt]) -> str:
     value = getattr(knobs, rung.knob)
+    dry = next((a for a in reversed(history)
+                if a.rung == rung.name and a.verdict.kind is VerdictKind.NO_DATA), None)
+    if dry is not None:
+        return (f"{rung.name}: {rung.knob}={_show(getattr(dry.knobs, rung.knob))} left the "
+                f"trainer no data (attempt {dry.number})")
     if rung.action == "halve":
         if value is None:
             return f"{rung.name}: {rung.knob} unknown to the command, nothing to halve"

@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("per_device_train_batch_size", type=_positive_int, default=8)
     add("gradient_accumulation_steps", type=_positive_int, default=1)
     add("cutoff_len", type=_positive_int, default=512, help="tokens in every synthetic sample")
+    add(
+        "sample_len",
+        type=_positive_int,
+        default=None,
+        help="tokens in every synthetic row before the cutoff (default: cutoff_len); rows "
+        "longer than cutoff_len are DROPPED, as axolotl does (excess_length_strategy: drop)",
+    )
     add_bool("gradient_checkpointing", "recompute decoder-layer activations in backward")
     add("max_steps", type=_positive_int, default=4)
     add("optim", default="adamw_torch",
@@ -502,9 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainable_params, total_params = _count_params(trainable_model)
 
     samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    # Rows longer than the cutoff are dropped, not cut (axolotl's drop_long_seq): a cutoff
+    # under --sample_len leaves the Trainer no rows, and it fails as axolotl then does.
+    kept = samples if (args.sample_len or args.cutoff_len) <= args.cutoff_len else 0
     longer_at = _faults(os.environ.get(FAULTS_ENV, "")).get("longer")
     dataset = _SyntheticTokens(
-        size=samples, cutoff_len=args.cutoff_len, vocab_size=config.vocab_size, seed=args.seed,
+        size=kept, cutoff_len=args.cutoff_len, vocab_size=config.vocab_size, seed=args.seed,
         short=longer_at is not None and _resumed_step(checkpoint) < longer_at,
     )
     night = _night_callback(dataset, args.output_dir)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor import progress
@@ -43,8 +43,9 @@ def build(state: RunState) -> dict[str, Any]:
     fitted = end is not None and status == "fitted" and bool(state.attempts)
     final_record = state.attempt(end.attempt) if end and end.attempt else None
     final = final_record.knobs if fitted and final_record else None
-    final_argv = list(state.final.fresh_argv) if fitted and state.final else (
-        list(final_record.started.argv) if fitted and final_record else None)
+    final_argv = (_pointed_at_final_files(state.final.fresh_argv, state.final.files)
+                  if fitted and state.final else (
+                      list(final_record.started.argv) if fitted and final_record else None))
     costs = _costs(start, final, config) if final else []
     return {
         "run_id": config.run_id,
@@ -58,7 +59,8 @@ def build(state: RunState) -> dict[str, Any]:
         "command": list(config.argv),
         "cwd": config.cwd,
         "dialect": config.dialect_description,
-        "policy": {"name": config.policy_name, "source": config.policy_source},
+        "policy": {"name": config.policy_name, "source": config.policy_source,
+                   "deepspeed": deepspeed_note(config)},
         "start_knobs": start.to_dict(),
         "start_sources": dict(config.start_sources),
         "final_knobs": final.to_dict() if final else None,
@@ -247,7 +249,9 @@ def _other_changes(start: Knobs, final: Knobs | None, final_argv: list[str] | No
 def _costs(start: Knobs, final: Knobs, config: RunConfig) -> list[dict[str, Any]]:
     notes = dict(_KNOB_COST_NOTE)
     if config.cutoff_drops_rows:  # packing (LLaMA-Factory) or axolotl's default: rows are dropped
-        notes["cutoff_len"] = "samples longer than the cutoff are DROPPED, not truncated"
+        # The share each cutoff drops would need the tokenised dataset: not computed (yet).
+        notes["cutoff_len"] = ("samples longer than the cutoff are DROPPED, not truncated "
+                               "(what share of rows: not computed, the dataset is not read)")
     cost_of = _rung_costs(config)
     costs = []
     for knob, (before, after) in start.diff(final).items():
@@ -257,6 +261,18 @@ def _costs(start: Knobs, final: Knobs, config: RunConfig) -> list[dict[str, Any]
                       "cost": cost_of.get(knob, "none"),
                       "note": notes.get(knob, "")})
     return costs
+
+
+def deepspeed_note(config: RunConfig) -> str | None:
+    """One line for a DeepSpeed command: whether this run's ladder walks the ZeRO rungs."""
+    stage = config.start.deepspeed_stage
+    if stage is None:
+        return None
+    if {"deepspeed_stage", "deepspeed_offload"} & set(_rung_costs(config)):
+        return (f"DeepSpeed ZeRO-{stage}: the '{config.policy_name}' ladder walks the ZeRO "
+                "rungs (ZeRO-2, ZeRO-3, optimizer offload) before any cut in cutoff or method")
+    return (f"DeepSpeed ZeRO-{stage}: the ZeRO rungs (ZeRO-2, ZeRO-3, optimizer offload) are "
+            f"in `--policy multi-gpu`, not in the '{config.policy_name}' ladder this run walks")
 
 
 def _rung_costs(config: RunConfig) -> dict[str, str]:
@@ -271,6 +287,32 @@ def _rung_costs(config: RunConfig) -> dict[str, str]:
     for rung in data.get("rung", []) if isinstance(data.get("rung"), list) else []:
         if isinstance(rung, dict) and isinstance(rung.get("knob"), str):
             out.setdefault(rung["knob"], str(rung.get("cost", "none")))
+    return out
+
+
+def _pointed_at_final_files(argv: Sequence[str], files: Sequence[str]) -> list[str]:
+    """The working argv with a config copy inside the run folder (`attempts/NN/cfg.yml`,
+    `final/cfg.yml`) replaced by the `final<suffix>` file the report points to.
+
+    Both hold the same working values (the dialect wrote them from the same knobs); the one
+    the report names is the one final-command.sh must run. A copy outside the run folder (a
+    private copy holding secrets) is left as it is.
+    """
+    finals = {PurePath(f).suffix: f for f in files
+              if PurePath(f).stem == "final" and len(PurePath(f).parts) == 1}
+    out = []
+    for word in argv:
+        path = PurePath(word)
+        run_dir = None
+        if (len(path.parts) > 3 and path.parent.name.isdigit()  # noqa: PLR2004 - run/attempts/NN/x
+                and path.parent.parent.name == "attempts"):
+            run_dir = path.parent.parent.parent
+        elif len(path.parts) > 2 and path.parent.name == "final":  # noqa: PLR2004 - run/final/x
+            run_dir = path.parent.parent
+        if run_dir is not None and path.is_absolute() and path.suffix in finals:
+            out.append(str(run_dir / finals[path.suffix]))
+        else:
+            out.append(word)
     return out
 
 
@@ -341,7 +383,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     if data.get("cwd"):
         out += [f"- Directory: `{data['cwd']}`"]
     out += [f"- Dialect: {data['dialect']}",
-            f"- Policy: {data['policy']['name']} ({data['policy']['source']})",
+            f"- Policy: {data['policy']['name']} ({data['policy']['source']})"
+            + (f"; {data['policy']['deepspeed']}" if data["policy"].get("deepspeed") else ""),
             f"- Device: {_device_words(device, data.get('device_source'))}",
             (f"- Attempts: {len(data['attempts'])}, of which {data['oom_verdicts']} ran out "
              "of memory")]

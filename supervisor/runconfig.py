@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from supervisor.command import Command, locate
+from supervisor.command import Command, locate_command
 from supervisor.dialects import Dialect
 from supervisor.events import RunConfig
 from supervisor.knobs import Knobs, Reading
@@ -82,7 +82,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
         policy_name=ladder.name, policy_source=ladder.source, policy_text=policy_text,
         keep_quality=ladder.keep_quality,
         start=start, start_sources=dict(sources or {}),
-        world_size_known=locate(command.argv).world_size_known,
+        world_size_known=locate_command(command).world_size_known,
         max_attempts=max_attempts or ladder.max_attempts,
         device_mib=memory.device_mib, device_source=device_source,
         inject_device_memory=inject_device_memory, estimate=memory.predictor is not None,

@@ -116,8 +116,11 @@ def precision_of(values: Values) -> tuple[str, Source]:
 
 
 def world_source(invocation: Invocation) -> Source:
-    """The launchers' world size is the command's own word unless a config file decides it."""
-    return Source.COMMAND_LINE if invocation.world_size_known else Source.ASSUMED
+    """The launchers' world size: the command's own word, the launcher's config file (read
+    as the launcher reads it), or assumed where it is decided at launch."""
+    if not invocation.world_size_known:
+        return Source.ASSUMED
+    return Source.CONFIG_FILE if invocation.world_size_from_config else Source.COMMAND_LINE
 
 
 # --- knobs that live in the environment (PYTORCH_CUDA_ALLOC_CONF) -----------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
-from supervisor.command import Command, CommandError, Invocation, locate
+from supervisor.command import Command, CommandError, Invocation, locate, locate_command
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
 from supervisor.dialects._read import (
@@ -310,7 +310,7 @@ class ArgvDialect:
     # -- internals ---------------------------------------------------------------------------
 
     def _scan(self, command: Command) -> _Scan:
-        invocation = locate(command.argv)
+        invocation = locate_command(command)
         profile = self._forced or _profile_for(invocation.program)
         help_ = read_help(command, self.probe) if _askable(profile) else None
         flags = _flag_table(profile, help_)
@@ -435,10 +435,20 @@ def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]
         if flag.knob in done:
             continue
         names = tuple(n for n in flag.names if help_.accepts(n))
+        # The name a rung writes is the first: the current one where the program lists both
+        # (transformers 5: --gradient_checkpointing is a deprecated alias, gone in v6).
+        names = tuple(sorted(names, key=lambda n: n in _DEPRECATED_NAMES))
         if names:
             table.append(dataclasses.replace(flag, names=names))
             done.add(flag.knob)
     return tuple(table)
+
+
+_DEPRECATED_NAMES = frozenset({"--gradient_checkpointing"})
+"""Flags with a current spelling beside them: transformers 5's TrainingArguments documents
+`gradient_checkpointing` as "Deprecated alias of `activation_checkpointing`, will be removed
+in v6" (training_args.py); without --help the old name stays first, as transformers 4 takes
+only it."""
 
 
 def _option(scan: _Scan, flag: Flag) -> Option | None:
@@ -457,6 +467,10 @@ def _help_default(flag: Flag, option: Option | None, *, negatable: bool = False)
         return _UNSAID
     else:
         text = option.default
+        if text == "None" and flag.codec == "bool":
+            # `bool | None = None` (transformers 5's activation_checkpointing and its alias):
+            # unset, which TrainingArguments.__post_init__ resolves to False.
+            return flag.inverted
         if text == "None":
             return None
         try:

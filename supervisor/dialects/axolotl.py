@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from supervisor.command import Command, CommandError, Invocation, locate
+from supervisor.command import Command, CommandError, Invocation, locate, locate_command
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import (
     YAML_SUFFIXES,
@@ -24,7 +24,7 @@ from supervisor.dialects._config import (
     encode,
     format_scalar,
     output_dir_for,
-    params_of,
+    params_tag,
     parse_scalar,
     resolve,
     suffix_of,
@@ -216,9 +216,11 @@ class AxolotlDialect:
             values.set("finetuning_type",
                        FinetuningType.LORA if adapter is not None else FinetuningType.FULL,
                        said("adapter"))
-        if adapter == "qlora" or merged.get("load_in_4bit") is True:
-            values.set("quantization_bit", _BITS_4,
-                       said("adapter" if adapter == "qlora" else "load_in_4bit"))
+        # axolotl loads a 4-bit base only for `adapter: qlora` (its model loader builds the
+        # BitsAndBytesConfig for that pair; schema: "Require cfg.load_in_4bit to be True for
+        # qlora"): `adapter: lora` with `load_in_4bit: true` trains plain LoRA on a full base.
+        if adapter == "qlora":
+            values.set("quantization_bit", _BITS_4, said("adapter"))
         elif merged.get("load_in_8bit") is True:
             values.set("quantization_bit", _BITS_8, said("load_in_8bit"))
         values.set("precision", *_precision(merged, said))
@@ -229,7 +231,7 @@ class AxolotlDialect:
         values.set("deepspeed_stage", deepspeed.stage(ds, command) if ds else None, ds_source)
         values.set("deepspeed_offload", deepspeed.offload(ds, command) if ds else None,
                    ds_source)
-        invocation = locate(command.argv)
+        invocation = locate_command(command)
         values.set("world_size", invocation.world_size, world_source(invocation))
         read_env_knobs(command, values)
         return values
@@ -251,6 +253,11 @@ class AxolotlDialect:
             changes[_BY_KNOB[knob].names[0]] = encode(_BY_KNOB[knob], getattr(knobs, knob))
         if knobs.finetuning_type != current.finetuning_type:
             changes.update(_adapter_keys(knobs, merged))
+        elif (knobs.quantization_bit != current.quantization_bit
+              and knobs.finetuning_type is FinetuningType.LORA):
+            # The same adapter over another base: `qlora` is what makes axolotl load 4 bits,
+            # `lora` again when the ladder leaves them (on a config that was LoRA already).
+            changes["adapter"] = "qlora" if knobs.quantization_bit == _BITS_4 else "lora"
         if knobs.quantization_bit != current.quantization_bit:
             changes.update(_quantization_keys(knobs.quantization_bit))
         ds = merged.get("deepspeed")
@@ -261,8 +268,10 @@ class AxolotlDialect:
         if ds_updates and deepspeed.is_path(ds):
             target = folder / f"{prefix}{PurePath(str(ds)).name}"
             changes["deepspeed"] = str(deepspeed.write(str(ds), command, ds_updates, target))
-        if changes and params_of(knobs) != params_of(current):
-            # Another parameter set must not meet the first one's files (see docs/dialects.md).
+        if changes and params_tag(knobs) != params_tag(current):
+            # Another kind of parameter set must not meet the first one's files (see
+            # docs/dialects.md); a quantisation change under the same adapter keeps the folder:
+            # it holds the same adapter files (the supervisor itself never resumes across it).
             changes["output_dir"] = output_dir_for(str(current.output_dir), knobs)
         return changes
 

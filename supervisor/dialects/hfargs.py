@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path, PurePath
 from typing import Any
 
-from supervisor.command import Command, CommandError, Invocation, locate
+from supervisor.command import Command, CommandError, Invocation, locate, locate_command
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import (
     CONFIG_SUFFIXES,
@@ -94,7 +94,7 @@ class HfArgsFileDialect:
 
     def read_sourced(self, command: Command) -> Reading:
         """The knobs, each from the args file or TrainingArguments' defaults."""
-        invocation, config, found = self._parse(command)
+        _, config, found = self._parse(command)
         data = config.data
         values = Values()
         values.defaults({k: v for k, v in DEFAULTS.items() if k != "finetuning_type"},
@@ -127,7 +127,8 @@ class HfArgsFileDialect:
         values.set("deepspeed_stage", deepspeed.stage(ds, command) if ds else None, ds_source)
         values.set("deepspeed_offload", deepspeed.offload(ds, command) if ds else None,
                    ds_source)
-        values.set("world_size", invocation.world_size, world_source(invocation))
+        launch = locate_command(command)
+        values.set("world_size", launch.world_size, world_source(launch))
         rewritable = set(found) | set(_TRAINING_ARGS)
         refused: frozenset[tuple[str, str]] = frozenset()
         if "use_peft" in data:

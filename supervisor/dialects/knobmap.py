@@ -32,7 +32,14 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor._compat import tomllib
-from supervisor.command import Command, CommandError, Invocation, environment, locate
+from supervisor.command import (
+    Command,
+    CommandError,
+    Invocation,
+    environment,
+    locate,
+    locate_command,
+)
 from supervisor.dialects._config import ConfigFile, lookup, resolve
 from supervisor.dialects._read import (
     Values,
@@ -225,7 +232,8 @@ class KnobMapDialect:
             msg = (f"{self.source}: the command does not give per_device_batch and the map has "
                    "no default for it; add `default = N` under [knobs.per_device_batch]")
             raise CommandError(msg)
-        values.set("world_size", invocation.world_size, world_source(invocation))
+        launch = locate_command(command)
+        values.set("world_size", launch.world_size, world_source(launch))
         return values.reading(rewritable=frozenset(p.knob for p in self.places),
                               refused=module_refusals(command))
 

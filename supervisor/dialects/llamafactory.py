@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from supervisor.command import Command, CommandError, Invocation, environment, locate
+from supervisor.command import (
+    Command,
+    CommandError,
+    Invocation,
+    environment,
+    locate,
+    locate_command,
+)
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import (
     CONFIG_SUFFIXES,
@@ -273,8 +280,8 @@ class LlamaFactoryDialect:
         values.set("deepspeed_stage", deepspeed.stage(ds, command) if ds else None, ds_source)
         values.set("deepspeed_offload", deepspeed.offload(ds, command) if ds else None,
                    ds_source)
-        values.set("world_size", world_size(command, parsed.invocation),
-                   world_source(parsed.invocation))
+        launch = locate_command(command)
+        values.set("world_size", world_size(command, launch), world_source(launch))
         read_env_knobs(command, values)
         return values
 

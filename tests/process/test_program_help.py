@@ -31,6 +31,8 @@ RECORDED = {
     "hf_train_bash": (str(HF_BASH),),
     "argparse_train": (str(DATA / "programs" / "argparse_train.py"),),
     "hf_default_on": (str(DATA / "programs" / "hf_default_on.py"),),
+    "hf_trainingargs": (str(DATA / "programs" / "hf_trainingargs.py"),),
+    "hf_activation_only": (str(DATA / "programs" / "hf_activation_only.py"),),
     "reference_trainer": ("-m", "supervisor.reference_trainer"),
 }
 

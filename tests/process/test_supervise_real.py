@@ -86,3 +86,31 @@ def test_last_rung_still_ooms_exhausts_the_ladder(
         "expandable-segments", "smaller-batch", "shorter-cutoff", "gradient-checkpointing",
         "8bit-optimizer", "lora", "qlora", "freeze"]
     assert not (tmp_path / "run" / "final-command.sh").exists()
+
+
+def test_a_cutoff_that_drops_every_row_is_spent_and_the_walk_reaches_lora(
+        tmp_path: Path, trainer_env: dict[str, str]) -> None:
+    """Rows of 512 tokens, dropped under a shorter cutoff (`--sample_len`, as axolotl drops
+    them): halving the cutoff leaves the real HF Trainer no rows (torch's RandomSampler:
+    num_samples=0). That attempt is `no_data`, the cutoff rung is spent with that reason, and
+    the ladder walks on to LoRA, which fits under the 70 MiB budget (measured: 47.9 MiB)."""
+    command = trainer(tmp_path, "--per_device_train_batch_size", "2", "--cutoff_len", "512",
+                      "--sample_len", "512", "--max_steps", "1", "--device-memory", "70")
+    result = supervise(command, dialect=ArgvDialect(), ladder=resolve("default"),
+                       run_dir=tmp_path / "run", echo=False, env=trainer_env)
+    assert result.exit_code is ExitCode.FITTED
+    events = read(tmp_path / "run" / "journal.jsonl").records
+    finished = [e for e in events if e["event"] == "attempt.finished"]
+    started = {e["attempt"]: e for e in events if e["event"] == "attempt.started"}
+    dry = [e for e in finished if e["verdict"] == "no_data"]
+    assert len(dry) == 1
+    assert started[dry[0]["attempt"]]["rung"] == "shorter-cutoff"
+    assert "but got num_samples=0" in dry[0]["evidence"]
+    assert all(e["verdict"] == "oom" for e in finished[:-1] if e is not dry[0])
+    stepped = [e for e in events if e["event"] == "ladder.stepped"]
+    assert any(s.startswith("shorter-cutoff: cutoff_len=256 leaves the trainer no data")
+               for e in stepped for s in e["skipped"])
+    assert result.final_knobs is not None
+    assert str(result.final_knobs.finetuning_type) == "lora"
+    assert result.final_knobs.cutoff_len == 512
+    assert result.final_knobs.effective_batch == 2

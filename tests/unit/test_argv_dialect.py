@@ -116,7 +116,7 @@ def test_finetuning_type_change_renders_rank() -> None:
 @pytest.mark.parametrize(("text", "program", "world"), [
     ("torchrun --nnodes=2 --nproc_per_node 4 train.py", "train.py", 8),
     ("python -m torch.distributed.run --standalone --nproc-per-node=2 train.py", "train.py", 2),
-    ("accelerate launch --num_processes=3 -m mypkg.train", "mypkg.train", 3),
+    ("accelerate launch --multi_gpu --num_processes=3 -m mypkg.train", "mypkg.train", 3),
     ("deepspeed --num_gpus 4 train.py", "train.py", 4),
     ("srun -N2 --ntasks-per-node=4 python train.py", "train.py", 8),
     ("env -i A=1 B=2 python -X dev -W ignore -m mypkg.train", "mypkg.train", 1),

@@ -57,6 +57,7 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("torchrun_rank1_sigkill.txt", 1, VerdictKind.FATAL, None),
     ("torchrun_rank1_valueerror.txt", 1, VerdictKind.FATAL, None),
     ("torchrun_rank1_valueerror_peer.txt", 1, VerdictKind.FATAL, None),
+    ("no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:
@@ -362,3 +363,16 @@ def test_srun_racing_a_requeue_is_transient() -> None:
     line = "srun: error: Unable to confirm allocation for job 7: Job is pending execution"
     verdict = classify(Outcome(exit_code=1, duration_s=0.1, tail=(line,)))
     assert verdict.kind is VerdictKind.TRANSIENT
+
+
+def test_no_rows_left_is_its_own_verdict_with_the_trainers_line() -> None:
+    """torch's RandomSampler over an empty dataset (every row dropped by the cutoff) is
+    `no_data`, with that line as evidence; behind torchrun's label too; an OOM still wins."""
+    verdict = verdict_of("no_data_num_samples0.txt", 1)
+    assert verdict.evidence == ("ValueError: num_samples should be a positive integer value, "
+                                "but got num_samples=0")
+    labelled = tuple(f"[rank0]: {line}" for line in recorded("no_data_num_samples0.txt"))
+    assert classify(Outcome(exit_code=1, duration_s=1.0, tail=labelled)).kind is (
+        VerdictKind.NO_DATA)
+    both = recorded("no_data_num_samples0.txt") + recorded("device_budget_oom.txt")
+    assert classify(Outcome(exit_code=1, duration_s=1.0, tail=both)).kind is VerdictKind.OOM

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import cli
+from supervisor.command import Command
 from supervisor.events import RunResumed
 from supervisor.journal import Journal
 from supervisor.loop import ExitCode
@@ -132,3 +133,23 @@ def test_status_watch_then_a_run_folder_reads_the_folder_as_the_run(
     code, out, err = run_cli(capsys, "status", "--watch", str(run))
     assert (code, err) == (0, "")
     assert "supervisor ended" in out
+
+
+def test_a_deepspeed_command_walks_the_zero_rungs_by_default(tmp_path: Path) -> None:
+    """No --policy: `multi-gpu` for a command whose DeepSpeed JSON the ZeRO rungs can rewrite,
+    `default` otherwise; a --policy given is kept. The run's one-line note says which."""
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2}}', encoding="utf-8")
+    (tmp_path / "ds.yml").write_text("base_model: m\nmicro_batch_size: 2\ndeepspeed: ds.json\n",
+                                     encoding="utf-8")
+    (tmp_path / "plain.yml").write_text("base_model: m\nmicro_batch_size: 2\n", encoding="utf-8")
+    parser = cli.build_parser()
+
+    def chosen(words: str, config: str) -> str:
+        args = parser.parse_args(shlex.split(f"run {words} -- axolotl train {config}"))
+        return cli.policy_name(args, Command(argv=("axolotl", "train", config),
+                                             cwd=str(tmp_path)))
+
+    assert chosen("", "ds.yml") == "multi-gpu"
+    assert chosen("", "plain.yml") == "default"
+    assert chosen("--policy default", "ds.yml") == "default"
+    assert chosen("--policy quality-first", "plain.yml") == "quality-first"

@@ -404,3 +404,34 @@ def test_policy_skips_only_the_value_a_program_refuses() -> None:
     gave_up = next_step(full, history, resolve("default"), can_set=reading.can_set)
     assert isinstance(gave_up, GiveUp)
     assert gave_up.skipped[-1] == "freeze: the program cannot take finetuning_type=freeze"
+
+
+# --- checkpointing under both names (transformers 5 deprecates gradient_checkpointing) ---------
+
+@pytest.mark.parametrize("name", ["hf_trainingargs", "hf_activation_only"])
+def test_checkpointing_is_read_and_written_under_the_name_the_program_takes(name: str) -> None:
+    """transformers 5's TrainingArguments lists --activation_checkpointing and its deprecated
+    alias --gradient_checkpointing, both `(default: None)`: read as off (from the program),
+    and the rung writes the current name; a script with only the new name gets it too."""
+    dialect = recorded(name)
+    command = cmd("python train.py --per_device_train_batch_size 8")
+    reading = dialect.read_sourced(command)
+    assert reading.knobs.gradient_checkpointing is False
+    assert reading.source("gradient_checkpointing") is PROGRAM
+    assert reading.can_set("gradient_checkpointing")
+    on = dialect.render(command, dataclasses.replace(reading.knobs, gradient_checkpointing=True),
+                        Path("unused"))
+    assert on.argv == (*command.argv, "--activation_checkpointing")
+    assert dialect.read(on).gradient_checkpointing is True
+
+
+def test_the_deprecated_name_on_the_command_line_is_rewritten_where_it_stands() -> None:
+    """`--gradient_checkpointing` already on the command (transformers 5 still takes it) is
+    the one read and the one turned off; no second spelling is added."""
+    dialect = recorded("hf_trainingargs")
+    command = cmd("python train.py --gradient_checkpointing false --per_device_train_batch_size 8")
+    assert dialect.read(command).gradient_checkpointing is False
+    on = dialect.render(command, dataclasses.replace(dialect.read(command),
+                                                     gradient_checkpointing=True), Path("unused"))
+    assert on.argv == ("python", "train.py", "--gradient_checkpointing", "true",
+                       "--per_device_train_batch_size", "8")

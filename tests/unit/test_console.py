@@ -79,3 +79,16 @@ def test_json_tee_keeps_early_events_and_writes_json_lines(tmp_path: Path) -> No
     lines = (tmp_path / "supervisor.jsonl").read_text().splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["estimate.unavailable",
                                                              "attempt.started"]
+
+
+def test_a_rung_that_left_no_data_is_said_as_such(tmp_path: Path) -> None:
+    """Recorded run (no-data-70): the cutoff rung's attempt left the trainer no rows; the
+    console says so with the trainer's own line, and that the ladder walks on."""
+    run = tmp_path / "nd1"
+    shutil.copytree(RUNS / "no-data-70", run)
+    console = Console(io.StringIO(), live=False, clock=lambda: 0.0)
+    console.attach(run)
+    assert console.line("attempt.finished", {"attempt": 4}) == (
+        "! attempt 4 left the trainer no data after 25.4 s · shorter-cutoff: full b1x2 cut 256 "
+        "ckpt · ValueError: num_samples should be a positive integer value, but got "
+        "num_samples=0 · that rung is spent, the ladder walks on")

@@ -72,7 +72,7 @@ def test_render_without_change_gives_back_the_same_argv(text: str, cwd: Path) ->
            lora_rank=32, deepspeed_stage=2, deepspeed_offload=False,
            output_dir="./outputs/lora-out", precision="fp32",
            model="NousResearch/Llama-3.2-1B")),
-    ("accelerate launch --num_processes 2 -m axolotl.cli.train lora.yml",
+    ("accelerate launch --multi_gpu --num_processes 2 -m axolotl.cli.train lora.yml",
      Knobs(per_device_batch=8, cutoff_len=4096, finetuning_type=FinetuningType.LORA,
            lora_rank=32, deepspeed_stage=2, deepspeed_offload=False,
            output_dir="./outputs/lora-out", world_size=2, precision="fp32",
@@ -142,3 +142,59 @@ def test_freeze_is_refused_in_one_line(cwd: Path) -> None:
     with pytest.raises(CommandError, match="cannot set finetuning_type=freeze: axolotl"):
         D.render(command, dataclasses.replace(D.read(command),
                                               finetuning_type=FinetuningType.FREEZE), cwd)
+
+
+QLORA_YML = LORA_YML.replace("adapter: lora", "adapter: qlora  # 4-bit base\nload_in_4bit: true")
+
+
+def test_4bit_under_a_lora_config_writes_adapter_qlora_and_keeps_the_folder(cwd: Path) -> None:
+    """On a config that is already `adapter: lora`, the QLoRA rung writes `adapter: qlora`
+    (axolotl 0.19 ignores load_in_4bit under `lora`); the output folder stays: same kind."""
+    command = cmd("axolotl train lora.yml", cwd)
+    start = D.read(command)
+    assert start.quantization_bit is None
+    D.render(command, dataclasses.replace(start, quantization_bit=4), cwd / "a")
+    text = (cwd / "a" / "lora.yml").read_text(encoding="utf-8")
+    assert text == LORA_YML.replace("adapter: lora", "adapter: qlora") + (
+        "load_in_4bit: true\nload_in_8bit: false\n")
+    assert "# data" in text  # the ruamel round trip keeps comments
+    back = D.read(cmd(f"axolotl train {cwd / 'a' / 'lora.yml'}", cwd))
+    assert (back.finetuning_type, back.quantization_bit, back.lora_rank,
+            back.output_dir) == (FinetuningType.LORA, 4, 32, "./outputs/lora-out")
+
+
+def test_leaving_4bit_writes_adapter_lora_back(cwd: Path) -> None:
+    """From `adapter: qlora`, a config without 4 bits is `adapter: lora`, load_in_4bit off."""
+    (cwd / "qlora.yml").write_text(QLORA_YML, encoding="utf-8")
+    command = cmd("axolotl train qlora.yml", cwd)
+    start = D.read(command)
+    assert start.quantization_bit == 4
+    D.render(command, dataclasses.replace(start, quantization_bit=None), cwd / "a")
+    text = (cwd / "a" / "qlora.yml").read_text(encoding="utf-8")
+    assert text == LORA_YML.replace(
+        # ruamel keeps the comment's column
+        "adapter: lora", "adapter: lora   # 4-bit base\nload_in_4bit: false") + (
+        "load_in_8bit: false\n")
+    assert D.read(cmd(f"axolotl train {cwd / 'a' / 'qlora.yml'}", cwd)).quantization_bit is None
+
+
+def test_lora_with_load_in_4bit_alone_reads_as_plain_lora(cwd: Path) -> None:
+    """`adapter: lora` + `load_in_4bit: true` trains a full-precision base in axolotl: read as
+    no quantisation, so the QLoRA rung is not skipped as already done."""
+    text = LORA_YML.replace("adapter: lora", "adapter: lora\nload_in_4bit: true")
+    (cwd / "l4.yml").write_text(text, encoding="utf-8")
+    command = cmd("axolotl train l4.yml", cwd)
+    assert D.read(command).quantization_bit is None
+    D.render(command, dataclasses.replace(D.read(command), quantization_bit=4), cwd / "a")
+    assert "adapter: qlora\n" in (cwd / "a" / "l4.yml").read_text(encoding="utf-8")
+
+
+def test_full_to_qlora_in_one_step_renames_the_folder_for_the_adapter(cwd: Path) -> None:
+    """Full -> LoRA + 4 bits: `adapter: qlora` and a sibling folder named for the adapter."""
+    command = cmd("axolotl train full.yml", cwd)
+    knobs = dataclasses.replace(D.read(command), finetuning_type=FinetuningType.LORA,
+                                lora_rank=8, quantization_bit=4)
+    D.render(command, knobs, cwd / "a")
+    assert (cwd / "a" / "full.yml").read_text(encoding="utf-8") == FULL_YML + (
+        "adapter: qlora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n"
+        "load_in_4bit: true\nload_in_8bit: false\noutput_dir: ./model-out-lora-r8\n")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.classify import Verdict, VerdictKind
+from supervisor.classify import Verdict, VerdictKind, classify
 from supervisor.events import (
     EVENT_TYPES,
     AttemptFinished,
@@ -26,6 +26,7 @@ from supervisor.events import (
 )
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.loop import Finish, RunStatus, StepDown, View, decide
+from tests.fakes import outcome_from
 
 START = Knobs(per_device_batch=8, cutoff_len=512, output_dir="out", model="tiny")
 CONFIG = RunConfig(run_id="r", argv=("python", "train.py", "--hub_token", "<redacted:HUB_TOKEN>"),
@@ -140,6 +141,7 @@ def test_replay_refuses_a_journal_that_does_not_start_with_the_config() -> None:
 
 
 OOM = Verdict(kind=VerdictKind.OOM)
+NO_DATA = classify(outcome_from("no_data_num_samples0.txt", 1))  # recorded
 
 
 @pytest.mark.parametrize(("view", "verdict", "expected"), [
@@ -154,6 +156,10 @@ OOM = Verdict(kind=VerdictKind.OOM)
     (View(attempts_done=1, budget=32, held="pid 9", stop_on_held=True),
      Verdict(kind=VerdictKind.FITS), RunStatus.FITTED),
     (View(attempts_done=1, budget=32, held="pid 9"), OOM, None),
+    # A rung that left the trainer no rows steps on (that rung is spent), within the budget.
+    (View(attempts_done=3, budget=32), NO_DATA, None),
+    (View(attempts_done=32, budget=32), NO_DATA, RunStatus.EXHAUSTED),
+    (View(attempts_done=3, budget=32, stopping=True), NO_DATA, RunStatus.INTERRUPTED),
 ])
 def test_decide_is_a_table(view: View, verdict: Verdict, expected: RunStatus | None) -> None:
     """What follows a verdict depends only on the verdict and the run's counts and flags."""

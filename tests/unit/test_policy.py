@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from supervisor._compat import tomllib
-from supervisor.classify import OomKind, Verdict, VerdictKind
+from supervisor.classify import OomKind, Verdict, VerdictKind, classify
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.policy import (
     Attempt,
@@ -22,6 +22,7 @@ from supervisor.policy import (
     resolve,
     shipped_policies,
 )
+from tests.fakes import outcome_from
 
 DEFAULT = shipped_policies()["default"]
 OOM = Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.TORCH, evidence="recorded")
@@ -222,3 +223,45 @@ def test_unknown_policy_name_lists_shipped_ones() -> None:
     """A name that is neither shipped nor a file says which names exist."""
     with pytest.raises(PolicyError, match="shipped: default, multi-gpu, quality-first"):
         resolve("fastest")
+
+
+def test_a_cutoff_that_leaves_no_data_is_spent_and_the_walk_goes_on() -> None:
+    """Every row is 1024 tokens and dropped under a shorter cutoff (axolotl's default): the
+    cutoff rung's `no_data` verdict (recorded: torch's RandomSampler over the empty dataset)
+    spends that rung; the walk goes on from the last config with data, to LoRA and freeze,
+    never trying a shorter cutoff again, and the give-up says why."""
+    no_data = classify(outcome_from("no_data_num_samples0.txt", 1))
+    assert no_data.kind is VerdictKind.NO_DATA
+    start = Knobs(per_device_batch=4, grad_accum=2, cutoff_len=1024)
+    ladder = resolve("default")
+    history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
+    skipped: list[str] = []
+    while True:
+        step = next_step(start, history, ladder, can_set=_without_bnb)
+        if isinstance(step, GiveUp):
+            break
+        skipped += step.skipped
+        verdict = no_data if (step.knobs.cutoff_len or 0) < 1024 else OOM
+        history.append(Attempt(number=len(history) + 1, knobs=step.knobs, rung=step.rung,
+                               verdict=verdict))
+    assert [_short(a.knobs) for a in history] == [
+        (4, 2, 1024, False, "full"), (2, 4, 1024, False, "full"), (1, 8, 1024, False, "full"),
+        (1, 8, 1024, True, "full"),
+        (1, 8, 512, True, "full"),  # no data: spent
+        (4, 2, 1024, True, "lora"), (2, 4, 1024, True, "lora"), (1, 8, 1024, True, "lora"),
+        (4, 2, 1024, True, "freeze"), (2, 4, 1024, True, "freeze"), (1, 8, 1024, True, "freeze"),
+    ]
+    assert ("shorter-cutoff: cutoff_len=512 leaves the trainer no data: attempt 5 at "
+            "cutoff_len=512 failed with 'ValueError: num_samples should be a positive integer "
+            "value, but got num_samples=0'") in skipped
+    assert "shorter-cutoff: cutoff_len=512 left the trainer no data (attempt 5)" in step.spent
+
+
+def test_no_data_on_the_commands_own_config_gives_up_at_once() -> None:
+    """The start config itself has no rows: no rung adds any, so the walk stops and says so."""
+    no_data = classify(outcome_from("no_data_num_samples0.txt", 1))
+    start = Knobs(per_device_batch=4, grad_accum=2, cutoff_len=1024)
+    step = next_step(start, [Attempt(number=1, knobs=start, rung=None, verdict=no_data)],
+                     resolve("default"))
+    assert isinstance(step, GiveUp)
+    assert step.reason.startswith("the command's own config leaves the trainer no data (Value")

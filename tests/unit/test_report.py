@@ -97,3 +97,53 @@ def test_write_puts_memory_png_beside_report_md(tmp_path: Path) -> None:
     assert (run / "memory.png").stat().st_size > 1000
     assert data["plot"] == "memory.png"
     assert "![memory per attempt](memory.png)" in (run / "report.md").read_text()
+
+
+def test_final_command_runs_the_final_config_the_report_names() -> None:
+    """An axolotl/args-file argv naming attempts/NN/oom.yml (or final/oom.yml) runs final.yml
+    instead; a copy outside the run folder (private, holding secrets) and other words stay."""
+    state = state_of("demo-150")
+    assert state.final is not None
+    argv = ("axolotl", "train", "/runs/r1/attempts/03/oom.yml", "--micro-batch-size", "2",
+            "/runs/r1/final/args.json", "/home/u/.cache/private-xyz/oom.yml", "attempts/03/oom.yml")
+    final = dataclasses.replace(state.final, fresh_argv=argv,
+                                files=("final.yml", "final-ds.json", "final.json"))
+    data = report.build(dataclasses.replace(state, final=final))
+    assert data["final_command"] == [
+        "axolotl", "train", "/runs/r1/final.yml", "--micro-batch-size", "2",
+        "/runs/r1/final.json", "/home/u/.cache/private-xyz/oom.yml", "attempts/03/oom.yml"]
+    assert "exec axolotl train /runs/r1/final.yml" in report.final_command_script(data)
+
+
+def test_a_deepspeed_run_says_in_one_line_whether_its_ladder_walks_zero() -> None:
+    """ZeRO-2 under the default ladder: the report names `--policy multi-gpu`; under
+    multi-gpu it says the ZeRO rungs are walked; no line without DeepSpeed."""
+    state = state_of("demo-150")
+    assert report.deepspeed_note(state.config) is None
+    zero2 = dataclasses.replace(state.config,
+                                start=dataclasses.replace(state.config.start, deepspeed_stage=2))
+    note = report.deepspeed_note(zero2)
+    assert note == ("DeepSpeed ZeRO-2: the ZeRO rungs (ZeRO-2, ZeRO-3, optimizer offload) are in "
+                    "`--policy multi-gpu`, not in the 'default' ladder this run walks")
+    md = report.render_markdown(report.build(dataclasses.replace(state, config=zero2)))
+    assert f"; {note}" in md
+    multi = (Path(__file__).parents[2] / "policies" / "multi-gpu.toml").read_text(encoding="utf-8")
+    walked = dataclasses.replace(zero2, policy_name="multi-gpu", policy_text=multi)
+    assert report.deepspeed_note(walked) == (
+        "DeepSpeed ZeRO-2: the 'multi-gpu' ladder walks the ZeRO rungs (ZeRO-2, ZeRO-3, "
+        "optimizer offload) before any cut in cutoff or method")
+
+
+def test_a_no_data_attempt_is_reported_with_its_verdict_and_evidence() -> None:
+    """Recorded run (no-data-70): attempt 4 is `no_data` with the trainer's line, not counted
+    as an OOM; the run walked on and fitted at LoRA with the full cutoff."""
+    data = report.build(state_of("no-data-70"))
+    assert [a["verdict"] for a in data["attempts"]] == [
+        "oom", "oom", "oom", "no_data", "oom", "fits"]
+    assert data["oom_verdicts"] == 4
+    assert data["attempts"][3]["rung"] == "shorter-cutoff"
+    assert data["final_knobs"]["cutoff_len"] == 512
+    assert data["final_knobs"]["finetuning_type"] == "lora"
+    md = report.render_markdown(data)
+    assert ("attempt 4: `ValueError: num_samples should be a positive integer value, but got "
+            "num_samples=0`") in md

@@ -103,7 +103,11 @@ def write(path: Path, data: Mapping[str, Any]) -> Path | None:
         return None
     if not any(bar_height(a) for a in data["attempts"]):
         return None
-    fig = figure(data)
+    return _save(figure(data), path)
+
+
+def _save(fig: Any, path: Path) -> Path:  # noqa: ANN401 - a matplotlib Figure (optional)
+    """Write the picture whole or not at all (a temporary file, then a rename)."""
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     tmp.replace(path)
@@ -154,9 +158,5 @@ def write_time(path: Path, data: Mapping[str, Any]) -> Path | None:
     good = data.get("goodput")
     if not good or not good.get("wall_s") or not available():
         return None
-    fig = time_figure(data)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
+    return _save(time_figure(data), path)
 

@@ -13,6 +13,12 @@ from typing import Any
 
 import psutil
 
+from supervisor.command import Command
+from supervisor.dialects.argv import ArgvDialect
+from supervisor.journal import read
+from supervisor.loop import RunResult, supervise
+from supervisor.policy import Ladder
+
 TRAINER = (sys.executable, "-m", "supervisor.reference_trainer")
 
 
@@ -71,3 +77,15 @@ def attempt_processes(run_dir: Path) -> list[psutil.Process]:
         if value.startswith(marker_prefix):
             found.append(proc)
     return found
+
+
+def supervise_here(tmp_path: Path, argv: tuple[str, ...], ladder: Ladder,
+                   **env: str) -> tuple[RunResult, list[float], list[dict[str, Any]]]:
+    """supervise() in-process on a plain argv command in tmp_path: its result, the backoff
+    waits it asked for (not slept), and its journal."""
+    sleeps: list[float] = []
+    result = supervise(Command(argv=argv, cwd=str(tmp_path)), dialect=ArgvDialect(),
+                       ladder=ladder, run_dir=tmp_path / "run", echo=False,
+                       env={**quiet_env(), **env}, sleep=sleeps.append)
+    return result, sleeps, list(read(tmp_path / "run" / "journal.jsonl").records)
+

@@ -14,12 +14,9 @@ from typing import Any
 import pytest
 
 from supervisor._compat import tomllib
-from supervisor.command import Command
-from supervisor.dialects.argv import ArgvDialect
-from supervisor.journal import read
-from supervisor.loop import ExitCode, RunResult, supervise
+from supervisor.loop import ExitCode
 from supervisor.policy import Ladder, parse
-from tests.faults.conftest import attempt_processes, events, quiet_env, wait_for
+from tests.faults.conftest import attempt_processes, events, quiet_env, supervise_here, wait_for
 
 pytestmark = pytest.mark.process
 
@@ -37,15 +34,6 @@ def scaled_default(factor: float = 60.0, **transient: int) -> Ladder:
     data["transient"]["max_delay_s"] = round(data["transient"]["max_delay_s"] / factor)
     data["transient"].update(transient)
     return parse(data, source=f"default.toml / {factor:g}")
-
-
-def _go(tmp_path: Path, argv: tuple[str, ...], ladder: Ladder,
-        **env: str) -> tuple[RunResult, list[float], list[dict[str, Any]]]:
-    sleeps: list[float] = []
-    result = supervise(Command(argv=argv, cwd=str(tmp_path)), dialect=ArgvDialect(),
-                       ladder=ladder, run_dir=tmp_path / "run", echo=False,
-                       env={**quiet_env(), **env}, sleep=sleeps.append)
-    return result, sleeps, list(read(tmp_path / "run" / "journal.jsonl").records)
 
 
 # Prints a line a second for 30 s, then fails once with torchelastic's own
@@ -72,7 +60,7 @@ def test_a_transient_failure_late_in_an_attempt_is_retried(tmp_path: Path) -> No
     (tmp_path / "job.py").write_text(LATE_TRANSIENT, encoding="utf-8")
     data: dict[str, Any] = tomllib.loads(DEFAULT.read_text(encoding="utf-8"))
     data["transient"]["max_delay_s"] = 20
-    result, sleeps, journal = _go(tmp_path, (sys.executable, "job.py",
+    result, sleeps, journal = supervise_here(tmp_path, (sys.executable, "job.py",
                                              "--per_device_train_batch_size", "1"), parse(data))
     assert result.exit_code is ExitCode.FITTED
     finished = [e for e in journal if e["event"] == "attempt.finished"]
@@ -91,7 +79,7 @@ def test_a_hang_is_retried_from_the_newest_checkpoint(tmp_path: Path) -> None:
     from checkpoint-4, not from the start or an older checkpoint."""
     argv = (*TRAINER, "--per_device_train_batch_size", "1", "--cutoff_len", "32",
             "--max_steps", "8", "--save_steps", "2", "--output_dir", "out")
-    result, _, journal = _go(tmp_path, argv, scaled_default(),
+    result, _, journal = supervise_here(tmp_path, argv, scaled_default(),
                              REFERENCE_TRAINER_FAULTS="hang@5", REFERENCE_TRAINER_STEP_S="1")
     assert result.exit_code is ExitCode.FITTED
     finished = [e for e in journal if e["event"] == "attempt.finished"]

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.command import Command
-from supervisor.dialects.argv import ArgvDialect
-from supervisor.journal import read
-from supervisor.loop import ExitCode, RunResult, supervise
-from supervisor.policy import Ladder, parse, resolve
-from tests.faults.conftest import quiet_env
+from supervisor.loop import ExitCode
+from supervisor.policy import parse, resolve
+from tests.faults.conftest import supervise_here
 
 pytestmark = pytest.mark.process
 
@@ -28,15 +25,6 @@ exec {sys.executable} -m supervisor.reference_trainer "$@"
 """
 
 
-def _go(tmp_path: Path, argv: tuple[str, ...], ladder: Ladder,
-        **env: str) -> tuple[RunResult, list[float], list[dict[str, object]]]:
-    sleeps: list[float] = []
-    result = supervise(Command(argv=argv, cwd=str(tmp_path)), dialect=ArgvDialect(),
-                       ladder=ladder, run_dir=tmp_path / "run", echo=False,
-                       env={**quiet_env(), **env}, sleep=sleeps.append)
-    return result, sleeps, list(read(tmp_path / "run" / "journal.jsonl").records)
-
-
 def _flaky(tmp_path: Path) -> tuple[str, ...]:
     (tmp_path / "flaky.sh").write_text(FLAKY, encoding="utf-8")
     return ("sh", "flaky.sh", "--per_device_train_batch_size", "1", "--cutoff_len", "64",
@@ -45,7 +33,8 @@ def _flaky(tmp_path: Path) -> tuple[str, ...]:
 
 def test_transient_twice_then_gone_fits_on_the_same_config(tmp_path: Path) -> None:
     """Port in use twice, then free: 3 attempts of one config, two backoff waits, fitted."""
-    result, sleeps, journal = _go(tmp_path, _flaky(tmp_path), resolve("default"), FAILS="2")
+    result, sleeps, journal = supervise_here(tmp_path, _flaky(tmp_path), resolve("default"),
+                                             FAILS="2")
     assert result.exit_code is ExitCode.FITTED
     finished = [e for e in journal if e["event"] == "attempt.finished"]
     assert [e["verdict"] for e in finished] == ["transient", "transient", "fits"]
@@ -59,7 +48,7 @@ def test_transient_twice_then_gone_fits_on_the_same_config(tmp_path: Path) -> No
 def test_permanent_transient_failure_stops_at_the_bound(tmp_path: Path) -> None:
     """A port that never frees: retries+1 attempts, the transient exit code, a clear reason."""
     ladder = resolve("default")
-    result, _, _ = _go(tmp_path, _flaky(tmp_path), ladder, FAILS="99")
+    result, _, _ = supervise_here(tmp_path, _flaky(tmp_path), ladder, FAILS="99")
     assert result.exit_code is ExitCode.TRANSIENT
     assert result.attempts == ladder.transient_retries + 1
     report = (tmp_path / "run" / "report.md").read_text()
@@ -78,7 +67,7 @@ def test_hung_attempt_is_ended_and_classified_hang(
     (tmp_path / "job.py").write_text(script, encoding="utf-8")
     ladder = parse({"name": "watched", "watchdog": watchdog, "transient": {"retries": 1},
                     "rung": [{"action": "enable", "knob": "gradient_checkpointing"}]})
-    result, _, journal = _go(tmp_path, (sys.executable, "job.py",
+    result, _, journal = supervise_here(tmp_path, (sys.executable, "job.py",
                                         "--per_device_train_batch_size", "1"), ladder)
     assert result.exit_code is ExitCode.TRANSIENT
     finished = [e for e in journal if e["event"] == "attempt.finished"]

@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import structlog
 
-from supervisor import __version__, notify, remember
+from supervisor import __version__, notify, program, remember
 from supervisor._compat import tomllib
 from supervisor.command import Command, CommandError, environment
 from supervisor.console import Output, summary
@@ -59,8 +59,10 @@ from supervisor.plan import walk as walk_plan
 from supervisor.policy import Ladder, PolicyError, check_knobs, resolve
 from supervisor.policy import parse as parse_policy
 from supervisor.report import write as write_report
-from supervisor.rundir import RunDirError, prepare_run_dir, validate_run_id
+from supervisor.program import ProbeInterrupted
+from supervisor.rundir import RunDirError, WriteFailedError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
+from supervisor.secrets import remove_private_copies
 from supervisor.status import StatusError, newest_run
 from supervisor.status import render as render_status
 from supervisor.status import watch as watch_status
@@ -369,6 +371,10 @@ _VALUED = frozenset({"--device-memory", "--max-attempts", "--lines", "--watch"})
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `oom-supervisor` console script."""
     _guard_std_streams()
+    # From the first instant: a SIGTERM (Slurm cancel) or Ctrl-C while the program is asked
+    # for its --help ends the probe's tree and the supervisor cleanly (exit 130, one line).
+    stop, signals = StopRequest(), Signals()
+    _install_early_handlers(stop, signals)
     parser = build_parser()
     fmt, words = split_log_format(sys.argv[1:] if argv is None else argv)
     words = attach_values(words)
@@ -376,6 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --log-format: invalid choice: {fmt!r} (choose from "
                      f"{', '.join(LOG_FORMATS)})")
     args = parser.parse_args(words)
+    if args.verb not in ("run", "demo", "resume"):
+        # Read-only verbs and plan: Ctrl-C is KeyboardInterrupt (status --watch ends on it).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        program.stop_probes_on(None)
+    args.stop, args.signals = stop, signals
     args.output = configure_logging(fmt or "auto")
     try:
         if args.verb in ("report", "status", "fits"):
@@ -387,9 +400,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = demo_command() if args.verb == "demo" else _command_from(parser, args)
         return _run(args, command)
     except (PolicyError, CommandError, ResumeError, ModelSpecError, JournalError,
-            RunFolderBusyError, JournalWriteError, RunDirError, StatusError) as exc:
-        print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
+            RunFolderBusyError, JournalWriteError, RunDirError, StatusError,
+            WriteFailedError) as exc:
+        print(f"oom-supervisor: error: {printable(str(exc))}", file=sys.stderr)  # noqa: T201
         return ExitCode.USAGE
+    except (ProbeInterrupted, KeyboardInterrupt):
+        print("oom-supervisor: interrupted before the run started (SIGTERM/SIGINT); nothing "  # noqa: T201
+              "of it is left running", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    finally:
+        remove_private_copies()
+
+
+def _install_early_handlers(stop: StopRequest, signals: Signals) -> None:
+    """SIGINT/SIGTERM/SIGHUP ask for a stop before any run folder exists (probe included)."""
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.request()
+        signals.stopping(signal.Signals(signum).name, "before the run started")
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+    program.stop_probes_on(stop.graceful)
+
+
+def _before_run(stop: StopRequest) -> None:
+    """A stop asked for while the run was being prepared ends it before anything is created."""
+    if stop.graceful.is_set():
+        raise ProbeInterrupted
 
 
 def _read_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -583,6 +620,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         dialect.check_policy((r.name, r.knob, r.compensate) for r in ladder.rungs)
     if args.verb == "run" and args.fits_db is not None and not args.fresh:
         _check_fits_db(args.fits_db)
+    _before_run(args.stop)
     run_dir = prepare_run_dir(args.runs_dir, args.run_id or new_run_id())
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)
@@ -598,7 +636,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     # The demo walks the whole ladder every time: it never uses the fit store.
     remembered = _remembered(args, command, dialect, ladder, memory) if args.verb == "run" \
         else None
-    stop, signals = StopRequest(), Signals()
+    stop, signals = args.stop, args.signals
     _install_signal_handlers(stop, signals, run_dir)
     args.output.attach(run_dir.resolve())
     try:
@@ -657,6 +695,9 @@ def _remembered(args: argparse.Namespace, command: Command, dialect: Dialect, la
 def _rebuild(config: RunConfig) -> Rebuilt:
     """The edges of a journaled run, exactly as it was started (resume)."""
     command = _unredact(Command(argv=config.argv, cwd=config.cwd), config)
+    # Never ask the program for its --help again (an adopted attempt may be training): what
+    # the first run's probe parsed was journaled with its config.
+    program.record_help(command, config.program_help_text)
     if config.knobs_file is not None:
         dialect: Dialect = knobmap.load(Path(config.knobs_file))
     else:
@@ -708,8 +749,13 @@ def _unredact(command: Command, config: RunConfig) -> Command:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    load_journal(args.run_dir)  # not a run folder: one line, and nothing written into it
-    stop, signals = StopRequest(), Signals()
+    state, _ = load_journal(args.run_dir)  # not a run folder: one line, nothing written into it
+    cwd = state.config.cwd
+    if cwd is not None and not Path(cwd).is_dir():
+        msg = (f"the run's working directory {printable(cwd)} no longer exists; restore it (the "
+               f"command's relative paths are read from there), then resume {args.run_dir}")
+        raise ResumeError(msg)
+    stop, signals = args.stop, args.signals
     _install_signal_handlers(stop, signals, args.run_dir)
     args.output.attach(args.run_dir.resolve())
     try:

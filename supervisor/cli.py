@@ -63,6 +63,7 @@ from supervisor.program import ProbeInterrupted
 from supervisor.rundir import RunDirError, WriteFailedError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
 from supervisor.secrets import remove_private_copies
+from supervisor.text import printable
 from supervisor.status import StatusError, newest_run
 from supervisor.status import render as render_status
 from supervisor.status import watch as watch_status
@@ -374,7 +375,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # From the first instant: a SIGTERM (Slurm cancel) or Ctrl-C while the program is asked
     # for its --help ends the probe's tree and the supervisor cleanly (exit 130, one line).
     stop, signals = StopRequest(), Signals()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     _install_early_handlers(stop, signals)
+    try:
+        return _main(argv, stop, signals)
+    finally:
+        program.stop_probes_on(None)
+        for signum, handler in before.items():  # main() called in-process (tests) leaves none
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _main(argv: Sequence[str] | None, stop: StopRequest, signals: Signals) -> int:
     parser = build_parser()
     fmt, words = split_log_format(sys.argv[1:] if argv is None else argv)
     words = attach_values(words)

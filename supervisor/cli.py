@@ -34,6 +34,7 @@ from supervisor.estimate import (
     pick_python,
 )
 from supervisor.events import JournalError, RunConfig
+from supervisor.files import WriteFailedError
 from supervisor.fits import FitStore, FitStoreError
 from supervisor.fits import default_path as default_fits_path
 from supervisor.fits import render_entries as render_fits
@@ -58,15 +59,15 @@ from supervisor.plan import render as render_plan
 from supervisor.plan import walk as walk_plan
 from supervisor.policy import Ladder, PolicyError, check_knobs, resolve
 from supervisor.policy import parse as parse_policy
-from supervisor.report import write as write_report
 from supervisor.program import ProbeInterrupted
-from supervisor.rundir import RunDirError, WriteFailedError, prepare_run_dir, validate_run_id
+from supervisor.report import write as write_report
+from supervisor.rundir import RunDirError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
 from supervisor.secrets import remove_private_copies
-from supervisor.text import printable
 from supervisor.status import StatusError, newest_run
 from supervisor.status import render as render_status
 from supervisor.status import watch as watch_status
+from supervisor.text import printable
 
 log = structlog.get_logger("supervisor")
 

@@ -131,7 +131,7 @@ class _Buffer:
 
 
 class _Discard:
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes) -> None:  # noqa: ARG002 - nothing to show it on
         return None
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from supervisor.events import Event, JournalError, RunState, replay
-from supervisor.rundir import NotRegularFileError, open_regular, write_failed
+from supervisor.files import NotRegularFileError, open_regular, write_failed
 
 E = TypeVar("E", bound=Event)
 

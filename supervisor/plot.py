@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from supervisor.files import writing
+
 VERDICT_COLOURS: Mapping[str, str] = {
     "fits": "#2e7d32", "oom": "#c62828", "fatal": "#6a1b9a", "transient": "#ef6c00",
     "hang": "#ef6c00", "interrupted": "#757575", "running": "#1565c0",
@@ -80,7 +82,7 @@ def write(path: Path, data: Mapping[str, Any]) -> Path | None:
     if not data.get("attempts") or not available():
         return None
     fig = figure(data)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    again = f"then `oom-supervisor report {path.parent}` draws it again"
+    with writing(path, then=again) as tmp:  # full disk, vanished folder: one line
+        fig.savefig(tmp)
     return path

@@ -209,7 +209,7 @@ _NOTES: dict[tuple[tuple[str, ...], str | None], str] = {}
 _STOP: threading.Event | None = None
 
 
-class ProbeInterrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
+class ProbeInterrupted(BaseException):
     """SIGTERM/SIGINT arrived while the program was asked for its --help (its tree is ended)."""
 
 
@@ -296,7 +296,7 @@ def render_help(parsed: ProgramHelp, redactor: Redactor | None = None) -> str:
     for option in parsed.options:
         names = [*option.names]
         metavar = {"none": "", "optional": " [X]", "required": " X"}[option.takes]
-        invocation = ", ".join(names[:-1] + [names[-1] + metavar]) if names else ""
+        invocation = ", ".join([*names[:-1], names[-1] + metavar]) if names else ""
         default = option.default
         if default is not None:
             if any(is_secret_name(n) for n in option.names) and is_secret_value(default):
@@ -428,7 +428,7 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
 
 def _end_tree(proc: subprocess.Popen[bytes], marker: str,
               known: dict[int, psutil.Process]) -> None:
-    """SIGTERM, then SIGKILL, the probe's session, every descendant seen and every marked process."""
+    """SIGTERM, then SIGKILL, the probe's session, each descendant seen and each marked process."""
     with contextlib.suppress(psutil.Error):
         leader = psutil.Process(proc.pid)
         for child in leader.children(recursive=True):

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.files import write_failed, write_file
+
 _SECRET_NAME = re.compile(
     r"(?i)(token|secret|passw(?:or)?d|passwd|api[_-]?key|access[_-]?key|private[_-]?key|"
     r"credential|auth|_key$|^key$|(?:^|[_-])pass(?:$|[_-])|(?:^|[_-])pwd$|passphrase)")
@@ -368,13 +370,14 @@ def private_copy(public: Path, text: str) -> Path:
     root = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
     digest = hashlib.sha256(str(public.resolve()).encode()).hexdigest()[:16]
     folder = root / f"oom-supervisor-{os.getuid()}" / digest
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.parent.chmod(0o700)
     target = folder / public.name
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    _PUBLIC_OF[str(target)] = str(public.resolve())
+    _PUBLIC_OF[str(target)] = str(public.resolve())  # removed with the others at the run's end
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.parent.chmod(0o700)
+        write_file(target, text, mode=0o600)
+    except OSError as exc:
+        raise write_failed(target, exc) from None
     return target
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2] / "supervisor"
 
 # Lowest first. A module may import only modules of a lower layer (or its own package).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("_compat", "text", "echo"),  # 3.10 stand-ins for 3.11 stdlib names; below everything that uses them
+    ("_compat", "text", "echo", "files"),  # 3.10 stand-ins for 3.11 stdlib names; below everything that uses them
     ("knobs", "command", "secrets", "classify", "gpu", "device_memory", "models", "_sim", "fits",
      "rundir", "plot", "_inject"),
     ("program",),

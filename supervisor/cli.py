@@ -430,6 +430,8 @@ def _install_early_handlers(stop: StopRequest, signals: Signals) -> None:
     def handler(signum: int, _frame: FrameType | None) -> None:
         stop.request()
         signals.stopping(signal.Signals(signum).name, "before the run started")
+        if not program.is_probing():  # a probe ends its own tree first, then raises this
+            raise ProbeInterrupted
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, handler)

@@ -207,6 +207,12 @@ _RECORDED: dict[tuple[tuple[str, ...], str | None], str | None] = {}
 _NOTES: dict[tuple[tuple[str, ...], str | None], str] = {}
 """Why a probe gave no help, by help argv (journaled with the run's config)."""
 _STOP: threading.Event | None = None
+_PROBING = threading.Event()
+
+
+def is_probing() -> bool:
+    """True while a probe runs (a signal handler then lets it end its own tree first)."""
+    return _PROBING.is_set()
 
 
 class ProbeInterrupted(BaseException):
@@ -348,11 +354,13 @@ def _probe(argv: tuple[str, ...], *, cwd: str | None, env: dict[str, str],
     started = time.monotonic()
     if _STOP is not None and _STOP.is_set():
         raise ProbeInterrupted
+    _PROBING.set()
     try:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,  # noqa: S603 - the user's own program
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
     except OSError:
+        _PROBING.clear()
         return Probed(exit_code=None, stdout="", note=None)
     out = bytearray()
     note: str | None = None
@@ -364,6 +372,7 @@ def _probe(argv: tuple[str, ...], *, cwd: str | None, env: dict[str, str],
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+        _PROBING.clear()
     text = bytes(out).decode("utf-8", errors="replace")
     seconds = round(time.monotonic() - started, 1)
     return Probed(exit_code=None if note else proc.returncode, stdout=text, note=note,

@@ -34,9 +34,34 @@ def printable(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-_REPR = reprlib.Repr()
+class _Bounded(reprlib.Repr):
+    """reprlib by kind, not by exact type: a YAML loader's list/dict/str subclasses
+    (ruamel's CommentedSeq) would otherwise get their own, unbounded, `__repr__`."""
+
+    def repr1(self, x: object, level: int) -> str:
+        if isinstance(x, bool) or x is None:
+            return repr(x)
+        if isinstance(x, str):
+            return self.repr_str(str(x), level)
+        if isinstance(x, int):
+            return self.repr_int(int(x), level)
+        if isinstance(x, float):
+            return repr(float(x))
+        if isinstance(x, list):
+            return self.repr_list(x, level)
+        if isinstance(x, tuple):
+            return self.repr_tuple(x, level)
+        if isinstance(x, dict):
+            return self.repr_dict(x, level)
+        if isinstance(x, set | frozenset):
+            return self.repr_set(set(x), level)
+        return f"<{type(x).__name__}>"  # any other object: its own repr may be anything
+
+
+_REPR = _Bounded()
 _REPR.maxlevel = 3
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxdict = 6
+_REPR.maxfrozenset = 6
 _REPR.maxstring = 80
 _REPR.maxother = 80
 _REPR.maxlong = 40

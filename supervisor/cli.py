@@ -370,8 +370,11 @@ _VALUED = frozenset({"--device-memory", "--max-attempts", "--lines", "--watch"})
 """Our options that take a number, whose value may be typed negative by mistake."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `oom-supervisor` console script."""
+def main(argv: Sequence[str] | None = None, *, early_signals: Sequence[int] = ()) -> int:
+    """Entry point of the `oom-supervisor` console script.
+
+    `early_signals`: signals caught (by supervisor.__main__) before this module was imported.
+    """
     _guard_std_streams()
     # From the first instant: a SIGTERM (Slurm cancel) or Ctrl-C while the program is asked
     # for its --help ends the probe's tree and the supervisor cleanly (exit 130, one line).
@@ -379,7 +382,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     _install_early_handlers(stop, signals)
     try:
+        if early_signals:
+            for signum in early_signals:
+                stop.request()
+                signals.stopping(signal.Signals(signum).name, "before the run started")
+            raise ProbeInterrupted  # noqa: TRY301 - handled as any stop before the run
         return _main(argv, stop, signals)
+    except ProbeInterrupted:
+        print("oom-supervisor: interrupted before the run started (SIGTERM/SIGINT); nothing "  # noqa: T201
+              "of it is left running", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     finally:
         program.stop_probes_on(None)
         for signum, handler in before.items():  # main() called in-process (tests) leaves none

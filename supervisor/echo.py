@@ -135,7 +135,9 @@ class _Discard:
         return None
 
 
-_WRITERS: dict[int, ConsoleWriter] = {}
+_WRITERS: dict[tuple[int, int, int], ConsoleWriter] = {}
+"""By descriptor and the file it is open on: after `dup2` (SIGHUP sends output to the run
+folder) or a descriptor closed and reused, a new writer serves the new file."""
 _LOCK = threading.Lock()
 
 
@@ -146,12 +148,18 @@ def console_for(stream: IO[str]) -> Echo:
         return _Discard()  # an IDE's stream with no bytes under it
     try:
         fd = buffer.fileno()
+        found = os.fstat(fd)
     except (OSError, ValueError, AttributeError):
         return _Buffer(buffer)
+    key = (fd, found.st_dev, found.st_ino)
     with _LOCK:
-        writer = _WRITERS.get(fd)
+        writer = _WRITERS.get(key)
         if writer is None:
-            writer = _WRITERS[fd] = ConsoleWriter(fd)
+            try:  # its own descriptor: the number may be closed and reused, the file stays
+                own = os.dup(fd)
+            except OSError:
+                return _Discard()
+            writer = _WRITERS[key] = ConsoleWriter(own)
         return writer
 
 

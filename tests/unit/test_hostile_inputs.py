@@ -19,6 +19,7 @@ from supervisor.cli import main
 from supervisor.command import Command, CommandError
 from supervisor.dialects import detect
 from supervisor.dialects.argv import ArgvDialect
+from supervisor.echo import ConsoleWriter
 from supervisor.events import JournalError
 from supervisor.files import WriteFailedError, write_file
 from supervisor.journal import Journal, holder, load
@@ -277,3 +278,34 @@ def test_private_copies_are_removed_when_the_run_ends(tmp_path: Path,
     remove_private_copies()
     assert not copy.exists()
     assert list((tmp_path / "runtime").rglob("*")) == []
+
+
+# --- the console echo -----------------------------------------------------------------------------
+
+def test_the_echo_never_blocks_on_a_console_that_does_not_read() -> None:
+    """A pipe nobody reads: `put` returns at once, the overflow is counted, a flush gives up
+    quickly; once the console reads again it is told how many lines it missed."""
+    read_end, write_end = os.pipe()
+    try:
+        writer = ConsoleWriter(write_end)
+        line = b"y" * 99 + b"\n"
+        started = time.monotonic()
+        for _ in range(30_000):  # 3 MB: the pipe takes 64 KiB, the queue 1 MiB
+            writer.put(line)
+        assert time.monotonic() - started < 5
+        assert writer.dropped_total > 0
+        started = time.monotonic()
+        assert writer.flush() is False
+        assert time.monotonic() - started < 3
+        got = b""
+        os.set_blocking(read_end, False)
+        deadline = time.monotonic() + 30
+        while b"not echoed" not in got and time.monotonic() < deadline:
+            try:
+                got += os.read(read_end, 1 << 20)
+            except BlockingIOError:
+                time.sleep(0.01)
+            got = got[-4096:] if b"not echoed" not in got else got
+        assert f"{writer.dropped_total} line(s) of output not echoed".encode() in got
+    finally:
+        os.close(read_end)

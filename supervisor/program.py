@@ -8,9 +8,10 @@ known by its file name: a `train_bash.py` may be LLaMA-Factory's or a Hugging Fa
 `parse_help` is pure (unit tests feed help texts recorded from real programs, tests/data/help/).
 `run_help` is the edge: the program with `--help`, without its launcher, in the same
 interpreter and environment, run like an attempt (its own session, a marker of its own in its
-environment, its whole tree ended whatever happens), 15 s at most. A program that ignores
+environment, its whole tree ended whatever happens), 20 s at most. A program that ignores
 `--help` and starts training (no usage printed while it prints or forks for 3 s, or nothing at
-all for 8 s) is ended at once and read by its family's known defaults, and the run says so.
+all while it burns 5 s of CPU) is ended at once and read by its family's known defaults, and
+the run says so.
 What was parsed (flags and defaults, redacted; never the raw output) is cached by script path,
 mtime and what decides its imports (PYTHONPATH, the venv) in a 0600 JSON file in a 0700 folder
 under the user cache dir (`$XDG_CACHE_HOME/oom-supervisor/help.json`).
@@ -44,8 +45,9 @@ from supervisor.secrets import Redactor, is_secret_name, is_secret_value, placeh
 
 log = structlog.get_logger(__name__)
 
-HELP_TIMEOUT_S = 15.0
-"""Longest wait for a program's `--help` (HfArgumentParser scripts import torch first)."""
+HELP_TIMEOUT_S = 20.0
+"""Longest wait for a program's `--help` (HfArgumentParser scripts import torch first; a loaded
+machine stretches that wall time, not its CPU time)."""
 MARKER_ENV = "OOM_SUPERVISOR_ATTEMPT"
 """The attempts' marker (supervisor.runner): the probe carries one of its own, `probe:...`."""
 
@@ -327,8 +329,9 @@ def _probe_env(command: Command) -> dict[str, str]:
 # pipe) is found and ended, whatever happens to the supervisor.
 PROBE_QUIET_S = 3.0
 """After this long without printing `usage:` while it prints or forks, the program is training."""
-PROBE_SILENT_S = 8.0
-"""After this long without printing anything like a usage line, the program is training."""
+PROBE_SILENT_CPU_S = 5.0
+"""CPU seconds a silent program may burn without printing a usage line (importing torch and
+transformers takes 1-2 s of CPU, however long a loaded machine makes it in wall time)."""
 PROBE_MAX_BYTES = 1024 * 1024
 """Most bytes of its output read into memory (a help text is a few KiB)."""
 _PROBE_TICK_S = 0.05
@@ -425,14 +428,25 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
             return (f"its --help printed no usage and it {what} for {elapsed:.0f} s: it "
                     "ignores --help and started training; ended it, and read the command by "
                     "its family's known defaults")
-        if not usage and elapsed > PROBE_SILENT_S:
-            return (f"its --help printed no usage in {elapsed:.0f} s: taken for training and "
-                    "ended; read the command by its family's known defaults")
+        if not usage and elapsed > PROBE_QUIET_S and _cpu_s(proc.pid, known) > PROBE_SILENT_CPU_S:
+            return (f"its --help printed no usage and used {PROBE_SILENT_CPU_S:g} s of CPU in "
+                    f"{elapsed:.0f} s: taken for training and ended; read the command by its "
+                    "family's known defaults")
         if elapsed > timeout_s:
             return (f"its --help did not finish in {timeout_s:g} s; ended it, and read the "
                     "command by its family's known defaults")
     proc.wait()
     return None
+
+
+def _cpu_s(pid: int, known: dict[int, psutil.Process]) -> float:
+    """CPU seconds (user and system) the probe's process and its descendants have used."""
+    total = 0.0
+    for found in (pid, *known):
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(found).cpu_times() if found == pid else known[found].cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def _end_tree(proc: subprocess.Popen[bytes], marker: str,

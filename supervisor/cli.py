@@ -415,6 +415,7 @@ def _main(argv: Sequence[str] | None, stop: StopRequest, signals: Signals) -> in
         program.stop_probes_on(None)
     args.stop, args.signals = stop, signals
     args.output = configure_logging(fmt or "auto")
+    attempt_left_running = False
     try:
         if args.verb in ("report", "status", "fits"):
             return _read_only(parser, args)
@@ -427,6 +428,9 @@ def _main(argv: Sequence[str] | None, stop: StopRequest, signals: Signals) -> in
     except (PolicyError, CommandError, ResumeError, ModelSpecError, JournalError,
             RunFolderBusyError, JournalWriteError, RunDirError, StatusError,
             WriteFailedError) as exc:
+        # A journal that cannot be written leaves the attempt running (resume adopts it): the
+        # private config copies it may still read stay until that run ends.
+        attempt_left_running = isinstance(exc, JournalWriteError)
         print(f"oom-supervisor: error: {printable(str(exc))}", file=sys.stderr)  # noqa: T201
         return ExitCode.USAGE
     except (ProbeInterrupted, KeyboardInterrupt):
@@ -434,7 +438,8 @@ def _main(argv: Sequence[str] | None, stop: StopRequest, signals: Signals) -> in
               "of it is left running", file=sys.stderr)
         return ExitCode.INTERRUPTED
     finally:
-        remove_private_copies()
+        if not attempt_left_running:
+            remove_private_copies()
 
 
 def _install_early_handlers(stop: StopRequest, signals: Signals) -> None:

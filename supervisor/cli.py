@@ -848,7 +848,7 @@ def _ended(args: argparse.Namespace, result: RunResult) -> int:
             with Journal(result.run_dir) as journal:  # the run has ended: the lock is free
                 journal.write(event)
             write_report(result.run_dir, load_journal(result.run_dir)[0])
-        except (RunFolderBusyError, JournalWriteError, JournalError) as exc:
+        except (RunFolderBusyError, JournalWriteError, JournalError, WriteFailedError) as exc:
             args.output.print(f"oom-supervisor: note: the notify result was not journaled "
                               f"({exc})")
         if event.error:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from supervisor.files import WriteFailedError, write_file
 from supervisor.journal import Journal, holder, load
 from supervisor.loop import ExitCode, supervise
 from supervisor.policy import resolve
-from supervisor.program import parse_help, render_help
+from supervisor.program import parse_help, render_help, run_help
 from supervisor.runner import AttemptSpec
 from supervisor.secrets import (
     Redactor,
@@ -309,3 +310,17 @@ def test_the_echo_never_blocks_on_a_console_that_does_not_read() -> None:
         assert f"{writer.dropped_total} line(s) of output not echoed".encode() in got
     finally:
         os.close(read_end)
+
+
+def test_a_help_in_bytes_that_are_not_utf8_is_read(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Binary bytes in the help: decoded leniently, the options still read, no traceback."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "binary.py").write_text(
+        "import sys\nsys.stdout.buffer.write(b'usage: binary.py [-h]\\n\\xff\\xfe\\x80 caf\\xe9\\n"
+        "\\noptions:\\n  --per_device_train_batch_size X  (default: 8)\\n')\n", encoding="utf-8")
+    text = run_help(Command(argv=(sys.executable, "binary.py"), cwd=str(tmp_path)))
+    assert text is not None
+    parsed = parse_help(text)
+    assert parsed is not None
+    assert parsed.option("--per_device_train_batch_size") is not None

@@ -84,7 +84,7 @@ def test_a_console_that_never_reads_does_not_slow_the_run(tmp_path: Path) -> Non
         os.close(read_end)
     assert code == 0, (tmp_path / "pipe.err").read_text()
     file_s, pipe_s = _attempt_s(tmp_path / "runs" / "file"), _attempt_s(tmp_path / "runs" / "pipe")
-    # Measured: ~1 s either way; before, the follower blocked on the full pipe for good.
+    # Measured: 0.55 s into a file, 0.68 s into the pipe; before, the follower blocked for good.
     assert pipe_s < max(10.0, 3 * file_s), f"into a file {file_s} s, into the pipe {pipe_s} s"
     log = (tmp_path / "runs" / "pipe" / "attempts" / "01" / "stdout.log").read_bytes()
     assert log.count(b"\n") == LINES

@@ -391,10 +391,14 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
         os.set_blocking(fd, False)
     other = 0
     exited_at: float | None = None
-    while streams:
+    while True:
         if _STOP is not None and _STOP.is_set():
             raise ProbeInterrupted
-        ready, _, _ = select.select(list(streams), [], [], _PROBE_TICK_S)
+        ready: list[int] = []
+        if streams:
+            ready, _, _ = select.select(list(streams), [], [], _PROBE_TICK_S)
+        else:  # it closed its output and may still run: the clock below still applies
+            time.sleep(_PROBE_TICK_S)
         for fd in ready:
             try:
                 chunk = os.read(fd, 65536)
@@ -414,7 +418,7 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
             # Whatever its children do, the program has answered: read what is already
             # written, never wait on a pipe a daemon keeps open.
             exited_at = exited_at or now
-            if now - exited_at > _PROBE_TICK_S * 4:
+            if not streams or now - exited_at > _PROBE_TICK_S * 4:
                 return None
             continue
         with contextlib.suppress(psutil.Error):
@@ -435,8 +439,6 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
         if elapsed > timeout_s:
             return (f"its --help did not finish in {timeout_s:g} s; ended it, and read the "
                     "command by its family's known defaults")
-    proc.wait()
-    return None
 
 
 def _cpu_s(pid: int, known: dict[int, psutil.Process]) -> float:

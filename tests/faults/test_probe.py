@@ -255,3 +255,20 @@ def test_resume_never_asks_the_program_again(tmp_path: Path,
     record_help(Command(argv=rebuilt.command.argv, cwd=rebuilt.command.cwd), None)
     assert run_help(rebuilt.command) is None
     assert starts.read_text(encoding="utf-8").count("start") == 2
+
+
+def test_a_program_that_closes_its_output_is_still_timed(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """No output, no exit (its pipes closed, asleep): ended at the timeout, nothing left."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("OOM_SUPERVISOR_TEST_TAG", tag)
+    (tmp_path / "closes.py").write_text("import os, time\nos.close(1)\nos.close(2)\n"
+                                        "time.sleep(120)\n", encoding="utf-8")
+    command = Command(argv=(sys.executable, "closes.py"), cwd=str(tmp_path))
+    started = time.monotonic()
+    assert run_help(command, timeout_s=3.0) is None
+    assert time.monotonic() - started < 15
+    env = Env(tmp_path)
+    env.tag = tag
+    assert env.tagged() == []

@@ -124,7 +124,7 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_resume_fits(tmp_path: Path,
     done = _run(tmp_path, runs, "mid", "--fill", str(filler))
     run_dir = runs / "mid"
     line = _one_line(done, run_dir)
-    assert not list(run_dir.rglob(".*.tmp*")), "a half-written temp file was left behind"
+    assert not list(run_dir.rglob("*.tmp*")), "a half-written temp file was left behind"
     filler.unlink()
     advice = re.search(r"`oom-supervisor (resume|report) ([^`]+)`", line)
     assert advice is not None, line

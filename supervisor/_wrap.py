@@ -273,9 +273,12 @@ def _record(status: Path, code: int, pid: int | None, logs: list[_CappedLog]) ->
               "dropped_bytes": [log.dropped for log in logs],
               "lost_bytes": [log.lost for log in logs]}
     tmp = status.with_name(status.name + ".tmp")
-    with contextlib.suppress(OSError):
+    try:
         tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
         tmp.replace(status)
+    except OSError:  # a full disk: the runner reads our own exit code instead; no half file
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor._compat import StrEnum
+from supervisor.text import printable
 
 
 class VerdictKind(StrEnum):
@@ -182,7 +183,8 @@ _MAX_LINE = 16_384  # a longer line is cut for matching: a regex over megabytes 
 
 def strip_launcher_prefix(line: str) -> str:
     """The line as the program wrote it: surrounding space and any launcher labels removed."""
-    text = line.strip()[:_MAX_LINE]
+    # A terminal escape before the text (a retitle, a clear screen) hides no rule's match.
+    text = printable(line[:_MAX_LINE * 2]).strip()[:_MAX_LINE]
     match = _PREFIXES.match(text)
     return text[match.end():].lstrip() if match else text
 
@@ -355,10 +357,12 @@ def classify(outcome: Outcome) -> Verdict:
     """Decide what an attempt came to; OOM evidence anywhere beats every other reading."""
     if outcome.interrupted:
         return Verdict(kind=VerdictKind.INTERRUPTED, evidence="stopped by signal to the supervisor")
-    lines = [line.rstrip() for line in outcome.tail]
+    # The evidence is journaled and shown: without the trainer's terminal control sequences.
+    lines = [printable(line).rstrip() for line in outcome.tail]
     oom_lines = [line for line in lines if is_oom_line(line)]
-    if outcome.oom_line is not None and outcome.oom_line not in oom_lines:
-        oom_lines.insert(0, outcome.oom_line.rstrip())
+    oom_line = printable(outcome.oom_line).rstrip() if outcome.oom_line is not None else None
+    if oom_line is not None and oom_line not in oom_lines:
+        oom_lines.insert(0, oom_line)
     if outcome.exit_code == 0 and not outcome.killed_by_supervisor:
         return Verdict(kind=VerdictKind.FITS)
     if oom_lines:

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import structlog
 
-from supervisor import __version__, notify, remember
+from supervisor import __version__, notify, program, remember
 from supervisor._compat import tomllib
 from supervisor.command import Command, CommandError, environment
 from supervisor.console import Output, summary
@@ -35,6 +35,7 @@ from supervisor.estimate import (
     pick_python,
 )
 from supervisor.events import JournalError, RunConfig
+from supervisor.files import WriteFailedError
 from supervisor.fits import FitStore, FitStoreError
 from supervisor.fits import default_path as default_fits_path
 from supervisor.fits import render_entries as render_fits
@@ -59,12 +60,15 @@ from supervisor.plan import render as render_plan
 from supervisor.plan import walk as walk_plan
 from supervisor.policy import Ladder, PolicyError, check_knobs, resolve
 from supervisor.policy import parse as parse_policy
+from supervisor.program import ProbeInterrupted
 from supervisor.report import write as write_report
 from supervisor.rundir import RunDirError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
+from supervisor.secrets import remove_private_copies
 from supervisor.status import StatusError, newest_run
 from supervisor.status import render as render_status
 from supervisor.status import watch as watch_status
+from supervisor.text import printable
 
 log = structlog.get_logger("supervisor")
 
@@ -370,9 +374,36 @@ _VALUED = frozenset({"--device-memory", "--max-attempts", "--lines", "--watch"})
 """Our options that take a number, whose value may be typed negative by mistake."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `oom-supervisor` console script."""
+def main(argv: Sequence[str] | None = None, *, early_signals: Sequence[int] = ()) -> int:
+    """Entry point of the `oom-supervisor` console script.
+
+    `early_signals`: signals caught (by supervisor.__main__) before this module was imported.
+    """
     _guard_std_streams()
+    # From the first instant: a SIGTERM (Slurm cancel) or Ctrl-C while the program is asked
+    # for its --help ends the probe's tree and the supervisor cleanly (exit 130, one line).
+    stop, signals = StopRequest(), Signals()
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    _install_early_handlers(stop, signals)
+    try:
+        if early_signals:
+            for signum in early_signals:
+                stop.request()
+                signals.stopping(signal.Signals(signum).name, "before the run started")
+            raise ProbeInterrupted  # noqa: TRY301 - handled as any stop before the run
+        return _main(argv, stop, signals)
+    except ProbeInterrupted:
+        print("oom-supervisor: interrupted before the run started (SIGTERM/SIGINT); nothing "  # noqa: T201
+              "of it is left running", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    finally:
+        program.stop_probes_on(None)
+        for signum, handler in before.items():  # main() called in-process (tests) leaves none
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _main(argv: Sequence[str] | None, stop: StopRequest, signals: Signals) -> int:
     parser = build_parser()
     fmt, words = split_log_format(sys.argv[1:] if argv is None else argv)
     words = attach_values(words)
@@ -380,7 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"argument --log-format: invalid choice: {fmt!r} (choose from "
                      f"{', '.join(LOG_FORMATS)})")
     args = parser.parse_args(words)
+    if args.verb not in ("run", "demo", "resume"):
+        # Read-only verbs and plan: Ctrl-C is KeyboardInterrupt (status --watch ends on it).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        program.stop_probes_on(None)
+    args.stop, args.signals = stop, signals
     args.output = configure_logging(fmt or "auto")
+    attempt_left_running = False
     try:
         if args.verb in ("report", "status", "fits"):
             return _read_only(parser, args)
@@ -394,9 +433,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.policy = policy_name(args, command)
         return _run(args, command)
     except (PolicyError, CommandError, ResumeError, ModelSpecError, JournalError,
-            RunFolderBusyError, JournalWriteError, RunDirError, StatusError) as exc:
-        print(f"oom-supervisor: error: {exc}", file=sys.stderr)  # noqa: T201
+            RunFolderBusyError, JournalWriteError, RunDirError, StatusError,
+            WriteFailedError) as exc:
+        # A journal that cannot be written leaves the attempt running (resume adopts it): the
+        # private config copies it may still read stay until that run ends.
+        attempt_left_running = isinstance(exc, JournalWriteError)
+        print(f"oom-supervisor: error: {printable(str(exc))}", file=sys.stderr)  # noqa: T201
         return ExitCode.USAGE
+    except (ProbeInterrupted, KeyboardInterrupt):
+        print("oom-supervisor: interrupted before the run started (SIGTERM/SIGINT); nothing "  # noqa: T201
+              "of it is left running", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    finally:
+        if not attempt_left_running:
+            remove_private_copies()
+
+
+def _install_early_handlers(stop: StopRequest, signals: Signals) -> None:
+    """SIGINT/SIGTERM/SIGHUP ask for a stop before any run folder exists (probe included)."""
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        stop.request()
+        signals.stopping(signal.Signals(signum).name, "before the run started")
+        if not program.is_probing():  # a probe ends its own tree first, then raises this
+            raise ProbeInterrupted
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+    program.stop_probes_on(stop.graceful)
+
+
+def _before_run(stop: StopRequest) -> None:
+    """A stop asked for while the run was being prepared ends it before anything is created."""
+    if stop.graceful.is_set():
+        raise ProbeInterrupted
 
 
 def _read_only(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -616,6 +685,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         dialect.check_policy((r.name, r.knob, r.compensate) for r in ladder.rungs)
     if args.verb == "run" and args.fits_db is not None and not args.fresh:
         _check_fits_db(args.fits_db)
+    _before_run(args.stop)
     if args.verb == "demo":
         _check_demo_packages()
     run_dir = prepare_run_dir(args.runs_dir, args.run_id or new_run_id())
@@ -633,7 +703,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     # The demo walks the whole ladder every time: it never uses the fit store.
     remembered = _remembered(args, command, dialect, ladder, memory) if args.verb == "run" \
         else None
-    stop, signals = StopRequest(), Signals()
+    stop, signals = args.stop, args.signals
     _install_signal_handlers(stop, signals, run_dir)
     args.output.attach(run_dir.resolve())
     try:
@@ -693,6 +763,9 @@ def _remembered(args: argparse.Namespace, command: Command, dialect: Dialect, la
 def _rebuild(config: RunConfig) -> Rebuilt:
     """The edges of a journaled run, exactly as it was started (resume)."""
     command = _unredact(Command(argv=config.argv, cwd=config.cwd), config)
+    # Never ask the program for its --help again (an adopted attempt may be training): what
+    # the first run's probe parsed was journaled with its config.
+    program.record_help(command, config.program_help_text)
     if config.knobs_file is not None:
         dialect: Dialect = knobmap.load(Path(config.knobs_file))
     else:
@@ -744,8 +817,13 @@ def _unredact(command: Command, config: RunConfig) -> Command:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    load_journal(args.run_dir)  # not a run folder: one line, and nothing written into it
-    stop, signals = StopRequest(), Signals()
+    state, _ = load_journal(args.run_dir)  # not a run folder: one line, nothing written into it
+    cwd = state.config.cwd
+    if cwd is not None and not Path(cwd).is_dir():
+        msg = (f"the run's working directory {printable(cwd)} no longer exists; restore it (the "
+               f"command's relative paths are read from there), then resume {args.run_dir}")
+        raise ResumeError(msg)
+    stop, signals = args.stop, args.signals
     _install_signal_handlers(stop, signals, args.run_dir)
     args.output.attach(args.run_dir.resolve())
     try:
@@ -806,7 +884,7 @@ def _ended(args: argparse.Namespace, result: RunResult) -> int:
             with Journal(result.run_dir) as journal:  # the run has ended: the lock is free
                 journal.write(event)
             write_report(result.run_dir, load_journal(result.run_dir)[0])
-        except (RunFolderBusyError, JournalWriteError, JournalError) as exc:
+        except (RunFolderBusyError, JournalWriteError, JournalError, WriteFailedError) as exc:
             args.output.print(f"oom-supervisor: note: the notify result was not journaled "
                               f"({exc})")
         if event.error:

@@ -30,6 +30,7 @@ from rich.text import Text
 from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.journal import load
+from supervisor.text import printable
 
 _SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.detected",
                      "run.stopped"})
@@ -432,8 +433,8 @@ class Output:
                             structlog.processors.TimeStamper(fmt="iso", utc=True), self.tee]
         if self.console is None:
             chain.append(structlog.processors.JSONRenderer())
-        else:
-            chain.append(self.console)
+        else:  # lines for a terminal: what a trainer printed (an OOM line) loses its escapes
+            chain += [_printable_values, self.console]
         return chain
 
     def attach(self, run_dir: Path) -> None:
@@ -450,8 +451,17 @@ class Output:
 
     def print(self, text: str) -> None:
         """Lines for people after the run (the summary)."""
-        self.stream.write(text + "\n")
+        self.stream.write(printable(text) + "\n")
         self.stream.flush()
+
+
+def _printable_values(_logger: object, _name: str, event: MutableMapping[str, Any]
+                      ) -> MutableMapping[str, Any]:
+    """structlog processor: string values without terminal control sequences."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = printable(value)
+    return event
 
 
 def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
@@ -488,4 +498,4 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
         lines += [f"  note: {n}" for n in data.get("other_changes", [])[:1]]
         lines.append(f"  run it again as is: sh {run_dir / 'final-command.sh'}")
     lines.append(f"  report: {run_dir / 'report.md'}")
-    return lines
+    return [printable(line) for line in lines]

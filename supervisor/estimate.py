@@ -484,6 +484,9 @@ def _stream(argv: list[str], text: str, *, env: Mapping[str, str], timeout_s: fl
                 if line.startswith(RESULT_PREFIX):
                     on_result()
             returncode = proc.wait()
+        except BaseException:
+            proc.kill()  # a stop (SIGTERM before the run) must not wait for the whole trace
+            raise
         finally:
             timer.cancel()
         reader.join()

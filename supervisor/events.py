@@ -60,6 +60,8 @@ class RunConfig:
     """(knob, value) pairs the program cannot take although it sets the knob."""
     program_help: str | None = None
     """What the program's own --help said, in a few words."""
+    program_help_text: str | None = None
+    """What was parsed from its --help (flags and defaults, redacted): resume never asks again."""
     world_size_known: bool = True
     max_attempts: int
     device_mib: float | None = None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from supervisor.events import Event, JournalError, RunState, replay
+from supervisor.files import NotRegularFileError, open_regular, write_failed
 
 E = TypeVar("E", bound=Event)
 
@@ -46,7 +47,11 @@ class Read:
 def read(path: Path) -> Read:
     """Every whole record of a journal; a torn last line is returned apart, never parsed."""
     try:
-        data = path.read_bytes()
+        fd = open_regular(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read()
+    except NotRegularFileError as exc:
+        raise JournalError(str(exc)) from None
     except OSError as exc:
         msg = f"cannot read {path} ({exc.strerror or exc}); give the folder of a run"
         raise JournalError(msg) from None
@@ -72,10 +77,10 @@ def read(path: Path) -> Read:
 def load(run_dir: Path) -> tuple[RunState, str | None]:
     """Replay a run folder's journal: its state and its torn last line (if any)."""
     path = run_dir / JOURNAL
-    if not path.is_file():
+    if not path.exists():
         msg = f"{path} does not exist; give the folder of a run (runs/<run-id>)"
         raise JournalError(msg)
-    got = read(path)
+    got = read(path)  # a FIFO or a directory: refused by name, never opened for reading
     return replay(got.records), got.torn_line
 
 
@@ -101,7 +106,7 @@ def holder(run_dir: Path) -> str | None:
     """Who holds the run folder's lock (`pid N`), or None when nobody does."""
     path = run_dir / LOCK
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path, os.O_RDONLY)  # a FIFO .lock must not hang `status`
     except OSError:
         return None
     try:
@@ -126,7 +131,9 @@ class Journal:
         self.torn_kept: Path | None = None
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._lock = open_regular(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
+        except NotRegularFileError as exc:
+            raise JournalError(str(exc)) from None
         except OSError as exc:
             msg = f"cannot create the run folder {run_dir} ({exc.strerror or exc})"
             raise JournalWriteError(msg) from None
@@ -139,12 +146,19 @@ class Journal:
             msg = (f"run folder {run_dir} is in use by {who} (an oom-supervisor run or resume); "
                    "wait for it to end, or choose another --run-id")
             raise RunFolderBusyError(msg) from None
-        os.ftruncate(self._lock, 0)
-        os.pwrite(self._lock, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(self._lock, 0)
+            os.pwrite(self._lock, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            self._release()
+            whole = self.path.is_file() and self.path.stat().st_size > 0
+            raise write_failed(run_dir / LOCK, exc, run_dir=run_dir if whole else None) from None
         try:
             self._repair()
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o644)
+            self._fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except NotRegularFileError as exc:
+            self._release()
+            raise JournalError(str(exc)) from None
         except OSError as exc:
             self._release()
             msg = f"cannot open {self.path} ({exc.strerror or exc})"
@@ -153,9 +167,11 @@ class Journal:
     def _repair(self) -> None:
         """Keep a torn last line aside (journal.torn-N.txt) and cut it off the journal."""
         try:
-            data = self.path.read_bytes()
+            fd = open_regular(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read()
         whole, torn = _split_torn(data)
         if not torn:
             return

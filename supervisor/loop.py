@@ -58,6 +58,7 @@ from supervisor.events import (
     replay,
     replay_events,
 )
+from supervisor.files import write_file
 from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, read
 from supervisor.knobs import Knobs
@@ -620,9 +621,9 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
     number = len(live.state().attempts) + 1
     attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
     rendered = live.dialect.render(live.command, knobs, attempt_dir)
-    attempt_dir.mkdir(parents=True, exist_ok=True)
     shown = tuple(live.redactor.argv(rendered.argv))
-    (attempt_dir / "argv.json").write_text(json.dumps(list(shown)) + "\n", encoding="utf-8")
+    write_file(attempt_dir / "argv.json", json.dumps(list(shown)) + "\n", parents=True,
+               run_dir=live.run_dir)  # a full disk: one line (free space, then resume)
     before = checkpoints.listing(knobs.output_dir, live.command.cwd)
     started = _emit(live, AttemptStarted(
         attempt=number, rung=rung, knobs=knobs, changed=_changes(live.config.start, knobs),

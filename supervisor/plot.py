@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from supervisor.files import writing
+
 VERDICT_COLOURS: Mapping[str, str] = {
     "fits": "#2e7d32", "oom": "#c62828", "fatal": "#6a1b9a", "transient": "#ef6c00",
     "hang": "#ef6c00", "interrupted": "#757575", "running": "#1565c0",
@@ -107,10 +109,10 @@ def write(path: Path, data: Mapping[str, Any]) -> Path | None:
 
 
 def _save(fig: Any, path: Path) -> Path:  # noqa: ANN401 - a matplotlib Figure (optional)
-    """Write the picture whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    """Write the picture whole or not at all; a full disk or a vanished folder is one line."""
+    again = f"then `oom-supervisor report {path.parent}` draws it again"
+    with writing(path, then=again) as tmp:
+        fig.savefig(tmp)
     return path
 
 

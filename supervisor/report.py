@@ -11,8 +11,10 @@ from typing import Any
 
 from supervisor import progress
 from supervisor.events import AttemptRecord, Notified, RunConfig, RunState
+from supervisor.files import write_file
 from supervisor.knobs import Knobs
 from supervisor.secrets import shell_word
+from supervisor.text import printable
 
 _STATUS_LINE = {
     "fitted": "fitted: the command finished with the final config below",
@@ -328,15 +330,13 @@ def write(run_dir: Path, state: RunState) -> dict[str, Any]:
     if plot.write_time(run_dir / "goodput.png", data) is not None:
         data["time_plot"] = "goodput.png"
     _atomic(run_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
-    _atomic(run_dir / "report.md", render_markdown(data))
+    _atomic(run_dir / "report.md", printable(render_markdown(data)))
     if data["final_command"]:
         script = run_dir / "final-command.sh"
-        _atomic(script, final_command_script(data))
-        script.chmod(0o755)
+        _atomic(script, final_command_script(data), mode=0o755)
     if data.get("continue_command"):
         script = run_dir / "continue-command.sh"
-        _atomic(script, final_command_script(data, continue_run=True))
-        script.chmod(0o755)
+        _atomic(script, final_command_script(data, continue_run=True), mode=0o755)
     return data
 
 
@@ -737,7 +737,9 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def _atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
+    # Whole or not at all: `report` after a full disk finds the last good file, never half.
+    write_file(path, text, mode=mode, then=_REWRITE.format(run_dir=path.parent))
+
+
+_REWRITE = "then `oom-supervisor report {run_dir}` writes the report again"

@@ -16,6 +16,7 @@ from supervisor.dialects import Dialect
 from supervisor.events import RunConfig
 from supervisor.knobs import Knobs, Reading
 from supervisor.policy import Ladder
+from supervisor.program import recorded_help
 from supervisor.secrets import Redactor, is_secret_name
 
 MARKER_ENV = "OOM_SUPERVISOR_ATTEMPT"
@@ -94,6 +95,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
         rewritable=tuple(sorted(reading.rewritable)) if reading is not None else None,
         refused=tuple(sorted(reading.refused)) if reading is not None else (),
         program_help=reading.program if reading is not None else None,
+        program_help_text=recorded_help(command),
     )
 
 

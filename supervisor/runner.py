@@ -36,7 +36,7 @@ from typing import IO, Protocol
 import psutil
 import structlog
 
-from supervisor import _wrap
+from supervisor import _wrap, echo
 from supervisor.classify import Outcome, is_oom_line
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
@@ -312,19 +312,18 @@ class _Sink:
             return
         self.budget -= lines
         self._note_dropped()
-        with contextlib.suppress(OSError, ValueError):
-            self.consoles[stream].write(chunk)
-            self.consoles[stream].flush()
+        # Queued, never written here: a console that stops reading must not block the follower
+        # (and through the shim's pipe, the trainer). What does not fit is dropped and counted.
+        self.consoles[stream].put(chunk)
 
     def _note_dropped(self) -> None:
-        if not self.not_echoed:
-            return
-        note = (f"[oom-supervisor: {self.not_echoed} line(s) of output not echoed (faster than "
-                f"{ECHO_LINES_PER_S} lines/s); the attempt's logs have them]\n")
-        self.not_echoed = 0
-        with contextlib.suppress(OSError, ValueError):
-            self.consoles[1].write(note.encode())
-            self.consoles[1].flush()
+        if self.not_echoed:
+            note = (f"[oom-supervisor: {self.not_echoed} line(s) of output not echoed (faster "
+                    f"than {ECHO_LINES_PER_S} lines/s); the attempt's logs have them]\n")
+            self.not_echoed = 0
+            self.consoles[1].put(note.encode())
+        if self.abandon:  # the attempt is over: let a console that reads show its end (bounded)
+            echo.flush_all()
 
 
 def _frame(raw: bytes) -> str:
@@ -748,18 +747,10 @@ def _is_running(proc: psutil.Process) -> bool:
         return False
 
 
-class _Discard:
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        return None
-
-
-def _console(stream: IO[str]) -> IO[bytes]:
-    # pytest's capture and some IDEs give a text stream with no byte buffer under it.
-    buffer = getattr(stream, "buffer", None)
-    return buffer if buffer is not None else _Discard()  # type: ignore[return-value]
+def _console(stream: IO[str]) -> echo.Echo:
+    # A terminal's writer thread; pytest's capture (bytes in memory) is written at once, and an
+    # IDE's text stream with no byte buffer under it gets nothing.
+    return echo.console_for(stream)
 
 
 def kernel_oom_kills() -> int:

@@ -19,6 +19,7 @@ folder keeps the redacted copy, and final-command.sh fills it from the environme
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,14 +30,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.files import write_failed, write_file
+
 _SECRET_NAME = re.compile(
     r"(?i)(token|secret|passw(?:or)?d|passwd|api[_-]?key|access[_-]?key|private[_-]?key|"
-    r"credential|auth|_key$|^key$)")
+    r"credential|auth|_key$|^key$|(?:^|[_-])pass(?:$|[_-])|(?:^|[_-])pwd$|passphrase)")
 # Names that look secret but carry none (tokenizer settings are the common false alarm).
 _NOT_SECRET = re.compile(r"(?i)^(tokenizer\w*|max_tokens?|\w*_tokens?_\w*|pad_token\w*|"
                          r"\w*token_id|add_special_tokens|use_fast_tokenizer|\w*_token_len\w*|"
                          r"split_special_tokens|new_special_tokens|num_\w+|max_new_tokens|"
-                         r"keys?_\w+|monkey\w*|hub_private_repo|ssh_auth_sock)$")
+                         r"keys?_\w+|monkey\w*|hub_private_repo|ssh_auth_sock|pwd|oldpwd)$")
+"""(`PWD`/`OLDPWD` are the shell's working directories; `MYSQL_PWD`, `DB_PASS` are secrets.)"""
 _PLACEHOLDER = re.compile(r"<redacted:([A-Za-z_][A-Za-z0-9_]*)>")
 _MIN_SECRET_LEN = 4
 _NOT_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "none", "null", "nil",
@@ -101,7 +105,7 @@ def redact_shapes(text: str) -> str:
 # argv or config files, whose secrets final-command.sh must be able to read back by name.
 # Searched for with str.find (C speed), never with a regex over the whole output: a name that
 # holds one of these, then `=`/`:` and a value, is a candidate.
-_PRINTED_WORDS = ("token", "secret", "passw", "passphrase", "pwd", "key", "auth", "credential")
+_PRINTED_WORDS = ("token", "secret", "pass", "pwd", "key", "auth", "credential")
 _PRINTED_HINTS = (*(w.encode() for w in _PRINTED_WORDS), b"bearer", b"basic")
 _NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 _AFTER_NAME = re.compile(r"""(["']?)(\s*[=:]\s*)(["']?)([^\s"'`,;&<>(){}\[\]|]{8,})""")
@@ -109,7 +113,12 @@ _BEARER = re.compile(r"(?i)\b(Bearer|Basic)(\s+)([A-Za-z0-9._~+/=-]{8,})")
 _NUMBER = re.compile(r"[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?%?")
 _NAME_PARTS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _SECRET_PARTS = frozenset({"token", "secret", "password", "passwd", "pwd", "passphrase",
-                           "apikey", "credential", "credentials", "auth"})
+                           "apikey", "credential", "credentials", "auth", "pass", "pw"})
+# A password may be printed after its name with only a space (`DB_PASS s3cr3t!`, `connecting
+# with password Hunter2x`): taken for one when it does not read as a plain lower-case word.
+_PASSWORD_PARTS = frozenset({"password", "passwd", "pwd", "passphrase", "pass", "pw"})
+_AFTER_SPACE = re.compile(r"""([ \t]+)([^\s"'`,;&<>(){}\[\]|]{6,})""")
+_PLAIN_WORD = re.compile(r"[a-z]+[.:]?")
 # Parts that make a "token" a count, a length or a tokenizer setting, never a credential.
 _COUNTING_PARTS = frozenset({"id", "ids", "len", "length", "count", "num", "max", "min", "type",
                              "types", "budget", "limit", "per", "eos", "bos", "pad", "unk",
@@ -125,6 +134,10 @@ def _printed_secret(name: str, value: str) -> bool:
         return False
     named = bool(_SECRET_PARTS.intersection(parts)) or parts[-1] == "key"
     return named and not ("token" in parts and _COUNTING_PARTS.intersection(parts))
+
+
+def _is_password_name(name: str) -> bool:
+    return bool(_PASSWORD_PARTS.intersection(p.lower() for p in _NAME_PARTS.findall(name)))
 
 
 def redact_printed(text: str) -> str:
@@ -146,13 +159,18 @@ def redact_printed(text: str) -> str:
             at = lower.find(word, end)
     cuts: list[tuple[int, int, str]] = []
     for start, end in sorted(names):
+        name = text[start:end]
         after = _AFTER_NAME.match(text, end)
         if after is None:
+            spaced = _AFTER_SPACE.match(text, end)
+            if (spaced is not None and _is_password_name(name)
+                    and not _PLAIN_WORD.fullmatch(spaced.group(2))
+                    and _printed_secret(name, spaced.group(2))):
+                cuts.append((spaced.start(2), spaced.end(2), placeholder(name)))
             continue
         quote, _sep, _vquote, value = after.groups()
         if quote and (not start or text[start - 1] != quote):
             continue  # `name"=...`: the quote after the name must close one before it
-        name = text[start:end]
         if _printed_secret(name, value):
             cuts.append((after.start(4), after.end(4), placeholder(name)))
     if not cuts:
@@ -352,14 +370,27 @@ def private_copy(public: Path, text: str) -> Path:
     root = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
     digest = hashlib.sha256(str(public.resolve()).encode()).hexdigest()[:16]
     folder = root / f"oom-supervisor-{os.getuid()}" / digest
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.parent.chmod(0o700)
     target = folder / public.name
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    _PUBLIC_OF[str(target)] = str(public.resolve())
+    _PUBLIC_OF[str(target)] = str(public.resolve())  # removed with the others at the run's end
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.parent.chmod(0o700)
+        write_file(target, text, mode=0o600)
+    except OSError as exc:
+        raise write_failed(target, exc) from None
     return target
+
+
+def remove_private_copies() -> None:
+    """Delete the private config copies this process wrote (the run has ended) and their folders."""
+    for private in list(_PUBLIC_OF):
+        path = Path(private)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        for folder in (path.parent, path.parent.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: another run's copies stay
+        del _PUBLIC_OF[private]
 
 
 def _private_to_public(text: str) -> str:

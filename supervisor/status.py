@@ -13,6 +13,7 @@ from pathlib import Path
 
 from supervisor import report
 from supervisor.journal import JOURNAL, holder, load
+from supervisor.text import printable
 
 
 class StatusError(ValueError):
@@ -100,7 +101,7 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
                     f"report: {run_dir / 'report.md'}"]
     if torn is not None:
         out += ["", "note: the journal's last line is torn (the supervisor died mid-write)"]
-    return "\n".join(out)
+    return printable("\n".join(out))  # the trainer's lines: no escape reaches the terminal
 
 
 def watch(run_dir: Path, *, every_s: float = 2.0, lines: int = 5,

@@ -19,8 +19,10 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from supervisor.command import Command, CommandError
+from supervisor.files import write_failed, write_file
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.secrets import private_copy, redact_config
+from supervisor.text import bounded
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1", "on"})
 _FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
@@ -43,7 +45,7 @@ def decode(key: Key, name: str, value: object, where: str) -> Any:  # noqa: ANN4
     if key.codec == "bool":
         flag = _bool(value)
         if flag is None:
-            msg = f"{where}: {name}: {value!r} is not a boolean; use true or false"
+            msg = f"{where}: {name}: {bounded(value)} is not a boolean; use true or false"
             raise CommandError(msg)
         return (not flag) if key.inverted else flag
     if value is None:
@@ -51,7 +53,7 @@ def decode(key: Key, name: str, value: object, where: str) -> Any:  # noqa: ANN4
     if key.codec in ("int", "steps"):
         number = _int(value)
         if number is None:
-            msg = f"{where}: {name}: {value!r} is not a whole number; give e.g. `{name}: 4`"
+            msg = f"{where}: {name}: {bounded(value)} is not a whole number; give e.g. `{name}: 4`"
             raise CommandError(msg)
         return None if key.codec == "steps" and number < 0 else number
     if key.codec == "finetuning_type":
@@ -59,7 +61,7 @@ def decode(key: Key, name: str, value: object, where: str) -> Any:  # noqa: ANN4
             return FinetuningType(str(value))
         except ValueError:
             valid = ", ".join(t.value for t in FinetuningType)
-            msg = (f"{where}: {name}: {value!r} is not a finetuning type this tool can step "
+            msg = (f"{where}: {name}: {bounded(value)} is not a finetuning type this tool can step "
                    f"down from; valid: {valid}")
             raise CommandError(msg) from None
     return str(value)
@@ -253,10 +255,13 @@ class ConfigFile:
         outside the run folder, whose path is returned for the command to read (none is
         written when `private` is false, e.g. for final.yaml).
         """
-        target.parent.mkdir(parents=True, exist_ok=True)
         text = self.render(changes)
         shown = redact_config(text, json_text=self.yaml is None)
-        target.write_text(shown, encoding="utf-8")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failed(target, exc) from None
+        write_file(target, shown)
         if shown == text or not private:
             return target
         return private_copy(target, text)

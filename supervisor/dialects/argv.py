@@ -30,7 +30,14 @@ from supervisor.dialects._read import (
     world_source,
 )
 from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs, Reading, Source
-from supervisor.program import HelpProbe, Option, ProgramHelp, read_help, run_help
+from supervisor.program import (
+    HelpProbe,
+    Option,
+    ProgramHelp,
+    probe_note,
+    read_help,
+    run_help,
+)
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "0"})
@@ -224,7 +231,7 @@ class ArgvDialect:
             values.set("per_device_batch", 8, Source.ASSUMED)
         _derive(command, scan, values)
         read_env_knobs(command, values)
-        return values.reading(rewritable=self._rewritable(scan), program=_said(scan),
+        return values.reading(rewritable=self._rewritable(scan), program=_said(scan, command),
                               refused=_refused(scan) | module_refusals(command))
 
     def accepts(self, command: Command, knob: str) -> bool:
@@ -421,8 +428,8 @@ def _hygiene_applies(scan: _Scan) -> bool:
     return scan.help is None or scan.help.accepts("--overwrite_output_dir")
 
 
-def _said(scan: _Scan) -> str | None:
-    return scan.help.describe() if scan.help is not None else None
+def _said(scan: _Scan, command: Command) -> str | None:
+    return scan.help.describe() if scan.help is not None else probe_note(command)
 
 
 def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]:

@@ -54,6 +54,7 @@ from supervisor.dialects._read import (
     with_env_knobs,
     world_source,
 )
+from supervisor.files import write_file
 from supervisor.knobs import FinetuningType, Knobs, Reading, Source
 from supervisor.secrets import redact_config
 
@@ -209,7 +210,7 @@ class LlamaFactoryDialect:
             text = (f"# The working config found by oom-supervisor (run {run_dir.name}).\n"
                     f"# Run it from {command.cwd or 'the original directory'}: "
                     f"llamafactory-cli train {target}\n{text}")
-        target.write_text(text, encoding="utf-8")
+        write_file(target, text)  # whole or not at all; WriteFailedError says what to do
         written = [target]
         ds = values.get("deepspeed")
         if isinstance(ds, str) and Path(ds).parent == run_dir:

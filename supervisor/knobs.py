@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -162,6 +162,20 @@ class Source(StrEnum):
     """Nothing confirmed it: a guess, shown as assumed wherever a person reads it."""
 
 
+def can_set(rewritable: Collection[str], refused: Collection[tuple[str, str]], knob: str,
+            value: object = None) -> bool:
+    """The one skip predicate: may a rung set `knob` (to `value`, if given) in this command?
+
+    `rewritable` are the knobs the program takes a flag or key for; `refused` the (knob,
+    value) pairs it cannot take all the same (a value needing a module its Python cannot
+    import, a method it lacks). `run` (RunConfig.can_set) and `plan` (Reading.can_set) both
+    ask this, so they walk the same rungs.
+    """
+    if knob not in rewritable:
+        return False
+    return value is None or (knob, str(_plain(value))) not in refused
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reading:
     """What a dialect read from a command: the knobs, where each came from, what it can set."""
@@ -188,9 +202,7 @@ class Reading:
 
     def can_set(self, knob: str, value: object = None) -> bool:
         """True when a rung may set `knob` (to `value`, if given) in this program's command."""
-        if knob not in self.rewritable:
-            return False
-        return value is None or (knob, str(_plain(value))) not in self.refused
+        return can_set(self.rewritable, self.refused, knob, value)
 
     def assumed(self) -> tuple[str, ...]:
         """Knobs whose value nothing confirmed, in field order."""

@@ -49,11 +49,10 @@ def lattice() -> list[tuple[Knobs, str | None]]:
     out: list[tuple[Knobs, str | None]] = []
     for method in (FinetuningType.FULL, FinetuningType.LORA):
         for ckpt in (False, True):
-            for batch in (8, 4, 2, 1):
-                out.append((dataclasses.replace(LATTICE_START, finetuning_type=method,
-                                                gradient_checkpointing=ckpt,
-                                                per_device_batch=batch, grad_accum=8 // batch),
-                            "grid"))
+            out.extend((dataclasses.replace(LATTICE_START, finetuning_type=method,
+                                            gradient_checkpointing=ckpt,
+                                            per_device_batch=batch, grad_accum=8 // batch),
+                        "grid") for batch in (8, 4, 2, 1))
             out.append((dataclasses.replace(LATTICE_START, finetuning_type=method,
                                             gradient_checkpointing=ckpt, per_device_batch=1,
                                             grad_accum=8, cutoff_len=256), "grid"))

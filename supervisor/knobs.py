@@ -12,15 +12,44 @@ from supervisor._compat import StrEnum
 
 
 class Precision(StrEnum):
-    """How training holds numbers: fp32, autocast with fp32 master weights (-mixed), or pure."""
+    """How training holds numbers: fp32, autocast (-mixed) over fp32 or half weights, or pure.
+
+    `precision_dtypes` says which dtype each part is held in.
+    """
 
     FP32 = "fp32"
     BF16_MIXED = "bf16-mixed"
-    """Autocast in bf16, fp32 master weights: HF `--bf16`, LLaMA-Factory `bf16: true`."""
+    """Autocast in bf16 over fp32 weights, frozen and trainable alike: a Hugging Face
+    TrainingArguments script's `--bf16` (the model stays in the dtype it was loaded in)."""
     FP16_MIXED = "fp16-mixed"
+    BF16_BASE_MIXED = "bf16-base-mixed"
+    """The model loaded in bf16, its trainable parameters upcast to fp32, autocast in bf16:
+    LLaMA-Factory's `bf16: true` (compute_dtype is the load dtype; frozen weights stay bf16)."""
+    FP16_BASE_MIXED = "fp16-base-mixed"
     BF16 = "bf16"
-    """Pure bf16 weights and optimizer state: LLaMA-Factory `pure_bf16: true`."""
+    """Pure bf16 weights and optimizer state: LLaMA-Factory `pure_bf16: true`, `--dtype bf16`."""
     FP16 = "fp16"
+
+
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+
+
+def precision_dtypes(precision: str | None) -> tuple[str, str, str]:
+    """(frozen weights, trainable weights with their gradients and AdamW state, compute).
+
+    Each is "fp32", "bf16" or "fp16"; None (not said) counts as fp32. The estimator and its
+    child both size memory from this, so the two agree on what each precision means.
+    """
+    text = str(precision or "fp32").lower()
+    half = _DTYPE_NAMES.get(text.split("-", 1)[0], "fp32")
+    if half == "fp32":
+        return ("fp32", "fp32", "fp32")
+    if text.endswith("-base-mixed"):
+        return (half, "fp32", half)
+    if text.endswith("-mixed"):
+        return ("fp32", "fp32", half)
+    return (half, half, half)
 
 
 class FinetuningType(StrEnum):

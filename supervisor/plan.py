@@ -262,10 +262,9 @@ def _skip_lines(ladder: Ladder, reasons: Sequence[str]) -> tuple[str, ...]:
         rung = next((r for r in ladder.rungs if r.name == name), None)
         if rung is None or reason.endswith("that config was already tried"):
             continue
-        if rung.when == "fragmented":
-            reason = (f"{name}: taken only after an OOM whose own figures show fragmentation "
-                      "(CUDA's reserved-but-unallocated memory); a prediction cannot say")
-        out.setdefault(name, reason)
+        out.setdefault(name, reason if rung.when != "fragmented" else (
+            f"{name}: taken only after an OOM whose own figures show fragmentation "
+            "(CUDA's reserved-but-unallocated memory); a prediction cannot say"))
     return tuple(out.values())
 
 

@@ -76,8 +76,8 @@ def test_plan_walks_only_what_run_can_take_and_says_what_it_skips() -> None:
                for r in plan.rows)
     assert plan.walk_end == "the ladder is spent after 30 configs"
     assert plan.skipped[1:] == (
-        "8bit-optimizer: optimizer=paged_adamw_8bit needs bitsandbytes, which the command's "
-        "Python cannot import",
+        ("8bit-optimizer: optimizer=paged_adamw_8bit needs bitsandbytes, which the command's "
+         "Python cannot import"),
         "qlora: quantization_bit=4 needs bitsandbytes, which the command's Python cannot import")
     words = " ".join(render(plan).split())
     assert "skipped, as `run` would skip them: - expandable-segments: taken only after" in words

@@ -71,8 +71,9 @@ def test_default_ladder_whole_walk_keeps_effective_batch() -> None:
     assert gc_step.note == "tried before shorter-cutoff, which costs quality"
     assert gc_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2))
     lora_step = next(s for s in steps if s.rung == "lora")
-    assert lora_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
-                                  ("cutoff_len", 256, 1024), ("gradient_checkpointing", True, False))
+    assert lora_step.restored == (
+        ("per_device_batch", 1, 4), ("grad_accum", 8, 2), ("cutoff_len", 256, 1024),
+        ("gradient_checkpointing", True, False))
     assert give_up.spent == (
         "expandable-segments: not tried",
         "smaller-batch: per_device_batch at 1 (floor 1)",

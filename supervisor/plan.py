@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 from supervisor.policy import Attempt, CanSet, Cost, GiveUp, Ladder, Step, blocked, next_step
 
 DEFAULT_MARGIN = 0.10
@@ -390,6 +390,7 @@ def render(plan: Plan) -> str:
         out += _wrap("skipped, as `run` would skip them:")
         for line in plan.skipped:
             out += _wrap(line, "  - ", "    ")
+    out += _render_breakdown(plan)
     out += _render_levers(plan)
     notes = list(plan.assumptions) + list(dict.fromkeys(
         a for r in plan.rows if r.prediction is not None for a in r.prediction.assumptions))
@@ -405,8 +406,9 @@ def render(plan: Plan) -> str:
                      ", traced under FakeTensorMode"))
     seeds = {str(r.knobs.finetuning_type): r.seed_mib for r in plan.rows
              if r.seed_mib is not None}
-    out += _wrap("seed rule: the seed article's rule of thumb (shared/seed), parameters x 20 B "
-                 "(full), x 10 (LoRA), x 6 (freeze), whatever the batch and cutoff"
+    out += _wrap("seed rule: the seed article's rule of thumb (shared/seed), not a prediction: "
+                 "parameters x 20 B (full), x 10 (LoRA), x 6 (freeze), whatever the batch, "
+                 "cutoff and precision"
                  + (": " + ", ".join(f"{k} {_mib(v)}" for k, v in seeds.items())
                     if seeds else ""))
     return "\n".join(out) + "\n"
@@ -418,6 +420,34 @@ _RUNG_WIDTH = 14
 def _rung(name: str | None) -> str:
     name = (name or "(start)").removeprefix("gradient-")
     return name if len(name) <= _RUNG_WIDTH else name[:_RUNG_WIDTH - 1] + "~"
+
+
+def _render_breakdown(plan: Plan) -> list[str]:
+    """The start row's predicted peak by part, each with the dtype the program holds it in."""
+    row = plan.rows[0] if plan.rows else None
+    if row is None or row.prediction is None:
+        return []
+    parts = row.prediction.breakdown
+    knobs = row.knobs
+    frozen, trainable, compute = precision_dtypes(knobs.precision)
+    said = "" if knobs.precision is not None else ", assumed"
+    if knobs.quantization_bit is not None:
+        frozen = f"{knobs.quantization_bit}-bit"
+    held = (f"{trainable}{said}" if knobs.finetuning_type is FinetuningType.FULL
+            else f"trainable {trainable}, frozen {frozen}{said}")
+    moments = "8-bit" if "8bit" in (knobs.optimizer or "") else f"{trainable}{said}"
+    shown = [(name, parts.get(key), dtype) for name, key, dtype in (
+        ("weights", "weights_mib", held),
+        ("gradients", "gradients_mib", f"{trainable}{said}"),
+        ("optimizer state", "optimizer_mib", f"AdamW moments, {moments}"),
+        ("activations and temporaries", "activations_and_temporaries_mib",
+         f"computed in {compute}{said}"))]
+    if any(value is None for _, value, _ in shown):
+        return []
+    text = ", ".join(f"{name} {_mib(float(str(value)))} ({dtype})" for name, value, dtype in shown)
+    phase = parts.get("peak_phase")
+    return ["", *_wrap(f"start (#1), {_mib(row.prediction.peak_mib)}"
+                       + (f" at the {phase} peak" if phase else "") + f": {text}")]
 
 
 def _render_levers(plan: Plan) -> list[str]:

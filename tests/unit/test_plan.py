@@ -237,8 +237,9 @@ def test_next_runnable_gives_up_when_everything_is_predicted_over() -> None:
 def test_skipping_on_predictions_reaches_the_fit_in_fewer_attempts() -> None:
     """Tiny, full b8 x 1024 on a 70 MiB device, every attempt's peak as really measured.
 
-    Without predictions the ladder runs 11 configs that OOM before LoRA b1 x 512 fits; with
-    the analytic estimate it skips them and its first attempt fits.
+    Without predictions the ladder runs 18 configs that OOM before LoRA + checkpointing
+    b1 x 512 fits (docs/ladder.md lists them: checkpointing restores the batch, LoRA starts
+    without it); with the analytic estimate it skips them and its first attempt fits.
     """
     record = json.loads((PEAKS / "tiny.json").read_text(encoding="utf-8"))
     measured = {_memory(Knobs.from_dict({k: r["knobs"][k] for k in KEYS})): r["peak_live_mib"]
@@ -271,9 +272,10 @@ def test_skipping_on_predictions_reaches_the_fit_in_fewer_attempts() -> None:
 
     without, fitted = attempts(skipping=False)
     with_estimate, fitted_too = attempts(skipping=True)
-    assert (without, with_estimate) == (12, 1)
+    assert (without, with_estimate) == (19, 1)
     assert fitted == fitted_too
-    assert (fitted.finetuning_type, fitted.cutoff_len) == (FinetuningType.LORA, 512)
+    assert (fitted.finetuning_type, fitted.cutoff_len, fitted.gradient_checkpointing) == (
+        FinetuningType.LORA, 512, True)
 
 
 KEYS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
@@ -283,3 +285,25 @@ PEAKS = Path(__file__).parent.parent / "data" / "peaks"
 
 def _memory(knobs: Knobs) -> tuple[object, ...]:
     return tuple(getattr(knobs, k) for k in KEYS)
+
+
+def test_plan_breaks_the_start_down_with_the_dtype_of_each_part() -> None:
+    """The start row by part, each in the dtype the program holds it in: LoRA under a Hugging
+    Face --bf16 keeps its frozen base fp32 and computes in bf16; an unsaid precision is shown
+    as assumed fp32."""
+    spec = ModelSpec.named("tiny")
+
+    def predict(configs: Sequence[Knobs]) -> list[Prediction | None]:
+        return list(estimate_many(spec, configs, method="analytic"))
+
+    lora = Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-mixed",
+                 finetuning_type=FinetuningType.LORA)
+    words = " ".join(render(build(lora, resolve("default"), spec, 70, predict=predict,
+                                  can_set=without_bnb)).split())
+    assert "start (#1), " in words
+    assert "(trainable fp32, frozen fp32), gradients " in words
+    assert "(computed in bf16)" in words
+    words = " ".join(render(build(DEMO, resolve("default"), spec, 70, predict=predict,
+                                  can_set=without_bnb)).split())
+    assert "gradients 20 MiB (fp32, assumed)" in words
+    assert "rule of thumb (shared/seed), not a prediction" in words

@@ -1,10 +1,21 @@
 """Measure the reference trainer's peak live MiB for every config of the default ladder's walk.
 
 Usage: .venv/bin/python scripts/measure_peaks.py {tiny|small} OUT.json
+       .venv/bin/python scripts/measure_peaks.py --lattice {tiny|small} OUT.json
+       .venv/bin/python scripts/measure_peaks.py --fill {tiny|small} RECORD.json
 
 Runs `python -m supervisor.reference_trainer` once per config (CPU, OMP_NUM_THREADS=1,
 --max_steps 2, no budget: the live-bytes tracker only measures) and writes what each result
 line says. tests/data/peaks/README.md names the runs recorded with it.
+
+`--lattice` measures a grid instead of one walk, from the scenario suite's start (full
+fine-tuning, batch 8, cutoff 512): for full and LoRA r8, checkpointing off and on, every batch
+of the halving (8x1, 4x2, 2x4, 1x8) at cutoff 512, and 1x8 at cutoff 256; then a few configs
+with --bf16 (mixed precision over fp32 weights) for the estimator's precision check.
+
+`--fill` measures the configs of today's walk (the reference trainer's own command read as
+`run` reads it: no 8-bit optimizer or 4-bit base without bitsandbytes) that RECORD.json
+lacks, and appends them to it, each row marked with the date it was measured.
 """
 
 # A script: its output is the progress it prints.
@@ -12,6 +23,7 @@ line says. tests/data/peaks/README.md names the runs recorded with it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -21,12 +33,54 @@ import tempfile
 import time
 from pathlib import Path
 
-from supervisor.knobs import Knobs
+from supervisor.knobs import FinetuningType, Knobs
 from supervisor.plan import walk
 from supervisor.policy import resolve
 
 START = Knobs(per_device_batch=8, grad_accum=1, cutoff_len=1024)
 """The demo's ambitious start: full fine-tuning, batch 8 x 1024 tokens."""
+
+LATTICE_START = Knobs(per_device_batch=8, grad_accum=1, cutoff_len=512)
+"""The scenario suite's start (benchmarks/scenarios.py): full fine-tuning, batch 8 x 512."""
+
+
+def lattice() -> list[tuple[Knobs, str | None]]:
+    """The grid --lattice measures (the rung column says which part of the grid)."""
+    out: list[tuple[Knobs, str | None]] = []
+    for method in (FinetuningType.FULL, FinetuningType.LORA):
+        for ckpt in (False, True):
+            out.extend((dataclasses.replace(LATTICE_START, finetuning_type=method,
+                                            gradient_checkpointing=ckpt,
+                                            per_device_batch=batch, grad_accum=8 // batch),
+                        "grid") for batch in (8, 4, 2, 1))
+            out.append((dataclasses.replace(LATTICE_START, finetuning_type=method,
+                                            gradient_checkpointing=ckpt, per_device_batch=1,
+                                            grad_accum=8, cutoff_len=256), "grid"))
+    for method, ckpt, batch in ((FinetuningType.FULL, False, 1), (FinetuningType.FULL, True, 2),
+                                (FinetuningType.LORA, False, 1), (FinetuningType.LORA, True, 2)):
+        out.append((dataclasses.replace(LATTICE_START, finetuning_type=method,
+                                        gradient_checkpointing=ckpt, per_device_batch=batch,
+                                        grad_accum=8 // batch, precision="bf16-mixed"),
+                    "bf16"))
+    return out
+
+
+def walked(model: str) -> list[tuple[Knobs, str | None]]:
+    """Today's walk from START, with the reference trainer's own skip predicate (as `run`)."""
+    from supervisor.command import Command  # noqa: PLC0415
+    from supervisor.dialects import detect  # noqa: PLC0415
+    command = Command(argv=(sys.executable, "-m", "supervisor.reference_trainer",
+                            *flags(model, START, "TMP")), cwd=str(Path.cwd()))
+    reading = detect(command).read_sourced(command)
+    return walk(START, resolve("default"), can_set=reading.can_set)
+
+
+_MEMORY_KNOBS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
+                 "finetuning_type", "lora_rank", "freeze_trainable_layers", "precision")
+
+
+def _key(data: dict[str, object]) -> tuple[object, ...]:
+    return tuple(data.get(k) for k in _MEMORY_KNOBS)
 
 
 def flags(model: str, knobs: Knobs, out: str) -> list[str]:
@@ -40,17 +94,27 @@ def flags(model: str, knobs: Knobs, out: str) -> list[str]:
             "--freeze_trainable_layers", str(knobs.freeze_trainable_layers)]
     if knobs.gradient_checkpointing:
         argv.append("--gradient_checkpointing")
+    if knobs.precision == "bf16-mixed":
+        argv.append("--bf16")
     return argv
 
 
 def main() -> int:
-    model, out_path = sys.argv[1], Path(sys.argv[2])
-    import peft  # noqa: PLC0415 - only for the versions recorded
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    args = sys.argv[1:]
+    grid = args[:1] == ["--lattice"]
+    fill = args[:1] == ["--fill"]
+    model, out_path = (args[1:] if grid or fill else args)[:2]
+    out_path = Path(out_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    rows = []
-    for knobs, rung in walk(START, resolve("default")):
+    rows: list[dict[str, object]] = []
+    todo = lattice() if grid else walked(model)
+    if fill:
+        kept = json.loads(out_path.read_text(encoding="utf-8"))
+        rows = kept["rows"]
+        have = {_key(r["knobs"]) for r in rows}
+        todo = [(k, r) for k, r in todo if _key(k.to_dict()) not in have]
+        print(f"{len(todo)} configs of today's walk are not in {out_path}", flush=True)
+    for knobs, rung in todo:
         with tempfile.TemporaryDirectory() as tmp:
             argv = [sys.executable, "-m", "supervisor.reference_trainer",
                     *flags(model, knobs, tmp)]
@@ -67,13 +131,27 @@ def main() -> int:
                      "argv": ["python", "-m", "supervisor.reference_trainer",
                               *flags(model, knobs, "TMP")],
                      "peak_live_mib": result["peak_live_mib"],
-                     "max_rss_mib": result["max_rss_mib"], "wall_s": round(wall, 1)})
+                     "max_rss_mib": result["max_rss_mib"], "wall_s": round(wall, 1),
+                     **({"recorded": time.strftime("%Y-%m-%d", time.gmtime())} if fill else {})})
         print(f"{len(rows):2d} {rung or '(start)':24s} b{knobs.per_device_batch}xGA"
               f"{knobs.grad_accum} L{knobs.cutoff_len} gc={knobs.gradient_checkpointing} "
-              f"{knobs.finetuning_type}: {result['peak_live_mib']} MiB, {wall:.1f} s",
-              flush=True)
-    record = {
-        "model": model, "start": START.to_dict(), "policy": "default",
+              f"{knobs.finetuning_type} {knobs.precision or 'fp32'}: "
+              f"{result['peak_live_mib']} MiB, {wall:.1f} s", flush=True)
+        # Written after every row: a long measurement keeps what it measured.
+        record = _record(model, grid, rows)
+        if fill:
+            record = {**kept, "rows": rows}
+        out_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def _record(model: str, grid: bool, rows: list[dict[str, object]]) -> dict[str, object]:  # noqa: FBT001
+    import peft  # noqa: PLC0415 - only for the versions recorded
+    import torch  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+    return {
+        "model": model, "start": (LATTICE_START if grid else START).to_dict(),
+        "policy": "lattice" if grid else "default",
         "recorded": time.strftime("%Y-%m-%d", time.gmtime()),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "peft": peft.__version__,
@@ -81,8 +159,6 @@ def main() -> int:
                         "OMP_NUM_THREADS": "1"},
         "rows": rows,
     }
-    out_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    return 0
 
 
 if __name__ == "__main__":

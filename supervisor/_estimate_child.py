@@ -38,6 +38,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from supervisor._sim import LiveBytesBudget
+from supervisor.knobs import precision_dtypes
 
 RESULT_PREFIX = "estimate.result"
 _MIB = 2**20
@@ -165,9 +166,11 @@ def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
         msg = "cutoff_len unknown: the sequence length decides the activations"
         raise ValueError(msg)
     micro_batches = min(int(knobs.get("grad_accum") or 1), 2)
-    precision = str(knobs.get("precision") or "fp32").lower()
-    mixed = precision.endswith("-mixed")
-    dtype = _DTYPES.get(precision.removesuffix("-mixed"), torch.float32)
+    # Each part in the dtype the program holds it in (supervisor.knobs.precision_dtypes):
+    # the model built in its load dtype, trainable parameters upcast where the program does
+    # (LLaMA-Factory's bf16), autocast where compute differs from the trainable weights.
+    frozen, trainable_dtype, compute = precision_dtypes(knobs.get("precision"))
+    dtype = _DTYPES[frozen]
     # On CUDA AdamW and clipping use the foreach kernels (fake tensors would not pick them).
     foreach = device == "cuda"
     started = time.perf_counter()
@@ -177,13 +180,10 @@ def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         live.params = params
-        if mixed:
-            # LLaMA-Factory's default under bf16/fp16: the model loads in half precision and
-            # the trainable parameters (and so gradients and AdamW state) are cast to fp32;
-            # the Trainer computes under autocast.
+        if trainable_dtype != frozen:
             for p in params:
-                p.data = p.data.float()
-        autocast = (torch.autocast("cpu", dtype=dtype) if mixed and dtype != torch.float32
+                p.data = p.data.to(_DTYPES[trainable_dtype])
+        autocast = (torch.autocast("cpu", dtype=_DTYPES[compute]) if compute != trainable_dtype
                     else contextlib.nullcontext())
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, foreach=foreach)
         vocab = int(config_values.get("vocab_size", 32000))

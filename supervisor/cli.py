@@ -580,8 +580,11 @@ def _plan(args: argparse.Namespace, command: Command) -> int:
     progress = _Progress(spec.name, python)
     estimator = Estimator(spec, method=args.method, device=_estimate_device(probe),
                           python=python, progress=progress)
+    # The walk `run` would take for this program: the same skip predicate (Reading.can_set,
+    # as RunConfig.can_set in the loop), so plan never recommends a config run cannot try.
     plan = build_plan(start, ladder, spec, device_mib, predict=estimator.predict_many,
-                      assumptions=(describe_reading(start, reading.sources), how))
+                      assumptions=(describe_reading(start, reading.sources), how),
+                      can_set=reading.can_set)
     progress.finish()
     print(render_plan(plan))  # noqa: T201
     return ExitCode.FITTED if plan.recommended is not None else ExitCode.EXHAUSTED
@@ -643,8 +646,9 @@ def _memory(args: argparse.Namespace, command: Command) -> Memory:
     if predictor is not None and args.policy:
         # One batch of child processes for the whole walk, rather than one per step.
         with contextlib.suppress(Exception):
-            start = _dialect(args, command).read(command)
-            predictor.predict_many([k for k, _ in walk_plan(start, resolve(args.policy))])
+            reading = _dialect(args, command).read_sourced(command)
+            predictor.predict_many([k for k, _ in walk_plan(reading.knobs, resolve(args.policy),
+                                                            can_set=reading.can_set)])
     return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe)
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from supervisor._compat import StrEnum
 from supervisor.classify import OomNumbers
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS, named_config
 
 _MIB = 2**20
@@ -279,8 +279,10 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     """Count the peak from the config's shape: the larger of the loss-backward and AdamW peaks.
 
     Assumes what the FakeTensor estimator traces: SDPA attention, no dropout, AdamW, the
-    loss computed in fp32; precision "bf16"/"fp16" trains everything in that precision,
-    "bf16-mixed"/"fp16-mixed" keeps the trainable parameters in fp32 under autocast.
+    loss computed in fp32. Each part is held in the dtype `precision_dtypes` gives: pure
+    "bf16"/"fp16" trains everything in that precision; "bf16-mixed" (a Hugging Face script's
+    --bf16) is autocast over fp32 weights, frozen and trainable; "bf16-base-mixed"
+    (LLaMA-Factory's bf16) loads the model in bf16 and upcasts only the trainable parameters.
     """
     shape = spec.shape()
     if shape is None:
@@ -290,11 +292,11 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     if knobs.cutoff_len is None:
         msg = "cutoff_len unknown: the sequence length decides the activations"
         raise EstimateError(msg)
-    precision = str(knobs.precision or "fp32").lower()
-    mixed = precision.endswith("-mixed")
-    w = _PRECISION_BYTES.get(precision.removesuffix("-mixed"), _FP32)
-    # Mixed: trainable parameters, their gradients and AdamW state in fp32, the rest in w.
-    tw = _FP32 if mixed else w
+    frozen_dtype, trainable_dtype, compute_dtype = precision_dtypes(knobs.precision)
+    fw = _PRECISION_BYTES[frozen_dtype]  # frozen weights
+    tw = _PRECISION_BYTES[trainable_dtype]  # trainable weights, their gradients, AdamW state
+    w = _PRECISION_BYTES[compute_dtype]  # activations (autocast computes in this)
+    mixed = w != tw
     h, i, v, n = shape.hidden, shape.intermediate, shape.vocab, shape.layers
     tokens = knobs.per_device_batch * knobs.cutoff_len
     total = shape.parameters
@@ -306,13 +308,21 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     else:
         trainable = total
     largest = max(v * h, h * i)  # the largest single parameter: embeddings or an MLP matrix
-    weights = (total - trainable) * w + trainable * tw
+    weights = (total - trainable) * fw + trainable * tw
     grads = trainable * tw
     states = 2 * trainable * tw  # AdamW: exp_avg and exp_avg_sq, in the parameters' dtype
     # Autocast keeps a half-precision copy of each trainable matrix it multiplies (not the
     # embeddings) from the forward pass until backward has used it.
     embeddings = v * h if knobs.finetuning_type is FinetuningType.FULL else 0
-    casts = (trainable - embeddings) * w if mixed and w != _FP32 else 0
+    casts = (trainable - embeddings) * w if mixed else 0
+    if mixed and fw != w and knobs.finetuning_type is not FinetuningType.FULL:
+        # Frozen fp32 matrices under autocast are cast again at every use; backward needs the
+        # copy of each one whose input needs a gradient (every layer's with LoRA, the head's),
+        # so the copies live until backward. With checkpointing only one layer's at a time.
+        layer_matrices = shape.layer_parameters - 2 * h  # its norms are not multiplied
+        copied_layers = (1 if knobs.gradient_checkpointing
+                         or knobs.finetuning_type is FinetuningType.FREEZE else n)
+        casts += (copied_layers * layer_matrices + v * h) * w
 
     # Saved activations, bytes per token of one decoder layer (SDPA, no dropout): each RMSNorm
     # keeps its fp32 input and its normalised output and hands the layer's projections their
@@ -628,7 +638,8 @@ def trace_knobs(knobs: Knobs) -> Knobs:
 
 
 def _half(precision: str) -> int:
-    return _PRECISION_BYTES.get(precision.removesuffix("-mixed"), _FP32)
+    """Bytes per value of the compute dtype (autocast's, or the weights' own when pure)."""
+    return _PRECISION_BYTES[precision_dtypes(precision)[2]]
 
 
 def adjusted(spec: ModelSpec, knobs: Knobs, base: Prediction) -> Prediction:
@@ -652,10 +663,17 @@ def adjusted(spec: ModelSpec, knobs: Knobs, base: Prediction) -> Prediction:
                          + ("(unknown width)" if q is None else "(the config's shape is unknown)"))
         else:
             linear = shape.layers * (shape.layer_parameters - 2 * shape.hidden)
-            saved = linear * (w - q) / _MIB
+            loaded = _PRECISION_BYTES[precision_dtypes(knobs.precision)[0]]  # as loaded
+            saved = linear * (loaded - q) / _MIB
             # Each quantised matmul dequantises its weight into the compute dtype, one at a time.
             dequant = max(shape.hidden * shape.intermediate, shape.hidden ** 2) * w / _MIB
-            phases = {p: v - saved + (dequant if p != "optimizer" else 0.0)
+            # Over fp32 weights the unquantised trace held autocast's copy of each frozen
+            # matrix for backward (every layer's, one with checkpointing); 4-bit ones keep none.
+            copies = 0.0
+            if loaded != w:
+                layers = 1 if knobs.gradient_checkpointing else shape.layers
+                copies = linear / shape.layers * layers * w / _MIB
+            phases = {p: v - saved + (dequant - copies if p != "optimizer" else 0.0)
                       for p, v in phases.items()}
             breakdown["weights_mib"] = round(float(breakdown.get("weights_mib", 0)) - saved, 2)
             notes.append(f"{knobs.quantization_bit}-bit base weights at {q:.2f} B/param "

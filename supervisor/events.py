@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from supervisor._compat import Self
 from supervisor.classify import OomKind, OomNumbers, Verdict, VerdictKind
-from supervisor.knobs import Knobs
+from supervisor.knobs import Knobs, can_set
 from supervisor.policy import Attempt
 
 SCHEMA_VERSION = 1
@@ -124,9 +124,7 @@ class RunConfig:
         """True when a rung may set `knob` (to `value`) in this program's command."""
         if self.rewritable is None:
             return True
-        if knob not in self.rewritable:
-            return False
-        return value is None or (knob, str(value)) not in self.refused
+        return can_set(self.rewritable, self.refused, knob, value)
 
     @property
     def walk_start(self) -> Knobs:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -12,15 +12,44 @@ from supervisor._compat import StrEnum
 
 
 class Precision(StrEnum):
-    """How training holds numbers: fp32, autocast with fp32 master weights (-mixed), or pure."""
+    """How training holds numbers: fp32, autocast (-mixed) over fp32 or half weights, or pure.
+
+    `precision_dtypes` says which dtype each part is held in.
+    """
 
     FP32 = "fp32"
     BF16_MIXED = "bf16-mixed"
-    """Autocast in bf16, fp32 master weights: HF `--bf16`, LLaMA-Factory `bf16: true`."""
+    """Autocast in bf16 over fp32 weights, frozen and trainable alike: a Hugging Face
+    TrainingArguments script's `--bf16` (the model stays in the dtype it was loaded in)."""
     FP16_MIXED = "fp16-mixed"
+    BF16_BASE_MIXED = "bf16-base-mixed"
+    """The model loaded in bf16, its trainable parameters upcast to fp32, autocast in bf16:
+    LLaMA-Factory's `bf16: true` (compute_dtype is the load dtype; frozen weights stay bf16)."""
+    FP16_BASE_MIXED = "fp16-base-mixed"
     BF16 = "bf16"
-    """Pure bf16 weights and optimizer state: LLaMA-Factory `pure_bf16: true`."""
+    """Pure bf16 weights and optimizer state: LLaMA-Factory `pure_bf16: true`, `--dtype bf16`."""
     FP16 = "fp16"
+
+
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+
+
+def precision_dtypes(precision: str | None) -> tuple[str, str, str]:
+    """(frozen weights, trainable weights with their gradients and AdamW state, compute).
+
+    Each is "fp32", "bf16" or "fp16"; None (not said) counts as fp32. The estimator and its
+    child both size memory from this, so the two agree on what each precision means.
+    """
+    text = str(precision or "fp32").lower()
+    half = _DTYPE_NAMES.get(text.split("-", 1)[0], "fp32")
+    if half == "fp32":
+        return ("fp32", "fp32", "fp32")
+    if text.endswith("-base-mixed"):
+        return (half, "fp32", half)
+    if text.endswith("-mixed"):
+        return ("fp32", "fp32", half)
+    return (half, half, half)
 
 
 class FinetuningType(StrEnum):
@@ -166,6 +195,20 @@ class Source(StrEnum):
     """Nothing confirmed it: a guess, shown as assumed wherever a person reads it."""
 
 
+def can_set(rewritable: Collection[str], refused: Collection[tuple[str, str]], knob: str,
+            value: object = None) -> bool:
+    """The one skip predicate: may a rung set `knob` (to `value`, if given) in this command?
+
+    `rewritable` are the knobs the program takes a flag or key for; `refused` the (knob,
+    value) pairs it cannot take all the same (a value needing a module its Python cannot
+    import, a method it lacks). `run` (RunConfig.can_set) and `plan` (Reading.can_set) both
+    ask this, so they walk the same rungs.
+    """
+    if knob not in rewritable:
+        return False
+    return value is None or (knob, str(_plain(value))) not in refused
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reading:
     """What a dialect read from a command: the knobs, where each came from, what it can set."""
@@ -192,9 +235,7 @@ class Reading:
 
     def can_set(self, knob: str, value: object = None) -> bool:
         """True when a rung may set `knob` (to `value`, if given) in this program's command."""
-        if knob not in self.rewritable:
-            return False
-        return value is None or (knob, str(_plain(value))) not in self.refused
+        return can_set(self.rewritable, self.refused, knob, value)
 
     def assumed(self) -> tuple[str, ...]:
         """Knobs whose value nothing confirmed, in field order."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
-from supervisor.knobs import FinetuningType, Knobs
-from supervisor.policy import Attempt, CanSet, Cost, GiveUp, Ladder, Step, next_step
+from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
+from supervisor.policy import Attempt, CanSet, Cost, GiveUp, Ladder, Step, blocked, next_step
 
 DEFAULT_MARGIN = 0.10
 """Safety margin: a config is recommended when its prediction x (1 + margin) fits the device."""
@@ -61,19 +61,30 @@ def parse_size_mib(text: str) -> int:
     return round(mib)
 
 
-def walk(start: Knobs, ladder: Ladder) -> list[tuple[Knobs, str | None]]:
+def walk(start: Knobs, ladder: Ladder, *,
+         can_set: CanSet | None = None) -> list[tuple[Knobs, str | None]]:
     """Every config the ladder tries from `start` if each one runs out of memory, in order.
 
-    Each entry is (knobs, the rung that led there; None for the start).
+    Each entry is (knobs, the rung that led there; None for the start). `can_set` is the
+    command's own skip predicate (the one `run` walks with: RunConfig/Reading.can_set).
     """
+    return [(k, r) for k, r, _ in _walk(start, ladder, can_set=can_set)[0]]
+
+
+def _walk(start: Knobs, ladder: Ladder, *, can_set: CanSet | None,
+          ) -> tuple[list[tuple[Knobs, str | None, tuple[str, ...]]], GiveUp | None]:
+    """The walk with each step's skipped rungs, and the GiveUp that ends it (None: the walk
+    stopped at the policy's attempt budget first)."""
     history = [Attempt(number=1, knobs=start, rung=None, verdict=_ASSUMED_OOM)]
+    out: list[tuple[Knobs, str | None, tuple[str, ...]]] = [(start, None, ())]
     while len(history) < ladder.max_attempts:
-        step = next_step(start, history, ladder)
+        step = next_step(start, history, ladder, can_set=can_set)
         if isinstance(step, GiveUp):
-            break
+            return out, step
         history.append(Attempt(number=len(history) + 1, knobs=step.knobs, rung=step.rung,
                                verdict=_ASSUMED_OOM))
-    return [(a.knobs, a.rung) for a in history]
+        out.append((step.knobs, step.rung, step.skipped))
+    return out, None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -110,6 +121,10 @@ class Plan:
     """What the plan read or assumed about the command (precision, quantisation, ranks...)."""
     levers: tuple[Lever, ...] = ()
     """What each well-known lever would make of the command's own config."""
+    skipped: tuple[str, ...] = ()
+    """Rungs `run` would pass over for this program, each once, with the reason."""
+    walk_end: str | None = None
+    """Why the walk ends there: the ladder is spent, or the attempt budget is."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +137,8 @@ class Lever:
     fits: bool | None
     seed: str
     """What the seed article says of it (shared/seed), for comparison."""
+    blocked: str | None = None
+    """Why `run` cannot produce this config for this program (None: it can)."""
 
 
 Predict = Callable[[Sequence[Knobs]], Sequence[Prediction | None]]
@@ -201,9 +218,15 @@ def levers(start: Knobs) -> list[tuple[str, Knobs, str]]:
 
 def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # noqa: PLR0913 - keyword-only knobs
           predict: Predict, margin: float = DEFAULT_MARGIN,
-          assumptions: Sequence[str] = (), advise: bool = True) -> Plan:
-    """Predict every config of the walk (and each lever) and pick the first that fits."""
-    configs = walk(start, ladder)
+          assumptions: Sequence[str] = (), advise: bool = True,
+          can_set: CanSet | None = None) -> Plan:
+    """Predict every config of the walk (and each lever) and pick the first that fits.
+
+    `can_set` is the command's skip predicate, the one `run` walks with: the table holds
+    exactly the configs `run` would try, and the rungs it would skip are listed with why.
+    """
+    walked, give_up = _walk(start, ladder, can_set=can_set)
+    configs = [(k, r) for k, r, _ in walked]
     extra = levers(start) if advise else []
     everything = list(predict([k for k, _ in configs] + [k for _, k, _ in extra]))
     predictions, lever_predictions = everything[:len(configs)], everything[len(configs):]
@@ -217,12 +240,32 @@ def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # 
                         costs=costs(knobs, start, ladder), seed_mib=seed))
     recommended = next((i for i, r in enumerate(rows) if r.fits), None)
     found = tuple(Lever(name=name, knobs=knobs, prediction=prediction, seed=seed,
-                        fits=fits(prediction, device_mib, margin=margin))
+                        fits=fits(prediction, device_mib, margin=margin),
+                        blocked=blocked(start, knobs, can_set))
                   for (name, knobs, seed), prediction in zip(extra, lever_predictions,
                                                              strict=True))
+    skipped = [s for _, _, step_skips in walked for s in step_skips]
+    if give_up is not None:
+        skipped += give_up.skipped
+    end = (f"the ladder is spent after {len(rows)} configs" if give_up is not None else
+           f"the policy's attempt budget ({ladder.max_attempts}) ends the walk")
     return Plan(model=spec.name, params=params, device_mib=device_mib, margin=margin,
                 rows=tuple(rows), recommended=recommended, assumptions=tuple(assumptions),
-                levers=found)
+                levers=found, skipped=_skip_lines(ladder, skipped), walk_end=end)
+
+
+def _skip_lines(ladder: Ladder, reasons: Sequence[str]) -> tuple[str, ...]:
+    """Each rung's skip reason once; a conditional rung says what it waits for instead."""
+    out: dict[str, str] = {}
+    for reason in reasons:
+        name = reason.split(":", 1)[0]
+        rung = next((r for r in ladder.rungs if r.name == name), None)
+        if rung is None or reason.endswith("that config was already tried"):
+            continue
+        out.setdefault(name, reason if rung.when != "fragmented" else (
+            f"{name}: taken only after an OOM whose own figures show fragmentation "
+            "(CUDA's reserved-but-unallocated memory); a prediction cannot say"))
+    return tuple(out.values())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -334,12 +377,20 @@ def render(plan: Plan) -> str:
         out += fmt(cells)
     out.append("")
     if plan.recommended is None:
-        out += _wrap("recommended: nothing in this ladder is predicted to fit this device; "
-                     "see the levers below, or a bigger device")
+        out += _wrap("recommended: nothing `run` can try is predicted to fit this device "
+                     "(`run` would exhaust the ladder); see the levers below, or a bigger "
+                     "device")
     else:
         row = plan.rows[plan.recommended]
         out += _wrap(f"recommended first config: #{plan.recommended + 1} "
                      f"({_describe(row.knobs)}), predicted {_mib(_peak(row))}")
+    if plan.walk_end is not None:
+        out += _wrap(f"walk: as `run` would take it for this program; {plan.walk_end}")
+    if plan.skipped:
+        out += _wrap("skipped, as `run` would skip them:")
+        for line in plan.skipped:
+            out += _wrap(line, "  - ", "    ")
+    out += _render_breakdown(plan)
     out += _render_levers(plan)
     notes = list(plan.assumptions) + list(dict.fromkeys(
         a for r in plan.rows if r.prediction is not None for a in r.prediction.assumptions))
@@ -355,8 +406,9 @@ def render(plan: Plan) -> str:
                      ", traced under FakeTensorMode"))
     seeds = {str(r.knobs.finetuning_type): r.seed_mib for r in plan.rows
              if r.seed_mib is not None}
-    out += _wrap("seed rule: the seed article's rule of thumb (shared/seed), parameters x 20 B "
-                 "(full), x 10 (LoRA), x 6 (freeze), whatever the batch and cutoff"
+    out += _wrap("seed rule: the seed article's rule of thumb (shared/seed), not a prediction: "
+                 "parameters x 20 B (full), x 10 (LoRA), x 6 (freeze), whatever the batch, "
+                 "cutoff and precision"
                  + (": " + ", ".join(f"{k} {_mib(v)}" for k, v in seeds.items())
                     if seeds else ""))
     return "\n".join(out) + "\n"
@@ -368,6 +420,34 @@ _RUNG_WIDTH = 14
 def _rung(name: str | None) -> str:
     name = (name or "(start)").removeprefix("gradient-")
     return name if len(name) <= _RUNG_WIDTH else name[:_RUNG_WIDTH - 1] + "~"
+
+
+def _render_breakdown(plan: Plan) -> list[str]:
+    """The start row's predicted peak by part, each with the dtype the program holds it in."""
+    row = plan.rows[0] if plan.rows else None
+    if row is None or row.prediction is None:
+        return []
+    parts = row.prediction.breakdown
+    knobs = row.knobs
+    frozen, trainable, compute = precision_dtypes(knobs.precision)
+    said = "" if knobs.precision is not None else ", assumed"
+    if knobs.quantization_bit is not None:
+        frozen = f"{knobs.quantization_bit}-bit"
+    held = (f"{trainable}{said}" if knobs.finetuning_type is FinetuningType.FULL
+            else f"trainable {trainable}, frozen {frozen}{said}")
+    moments = "8-bit" if "8bit" in (knobs.optimizer or "") else f"{trainable}{said}"
+    shown = [(name, parts.get(key), dtype) for name, key, dtype in (
+        ("weights", "weights_mib", held),
+        ("gradients", "gradients_mib", f"{trainable}{said}"),
+        ("optimizer state", "optimizer_mib", f"AdamW moments, {moments}"),
+        ("activations and temporaries", "activations_and_temporaries_mib",
+         f"computed in {compute}{said}"))]
+    if any(value is None for _, value, _ in shown):
+        return []
+    text = ", ".join(f"{name} {_mib(float(str(value)))} ({dtype})" for name, value, dtype in shown)
+    phase = parts.get("peak_phase")
+    return ["", *_wrap(f"start (#1), {_mib(row.prediction.peak_mib)}"
+                       + (f" at the {phase} peak" if phase else "") + f": {text}")]
 
 
 def _render_levers(plan: Plan) -> list[str]:
@@ -386,6 +466,8 @@ def _render_levers(plan: Plan) -> list[str]:
                 saved = start.peak_mib - lever.prediction.peak_mib
                 said += f" ({'saves' if saved >= 0 else 'adds'} {_mib(abs(saved))})"
             said += ", fits" if lever.fits else ", does not fit"
+        if lever.blocked is not None:
+            said += f"; run cannot try it here: {lever.blocked}"
         out += _wrap(f"{lever.name.ljust(width)}  {said}; {lever.seed}", "  ",
                      "  " + " " * (width + 2))
     return out
@@ -403,6 +485,8 @@ def _method(knobs: Knobs) -> str:
         method += f" {knobs.freeze_trainable_layers}"
     if knobs.quantization_bit is not None:
         method = f"q{knobs.quantization_bit} {method}"
+    if knobs.optimizer is not None and "8bit" in knobs.optimizer:
+        method += " 8bit-opt"
     return method
 
 
@@ -411,10 +495,23 @@ def _peak(row: Row) -> float:
 
 
 def _describe(knobs: Knobs) -> str:
-    return (f"per_device_batch={knobs.per_device_batch} grad_accum={knobs.grad_accum} "
-            f"cutoff_len={knobs.cutoff_len} "
-            f"gradient_checkpointing={_show(knobs.gradient_checkpointing)} "
-            f"finetuning_type={knobs.finetuning_type}")
+    """The config named in full: every knob a rung may have changed, none left out."""
+    parts = [f"per_device_batch={knobs.per_device_batch}", f"grad_accum={knobs.grad_accum}",
+             f"cutoff_len={knobs.cutoff_len}",
+             f"gradient_checkpointing={_show(knobs.gradient_checkpointing)}",
+             f"finetuning_type={knobs.finetuning_type}"]
+    if knobs.finetuning_type is FinetuningType.LORA:
+        parts.append(f"lora_rank={knobs.lora_rank}")
+    elif knobs.finetuning_type is FinetuningType.FREEZE:
+        parts.append(f"freeze_trainable_layers={knobs.freeze_trainable_layers}")
+    for name in ("quantization_bit", "optimizer", "precision", "deepspeed_stage",
+                 "deepspeed_offload"):
+        value = getattr(knobs, name)
+        if value not in (None, False):
+            parts.append(f"{name}={_show(value)}")
+    if knobs.expandable_segments:
+        parts.append("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    return " ".join(parts)
 
 
 def _show(value: object) -> str:

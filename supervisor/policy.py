@@ -214,8 +214,13 @@ CONDITIONS: Mapping[str, Callable[[Sequence[Attempt]], str | None]] = {
 _RESTORABLE = (("per_device_batch", "grad_accum"), ("cutoff_len",))
 
 
-def _restore(knobs: Knobs, start: Knobs) -> tuple[Knobs, tuple[tuple[str, Any, Any], ...]]:
-    """Give back the batch and cutoff that earlier rungs took, so the search starts again high."""
+def _restore(knobs: Knobs, start: Knobs, also: Sequence[str] = (),
+             ) -> tuple[Knobs, tuple[tuple[str, Any, Any], ...]]:
+    """Give back the batch and cutoff that earlier rungs took, so the search starts again high.
+
+    `also` names further knobs set back to the command's own value (a new method starts from
+    the command's own speed settings: checkpointing as it had it, its optimizer).
+    """
     restored: list[tuple[str, Any, Any]] = []
     changes: dict[str, Any] = {}
     for group in _RESTORABLE:
@@ -225,11 +230,62 @@ def _restore(knobs: Knobs, start: Knobs) -> tuple[Knobs, tuple[tuple[str, Any, A
             for name in group:
                 restored.append((name, getattr(knobs, name), getattr(start, name)))
                 changes[name] = getattr(start, name)
+    for name in also:
+        now, then = getattr(knobs, name), getattr(start, name)
+        if now != then:
+            restored.append((name, now, then))
+            changes[name] = then
     return dataclasses.replace(knobs, **changes), tuple(restored)
+
+
+def _is_method(rung: Rung) -> bool:
+    """A rung that changes what is trained (LoRA, QLoRA, freeze): it fires once, in order."""
+    return rung.is_structural and rung.cost is Cost.QUALITY
+
+
+def _speed_knobs(ladder: Ladder, rung: Rung) -> tuple[str, ...]:
+    """The knobs of the ladder's speed-only structural rungs that `rung` itself leaves alone.
+
+    A method rung sets these back to the command's own values: its method starts from the
+    command's speed settings, and the speed rungs add them again only as memory requires.
+    """
+    own = {rung.knob, *(k for k, _ in rung.also)}
+    found: list[str] = []
+    for other in ladder.rungs:
+        if other.is_structural and other.cost is Cost.SPEED:
+            for knob in (other.knob, *(k for k, _ in other.also)):
+                if knob not in own and knob not in found:
+                    found.append(knob)
+    return tuple(found)
+
+
+def _spent_rungs(history: Sequence[Attempt], ladder: Ladder) -> frozenset[int]:
+    """Indices of the structural rungs that cannot fire again after this history.
+
+    Method rungs (structural, cost quality) fire once and in order: one that fired, and every
+    method rung before it, is spent. The other structural rungs (checkpointing, the 8-bit
+    optimizer, ZeRO, offload) are spent per method: within the history since the last method
+    rung fired, one that fired, and every such rung before it, is spent; once a new method
+    starts they are available again.
+    """
+    index = {r.name: i for i, r in enumerate(ladder.rungs)}
+    fired = [(n, index[a.rung]) for n, a in enumerate(history)
+             if a.rung in index and ladder.rungs[index[a.rung]].is_structural]
+    method = max((i for _, i in fired if _is_method(ladder.rungs[i])), default=-1)
+    since = max((n for n, i in fired if _is_method(ladder.rungs[i])), default=-1)
+    speed = max((i for n, i in fired if n > since and not _is_method(ladder.rungs[i])),
+                default=-1)
+    return frozenset(i for i, r in enumerate(ladder.rungs) if r.is_structural and (
+        i <= method if _is_method(r) else i <= speed))
 
 
 CanSet = Callable[[str, Any], bool]
 """Whether the command's program can take `knob` = `value` (Reading.can_set)."""
+
+
+def blocked(last: Knobs, new: Knobs, can_set: CanSet | None) -> str | None:
+    """Why the program cannot take the first change from `last` to `new` (None: it can all)."""
+    return _blocked(last, new, can_set)
 
 
 def _blocked(last: Knobs, new: Knobs, can_set: CanSet | None) -> str | None:
@@ -258,7 +314,12 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
 
     `can_set` (the command's Reading.can_set) skips a rung whose change the program cannot
     take, e.g. a LoRA rung on a script with no LoRA flag, with a one-line reason in `skipped`.
+
+    Configs are compared without the checkpoint they continued from: a retry from a newer
+    checkpoint is the same config (the loop sets the checkpoint of the next attempt itself).
     """
+    start = start.without_progress()
+    history = [dataclasses.replace(a, knobs=a.knobs.without_progress()) for a in history]
     dry = [a for a in history if a.verdict.kind is VerdictKind.NO_DATA]
     if dry and dry[-1].rung not in {r.name for r in ladder.rungs}:  # the start config
         return GiveUp(reason=(f"the command's own config leaves the trainer no data "
@@ -268,13 +329,11 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
     with_data = [a for a in history if a.verdict.kind is not VerdictKind.NO_DATA]
     last = with_data[-1].knobs if with_data else start
     tried = {a.knobs for a in history}
-    spent_index = max((i for i, r in enumerate(ladder.rungs)
-                       if r.is_structural and any(a.rung == r.name for a in history)),
-                      default=-1)
+    spent = _spent_rungs(history, ladder)
     skipped: list[str] = []
     for index, rung in enumerate(ladder.rungs):
         # A conditional rung answers to its condition, not to the order: it is never spent.
-        if rung.is_structural and index <= spent_index and rung.when is None:
+        if index in spent and rung.when is None:
             continue
         new = ACTIONS[rung.action](last, rung)
         if new is None:
@@ -288,9 +347,7 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
         if unmet is not None:
             skipped.append(f"{rung.name}: {unmet}")
             continue
-        restored: tuple[tuple[str, Any, Any], ...] = ()
-        if rung.restore:
-            new, restored = _restore(new, start)
+        new, restored = _restored(new, start, ladder, rung)
         no_data = _leaves_no_data(new, dry, ladder)
         if no_data is not None:
             skipped.append(f"{rung.name}: {no_data}")
@@ -304,19 +361,27 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
             continue
         if ((ladder.speed_before_quality or ladder.keep_quality)
                 and rung.cost is Cost.QUALITY):
-            cheaper = _cheaper_first(last, tried, ladder, index, spent_index,
-                                     can_set=can_set, history=history)
-            if cheaper is not None:
-                return dataclasses.replace(cheaper, skipped=tuple(skipped),
+            speed = _speed_first(start, last, tried, ladder, after=index, spent=spent,
+                                 can_set=can_set, history=history)
+            if speed is not None:
+                return dataclasses.replace(speed, skipped=tuple(skipped),
                                            note=f"tried before {rung.name}, which costs quality")
         if ladder.keep_quality and rung.cost is Cost.QUALITY:
-            spent = tuple(_spent(r, last, history) for r in ladder.rungs)
-            return _kept_quality(rung, last, new, spent=spent, skipped=tuple(skipped))
+            spent_text = tuple(_spent(r, last, history) for r in ladder.rungs)
+            return _kept_quality(rung, last, new, spent=spent_text, skipped=tuple(skipped))
         return Step(knobs=new, rung=rung.name, restored=restored, skipped=tuple(skipped))
-    spent = tuple(_spent(rung, last, history) for rung in ladder.rungs)
+    spent_text = tuple(_spent(rung, last, history) for rung in ladder.rungs)
     reason = (f"every rung of the '{ladder.name}' ladder is spent and the smallest config "
               f"still runs out of memory ({_summary(last)})")
-    return GiveUp(reason=reason, spent=spent, skipped=tuple(skipped))
+    return GiveUp(reason=reason, spent=spent_text, skipped=tuple(skipped))
+
+
+def _restored(new: Knobs, start: Knobs, ladder: Ladder,
+              rung: Rung) -> tuple[Knobs, tuple[tuple[str, Any, Any], ...]]:
+    """`new` after the rung's restore (none unless the rung says `restore = true`)."""
+    if not rung.restore:
+        return new, ()
+    return _restore(new, start, _speed_knobs(ladder, rung) if _is_method(rung) else ())
 
 
 def _kept_quality(rung: Rung, last: Knobs, new: Knobs, *, spent: tuple[str, ...],
@@ -329,28 +394,31 @@ def _kept_quality(rung: Rung, last: Knobs, new: Knobs, *, spent: tuple[str, ...]
     return GiveUp(reason=reason, spent=spent, skipped=skipped)
 
 
-def _cheaper_first(last: Knobs, tried: set[Knobs], ladder: Ladder, index: int,  # noqa: PLR0913
-                   spent_index: int, *, can_set: CanSet | None = None,
-                   history: Sequence[Attempt] = ()) -> Step | None:
-    """A later rung that costs only speed, applied to the current config as it stands.
+def _speed_first(start: Knobs, last: Knobs, tried: set[Knobs], ladder: Ladder,  # noqa: PLR0913
+                 *, after: int, spent: frozenset[int], can_set: CanSet | None = None,
+                 history: Sequence[Attempt] = ()) -> Step | None:
+    """A later structural rung that costs only speed, taken before a rung that costs quality.
 
-    Before the run gives up quality (truncating samples, changing the method), check whether
-    a structural rung further down that costs only speed (gradient checkpointing) fits
-    instead. Memory grows with batch and cutoff, so the batch and cutoff the earlier rungs
-    already searched are kept, not restored: the larger configs under that rung cannot fit
-    where this one does not.
+    Before the run gives up quality (truncating samples, changing the method), it checks
+    whether a speed-only rung further down (gradient checkpointing, the 8-bit optimizer)
+    fits instead, on the config as it stands: same cutoff, same method. The rung restores
+    the batch the earlier rungs took (its `restore = true`) and the search goes down again:
+    a speed rung can save more than halving the batch did (measured on the tiny Llama: full
+    fine-tuning with checkpointing at b2xGA4 peaks at 190.7 MiB, without it b1xGA8 at
+    214.9; tests/data/peaks/tiny.json), so the larger batches under it may fit.
     """
     for later_index, later in enumerate(ladder.rungs):
-        if later_index <= max(index, spent_index) or not later.is_structural:
-            continue
-        if later.cost is Cost.QUALITY:
+        if (later_index <= after or later_index in spent or not later.is_structural
+                or later.cost is Cost.QUALITY):
             continue
         if later.when is not None and CONDITIONS[later.when](history) is not None:
             continue
         candidate = ACTIONS[later.action](last, later)
-        if (candidate is not None and candidate not in tried
-                and _blocked(last, candidate, can_set) is None):
-            return Step(knobs=candidate, rung=later.name)
+        if candidate is None:
+            continue
+        candidate, restored = _restored(candidate, start, ladder, later)
+        if candidate not in tried and _blocked(last, candidate, can_set) is None:
+            return Step(knobs=candidate, rung=later.name, restored=restored)
     return None
 
 

@@ -87,12 +87,15 @@ def model_path(command: Command, text: object) -> str | None:
     return value
 
 
-def precision_of(values: Values) -> tuple[str, Source]:
+def precision_of(values: Values, *, loads_in_half: bool = False) -> tuple[str, Source]:
     """The precision the HF-family settings give: pure, mixed (autocast) or fp32, and its source.
 
     `pure_bf16` (LLaMA-Factory) and a bf16/fp16 model dtype (`--torch_dtype`/`--dtype`, TRL)
-    keep the trained weights in half precision: pure. `bf16`/`fp16` alone are autocast over fp32
-    master weights: mixed. When both bf16 and fp16 are set, the more directly given one wins.
+    keep the trained weights in half precision: pure. `bf16`/`fp16` alone are autocast: over
+    the weights as loaded (fp32) in a Hugging Face script (`bf16-mixed`), over a model loaded
+    in half precision with its trainable parameters upcast to fp32 where the program is
+    LLaMA-Factory (`loads_in_half`: its compute dtype is the load dtype; `bf16-base-mixed`).
+    When both bf16 and fp16 are set, the more directly given one wins.
     """
     names = ("pure_bf16", "dtype", "bf16", "fp16")
     said = [n for n in names if n in values.values]
@@ -109,9 +112,11 @@ def precision_of(values: Values) -> tuple[str, Source]:
         bf16 = _STRENGTH[values.source("bf16")] >= _STRENGTH[values.source("fp16")]
         fp16 = not bf16
     if bf16:
-        return Precision.BF16_MIXED.value, values.source("bf16")
+        return (Precision.BF16_BASE_MIXED if loads_in_half else Precision.BF16_MIXED).value, \
+            values.source("bf16")
     if fp16:
-        return Precision.FP16_MIXED.value, values.source("fp16")
+        return (Precision.FP16_BASE_MIXED if loads_in_half else Precision.FP16_MIXED).value, \
+            values.source("fp16")
     return Precision.FP32.value, source
 
 

@@ -492,7 +492,10 @@ def _help_default(flag: Flag, option: Option | None, *, negatable: bool = False)
 
 def _derive(command: Command, scan: _Scan, values: Values) -> None:
     """Precision, quantisation, model path, DeepSpeed and world size from what was read."""
-    precision, source = precision_of(values)
+    # LLaMA-Factory loads the model in its compute dtype (bf16: true -> a bf16 base); a
+    # Hugging Face script's --bf16 is autocast over the weights as loaded.
+    lf = _family(scan) in ("llamafactory", "llamafactory-legacy", "LLaMA-Factory flags")
+    precision, source = precision_of(values, loads_in_half=lf)
     values.set("precision", precision, source)
     for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit")):
         if values.get(name) is True:

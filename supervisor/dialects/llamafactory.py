@@ -265,7 +265,7 @@ class LlamaFactoryDialect:
         for name in ("bf16", "fp16", "pure_bf16"):
             if name in parsed.merged:
                 values.set(name, parsed.merged[name] is True, said(name))
-        precision, source = precision_of(values)
+        precision, source = precision_of(values, loads_in_half=True)
         if source is Source.KNOWN_DEFAULT:
             # Neither bf16 nor fp16: LLaMA-Factory picks the compute dtype from the model and
             # the device (infer_optim_dtype), so fp32 is only a guess.

@@ -72,16 +72,18 @@ def test_non_memory_failure_stops_after_one_attempt(
 
 def test_last_rung_still_ooms_exhausts_the_ladder(
         tmp_path: Path, trainer_env: dict[str, str]) -> None:
-    """A device too small for anything: every rung is tried for real, then `exhausted`."""
+    """A device too small for anything: every rung is tried for real, then `exhausted`; LoRA
+    and freeze each start without checkpointing (as the command had it) and add it again."""
     command = trainer(tmp_path, "--per_device_train_batch_size", "1", "--cutoff_len", "256",
                       "--max_steps", "1", "--device-memory", "8")
     result = supervise(command, dialect=ArgvDialect(), ladder=resolve("default"),
                        run_dir=tmp_path / "run", echo=False, env=trainer_env)
     assert result.exit_code is ExitCode.EXHAUSTED
-    assert _verdicts(tmp_path / "run") == ["oom"] * 4
+    assert _verdicts(tmp_path / "run") == ["oom"] * 6
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [a["rung"] for a in report["attempts"]] == [
-        None, "gradient-checkpointing", "lora", "freeze"]
+        None, "gradient-checkpointing", "lora", "gradient-checkpointing", "freeze",
+        "gradient-checkpointing"]
     assert [s.split(":")[0] for s in report["spent"]] == [
         "expandable-segments", "smaller-batch", "shorter-cutoff", "gradient-checkpointing",
         "8bit-optimizer", "lora", "qlora", "freeze"]

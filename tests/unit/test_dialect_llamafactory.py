@@ -101,7 +101,7 @@ def test_defaults_decide_which_rungs_are_no_ops(cwd: Path) -> None:
                                                       "max_steps": None}),
     ("resume_from_checkpoint=saves/llama-full/checkpoint-5 bf16=true",
      {"resume_from_checkpoint": "saves/llama-full/checkpoint-5",
-      "precision": "bf16-mixed"}),
+      "precision": "bf16-base-mixed"}),
 ])
 def test_overrides_win_over_the_file(overrides: str, expected: dict[str, object],
                                      cwd: Path) -> None:

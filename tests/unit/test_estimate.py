@@ -30,7 +30,7 @@ from supervisor.estimate import (
     oom_lower_bound_mib,
     pick_python,
 )
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 
 PEAKS = Path(__file__).parent.parent / "data" / "peaks"
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
@@ -140,8 +140,8 @@ def test_analytic_is_within_25_percent_of_the_measured_peak(size: str) -> None:
     (Knobs(per_device_batch=8, cutoff_len=2048, precision="bf16", gradient_checkpointing=True),
      53.5),
     # LLaMA-Factory's bf16 (trainable parameters in fp32 under autocast): 16 B/param.
-    (Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-mixed"), 101.4),
-    (Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-mixed",
+    (Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-base-mixed"), 101.4),
+    (Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-base-mixed",
            gradient_checkpointing=True, finetuning_type=FinetuningType.LORA), 13.1),
 ])
 def test_analytic_on_a_7b_shape_is_near_the_fake_tensor_estimate(knobs: Knobs,
@@ -209,7 +209,7 @@ def test_quantised_configs_trace_lora_and_count_the_4_bit_weights() -> None:
     A 4-bit full config is counted as LoRA (QLoRA implies LoRA) and says so.
     """
     spec = ModelSpec.from_config("llama-7b", LLAMA_7B, source="test")
-    lora = Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-mixed",
+    lora = Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-base-mixed",
                  gradient_checkpointing=True, finetuning_type=FinetuningType.LORA)
     qlora = dataclasses.replace(lora, quantization_bit=4)
     base, quantised, as_full = estimate_many(
@@ -382,3 +382,31 @@ def test_an_8_bit_optimizer_keeps_two_bytes_of_state_per_parameter() -> None:
     assert adamw.peak_mib - eight.peak_mib == pytest.approx(
         6_738_415_616 * (8 - 2 * (1 + 4 / 2048)) / 2**20)
     assert any("8 bits" in a for a in eight.assumptions)
+
+
+@pytest.mark.parametrize(("precision", "dtypes"), [
+    (None, ("fp32", "fp32", "fp32")),
+    ("fp32", ("fp32", "fp32", "fp32")),
+    ("bf16-mixed", ("fp32", "fp32", "bf16")),
+    ("bf16-base-mixed", ("bf16", "fp32", "bf16")),
+    ("fp16-base-mixed", ("fp16", "fp32", "fp16")),
+    ("bf16", ("bf16", "bf16", "bf16")),
+])
+def test_each_precision_holds_each_part_in_its_own_dtype(
+        precision: str | None, dtypes: tuple[str, str, str]) -> None:
+    """(frozen weights, trainable weights and their state, compute) per precision."""
+    assert precision_dtypes(precision) == dtypes
+
+
+def test_lora_frozen_base_is_fp32_under_hf_bf16_and_bf16_under_llamafactorys() -> None:
+    """The analytic count sizes LoRA's frozen base by the dtype it is loaded in: 4 B/param
+    under a Hugging Face --bf16, 2 under LLaMA-Factory's bf16; adapters fp32 in both."""
+    spec = ModelSpec.from_config("llama-7b", LLAMA_7B, source="test")
+    lora = Knobs(per_device_batch=1, cutoff_len=512, gradient_checkpointing=True,
+                 finetuning_type=FinetuningType.LORA)
+    hf = analytic(spec, dataclasses.replace(lora, precision="bf16-mixed")).breakdown
+    lf = analytic(spec, dataclasses.replace(lora, precision="bf16-base-mixed")).breakdown
+    frozen = int(str(hf["total_params"])) - int(str(hf["trainable_params"]))
+    assert float(str(hf["weights_mib"])) - float(str(lf["weights_mib"])) == pytest.approx(
+        frozen * 2 / 2**20, abs=0.02)
+    assert hf["optimizer_mib"] == lf["optimizer_mib"]

@@ -121,14 +121,22 @@ def test_qlora_follows_lora() -> None:
 
 
 def test_freeze_after_qlora_drops_the_4bit_base() -> None:
-    """Freeze tuning of a quantised model is refused by LLaMA-Factory: the rung unsets it."""
+    """Freeze tuning of a quantised model is refused by LLaMA-Factory: the rung unsets it.
+
+    QLoRA starts from the command's own optimizer; the 8-bit one is added again (a speed rung,
+    once per method) before the walk gives QLoRA up for freeze, which starts without it."""
     qlora = dataclasses.replace(_FLOORED, finetuning_type=FinetuningType.LORA, quantization_bit=4)
     step = next_step(_FLOORED, _history((qlora, "qlora", NO_FIGURES)), resolve("default"),
                      can_set=_all)
     assert isinstance(step, Step)
+    assert (step.rung, step.knobs.optimizer) == ("8bit-optimizer", "paged_adamw_8bit")
+    step = next_step(_FLOORED, _history((qlora, "qlora", NO_FIGURES),
+                                        (step.knobs, step.rung, NO_FIGURES)),
+                     resolve("default"), can_set=_all)
+    assert isinstance(step, Step)
     assert step.rung == "freeze"
-    assert (step.knobs.finetuning_type, step.knobs.quantization_bit) == (
-        FinetuningType.FREEZE, None)
+    assert (step.knobs.finetuning_type, step.knobs.quantization_bit, step.knobs.optimizer) == (
+        FinetuningType.FREEZE, None, None)
 
 
 def _reference_trainer(tmp_path: Path, *flags: str) -> Command:

@@ -69,12 +69,15 @@ def test_fatal_failure_stops_after_one_attempt(tmp_path: Path) -> None:
 
 
 def test_exhausted_ladder_lists_every_rung(tmp_path: Path) -> None:
-    """OOM at every rung from batch 1 x 256: exhausted, and the report names each rung."""
+    """OOM at every rung from batch 1 x 256: exhausted, and the report names each rung.
+
+    Six attempts: full, then with checkpointing; LoRA and freeze each start without it (as
+    the command had it) and add it again."""
     text = ("python -m supervisor.reference_trainer --per_device_train_batch_size 1 "
             "--cutoff_len 256")
-    result, runner, _, _ = go(tmp_path, [OOM] * 4, text=text)
+    result, runner, _, _ = go(tmp_path, [OOM] * 6, text=text)
     assert result.exit_code is ExitCode.EXHAUSTED
-    assert len(runner.specs) == 4
+    assert len(runner.specs) == 6
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert [s.split(":")[0] for s in report["spent"]] == [
         "expandable-segments", "smaller-batch", "shorter-cutoff", "gradient-checkpointing",

@@ -23,7 +23,7 @@ from supervisor.plan import (
     walk,
 )
 from supervisor.policy import Attempt, GiveUp, Step, next_step, resolve
-from tests.unit.test_policy import OOM
+from tests.unit.test_policy import OOM, without_bnb
 
 DEMO = Knobs(per_device_batch=8, cutoff_len=1024)
 
@@ -46,18 +46,60 @@ def test_bad_sizes_are_one_clear_error(text: str) -> None:
 
 
 def test_walk_is_the_policy_walk_assuming_every_config_oom() -> None:
-    """The same configs next_step gives over an all-OOM history, start first, then GiveUp."""
+    """The same configs next_step gives over an all-OOM history with the same skip predicate,
+    start first, then GiveUp."""
     ladder = resolve("default")
-    configs = walk(DEMO, ladder)
+    configs = walk(DEMO, ladder, can_set=without_bnb)
     assert configs[0] == (DEMO, None)
     history = [Attempt(number=i + 1, knobs=k, rung=r, verdict=OOM)
                for i, (k, r) in enumerate(configs)]
     for i in range(1, len(history)):
-        step = next_step(DEMO, history[:i], ladder)
+        step = next_step(DEMO, history[:i], ladder, can_set=without_bnb)
         assert isinstance(step, Step)
         assert (step.knobs, step.rung) == configs[i]
-    assert isinstance(next_step(DEMO, history, ladder), GiveUp)
+    assert isinstance(next_step(DEMO, history, ladder, can_set=without_bnb), GiveUp)
     assert {k.effective_batch for k, _ in configs} == {8}
+    assert all(k.optimizer is None and k.quantization_bit is None for k, _ in configs)
+
+
+def test_plan_walks_only_what_run_can_take_and_says_what_it_skips() -> None:
+    """Without bitsandbytes the 8-bit optimizer and QLoRA rungs are skipped with the reason run
+    gives, never recommended; with it they are walked (and the walk meets the attempt budget)."""
+    spec = ModelSpec.named("tiny")
+    with_bnb = build(DEMO, resolve("default"), spec, 70, predict=lambda cs: [None] * len(cs))
+    assert any(r.knobs.optimizer == "paged_adamw_8bit" for r in with_bnb.rows)
+    assert len(with_bnb.rows) == resolve("default").max_attempts
+    assert with_bnb.walk_end == "the policy's attempt budget (32) ends the walk"
+    plan = build(DEMO, resolve("default"), spec, 70, predict=lambda cs: [None] * len(cs),
+                 can_set=without_bnb)
+    assert all(r.knobs.optimizer is None and r.knobs.quantization_bit is None
+               for r in plan.rows)
+    assert plan.walk_end == "the ladder is spent after 30 configs"
+    assert plan.skipped[1:] == (
+        ("8bit-optimizer: optimizer=paged_adamw_8bit needs bitsandbytes, which the command's "
+         "Python cannot import"),
+        "qlora: quantization_bit=4 needs bitsandbytes, which the command's Python cannot import")
+    words = " ".join(render(plan).split())
+    assert "skipped, as `run` would skip them: - expandable-segments: taken only after" in words
+    assert "run cannot try it here: quantization_bit=4 needs bitsandbytes" in words
+
+
+def test_plan_names_the_recommended_config_in_full() -> None:
+    """A recommended 8-bit optimizer (bitsandbytes there) is named: never a config that reads
+    as one that OOMs."""
+    spec = ModelSpec.named("tiny")
+
+    def predict(configs: Sequence[Knobs]) -> list[Prediction | None]:
+        return [Prediction(peak_mib=10.0 if k.optimizer else 500.0, method=Method.FAKE)
+                for k in configs]
+
+    plan = build(DEMO, resolve("default"), spec, 70, predict=predict)
+    row = plan.rows[plan.recommended or 0]
+    assert row.knobs.optimizer == "paged_adamw_8bit"
+    words = " ".join(render(plan).split())
+    assert ("gradient_checkpointing=true finetuning_type=full optimizer=paged_adamw_8bit), "
+            "predicted 10 MiB") in words
+    assert "full 8bit-opt" in render(plan)
 
 
 def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
@@ -67,7 +109,7 @@ def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
     def predict(configs: Sequence[Knobs]) -> list[Prediction | None]:
         return list(estimate_many(spec, configs, method="analytic"))
 
-    plan = build(DEMO, resolve("default"), spec, 70, predict=predict)
+    plan = build(DEMO, resolve("default"), spec, 70, predict=predict, can_set=without_bnb)
     assert plan.recommended is not None
     first = plan.rows[plan.recommended]
     assert first.fits
@@ -119,7 +161,8 @@ def test_plan_without_predictions_recommends_nothing_and_says_unknown() -> None:
     plan = build(DEMO, resolve("default"), spec, 70, predict=lambda cs: [None] * len(cs))
     assert plan.recommended is None
     assert all(r.fits is None for r in plan.rows)
-    assert "nothing in this ladder is predicted to fit" in render(plan)
+    assert "nothing `run` can try is predicted to fit this device (`run` would exhaust" in \
+        " ".join(render(plan).split())
 
 
 def test_costs_name_what_each_config_gives_up() -> None:
@@ -194,8 +237,9 @@ def test_next_runnable_gives_up_when_everything_is_predicted_over() -> None:
 def test_skipping_on_predictions_reaches_the_fit_in_fewer_attempts() -> None:
     """Tiny, full b8 x 1024 on a 70 MiB device, every attempt's peak as really measured.
 
-    Without predictions the ladder runs 11 configs that OOM before LoRA b1 x 512 fits; with
-    the analytic estimate it skips them and its first attempt fits.
+    Without predictions the ladder runs 18 configs that OOM before LoRA + checkpointing
+    b1 x 512 fits (docs/ladder.md lists them: checkpointing restores the batch, LoRA starts
+    without it); with the analytic estimate it skips them and its first attempt fits.
     """
     record = json.loads((PEAKS / "tiny.json").read_text(encoding="utf-8"))
     measured = {_memory(Knobs.from_dict({k: r["knobs"][k] for k in KEYS})): r["peak_live_mib"]
@@ -228,9 +272,10 @@ def test_skipping_on_predictions_reaches_the_fit_in_fewer_attempts() -> None:
 
     without, fitted = attempts(skipping=False)
     with_estimate, fitted_too = attempts(skipping=True)
-    assert (without, with_estimate) == (12, 1)
+    assert (without, with_estimate) == (19, 1)
     assert fitted == fitted_too
-    assert (fitted.finetuning_type, fitted.cutoff_len) == (FinetuningType.LORA, 512)
+    assert (fitted.finetuning_type, fitted.cutoff_len, fitted.gradient_checkpointing) == (
+        FinetuningType.LORA, 512, True)
 
 
 KEYS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
@@ -240,3 +285,25 @@ PEAKS = Path(__file__).parent.parent / "data" / "peaks"
 
 def _memory(knobs: Knobs) -> tuple[object, ...]:
     return tuple(getattr(knobs, k) for k in KEYS)
+
+
+def test_plan_breaks_the_start_down_with_the_dtype_of_each_part() -> None:
+    """The start row by part, each in the dtype the program holds it in: LoRA under a Hugging
+    Face --bf16 keeps its frozen base fp32 and computes in bf16; an unsaid precision is shown
+    as assumed fp32."""
+    spec = ModelSpec.named("tiny")
+
+    def predict(configs: Sequence[Knobs]) -> list[Prediction | None]:
+        return list(estimate_many(spec, configs, method="analytic"))
+
+    lora = Knobs(per_device_batch=1, cutoff_len=512, precision="bf16-mixed",
+                 finetuning_type=FinetuningType.LORA)
+    words = " ".join(render(build(lora, resolve("default"), spec, 70, predict=predict,
+                                  can_set=without_bnb)).split())
+    assert "start (#1), " in words
+    assert "(trainable fp32, frozen fp32), gradients " in words
+    assert "(computed in bf16)" in words
+    words = " ".join(render(build(DEMO, resolve("default"), spec, 70, predict=predict,
+                                  can_set=without_bnb)).split())
+    assert "gradients 20 MiB (fp32, assumed)" in words
+    assert "rule of thumb (shared/seed), not a prediction" in words

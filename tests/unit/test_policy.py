@@ -36,7 +36,7 @@ def walk(start: Knobs, ladder: Ladder) -> tuple[list[tuple[object, ...]], list[S
     history: list[Attempt] = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
     steps: list[Step] = []
     while True:
-        step = next_step(start, history, ladder, can_set=_without_bnb)
+        step = next_step(start, history, ladder, can_set=without_bnb)
         if isinstance(step, GiveUp):
             return [_short(a.knobs) for a in history], steps, step
         steps.append(step)
@@ -44,7 +44,7 @@ def walk(start: Knobs, ladder: Ladder) -> tuple[list[tuple[object, ...]], list[S
                                verdict=OOM))
 
 
-def _without_bnb(knob: str, value: object) -> bool:
+def without_bnb(knob: str, value: object) -> bool:
     """A program whose Python cannot import bitsandbytes (as here): no 8-bit optimizer, no QLoRA."""
     return not ((knob == "optimizer" and value == "paged_adamw_8bit")
                 or (knob == "quantization_bit" and value is not None))
@@ -56,35 +56,34 @@ def _short(k: Knobs) -> tuple[object, ...]:
 
 
 def test_default_ladder_whole_walk_keeps_effective_batch() -> None:
-    """Batch first; checkpointing (speed) before any cut in cutoff (quality); LoRA, freeze."""
+    """Batch first; checkpointing (speed) restores the batch before any cut in cutoff (quality);
+    each new method starts from the command's own speed settings (checkpointing off)."""
     start = Knobs(per_device_batch=4, grad_accum=2, cutoff_len=1024)
     configs, steps, give_up = walk(start, resolve("default"))
-    assert configs == [
-        (4, 2, 1024, False, "full"), (2, 4, 1024, False, "full"), (1, 8, 1024, False, "full"),
-        # before truncating samples, checkpointing on the config as it stands
-        (1, 8, 1024, True, "full"),
-        (1, 8, 512, True, "full"), (1, 8, 256, True, "full"),
-        (4, 2, 1024, True, "lora"), (2, 4, 1024, True, "lora"), (1, 8, 1024, True, "lora"),
-        (1, 8, 512, True, "lora"), (1, 8, 256, True, "lora"),
-        (4, 2, 1024, True, "freeze"), (2, 4, 1024, True, "freeze"), (1, 8, 1024, True, "freeze"),
-        (1, 8, 512, True, "freeze"), (1, 8, 256, True, "freeze"),
+    per_method = [
+        (4, 2, 1024, False), (2, 4, 1024, False), (1, 8, 1024, False),
+        # before truncating samples, checkpointing at the command's batch, searched down again
+        (4, 2, 1024, True), (2, 4, 1024, True), (1, 8, 1024, True),
+        (1, 8, 512, True), (1, 8, 256, True),
     ]
+    assert configs == [(*c, method) for method in ("full", "lora", "freeze") for c in per_method]
     assert {int(str(b)) * int(str(ga)) for b, ga, *_ in configs} == {8}
     gc_step = next(s for s in steps if s.rung == "gradient-checkpointing")
     assert gc_step.note == "tried before shorter-cutoff, which costs quality"
-    assert gc_step.restored == ()
+    assert gc_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2))
     lora_step = next(s for s in steps if s.rung == "lora")
-    assert lora_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
-                                  ("cutoff_len", 256, 1024))
+    assert lora_step.restored == (
+        ("per_device_batch", 1, 4), ("grad_accum", 8, 2), ("cutoff_len", 256, 1024),
+        ("gradient_checkpointing", True, False))
     assert give_up.spent == (
         "expandable-segments: not tried",
         "smaller-batch: per_device_batch at 1 (floor 1)",
         "shorter-cutoff: cutoff_len at 256 (floor 256)",
         "gradient-checkpointing: gradient_checkpointing=true tried from attempt 4",
         "8bit-optimizer: not tried",
-        "lora: finetuning_type=lora tried from attempt 7",
+        "lora: finetuning_type=lora tried from attempt 9",
         "qlora: not tried",
-        "freeze: finetuning_type=freeze tried from attempt 12",
+        "freeze: finetuning_type=freeze tried from attempt 17",
     )
 
 
@@ -94,17 +93,13 @@ def test_seed_order_walk_without_speed_before_quality() -> None:
     data["speed_before_quality"] = False
     start = Knobs(per_device_batch=4, grad_accum=2, cutoff_len=1024)
     configs, steps, give_up = walk(start, parse(data))
-    assert configs == [
-        (4, 2, 1024, False, "full"), (2, 4, 1024, False, "full"), (1, 8, 1024, False, "full"),
-        (1, 8, 512, False, "full"), (1, 8, 256, False, "full"),
-        # gradient checkpointing restores batch 4 and cutoff 1024, then searches down again
-        (4, 2, 1024, True, "full"), (2, 4, 1024, True, "full"), (1, 8, 1024, True, "full"),
-        (1, 8, 512, True, "full"), (1, 8, 256, True, "full"),
-        (4, 2, 1024, True, "lora"), (2, 4, 1024, True, "lora"), (1, 8, 1024, True, "lora"),
-        (1, 8, 512, True, "lora"), (1, 8, 256, True, "lora"),
-        (4, 2, 1024, True, "freeze"), (2, 4, 1024, True, "freeze"), (1, 8, 1024, True, "freeze"),
-        (1, 8, 512, True, "freeze"), (1, 8, 256, True, "freeze"),
+    per_method = [
+        (4, 2, 1024), (2, 4, 1024), (1, 8, 1024), (1, 8, 512), (1, 8, 256),
     ]
+    # gradient checkpointing restores batch 4 and cutoff 1024, then searches down again; each
+    # method starts without it (as the command had it) and adds it again as memory requires
+    assert configs == [(*c, ckpt, method) for method in ("full", "lora", "freeze")
+                       for ckpt in (False, True) for c in per_method]
     assert {int(str(b)) * int(str(ga)) for b, ga, *_ in configs} == {8}
     gc_step = next(s for s in steps if s.rung == "gradient-checkpointing")
     assert gc_step.restored == (("per_device_batch", 1, 4), ("grad_accum", 8, 2),
@@ -117,15 +112,48 @@ def test_seed_order_walk_without_speed_before_quality() -> None:
         "8bit-optimizer: not tried",
         "lora: finetuning_type=lora tried from attempt 11",
         "qlora: not tried",
-        "freeze: finetuning_type=freeze tried from attempt 16",
+        "freeze: finetuning_type=freeze tried from attempt 21",
     )
+
+
+def test_a_method_keeps_the_commands_own_checkpointing() -> None:
+    """A command that has checkpointing on (LLaMA-Factory's default) keeps it for LoRA: the
+    method rung restores the command's own speed settings, not 'off'."""
+    start = Knobs(per_device_batch=2, cutoff_len=256, gradient_checkpointing=True)
+    configs, steps, _ = walk(start, resolve("default"))
+    assert configs == [(2, 1, 256, True, "full"), (1, 2, 256, True, "full"),
+                       (2, 1, 256, True, "lora"), (1, 2, 256, True, "lora"),
+                       (2, 1, 256, True, "freeze"), (1, 2, 256, True, "freeze")]
+    assert all(("gradient_checkpointing", True, False) not in s.restored for s in steps)
+
+
+def test_with_bitsandbytes_each_speed_rung_restores_the_batch() -> None:
+    """With bitsandbytes, checkpointing and then the 8-bit optimizer each restore the batch
+    before the cutoff is cut; LoRA starts again with neither (the command's own optimizer)."""
+    start = Knobs(per_device_batch=2, cutoff_len=512)
+    history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
+    seen: list[tuple[object, ...]] = [(*_short(start), start.optimizer)]
+    while True:
+        step = next_step(start, history, resolve("default"))
+        if isinstance(step, GiveUp) or step.knobs.finetuning_type is FinetuningType.FREEZE:
+            break
+        history.append(Attempt(number=len(history) + 1, knobs=step.knobs, rung=step.rung,
+                               verdict=OOM))
+        seen.append((*_short(step.knobs), step.knobs.optimizer))
+    full = [(2, 1, 512, False, "full", None), (1, 2, 512, False, "full", None),
+            (2, 1, 512, True, "full", None), (1, 2, 512, True, "full", None),
+            (2, 1, 512, True, "full", "paged_adamw_8bit"),
+            (1, 2, 512, True, "full", "paged_adamw_8bit"),
+            (1, 2, 256, True, "full", "paged_adamw_8bit")]
+    assert seen[:7] == full
+    assert seen[7] == (2, 1, 512, False, "lora", None)
 
 
 def test_rung_that_changes_nothing_is_skipped_without_an_attempt() -> None:
     """Checkpointing already on: the gc rung is passed over, said so, and LoRA comes next."""
     start = Knobs(per_device_batch=1, cutoff_len=256, gradient_checkpointing=True)
     history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
-    step = next_step(start, history, resolve("default"), can_set=_without_bnb)
+    step = next_step(start, history, resolve("default"), can_set=without_bnb)
     assert isinstance(step, Step)
     assert step.rung == "lora"
     assert step.knobs.finetuning_type is LORA
@@ -167,7 +195,7 @@ def test_lora_then_freeze_never_returns_to_lora() -> None:
     start = Knobs(per_device_batch=1, cutoff_len=256)
     configs, _, _ = walk(start, resolve("default"))
     kinds = [c[4] for c in configs]
-    assert kinds == ["full", "full", "lora", "freeze"]
+    assert kinds == ["full", "full", "lora", "lora", "freeze", "freeze"]
 
 
 def test_rungs_never_mutate_their_input() -> None:
@@ -237,24 +265,29 @@ def test_a_cutoff_that_leaves_no_data_is_spent_and_the_walk_goes_on() -> None:
     history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
     skipped: list[str] = []
     while True:
-        step = next_step(start, history, ladder, can_set=_without_bnb)
+        step = next_step(start, history, ladder, can_set=without_bnb)
         if isinstance(step, GiveUp):
             break
         skipped += step.skipped
         verdict = no_data if (step.knobs.cutoff_len or 0) < 1024 else OOM
         history.append(Attempt(number=len(history) + 1, knobs=step.knobs, rung=step.rung,
                                verdict=verdict))
+    # Each speed rung restores the batch and each method rung the command's speed settings
+    # (the issue-19 walk); the cutoff rung is tried once, leaves no data, and is never again.
     assert [_short(a.knobs) for a in history] == [
         (4, 2, 1024, False, "full"), (2, 4, 1024, False, "full"), (1, 8, 1024, False, "full"),
-        (1, 8, 1024, True, "full"),
+        (4, 2, 1024, True, "full"), (2, 4, 1024, True, "full"), (1, 8, 1024, True, "full"),
         (1, 8, 512, True, "full"),  # no data: spent
+        (4, 2, 1024, False, "lora"), (2, 4, 1024, False, "lora"), (1, 8, 1024, False, "lora"),
         (4, 2, 1024, True, "lora"), (2, 4, 1024, True, "lora"), (1, 8, 1024, True, "lora"),
+        (4, 2, 1024, False, "freeze"), (2, 4, 1024, False, "freeze"),
+        (1, 8, 1024, False, "freeze"),
         (4, 2, 1024, True, "freeze"), (2, 4, 1024, True, "freeze"), (1, 8, 1024, True, "freeze"),
     ]
-    assert ("shorter-cutoff: cutoff_len=512 leaves the trainer no data: attempt 5 at "
+    assert ("shorter-cutoff: cutoff_len=512 leaves the trainer no data: attempt 7 at "
             "cutoff_len=512 failed with 'ValueError: num_samples should be a positive integer "
             "value, but got num_samples=0'") in skipped
-    assert "shorter-cutoff: cutoff_len=512 left the trainer no data (attempt 5)" in step.spent
+    assert "shorter-cutoff: cutoff_len=512 left the trainer no data (attempt 7)" in step.spent
 
 
 def test_no_data_on_the_commands_own_config_gives_up_at_once() -> None:

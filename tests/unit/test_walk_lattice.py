@@ -1,0 +1,117 @@
+"""The walk over a recorded lattice: every point a peak the reference trainer really measured.
+
+`tests/data/peaks/lattice-tiny.json` (README.md there says how it was made): the bundled tiny
+Llama from the scenario suite's start (full fine-tuning, batch 8, cutoff 512), full and LoRA,
+checkpointing off and on, every batch of the halving and cutoff 256. A config OOMs in these
+walks when its measured peak is over the device, as it did under `--device-memory`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from supervisor.classify import OomKind, Verdict, VerdictKind
+from supervisor.knobs import FinetuningType, Knobs
+from supervisor.policy import Attempt, GiveUp, Ladder, next_step, resolve
+from tests.unit.test_policy import without_bnb
+
+LATTICE = Path(__file__).parent.parent / "data" / "peaks" / "lattice-tiny.json"
+OOM = Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.TORCH,
+              evidence="measured peak over the device (tests/data/peaks/lattice-tiny.json)")
+_KEY = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
+        "finetuning_type", "precision")
+
+
+def _key(knobs: Knobs) -> tuple[object, ...]:
+    return tuple(str(getattr(knobs, k)) for k in _KEY)
+
+
+def _lattice() -> tuple[Knobs, dict[tuple[object, ...], float]]:
+    record = json.loads(LATTICE.read_text(encoding="utf-8"))
+    peaks = {_key(Knobs.from_dict(r["knobs"])): float(r["peak_live_mib"])
+             for r in record["rows"]}
+    return Knobs.from_dict(record["start"]), peaks
+
+
+def _short(k: Knobs) -> str:
+    method = "full" if k.finetuning_type is FinetuningType.FULL else str(k.finetuning_type)
+    return (f"{method}{'+ckpt' if k.gradient_checkpointing else ''} "
+            f"b{k.per_device_batch}xGA{k.grad_accum} c{k.cutoff_len}")
+
+
+def fit_walk(device_mib: float, ladder: Ladder | None = None) -> list[tuple[str, float]]:
+    """Each config the walk runs under `device_mib`, with its measured peak, up to the fit."""
+    start, peaks = _lattice()
+    ladder = ladder or resolve("default")
+    history: list[Attempt] = []
+    knobs, rung = start, None
+    ran: list[tuple[str, float]] = []
+    while True:
+        peak = peaks[_key(knobs)]  # a config the lattice lacks fails here: record it
+        ran.append((_short(knobs), peak))
+        if peak <= device_mib:
+            return ran
+        history.append(Attempt(number=len(history) + 1, knobs=knobs, rung=rung, verdict=OOM))
+        step = next_step(start, history, ladder, can_set=without_bnb)
+        if isinstance(step, GiveUp):
+            return ran
+        knobs, rung = step.knobs, step.rung
+
+
+def test_checkpointing_restores_the_batch_and_lands_on_b2() -> None:
+    """Full fine-tuning b8 -> 4 -> 2 -> 1 all OOM under 140 MiB; checkpointing then starts
+    again at b8 and fits at b2xGA4 (135.5 MiB measured), not b1xGA8 (108.0) where the batch
+    the earlier rungs took would have left it: same quality, twice the micro-batch."""
+    ran = fit_walk(140)
+    assert [c for c, _ in ran] == [
+        "full b8xGA1 c512", "full b4xGA2 c512", "full b2xGA4 c512", "full b1xGA8 c512",
+        "full+ckpt b8xGA1 c512", "full+ckpt b4xGA2 c512", "full+ckpt b2xGA4 c512"]
+    # The premise the old shortcut stood on, refuted by the record: checkpointing at b2 needs
+    # less than b1 without it.
+    assert ran[6][1] < ran[3][1]
+
+
+def test_lora_is_tried_without_checkpointing_first_and_fits_without_it() -> None:
+    """Under 90 MiB nothing full fits (cutoff 256 with checkpointing: 94.2 MiB); LoRA starts
+    from the command's own speed settings (checkpointing off) and fits at b1xGA8 (84.7 MiB),
+    before any LoRA config with checkpointing is run."""
+    ran = fit_walk(90)
+    lora = [c for c, _ in ran if c.startswith("lora")]
+    assert lora == ["lora b8xGA1 c512", "lora b4xGA2 c512", "lora b2xGA4 c512",
+                    "lora b1xGA8 c512"]
+    assert ran[-1][1] <= 90
+
+
+def test_lora_adds_checkpointing_again_and_restores_the_batch() -> None:
+    """Under 80 MiB LoRA without checkpointing does not fit at b1 (84.7 MiB); checkpointing
+    comes on at b8 again and fits at b2xGA4 (75.7 MiB), not b1."""
+    ran = fit_walk(80)
+    lora = [c for c, _ in ran if c.startswith("lora")]
+    assert lora == ["lora b8xGA1 c512", "lora b4xGA2 c512", "lora b2xGA4 c512",
+                    "lora b1xGA8 c512", "lora+ckpt b8xGA1 c512", "lora+ckpt b4xGA2 c512",
+                    "lora+ckpt b2xGA4 c512"]
+
+
+@pytest.mark.parametrize(("device_mib", "final", "attempts"), [
+    (600, "full b8xGA1 c512", 1),
+    (400, "full b4xGA2 c512", 2),
+    (200, "full b1xGA8 c512", 4),
+    (140, "full+ckpt b2xGA4 c512", 7),
+    (110, "full+ckpt b1xGA8 c512", 8),
+    (100, "full+ckpt b1xGA8 c256", 9),
+    (90, "lora b1xGA8 c512", 13),
+    (80, "lora+ckpt b2xGA4 c512", 16),
+    (60, "lora+ckpt b1xGA8 c512", 17),
+    (40, "lora+ckpt b1xGA8 c256", 18),
+])
+def test_the_walk_ends_on_the_least_degraded_measured_fit(device_mib: float, final: str,
+                                                         attempts: int) -> None:
+    """At each budget: the least-degraded config of the lattice that fits (the full cutoff
+    before a shorter one, full fine-tuning before LoRA, then no checkpointing before it, then
+    the larger batch), reached in this many attempts."""
+    ran = fit_walk(device_mib)
+    assert (ran[-1][0], len(ran)) == (final, attempts)
+    assert ran[-1][1] <= device_mib

@@ -99,7 +99,7 @@ def supervised(folder: Path, *, accidents: bool) -> dict[str, Any]:
                 subprocess.run(  # noqa: S603 - our own CLI
                     [PY, "-m", "supervisor", "--log-format", "json", "resume",
                      str(folder / "night"), "--quiet"], stdout=sink, stderr=sink, env=env,
-                    cwd=folder, check=False)
+                    cwd=folder, check=False, start_new_session=True)
         first.wait()
     report: dict[str, Any] = json.loads((folder / "night" / "report.json").read_text())
     journal = [json.loads(line) for line in

@@ -195,6 +195,10 @@ def main() -> None:
             row["goodput"] = round(row["kept"] * step_s / row["night_s"], 4)
     results["projection"] = _project(results["supervised"]["goodput"], step_s)
     (tmp / "night.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = _table(results, step_s)
+    (tmp / "night.md").write_text(table + "\n")
+    print(table)
+    print(f"\n(runs, night.json and night.md in {tmp})")
 
 
 def _project(good: dict[str, Any], step_s: float) -> dict[str, float]:

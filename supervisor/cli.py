@@ -222,8 +222,9 @@ def _add_notify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--notify", default=None, metavar="COMMAND",
                    help="after the run, run COMMAND through the shell with "
                         "OOM_SUPERVISOR_EXIT_CODE, OOM_SUPERVISOR_RUN_DIR and "
-                        "OOM_SUPERVISOR_SUMMARY set and the summary on stdin (docs/console.md); "
-                        "its failure never changes the run's exit code")
+                        "OOM_SUPERVISOR_SUMMARY set and the summary on stdin, in the directory "
+                        "oom-supervisor was started from (docs/console.md); its failure never "
+                        "changes the run's exit code")
 
 
 def _add_status_parser(sub: argparse._SubParsersAction[_Parser]) -> None:

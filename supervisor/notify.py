@@ -31,14 +31,16 @@ def environment(*, exit_code: int, run_dir: Path, summary: str,
     return env
 
 
-def run(command: str, *, exit_code: int, run_dir: Path, summary: str,
-        timeout_s: float = 60) -> Notified:
-    """Run `command` through the shell with the result in its env and the summary on stdin."""
+def run(command: str, *, exit_code: int, run_dir: Path, summary: str,  # noqa: PLR0913
+        timeout_s: float = 60, cwd: Path | None = None) -> Notified:
+    """Run `command` through the shell with the result in its env and the summary on stdin,
+    in `cwd`: the directory oom-supervisor was started from (a relative path in the command
+    means what it meant there), not the run folder."""
     env = environment(exit_code=exit_code, run_dir=run_dir, summary=summary)
     try:
         proc = subprocess.Popen(  # noqa: S602 - the user's own shell command, by design
             command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=env, cwd=str(run_dir), start_new_session=True)
+            stderr=subprocess.PIPE, env=env, cwd=str(cwd or Path.cwd()), start_new_session=True)
     except OSError as exc:
         return Notified(command=command, exit_code=None,
                         error=f"could not start it ({exc.strerror or exc})")

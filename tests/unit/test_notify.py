@@ -17,15 +17,17 @@ def test_command_gets_the_result_in_env_and_the_summary_on_stdin(tmp_path: Path)
     """Exit code, run folder and first summary line in env; the whole summary on stdin."""
     got = notify.run('cat > stdin.txt; printf "%s|%s|%s" "$OOM_SUPERVISOR_EXIT_CODE" '
                      '"$OOM_SUPERVISOR_RUN_DIR" "$OOM_SUPERVISOR_SUMMARY" > env.txt',
-                     exit_code=3, run_dir=tmp_path, summary="ladder exhausted\n  why: spent")
+                     exit_code=3, run_dir=tmp_path / "run",
+                     summary="ladder exhausted\n  why: spent", cwd=tmp_path)
     assert (got.exit_code, got.error) == (0, None)
-    assert (tmp_path / "env.txt").read_text() == f"3|{tmp_path}|ladder exhausted"
+    assert (tmp_path / "env.txt").read_text() == f"3|{tmp_path / 'run'}|ladder exhausted"
     assert (tmp_path / "stdin.txt").read_text() == "ladder exhausted\n  why: spent\n"
 
 
 def test_a_failing_command_is_recorded_with_what_it_said(tmp_path: Path) -> None:
     """A non-zero exit comes back as an error naming the code and the command's stderr."""
     got = notify.run("echo no route to host >&2; exit 7", exit_code=0, run_dir=tmp_path,
+                     cwd=tmp_path,
                      summary="fitted")
     assert got.exit_code == 7
     assert got.error == "exited 7: no route to host"
@@ -50,7 +52,9 @@ def test_cli_notify_is_journaled_and_never_changes_the_exit_code(tmp_path: Path)
          "--notify", "cat > got.txt; echo $OOM_SUPERVISOR_EXIT_CODE >> got.txt; exit 9"],
         capture_output=True, text=True, check=False, timeout=600, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr[-2000:]
-    got = (tmp_path / "n" / "got.txt").read_text()
+    # It ran where oom-supervisor was started: a relative path lands there, not in the run folder.
+    assert not (tmp_path / "n" / "got.txt").exists()
+    got = (tmp_path / "got.txt").read_text()
     assert got.startswith("oom-supervisor: ladder exhausted after 1 attempt(s)")
     assert got.endswith("\n3\n")
     assert "--notify exited 9 (the run's exit code is unchanged: 3)" in proc.stderr

@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "command)")
     plan.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
                       help="device size to plan for (default: the visible GPU's)")
-    plan.add_argument("--dialect", choices=dialect_names(), default=None)
-    plan.add_argument("--knobs", type=Path, default=None, metavar="FILE")
+    plan.add_argument("--dialect", choices=dialect_names(), default=None,
+                      help="how to read the command (default: detected)")
+    plan.add_argument("--knobs", type=Path, default=None, metavar="FILE",
+                      help="a TOML knob map for a script no dialect reads (docs/dialects.md)")
     plan.add_argument("--method", choices=("auto", "fake", "analytic"), default="auto",
                       help="FakeTensor (exact, runs torch in a child) or analytic (default: auto)")
     plan.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after `--`")
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", help="carry on a run whose supervisor died",
                          epilog=EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    res.add_argument("run_dir", type=Path)
+    res.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                     help="the run folder to carry on (runs/<run-id>)")
     res.add_argument("--orphan", choices=("adopt", "end"), default="adopt",
                      help="an attempt still running from the dead supervisor: follow it to its "
                           "end (adopt, default) or end it and run that config again (end)")
@@ -178,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild report.md/json from a run's journal",
                          epilog=REPORT_EXIT_CODES_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    rep.add_argument("run_dir", type=Path)
+    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                     help="the run folder whose report to write again from its journal")
     _add_status_parser(sub)
 
     _add_fits_parser(sub)

@@ -229,6 +229,19 @@ def _output_dir(state: RunState, final: Knobs | None,
     return _sibling(state.config.start, final, final_argv) or final.output_dir
 
 
+def _learning_rate(argv: list[str]) -> float | None:
+    """The learning rate the command line sets (None: not on it, e.g. in a config file)."""
+    for i, word in enumerate(argv):
+        name, eq, value = word.partition("=")
+        if name in ("--learning_rate", "--learning-rate", "--lr"):
+            text = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                return float(text)
+            except ValueError:
+                return None
+    return None
+
+
 def _other_changes(start: Knobs, final: Knobs | None, final_argv: list[str] | None) -> list[str]:
     """What the rungs changed besides memory: the output folder, hyper-parameters kept as set."""
     if final is None or final.finetuning_type == start.finetuning_type:
@@ -238,10 +251,16 @@ def _other_changes(start: Knobs, final: Knobs | None, final_argv: list[str] | No
     if sibling:
         out.append(f"{final.finetuning_type} trains a different parameter set, so it writes to "
                    f"its own folder `{sibling}`, not `{start.output_dir}`")
-    out.append(f"the learning rate and other hyper-parameters chosen for "
-               f"{start.finetuning_type} fine-tuning were kept for {final.finetuning_type}; "
-               f"{final.finetuning_type} usually wants a higher learning rate (LoRA: 1e-4 to "
-               "2e-4 where full fine-tuning uses 1e-5 to 2e-5): check it before the long run")
+    rate = _learning_rate(final_argv or [])
+    if rate is not None and rate >= 1e-4 and final.finetuning_type != "full":  # noqa: PLR2004
+        out.append(f"the learning rate ({rate:g}) was kept for {final.finetuning_type}; it is "
+                   "already in the range adapters usually train at (1e-4 to 2e-4)")
+    else:
+        out.append(f"the learning rate{f' ({rate:g})' if rate is not None else ''} and other "
+                   f"hyper-parameters chosen for {start.finetuning_type} fine-tuning were kept "
+                   f"for {final.finetuning_type}; {final.finetuning_type} usually wants a higher "
+                   "learning rate (LoRA: 1e-4 to 2e-4 where full fine-tuning uses 1e-5 to "
+                   "2e-5): check it before the long run")
     if final.finetuning_type != "full":
         what = "a LoRA adapter" if final.finetuning_type == "lora" else "a partly trained model"
         out.append(f"the result is {what}, not fully fine-tuned weights")

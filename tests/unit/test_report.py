@@ -147,3 +147,18 @@ def test_a_no_data_attempt_is_reported_with_its_verdict_and_evidence() -> None:
     md = report.render_markdown(data)
     assert ("attempt 4: `ValueError: num_samples should be a positive integer value, but got "
             "num_samples=0`") in md
+
+
+def test_lora_learning_rate_advice_only_where_the_rate_is_below_the_lora_range() -> None:
+    """A LoRA result at the command's 2e-4 gets no 'raise it' advice; at 1e-5 it does."""
+    from supervisor.knobs import FinetuningType, Knobs  # noqa: PLC0415
+    from supervisor.report import _other_changes  # noqa: PLC0415
+
+    start = Knobs(per_device_batch=8)
+    final = Knobs(per_device_batch=8, finetuning_type=FinetuningType.LORA, lora_rank=8)
+    high = _other_changes(start, final, ["train.py", "--learning_rate", "2e-4"])
+    low = _other_changes(start, final, ["train.py", "--learning_rate=1e-5"])
+    assert any("already in the range adapters usually train at" in n for n in high)
+    assert not any("usually wants a higher learning rate" in n for n in high)
+    assert any("learning rate (1e-05) and other" in n and "higher learning rate" in n
+               for n in low)

@@ -456,6 +456,7 @@ def render_markdown(data: dict[str, Any]) -> str:
              if s.get("restored") or s.get("skipped") or s.get("note")]
     if notes:
         out += ["", "## Ladder notes", ""]
+        said: set[str] = set()
         for s in notes:
             if s.get("restored"):
                 restored = ", ".join(f"{knob} {_cell(before)} -> {_cell(after)}"
@@ -465,6 +466,9 @@ def render_markdown(data: dict[str, Any]) -> str:
             if s.get("note"):
                 out.append(f"- attempt {s['next_attempt']}: {s['rung']} {s['note']}")
             for skip in s.get("skipped", []):
+                if skip in said:  # the same reason at every step: said once, the journal
+                    continue      # keeps every one
+                said.add(skip)
                 out.append(f"- before attempt {s['next_attempt']}, skipped {skip}")
     troubles = [a for a in data["attempts"] if a.get("escaped") or a.get("wrapper_died")]
     if troubles:
@@ -485,6 +489,10 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _time_section(data: dict[str, Any]) -> list[str]:
     """"Where the time went": goodput, badput by cause, and every accident with its cost."""
     good = data.get("goodput")
@@ -497,7 +505,8 @@ def _time_section(data: dict[str, Any]) -> list[str]:
     out = ["## Where the time went", "",
            (f"Goodput **{progress.describe_share(good['goodput'])}**: "
             f"{human_duration(productive)} of {human_duration(wall)} went into the "
-            f"{steps['kept']} steps {kept_words}; {steps['trained']} steps were trained in all"
+            f"{_count(steps['kept'], 'step')} {kept_words}; "
+            f"{_count(steps['trained'], 'step')} trained in all"
             + (f", {steps['retrained']} of them twice or thrown away." if steps["retrained"]
                else ".")), ""]
     if not good.get("measured"):

@@ -61,6 +61,13 @@ def test_supervisor_fits_real_trl_sft(trl_venv: Path, trl_env: dict[str, str],
     assert finished[-1]["verdict"] == "fits"
     assert result.final_knobs is not None
     assert (result.final_knobs.per_device_batch, result.final_knobs.grad_accum) == (2, 2)
+    # The morning after, under prlimit (no device figure): each attempt's host memory, and the
+    # fitting attempt's throughput as TRL's Trainer measured it.
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert report.count("host memory peak") >= len(finished)
+    assert "## Measured speed" in report
+    assert finished[-1]["cost"]["samples_per_s"] > 0
+    assert finished[-1]["host_peak_mib"] > 100  # noqa: PLR2004
 
 
 def test_lora_rung_renders_flags_real_trl_accepts(trl_venv: Path, trl_env: dict[str, str],

@@ -298,13 +298,26 @@ def render_entries(fits: list[Fit], *, now: float, width: int = 100) -> str:
     header = f"{'KEY':<12}  {'AGE':>4}  {'RUN':<{_RUN_WIDTH}}  KNOBS"
     lines = [header]
     for fit in fits:
-        knobs = " ".join(f"{k}={_short(v)}" for k, v in fit.knobs.items())
+        knobs = " ".join(f"{k}={_short(v)}" for k, v in _ordered(fit.knobs))
         run = (fit.run_id if len(fit.run_id) <= _RUN_WIDTH
                else fit.run_id[:_RUN_WIDTH - 1] + "~")
         age = format_age(now - fit.updated_at)
         line = f"{fit.key[:12]:<12}  {age:>4}  {run:<{_RUN_WIDTH}}  {knobs}"
         lines.append(line if len(line) <= width else line[:width - 1] + "~")
     return "\n".join(lines)
+
+
+_FIRST = ("finetuning_type", "per_device_batch", "grad_accum", "cutoff_len",
+          "gradient_checkpointing", "lora_rank", "quantization_bit", "optimizer",
+          "freeze_trainable_layers", "precision", "world_size")
+_LEFT_OUT = frozenset({"output_dir", "model", "resume_from_checkpoint"})
+
+
+def _ordered(knobs: Mapping[str, object]) -> list[tuple[str, object]]:
+    """What decides memory first (method, batch, accumulation, cutoff), unset knobs left out."""
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    return sorted(((k, v) for k, v in knobs.items() if v is not None and k not in _LEFT_OUT),
+                  key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
 
 
 def _short(value: object) -> str:

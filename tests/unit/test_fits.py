@@ -348,3 +348,17 @@ def _exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exc:  # argparse's own errors exit through parser.exit
         return int(exc.code or 0)
+
+
+def test_render_entries_puts_method_and_batch_first() -> None:
+    """What decides memory first (method, batch, accumulation, cutoff), not alphabetical."""
+    knobs = {"cutoff_len": 512, "deepspeed_stage": None, "expandable_segments": False,
+             "finetuning_type": "lora", "grad_accum": 4, "output_dir": "out",
+             "per_device_batch": 2, "world_size": 1}
+    fit = Fit(key="c" * 64, knobs=knobs, run_id="r1", summary={}, created_at=0.0,
+              updated_at=0.0)
+    line = render_entries([fit], now=60.0, width=200).splitlines()[1]
+    assert line.endswith("finetuning_type=lora per_device_batch=2 grad_accum=4 cutoff_len=512 "
+                         "world_size=1 expandable_segments=false")  # output_dir, None left out
+    cut = render_entries([fit], now=60.0).splitlines()[1]  # 100 columns: the tail is cut
+    assert "  finetuning_type=lora per_device_batch=2 grad_accum=4" in cut

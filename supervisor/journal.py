@@ -198,10 +198,12 @@ class Journal:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)  # never leave half an event behind
-            msg = (f"cannot write the journal {self.path} ({exc.strerror or exc}); the running "
-                   f"attempt was left running: free the space, then `oom-supervisor resume "
-                   f"{self.run_dir}`")
-            raise JournalWriteError(msg) from None
+            # The same words as every other failed write (files.write_failed); the attempt is
+            # left running for `resume` to adopt.
+            said = str(write_failed(self.path, exc, run_dir=self.run_dir,
+                                    then=f"then `oom-supervisor resume {self.run_dir}` "
+                                         "(the running attempt was left running for it)"))
+            raise JournalWriteError(said) from None
         return stamped
 
     def close(self) -> None:

@@ -483,7 +483,8 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
         lost = (f"; most lost to {progress.CAUSES.get(worst[0], worst[0])} "
                 f"({report.human_duration(worst[1])})" if worst else "")
         lines.append(f"  goodput {progress.describe_share(good['goodput'])}: "
-                     f"{good['steps']['kept']} steps kept{lost}")
+                     f"{good['steps']['kept']} step{'' if good['steps']['kept'] == 1 else 's'}"
+                     f" kept{lost}")
     final = data.get("final_knobs")
     if final:
         eb = data.get("effective_batch", {})

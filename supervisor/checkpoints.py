@@ -10,15 +10,13 @@ wrote in its last second to the next one, with the wrong settings.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.events import Checkpoint
 from supervisor.knobs import Knobs
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+from supervisor.trainer_output import CHECKPOINT_NAME
 
 Listing = Mapping[str, int]
 """checkpoint folder path -> its trainer_state.json mtime in ns."""
@@ -42,7 +40,7 @@ def listing(output_dir: str | None, cwd: str | None) -> dict[str, int]:
     found: dict[str, int] = {}
     with contextlib.suppress(OSError):
         for entry in base.iterdir():
-            if not _CHECKPOINT.match(entry.name):
+            if not CHECKPOINT_NAME.match(entry.name):
                 continue
             with contextlib.suppress(OSError):
                 found[str(entry)] = (entry / "trainer_state.json").stat().st_mtime_ns
@@ -54,16 +52,10 @@ def written(before: Listing, after: Listing) -> list[tuple[str, int]]:
     out = []
     for path, mtime in after.items():
         if before.get(path) != mtime:
-            match = _CHECKPOINT.match(Path(path).name)
+            match = CHECKPOINT_NAME.match(Path(path).name)
             if match:
                 out.append((path, int(match.group(1))))
     return sorted(out, key=lambda c: c[1])
-
-
-def step_of(path: str | None) -> int:
-    """The step number in a `checkpoint-N` path (0 when it is none)."""
-    match = _CHECKPOINT.match(Path(path).name) if path else None
-    return int(match.group(1)) if match else 0
 
 
 def incompatible(before: Knobs, after: Knobs) -> str | None:

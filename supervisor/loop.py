@@ -66,7 +66,7 @@ from supervisor.plan import START, next_runnable
 from supervisor.policy import GiveUp, Ladder, Step, next_step
 from supervisor.runconfig import build_config
 from supervisor.secrets import Redactor
-from supervisor.trainer_output import Watchdog
+from supervisor.trainer_output import Watchdog, step_of
 
 log = structlog.get_logger(__name__)
 E = TypeVar("E", bound=Event)
@@ -601,7 +601,7 @@ def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,
         _emit(live, RetryScheduled(
             attempt=state.done, delay_s=round(delay, 2), retry=current.failures + current.lost,
             verdict=str(verdict.kind), checkpoint=knobs.resume_from_checkpoint,
-            step=progress.step_of(knobs.resume_from_checkpoint)))
+            step=step_of(knobs.resume_from_checkpoint)))
         if delay:
             live.sleep(delay)  # Event.wait in the CLI: a signal cuts the backoff short
         if live.stop.graceful.is_set():
@@ -695,7 +695,7 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
              if measured.steps is not None else None)
     if steps is None and wrote:
         # Any HF-style trainer: its newest checkpoint says how far it got.
-        resumed_from = checkpoints.step_of(knobs.resume_from_checkpoint)
+        resumed_from = step_of(knobs.resume_from_checkpoint)
         steps = {"steps": max(step for _, step in wrote), "resumed_from_step": resumed_from}
     duration = outcome.duration_s
     record = live.state().attempt(number)

@@ -20,7 +20,6 @@ Pure.
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from supervisor.events import (
     RunState,
     TerminalLost,
 )
+from supervisor.trainer_output import step_of
 
 _NOISE_S = 0.05
 """Badput causes under this many seconds are left out of report.json."""
@@ -222,12 +222,6 @@ class Goodput:
             "accidents": [{"at": round(a.at, 2), "what": a.what, "cost_s": round(a.cost_s, 1),
                            "steps_lost": a.steps_lost} for a in self.accidents],
         }
-
-
-def step_of(path: str | None) -> int:
-    """The step number in a `checkpoint-N` path (0 when it is none)."""
-    match = re.match(r"^checkpoint-(\d+)$", Path(path).name) if path else None
-    return int(match.group(1)) if match else 0
 
 
 def _samples(record: AttemptRecord) -> list[tuple[int, float]]:

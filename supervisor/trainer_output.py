@@ -33,6 +33,16 @@ _LF_STEPS = re.compile(rb"""['"]current_steps['"]:\s*(\d+),\s*['"]total_steps['"
 # An HF Trainer log dict: training has begun even where no step number is printed.
 _LOG_DICT = (b"{'loss':", b'{"loss":', b"'train_runtime':", b'"train_runtime":')
 
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+"""A Hugging Face Trainer checkpoint folder's name; N is the global step it holds."""
+
+
+def step_of(path: str | None) -> int:
+    """The step number in a `checkpoint-N` path (0 when it is none)."""
+    match = CHECKPOINT_NAME.match(Path(path).name) if path else None
+    return int(match.group(1)) if match else 0
+
+
 _RESULT_PREFIX = "reference-trainer.result "
 
 

@@ -516,7 +516,7 @@ def _time_section(data: dict[str, Any]) -> list[str]:
         out += [f"![where the time went]({data['time_plot']})", ""]
     out += ["| where | time | share |", "| --- | ---: | ---: |",
             (f"| training kept | {human_duration(productive)} | "
-            f"{progress.describe_share(productive / wall)} |")]
+            f"{progress.describe_share(good['goodput'])} |")]
     for cause, label in progress.CAUSES.items():
         seconds = good["badput_s"].get(cause)
         if seconds:

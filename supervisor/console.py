@@ -378,10 +378,13 @@ def _step_line(event: Mapping[str, Any]) -> str | None:
                                              for k, b, a in restored))
     if event.get("note"):
         parts.append(str(event["note"]))
-    parts += [f"skipped {s}" for s in event.get("skipped") or []]
-    if not parts:
+    # A rung passed over is said first, as its own clause: read after the next rung's name it
+    # reads as if that rung did the skipping.
+    passed = [f"not taking {s}" for s in event.get("skipped") or []]
+    if not parts and not passed:
         return None  # the next attempt's line names its rung
-    return f"  next: {event.get('rung')} {'; '.join(parts)}"
+    step = f"next: {event.get('rung')}" + (f" {'; '.join(parts)}" if parts else "")
+    return "  " + "; ".join([*passed, step])
 
 
 def _generic(name: str, event: Mapping[str, Any], method: str) -> str:

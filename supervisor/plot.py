@@ -67,7 +67,15 @@ def figure(data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a matplotlib Figur
     xs = list(range(len(attempts)))
     heights = [bar_height(a) for a in attempts]
     colours = [VERDICT_COLOURS.get(str(a.get("verdict")), "#9e9e9e") for a in attempts]
-    ax.bar(xs, heights, color=colours, gid="attempts")
+    bars = ax.bar(xs, heights, color=colours, gid="attempts")
+    for bar, a, height in zip(bars, attempts, heights, strict=True):
+        if a.get("verdict") == "oom" and height:
+            # An OOM's figure is a lower bound (what was held plus the allocation that failed),
+            # not a peak: hatched, marked ">=", so it never reads as a measured height.
+            bar.set_hatch("///")
+            bar.set_edgecolor("white")
+            ax.annotate(f">={height:.0f}", (bar.get_x() + bar.get_width() / 2, height),
+                        ha="center", va="bottom", fontsize=6, gid="at-least")
     predicted = [(x, a["predicted_mib"]) for x, a in zip(xs, attempts, strict=True)
                  if a.get("predicted_mib")]
     if predicted:
@@ -76,17 +84,19 @@ def figure(data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a matplotlib Figur
     device = data.get("device_mib")
     if device:
         ax.axhline(device, color="black", linestyle="--", linewidth=1, gid="device")
-    ax.set_xticks(xs, [f"{a['attempt']}\n{a.get('rung') or 'as given'}" for a in attempts],
-                  fontsize=7, rotation=30, ha="right")
+    ax.set_xticks(xs, [_label(a) for a in attempts], fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("MiB host memory, resident peak" if host_only(data)
-                  else "MiB (peak; an OOM: at least)")
+                  else "MiB (peak; an OOM, hatched: at least)")
     ax.set_title(f"run {data.get('run_id')}: memory per attempt", fontsize=10)
     seen = []
     for a in attempts:
         verdict = str(a.get("verdict"))
         if verdict not in seen:
             seen.append(verdict)
-    handles: list[Any] = [Patch(color=VERDICT_COLOURS.get(v, "#9e9e9e"), label=v) for v in seen]
+    handles: list[Any] = [
+        Patch(facecolor=VERDICT_COLOURS.get(v, "#9e9e9e"), edgecolor="white",
+              hatch="///" if v == "oom" else None,
+              label="oom (at least)" if v == "oom" else v) for v in seen]
     if predicted:
         handles.append(Line2D([], [], linestyle="none", marker="_", markersize=12,
                               markeredgewidth=2.5, color="black", label="predicted"))
@@ -96,6 +106,14 @@ def figure(data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a matplotlib Figur
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
+
+
+def _label(attempt: Mapping[str, Any]) -> str:
+    """An x label: the attempt, its rung and the config it ran (four "smaller-batch" rungs
+    differ only there)."""
+    head = f"{attempt['attempt']} {attempt.get('rung') or 'as given'}"
+    config = attempt.get("config")
+    return f"{head}\n{config}" if config else head
 
 
 def write(path: Path, data: Mapping[str, Any]) -> Path | None:

@@ -188,6 +188,7 @@ def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
         "knobs": started.knobs.to_dict(), "argv": list(started.argv), "log_dir": started.log_dir,
         "started_at": started.ts, "verdict": "running",
     }
+    row["config"] = describe_knobs(row["knobs"], short=True)
     if done is not None:
         row.update({"verdict": done.verdict, "oom_kind": done.oom_kind,
                     "evidence": done.evidence, "numbers": dict(done.numbers or {}),

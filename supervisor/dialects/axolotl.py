@@ -305,6 +305,11 @@ def _precision(merged: dict[str, Any],
                 return precision.value, said(name)
             if isinstance(value, str) and value.lower() == "auto":
                 return precision.value, Source.ASSUMED  # bf16 where the device has it
+    # fp32: the file's own word where it switches the half precisions off (`bf16: false`),
+    # the family's default only where it names neither.
+    said_off = [n for n in ("bf16", "bfloat16", "fp16", "float16") if merged.get(n) is False]
+    if said_off:
+        return Precision.FP32.value, said(said_off[0])
     return Precision.FP32.value, Source.KNOWN_DEFAULT
 
 

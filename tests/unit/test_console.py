@@ -62,11 +62,11 @@ def test_a_skip_reason_is_said_once_a_run(tmp_path: Path) -> None:
     console.attach(run)
     reason = "expandable-segments: the OOM shows no fragmentation"
     first = console.line("ladder.stepped", {"rung": "smaller-batch", "skipped": [reason]})
-    assert first == f"  next: smaller-batch skipped {reason}"
+    assert first == f"  not taking {reason}; next: smaller-batch"
     assert console.line("ladder.stepped", {"rung": "lora", "skipped": [reason]}) is None
     other = "qlora: bitsandbytes is not importable in the command's interpreter"
     assert console.line("ladder.stepped", {"rung": "lora", "skipped": [reason, other]}) == (
-        f"  next: lora skipped {other}")
+        f"  not taking {other}; next: lora")
 
 
 def test_json_tee_keeps_early_events_and_writes_json_lines(tmp_path: Path) -> None:

@@ -198,3 +198,16 @@ def test_full_to_qlora_in_one_step_renames_the_folder_for_the_adapter(cwd: Path)
     assert (cwd / "a" / "full.yml").read_text(encoding="utf-8") == FULL_YML + (
         "adapter: qlora\nlora_r: 8\nlora_alpha: 16\nlora_target_linear: true\n"
         "load_in_4bit: true\nload_in_8bit: false\noutput_dir: ./model-out-lora-r8\n")
+
+
+@pytest.mark.parametrize(("extra", "source"), [
+    ("bf16: false\n", "config_file"),        # the file's own word: fp32
+    ("fp16: false\nbf16: false\n", "config_file"),
+    ("", "known_default"),                   # the file names neither: axolotl's default
+])
+def test_fp32_is_labelled_with_where_it_was_read(cwd: Path, extra: str, source: str) -> None:
+    """`bf16: false` is the user's own word, not a family default (issue 17)."""
+    (cwd / "p.yml").write_text(FULL_YML + extra, encoding="utf-8")
+    reading = D.read_sourced(cmd("axolotl train p.yml", cwd))
+    assert reading.knobs.precision == "fp32"
+    assert reading.sources["precision"] == source

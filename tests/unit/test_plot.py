@@ -30,8 +30,15 @@ def test_one_bar_per_attempt_and_the_device_line() -> None:
     assert len(device) == 1
     assert device[0].get_ydata()[0] == 70
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels[0] == "1\nas given"
-    assert labels[6] == "7\nlora"
+    # Each label names the config, so four "smaller-batch" rungs are told apart.
+    assert labels[0] == "1 as given\nfull b4x1 cut 1024"
+    assert labels[6].startswith("7 lora\nLoRA r8 ")
+    assert len(set(labels)) == len(labels)
+    # An OOM's figure is a lower bound: hatched and marked ">=", the fit is a plain bar.
+    assert [b.get_hatch() for b in bars] == ["///"] * 9 + [None]
+    marks = [t.get_text() for t in ax.texts if t.get_gid() == "at-least"]
+    assert len(marks) == 9
+    assert all(m.startswith(">=") for m in marks)
 
 
 def test_predicted_peaks_are_drawn_where_there_are_some() -> None:

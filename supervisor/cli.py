@@ -30,6 +30,7 @@ from supervisor.estimate import (
     Estimator,
     ModelSpec,
     ModelSpecError,
+    fits,
     model_argument,
     model_name,
     pick_python,
@@ -648,13 +649,38 @@ def _memory(args: argparse.Namespace, command: Command) -> Memory:
                                   python=python)
         except ModelSpecError as exc:
             log.info("estimate.unavailable", reason=str(exc))
-    if predictor is not None and args.policy:
-        # One batch of child processes for the whole walk, rather than one per step.
+    began = time.monotonic()
+    if predictor is not None and args.policy and device_mib is not None:
         with contextlib.suppress(Exception):
             reading = _dialect(args, command).read_sourced(command)
-            predictor.predict_many([k for k, _ in walk_plan(reading.knobs, resolve(args.policy),
-                                                            can_set=reading.can_set)])
-    return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe)
+            configs = [k for k, _ in walk_plan(reading.knobs, resolve(args.policy),
+                                               can_set=reading.can_set)]
+            _predict_ahead(predictor, configs, device_mib)
+    spent = round(time.monotonic() - began, 2) if predictor is not None else None
+    return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe,
+                  predicted_s=spent)
+
+
+PREDICT_FIRST = 4
+"""Configs of the walk predicted in the first batch; each later batch is twice as many."""
+
+
+def _predict_ahead(predictor: Estimator, configs: Sequence[Knobs], device_mib: float) -> None:
+    """Predict the walk in order, in growing batches (one child process each), up to the first
+    batch that holds a config predicted to fit: a config the loop then needs is cached, and a
+    start that fits costs one small batch instead of the whole walk. The loop predicts any
+    config past these (after a real OOM) when it gets there."""
+    done, size = 0, PREDICT_FIRST
+    log.info("estimate.predicting", configs=len(configs),
+             how="in the walk's order until one is predicted to fit")
+    while done < len(configs):
+        batch = configs[done:done + size]
+        predictions = predictor.predict_many(batch)
+        done += len(batch)
+        if any(fits(p, device_mib, margin=0.0) for p in predictions):
+            break
+        size *= 2
+    log.info("estimate.predicted", configs=done, of=len(configs))
 
 
 _DEMO_NEEDS = ("torch", "transformers", "peft")

@@ -72,6 +72,8 @@ class RunConfig:
     estimate: bool = False
     """Whether configs predicted over the device may be skipped without running."""
     estimate_margin: float = 0.0
+    estimate_s: float | None = None
+    """Seconds the estimator's predictions took before the run started (in its wall time)."""
     gpu_note: str | None = None
     """Why GPU sampling is unavailable, if it is."""
     env_added: Mapping[str, str] = field(default_factory=dict)
@@ -315,6 +317,24 @@ class EstimateDistrusted(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EstimateChecking(Event):
+    """Every remaining config was predicted clearly over the device: the one predicted
+    smallest runs once for real; if it OOMs too, nothing fits and the run stops there."""
+
+    KIND: ClassVar[str] = "estimate.checking"
+    reason: str
+    knobs: Knobs
+    predicted_mib: float
+
+    @classmethod
+    def from_record(cls, data: Mapping[str, Any]) -> Self:
+        """Knobs come back as Knobs."""
+        values = _checked(cls, _known(cls, data))
+        values["knobs"] = Knobs.from_dict(dict(_mapping(data.get("knobs"), "knobs")))
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LadderStepped(Event):
     """The policy chose the next config after an OOM."""
 
@@ -444,9 +464,9 @@ class RunFinished(Event):
 EVENT_TYPES: Mapping[str, type[Event]] = {
     cls.KIND: cls for cls in (
         RunStarted, RunResumed, AttemptStarted, AttemptSpawned, AttemptFinished, RungSkipped,
-        EstimateDistrusted, LadderStepped, RetryScheduled, CheckpointResumed, CheckpointSkipped,
-        GpuHeld, TerminalLost, SignalReceived, LadderExhausted, FinalWritten, Notified,
-        RunFinished,
+        EstimateDistrusted, EstimateChecking, LadderStepped, RetryScheduled, CheckpointResumed,
+        CheckpointSkipped, GpuHeld, TerminalLost, SignalReceived, LadderExhausted, FinalWritten,
+        Notified, RunFinished,
     )
 }
 """Every event the journal may hold, by its `event` name."""
@@ -524,6 +544,9 @@ class RunState:
     checkpoints: tuple[Checkpoint, ...] = ()
     progress: tuple[CheckpointResumed | CheckpointSkipped, ...] = ()
     distrusted: bool = False
+    checking: EstimateChecking | None = None
+    """The check of the config predicted smallest, when every remaining one was predicted
+    clearly over the device."""
     held: str | None = None
     final: FinalWritten | None = None
     finished: RunFinished | None = None
@@ -587,6 +610,7 @@ def replay_events(events: Sequence[Event]) -> RunState:
     progress: list[CheckpointResumed | CheckpointSkipped] = []
     resumes: list[RunResumed] = []
     distrusted = False
+    checking: EstimateChecking | None = None
     held: str | None = None
     final: FinalWritten | None = None
     finished: RunFinished | None = None
@@ -611,6 +635,8 @@ def replay_events(events: Sequence[Event]) -> RunState:
                                     verdict=SKIPPED_VERDICT))
             case EstimateDistrusted():
                 distrusted = True
+            case EstimateChecking():
+                checking = event
             case LadderStepped():
                 steps.append(event)
             case CheckpointResumed() | CheckpointSkipped():
@@ -632,7 +658,8 @@ def replay_events(events: Sequence[Event]) -> RunState:
     return RunState(config=first.config, started_at=first.ts, events=tuple(events),
                     attempts=tuple(attempts[n] for n in sorted(attempts)), walk=tuple(walk),
                     skipped=tuple(skipped), steps=tuple(steps), checkpoints=tuple(checkpoints),
-                    progress=tuple(progress), distrusted=distrusted, held=held, final=final,
+                    progress=tuple(progress), distrusted=distrusted, checking=checking,
+                    held=held, final=final,
                     finished=finished, resumes=tuple(resumes), last_ts=events[-1].ts)
 
 

@@ -39,6 +39,7 @@ from supervisor.events import (
     AttemptStarted,
     CheckpointResumed,
     CheckpointSkipped,
+    EstimateChecking,
     EstimateDistrusted,
     Event,
     FinalWritten,
@@ -62,7 +63,7 @@ from supervisor.files import write_file
 from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, read
 from supervisor.knobs import Knobs
-from supervisor.plan import START, next_runnable
+from supervisor.plan import START, Skip, next_runnable
 from supervisor.policy import GiveUp, Ladder, Step, next_step
 from supervisor.runconfig import build_config
 from supervisor.secrets import Redactor
@@ -138,6 +139,8 @@ class Memory:
     real, since skipping it moves the run to a rung that costs quality (plan's recommendation
     keeps a 10% margin)."""
     gpu: GpuProbe | None = None
+    predicted_s: float | None = None
+    """Seconds the predictions took before the run (the run's wall time counts them)."""
 
     @property
     def can_skip(self) -> bool:
@@ -309,7 +312,8 @@ def _emit(live: _Live, event: E) -> E:
               and v not in (None, [], {}, (), False)}
     level = ("error" if stamped.KIND == "ladder.exhausted" else
              "warning" if stamped.KIND in ("gpu.held", "transient.retrying", "terminal.lost",
-                                           "signal.received", "estimate.distrusted") else "info")
+                                           "signal.received", "estimate.distrusted",
+                                           "estimate.checking") else "info")
     getattr(live.log, level)(stamped.KIND, **fields)
     return stamped
 
@@ -553,6 +557,9 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
                                      device_mib=device, margin=memory.margin,
                                      can_set=live.config.can_set)
     if isinstance(candidate, GiveUp) and skips:
+        checked = _nothing_fits(live, state, candidate, skips, device)
+        if checked is not None:
+            return checked
         smallest = min(s.prediction.peak_mib for s in skips)
         _emit(live, EstimateDistrusted(reason=(
             f"every remaining config is predicted over the {device:g} MiB device (smallest "
@@ -567,6 +574,44 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
                                 predicted_mib=round(skip.prediction.peak_mib, 1),
                                 method=str(skip.prediction.method), reason=skip.reason))
     return candidate
+
+
+CLEARLY_OVER = 1.10
+"""A prediction this far over the device is trusted to say "does not fit": twice the
+estimator's measured error (within 5 % of the peak, docs/memory.md)."""
+
+
+def _nothing_fits(live: _Live, state: RunState, candidate: GiveUp, skips: Sequence[Skip],
+                  device: float) -> Step | GiveUp | None:
+    """Every remaining config is predicted over the device: check the one predicted smallest.
+
+    Where even that one is predicted clearly over (CLEARLY_OVER), it runs once for real
+    (journaled as `estimate.checking`): if it fits, the predictions were wrong and the run
+    has its fit; if it OOMs, every other config is predicted larger still and the run stops
+    there, exhausted, instead of walking every rung for real. None: near the edge, where the
+    predictions are distrusted and the walk goes on for real (the caller's rule).
+    """
+    smallest = min(skips, key=lambda s: s.prediction.peak_mib)
+    if state.checking is not None:
+        reason = (f"nothing fits: {state.checking.reason}; it did not fit either, and every "
+                  "other config the ladder reaches is predicted larger")
+        return GiveUp(reason=reason, spent=candidate.spent, skipped=candidate.skipped)
+    if smallest.prediction.peak_mib < device * CLEARLY_OVER:
+        return None
+    for skip in skips:
+        if skip is not smallest:
+            _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
+                                    changed=_changes(live.config.walk_start, skip.knobs),
+                                    predicted_mib=round(skip.prediction.peak_mib, 1),
+                                    method=str(skip.prediction.method), reason=skip.reason))
+    said = report.describe_knobs(smallest.knobs.to_dict(), short=True)
+    _emit(live, EstimateChecking(
+        knobs=smallest.knobs, predicted_mib=round(smallest.prediction.peak_mib, 1),
+        reason=(f"every config the ladder reaches is predicted over the {device:g} MiB device; "
+                f"the smallest, {said} ({smallest.prediction.peak_mib:.0f} MiB predicted), "
+                "runs once to check")))
+    return Step(knobs=smallest.knobs, rung=smallest.rung or START,
+                note="checking the config predicted smallest")
 
 
 def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,

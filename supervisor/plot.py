@@ -137,7 +137,8 @@ def _save(fig: Any, path: Path) -> Path:  # noqa: ANN401 - a matplotlib Figure (
 TIME_COLOURS: Mapping[str, str] = {
     "kept": "#2e7d32", "startup": "#90a4ae", "oom": "#c62828", "retrained": "#f9a825",
     "hang": "#ef6c00", "failed": "#6a1b9a", "backoff": "#8d6e63", "gpu_wait": "#0277bd",
-    "down": "#212121", "interrupted": "#757575", "supervisor": "#bdbdbd", "running": "#1565c0",
+    "down": "#212121", "prediction": "#7e57c2", "interrupted": "#757575",
+    "supervisor": "#bdbdbd", "running": "#1565c0",
 }
 """Segment colour per cause in goodput.png."""
 

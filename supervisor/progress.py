@@ -148,6 +148,7 @@ CAUSES: Mapping[str, str] = {
     "gpu_wait": "waiting for GPU memory",
     "down": "supervisor down",
     "interrupted": "interrupted attempts",
+    "prediction": "memory prediction before attempt 1",
     "supervisor": "supervisor (probe, prediction, reports)",
     "running": "the attempt running now (counted when it ends)",
 }
@@ -264,7 +265,9 @@ def _lineage(state: RunState) -> tuple[dict[int, int], bool]:
 def goodput(state: RunState, *, now: float | None = None) -> Goodput:
     """Where the run's wall time went, from its journal alone."""
     end = state.finished.ts if state.finished else (now if now is not None else state.last_ts)
-    begin = state.started_at
+    # The estimator's predictions ran before run.started: the run's wall time begins there.
+    predicted = state.config.estimate_s or 0.0
+    begin = state.started_at - predicted
     kept_upto, provisional = _lineage(state)
     intervals: list[tuple[float, float, str, int]] = []
     """(start, end, cause, priority): the highest priority covering a moment names it."""
@@ -331,6 +334,8 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
                 at=finish, what=_describe(record, verdict, resumed, reached),
                 cost_s=sum(v for k, v in parts.items() if k != "train"),
                 steps_lost=lost_steps))
+    if predicted:
+        intervals.append((begin, state.started_at, "prediction", 1))
     events = state.events
     for i, event in enumerate(events):
         if isinstance(event, RetryScheduled):

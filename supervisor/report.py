@@ -75,6 +75,7 @@ def build(state: RunState) -> dict[str, Any]:
         "device_mib": config.device_mib,
         "device_source": config.device_source,
         "estimate_distrusted": state.distrusted,
+        "estimate_checking": state.checking.reason if state.checking else None,
         "skipped_on_prediction": [
             {"rung": s.rung, "changed": dict(s.changed), "predicted_mib": s.predicted_mib,
              "method": s.method, "reason": s.reason} for s in state.skipped],
@@ -96,7 +97,9 @@ def build(state: RunState) -> dict[str, Any]:
                        if config.remembered else None),
         "goodput": _goodput(state),
         "oom_verdicts": sum(1 for a in attempts if a["verdict"] == "oom"),
-        "duration_s": round((end.ts if end else state.last_ts) - state.started_at, 3),
+        "duration_s": round((end.ts if end else state.last_ts) - state.started_at
+                            + (config.estimate_s or 0.0), 3),
+        "estimate_s": config.estimate_s,
         "assumed": [k for k in _SHOWN_KNOBS if config.start_sources.get(k) == "assumed"],
         "output_dir": _output_dir(state, final, final_argv),
         "other_changes": _other_changes(start, final, final_argv),
@@ -398,7 +401,9 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += [f"- Started: {local_time(data.get('started_at'))}",
             (f"- Ended: {local_time(data.get('ended_at'))}" if data.get("ended_at")
              else "- Ended: not yet (the journal ends while an attempt runs)"),
-            f"- Total time: {human_duration(data.get('duration_s'))}",
+            f"- Total time: {human_duration(data.get('duration_s'))}"
+            + (f", of which {human_duration(data['estimate_s'])} predicting memory before "
+               "attempt 1" if data.get("estimate_s") else ""),
             f"- Command: `{shlex.join(data['command'])}`"]
     if data.get("cwd"):
         out += [f"- Directory: `{data['cwd']}`"]
@@ -444,6 +449,8 @@ def render_markdown(data: dict[str, Any]) -> str:
                                 for k, v in s.get("changed", {}).items())
             label = f"{s['rung']} ({changed})" if s.get("rung") else "the command as given"
             out.append(f"- {label}: {s['reason']}")
+    if data.get("estimate_checking"):
+        out.append(f"- checked for real instead of skipped: {data['estimate_checking']}")
     if data.get("progress"):
         out += ["", "## Progress kept across attempts", ""]
         for p in data["progress"]:

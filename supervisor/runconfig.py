@@ -35,6 +35,10 @@ class MemorySetup(Protocol):
         """The prediction margin."""
 
     @property
+    def predicted_s(self) -> float | None:
+        """Seconds the predictions took before the run."""
+
+    @property
     def gpu(self) -> object:
         """The GPU probe (its `unavailable` note is recorded)."""
 
@@ -87,7 +91,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
         max_attempts=max_attempts or ladder.max_attempts,
         device_mib=memory.device_mib, device_source=device_source,
         inject_device_memory=inject_device_memory, estimate=memory.predictor is not None,
-        estimate_margin=memory.margin,
+        estimate_margin=memory.margin, estimate_s=memory.predicted_s,
         gpu_note=getattr(memory.gpu, "unavailable", None) if memory.gpu is not None else None,
         env_added=kept_environment(env), secret_names=tuple(sorted(placeholders | env_secrets)),
         fits_key=fits_key, remembered=remembered, remembered_from=remembered_from,

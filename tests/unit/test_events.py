@@ -14,6 +14,7 @@ from supervisor.events import (
     AttemptFinished,
     AttemptSpawned,
     AttemptStarted,
+    EstimateChecking,
     EstimateDistrusted,
     Event,
     JournalError,
@@ -50,6 +51,8 @@ def _sample(cls: type[Event]) -> Any:  # noqa: ANN401 - one instance of each eve
                                             checkpoints=[["/o/checkpoint-2", 2]]),
         "rung.skipped": RungSkipped(rung="smaller-batch", knobs=START, predicted_mib=90.0,
                                     method="fake", reason="predicted 90 MiB > 70 MiB"),
+        "estimate.checking": EstimateChecking(knobs=START, predicted_mib=90.0,
+                                              reason="every config predicted over"),
     }
     if cls.KIND in samples:
         return samples[cls.KIND]

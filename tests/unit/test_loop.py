@@ -171,15 +171,16 @@ class _Everything:
         return 1.0
 
 
-def test_when_every_config_is_predicted_over_the_walk_starts_at_the_command(
+def test_when_every_config_is_predicted_just_over_the_walk_starts_at_the_command(
         tmp_path: Path) -> None:
-    """Predictions all over the device: distrusted, journaled, and the command's own config runs
-    first, so skipping never lands the run on a more degraded config than the walk would."""
+    """Predictions all over the device but near its edge (the smallest 72 MiB on 70, under
+    CLEARLY_OVER): distrusted, journaled, and the command's own config runs first, so skipping
+    never lands the run on a more degraded config than the walk would."""
     runner = ScriptedRunner([OOM, FITS])
     result = supervise(Command(argv=tuple(shlex.split(START)), cwd=str(tmp_path)),
                        dialect=ArgvDialect(), ladder=resolve("default"),
                        run_dir=tmp_path / "run", run_attempt=runner, echo=False, env={},
-                       memory=Memory(predictor=_Everything(10_000.0), device_mib=70.0))
+                       memory=Memory(predictor=_Everything(72.0), device_mib=70.0))
     assert result.exit_code is ExitCode.FITTED
     events = list(read(tmp_path / "run" / "journal.jsonl").records)
     kinds = [e["event"] for e in events]
@@ -189,6 +190,35 @@ def test_when_every_config_is_predicted_over_the_walk_starts_at_the_command(
     assert "--per_device_train_batch_size 4" in shlex.join(runner.specs[1].argv)
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Skipped" not in md
+
+
+@pytest.mark.parametrize(("verdicts", "code"), [([OOM], ExitCode.EXHAUSTED),
+                                               ([FITS], ExitCode.FITTED)])
+def test_when_every_config_is_predicted_clearly_over_the_smallest_is_checked_once(
+        tmp_path: Path, verdicts: list[Any], code: ExitCode) -> None:
+    """Every config predicted far over the device (issue 19: `run` walked all 16 rungs where
+    the estimator rightly said nothing fits): the config predicted smallest runs once. An OOM
+    there ends the run, exhausted, after that one attempt, with the account; a fit there is
+    the run's fit (the predictions were wrong)."""
+    runner = ScriptedRunner(list(verdicts))
+    result = supervise(Command(argv=tuple(shlex.split(START)), cwd=str(tmp_path)),
+                       dialect=ArgvDialect(), ladder=resolve("default"),
+                       run_dir=tmp_path / "run", run_attempt=runner, echo=False, env={},
+                       memory=Memory(predictor=_Everything(10_000.0), device_mib=70.0))
+    assert result.exit_code is code
+    assert len(runner.specs) == 1
+    assert "--per_device_train_batch_size 1" in shlex.join(runner.specs[0].argv)
+    events = list(read(tmp_path / "run" / "journal.jsonl").records)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("estimate.checking") == 1
+    assert "estimate.distrusted" not in kinds
+    assert kinds.index("estimate.checking") < kinds.index("attempt.started")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "checked for real instead of skipped" in md
+    if code is ExitCode.EXHAUSTED:
+        exhausted = next(e for e in events if e["event"] == "ladder.exhausted")
+        assert exhausted["reason"].startswith("nothing fits: every config the ladder reaches")
+        assert "it did not fit either" in exhausted["reason"]
 
 
 def test_a_remembered_fit_is_where_the_walk_starts_and_it_only_goes_down(

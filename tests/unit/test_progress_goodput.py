@@ -146,6 +146,24 @@ def test_goodput_counts_the_supervisor_down_and_an_adopted_attempt_whole() -> No
     assert any("gone 40 s until `resume`" in a.what for a in good.accidents)
 
 
+def test_the_predictions_before_the_run_are_in_its_wall_time() -> None:
+    """25 s of predictions before run.started (issue 19: left out of "Total time") are part
+    of the wall time, as their own cause, and the report's total says so."""
+    from supervisor import report  # noqa: PLC0415
+
+    records = _night()
+    records[0] = {**records[0], "config": {**records[0]["config"], "estimate_s": 25.0}}
+    base = progress.goodput(replay(_night()))
+    good = progress.goodput(replay(records))
+    assert good.wall_s == pytest.approx(base.wall_s + 25.0, abs=0.01)
+    assert good.badput["prediction"] == pytest.approx(25.0, abs=0.01)
+    assert good.productive_s == pytest.approx(base.productive_s)
+    assert good.productive_s + sum(good.badput.values()) == pytest.approx(good.wall_s, abs=0.01)
+    data = report.build(replay(records))
+    assert data["duration_s"] == pytest.approx(report.build(replay(_night()))["duration_s"] + 25)
+    assert "of which 25.0 s predicting memory before attempt 1" in report.render_markdown(data)
+
+
 def _upto_second_failure() -> list[dict[str, Any]]:
     records = _night()
     at = next(i for i, r in enumerate(records)

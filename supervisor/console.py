@@ -114,6 +114,7 @@ class Console:
         self._saved: tuple[Any, Any] | None = None
         self._lost = False
         self._said: set[str] = set()  # skip reasons already shown: each is said once a run
+        self._skips: list[Mapping[str, Any]] = []  # rung.skipped in a row: said as one line
 
     # --- wiring -------------------------------------------------------------------------------
 
@@ -169,9 +170,33 @@ class Console:
         return f"{clock_time(self._clock())} {line}"
 
     def line(self, name: str, event: Mapping[str, Any], method: str = "info") -> str | None:
-        """The settled line for one event, or None when the console leaves it out."""
-        if name in _SILENT:
+        """The settled line for one event, or None when the console leaves it out.
+
+        Configs skipped on their predictions come in a row (26 on a small device): they are
+        said as one line, before the next event's (report.md lists each)."""
+        if name == "rung.skipped":
+            self._skips.append(dict(event))
             return None
+        skips = self._skipped_line()
+        line = None if name in _SILENT else self._line(name, event, method)
+        if skips is None:
+            return line
+        return skips if line is None else f"{skips}\n{line}"
+
+    def _skipped_line(self) -> str | None:
+        skips, self._skips = self._skips, []
+        if not skips:
+            return None
+        if len(skips) == 1:
+            return (f"skipped {skips[0].get('rung') or 'the command as given'} without running "
+                    f"it: {skips[0].get('reason')}")
+        peaks = [float(s["predicted_mib"]) for s in skips if s.get("predicted_mib")]
+        span = f" ({min(peaks):.0f}-{max(peaks):.0f} MiB)" if peaks else ""
+        return (f"skipped {len(skips)} configs without running them, each predicted over the "
+                f"device{span}: {skips[0].get('rung') or 'the command as given'} ... "
+                f"{skips[-1].get('rung')}; report.md lists each")
+
+    def _line(self, name: str, event: Mapping[str, Any], method: str) -> str | None:
         if name in ("run.started", "run.resumed", "attempt.started", "attempt.finished",
                     "ladder.stepped"):
             self._reload()
@@ -197,9 +222,6 @@ class Console:
             fresh = [s for s in event.get("skipped") or [] if s not in self._said]
             self._said.update(fresh)
             return _step_line({**event, "skipped": fresh})
-        if name == "rung.skipped":
-            return (f"skipped {event.get('rung') or 'the command as given'} without running "
-                    f"it: {event.get('reason')}")
         return _generic(name, event, method)
 
     # --- the live line ------------------------------------------------------------------------

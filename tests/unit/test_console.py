@@ -92,3 +92,21 @@ def test_a_rung_that_left_no_data_is_said_as_such(tmp_path: Path) -> None:
         "! attempt 4 left the trainer no data after 25.4 s · shorter-cutoff: full b1x2 cut 256 "
         "ckpt · ValueError: num_samples should be a positive integer value, but got "
         "num_samples=0 · that rung is spent, the ladder walks on")
+
+
+def test_configs_skipped_in_a_row_are_one_line() -> None:
+    """26 configs skipped on their predictions were 26 console lines: now one, said before
+    the next event's line; a single skip keeps its own reason."""
+    console = Console(io.StringIO(), live=False, clock=lambda: 0.0)
+    for rung, mib in ((None, 597.0), ("smaller-batch", 349.0), ("lora", 51.0)):
+        assert console.line("rung.skipped", {"rung": rung, "predicted_mib": mib,
+                                             "reason": f"predicted {mib} > 10 MiB"}) is None
+    said = console.line("estimate.predicted", {"configs": 3})
+    assert said is not None
+    first, second = said.split("\n")
+    assert first == ("skipped 3 configs without running them, each predicted over the device "
+                     "(51-597 MiB): the command as given ... lora; report.md lists each")
+    assert second.startswith("estimate.predicted")
+    console.line("rung.skipped", {"rung": "lora", "predicted_mib": 60.0, "reason": "why"})
+    assert console.line("ladder.exhausted", {"reason": "r"}, "error").startswith(
+        "skipped lora without running it: why\n")

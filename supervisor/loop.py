@@ -25,7 +25,7 @@ import psutil
 import structlog
 from tenacity import RetryCallState, wait_exponential
 
-from supervisor import checkpoints, progress, report, runner, trainer_output
+from supervisor import checkpoints, plot, progress, report, runner, trainer_output
 from supervisor._compat import Self, StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
@@ -677,6 +677,7 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
 
     def spawned(proc: runner.Spawned) -> None:
         _emit(live, AttemptSpawned(attempt=number, pid=proc.pid, create_time=proc.create_time))
+        plot.warm()  # the pictures' library loads while the attempt runs, not after the run
 
     outcome = live.run_attempt(_spec(live, attempt_dir, rendered, knobs, on_spawn=spawned))
     return _record(live, started, outcome)

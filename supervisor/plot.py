@@ -6,7 +6,9 @@ and the report says nothing of one. It is imported here only, and only when draw
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,30 @@ VERDICT_COLOURS: Mapping[str, str] = {
     "hang": "#ef6c00", "interrupted": "#757575", "running": "#1565c0",
 }
 """Bar colour per verdict."""
+
+
+_WARMING: list[threading.Thread] = []
+
+
+def warm() -> None:
+    """Import matplotlib in a daemon thread, once: drawing at the end of a run then costs the
+    drawing only (the import is ~1 s of the supervisor's fixed cost per run). Idle work: an
+    attempt is running meanwhile; the import lock makes a later import wait for this one."""
+    if _WARMING or not available():
+        return
+    thread = threading.Thread(target=_import, name="oom-supervisor-plot-warm", daemon=True)
+    _WARMING.append(thread)
+    thread.start()
+
+
+def _import() -> None:
+    with contextlib.suppress(Exception):
+        import matplotlib as mpl  # noqa: PLC0415
+
+        mpl.use("Agg")
+        import matplotlib.figure  # noqa: PLC0415
+        import matplotlib.lines  # noqa: PLC0415
+        import matplotlib.patches  # noqa: F401, PLC0415
 
 
 def available() -> bool:

@@ -646,7 +646,7 @@ def _memory(args: argparse.Namespace, command: Command) -> Memory:
             python, how = pick_python(command.argv, env=environment(command), cwd=command.cwd)
             log.info("estimate.interpreter", how=how)
             predictor = Estimator(_model_spec(command, knobs), device=_estimate_device(gpu),
-                                  python=python)
+                                  python=python, store=_trace_store(args))
         except ModelSpecError as exc:
             log.info("estimate.unavailable", reason=str(exc))
     began = time.monotonic()
@@ -659,6 +659,16 @@ def _memory(args: argparse.Namespace, command: Command) -> Memory:
     spent = round(time.monotonic() - began, 2) if predictor is not None else None
     return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe,
                   predicted_s=spent)
+
+
+def _trace_store(args: argparse.Namespace) -> FitStore | None:
+    """Traces kept across runs, in the fit store's file (None where it cannot be opened: the
+    predictions are then this run's only)."""
+    try:
+        return FitStore.open(args.fits_db or default_fits_path())
+    except FitStoreError as exc:
+        log.info("estimate.traces_not_kept", reason=str(exc))
+        return None
 
 
 PREDICT_FIRST = 4

@@ -23,7 +23,10 @@ transformers (`pick_python`), else in the supervisor's own, else the count is an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -36,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Protocol
 
 from supervisor._compat import StrEnum
 from supervisor.classify import OomNumbers
@@ -78,6 +81,15 @@ class Prediction:
     """Why this method (e.g. why the FakeTensor estimate was not available)."""
     assumptions: tuple[str, ...] = ()
     """What the prediction took for granted or counted on top of the trace, in words."""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Prediction:
+        """Back from to_dict (a trace kept by an earlier run)."""
+        raw = data.get("raw_peak_mib")
+        return cls(peak_mib=float(data["peak_mib"]), method=Method(str(data["method"])),
+                   breakdown=dict(data.get("breakdown") or {}),
+                   raw_peak_mib=None if raw is None else float(raw), note=data.get("note"),
+                   assumptions=tuple(str(a) for a in data.get("assumptions") or ()))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, for the journal and report."""
@@ -758,6 +770,37 @@ _CACHE: dict[tuple[str, Knobs, str, str], Prediction] = {}
 """Traces made in this process, per (config, trace_knobs, device, method)."""
 
 
+class TraceStore(Protocol):
+    """Where traces outlive the process (the fit store's `traces` table, fits.FitStore)."""
+
+    def trace(self, key: str) -> Mapping[str, Any] | None:
+        """The prediction kept under `key`, or None."""
+
+    def keep_trace(self, key: str, prediction: Mapping[str, object]) -> None:
+        """Keep `prediction` under `key`."""
+
+
+def trace_key(spec: ModelSpec, knobs: Knobs, *, device: str, tag: str,
+              python: str | None) -> str:
+    """A trace's key across runs: the model's config, the traced knobs, the device, the
+    method, the interpreter that traced it and the estimator's own code (a change to it
+    must not reuse traces made before)."""
+    blob = json.dumps({"v": 1, "config": spec.config_json, "knobs": knobs.to_dict(),
+                       "device": device, "tag": tag, "python": python, "code": _code_hash()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@functools.cache
+def _code_hash() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in ("estimate.py", "_estimate_child.py", "_sim.py"):
+        with contextlib.suppress(OSError):
+            digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def clear_cache() -> None:
     """Forget every estimate and interpreter probe made in this process (tests)."""
     _CACHE.clear()
@@ -786,8 +829,11 @@ def predict_all(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "aut
                 device: str = "cpu", python: str | None = sys.executable,
                 workers: int | None = None, scale: bool = True, run: Run = subprocess.run,
                 progress: Callable[[int, int], None] | None = None,
+                store: TraceStore | None = None,
                 ) -> list[Prediction | EstimateError]:
     """As estimate_many, with each config's failure returned in its place instead of raised.
+
+    `store`: traces kept by earlier runs are taken from it, new ones kept in it.
 
     `python` None: no interpreter has torch and transformers (pick_python), so "auto" counts
     analytically and "fake" fails.
@@ -803,6 +849,8 @@ def predict_all(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "aut
     if wanted == "fake":
         todo = [k for k in dict.fromkeys(traced)
                 if (spec.config_json, k, device, tag) not in _CACHE and k.cutoff_len is not None]
+        if store is not None:
+            todo = _from_store(store, spec, todo, device=device, tag=tag, python=python)
         try:
             if python is None:
                 msg = "no interpreter with torch and transformers for the FakeTensor estimator"
@@ -816,6 +864,10 @@ def predict_all(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "aut
                 failed[k] = result
             else:
                 _CACHE[(spec.config_json, k, device, tag)] = result
+                if store is not None:
+                    with contextlib.suppress(Exception):  # a cache: never fails a prediction
+                        store.keep_trace(trace_key(spec, k, device=device, tag=tag,
+                                                   python=python), result.to_dict())
     out: list[Prediction | EstimateError] = []
     for knobs, k in zip(configs, traced, strict=True):
         base = _CACHE.get((spec.config_json, k, device, tag))
@@ -835,6 +887,22 @@ def predict_all(spec: ModelSpec, configs: Sequence[Knobs], *, method: str = "aut
                                            "transformers: analytic estimate")
         out.append(adjusted(spec, knobs, base))
     return out
+
+
+def _from_store(store: TraceStore, spec: ModelSpec, todo: Sequence[Knobs], *, device: str,  # noqa: PLR0913 - keyword-only
+                tag: str, python: str | None) -> list[Knobs]:
+    """Fill the process cache from traces kept by earlier runs; what is still to trace."""
+    left = []
+    for k in todo:
+        kept = None
+        with contextlib.suppress(Exception):  # a damaged or foreign row: trace again
+            row = store.trace(trace_key(spec, k, device=device, tag=tag, python=python))
+            kept = Prediction.from_dict(row) if row is not None else None
+        if kept is None:
+            left.append(k)
+        else:
+            _CACHE[(spec.config_json, k, device, tag)] = kept
+    return left
 
 
 def estimate(spec: ModelSpec, knobs: Knobs, *, method: str = "auto", device: str = "cpu",
@@ -880,6 +948,8 @@ class Estimator:
     """measured / predicted, from the latest calibration."""
     errors: list[str] = field(default_factory=list)
     """Why predictions failed (for the journal)."""
+    store: TraceStore | None = None
+    """Traces kept across runs (the fit store); None: this process's only."""
 
     def predict(self, knobs: Knobs) -> Prediction | None:
         """The calibrated prediction for `knobs`, or None when none can be made."""
@@ -890,7 +960,7 @@ class Estimator:
         out: list[Prediction | None] = []
         for result in predict_all(self.spec, configs, method=self.method, device=self.device,
                                   python=self.python, scale=self.scale, run=self.run,
-                                  progress=self.progress):
+                                  progress=self.progress, store=self.store):
             if isinstance(result, EstimateError):
                 self.errors.append(str(result))
                 out.append(None)

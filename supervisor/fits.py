@@ -45,6 +45,14 @@ CREATE TABLE IF NOT EXISTS fits (
     updated_at REAL NOT NULL
 )
 """
+_TRACES = """
+CREATE TABLE IF NOT EXISTS traces (
+    key TEXT PRIMARY KEY,
+    prediction TEXT NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
+"""Memory predictions of traced configs, reused across runs (estimate.TraceStore)."""
 _HEX = re.compile(r"[0-9a-f]+")
 
 
@@ -162,6 +170,7 @@ class FitStore:
                 raise FitStoreError(msg)
             with self._write():
                 self._db.execute(_SCHEMA)
+                self._db.execute(_TRACES)
                 if version < SCHEMA_VERSION:
                     self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(fits)")}
@@ -203,6 +212,26 @@ class FitStore:
                 (key, knobs_json, run_id, summary_json, now, now))
             row = self._db.execute(f"{_SELECT} WHERE key = ?", (key,)).fetchone()
         return self._fit(row)
+
+    def trace(self, key: str) -> Mapping[str, Any] | None:
+        """A prediction kept under `key` by an earlier run (estimate.trace_key), or None."""
+        with self._guard():
+            row = self._db.execute("SELECT prediction FROM traces WHERE key = ?",
+                                   (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            value = json.loads(row[0])
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def keep_trace(self, key: str, prediction: Mapping[str, object]) -> None:
+        """Keep a prediction under `key` for later runs."""
+        with self._guard(), self._write():
+            self._db.execute("INSERT OR REPLACE INTO traces (key, prediction, created_at) "
+                             "VALUES (?, ?, ?)", (key, _canonical(dict(prediction)),
+                                                  self._clock()))
 
     def entries(self) -> list[Fit]:
         """Every remembered fit, the most recently updated first."""

@@ -176,6 +176,34 @@ def test_fake_estimates_are_cached_per_memory_relevant_knobs() -> None:
     assert child.requests[0]["config"] == {"model_type": "llama", "x": 1}
 
 
+def test_traces_are_kept_in_the_fit_store_and_reused_by_a_later_run(tmp_path: Path) -> None:
+    """Issue 19: a second run of the same model and configs traces nothing; another model, or
+    another interpreter, traces again. (The child is scripted: this checks the keeping, the
+    traces' accuracy is test_estimate_accuracy's.)"""
+    from supervisor.fits import FitStore  # noqa: PLC0415
+
+    spec = ModelSpec.from_config("kept", {"model_type": "llama", "x": 2}, source="test")
+    configs = [Knobs(per_device_batch=b, cutoff_len=64) for b in (1, 2)]
+    first_child = FakeChild(mib_per_sample=5.0)
+    with FitStore.open(tmp_path / "fits.sqlite3") as store:
+        first = Estimator(spec, run=first_child, store=store).predict_many(configs)
+    assert sum(len(r["requests"]) for r in first_child.requests) == 2
+    clear_cache()  # a new process: only the store remembers
+    later_child = FakeChild(mib_per_sample=999.0)
+    with FitStore.open(tmp_path / "fits.sqlite3") as store:
+        again = Estimator(spec, run=later_child, store=store).predict_many(configs)
+        assert later_child.requests == []
+        assert [p.peak_mib for p in again] == [p.peak_mib for p in first] == [5.0, 10.0]
+        assert [p.breakdown for p in again] == [p.breakdown for p in first]
+        other = ModelSpec.from_config("kept", {"model_type": "llama", "x": 3}, source="test")
+        Estimator(other, run=later_child, store=store).predict_many(configs[:1])
+        assert len(later_child.requests) == 1
+        clear_cache()
+        Estimator(spec, run=later_child, store=store,
+                  python="/other/python").predict_many(configs[:1])
+        assert len(later_child.requests) == 2
+
+
 def test_without_torch_in_the_child_it_falls_back_to_analytic_and_says_why() -> None:
     """auto: analytic with the child's last line as the note; fake: EstimateError."""
     child = FakeChild(fail="ModuleNotFoundError: No module named 'torch'")

@@ -394,7 +394,10 @@ def final_command_script(data: dict[str, Any], *, continue_run: bool = False) ->
 def render_markdown(data: dict[str, Any]) -> str:
     """The morning read: what happened, when, what works, what it cost, and memory per attempt."""
     out = [f"# oom-supervisor run {data['run_id']}", ""]
-    out += [f"**{data['summary']}** (exit code {_cell(data['exit_code'])}).", ""]
+    resumed = len(data.get("resumed") or ())
+    again = (f" Resumed {'once' if resumed == 1 else f'{resumed} times'} after the supervisor "
+             "died or was stopped (below)." if resumed else "")
+    out += [f"**{data['summary']}** (exit code {_cell(data['exit_code'])}).{again}", ""]
     if data["reason"]:
         out += [f"Reason: {data['reason']}", ""]
     device = data.get("device_mib")

@@ -111,3 +111,33 @@ def test_configs_skipped_in_a_row_are_one_line() -> None:
     last = console.line("ladder.exhausted", {"reason": "r"}, "error")
     assert last is not None
     assert last.startswith("skipped lora without running it: why\n")
+
+
+def test_a_resumed_run_says_so_first_where_it_resumes(tmp_path: Path) -> None:
+    """Issue 17: a resumed run's first console line names the attempt it resumes at, and its
+    report says it was resumed near the top (a recorded run, cut after attempt 2 and resumed)."""
+    from supervisor import report  # noqa: PLC0415
+    from supervisor.events import replay  # noqa: PLC0415
+
+    run = tmp_path / "p2"
+    run.mkdir()
+    lines = (RUNS / "demo-150" / "journal.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    cut = next(i for i, r in enumerate(records)
+               if r["event"] == "attempt.finished" and r["attempt"] == 2)
+    kept = records[:cut + 1]
+    kept.append({"v": 1, "ts": kept[-1]["ts"] + 30, "event": "run.resumed", "attempts_done": 2,
+                 "pending": None})
+    (run / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept),
+                                       encoding="utf-8")
+    console = Console(io.StringIO(), live=False, clock=lambda: 0.0)
+    console.attach(run)
+    first = console.line("run.resumed", kept[-1])
+    assert first is not None
+    assert first.startswith("run ")
+    assert " resumed: at attempt 2 (" in first
+    assert "after 2 finished" in first
+    md = report.render_markdown(report.build(replay(kept)))
+    lines = md.splitlines()
+    assert "Resumed once after the supervisor died or was stopped" in lines[2]  # the headline
+    assert any(line.startswith("- Resumed at ") for line in lines[:16])

@@ -13,6 +13,18 @@ Three passes, each with no knob map:
 - `remembered`: the same again with the fit store of the `walk` pass: 1 attempt per budget
   that fitted before.
 
+Two architectures, two precisions (issue 19): `SCENARIO_MODEL` is a named size of
+supervisor/models.py (`tiny`, the Llama the suite was built on, by default; `tiny-qwen2`, a
+Qwen2 with grouped-query attention nobody tuned for), `SCENARIO_PRECISION` is `fp32` (default)
+or `bf16` (the script's `--bf16`: Hugging Face mixed precision, autocast over fp32 weights).
+Each pair has its own budgets, chosen from its measured lattice (tests/data/peaks/) to land
+on each rung.
+
+Each row also says how long the supervisor took before attempt 1 was spawned (its start to
+the journal's first `attempt.started`: the estimator's tracing is in there) and how long the
+run's OOM attempts took together (the `walk` pass's OOM seconds are what a prediction can
+save). `SCENARIO_OUT=rows.json` keeps the rows.
+
 Usage: `python benchmarks/scenarios.py [BUDGET ...]`; prints a Markdown table.
 """
 
@@ -31,9 +43,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 SCRIPT = ROOT / "tests" / "data" / "programs" / "hf" / "train_bash.py"
-COMMAND = (PY, str(SCRIPT), "--model_name_or_path", "tiny", "--per_device_train_batch_size",
-           "8", "--max_seq_length", "512", "--max_steps", "2", "--output_dir", "out")
-BUDGETS = (400, 200, 130, 100, 70, 40)
+MODEL = os.environ.get("SCENARIO_MODEL", "tiny")
+PRECISION = os.environ.get("SCENARIO_PRECISION", "fp32")
+COMMAND = (PY, str(SCRIPT), "--model_name_or_path", MODEL, "--per_device_train_batch_size",
+           "8", "--max_seq_length", "512", "--max_steps", "2", "--output_dir", "out",
+           *(("--bf16", "true") if PRECISION == "bf16" else ()))
+BUDGETS_BY_SCENARIO: dict[tuple[str, str], tuple[int, ...]] = {
+    ("tiny", "fp32"): (400, 200, 130, 100, 70, 40),
+    # tests/data/peaks/lattice-tiny-qwen2.json: one budget inside each stretch where another
+    # config is the least-degraded fit (tests/unit/test_walk_lattice.py::QWEN2_BUDGETS).
+    ("tiny-qwen2", "fp32"): (600, 400, 250, 180, 145, 125, 100, 70, 50),
+    # bf16 (the script's --bf16): no whole bf16 lattice is recorded yet; name the budgets.
+}
 PEERS = ROOT / "benchmarks" / "peers"
 PASSES = {"walk": ("--no-estimate", "--fresh"), "estimate": ("--fresh",),
           "remembered": ("--no-estimate",),
@@ -53,9 +74,23 @@ def _config(knobs: dict[str, Any] | None) -> str:
             f"c{knobs['cutoff_len']}")
 
 
+def _journal_seconds(journal: Path, began_ts: float) -> tuple[float | None, float]:
+    """(seconds from the supervisor's start to attempt 1's start, seconds in OOM attempts)."""
+    first: float | None = None
+    oom_s = 0.0
+    for line in journal.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("event") == "attempt.started" and first is None:
+            first = float(record["ts"]) - began_ts
+        if record.get("event") == "attempt.finished" and record.get("verdict") == "oom":
+            oom_s += float(record.get("duration_s") or 0.0)
+    return (None if first is None else round(first, 1)), round(oom_s, 1)
+
+
 def run(tmp: Path, label: str, budget: int, flags: tuple[str, ...], db: Path) -> dict[str, Any]:
     """One supervised run; its attempts, final config, effective batch and seconds."""
     run_id = f"{label}-{budget}"
+    began_ts = time.time()
     began = time.monotonic()
     done = subprocess.run(  # noqa: S603 - our own CLI
         [PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--runs-dir",
@@ -65,14 +100,20 @@ def run(tmp: Path, label: str, budget: int, flags: tuple[str, ...], db: Path) ->
     seconds = time.monotonic() - began
     report = json.loads((tmp / run_id / "report.json").read_text())
     eb = report["effective_batch"]
-    return {"pass": label, "budget_mib": budget, "exit": done.returncode,
-            "attempts": len(report["attempts"]), "final": _config(report["final_knobs"]),
-            "effective_batch": f"{eb['start']}->{eb['final']}", "seconds": round(seconds, 1)}
+    before_s, oom_s = _journal_seconds(tmp / run_id / "journal.jsonl", began_ts)
+    return {"model": MODEL, "precision": PRECISION, "pass": label, "budget_mib": budget,
+            "exit": done.returncode, "attempts": len(report["attempts"]),
+            "final": _config(report["final_knobs"]),
+            "effective_batch": f"{eb['start']}->{eb['final']}", "seconds": round(seconds, 1),
+            "before_attempt_1_s": before_s, "oom_s": oom_s}
 
 
 def main(argv: list[str]) -> int:
     """Run the three passes over the budgets and print the table."""
-    budgets = tuple(int(a) for a in argv) or BUDGETS
+    budgets = tuple(int(a) for a in argv) or BUDGETS_BY_SCENARIO.get((MODEL, PRECISION), ())
+    if not budgets:
+        print(f"no budgets known for {MODEL} {PRECISION}: name them", file=sys.stderr)  # noqa: T201
+        return 2
     chosen = os.environ.get("SCENARIO_PASSES", "").split(",") if os.environ.get(
         "SCENARIO_PASSES") else list(PASSES)
     rows = []
@@ -86,15 +127,26 @@ def main(argv: list[str]) -> int:
                 row = run(tmp, label, budget, flags, db)
                 rows.append(row)
                 print(json.dumps(row), flush=True)  # noqa: T201
-    print("\n| pass | budget | attempts | final config | effective batch | exit | seconds |")  # noqa: T201
-    print("| --- | --- | --- | --- | --- | --- | --- |")  # noqa: T201
+                if os.environ.get("SCENARIO_OUT"):
+                    Path(os.environ["SCENARIO_OUT"]).write_text(json.dumps(rows, indent=1) + "\n",
+                                                                encoding="utf-8")
+    print(f"\n{MODEL}, {PRECISION}\n")  # noqa: T201
+    print("| pass | budget | attempts | final config | effective batch | exit | seconds | "  # noqa: T201
+          "before attempt 1 | in OOM attempts |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # noqa: T201
     for r in rows:
         print(f"| {r['pass']} | {r['budget_mib']} MiB | {r['attempts']} | {r['final']} | "  # noqa: T201
-              f"{r['effective_batch']} | {r['exit']} | {r['seconds']} |")
+              f"{r['effective_batch']} | {r['exit']} | {r['seconds']} | "
+              f"{r['before_attempt_1_s']} s | {r['oom_s']} s |")
     for label in chosen:
         mine = [r for r in rows if r["pass"] == label]
+        if not mine:
+            continue
         mean = sum(r["attempts"] for r in mine) / len(mine)
-        print(f"{label}: {mean:.2f} attempts on average")  # noqa: T201
+        before = sum(r["before_attempt_1_s"] or 0.0 for r in mine) / len(mine)
+        oom = sum(r["oom_s"] for r in mine) / len(mine)
+        print(f"{label}: {mean:.2f} attempts on average; {before:.1f} s before attempt 1, "  # noqa: T201
+              f"{oom:.1f} s in OOM attempts (means)")
     return 0
 
 

@@ -1,8 +1,10 @@
 """Measure the reference trainer's peak live MiB for every config of the default ladder's walk.
 
-Usage: .venv/bin/python scripts/measure_peaks.py {tiny|small} OUT.json
-       .venv/bin/python scripts/measure_peaks.py --lattice {tiny|small} OUT.json
-       .venv/bin/python scripts/measure_peaks.py --fill {tiny|small} RECORD.json
+Usage: .venv/bin/python scripts/measure_peaks.py MODEL OUT.json
+       .venv/bin/python scripts/measure_peaks.py --lattice MODEL OUT.json
+       .venv/bin/python scripts/measure_peaks.py --fill MODEL RECORD.json
+
+MODEL is a named size of supervisor/models.py (tiny, small, tiny-qwen2).
 
 Runs `python -m supervisor.reference_trainer` once per config (CPU, OMP_NUM_THREADS=1,
 --max_steps 2, no budget: the live-bytes tracker only measures) and writes what each result
@@ -11,7 +13,12 @@ line says. tests/data/peaks/README.md names the runs recorded with it.
 `--lattice` measures a grid instead of one walk, from the scenario suite's start (full
 fine-tuning, batch 8, cutoff 512): for full and LoRA r8, checkpointing off and on, every batch
 of the halving (8x1, 4x2, 2x4, 1x8) at cutoff 512, and 1x8 at cutoff 256; then a few configs
-with --bf16 (mixed precision over fp32 weights) for the estimator's precision check.
+in each bf16 precision for the estimator's precision check: `bf16-mixed` (--bf16: autocast
+over fp32 weights, a Hugging Face script's switch) and `bf16-base-mixed` (--load_in_bf16: the
+model loaded in bf16, its trainable parameters upcast to fp32, LLaMA-Factory's `bf16: true`).
+When OUT.json exists, the rows it already has are kept and only the missing ones measured
+(each new row marked with the date it was measured): a long measurement can be resumed, and a
+grid that grew is filled in.
 
 `--fill` measures the configs of today's walk (the reference trainer's own command read as
 `run` reads it: no 8-bit optimizer or 4-bit base without bitsandbytes) that RECORD.json
@@ -56,12 +63,18 @@ def lattice() -> list[tuple[Knobs, str | None]]:
             out.append((dataclasses.replace(LATTICE_START, finetuning_type=method,
                                             gradient_checkpointing=ckpt, per_device_batch=1,
                                             grad_accum=8, cutoff_len=256), "grid"))
-    for method, ckpt, batch in ((FinetuningType.FULL, False, 1), (FinetuningType.FULL, True, 2),
-                                (FinetuningType.LORA, False, 1), (FinetuningType.LORA, True, 2)):
-        out.append((dataclasses.replace(LATTICE_START, finetuning_type=method,
-                                        gradient_checkpointing=ckpt, per_device_batch=batch,
-                                        grad_accum=8 // batch, precision="bf16-mixed"),
-                    "bf16"))
+    # Full and LoRA, with and without checkpointing, with and without accumulation, in each
+    # bf16 precision (the first four per precision were the first bf16 rows recorded).
+    for precision in ("bf16-mixed", "bf16-base-mixed"):
+        for method, ckpt, batch, cutoff in (
+                (FinetuningType.FULL, False, 1, 512), (FinetuningType.FULL, True, 2, 512),
+                (FinetuningType.LORA, False, 1, 512), (FinetuningType.LORA, True, 2, 512),
+                (FinetuningType.FULL, True, 8, 256), (FinetuningType.LORA, False, 4, 512)):
+            out.append((dataclasses.replace(LATTICE_START, finetuning_type=method,
+                                            gradient_checkpointing=ckpt, per_device_batch=batch,
+                                            grad_accum=8 // batch, cutoff_len=cutoff,
+                                            precision=precision),
+                        "bf16"))
     return out
 
 
@@ -96,6 +109,11 @@ def flags(model: str, knobs: Knobs, out: str) -> list[str]:
         argv.append("--gradient_checkpointing")
     if knobs.precision == "bf16-mixed":
         argv.append("--bf16")
+    elif knobs.precision == "bf16-base-mixed":
+        argv.append("--load_in_bf16")
+    elif knobs.precision is not None:
+        msg = f"the reference trainer has no flag for precision {knobs.precision!r}"
+        raise ValueError(msg)
     return argv
 
 
@@ -108,12 +126,14 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     rows: list[dict[str, object]] = []
     todo = lattice() if grid else walked(model)
+    kept: dict[str, object] = {}
+    fill = fill or (grid and out_path.exists())
     if fill:
         kept = json.loads(out_path.read_text(encoding="utf-8"))
-        rows = kept["rows"]
-        have = {_key(r["knobs"]) for r in rows}
+        rows = kept["rows"]  # type: ignore[assignment]
+        have = {_key(r["knobs"]) for r in rows}  # type: ignore[arg-type]
         todo = [(k, r) for k, r in todo if _key(k.to_dict()) not in have]
-        print(f"{len(todo)} configs of today's walk are not in {out_path}", flush=True)
+        print(f"{len(todo)} configs are not in {out_path}", flush=True)
     for knobs, rung in todo:
         with tempfile.TemporaryDirectory() as tmp:
             argv = [sys.executable, "-m", "supervisor.reference_trainer",

@@ -1,4 +1,5 @@
-"""The bundled tiny Llama configs, shared by the reference trainer and the estimator.
+"""The bundled tiny configs (Llama, and a Qwen2 with grouped-query attention), shared by the
+reference trainer and the estimator.
 
 Torch-free: the estimator (supervisor side) reads these without importing the trainer.
 """
@@ -12,6 +13,14 @@ from typing import Any
 # the loss's backward holds at once) the largest per-sample cost without drowning the
 # decoder-layer activations: peak live bytes then order batch, cutoff, checkpointing, LoRA and
 # freeze as on a real model. Untied embeddings; tiny has 5.26M parameters, small 29.5M.
+#
+# tiny-qwen2 is a second architecture for the scenario suite, one the estimator and the
+# ladder were not built on (issue 19): Qwen2's decoder (bias on q/k/v, grouped-query
+# attention: 2 key/value heads for 8 query heads, so k_proj and v_proj are a quarter of
+# q_proj), its wider MLP (4x hidden; Qwen2-0.5B has 5.4x), 6 layers instead of 4, and tied
+# embeddings as Qwen2-0.5B and 1.5B have them (the sizes one fine-tunes on a small card): the
+# head is the embedding matrix, so LoRA's frozen base and full fine-tuning's gradients and
+# AdamW state hold one vocab x hidden matrix, not two. 6.76M parameters, the same 4096 vocab.
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": {
         "vocab_size": 4096,
@@ -29,7 +38,19 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 8,
         "num_key_value_heads": 8,
     },
+    "tiny-qwen2": {
+        "model_type": "qwen2",
+        "vocab_size": 4096,
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    },
 }
+MODEL_TYPES = ("llama", "qwen2")
+"""The architectures the reference trainer builds (a named size, or a local config.json)."""
 COMMON_CONFIG: dict[str, Any] = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": False,

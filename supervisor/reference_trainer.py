@@ -1,4 +1,4 @@
-"""A real Hugging Face Trainer (+ PEFT LoRA) on a tiny Llama built from a config, for tests.
+"""A real Hugging Face Trainer (+ PEFT LoRA) on a tiny Llama or Qwen2 built from a config.
 
 Run as ``python -m supervisor.reference_trainer [LLaMA-Factory / HF flags]``. Nothing is
 downloaded: the model is built from a named size or a local ``config.json`` and trained on
@@ -25,13 +25,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from supervisor.models import NAMED_CONFIGS, named_config
+from supervisor.models import MODEL_TYPES, NAMED_CONFIGS, named_config
 
 if TYPE_CHECKING:
     from collections.abc import MutableMapping, Sequence
 
     import torch
-    from transformers import LlamaConfig, PreTrainedModel, TrainingArguments
+    from transformers import PretrainedConfig, PreTrainedModel, TrainingArguments
 
     from supervisor._sim import PeakMemory
 
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "model_name_or_path",
         default="tiny",
-        help="'tiny' (~5.2M params), 'small' (~30M) or a local directory with a Llama config.json",
+        help="'tiny' (Llama, ~5.3M params), 'small' (Llama, ~30M), 'tiny-qwen2' (Qwen2 with "
+        "grouped-query attention, ~6.8M) or a local directory with a Llama or Qwen2 config.json",
     )
     add("finetuning_type", choices=["full", "lora", "freeze"], default="full")
     add("lora_rank", type=_positive_int, default=8, help="LoRA rank; alpha is twice the rank")
@@ -173,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("learning_rate", type=_positive_float, default=1e-4)
     add("seed", type=_non_negative_int, default=0)
     add("logging_steps", type=_positive_int, default=1)
-    add_bool("bf16", "bf16 mixed precision")
+    add_bool("bf16", "bf16 mixed precision: autocast over the weights as loaded (fp32)")
+    add_bool("load_in_bf16", "load the model in bf16 and upcast only its trainable parameters "
+             "to fp32, autocast in bf16 (LLaMA-Factory's `bf16: true`; implies --bf16)")
     add_bool("fp16", "fp16 mixed precision (GPU only; ignored on CPU)")
     add(
         "host-memory-cap",
@@ -202,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, Any]:
-    """Return the Llama config dict for a named size or a local directory, or exit 2."""
+    """Return the model's config dict for a named size or a local directory, or exit 2."""
     named = named_config(spec)  # a local folder of the same name wins
     if named is not None:
         return named
@@ -220,21 +223,23 @@ def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, 
     if not isinstance(loaded, dict):
         parser.error(f"{config_path} holds {type(loaded).__name__}, expected a JSON object")
     model_type = loaded.get("model_type", "llama")
-    if model_type != "llama":
+    if model_type not in MODEL_TYPES:
         parser.error(
-            f"{config_path} has model_type {model_type!r}; only 'llama' configs are supported"
+            f"{config_path} has model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}"
         )
     return loaded
 
 
-def _build_config(parser: argparse.ArgumentParser, values: dict[str, Any]) -> LlamaConfig:
-    """Build a LlamaConfig, turning invalid values into a usage error."""
-    from transformers import LlamaConfig
+def _build_config(parser: argparse.ArgumentParser, values: dict[str, Any]) -> PretrainedConfig:
+    """Build the model type's config, turning invalid values into a usage error."""
+    from transformers import AutoConfig
 
+    model_type = values.get("model_type", "llama")
     try:
-        config = LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
+        config = AutoConfig.for_model(
+            model_type, **{k: v for k, v in values.items() if k != "model_type"})
     except Exception as error:  # noqa: BLE001 - huggingface_hub validators raise their own types
-        parser.error(f"invalid Llama config: {' '.join(str(error).split())}")
+        parser.error(f"invalid {model_type} config: {' '.join(str(error).split())}")
     config.use_cache = False  # training never reuses a KV cache; checkpointing would say so
     return config
 
@@ -360,7 +365,7 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
     """Build TrainingArguments; checkpointing is enabled on the model itself, not here."""
     from transformers import TrainingArguments
 
-    bf16 = bool(args.bf16)
+    bf16 = bool(args.bf16 or args.load_in_bf16)
     fp16 = bool(args.fp16) and cuda
     if args.fp16 and not cuda:
         print("reference-trainer: --fp16 needs a GPU; training in fp32 on CPU", file=sys.stderr)
@@ -489,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_values = _read_model_config(parser, args.model_name_or_path)
 
     import torch
-    from transformers import LlamaForCausalLM, Trainer, default_data_collator
+    from transformers import AutoModelForCausalLM, Trainer, default_data_collator
 
     from supervisor._sim import install_device_budget, set_host_memory_cap
 
@@ -502,10 +507,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak: PeakMemory = install_device_budget(args.device_memory if capped else None)
 
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config)
+    # --load_in_bf16: the weights are made in bf16 from the start, as from_pretrained with
+    # torch_dtype=bfloat16 loads them (no fp32 copy ever exists).
+    dtype = torch.bfloat16 if args.load_in_bf16 else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # type: ignore[no-untyped-call]
     if args.gradient_checkpointing:
         _enable_checkpointing(model)
     trainable_model = _apply_finetuning_type(parser, model, args)
+    if args.load_in_bf16:
+        # LLaMA-Factory's cast_trainable_params_to_fp32 (model/adapter.py): what trains is
+        # fp32, with its gradients and AdamW state; the frozen base stays bf16.
+        for parameter in trainable_model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(torch.float32)
     trainable_params, total_params = _count_params(trainable_model)
 
     samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps

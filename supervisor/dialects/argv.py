@@ -29,7 +29,7 @@ from supervisor.dialects._read import (
     with_env_knobs,
     world_source,
 )
-from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs, Reading, Source
+from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs, Precision, Reading, Source
 from supervisor.program import (
     HelpProbe,
     Option,
@@ -135,8 +135,11 @@ PROFILES: tuple[Profile, ...] = (
         name="reference-trainer",
         programs=re.compile(r"^(supervisor\.reference_trainer|.*reference_trainer\.py)$"),
         flags=(*_COMMON, *_HF_GC,
-               Flag("cutoff_len", ("--cutoff_len",), "int")),
-        defaults={**_HF_DEFAULTS, "cutoff_len": 512, "max_steps": 4, "model": "tiny"},
+               Flag("cutoff_len", ("--cutoff_len",), "int"),
+               # The model loaded in bf16, trainable parameters upcast: bf16-base-mixed.
+               Flag("load_in_bf16", ("--load_in_bf16",), "bool")),
+        defaults={**_HF_DEFAULTS, "cutoff_len": 512, "max_steps": 4, "model": "tiny",
+                  "load_in_bf16": False},
     ),
     Profile(
         # `trl sft --model_name_or_path M --use_peft --lora_r 16 ...`: SFTConfig turns
@@ -496,6 +499,8 @@ def _derive(command: Command, scan: _Scan, values: Values) -> None:
     # Hugging Face script's --bf16 is autocast over the weights as loaded.
     lf = _family(scan) in ("llamafactory", "llamafactory-legacy", "LLaMA-Factory flags")
     precision, source = precision_of(values, loads_in_half=lf)
+    if values.get("load_in_bf16") is True:  # the reference trainer's LLaMA-Factory-style bf16
+        precision, source = Precision.BF16_BASE_MIXED.value, values.source("load_in_bf16")
     values.set("precision", precision, source)
     for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit")):
         if values.get(name) is True:

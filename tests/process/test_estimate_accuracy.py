@@ -2,8 +2,9 @@
 
 tests/data/peaks/{tiny,small}.json hold the reference trainer's own peak (live tensor bytes,
 CPU) for every config of the default ladder's walk from the demo's start, and
-lattice-tiny.json a grid from the scenario suite's start with bf16 rows; README.md there
-says how they were recorded. The estimator runs in its child process, as `plan` runs it.
+lattice-{tiny,tiny-qwen2}.json a grid from the scenario suite's start with bf16 rows of both
+kinds, for the Llama and for a Qwen2 with grouped-query attention; README.md there says how
+they were recorded. The estimator runs in its child process, as `plan` runs it.
 """
 
 from __future__ import annotations
@@ -127,18 +128,31 @@ def test_two_traced_layers_scaled_match_the_full_trace(size: str) -> None:
                                                                  full.peak_mib)
 
 
-def test_bf16_mixed_over_fp32_weights_is_sized_as_the_trainer_holds_it() -> None:
-    """A Hugging Face script's --bf16 (the reference trainer's): autocast over fp32 weights,
-    frozen base included. FakeTensor within 5% of the measured peak for full and LoRA, with
-    and without checkpointing (measured: within 0.2%); sized as a bf16-loaded base instead
-    (LLaMA-Factory's bf16), the LoRA configs would be 18-22% under."""
-    record = json.loads((PEAKS / "lattice-tiny.json").read_text(encoding="utf-8"))
-    rows = [r for r in record["rows"] if r["knobs"]["precision"] == "bf16-mixed"]
-    assert len(rows) == 4  # full and LoRA, checkpointing off and on
-    configs = [Knobs.from_dict({k: r["knobs"][k] for k in (*_MEMORY_KNOBS, "precision")})
-               for r in rows]
-    predictions = estimate_many(ModelSpec.named("tiny"), configs, method="fake")
+_PRECISIONS = ("fp32", "bf16-mixed", "bf16-base-mixed")
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-qwen2"])
+def test_fake_estimate_is_within_5_percent_on_both_architectures_and_precisions(
+        model: str) -> None:
+    """Every measured point of a lattice (the scenario suite's start, both architectures):
+    fp32, bf16 mixed precision over fp32 weights (a Hugging Face script's --bf16) and
+    bf16-loaded weights with the trainable ones upcast (LLaMA-Factory's bf16: true), full and
+    LoRA, with and without checkpointing and accumulation: FakeTensor within +-5%.
+
+    Measured (docs/benchmarks.md): within 0.5% on both. tiny-qwen2 (grouped-query attention,
+    tied embeddings) was measured before the estimator was looked at for it; its one miss,
+    -3.2% where scaled tracing added the accumulated gradients to the wrong peak, is fixed.
+    """
+    record = json.loads((PEAKS / f"lattice-{model}.json").read_text(encoding="utf-8"))
+    rows = record["rows"]
+    configs = [Knobs.from_dict(r["knobs"]) for r in rows]
+    covered = {(k.precision or "fp32", k.finetuning_type) for k in configs}
+    assert covered >= {(p, m) for p in _PRECISIONS
+                       for m in (FinetuningType.FULL, FinetuningType.LORA)}, covered
+    predictions = estimate_many(ModelSpec.named(model), configs, method="fake")
+    errors = {}
     for row, knobs, prediction in zip(rows, configs, predictions, strict=True):
         assert prediction.method is Method.FAKE
-        error = prediction.peak_mib / row["peak_live_mib"] - 1
-        assert abs(error) <= 0.05, (knobs, prediction.peak_mib, row["peak_live_mib"])
+        errors[knobs] = prediction.peak_mib / row["peak_live_mib"] - 1
+    worst = max(errors, key=lambda k: abs(errors[k]))
+    assert abs(errors[worst]) <= 0.05, (worst, errors[worst])

@@ -154,11 +154,15 @@ def test_reference_trainer_help_agrees_with_its_known_defaults() -> None:
     ("src/train_bash.py", "--fp16", "fp16-base-mixed"),
     ("src/train_bash.py", "--pure_bf16", "bf16"),
     ("src/train_bash.py", "", "fp32"),
+    ("-m supervisor.reference_trainer", "--bf16", "bf16-mixed"),
+    ("-m supervisor.reference_trainer", "--load_in_bf16", "bf16-base-mixed"),
+    ("-m supervisor.reference_trainer", "--load_in_bf16 false", "fp32"),
 ])
 def test_argv_precision(program: str, flags: str, precision: str) -> None:
     """A Hugging Face script's `--bf16`/`--fp16` is autocast over the weights as loaded
     (fp32); LLaMA-Factory loads the model in that dtype (a half base, trainable parameters
-    upcast); its `--pure_bf16` is pure."""
+    upcast); its `--pure_bf16` is pure. The reference trainer says which: `--bf16` as a
+    Hugging Face script, `--load_in_bf16` as LLaMA-Factory's bf16."""
     command = cmd(f"python {program} --per_device_train_batch_size 2 {flags}")
     reading = ArgvDialect(probe=None).read_sourced(command)
     assert reading.knobs.precision == precision

@@ -223,10 +223,10 @@ def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, 
     if not isinstance(loaded, dict):
         parser.error(f"{config_path} holds {type(loaded).__name__}, expected a JSON object")
     model_type = loaded.get("model_type", "llama")
-    if model_type not in MODEL_TYPES:
-        parser.error(
-            f"{config_path} has model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}"
-        )
+    if not isinstance(model_type, str) or not model_type:
+        parser.error(f"{config_path} has no model_type string (tested: {', '.join(MODEL_TYPES)})")
+    # Any causal LM transformers builds from a config (AutoModelForCausalLM) trains here; the
+    # suites measure llama and qwen2 (MODEL_TYPES). An unknown type fails in _build_config.
     return loaded
 
 

@@ -39,4 +39,4 @@ lint: $(STAMP)
 	$(PY) -m mypy
 
 clean:
-	rm -rf $(VENV) $(LF_VENV) .venv-trl runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LF_VENV) .venv-trl .venv-axolotl runs .pytest_cache .mypy_cache .ruff_cache

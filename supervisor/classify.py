@@ -134,8 +134,13 @@ NO_DATA_RULES: tuple[Rule, ...] = (
     # num_samples={self.num_samples}"), over an empty dataset. The HF Trainer's
     # _get_train_sampler returns RandomSampler(train_dataset), and so does axolotl 0.19's
     # AxolotlTrainer._get_train_sampler (also as the base of its MultipackBatchSampler) after
-    # handle_long_seq_in_dataset dropped every row longer than sequence_len ("Dropped N
-    # samples from dataset"). Recorded: tests/data/tails/no_data_num_samples0.txt.
+    # handle_long_seq_in_dataset dropped every row longer than sequence_len ("Dropped 64
+    # sequences outside valid range ([None, 1024])"); with sample_packing, axolotl's
+    # calculate_total_num_steps builds its own RandomSampler first and fails the same way
+    # (before the model loads). Recorded: the reference trainer
+    # (tests/data/tails/no_data_num_samples0.txt) and the real axolotl 0.19.0
+    # (tests/data/tails/axolotl_*no_data_num_samples0.txt: accelerate, --launcher python,
+    # sample_packing).
     _rule(VerdictKind.NO_DATA,
           r"num_samples should be a positive integer value, ?but got num_samples=0\b"),
 )

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from supervisor._compat import Self
 from supervisor.classify import OomKind, OomNumbers, Verdict, VerdictKind
-from supervisor.knobs import Knobs, can_set
+from supervisor.knobs import Knobs, can_set, refusal
 from supervisor.policy import Attempt
 
 SCHEMA_VERSION = 1
@@ -58,6 +58,8 @@ class RunConfig:
     """Knobs the program accepts a flag or key for (None: not known, every rung may run)."""
     refused: tuple[tuple[str, str], ...] = ()
     """(knob, value) pairs the program cannot take although it sets the knob."""
+    refused_why: Mapping[str, str] = field(default_factory=dict)
+    """The dialect's reason for a refused pair, by `knob=value` (Reading.refused_why)."""
     program_help: str | None = None
     """What the program's own --help said, in a few words."""
     program_help_text: str | None = None
@@ -100,6 +102,7 @@ class RunConfig:
         out["secret_names"] = list(self.secret_names)
         out["rewritable"] = None if self.rewritable is None else list(self.rewritable)
         out["refused"] = [list(r) for r in self.refused]
+        out["refused_why"] = dict(self.refused_why)
         return out
 
     @classmethod
@@ -115,6 +118,9 @@ class RunConfig:
         if values.get("rewritable") is not None:
             values["rewritable"] = tuple(_strings(values["rewritable"], "rewritable"))
         values["refused"] = tuple((str(k), str(v)) for k, v in values.get("refused", ()))
+        values["refused_why"] = {str(k): str(v) for k, v in
+                                 dict(_mapping(values.get("refused_why", {}),
+                                               "refused_why")).items()}
         return cls(**_checked(cls, _known(cls, values)))
 
     @property
@@ -127,6 +133,10 @@ class RunConfig:
         if self.rewritable is None:
             return True
         return can_set(self.rewritable, self.refused, knob, value)
+
+    def refusal(self, knob: str, value: object) -> str | None:
+        """The dialect's reason for refusing `knob` = `value`, when it gave one."""
+        return refusal(self.refused_why, knob, value)
 
     @property
     def walk_start(self) -> Knobs:

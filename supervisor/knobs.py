@@ -182,6 +182,16 @@ def refusals_without(module: str) -> frozenset[tuple[str, str]]:
                      | {("quantization_bit", "4"), ("quantization_bit", "8")})
 
 
+def refusal_key(knob: str, value: object) -> str:
+    """How a refused value is named in `refused_why`: `knob=value`."""
+    return f"{knob}={_plain(value)}"
+
+
+def refusal(refused_why: Mapping[str, str], knob: str, value: object) -> str | None:
+    """The reason given for refusing `knob` = `value` (None: none given)."""
+    return refused_why.get(refusal_key(knob, value))
+
+
 class Source(StrEnum):
     """Where a knob's value came from; only the first two are the user's own words."""
 
@@ -223,6 +233,8 @@ class Reading:
     refused: frozenset[tuple[str, str]] = frozenset()
     """(knob, value) pairs the program cannot take although it can set the knob
     (a TRL script's `--use_peft` gives LoRA or full, never freeze)."""
+    refused_why: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """Why, in the dialect's words, by `knob=value` (where it has more to say than "cannot")."""
 
     def __post_init__(self) -> None:
         # Every knob has a source: one the dialect did not name counts as assumed.
@@ -237,6 +249,10 @@ class Reading:
         """True when a rung may set `knob` (to `value`, if given) in this program's command."""
         return can_set(self.rewritable, self.refused, knob, value)
 
+    def refusal(self, knob: str, value: object) -> str | None:
+        """The dialect's reason for refusing `knob` = `value`, when it gave one."""
+        return refusal(self.refused_why, knob, value)
+
     def assumed(self) -> tuple[str, ...]:
         """Knobs whose value nothing confirmed, in field order."""
         return tuple(k for k in KNOB_NAMES if self.source(k) is Source.ASSUMED)
@@ -246,7 +262,8 @@ class Reading:
         return {"knobs": self.knobs.to_dict(),
                 "sources": {k: str(self.source(k)) for k in KNOB_NAMES},
                 "rewritable": sorted(self.rewritable), "program": self.program,
-                "refused": sorted([k, v] for k, v in self.refused)}
+                "refused": sorted([k, v] for k, v in self.refused),
+                "refused_why": dict(sorted(self.refused_why.items()))}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Reading:
@@ -255,4 +272,6 @@ class Reading:
                    sources={k: Source(v) for k, v in dict(data.get("sources", {})).items()},
                    rewritable=frozenset(data.get("rewritable", ())),
                    program=data.get("program"),
-                   refused=frozenset((str(k), str(v)) for k, v in data.get("refused", ())))
+                   refused=frozenset((str(k), str(v)) for k, v in data.get("refused", ())),
+                   refused_why={str(k): str(v)
+                                for k, v in dict(data.get("refused_why", {})).items()})

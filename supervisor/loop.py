@@ -552,10 +552,12 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
     memory, start, ladder = live.memory, live.config.walk_start, live.ladder
     predictor, device = memory.predictor, memory.device_mib
     if state.distrusted or predictor is None or device is None:
-        return next_step(start, state.walk, ladder, can_set=live.config.can_set)
+        return next_step(start, state.walk, ladder, can_set=live.config.can_set,
+                         refusal=live.config.refusal)
     candidate, skips = next_runnable(start, state.walk, ladder, predict=predictor.predict,
                                      device_mib=device, margin=memory.margin,
-                                     can_set=live.config.can_set)
+                                     can_set=live.config.can_set,
+                                     refusal=live.config.refusal)
     if isinstance(candidate, GiveUp) and skips:
         checked = _nothing_fits(live, state, candidate, skips, device)
         if checked is not None:
@@ -567,7 +569,8 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
             "from here and no further config is skipped on a prediction")))
         if not state.walk:
             return Step(knobs=start, rung=START)
-        return next_step(start, state.walk, ladder, can_set=live.config.can_set)
+        return next_step(start, state.walk, ladder, can_set=live.config.can_set,
+                         refusal=live.config.refusal)
     for skip in skips:
         _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
                                 changed=_changes(start, skip.knobs),

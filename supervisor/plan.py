@@ -14,7 +14,17 @@ from dataclasses import dataclass
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
 from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
-from supervisor.policy import Attempt, CanSet, Cost, GiveUp, Ladder, Step, blocked, next_step
+from supervisor.policy import (
+    Attempt,
+    CanSet,
+    Cost,
+    GiveUp,
+    Ladder,
+    Refusal,
+    Step,
+    blocked,
+    next_step,
+)
 
 DEFAULT_MARGIN = 0.10
 """Safety margin: a config is recommended when its prediction x (1 + margin) fits the device."""
@@ -283,7 +293,7 @@ class Skip:
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
                   margin: float = DEFAULT_MARGIN, can_set: CanSet | None = None,
-                  ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
+                  refusal: Refusal | None = None) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     """The next config worth running: the policy's next step, skipping those predicted not to fit.
 
     With an empty history the start itself is the first candidate (returned as a Step with
@@ -293,7 +303,8 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
     walked = list(history)
     skips: list[Skip] = []
     candidate: Step | GiveUp = (Step(knobs=start, rung=START) if not history
-                                else next_step(start, walked, ladder, can_set=can_set))
+                                else next_step(start, walked, ladder, can_set=can_set,
+                                                refusal=refusal))
     while isinstance(candidate, Step):
         prediction = predict(candidate.knobs)
         if prediction is None or fits(prediction, device_mib, margin=margin):
@@ -306,7 +317,7 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
         skips.append(Skip(knobs=candidate.knobs, rung=rung, prediction=prediction,
                           reason=reason, attempt=attempt))
         walked.append(attempt)
-        candidate = next_step(start, walked, ladder, can_set=can_set)
+        candidate = next_step(start, walked, ladder, can_set=can_set, refusal=refusal)
     return candidate, tuple(skips)
 
 

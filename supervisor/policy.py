@@ -282,13 +282,18 @@ def _spent_rungs(history: Sequence[Attempt], ladder: Ladder) -> frozenset[int]:
 CanSet = Callable[[str, Any], bool]
 """Whether the command's program can take `knob` = `value` (Reading.can_set)."""
 
+Refusal = Callable[[str, Any], str | None]
+"""The dialect's own reason for refusing `knob` = `value` (Reading.refusal), if it gave one."""
 
-def blocked(last: Knobs, new: Knobs, can_set: CanSet | None) -> str | None:
+
+def blocked(last: Knobs, new: Knobs, can_set: CanSet | None,
+            refusal: Refusal | None = None) -> str | None:
     """Why the program cannot take the first change from `last` to `new` (None: it can all)."""
-    return _blocked(last, new, can_set)
+    return _blocked(last, new, can_set, refusal)
 
 
-def _blocked(last: Knobs, new: Knobs, can_set: CanSet | None) -> str | None:
+def _blocked(last: Knobs, new: Knobs, can_set: CanSet | None,
+             refusal: Refusal | None = None) -> str | None:
     """Why the program cannot take the first change in `new` it cannot (None: all fine)."""
     if can_set is None:
         return None
@@ -303,17 +308,19 @@ def _blocked(last: Knobs, new: Knobs, can_set: CanSet | None) -> str | None:
             return (f"{knob}={_show(value)} needs {module}, which the command's Python "
                     "cannot import")
         if can_set(knob, None):
-            return f"the program cannot take {knob}={_show(value)}"
+            why = refusal(knob, value) if refusal is not None else None
+            return f"the program cannot take {knob}={_show(value)}" + (f": {why}" if why else "")
         return f"the program takes no flag or key for {knob}={_show(value)}"
     return None
 
 
 def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
-              can_set: CanSet | None = None) -> Step | GiveUp:
+              can_set: CanSet | None = None, refusal: Refusal | None = None) -> Step | GiveUp:
     """Return the next cheaper Knobs after the last attempt's OOM, or GiveUp naming spent rungs.
 
     `can_set` (the command's Reading.can_set) skips a rung whose change the program cannot
-    take, e.g. a LoRA rung on a script with no LoRA flag, with a one-line reason in `skipped`.
+    take, e.g. a LoRA rung on a script with no LoRA flag, with a one-line reason in `skipped`
+    (the dialect's own words where `refusal` has them); a give-up's `spent` repeats it.
 
     Configs are compared without the checkpoint they continued from: a retry from a newer
     checkpoint is the same config (the loop sets the checkpoint of the next attempt itself).
@@ -331,6 +338,7 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
     tried = {a.knobs for a in history}
     spent = _spent_rungs(history, ladder)
     skipped: list[str] = []
+    refused: dict[str, str] = {}  # rung name -> why the program cannot take it
     for index, rung in enumerate(ladder.rungs):
         # A conditional rung answers to its condition, not to the order: it is never spent.
         if index in spent and rung.when is None:
@@ -355,9 +363,10 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
         if new in tried:
             skipped.append(f"{rung.name}: that config was already tried")
             continue
-        blocked = _blocked(last, new, can_set)
+        blocked = _blocked(last, new, can_set, refusal)
         if blocked is not None:
             skipped.append(f"{rung.name}: {blocked}")
+            refused[rung.name] = blocked
             continue
         if ((ladder.speed_before_quality or ladder.keep_quality)
                 and rung.cost is Cost.QUALITY):
@@ -370,7 +379,8 @@ def next_step(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,
             spent_text = tuple(_spent(r, last, history) for r in ladder.rungs)
             return _kept_quality(rung, last, new, spent=spent_text, skipped=tuple(skipped))
         return Step(knobs=new, rung=rung.name, restored=restored, skipped=tuple(skipped))
-    spent_text = tuple(_spent(rung, last, history) for rung in ladder.rungs)
+    spent_text = tuple(f"{rung.name}: skipped, {refused[rung.name]}" if rung.name in refused
+                       else _spent(rung, last, history) for rung in ladder.rungs)
     reason = (f"every rung of the '{ladder.name}' ladder is spent and the smallest config "
               f"still runs out of memory ({_summary(last)})")
     return GiveUp(reason=reason, spent=spent_text, skipped=tuple(skipped))

@@ -98,6 +98,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
         fits_db=fits_db,
         rewritable=tuple(sorted(reading.rewritable)) if reading is not None else None,
         refused=tuple(sorted(reading.refused)) if reading is not None else (),
+        refused_why=dict(reading.refused_why) if reading is not None else {},
         program_help=reading.program if reading is not None else None,
         program_help_text=recorded_help(command),
     )

@@ -1,4 +1,4 @@
-"""What the real-tool tiers (tests/llamafactory, tests/trl) share: their venv, env and inputs.
+"""What the real-tool tiers (tests/llamafactory, tests/trl, tests/axolotl) share: venv, env, inputs.
 
 Each tier has its own venv built by `<tier>/build_venv.sh` (which sources tests/tier_venv.sh),
 its own environment for the tool (offline, one BLAS thread, a private HF cache) and its own

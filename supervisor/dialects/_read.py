@@ -53,14 +53,15 @@ class Values:
         return self.sources.get(name, Source.ASSUMED)
 
     def reading(self, *, rewritable: frozenset[str], program: str | None = None,
-                refused: frozenset[tuple[str, str]] = frozenset()) -> Reading:
+                refused: frozenset[tuple[str, str]] = frozenset(),
+                refused_why: Mapping[str, str] | None = None) -> Reading:
         """The Reading of the knob values recorded (extras are left out)."""
         knobs = Knobs(**{k: v for k, v in self.values.items() if k in KNOB_NAMES})
         sources = {k: self.source(k) for k in KNOB_NAMES}
         # Environment knobs: every program that runs PyTorch reads its allocator settings.
         return Reading(knobs=knobs, sources=sources,
                        rewritable=(rewritable | ENV_KNOBS) - READ_ONLY,
-                       program=program, refused=refused)
+                       program=program, refused=refused, refused_why=dict(refused_why or {}))
 
 
 def strongest(*sources: Source) -> Source:

@@ -37,7 +37,7 @@ from supervisor.dialects._read import (
     with_env_knobs,
     world_source,
 )
-from supervisor.knobs import FinetuningType, Knobs, Precision, Reading, Source
+from supervisor.knobs import FinetuningType, Knobs, Precision, Reading, Source, refusal_key
 
 _MODULE = "axolotl.cli.train"
 _BITS_4, _BITS_8 = 4, 8
@@ -61,6 +61,10 @@ DEFAULTS: dict[str, Any] = {
     "finetuning_type": FinetuningType.FULL, "output_dir": "./model-out",
 }
 _BY_KNOB = {k.knob: k for k in KEYS}
+_NO_FREEZE = ("axolotl selects trainable layers with `unfrozen_parameters` patterns this tool "
+              "does not write; use a policy without the freeze rung, or add the patterns "
+              "yourself")
+"""Why freeze tuning is refused (the run's skip line and the render error both say it)."""
 _OPTION_KEYS = {name for k in KEYS for name in k.names} | {"adapter", "deepspeed"}
 
 
@@ -112,10 +116,10 @@ class AxolotlDialect:
         rewritable = set(_BY_KNOB) | {"finetuning_type", "quantization_bit"}
         if deepspeed.is_path(merged.get("deepspeed")):
             rewritable |= {"deepspeed_stage", "deepspeed_offload"}
-        # Freeze tuning needs `unfrozen_parameters` patterns this tool does not write.
         return values.reading(rewritable=frozenset(rewritable),
                               refused=frozenset({("finetuning_type", "freeze")})
-                              | module_refusals(command))
+                              | module_refusals(command),
+                              refused_why={refusal_key("finetuning_type", "freeze"): _NO_FREEZE})
 
     def accepts(self, command: Command, knob: str) -> bool:
         """True for the knobs axolotl has keys for (freeze tuning is not one of them)."""
@@ -278,9 +282,7 @@ class AxolotlDialect:
 
 def _adapter_keys(knobs: Knobs, merged: dict[str, Any]) -> dict[str, object]:
     if knobs.finetuning_type is FinetuningType.FREEZE:
-        msg = ("cannot set finetuning_type=freeze: axolotl selects trainable layers with "
-               "`unfrozen_parameters` patterns this tool does not write; use a policy without "
-               "the freeze rung, or add the patterns yourself")
+        msg = f"cannot set finetuning_type=freeze: {_NO_FREEZE}"
         raise CommandError(msg)
     if knobs.finetuning_type is FinetuningType.FULL:
         return {"adapter": None}

@@ -58,6 +58,10 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("torchrun_rank1_valueerror.txt", 1, VerdictKind.FATAL, None),
     ("torchrun_rank1_valueerror_peer.txt", 1, VerdictKind.FATAL, None),
     ("no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
+    ("axolotl_no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
+    ("axolotl_launcher_python_no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
+    ("axolotl_sample_packing_no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
+    ("axolotl_host_cap_oom.txt", 1, VerdictKind.OOM, OomKind.CPU),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:

@@ -12,7 +12,7 @@ import pytest
 from supervisor.command import Command, CommandError
 from supervisor.dialects import detect
 from supervisor.dialects.axolotl import AxolotlDialect
-from supervisor.knobs import FinetuningType, Knobs
+from supervisor.knobs import FinetuningType, Knobs, Reading
 
 D = AxolotlDialect()
 
@@ -142,6 +142,17 @@ def test_freeze_is_refused_in_one_line(cwd: Path) -> None:
     with pytest.raises(CommandError, match="cannot set finetuning_type=freeze: axolotl"):
         D.render(command, dataclasses.replace(D.read(command),
                                               finetuning_type=FinetuningType.FREEZE), cwd)
+
+
+def test_freeze_refusal_carries_axolotls_reason(cwd: Path) -> None:
+    """The reading refuses freeze with the reason a run's skip line and give-up repeat."""
+    reading = D.read_sourced(cmd("axolotl train full.yml", cwd))
+    assert not reading.can_set("finetuning_type", FinetuningType.FREEZE)
+    why = reading.refusal("finetuning_type", FinetuningType.FREEZE)
+    assert why is not None
+    assert "`unfrozen_parameters` patterns" in why
+    assert reading.refusal("finetuning_type", FinetuningType.LORA) is None
+    assert Reading.from_dict(reading.to_dict()).refusal("finetuning_type", "freeze") == why
 
 
 QLORA_YML = LORA_YML.replace("adapter: lora", "adapter: qlora  # 4-bit base\nload_in_4bit: true")

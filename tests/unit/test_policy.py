@@ -80,11 +80,36 @@ def test_default_ladder_whole_walk_keeps_effective_batch() -> None:
         "smaller-batch: per_device_batch at 1 (floor 1)",
         "shorter-cutoff: cutoff_len at 256 (floor 256)",
         "gradient-checkpointing: gradient_checkpointing=true tried from attempt 4",
-        "8bit-optimizer: not tried",
+        ("8bit-optimizer: skipped, optimizer=paged_adamw_8bit needs bitsandbytes, which the "
+         "command's Python cannot import"),
         "lora: finetuning_type=lora tried from attempt 9",
         "qlora: not tried",
         "freeze: finetuning_type=freeze tried from attempt 17",
     )
+
+
+def test_a_refused_rung_gives_the_dialects_reason_in_skipped_and_spent() -> None:
+    """A rung the program refuses is skipped in the dialect's words, and the give-up's
+    account of the rungs says the same, not "not tried"."""
+    start = Knobs(per_device_batch=1, cutoff_len=256, gradient_checkpointing=True,
+                  finetuning_type=FinetuningType.LORA, lora_rank=8, quantization_bit=4,
+                  optimizer="paged_adamw_8bit")
+    history = [Attempt(number=1, knobs=start, rung=None, verdict=OOM)]
+
+    def no_freeze(knob: str, value: object) -> bool:
+        return not (knob == "finetuning_type" and value == FinetuningType.FREEZE)
+
+    def why(knob: str, value: object) -> str | None:
+        return "no such method here" if (knob, value) == ("finetuning_type", "freeze") else None
+
+    give_up = next_step(start, history, resolve("default"), can_set=no_freeze, refusal=why)
+    assert isinstance(give_up, GiveUp)
+    line = "the program cannot take finetuning_type=freeze: no such method here"
+    assert give_up.skipped[-1] == f"freeze: {line}"
+    assert give_up.spent[-1] == f"freeze: skipped, {line}"
+    plain = next_step(start, history, resolve("default"), can_set=no_freeze)
+    assert isinstance(plain, GiveUp)
+    assert plain.spent[-1] == "freeze: skipped, the program cannot take finetuning_type=freeze"
 
 
 def test_seed_order_walk_without_speed_before_quality() -> None:
@@ -109,7 +134,8 @@ def test_seed_order_walk_without_speed_before_quality() -> None:
         "smaller-batch: per_device_batch at 1 (floor 1)",
         "shorter-cutoff: cutoff_len at 256 (floor 256)",
         "gradient-checkpointing: gradient_checkpointing=true tried from attempt 6",
-        "8bit-optimizer: not tried",
+        ("8bit-optimizer: skipped, optimizer=paged_adamw_8bit needs bitsandbytes, which the "
+         "command's Python cannot import"),
         "lora: finetuning_type=lora tried from attempt 11",
         "qlora: not tried",
         "freeze: finetuning_type=freeze tried from attempt 21",

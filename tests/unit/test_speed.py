@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import speed
+from supervisor import speed, status
 from supervisor.classify import Outcome
 from supervisor.command import Command
 from supervisor.dialects.argv import ArgvDialect
@@ -215,6 +215,9 @@ def test_the_fit_and_its_rival_are_timed_and_the_faster_trains_on(tmp_path: Path
     text = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     assert "## Speed compared" in text
     assert "| 3 | b8xGA1, checkpointing on | 3 | 0.5 |" in text
+    shown = status.render(tmp_path / "run")
+    assert "speed compared: b4xGA2, checkpointing off (attempt 2) 1.000 s/step" in shown
+    assert "b8xGA1, checkpointing on trains on" in shown
 
 
 def test_a_rival_that_runs_out_of_memory_leaves_the_fit(tmp_path: Path) -> None:

@@ -672,16 +672,21 @@ def _audition(live: _Live, knobs: Knobs) -> speed.Alternative | str | None:
 def _compare(live: _Live, knobs: Knobs) -> tuple[Knobs, Verdict]:
     """The fitting config was timed: time its rival, journal the comparison, train on with the
     faster from the newest checkpoint (speed.py). An OOM of the rival settles it too."""
-    rival = _audition(live, knobs)
     state = live.state()
     first = state.attempts[-1]
-    if not isinstance(rival, speed.Alternative):  # cannot happen on a journal we wrote
-        return knobs, _attempt_with_retries(live, _from_newest(live, knobs), first.started.rung)
-    alt = _from_newest(live, rival.knobs)
-    verdict = _attempt(live, alt, speed.RUNG, timed_steps=live.ladder.speed_steps)
-    if verdict.kind in (VerdictKind.FITS, VerdictKind.INTERRUPTED):
-        return alt, verdict  # it trained to the end, or the run was told to stop
-    state = live.state()
+    if first.started.rung == speed.RUNG and len(state.attempts) > 1:
+        # A resume between the rival's timing and the comparison: both are timed already.
+        first = state.attempts[-2]
+    else:
+        rival = _audition(live, knobs)
+        if not isinstance(rival, speed.Alternative):  # nothing left to time it against
+            return knobs, _attempt_with_retries(live, _from_newest(live, knobs),
+                                                first.started.rung)
+        alt = _from_newest(live, rival.knobs)
+        verdict = _attempt(live, alt, speed.RUNG, timed_steps=live.ladder.speed_steps)
+        if verdict.kind in (VerdictKind.FITS, VerdictKind.INTERRUPTED):
+            return alt, verdict  # it trained to the end, or the run was told to stop
+        state = live.state()
     result = _emit(live, speed.compare(first, state.attempts[-1]))
     winner = state.attempt(result.winner)
     rung = winner.started.rung if winner is not None else None

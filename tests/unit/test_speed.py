@@ -20,7 +20,7 @@ from supervisor.estimate import Method, Prediction
 from supervisor.events import AttemptFinished, AttemptRecord, AttemptStarted
 from supervisor.journal import read
 from supervisor.knobs import FinetuningType, Knobs
-from supervisor.loop import ExitCode, Memory, supervise
+from supervisor.loop import ExitCode, Memory, Rebuilt, resume, supervise
 from supervisor.policy import Attempt, GiveUp, PolicyError, next_step, parse, resolve
 from supervisor.runner import AttemptSpec
 from tests.fakes import FITS, OOM, outcome_from
@@ -283,3 +283,32 @@ def test_bad_speed_settings_fail_at_load_with_one_line(table: dict[str, Any],
         parse({**_policy(), "speed": table}, source="p.toml")
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_resume_between_the_rival_and_the_comparison_compares_them(tmp_path: Path) -> None:
+    """The supervisor died after both timings but before `speed.compared`: `resume` compares
+    the two journaled timings (nothing is timed again) and trains on with the winner."""
+    _run(tmp_path, _by_config(0.5))
+    path = tmp_path / "run" / "journal.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    cut = next(i for i, line in enumerate(lines) if '"speed.compared"' in line)
+    path.write_text("".join(lines[:cut]), encoding="utf-8")
+    specs: list[AttemptSpec] = []
+
+    def runner(spec: AttemptSpec) -> Outcome:
+        specs.append(spec)
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+        return _by_config(0.5)(spec)
+
+    def rebuild(_: object) -> Rebuilt:
+        return Rebuilt(command=Command(argv=tuple(shlex.split(START)), cwd=str(tmp_path)),
+                       dialect=ArgvDialect(), ladder=resolve("default"), env={},
+                       memory=Memory())
+
+    result = resume(tmp_path / "run", rebuild=rebuild, run_attempt=runner, echo=False)
+    assert result.exit_code is ExitCode.FITTED
+    journal = list(read(path).records)
+    compared = [e for e in journal if e["event"] == "speed.compared"]
+    assert [(e["attempts"], e["winner"]) for e in compared] == [([2, 3], 3)]
+    assert [s.timed_steps for s in specs] == [None]
+    assert "--gradient_checkpointing" in " ".join(specs[0].argv)

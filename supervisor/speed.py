@@ -88,7 +88,7 @@ def alternative(knobs: Knobs, walk: Sequence[Attempt]) -> Alternative | None:
         half = max(1, batch // 2)
         rival = dataclasses.replace(knobs, gradient_checkpointing=False, per_device_batch=half,
                                     grad_accum=accum * (batch // half))
-        why = "no recomputation, at a smaller micro-batch"
+        why = f"no recomputation, at micro-batch {half}"
     else:
         if accum % 2:
             return None
@@ -147,7 +147,9 @@ def audition(state: RunState, knobs: Knobs, ladder: Ladder, *,  # noqa: PLR0913 
     if not ladder.speed_compare:
         return (f"not compared with {describe(rival.knobs)}: switched off "
                 "([speed] compare = false)")
-    predicted = predict(rival.knobs) if predict is not None else None
+    # Only with a device size: a prediction (maybe a trace) that could rank nothing is not made.
+    predicted = (predict(rival.knobs) if predict is not None and device_mib is not None
+                 else None)
     if predicted is not None and device_mib is not None and predicted > device_mib:
         return (f"the estimator ranks it: {describe(rival.knobs)} is predicted at "
                 f"{predicted:.0f} MiB, over the {device_mib:g} MiB device, so "

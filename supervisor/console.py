@@ -200,6 +200,10 @@ class Console:
         if name == "rung.skipped":
             return (f"skipped {event.get('rung') or 'the command as given'} without running "
                     f"it: {event.get('reason')}")
+        if name in ("speed.compared", "speed.skipped"):
+            shown = report.speed_line({**event, "compared": name == "speed.compared"})
+            if shown:
+                return shown
         return _generic(name, event, method)
 
     # --- the live line ------------------------------------------------------------------------

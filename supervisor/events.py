@@ -352,7 +352,8 @@ class SpeedSkipped(Event):
 
     KIND: ClassVar[str] = "speed.skipped"
     attempt: int
-    config: str
+    fitted: str
+    """The config the run settled on (not `config`: the log leaves that name out)."""
     alternative: str | None = None
     reason: str
 

@@ -893,7 +893,7 @@ def _why_not_compared(live: _Live, state: RunState) -> None:
     if isinstance(why, speed.Alternative):
         _emit(live, speed.not_timed(fitted, why))
     elif why is not None:
-        _emit(live, SpeedSkipped(attempt=fitted.number, config=speed.describe(fitted.knobs),
+        _emit(live, SpeedSkipped(attempt=fitted.number, fitted=speed.describe(fitted.knobs),
                                  reason=why))
 
 

@@ -121,7 +121,9 @@ def speed_line(data: Mapping[str, Any] | None) -> str | None:
     if not data:
         return None
     if not data.get("compared"):
-        return f"speed: {data['config']} kept; {data['reason']}"
+        return f"speed: {data.get('fitted')} kept; {data.get('reason')}"
+    if not data.get("attempts") or not data.get("configs") or not data.get("step_s"):
+        return None
     parts = []
     for number, config, step_s, rate in zip(data["attempts"], data["configs"], data["step_s"],
                                             data.get("samples_per_s") or (None, None),
@@ -139,7 +141,7 @@ def _speed_section(data: Mapping[str, Any] | None) -> list[str]:
     out = ["## Speed compared", ""]
     if not data.get("compared"):
         rival = f" against {data['alternative']}" if data.get("alternative") else ""
-        return [*out, f"Not compared{rival}: {data['config']} kept; {data['reason']}.", ""]
+        return [*out, f"Not compared{rival}: {data['fitted']} kept; {data['reason']}.", ""]
     out += [(f"Two configs of the same quality (same method, cutoff and effective batch of "
              f"{data['samples_per_step']}) were each timed over the trainer's own steps; the "
              "faster trains on."), "",

@@ -30,11 +30,16 @@ from supervisor.classify import VerdictKind
 from supervisor.events import AttemptRecord, RunState, SpeedCompared, SpeedSkipped
 from supervisor.knobs import Knobs
 from supervisor.policy import Attempt, CanSet, Ladder, blocked
+from supervisor.trainer_output import step_of
 
 RUNG = "speed-compare"
 """The rung name an alternative's timing attempt carries (not a ladder rung: it spends none)."""
 
 _SPLIT = ("per_device_batch", "grad_accum", "gradient_checkpointing")
+
+WORTH = 10
+"""A comparison is made only when at least WORTH x `[speed] steps` steps are left to train
+(when the command says how many): two restarts and the timed steps must be paid back."""
 """The knobs a same-quality alternative may change: speed only, never what is trained."""
 
 
@@ -147,6 +152,11 @@ def audition(state: RunState, knobs: Knobs, ladder: Ladder, *,  # noqa: PLR0913 
     if not ladder.speed_compare:
         return (f"not compared with {describe(rival.knobs)}: switched off "
                 "([speed] compare = false)")
+    left = knobs.max_steps - step_of(knobs.resume_from_checkpoint) if knobs.max_steps else None
+    if left is not None and left < WORTH * ladder.speed_steps:
+        return (f"not compared with {describe(rival.knobs)}: {left} steps left to train are "
+                f"too few to pay for timing two configs (fewer than {WORTH} x "
+                f"{ladder.speed_steps})")
     # Only with a device size: a prediction (maybe a trace) that could rank nothing is not made.
     predicted = (predict(rival.knobs) if predict is not None and device_mib is not None
                  else None)
@@ -208,7 +218,7 @@ def not_timed(record: AttemptRecord, rival: Alternative) -> SpeedSkipped:
     progress = record.finished.progress if record.finished is not None else None
     why = ("the trainer printed no step progress to time" if not progress or
            not progress.get("samples") else "training ended before the timed steps were in")
-    return SpeedSkipped(attempt=record.number, config=describe(record.knobs),
+    return SpeedSkipped(attempt=record.number, fitted=describe(record.knobs),
                         alternative=describe(rival.knobs), reason=f"not compared: {why}")
 
 

@@ -35,7 +35,7 @@ def test_two_fitting_configs_are_timed_and_the_faster_trains_on(tmp_path: Path) 
     config from a checkpoint to the end, report.md/json show the comparison, and the night's
     time still adds up."""
     argv = (*TRAINER, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-            "--cutoff_len", "64", "--max_steps", "10", "--save_steps", "2",
+            "--cutoff_len", "64", "--max_steps", "30", "--save_steps", "3",
             "--output_dir", "out", "--device-memory", str(BUDGET_MIB))
     result, _, journal = supervise_here(tmp_path, argv, resolve("default"))
     assert result.exit_code is ExitCode.FITTED, result.report.get("reason")
@@ -60,7 +60,7 @@ def test_two_fitting_configs_are_timed_and_the_faster_trains_on(tmp_path: Path) 
     resumed = [e for e in journal if e["event"] == "checkpoint.resumed"]
     assert resumed
     assert resumed[-1]["attempt"] == 4  # the winner continues, it does not start over
-    assert finished[-1]["trained_steps"]["steps"] == 10
+    assert finished[-1]["trained_steps"]["steps"] == 30
 
     report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
     assert report["speed"]["winner"] == faster

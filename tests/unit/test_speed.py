@@ -161,7 +161,8 @@ Script = Callable[[AttemptSpec], Outcome]
 
 
 def _run(tmp_path: Path, decide: Script, *, policy: dict[str, Any] | None = None,
-         memory: Memory | None = None) -> tuple[list[AttemptSpec], list[dict[str, Any]]]:
+         memory: Memory | None = None, start: str = START,
+         ) -> tuple[list[AttemptSpec], list[dict[str, Any]]]:
     specs: list[AttemptSpec] = []
 
     def runner(spec: AttemptSpec) -> Outcome:
@@ -170,7 +171,7 @@ def _run(tmp_path: Path, decide: Script, *, policy: dict[str, Any] | None = None
         return decide(spec)
 
     ladder = resolve("default") if policy is None else parse(policy, source="test.toml")
-    result = supervise(Command(argv=tuple(shlex.split(START)), cwd=str(tmp_path)),
+    result = supervise(Command(argv=tuple(shlex.split(start)), cwd=str(tmp_path)),
                        dialect=ArgvDialect(), ladder=ladder, run_dir=tmp_path / "run",
                        run_attempt=runner, echo=False, env={}, memory=memory)
     assert result.exit_code is ExitCode.FITTED
@@ -237,6 +238,17 @@ def test_switched_off_it_times_nothing_and_says_so(tmp_path: Path) -> None:
     assert [s.timed_steps for s in specs] == [None, None]
     skipped = next(e for e in journal if e["event"] == "speed.skipped")
     assert "switched off" in skipped["reason"]
+
+
+def test_a_short_run_is_not_worth_timing(tmp_path: Path) -> None:
+    """20 steps to train: two restarts and 2 x 3 timed steps would not pay back (fewer than
+    10 x 3 steps left), so nothing is timed and the reason is journaled."""
+    specs, journal = _run(tmp_path, _by_config(0.5),
+                          start=START.replace("--max_steps 40", "--max_steps 20"))
+    assert [s.timed_steps for s in specs] == [None, None]
+    skipped = next(e for e in journal if e["event"] == "speed.skipped")
+    assert "20 steps left to train are too few" in skipped["reason"]
+    assert skipped["fitted"] == "b4xGA2, checkpointing off"
 
 
 class _Predictor:

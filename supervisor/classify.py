@@ -30,6 +30,9 @@ class VerdictKind(StrEnum):
     drops every longer sample, axolotl's default); not the command's fault and not memory:
     the rung that produced it is spent with that reason and the ladder walks on from the
     last config that had data (policy.next_step).
+    `timed`: training ran, and the supervisor ended it after a few timed steps to compare its
+    speed with a config of the same quality (speed.py); the run trains on with the faster of
+    the two, from the newest checkpoint.
     """
 
     FITS = "fits"
@@ -40,6 +43,7 @@ class VerdictKind(StrEnum):
     HANG = "hang"
     LOST = "lost"
     NO_DATA = "no_data"
+    TIMED = "timed"
 
 
 class OomKind(StrEnum):
@@ -256,6 +260,8 @@ class Outcome:
     failed_task: str | None = None
     """The launcher's line for a task that failed while its peers lived (the attempt was
     ended after a grace for it)."""
+    timed: bool = False
+    """Ended by the supervisor once its timed steps were in (a speed comparison, speed.py)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -374,6 +380,10 @@ def classify(outcome: Outcome) -> Verdict:
         evidence = _most_specific(oom_lines)
         return Verdict(kind=VerdictKind.OOM, oom_kind=_oom_kind(evidence), evidence=evidence,
                        numbers=parse_numbers(oom_lines))
+    if outcome.timed:
+        return Verdict(kind=VerdictKind.TIMED, evidence=(
+            "ended after its timed steps, to compare its speed with a config of the same "
+            "quality"))
     if outcome.hung is not None:
         return Verdict(kind=VerdictKind.HANG, evidence=f"the watchdog ended it: it {outcome.hung}")
     if outcome.exit_code is None:

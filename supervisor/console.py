@@ -38,7 +38,7 @@ _SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.de
 
 _STYLE = {"fits": "green", "oom": "red", "fatal": "magenta", "transient": "yellow",
           "no_data": "yellow",
-          "hang": "yellow", "interrupted": "bright_black"}
+          "hang": "yellow", "interrupted": "bright_black", "timed": "cyan"}
 _MARK = {"fits": "✓", "oom": "✗"}
 _QUIET_KEYS = frozenset({"event", "level", "timestamp", "run_id", "log_dir"})
 
@@ -222,6 +222,10 @@ class Console:
             fresh = [s for s in event.get("skipped") or [] if s not in self._said]
             self._said.update(fresh)
             return _step_line({**event, "skipped": fresh})
+        if name in ("speed.compared", "speed.skipped"):
+            shown = report.speed_line({**event, "compared": name == "speed.compared"})
+            if shown:
+                return shown
         return _generic(name, event, method)
 
     # --- the live line ------------------------------------------------------------------------
@@ -519,6 +523,9 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
         given = [f"{c['cost']}: {c['knob']} {report.cell(c['from'])} -> {report.cell(c['to'])}"
                  for c in data.get("costs", []) if c.get("cost") in ("quality", "speed")]
         lines.append("  given up: " + ("; ".join(given) if given else "nothing"))
+        compared = report.speed_line(data.get("speed"))
+        if compared:
+            lines.append(f"  {compared}")
         if data.get("output_dir"):
             lines.append(f"  the model will be written to: {data['output_dir']}")
         lines += [f"  note: {n}" for n in data.get("other_changes", [])[:1]]

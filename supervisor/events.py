@@ -359,6 +359,36 @@ class LadderStepped(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SpeedCompared(Event):
+    """Two fitting configs of the same quality were timed (speed.py); the faster trains on."""
+
+    KIND: ClassVar[str] = "speed.compared"
+    attempts: Sequence[int]
+    """The two timed attempts: the config the walk found, then its rival."""
+    configs: Sequence[str]
+    step_s: Sequence[float | None]
+    """Seconds per optimizer step, as the trainer's own progress lines streamed past."""
+    timed_steps: Sequence[int] = ()
+    samples_per_s: Sequence[float | None] = ()
+    samples_per_step: int = 0
+    winner: int
+    """The attempt whose config the run trains on."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeedSkipped(Event):
+    """A same-quality rival of the fitting config was not timed, and why."""
+
+    KIND: ClassVar[str] = "speed.skipped"
+    attempt: int
+    fitted: str
+    """The config the run settled on (not `config`: the log leaves that name out)."""
+    alternative: str | None = None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RetryScheduled(Event):
     """A transient failure or hang: the same config runs again after a delay."""
 
@@ -474,9 +504,9 @@ class RunFinished(Event):
 EVENT_TYPES: Mapping[str, type[Event]] = {
     cls.KIND: cls for cls in (
         RunStarted, RunResumed, AttemptStarted, AttemptSpawned, AttemptFinished, RungSkipped,
-        EstimateDistrusted, EstimateChecking, LadderStepped, RetryScheduled, CheckpointResumed,
-        CheckpointSkipped, GpuHeld, TerminalLost, SignalReceived, LadderExhausted, FinalWritten,
-        Notified, RunFinished,
+        EstimateDistrusted, EstimateChecking, LadderStepped, SpeedCompared, SpeedSkipped,
+        RetryScheduled, CheckpointResumed, CheckpointSkipped, GpuHeld, TerminalLost,
+        SignalReceived, LadderExhausted, FinalWritten, Notified, RunFinished,
     )
 }
 """Every event the journal may hold, by its `event` name."""

@@ -25,7 +25,7 @@ import psutil
 import structlog
 from tenacity import RetryCallState, wait_exponential
 
-from supervisor import checkpoints, plot, progress, report, runner, trainer_output
+from supervisor import checkpoints, plot, progress, report, runner, speed, trainer_output
 from supervisor._compat import Self, StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
@@ -54,6 +54,7 @@ from supervisor.events import (
     RunStarted,
     RunState,
     SignalReceived,
+    SpeedSkipped,
     TerminalLost,
     numbers_of,
     replay,
@@ -209,7 +210,12 @@ class StepDown:
     """Ask the policy for the next config (one rung down) and run it."""
 
 
-Decision = Finish | StepDown
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Compare:
+    """The fitting config was timed: time its same-quality rival, then train on the faster."""
+
+
+Decision = Finish | StepDown | Compare
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,6 +245,11 @@ def decide(view: View, verdict: Verdict) -> Decision:
             "the policy says stop ([gpu] on_held_memory)"))
     if verdict.kind is VerdictKind.FITS:
         return Finish(status=RunStatus.FITTED)
+    if verdict.kind is VerdictKind.TIMED:
+        if view.stopping:
+            return Finish(status=RunStatus.INTERRUPTED,
+                          reason="stopped by signal during a speed comparison")
+        return Compare()
     if verdict.kind in _RETRIED and view.stopping:
         return Finish(status=RunStatus.INTERRUPTED,
                       reason="stopped by signal before the retry")
@@ -513,6 +524,9 @@ def _drive(live: _Live, *, first: tuple[Knobs, str | None] | None) -> RunResult:
         decision = decide(live.view(state), verdict)
         if isinstance(decision, Finish):
             return _finish(live, decision)
+        if isinstance(decision, Compare):
+            knobs, verdict = _compare(live, knobs)
+            continue
         step = _runnable(live, state)
         if isinstance(step, GiveUp):
             _emit(live, LadderExhausted(reason=step.reason, spent=step.spent,
@@ -665,8 +679,12 @@ class _Nth:
     attempt_number: int
 
 
-def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
+def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
+             timed_steps: int | None = None) -> Verdict:
+    """Run one attempt of `knobs`; timed for a speed comparison when speed.audition says so."""
     number = len(live.state().attempts) + 1
+    if timed_steps is None and isinstance(_audition(live, knobs), speed.Alternative):
+        timed_steps = live.ladder.speed_steps
     attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
     rendered = live.dialect.render(live.command, knobs, attempt_dir)
     shown = tuple(live.redactor.argv(rendered.argv))
@@ -682,8 +700,47 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None) -> Verdict:
         _emit(live, AttemptSpawned(attempt=number, pid=proc.pid, create_time=proc.create_time))
         plot.warm()  # the pictures' library loads while the attempt runs, not after the run
 
-    outcome = live.run_attempt(_spec(live, attempt_dir, rendered, knobs, on_spawn=spawned))
+    outcome = live.run_attempt(_spec(live, attempt_dir, rendered, knobs, on_spawn=spawned,
+                                     timed_steps=timed_steps))
     return _record(live, started, outcome)
+
+
+def _audition(live: _Live, knobs: Knobs) -> speed.Alternative | str | None:
+    """speed.audition with what this run knows (its walk, its program, its predictions)."""
+    predictor = live.memory.predictor
+
+    def predict(candidate: Knobs) -> float | None:
+        prediction = predictor.predict(candidate) if predictor is not None else None
+        return prediction.peak_mib if prediction is not None else None
+
+    return speed.audition(live.state(), knobs, live.ladder, can_set=live.config.can_set,
+                          predict=predict if predictor is not None else None,
+                          device_mib=live.memory.device_mib)
+
+
+def _compare(live: _Live, knobs: Knobs) -> tuple[Knobs, Verdict]:
+    """The fitting config was timed: time its rival, journal the comparison, train on with the
+    faster from the newest checkpoint (speed.py). An OOM of the rival settles it too."""
+    state = live.state()
+    first = state.attempts[-1]
+    if first.started.rung == speed.RUNG and len(state.attempts) > 1:
+        # A resume between the rival's timing and the comparison: both are timed already.
+        first = state.attempts[-2]
+    else:
+        rival = _audition(live, knobs)
+        if not isinstance(rival, speed.Alternative):  # nothing left to time it against
+            return knobs, _attempt_with_retries(live, _from_newest(live, knobs),
+                                                first.started.rung)
+        alt = _from_newest(live, rival.knobs)
+        verdict = _attempt(live, alt, speed.RUNG, timed_steps=live.ladder.speed_steps)
+        if verdict.kind in (VerdictKind.FITS, VerdictKind.INTERRUPTED):
+            return alt, verdict  # it trained to the end, or the run was told to stop
+        state = live.state()
+    result = _emit(live, speed.compare(first, state.attempts[-1]))
+    winner = state.attempt(result.winner)
+    rung = winner.started.rung if winner is not None else None
+    chosen = _from_newest(live, speed.winner_knobs(state, result))
+    return chosen, _attempt_with_retries(live, chosen, rung)
 
 
 def _env_set(live: _Live, rendered: Command) -> dict[str, str]:
@@ -692,8 +749,10 @@ def _env_set(live: _Live, rendered: Command) -> dict[str, str]:
     return {k: v for k, v in rendered.env if own.get(k) != v}
 
 
-def _spec(live: _Live, attempt_dir: Path, rendered: Command, knobs: Knobs | None = None,
-          on_spawn: Callable[[runner.Spawned], None] | None = None) -> runner.AttemptSpec:
+def _spec(live: _Live, attempt_dir: Path, rendered: Command,  # noqa: PLR0913
+          knobs: Knobs | None = None, *,
+          on_spawn: Callable[[runner.Spawned], None] | None = None,
+          timed_steps: int | None = None) -> runner.AttemptSpec:
     gpu = live.memory.gpu
     argv = rendered.argv
     if live.config.inject_device_memory and live.config.device_mib:
@@ -713,7 +772,7 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command, knobs: Knobs | None
         marker=str(attempt_dir.resolve()),
         on_spawn=on_spawn, redactor=live.redactor,
         gpu=None if gpu is None or getattr(gpu, "unavailable", None) else gpu,
-        release_wait_s=live.ladder.release_wait_s)
+        release_wait_s=live.ladder.release_wait_s, timed_steps=timed_steps)
 
 
 _NOT_LIMITED = ("--device-memory was not in force in this attempt: the injected limit never "
@@ -859,6 +918,8 @@ def _finish(live: _Live, decision: Finish, spent: Sequence[str] = ()) -> RunResu
     final: Knobs | None = None
     if decision.status is RunStatus.FITTED and state.history:
         final = state.history[-1].knobs
+        _why_not_compared(live, state)
+        state = live.state()
         _write_final(live, state, final)
     last = state.history[-1].number if state.history else 0
     exit_code = STATUS_EXIT.get(decision.status, ExitCode.FATAL)
@@ -870,6 +931,19 @@ def _finish(live: _Live, decision: Finish, spent: Sequence[str] = ()) -> RunResu
     data = report.write(live.run_dir, live.state())
     return RunResult(status=str(decision.status), exit_code=exit_code, run_dir=live.run_dir,
                      final_knobs=final, attempts=live.state().done, report=data)
+
+
+def _why_not_compared(live: _Live, state: RunState) -> None:
+    """The run settles without a comparison: say why, where there was a rival to time."""
+    fitted = state.attempts[-1]
+    if speed.compared(state) is not None or fitted.started.rung == speed.RUNG:
+        return
+    why = _audition(live, fitted.knobs)
+    if isinstance(why, speed.Alternative):
+        _emit(live, speed.not_timed(fitted, why))
+    elif why is not None:
+        _emit(live, SpeedSkipped(attempt=fitted.number, fitted=speed.describe(fitted.knobs),
+                                 reason=why))
 
 
 def _write_final(live: _Live, state: RunState, final: Knobs) -> None:

@@ -17,7 +17,7 @@ from supervisor.files import writing
 
 VERDICT_COLOURS: Mapping[str, str] = {
     "fits": "#2e7d32", "oom": "#c62828", "fatal": "#6a1b9a", "transient": "#ef6c00",
-    "hang": "#ef6c00", "interrupted": "#757575", "running": "#1565c0",
+    "hang": "#ef6c00", "interrupted": "#757575", "running": "#1565c0", "timed": "#00838f",
 }
 """Bar colour per verdict."""
 
@@ -164,7 +164,7 @@ TIME_COLOURS: Mapping[str, str] = {
     "kept": "#2e7d32", "startup": "#90a4ae", "oom": "#c62828", "retrained": "#f9a825",
     "hang": "#ef6c00", "failed": "#6a1b9a", "backoff": "#8d6e63", "gpu_wait": "#0277bd",
     "down": "#212121", "prediction": "#7e57c2", "interrupted": "#757575",
-    "supervisor": "#bdbdbd", "running": "#1565c0",
+    "supervisor": "#bdbdbd", "running": "#1565c0", "compared": "#00838f",
 }
 """Segment colour per cause in goodput.png."""
 

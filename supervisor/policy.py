@@ -78,6 +78,11 @@ class Ladder:
     """What to do when memory is still held after the wait: continue or stop."""
     keep_quality: bool = False
     """Stop before the first rung that costs quality and say what it would try (--keep-quality)."""
+    speed_compare: bool = True
+    """Time a fitting config against its same-quality rival and keep the faster (speed.py;
+    [speed] compare): at most once per run."""
+    speed_steps: int = 3
+    """Timed steps of each of the two ([speed] steps)."""
     source: str = "<memory>"
 
     def rung(self, name: str) -> Rung:
@@ -485,7 +490,8 @@ def _summary(knobs: Knobs) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 _TOP_KEYS = frozenset({"name", "description", "max_attempts", "speed_before_quality",
-                       "keep_quality", "transient", "watchdog", "gpu", "rung"})
+                       "keep_quality", "transient", "watchdog", "gpu", "speed", "rung"})
+_SPEED_KEYS = frozenset({"compare", "steps"})
 _WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s", "startup_timeout_s",
                             "stall_factor", "stall_floor_s"})
 _GPU_KEYS = frozenset({"release_wait_s", "on_held_memory"})
@@ -570,6 +576,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
     transient = _table(data, "transient", _TRANSIENT_KEYS, source)
     watchdog = _table(data, "watchdog", _WATCHDOG_KEYS, source)
     gpu = _table(data, "gpu", _GPU_KEYS, source)
+    speed = _table(data, "speed", _SPEED_KEYS, source)
     on_held = gpu.get("on_held_memory", "continue")
     if on_held not in ("continue", "stop"):
         msg = f"{source}: [gpu] on_held_memory must be 'continue' or 'stop', not {on_held!r}"
@@ -599,6 +606,8 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         release_wait_s=float(_whole(gpu.get("release_wait_s", 60), f"{source}: gpu.release_wait_s",
                                     minimum=0)),
         on_held_memory=on_held,
+        speed_compare=_flag(speed, "compare", f"{source}: [speed]"),
+        speed_steps=_whole(speed.get("steps", 3), f"{source}: [speed] steps", minimum=1),
         source=source,
     )
 

@@ -149,6 +149,7 @@ CAUSES: Mapping[str, str] = {
     "down": "supervisor down",
     "interrupted": "interrupted attempts",
     "prediction": "memory prediction before attempt 1",
+    "compared": "speed comparison (ending and restarting timed attempts)",
     "supervisor": "supervisor (probe, prediction, reports)",
     "running": "the attempt running now (counted when it ends)",
 }
@@ -156,7 +157,7 @@ CAUSES: Mapping[str, str] = {
 
 _TAIL_CAUSE = {"fits": "startup", "oom": "oom", "hang": "hang", "transient": "failed",
                "fatal": "failed", "lost": "failed", "interrupted": "interrupted",
-               "no_data": "oom"}
+               "no_data": "oom", "timed": "compared"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -382,7 +383,8 @@ def _gone_at(events: Sequence[Event], i: int) -> float:
 def _describe(record: AttemptRecord, verdict: str, resumed: int, reached: int) -> str:
     what = {"oom": "out of memory", "hang": "hung", "transient": "transient failure",
             "lost": "lost (its wrapper died)", "fatal": "failed",
-            "interrupted": "interrupted", "no_data": "no data left"}.get(verdict, verdict)
+            "interrupted": "interrupted", "no_data": "no data left",
+            "timed": "ended for a speed comparison"}.get(verdict, verdict)
     where = f"at step {reached}" if reached > resumed else (
         "before its first step" if not resumed else f"before passing step {resumed}")
     return f"attempt {record.number} {what} {where}"

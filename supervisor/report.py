@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-from supervisor import progress
-from supervisor.events import AttemptRecord, Notified, RunConfig, RunState
+from supervisor import progress, speed
+from supervisor.events import AttemptRecord, Notified, RunConfig, RunState, SpeedCompared
 from supervisor.files import write_file
 from supervisor.knobs import Knobs
 from supervisor.secrets import shell_word
@@ -105,7 +105,59 @@ def build(state: RunState) -> dict[str, Any]:
         "other_changes": _other_changes(start, final, final_argv),
         "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error}
                      for e in state.events if isinstance(e, Notified)],
+        "speed": _speed(state),
     }
+
+
+def _speed(state: RunState) -> dict[str, Any] | None:
+    """The run's speed comparison (or why none was made), as report.json carries it."""
+    found = speed.compared(state)
+    if found is None:
+        return None
+    record = {k: v for k, v in found.to_record().items() if k not in ("v", "ts")}
+    record["compared"] = isinstance(found, SpeedCompared)
+    return record
+
+
+def speed_line(data: Mapping[str, Any] | None) -> str | None:
+    """One line on the speed comparison: both configs, their step times, the winner."""
+    if not data:
+        return None
+    if not data.get("compared"):
+        return f"speed: {data.get('fitted')} kept; {data.get('reason')}"
+    if not data.get("attempts") or not data.get("configs") or not data.get("step_s"):
+        return None
+    parts = []
+    for number, config, step_s, rate in zip(data["attempts"], data["configs"], data["step_s"],
+                                            data.get("samples_per_s") or (None, None),
+                                            strict=False):
+        timed = (f"{step_s:.3f} s/step, {rate:.2f} samples/s" if step_s is not None
+                 and rate is not None else "not timed")
+        parts.append(f"{config} (attempt {number}) {timed}")
+    winner = data["configs"][list(data["attempts"]).index(data["winner"])]
+    return f"speed compared: {' vs '.join(parts)}: {winner} trains on ({data['reason']})"
+
+
+def _speed_section(data: Mapping[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    out = ["## Speed compared", ""]
+    if not data.get("compared"):
+        rival = f" against {data['alternative']}" if data.get("alternative") else ""
+        return [*out, f"Not compared{rival}: {data['fitted']} kept; {data['reason']}.", ""]
+    out += [(f"Two configs of the same quality (same method, cutoff and effective batch of "
+             f"{data['samples_per_step']}) were each timed over the trainer's own steps; the "
+             "faster trains on."), "",
+            "| attempt | config | timed steps | s/step | samples/s | |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    rates = data.get("samples_per_s") or (None, None)
+    steps = data.get("timed_steps") or (0, 0)
+    for i, number in enumerate(data["attempts"]):
+        mark = "**winner**" if number == data["winner"] else ""
+        out.append(f"| {number} | {data['configs'][i]} | {steps[i]} | {_cell(data['step_s'][i])} "
+                   f"| {_cell(rates[i])} | {mark} |")
+    out += ["", f"Why: {data['reason']}.", ""]
+    return out
 
 
 def _goodput(state: RunState, now: float | None = None) -> dict[str, Any] | None:
@@ -437,6 +489,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += _time_section(data)
     if data["final_knobs"]:
         out += _final_section(data, eb)
+    out += _speed_section(data.get("speed"))
     if data.get("plot"):
         out += ["## Memory per attempt", "", f"![memory per attempt]({data['plot']})", ""]
     elif data.get("plot_missing"):

@@ -121,6 +121,9 @@ class AttemptSpec:
     gpu: GpuProbe | None = None
     """Where GPU memory is sampled during the attempt and watched for release after it."""
     release_wait_s: float = 60.0
+    timed_steps: int | None = None
+    """End the attempt politely once the trainer has shown this many timed steps (a speed
+    comparison: its step time is what was wanted, not its end)."""
     log_cap_bytes: int = field(default_factory=lambda: log_cap_bytes(os.environ))
     """Most bytes kept per log file (its first and last half); 0 keeps everything."""
 
@@ -339,7 +342,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     followers = follow(sink)
     for follower in followers:
         follower.start()
-    killed = interrupted = died = False
+    killed = interrupted = died = timed = False
     hung: str | None = None
     failed: str | None = None
     kill_s: float | None = None
@@ -394,6 +397,11 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             killed = True
         elif (spec.stop.graceful.is_set() and not interrupted) or spec.stop.immediate.is_set():
             interrupted = True
+            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+        elif (spec.timed_steps and not timed and not interrupted and not sink.tracker.ended
+              and sink.tracker.timed_span >= spec.timed_steps):
+            timed = True
+            log.info("speed.timed", steps=sink.tracker.timed_span, pid=spawned.pid)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
             hung = f"ran past its time limit of {spec.timeout_s:g} s"
@@ -453,6 +461,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         progress=sink.tracker.summary(),
         watchdog=limit[1] if limit is not None else None,
         failed_task=failed,
+        timed=timed and not killed,
         host_peak_mib=round(host_peak, 1) if host_peak else None,
     )
 

@@ -81,6 +81,9 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
     if state.resumes:
         out.append(f"  resumed {len(state.resumes)} time(s), last at "
                    f"{report.local_time(state.resumes[-1].ts)}")
+    compared = report.speed_line(data.get("speed"))
+    if compared:
+        out.append(f"  {compared}")
     if data["attempts"]:
         out += ["", report.render_table(data)]
     if pending is not None:

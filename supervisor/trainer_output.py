@@ -208,6 +208,14 @@ class Tracker:
         return self.timed_steps >= 2 or (self.began and self.total is None  # noqa: PLR2004
                                          and self.longest_gap_s > 0)
 
+    @property
+    def timed_span(self) -> int:
+        """Steps between the first and the last step seen while timed (whole intervals)."""
+        with self.lock:
+            if self.first is None or self.last is None:
+                return 0
+            return self.last[0] - self.first[0]
+
     def activity(self, now: float | None = None) -> None:
         """Something the trainer did that printed nothing (a checkpoint being written)."""
         self.feed(b"", at=now)

@@ -19,7 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("dialects", "policy", "_wrap", "estimate", "_estimate_child", "reference_trainer",
      "trainer_output"),
     ("events", "plan", "runner"),
-    ("journal", "checkpoints", "progress", "runconfig"),
+    ("journal", "checkpoints", "progress", "runconfig", "speed"),
     ("report", "notify", "remember"),
     ("console", "status", "loop"),
     ("cli", "__init__"),

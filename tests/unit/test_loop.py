@@ -48,7 +48,8 @@ def test_oom_at_batch_8_steps_to_batch_4_ga_2_and_fits(tmp_path: Path) -> None:
         + " --gradient_accumulation_steps 2"]
     assert [e["event"] for e in events] == [
         "run.started", "attempt.started", "attempt.finished", "ladder.stepped",
-        "attempt.started", "attempt.finished", "final.written", "run.finished"]
+        "attempt.started", "attempt.finished", "speed.skipped", "final.written",
+        "run.finished"]
     assert [e["verdict"] for e in events if e["event"] == "attempt.finished"] == ["oom", "fits"]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["effective_batch"] == {"start": 8, "final": 8, "world_size_known": True}
@@ -120,7 +121,8 @@ def test_log_events_are_dotted_and_in_order(tmp_path: Path) -> None:
         go(tmp_path, [OOM, FITS])
     assert [e["event"] for e in logs] == [
         "run.started", "attempt.started", "attempt.finished", "ladder.stepped",
-        "attempt.started", "attempt.finished", "final.written", "run.finished"]
+        "attempt.started", "attempt.finished", "speed.skipped", "final.written",
+        "run.finished"]
     assert all(e.get("run_id") == "run" for e in logs)
 
 

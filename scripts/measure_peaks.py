@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python scripts/measure_peaks.py MODEL OUT.json
        .venv/bin/python scripts/measure_peaks.py --lattice MODEL OUT.json
+       .venv/bin/python scripts/measure_peaks.py --lattice-bf16 MODEL OUT.json
        .venv/bin/python scripts/measure_peaks.py --fill MODEL RECORD.json
 
 MODEL is a named size of supervisor/models.py (tiny, small, tiny-qwen2).
@@ -16,7 +17,8 @@ of the halving (8x1, 4x2, 2x4, 1x8) at cutoff 512, and 1x8 at cutoff 256; then a
 in each bf16 precision for the estimator's precision check: `bf16-mixed` (--bf16: autocast
 over fp32 weights, a Hugging Face script's switch) and `bf16-base-mixed` (--load_in_bf16: the
 model loaded in bf16, its trainable parameters upcast to fp32, LLaMA-Factory's `bf16: true`).
-When OUT.json exists, the rows it already has are kept and only the missing ones measured
+`--lattice-bf16` measures the same grid (no extra rows) in `bf16-mixed`, the scenario suite's
+bf16 (the script's --bf16), from the same start in that precision. When OUT.json exists, the rows it already has are kept and only the missing ones measured
 (each new row marked with the date it was measured): a long measurement can be resumed, and a
 grid that grew is filled in.
 
@@ -51,8 +53,12 @@ LATTICE_START = Knobs(per_device_batch=8, grad_accum=1, cutoff_len=512)
 """The scenario suite's start (benchmarks/scenarios.py): full fine-tuning, batch 8 x 512."""
 
 
-def lattice() -> list[tuple[Knobs, str | None]]:
-    """The grid --lattice measures (the rung column says which part of the grid)."""
+def lattice(precision: str | None = None) -> list[tuple[Knobs, str | None]]:
+    """The grid --lattice measures (the rung column says which part of the grid); in one
+    precision only (no bf16 extras) where `precision` is given."""
+    if precision is not None:
+        return [(dataclasses.replace(k, precision=precision), rung)
+                for k, rung in lattice() if rung == "grid"]
     out: list[tuple[Knobs, str | None]] = []
     for method in (FinetuningType.FULL, FinetuningType.LORA):
         for ckpt in (False, True):
@@ -119,13 +125,15 @@ def flags(model: str, knobs: Knobs, out: str) -> list[str]:
 
 def main() -> int:
     args = sys.argv[1:]
-    grid = args[:1] == ["--lattice"]
+    bf16 = args[:1] == ["--lattice-bf16"]
+    grid = args[:1] == ["--lattice"] or bf16
     fill = args[:1] == ["--fill"]
     model, out_path = (args[1:] if grid or fill else args)[:2]
     out_path = Path(out_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     rows: list[dict[str, object]] = []
-    todo = lattice() if grid else walked(model)
+    precision = "bf16-mixed" if bf16 else None
+    todo = lattice(precision) if grid else walked(model)
     kept: dict[str, object] = {}
     fill = fill or (grid and out_path.exists())
     if fill:
@@ -158,19 +166,22 @@ def main() -> int:
               f"{knobs.finetuning_type} {knobs.precision or 'fp32'}: "
               f"{result['peak_live_mib']} MiB, {wall:.1f} s", flush=True)
         # Written after every row: a long measurement keeps what it measured.
-        record = _record(model, grid, rows)
+        record = _record(model, grid, rows, precision)
         if fill:
             record = {**kept, "rows": rows}
         out_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return 0
 
 
-def _record(model: str, grid: bool, rows: list[dict[str, object]]) -> dict[str, object]:  # noqa: FBT001
+def _record(model: str, grid: bool, rows: list[dict[str, object]],  # noqa: FBT001
+            precision: str | None = None) -> dict[str, object]:
     import peft  # noqa: PLC0415 - only for the versions recorded
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
     return {
-        "model": model, "start": (LATTICE_START if grid else START).to_dict(),
+        "model": model,
+        "start": dataclasses.replace(LATTICE_START if grid else START,
+                                     precision=precision).to_dict(),
         "policy": "lattice" if grid else "default",
         "recorded": time.strftime("%Y-%m-%d", time.gmtime()),
         "environment": {"python": platform.python_version(), "torch": torch.__version__,

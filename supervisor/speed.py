@@ -154,7 +154,8 @@ def audition(state: RunState, knobs: Knobs, ladder: Ladder, *,  # noqa: PLR0913 
                 "([speed] compare = false)")
     left = knobs.max_steps - step_of(knobs.resume_from_checkpoint) if knobs.max_steps else None
     if left is not None and left < WORTH * ladder.speed_steps:
-        return (f"not compared with {describe(rival.knobs)}: {left} steps left to train are "
+        steps = "1 step left to train is" if left == 1 else f"{left} steps left to train are"
+        return (f"not compared with {describe(rival.knobs)}: {steps} "
                 f"too few to pay for timing two configs (fewer than {WORTH} x "
                 f"{ladder.speed_steps})")
     # Only with a device size: a prediction (maybe a trace) that could rank nothing is not made.

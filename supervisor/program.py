@@ -237,15 +237,25 @@ def record_help(command: Command, text: str | None) -> None:
 def recorded_help(command: Command) -> str | None:
     """What the probe of `command` found this process (parsed, redacted), without asking."""
     argv = help_argv(command)
-    if argv is None:
-        return None
+    return None if argv is None else _known_help(command, argv)[1]
+
+
+def _known_help(command: Command, argv: tuple[str, ...],
+                ) -> tuple[bool, str | None, str | None, dict[str, str]]:
+    """What this process already has for `argv`: (known, text, cache key, probe env).
+
+    Known: recorded (resume), memoised, or not cacheable (the script cannot be read); else
+    the key and environment to look further with (the cache file, then the probe)."""
     if (argv, command.cwd) in _RECORDED:
-        return _RECORDED[(argv, command.cwd)]
+        return True, _RECORDED[(argv, command.cwd)], None, {}
     env = _probe_env(command)
     try:
-        return _MEMO.get(_cache_key(command, argv, env))
+        key = _cache_key(command, argv, env)
     except OSError:
-        return None
+        return True, None, None, env
+    if key in _MEMO:
+        return True, _MEMO[key], key, env
+    return False, None, key, env
 
 
 def probe_note(command: Command) -> str | None:
@@ -263,15 +273,9 @@ def run_help(command: Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | No
     argv = help_argv(command)
     if argv is None:
         return None
-    if (argv, command.cwd) in _RECORDED:
-        return _RECORDED[(argv, command.cwd)]
-    env = _probe_env(command)
-    try:
-        key = _cache_key(command, argv, env)
-    except OSError:
-        return None
-    if key in _MEMO:
-        return _MEMO[key]
+    known, text, key, env = _known_help(command, argv)
+    if known or key is None:
+        return text
     cached = _load_cache().get(key)
     if isinstance(cached, str) and parse_help(cached) is not None:
         _MEMO[key] = cached

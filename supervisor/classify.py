@@ -33,6 +33,9 @@ class VerdictKind(StrEnum):
     `timed`: training ran, and the supervisor ended it after a few timed steps to compare its
     speed with a config of the same quality (speed.py); the run trains on with the faster of
     the two, from the newest checkpoint.
+    `checkpoint_unusable`: the attempt resumed from a checkpoint and died loading it (a torn
+    weight, optimizer or state file, in the trainer's own words); that checkpoint is passed
+    over and the same config goes on from the one before it (or fresh).
     """
 
     FITS = "fits"
@@ -44,6 +47,7 @@ class VerdictKind(StrEnum):
     LOST = "lost"
     NO_DATA = "no_data"
     TIMED = "timed"
+    CHECKPOINT_UNUSABLE = "checkpoint_unusable"
 
 
 class OomKind(StrEnum):
@@ -149,6 +153,36 @@ NO_DATA_RULES: tuple[Rule, ...] = (
           r"num_samples should be a positive integer value, ?but got num_samples=0\b"),
 )
 """Lines that mean the config left the trainer no rows to train on."""
+
+CHECKPOINT_RULES: tuple[Rule, ...] = (
+    # Recorded from the real HF Trainer (transformers 5.25) resuming damaged copies of a
+    # reference-trainer checkpoint: tests/data/tails/ckpt_unusable_*.txt (README there).
+    # transformers trainer.py, Trainer._load_from_checkpoint: raise ValueError(f"Can't find a
+    # valid checkpoint at {resume_from_checkpoint}") when no weight file is there (no_weights).
+    _rule(VerdictKind.CHECKPOINT_UNUSABLE, r"Can't find a valid checkpoint at "),
+    # huggingface/safetensors bindings/python/src/lib.rs: SafetensorError("Error while
+    # deserializing header: incomplete metadata, file not fully covered") for a truncated
+    # model.safetensors, raised by safetensors.torch.load_file (torn_safetensors).
+    _rule(VerdictKind.CHECKPOINT_UNUSABLE, r"SafetensorError: Error while deserializing"),
+    # pytorch caffe2/serialize/inline_container.cc (torch.load of a zip file): "PytorchStreamReader
+    # failed reading zip archive: failed finding central directory" for a truncated optimizer.pt
+    # (torn_optimizer), "failed reading file data/1: invalid header or archive is corrupted" for
+    # a damaged member (bad_member).
+    _rule(VerdictKind.CHECKPOINT_UNUSABLE, r"PytorchStreamReader failed reading"),
+    # json: TrainerState.load_from_json over a torn trainer_state.json (torn_state); pickle
+    # and EOF errors of torch.load's legacy format. Only with a loading frame (below).
+    _rule(VerdictKind.CHECKPOINT_UNUSABLE, r"^(?:json\.decoder\.|json\.)?JSONDecodeError\b"),
+    _rule(VerdictKind.CHECKPOINT_UNUSABLE, r"^(?:_pickle\.|pickle\.)?UnpicklingError\b"),
+    _rule(VerdictKind.CHECKPOINT_UNUSABLE, r"^EOFError\b"),
+)
+"""An attempt's last error that means the checkpoint it resumed from does not load."""
+
+CHECKPOINT_LOADING = re.compile(
+    r"\bin (?:_load_from_checkpoint|load_from_json|_load_optimizer_and_scheduler|"
+    r"_load_rng_state|_load_scaler|_load_callback_state|load_sharded_checkpoint)\b")
+"""A traceback frame of the HF Trainer loading a checkpoint (transformers 5.25 trainer.py,
+trainer_callback.py, modeling_utils.py): a CHECKPOINT_RULES line counts only below one, so a
+torn file elsewhere (a dataset, the base model) is not taken for the checkpoint's."""
 
 
 
@@ -395,6 +429,9 @@ def classify(outcome: Outcome) -> Verdict:
     dry = _no_data_line(lines)
     if dry is not None:
         return Verdict(kind=VerdictKind.NO_DATA, evidence=dry)
+    unusable = _checkpoint_line(lines)
+    if unusable is not None and not outcome.killed_by_supervisor:
+        return Verdict(kind=VerdictKind.CHECKPOINT_UNUSABLE, evidence=unusable)
     worker = (_killed_worker(lines) if outcome.kernel_oom_kills > 0
               and not outcome.killed_by_supervisor else None)
     if worker is not None and outcome.exit_code != 0:
@@ -444,6 +481,19 @@ def _no_data_line(lines: list[str]) -> str | None:
         if any(rule.pattern.search(stripped) for rule in NO_DATA_RULES):
             return stripped
     return None
+
+
+def _checkpoint_line(lines: list[str]) -> str | None:
+    """The trainer's error loading the checkpoint it resumed from, if that is how it died."""
+    loading = False
+    found = None
+    for line in lines:
+        stripped = strip_launcher_prefix(line)
+        if CHECKPOINT_LOADING.search(stripped):
+            loading = True
+        elif loading and any(rule.pattern.search(stripped) for rule in CHECKPOINT_RULES):
+            found = stripped
+    return found
 
 
 def _oom_kind(line: str) -> OomKind:

@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "are checked against (default: the visible GPU's)")
     run.add_argument("--no-estimate", dest="estimate", action="store_false",
                      help="never skip a config on its predicted memory")
+    run.add_argument("--share-output-dir", action="store_true",
+                     help="let another run train into the same output folder at the same time "
+                          "(by default the second is refused); checkpoints this run did not "
+                          "write are never resumed either way")
     run.add_argument("command", nargs=argparse.REMAINDER,
                      help="the training command, after `--`")
 
@@ -761,7 +765,8 @@ def _run(args: argparse.Namespace, command: Command) -> int:
                            fits_key=remembered.key if remembered else None,
                            remembered=remembered.knobs if remembered else None,
                            remembered_from=remembered.run_id if remembered else None,
-                           fits_db=str(args.fits_db) if args.fits_db else None)
+                           fits_db=str(args.fits_db) if args.fits_db else None,
+                           share_output_dir=getattr(args, "share_output_dir", False))
     finally:
         args.output.close()
     if remembered is not None and result.final_knobs is not None:

@@ -226,6 +226,8 @@ class Console:
             shown = report.speed_line({**event, "compared": name == "speed.compared"})
             if shown:
                 return shown
+        if name == "checkpoint.passed_over":
+            return f"  passing over {event.get('checkpoint')}: {event.get('reason')}"
         return _generic(name, event, method)
 
     # --- the live line ------------------------------------------------------------------------
@@ -385,6 +387,9 @@ def _finished_line(record: AttemptRecord, state: RunState) -> str:
     elif done.verdict == "fits":
         line = (f"{mark} attempt {record.number} fits after {took} · {what} · "
                 f"{report.memory_words(row, device)}")
+    elif done.verdict == "checkpoint_unusable":
+        line = (f"{mark} attempt {record.number} could not load its checkpoint after {took} · "
+                f"{what} · {done.evidence} · it goes on from the one before")
     elif done.verdict == "no_data":
         line = (f"{mark} attempt {record.number} left the trainer no data after {took} · "
                 f"{what} · {done.evidence} · that rung is spent, the ladder walks on")

@@ -90,6 +90,9 @@ class RunConfig:
     """The run that found the remembered fit."""
     fits_db: str | None = None
     """The fit store the run reads and writes (None: the default one)."""
+    share_output_dir: bool = False
+    """--share-output-dir: the output folder is not locked for this run (another run may train
+    into it); checkpoints this run did not write are still never resumed."""
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready mapping."""
@@ -288,6 +291,9 @@ class AttemptFinished(Event):
     """Peak resident (host) memory of the attempt's processes, sampled every 0.5 s."""
     cost: Mapping[str, float] | None = None
     """What the trainer measured of its own run: runtime_s, samples_per_s, steps_per_s, loss."""
+    fingerprints: Mapping[str, Mapping[str, Sequence[int]]] = field(default_factory=dict)
+    """Each checkpoint this attempt wrote: path -> {relative file path: [size, mtime ns]}. A
+    folder resumes only while its files still match (checkpoints.choose)."""
 
     def to_verdict(self) -> Verdict:
         """The verdict as the policy sees it."""
@@ -501,12 +507,26 @@ class RunFinished(Event):
     spent: Sequence[str] = ()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointPassedOver(Event):
+    """A checkpoint folder no attempt resumes from: not whole, not this run's own, or it failed
+    to load; `reason` says which."""
+
+    KIND: ClassVar[str] = "checkpoint.passed_over"
+    attempt: int
+    """The attempt that was about to start (or that found it, for a folder that appeared)."""
+    checkpoint: str
+    step: int = 0
+    reason: str
+
+
 EVENT_TYPES: Mapping[str, type[Event]] = {
     cls.KIND: cls for cls in (
         RunStarted, RunResumed, AttemptStarted, AttemptSpawned, AttemptFinished, RungSkipped,
         EstimateDistrusted, EstimateChecking, LadderStepped, SpeedCompared, SpeedSkipped,
         RetryScheduled, CheckpointResumed, CheckpointSkipped, GpuHeld, TerminalLost,
         SignalReceived, LadderExhausted, FinalWritten, Notified, RunFinished,
+        CheckpointPassedOver,
     )
 }
 """Every event the journal may hold, by its `event` name."""
@@ -565,6 +585,8 @@ class Checkpoint:
     step: int
     knobs: Knobs
     attempt: int
+    fingerprint: Mapping[str, Sequence[int]] | None = None
+    """Its files as the attempt left them (None: journaled before fingerprints were)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -583,6 +605,8 @@ class RunState:
     steps: tuple[LadderStepped, ...] = ()
     checkpoints: tuple[Checkpoint, ...] = ()
     progress: tuple[CheckpointResumed | CheckpointSkipped, ...] = ()
+    passed_over: tuple[CheckpointPassedOver, ...] = ()
+    """Checkpoint folders passed over (not whole, not this run's, failed to load), in order."""
     distrusted: bool = False
     checking: EstimateChecking | None = None
     """The check of the config predicted smallest, when every remaining one was predicted
@@ -649,6 +673,7 @@ def replay_events(events: Sequence[Event]) -> RunState:
     checkpoints: list[Checkpoint] = []
     progress: list[CheckpointResumed | CheckpointSkipped] = []
     resumes: list[RunResumed] = []
+    passed_over: list[CheckpointPassedOver] = []
     distrusted = False
     checking: EstimateChecking | None = None
     held: str | None = None
@@ -666,8 +691,13 @@ def replay_events(events: Sequence[Event]) -> RunState:
                 attempts[event.attempt] = record
                 walk.append(Attempt(number=event.attempt, knobs=record.knobs,
                                     rung=record.started.rung, verdict=event.to_verdict()))
+                if event.verdict == VerdictKind.CHECKPOINT_UNUSABLE:
+                    # It failed to load: never a candidate again (unless written anew later).
+                    bad = record.knobs.resume_from_checkpoint
+                    checkpoints = [c for c in checkpoints if c.path != bad]
                 checkpoints.extend(Checkpoint(path=str(p), step=int(s), knobs=record.knobs,
-                                              attempt=event.attempt)
+                                              attempt=event.attempt,
+                                              fingerprint=_fingerprint(event, str(p)))
                                    for p, s in event.checkpoints)
             case RungSkipped():
                 skipped.append(event)
@@ -681,6 +711,8 @@ def replay_events(events: Sequence[Event]) -> RunState:
                 steps.append(event)
             case CheckpointResumed() | CheckpointSkipped():
                 progress.append(event)
+            case CheckpointPassedOver():
+                passed_over.append(event)
             case GpuHeld():
                 held = event.detail
             case FinalWritten():
@@ -698,7 +730,8 @@ def replay_events(events: Sequence[Event]) -> RunState:
     return RunState(config=first.config, started_at=first.ts, events=tuple(events),
                     attempts=tuple(attempts[n] for n in sorted(attempts)), walk=tuple(walk),
                     skipped=tuple(skipped), steps=tuple(steps), checkpoints=tuple(checkpoints),
-                    progress=tuple(progress), distrusted=distrusted, checking=checking,
+                    progress=tuple(progress), passed_over=tuple(passed_over),
+                    distrusted=distrusted, checking=checking,
                     held=held, final=final,
                     finished=finished, resumes=tuple(resumes), last_ts=events[-1].ts)
 
@@ -738,6 +771,14 @@ def _checked(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             msg = f"{f.name} is {type(value).__name__}, expected {f.type}"
             raise JournalError(msg)
     return values
+
+
+def _fingerprint(event: AttemptFinished, path: str) -> Mapping[str, Sequence[int]] | None:
+    """A checkpoint's journaled fingerprint; a damaged one reads as {} (it matches no folder)."""
+    found = event.fingerprints.get(path) if isinstance(event.fingerprints, Mapping) else None
+    if found is None:
+        return None
+    return found if isinstance(found, Mapping) else {}
 
 
 def _tuples(value: object) -> object:

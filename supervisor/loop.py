@@ -37,6 +37,7 @@ from supervisor.events import (
     AttemptRecord,
     AttemptSpawned,
     AttemptStarted,
+    CheckpointPassedOver,
     CheckpointResumed,
     CheckpointSkipped,
     EstimateChecking,
@@ -250,7 +251,8 @@ def decide(view: View, verdict: Verdict) -> Decision:
             return Finish(status=RunStatus.INTERRUPTED,
                           reason="stopped by signal during a speed comparison")
         return Compare()
-    if verdict.kind in _RETRIED and view.stopping:
+    if (verdict.kind in _RETRIED or verdict.kind is VerdictKind.CHECKPOINT_UNUSABLE
+            ) and view.stopping:
         return Finish(status=RunStatus.INTERRUPTED,
                       reason="stopped by signal before the retry")
     if verdict.kind not in _WALKED:
@@ -259,6 +261,7 @@ def decide(view: View, verdict: Verdict) -> Decision:
             why = view.refusal or f"still failing after {view.retries} retries on the same config"
             reason = f"{why}: {reason}"
         status = (RunStatus.TRANSIENT if verdict.kind is VerdictKind.LOST
+                  else RunStatus.FATAL if verdict.kind is VerdictKind.CHECKPOINT_UNUSABLE
                   else RunStatus(str(verdict.kind)))
         return Finish(status=status, reason=reason)
     if view.attempts_done >= view.budget:
@@ -298,6 +301,8 @@ class _Live:
     log: Any
     refusal: str | None = None
     """Why the last retried failure was not retried again (progress.retry_refusal)."""
+    out_lock: checkpoints.OutputLock | None = None
+    """The output folder's lock, held for the run's lifetime (checkpoints.OutputLock)."""
 
     def state(self) -> RunState:
         """The run as its journal tells it so far (the same replay resume uses)."""
@@ -394,6 +399,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     remembered: Knobs | None = None,
     remembered_from: str | None = None,
     fits_db: str | None = None,
+    share_output_dir: bool = False,
 ) -> RunResult:
     """Run the command, walk the ladder on each OOM, end with a report and the working config."""
     base_env = dict(env) if env is not None else environment(command)
@@ -408,7 +414,11 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                           reading=reading,
                           fits_key=fits_key, remembered=remembered,
                           remembered_from=remembered_from, fits_db=fits_db)
-    with Journal(run_dir) as journal:
+    config = dataclasses.replace(config, share_output_dir=share_output_dir)
+    out_lock = checkpoints.OutputLock(run_dir=run_dir, share=share_output_dir)
+    # Before the run folder exists: a refused run leaves nothing behind.
+    out_lock.take(checkpoints.folder(config.walk_start.output_dir, command.cwd))
+    with out_lock, Journal(run_dir) as journal:
         if (run_dir / "journal.jsonl").stat().st_size:
             msg = f"{run_dir} already holds a run; choose another --run-id or --runs-dir"
             raise CommandError(msg)
@@ -417,7 +427,8 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                      redactor=Redactor.for_run(command.argv, base_env, cwd=command.cwd),
                      run_attempt=run_attempt,
                      judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
-                     memory=memory, events=[], log=log.bind(run_id=run_dir.name))
+                     memory=memory, events=[], log=log.bind(run_id=run_dir.name),
+                     out_lock=out_lock)
         _emit(live, RunStarted(config=config))
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
@@ -462,7 +473,11 @@ def resume(  # noqa: PLR0913
                                                  cwd=rebuilt.command.cwd),
                      run_attempt=run_attempt, judge=judge, sleep=sleep,
                      stop=stop or runner.StopRequest(), echo=echo, memory=rebuilt.memory,
-                     events=list(state.events), log=log.bind(run_id=run_dir.name))
+                     events=list(state.events), log=log.bind(run_id=run_dir.name),
+                     out_lock=checkpoints.OutputLock(run_dir=run_dir,
+                                                     share=state.config.share_output_dir))
+        # The same run takes its output folder again (its dead supervisor's lock went with it).
+        _take_output(live, state.attempts[-1].knobs if state.attempts else state.config.start)
         pending = state.pending
         _emit(live, RunResumed(attempts_done=state.done,
                                pending=pending.number if pending else None, orphan=orphan,
@@ -485,6 +500,8 @@ def resume(  # noqa: PLR0913
             return _drive(live, first=first)
         finally:
             beat.end()
+            if live.out_lock is not None:
+                live.out_lock.release()
             if signals is not None:
                 signals.listen(None)
 
@@ -516,7 +533,7 @@ def _drive(live: _Live, *, first: tuple[Knobs, str | None] | None) -> RunResult:
     else:
         last = state.history[-1]
         knobs, verdict = last.knobs, last.verdict
-        if verdict.kind in _RETRIED:
+        if verdict.kind in _RETRIED or verdict.kind is VerdictKind.CHECKPOINT_UNUSABLE:
             # resume after a failure: the same streak, the same budget, the backoff journaled
             verdict = _attempt_with_retries(live, knobs, last.rung, failed=verdict)
     while True:
@@ -646,10 +663,16 @@ def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,
     """
     verdict = failed if failed is not None else _attempt(live, knobs, rung)
     live.refusal = None
-    while verdict.kind in _RETRIED:
+    while verdict.kind in _RETRIED or verdict.kind is VerdictKind.CHECKPOINT_UNUSABLE:
         state = live.state()
         if live.stop.graceful.is_set() or state.done >= live.config.max_attempts:
             return verdict
+        if verdict.kind is VerdictKind.CHECKPOINT_UNUSABLE:
+            # The checkpoint is gone from the candidates (replay): the same config goes on
+            # from the one before it, or fresh. Each time one fewer: this ends.
+            knobs = _after_unusable(live, state, knobs)
+            verdict = _attempt(live, knobs, rung)
+            continue
         current = progress.streak(state.attempts)
         lost = verdict.kind is VerdictKind.LOST
         refusal = progress.retry_refusal(current, retries=live.ladder.transient_retries,
@@ -690,6 +713,7 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
     shown = tuple(live.redactor.argv(rendered.argv))
     write_file(attempt_dir / "argv.json", json.dumps(list(shown)) + "\n", parents=True,
                run_dir=live.run_dir)  # a full disk: one line (free space, then resume)
+    _take_output(live, knobs)
     before = checkpoints.listing(knobs.output_dir, live.command.cwd)
     started = _emit(live, AttemptStarted(
         attempt=number, rung=rung, knobs=knobs, changed=_changes(live.config.start, knobs),
@@ -784,7 +808,7 @@ _NOT_LIMITED = ("--device-memory was not in force in this attempt: the injected 
 def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
     """Judge an attempt's outcome and journal it (with what it measured and wrote)."""
     number, knobs = started.attempt, started.knobs
-    verdict = live.judge(outcome)
+    verdict = _unusable_or_fatal(live, knobs, live.judge(outcome))
     attempt_dir = live.run_dir / started.log_dir
     measured = trainer_output.measure(outcome.tail, attempt_dir)
     if (live.config.inject_device_memory and verdict.kind is VerdictKind.FITS
@@ -797,7 +821,9 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         _emit(live, GpuHeld(attempt=number, detail=str(
             outcome.release.get("describe", "GPU memory still held"))))
     after = checkpoints.listing(knobs.output_dir, live.command.cwd)
-    wrote = checkpoints.written(started.checkpoints_before, after)
+    credit = checkpoints.credit(started.checkpoints_before, after, since_s=started.ts,
+                                max_steps=_run_steps(live.state(), knobs))
+    wrote = credit.wrote
     evidence = live.redactor.text(verdict.evidence) if verdict.evidence else None
     steps = ({"steps": measured.steps, "resumed_from_step": measured.resumed_from_step or 0}
              if measured.steps is not None else None)
@@ -825,7 +851,11 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         escaped=outcome.escaped, wrapper_died=outcome.wrapper_died,
         ended_at=outcome.ended_at, progress=outcome.progress, checkpoint_times=times,
         watchdog=outcome.watchdog, host_peak_mib=outcome.host_peak_mib, cost=measured.cost,
+        fingerprints=credit.fingerprints,
     ))
+    for path, why in credit.foreign:
+        _emit(live, CheckpointPassedOver(attempt=number, checkpoint=path, step=step_of(path),
+                                         reason=f"it appeared during attempt {number} but {why}"))
     return verdict
 
 
@@ -852,7 +882,8 @@ def _from_newest(live: _Live, knobs: Knobs) -> Knobs:
     transient failure, a hang or a lost attempt, a resume.
     """
     state = live.state()
-    choice = checkpoints.choose(state.checkpoints, knobs)
+    choice = checkpoints.choose(state.checkpoints, knobs, max_steps=_run_steps(state, knobs))
+    _say_passed_over(live, state, knobs, choice)
     if choice.checkpoint is not None:
         chosen = choice.checkpoint
         _emit(live, CheckpointResumed(attempt=state.done + 1, checkpoint=chosen.path,
@@ -863,6 +894,68 @@ def _from_newest(live: _Live, knobs: Knobs) -> Knobs:
                                       step=choice.passed_over.step, reason=choice.reason or ""))
     return dataclasses.replace(knobs,
                                resume_from_checkpoint=live.config.start.resume_from_checkpoint)
+
+
+def _take_output(live: _Live, knobs: Knobs) -> None:
+    """Hold the lock of the folder `knobs` train into (a rung may move it to a sibling)."""
+    if live.out_lock is not None:
+        live.out_lock.take(checkpoints.folder(knobs.output_dir, live.command.cwd))
+
+
+def _run_steps(state: RunState, knobs: Knobs) -> int | None:
+    """How many steps the run trains: its max_steps, else the trainer's own total as it said
+    it in an attempt (None: not known; then only the checkpoint's own plan bounds it)."""
+    if knobs.max_steps:
+        return knobs.max_steps
+    totals = [int(a.finished.progress.get("total") or 0) for a in state.attempts
+              if a.finished is not None and a.finished.progress]
+    return max(totals) if totals and max(totals) > 0 else None
+
+
+def _say_passed_over(live: _Live, state: RunState, knobs: Knobs,
+                     choice: checkpoints.Choice) -> None:
+    """One line (journaled) for each checkpoint folder the next attempt does not take: this
+    run's own that are not whole or changed since, and folders this run never wrote."""
+    said = {(p.checkpoint, p.reason) for p in state.passed_over}
+    said_paths = {p.checkpoint for p in state.passed_over}
+    nxt = state.done + 1
+    for c, why in choice.unusable:
+        if (c.path, why) not in said:
+            _emit(live, CheckpointPassedOver(attempt=nxt, checkpoint=c.path, step=c.step,
+                                             reason=why))
+    written = [c.path for c in state.checkpoints]
+    output = checkpoints.folder(knobs.output_dir, live.command.cwd)
+    for path, why in checkpoints.strays(output, written):
+        if path not in said_paths:
+            _emit(live, CheckpointPassedOver(attempt=nxt, checkpoint=path, step=step_of(path),
+                                             reason=why))
+
+
+def _unusable_or_fatal(live: _Live, knobs: Knobs, verdict: Verdict) -> Verdict:
+    """A load failure is a checkpoint's fault only where the attempt resumed from one of this
+    run's checkpoints; the command's own checkpoint failing to load is fatal (the user's)."""
+    if verdict.kind is not VerdictKind.CHECKPOINT_UNUSABLE:
+        return verdict
+    path = knobs.resume_from_checkpoint
+    if path is None:
+        return Verdict(kind=VerdictKind.FATAL, evidence=verdict.evidence)
+    if path not in {c.path for c in live.state().checkpoints}:
+        return Verdict(kind=VerdictKind.FATAL, evidence=(
+            f"the checkpoint the command resumes from, {path}, does not load "
+            f"({verdict.evidence}); repair it, or start without it"))
+    return Verdict(kind=VerdictKind.CHECKPOINT_UNUSABLE,
+                   evidence=f"{Path(path).name} does not load: {verdict.evidence}")
+
+
+def _after_unusable(live: _Live, state: RunState, knobs: Knobs) -> Knobs:
+    """The config again, from the checkpoint before the one that failed to load (said why)."""
+    last = state.attempts[-1]
+    bad = last.knobs.resume_from_checkpoint or ""
+    _emit(live, CheckpointPassedOver(
+        attempt=state.done + 1, checkpoint=bad, step=step_of(bad),
+        reason=(f"attempt {last.number} failed to load it "
+                f"({last.finished.evidence if last.finished else 'no verdict'})")))
+    return _from_newest(live, knobs)
 
 
 # --- resume: the attempt a dead supervisor left ----------------------------------------------
@@ -960,7 +1053,8 @@ def _write_final(live: _Live, state: RunState, final: Knobs) -> None:
         output_dir = live.dialect.read(rendered).output_dir or output_dir
     files = live.dialect.finalize(live.command, fresh, live.run_dir)
     continue_argv: Sequence[str] = ()
-    chosen = checkpoints.choose(state.checkpoints, final).checkpoint
+    chosen = checkpoints.choose(state.checkpoints, final,
+                                max_steps=_run_steps(state, final)).checkpoint
     if chosen is not None:
         more = dataclasses.replace(final, resume_from_checkpoint=chosen.path)
         continue_argv = live.redactor.argv(

@@ -157,7 +157,7 @@ CAUSES: Mapping[str, str] = {
 
 _TAIL_CAUSE = {"fits": "startup", "oom": "oom", "hang": "hang", "transient": "failed",
                "fatal": "failed", "lost": "failed", "interrupted": "interrupted",
-               "no_data": "oom", "timed": "compared"}
+               "no_data": "oom", "timed": "compared", "checkpoint_unusable": "failed"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -384,7 +384,8 @@ def _describe(record: AttemptRecord, verdict: str, resumed: int, reached: int) -
     what = {"oom": "out of memory", "hang": "hung", "transient": "transient failure",
             "lost": "lost (its wrapper died)", "fatal": "failed",
             "interrupted": "interrupted", "no_data": "no data left",
-            "timed": "ended for a speed comparison"}.get(verdict, verdict)
+            "timed": "ended for a speed comparison",
+            "checkpoint_unusable": "could not load its checkpoint"}.get(verdict, verdict)
     where = f"at step {reached}" if reached > resumed else (
         "before its first step" if not resumed else f"before passing step {resumed}")
     return f"attempt {record.number} {what} {where}"

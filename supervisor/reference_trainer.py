@@ -273,8 +273,12 @@ def _resumed_step(checkpoint: str | None) -> int:
     """Return the global step recorded in a checkpoint, 0 when not resuming."""
     if checkpoint is None:
         return 0
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-    return int(state.get("global_step", 0))
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state.get("global_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        # A torn state: the Trainer's own load says so in its own words, a moment later.
+        return 0
 
 
 def _apply_finetuning_type(

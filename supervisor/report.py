@@ -90,6 +90,8 @@ def build(state: RunState) -> dict[str, Any]:
                   for s in state.steps],
         "progress": [{k: v for k, v in p.to_record().items() if k not in ("v", "ts")}
                      for p in state.progress],
+        "passed_over": [{"attempt": p.attempt, "checkpoint": p.checkpoint, "step": p.step,
+                         "reason": p.reason} for p in state.passed_over],
         "resumes": len(state.resumes),
         "resumed": [{"at": r.ts, "attempts_done": r.attempts_done, "pending": r.pending,
                      "orphan": r.orphan} for r in state.resumes],
@@ -516,6 +518,10 @@ def render_markdown(data: dict[str, Any]) -> str:
             else:
                 out.append(f"- attempt {p['attempt']} started fresh, not from "
                            f"`{p['checkpoint']}`: {p['reason']}")
+    if data.get("passed_over"):
+        out += ["", "## Checkpoints passed over (never resumed)", ""]
+        out += [f"- `{p['checkpoint']}` (before attempt {p['attempt']}): {p['reason']}"
+                for p in data["passed_over"]]
     notes = [s for s in data["steps"]
              if s.get("restored") or s.get("skipped") or s.get("note")]
     if notes:

@@ -33,8 +33,10 @@ _LF_STEPS = re.compile(rb"""['"]current_steps['"]:\s*(\d+),\s*['"]total_steps['"
 # An HF Trainer log dict: training has begun even where no step number is printed.
 _LOG_DICT = (b"{'loss':", b'{"loss":', b"'train_runtime':", b'"train_runtime":')
 
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-"""A Hugging Face Trainer checkpoint folder's name; N is the global step it holds."""
+CHECKPOINT_NAME = re.compile(r"^checkpoint-([1-9][0-9]*)$")
+"""A Hugging Face Trainer checkpoint folder's name; N is the global step it holds: a positive
+number in ASCII digits without leading zeros, and nothing else (`checkpoint-0007` and
+`checkpoint-7.bak` are not checkpoints of this run)."""
 
 
 def step_of(path: str | None) -> int:

@@ -62,6 +62,11 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("axolotl_launcher_python_no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
     ("axolotl_sample_packing_no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
     ("axolotl_host_cap_oom.txt", 1, VerdictKind.OOM, OomKind.CPU),
+    ("ckpt_unusable_torn_safetensors.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
+    ("ckpt_unusable_torn_state.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
+    ("ckpt_unusable_torn_optimizer.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
+    ("ckpt_unusable_bad_member.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
+    ("ckpt_unusable_no_weights.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:
@@ -380,3 +385,29 @@ def test_no_rows_left_is_its_own_verdict_with_the_trainers_line() -> None:
         VerdictKind.NO_DATA)
     both = recorded("no_data_num_samples0.txt") + recorded("device_budget_oom.txt")
     assert classify(Outcome(exit_code=1, duration_s=1.0, tail=both)).kind is VerdictKind.OOM
+
+
+# --- a checkpoint that does not load ----------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("ckpt_unusable_torn_safetensors.txt", "incomplete metadata, file not fully covered"),
+    ("ckpt_unusable_torn_state.txt", "JSONDecodeError: Unterminated string"),
+    ("ckpt_unusable_torn_optimizer.txt", "failed finding central directory"),
+    ("ckpt_unusable_bad_member.txt", "failed reading file data/1"),
+    ("ckpt_unusable_no_weights.txt", "Can't find a valid checkpoint at dmg/no_weights"),
+])
+def test_a_checkpoint_that_fails_to_load_says_so_in_the_trainers_words(name: str,
+                                                                       said: str) -> None:
+    """The evidence is the trainer's own last error line, below its checkpoint-loading frame."""
+    verdict = verdict_of(name, 1)
+    assert verdict.kind is VerdictKind.CHECKPOINT_UNUSABLE
+    assert said in str(verdict.evidence)
+
+
+def test_the_same_error_outside_a_checkpoint_load_is_fatal() -> None:
+    """A torn JSON file the trainer reads elsewhere (a dataset): no loading frame, so fatal."""
+    tail = tuple(line for line in recorded("ckpt_unusable_torn_state.txt")
+                 if "load_from_json" not in line and "_load_from_checkpoint" not in line)
+    verdict = classify(Outcome(exit_code=1, duration_s=1.0, tail=tail))
+    assert verdict.kind is VerdictKind.FATAL
+    assert "JSONDecodeError" in str(verdict.evidence)

@@ -52,6 +52,7 @@ from supervisor.loop import (
     RunResult,
     Signals,
     new_run_id,
+    process_start_time,
     resume,
     supervise,
 )
@@ -766,7 +767,8 @@ def _run(args: argparse.Namespace, command: Command) -> int:
                            remembered=remembered.knobs if remembered else None,
                            remembered_from=remembered.run_id if remembered else None,
                            fits_db=str(args.fits_db) if args.fits_db else None,
-                           share_output_dir=getattr(args, "share_output_dir", False))
+                           share_output_dir=getattr(args, "share_output_dir", False),
+                           process_started_at=process_start_time())
     finally:
         args.output.close()
     if remembered is not None and result.final_knobs is not None:

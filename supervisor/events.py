@@ -93,6 +93,9 @@ class RunConfig:
     share_output_dir: bool = False
     """--share-output-dir: the output folder is not locked for this run (another run may train
     into it); checkpoints this run did not write are still never resumed."""
+    process_started_at: float | None = None
+    """When the supervisor's process started (its --help probe and predictions come before
+    run.started): the run's clock starts there."""
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready mapping."""

@@ -371,6 +371,14 @@ def last_alive(run_dir: Path) -> float | None:
         return None
 
 
+def process_start_time() -> float | None:
+    """When this process started (the supervisor's clock starts there), None if unknown."""
+    try:
+        return float(psutil.Process().create_time())
+    except psutil.Error:
+        return None
+
+
 def new_run_id() -> str:
     """A sortable, unique run id: UTC time plus a random suffix."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
@@ -400,6 +408,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     remembered_from: str | None = None,
     fits_db: str | None = None,
     share_output_dir: bool = False,
+    process_started_at: float | None = None,
 ) -> RunResult:
     """Run the command, walk the ladder on each OOM, end with a report and the working config."""
     base_env = dict(env) if env is not None else environment(command)
@@ -414,7 +423,8 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                           reading=reading,
                           fits_key=fits_key, remembered=remembered,
                           remembered_from=remembered_from, fits_db=fits_db)
-    config = dataclasses.replace(config, share_output_dir=share_output_dir)
+    config = dataclasses.replace(config, share_output_dir=share_output_dir,
+                                 process_started_at=process_started_at)
     out_lock = checkpoints.OutputLock(run_dir=run_dir, share=share_output_dir)
     # Before the run folder exists: a refused run leaves nothing behind.
     out_lock.take(checkpoints.folder(config.walk_start.output_dir, command.cwd))

@@ -269,6 +269,10 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
     # The estimator's predictions ran before run.started: the run's wall time begins there.
     predicted = state.config.estimate_s or 0.0
     begin = state.started_at - predicted
+    # ...and before them the supervisor's own start (imports, the --help probe): its clock.
+    launched = state.config.process_started_at
+    if launched is not None and launched < begin:
+        begin = launched
     kept_upto, provisional = _lineage(state)
     intervals: list[tuple[float, float, str, int]] = []
     """(start, end, cause, priority): the highest priority covering a moment names it."""
@@ -336,7 +340,7 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
                 cost_s=sum(v for k, v in parts.items() if k != "train"),
                 steps_lost=lost_steps))
     if predicted:
-        intervals.append((begin, state.started_at, "prediction", 1))
+        intervals.append((state.started_at - predicted, state.started_at, "prediction", 1))
     events = state.events
     for i, event in enumerate(events):
         if isinstance(event, RetryScheduled):

@@ -99,8 +99,9 @@ def build(state: RunState) -> dict[str, Any]:
                        if config.remembered else None),
         "goodput": _goodput(state),
         "oom_verdicts": sum(1 for a in attempts if a["verdict"] == "oom"),
-        "duration_s": round((end.ts if end else state.last_ts) - state.started_at
-                            + (config.estimate_s or 0.0), 3),
+        "duration_s": round((end.ts if end else state.last_ts) - min(
+            state.started_at - (config.estimate_s or 0.0),
+            config.process_started_at or state.started_at), 3),
         "estimate_s": config.estimate_s,
         "assumed": [k for k in _SHOWN_KNOBS if config.start_sources.get(k) == "assumed"],
         "output_dir": _output_dir(state, final, final_argv),

@@ -164,6 +164,25 @@ def test_the_predictions_before_the_run_are_in_its_wall_time() -> None:
     assert "of which 25.0 s predicting memory before attempt 1" in report.render_markdown(data)
 
 
+def test_the_runs_clock_starts_when_the_supervisor_starts() -> None:
+    """9 s of the supervisor's own start (imports, the --help probe) before 25 s of
+    predictions and run.started: all in the wall time, the 9 s as the supervisor's own."""
+    from supervisor import report  # noqa: PLC0415
+
+    records = _night()
+    started = records[0]["ts"]
+    records[0] = {**records[0], "config": {**records[0]["config"], "estimate_s": 25.0,
+                                           "process_started_at": started - 34.0}}
+    base = progress.goodput(replay(_night()))
+    good = progress.goodput(replay(records))
+    assert good.wall_s == pytest.approx(base.wall_s + 34.0, abs=0.01)
+    assert good.badput["prediction"] == pytest.approx(25.0, abs=0.01)
+    assert good.badput["supervisor"] == pytest.approx(base.badput["supervisor"] + 9.0, abs=0.01)
+    assert good.productive_s == pytest.approx(base.productive_s)
+    data = report.build(replay(records))
+    assert data["duration_s"] == pytest.approx(report.build(replay(_night()))["duration_s"] + 34)
+
+
 def _upto_second_failure() -> list[dict[str, Any]]:
     records = _night()
     at = next(i for i, r in enumerate(records)

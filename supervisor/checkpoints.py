@@ -357,6 +357,41 @@ def credit(before: Listing, after: Listing, *, since_s: float,
                   foreign=foreign)
 
 
+def steps_per_epoch(paths: Iterable[str | None]) -> float | None:
+    """Optimizer steps per epoch in the trainer's own words: the latest (step, epoch) entry of
+    the log_history in these checkpoints' trainer_state.json (None: none says)."""
+    best: tuple[int, float] | None = None
+    for path in paths:
+        state = _read_state(Path(path) / STATE)[0] if path else None
+        history = state.get("log_history") if state else None
+        for entry in history if isinstance(history, list) else ():
+            step = entry.get("step") if isinstance(entry, dict) else None
+            epoch = entry.get("epoch") if isinstance(entry, dict) else None
+            if (isinstance(step, int) and isinstance(epoch, int | float) and step > 0
+                    and epoch > 0 and (best is None or step > best[0])):
+                best = (step, float(epoch))
+    return best[0] / best[1] if best else None
+
+
+def steps_from_logs(seen: Mapping[str, object] | None, per_epoch: float | None,
+                    ) -> dict[str, object] | None:
+    """The trainer's progress with the step its log dicts reached, where it showed no bar.
+
+    An HF Trainer without a progress bar prints only its log dicts; each says the epoch it is
+    in, and the checkpoints' log_history says how many steps an epoch holds: their product is
+    the step (the OOM at step 71 is placed at 71, not at checkpoint-60).
+    """
+    if not seen or seen.get("step") is not None or not per_epoch:
+        return dict(seen) if seen else None
+    epochs = seen.get("log_epochs")
+    if not isinstance(epochs, list | tuple) or not epochs:
+        return dict(seen)
+    samples = [[round(float(e) * per_epoch), t] for e, t in epochs if t is not None]
+    return {**seen, "step": round(float(epochs[-1][0]) * per_epoch), "samples": samples,
+            "step_source": (f"the trainer's log dicts: epoch x {per_epoch:g} steps per epoch "
+                            "(its trainer_state.json)")}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Choice:
     """The checkpoint the next attempt continues from (None: fresh), and why not, if not."""

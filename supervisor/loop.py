@@ -834,6 +834,9 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
     credit = checkpoints.credit(started.checkpoints_before, after, since_s=started.ts,
                                 max_steps=_run_steps(live.state(), knobs))
     wrote = credit.wrote
+    seen = checkpoints.steps_from_logs(outcome.progress, checkpoints.steps_per_epoch(
+        [*(p for p, _ in wrote), knobs.resume_from_checkpoint,
+         *(c.path for c in checkpoints.own(live.state().checkpoints))]))
     evidence = live.redactor.text(verdict.evidence) if verdict.evidence else None
     steps = ({"steps": measured.steps, "resumed_from_step": measured.resumed_from_step or 0}
              if measured.steps is not None else None)
@@ -859,7 +862,7 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         gpu_peak_mib=outcome.gpu_peak_mib, gpu_release=outcome.release, calibration=ratio,
         predicted_mib=round(prediction.peak_mib, 1) if prediction else None,
         escaped=outcome.escaped, wrapper_died=outcome.wrapper_died,
-        ended_at=outcome.ended_at, progress=outcome.progress, checkpoint_times=times,
+        ended_at=outcome.ended_at, progress=seen, checkpoint_times=times,
         watchdog=outcome.watchdog, host_peak_mib=outcome.host_peak_mib, cost=measured.cost,
         fingerprints=credit.fingerprints,
     ))

@@ -45,6 +45,9 @@ fires once per output folder (remembered in `<output_dir>/.reference-trainer-fau
 retry goes past it, as after a real accident."""
 STEP_S_ENV = "REFERENCE_TRAINER_STEP_S"
 """Seconds each optimizer step takes at least: a time-scaled night of real steps."""
+NO_BAR_ENV = "REFERENCE_TRAINER_NO_BAR"
+"""`1`: no progress bar (TrainingArguments.disable_tqdm): the Trainer prints only its log
+dicts, as a trainer without a bar does; what the supervisor then knows of the steps."""
 
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
@@ -391,6 +394,7 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
         dataloader_num_workers=0,
         # An OOM must reach the supervisor: never let the Trainer shrink the batch itself.
         auto_find_batch_size=False,
+        disable_tqdm=os.environ.get(NO_BAR_ENV) == "1",
     )
 
 

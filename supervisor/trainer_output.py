@@ -32,6 +32,11 @@ _TQDM = re.compile(rb"(?:^|[\r\n])[ \t]*\d{1,3}%\|[^|\r\n]{0,400}\|[ \t]*(\d+)/(
 _LF_STEPS = re.compile(rb"""['"]current_steps['"]:\s*(\d+),\s*['"]total_steps['"]:\s*(\d+)""")
 # An HF Trainer log dict: training has begun even where no step number is printed.
 _LOG_DICT = (b"{'loss':", b'{"loss":', b"'train_runtime':", b'"train_runtime":')
+# The epoch an HF Trainer log dict of a training step reports ({'loss': ..., 'epoch': '0.2958'}
+# through ProgressCallback, a float through PrinterCallback when the bar is off): with the
+# steps per epoch a checkpoint's log_history shows, the step a trainer without a bar reached.
+_LOSS_EPOCH = re.compile(
+    rb"""\{['"]loss['"]:[^{}\n]{0,600}?['"]epoch['"]:\s*['"]?([0-9]+(?:\.[0-9]+)?)""")
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-([1-9][0-9]*)$")
 """A Hugging Face Trainer checkpoint folder's name; N is the global step it holds: a positive
@@ -165,6 +170,8 @@ class Tracker:
         self.ended = False
         """The trainer said its training loop is over (the last step, or its final metrics):
         saving the model and exiting are not steps, and may be silent for long."""
+        self.epochs: list[list[float | None]] = []
+        """[epoch, wall time] of the first and the last training-step log dict seen."""
 
     def feed(self, chunk: bytes, *, timed: bool = True, at: float | None = None) -> None:
         """One chunk of output (any stream)."""
@@ -182,6 +189,9 @@ class Tracker:
                     self._at_step(step, now)
             elif any(mark in chunk for mark in _LOG_DICT):
                 self._began(now)
+            for match in _LOSS_EPOCH.finditer(chunk) if b"epoch" in chunk else ():
+                seen: list[float | None] = [float(match.group(1)), now]
+                self.epochs = [self.epochs[0], seen] if self.epochs else [seen]
             if b"train_runtime" in chunk or (self.total and self.step == self.total):
                 self.ended = True
 
@@ -228,8 +238,12 @@ class Tracker:
             if self.step is None and not self.began:
                 return None
             samples = [list(s) for s in dict.fromkeys(x for x in (self.first, self.last) if x)]
-            return {"step": self.step, "total": self.total, "samples": samples,
-                    "began_at": self.began_at, "longest_gap_s": round(self.longest_gap_s, 2)}
+            out: dict[str, Any] = {
+                "step": self.step, "total": self.total, "samples": samples,
+                "began_at": self.began_at, "longest_gap_s": round(self.longest_gap_s, 2)}
+            if self.epochs:
+                out["log_epochs"] = [list(e) for e in self.epochs]
+            return out
 
 
 def _last_step(chunk: bytes) -> tuple[int, int] | None:

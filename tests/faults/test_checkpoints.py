@@ -178,3 +178,33 @@ def test_a_second_run_on_the_same_output_folder_is_refused_in_one_line(tmp_path:
     assert f"pid {first.pid}" in lines[0]
     assert "Traceback" not in second.stderr
     assert not (tmp_path / "second" / "journal.jsonl").exists()
+
+
+# --- goodput from the trainer's own steps -------------------------------------------------------
+
+NO_BAR = (*TRAINER, "--per_device_train_batch_size", "8", "--cutoff_len", "256",
+          "--max_steps", "12", "--save_steps", "5", "--device-memory", "260",
+          "--logging_steps", "1", "--output_dir", "out")
+
+
+def test_a_failure_without_a_bar_is_placed_at_the_trainers_own_step(tmp_path: Path) -> None:
+    """The HF Trainer with its bar off runs out of memory after step 8 (the data got longer):
+    the journal and the report place it at step 8, the trainer's own count of log dicts, not
+    at checkpoint-5's step; the steps trained are the trainer's, not the checkpoints'."""
+    result = supervise(Command(argv=NO_BAR, cwd=str(tmp_path)), dialect=ArgvDialect(),
+                       ladder=scaled_default(), run_dir=tmp_path / "run", echo=False,
+                       env={**quiet_env(), "REFERENCE_TRAINER_FAULTS": "longer@7",
+                            "REFERENCE_TRAINER_NO_BAR": "1"}, sleep=lambda _s: None)
+    journal = list(read(tmp_path / "run" / "journal.jsonl").records)
+    first = of(journal, "attempt.finished")[0]
+    assert first["verdict"] == "oom"
+    output = "".join((tmp_path / "run" / "attempts" / "01" / f"{name}.log").read_text(
+        encoding="utf-8", errors="replace") for name in ("stdout", "stderr"))
+    logged = output.count("{'loss':")  # one log dict a step (logging_steps 1)
+    assert logged > 5  # past checkpoint-5: the case where the two differ
+    assert [Path(p).name for p, _ in first["checkpoints"]] == ["checkpoint-5"]
+    assert first["progress"]["step"] == logged
+    assert "log dicts" in first["progress"]["step_source"]
+    accidents = [a["what"] for a in result.report["goodput"]["accidents"]]
+    assert f"attempt 1 out of memory at step {logged}" in accidents
+    assert result.report["goodput"]["steps"]["trained"] >= logged

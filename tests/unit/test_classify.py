@@ -67,6 +67,7 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("ckpt_unusable_torn_optimizer.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
     ("ckpt_unusable_bad_member.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
     ("ckpt_unusable_no_weights.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
+    ("nobar_device_budget_oom.txt", 1, VerdictKind.OOM, OomKind.TORCH),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:

@@ -70,6 +70,36 @@ def test_an_hf_log_dict_means_training_began() -> None:
     assert tracker.began
 
 
+def test_a_trainer_without_a_bar_is_placed_at_the_step_its_log_dicts_reached(
+        tmp_path: Path) -> None:
+    """The real Trainer with its bar off (tests/data/tails/nobar_*): 8 log dicts, then an OOM.
+    The last one's epoch times the 12 steps an epoch its checkpoint's log_history shows: the
+    OOM struck after step 8, the trainer's own count, with the time each was seen."""
+    from supervisor import checkpoints  # noqa: PLC0415
+
+    clock = Clock()
+    tracker = Tracker(clock=clock)
+    output = (DATA / "tails" / "nobar_device_budget_oom.txt").read_bytes()
+    for line in output.splitlines(keepends=True):
+        clock.now += 0.5
+        tracker.feed(line)
+    seen = tracker.summary()
+    assert seen is not None
+    assert seen["step"] is None  # no bar: no step number anywhere in the output
+    assert seen["log_epochs"] == [[0.08333, 1000.5], [0.6667, 1005.5]]
+    folder = tmp_path / "checkpoint-8"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_bytes(
+        (DATA / "tails" / "nobar_checkpoint-8_trainer_state.json").read_bytes())
+    per_epoch = checkpoints.steps_per_epoch([str(folder), None])
+    assert per_epoch == pytest.approx(12.0, rel=1e-3)
+    placed = checkpoints.steps_from_logs(seen, per_epoch)
+    assert placed is not None
+    assert placed["step"] == 8
+    assert placed["samples"] == [[1, 1000.5], [8, 1005.5]]
+    assert checkpoints.steps_from_logs(seen, None) == seen  # no log_history: nothing guessed
+
+
 def test_watchdog_start_up_then_cadence_then_floor() -> None:
     """Before the first step: the start-up allowance; after: 10x the longest gap, floored."""
     clock = Clock()

@@ -116,6 +116,10 @@ _MAX_STATE_BYTES = 256 * 2**20
 _SLACK_NS = 2_000_000_000
 """File times on some file systems are coarse (2 s on FAT, 1 s on older NFS)."""
 
+_BAR_LAG = 10
+"""Steps a progress bar may trail the trainer: tqdm redraws at most every 0.1 s, so a trainer
+killed after fast steps may have saved a few steps past its last drawn one."""
+
 Fingerprint = Mapping[str, Sequence[int]]
 """A checkpoint folder's files: relative path -> (size in bytes, mtime in ns)."""
 
@@ -305,12 +309,25 @@ def _index_whole(file: Path) -> str | None:
     return None
 
 
-def _not_ours(path: str, *, since_ns: int, max_steps: int | None) -> str | None:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Seen:
+    """What the attempt's own trainer said of its steps: where it began, how far it got, and
+    its total (None where it did not say)."""
+
+    resumed: int = 0
+    reached: int | None = None
+    total: int | None = None
+
+
+def _not_ours(path: str, *, since_ns: int, max_steps: int | None,
+              seen: Seen | None = None) -> str | None:
     """Why a checkpoint that appeared during an attempt was not written by it; None: it was.
 
     Its trainer_state.json was written before the attempt began (copied in with its times),
-    or it names another step than the folder, or a step past the run's steps (planted).
-    A torn state says nothing of who wrote it: the folder is credited and `verify` judges it.
+    or it names another step than the folder, or a step past the run's steps (planted), or a
+    step the attempt's own trainer never was at, or another plan than its (another run in a
+    shared output folder). A torn state says nothing of who wrote it: the folder is credited
+    and `verify` judges it.
     """
     folder_path = Path(path)
     try:
@@ -329,6 +346,15 @@ def _not_ours(path: str, *, since_ns: int, max_steps: int | None) -> str | None:
         return f"its {STATE} says step {global_step}, its name step {step}"
     if max_steps and step > max_steps:
         return f"step {step} is past the run's {max_steps} steps"
+    seen = seen or Seen()
+    if step < seen.resumed:
+        return f"step {step} is before the step the attempt resumed from ({seen.resumed})"
+    if seen.reached is not None and step > seen.reached + max(_BAR_LAG, seen.reached // 10):
+        return f"step {step} is past the step the attempt's trainer reached ({seen.reached})"
+    planned = state.get("max_steps")
+    if (seen.total and isinstance(planned, int) and not isinstance(planned, bool)
+            and planned > 0 and planned != seen.total):
+        return f"it plans {planned} steps, the attempt's trainer {seen.total}"
     return None
 
 
@@ -343,12 +369,12 @@ class Credit:
 
 
 def credit(before: Listing, after: Listing, *, since_s: float,
-           max_steps: int | None = None) -> Credit:
+           max_steps: int | None = None, seen: Seen | None = None) -> Credit:
     """The checkpoints an attempt begun at `since_s` wrote, each fingerprinted; the new folders
     that appeared meanwhile but were not written by it are named with the reason."""
     wrote, foreign = [], []
     for path, step in written(before, after):
-        why = _not_ours(path, since_ns=int(since_s * 1e9), max_steps=max_steps)
+        why = _not_ours(path, since_ns=int(since_s * 1e9), max_steps=max_steps, seen=seen)
         if why is None:
             wrote.append((path, step))
         else:

@@ -831,8 +831,13 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         _emit(live, GpuHeld(attempt=number, detail=str(
             outcome.release.get("describe", "GPU memory still held"))))
     after = checkpoints.listing(knobs.output_dir, live.command.cwd)
+    shown = outcome.progress or {}
     credit = checkpoints.credit(started.checkpoints_before, after, since_s=started.ts,
-                                max_steps=_run_steps(live.state(), knobs))
+                                max_steps=_run_steps(live.state(), knobs),
+                                seen=checkpoints.Seen(
+                                    resumed=step_of(knobs.resume_from_checkpoint),
+                                    reached=_int_or_none(shown.get("step")),
+                                    total=_int_or_none(shown.get("total"))))
     wrote = credit.wrote
     seen = checkpoints.steps_from_logs(outcome.progress, checkpoints.steps_per_epoch(
         [*(p for p, _ in wrote), knobs.resume_from_checkpoint,
@@ -913,6 +918,10 @@ def _take_output(live: _Live, knobs: Knobs) -> None:
     """Hold the lock of the folder `knobs` train into (a rung may move it to a sibling)."""
     if live.out_lock is not None:
         live.out_lock.take(checkpoints.folder(knobs.output_dir, live.command.cwd))
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _run_steps(state: RunState, knobs: Knobs) -> int | None:

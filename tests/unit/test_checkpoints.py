@@ -189,6 +189,39 @@ def test_a_folder_copied_in_or_planted_during_an_attempt_is_not_credited(
         str(planted): "step 99999999 is past the run's 4 steps"}
 
 
+def _written_now(real: Path, tmp_path: Path, step: int, plan: int = 4) -> Path:
+    """A copy of the real checkpoint as checkpoint-<step>, written now (new times)."""
+    folder = tmp_path / "out" / f"checkpoint-{step}"
+    shutil.copytree(real, folder, copy_function=shutil.copy)
+    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    state.update(global_step=step, max_steps=plan)
+    (folder / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    return folder
+
+
+def test_another_runs_checkpoint_in_a_shared_folder_is_not_credited(real: Path,
+                                                                    tmp_path: Path) -> None:
+    """With --share-output-dir another run writes beside this one: a step the attempt's own
+    trainer never reached, before its resume point, or of another plan is not this attempt's."""
+    started = time.time()
+    ahead = _written_now(real, tmp_path, 60, plan=400)
+    behind = _written_now(real, tmp_path, 10, plan=400)
+    other_plan = _written_now(real, tmp_path, 30, plan=300)
+    mine = _written_now(real, tmp_path, 20, plan=400)
+    after = checkpoints.listing(str(tmp_path / "out"), None)
+    got = credit({}, after, since_s=started, max_steps=400,
+                 seen=checkpoints.Seen(resumed=12, reached=31, total=400))
+    assert got.wrote == [(str(mine), 20)]
+    assert dict(got.foreign) == {
+        str(ahead): "step 60 is past the step the attempt's trainer reached (31)",
+        str(behind): "step 10 is before the step the attempt resumed from (12)",
+        str(other_plan): "it plans 300 steps, the attempt's trainer 400"}
+    # a bar drawn at most every 0.1 s may trail fast steps: a few steps past it are the trainer's
+    lagging = credit({}, after, since_s=started, max_steps=400,
+                     seen=checkpoints.Seen(resumed=0, reached=52, total=None))
+    assert (str(ahead), 60) in lagging.wrote
+
+
 def _own(path: Path, attempt: int = 1) -> Checkpoint:
     return Checkpoint(path=str(path), step=step_of(str(path)), knobs=KNOBS,
                       attempt=attempt, fingerprint=checkpoints.fingerprint(path))

@@ -141,3 +141,12 @@ def test_a_resumed_run_says_so_first_where_it_resumes(tmp_path: Path) -> None:
     lines = md.splitlines()
     assert "Resumed once after the supervisor died or was stopped" in lines[2]  # the headline
     assert any(line.startswith("- Resumed at ") for line in lines[:16])
+
+
+def test_a_checkpoint_passed_over_is_one_line_naming_it_and_why() -> None:
+    console = Console(io.StringIO(), live=False, clock=lambda: 0.0)
+    line = console.line("checkpoint.passed_over", {
+        "attempt": 2, "checkpoint": "/o/checkpoint-99999999", "step": 99999999,
+        "reason": "it appeared during attempt 1 but step 99999999 is past the run's 8 steps"})
+    assert line == ("  passing over /o/checkpoint-99999999: it appeared during attempt 1 but "
+                    "step 99999999 is past the run's 8 steps")

@@ -156,6 +156,13 @@ SLOW = (*TRAINER, "--per_device_train_batch_size", "1", "--cutoff_len", "32",
         "--max_steps", "400", "--save_steps", "50", "--output_dir", "out")
 
 
+def _second_run(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "supervisor", "run", "--quiet", "--no-estimate",
+         "--runs-dir", str(tmp_path), "--run-id", "second", "--", *SLOW],
+        cwd=tmp_path, env=quiet_env(), capture_output=True, text=True, timeout=300, check=False)
+
+
 def test_a_second_run_on_the_same_output_folder_is_refused_in_one_line(tmp_path: Path) -> None:
     """The first run holds the output folder; the second (another run folder, the same
     `--output_dir`) exits 2 with one line naming the first, and leaves no run folder."""
@@ -163,11 +170,7 @@ def test_a_second_run_on_the_same_output_folder_is_refused_in_one_line(tmp_path:
     try:
         wait_for(lambda: any(e["event"] == "attempt.spawned"
                              for e in events(tmp_path / "first")))
-        second = subprocess.run(  # noqa: S603
-            [sys.executable, "-m", "supervisor", "run", "--quiet", "--no-estimate",
-             "--runs-dir", str(tmp_path), "--run-id", "second", "--", *SLOW],
-            cwd=tmp_path, env=quiet_env(), capture_output=True, text=True, timeout=300,
-            check=False)
+        second = _second_run(tmp_path)
     finally:
         first.terminate()
         first.wait(timeout=120)
@@ -208,3 +211,23 @@ def test_a_failure_without_a_bar_is_placed_at_the_trainers_own_step(tmp_path: Pa
     accidents = [a["what"] for a in result.report["goodput"]["accidents"]]
     assert f"attempt 1 out of memory at step {logged}" in accidents
     assert result.report["goodput"]["steps"]["trained"] >= logged
+
+
+def test_resume_of_the_same_run_takes_the_output_folder_again(tmp_path: Path) -> None:
+    """The supervisor is SIGKILLed mid-attempt; `resume` of its run takes the output folder
+    again (a second run is then refused, naming the resumed supervisor)."""
+    first = start_supervisor(tmp_path, "first", *SLOW)
+    wait_for(lambda: any(e["event"] == "attempt.spawned" for e in events(tmp_path / "first")))
+    first.kill()
+    first.wait(timeout=60)
+    resumed = start_supervisor(tmp_path, "first",
+                               verb=("resume", str(tmp_path / "first"), "--quiet"))
+    try:
+        wait_for(lambda: any(e["event"] == "run.resumed" for e in events(tmp_path / "first")))
+        second = _second_run(tmp_path)
+    finally:
+        resumed.terminate()
+        resumed.wait(timeout=120)
+    assert second.returncode == ExitCode.USAGE
+    assert f"pid {resumed.pid}, run folder {tmp_path / 'first'}" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1

@@ -36,7 +36,7 @@ from supervisor.estimate import (
     pick_python,
 )
 from supervisor.events import JournalError, RunConfig
-from supervisor.files import WriteFailedError
+from supervisor.files import WriteFailedError, open_regular
 from supervisor.fits import FitStore, FitStoreError
 from supervisor.fits import default_path as default_fits_path
 from supervisor.fits import render_entries as render_fits
@@ -750,7 +750,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         else None
     stop, signals = args.stop, args.signals
     _install_signal_handlers(stop, signals, run_dir)
-    args.output.attach(run_dir.resolve())
+    args.output.attach(run_dir.resolve(), fresh=True)  # a reused folder's old log is not kept
     try:
         result = supervise(command, dialect=dialect, ladder=ladder, run_dir=run_dir.resolve(),
                            max_attempts=args.max_attempts, stop=stop, echo=not args.quiet,
@@ -903,7 +903,7 @@ def _install_signal_handlers(stop: StopRequest, signals: Signals, run_dir: Path)
         target = run_dir.resolve() / "supervisor.log"
         with contextlib.suppress(OSError):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = open_regular(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # never a link
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(OSError, ValueError):
                     stream.flush()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from rich.text import Text
 
 from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
+from supervisor.files import open_new, open_regular, read_tail
 from supervisor.journal import load
 from supervisor.text import printable
 
@@ -58,6 +60,8 @@ class JsonTee:
         self._file: IO[str] | None = None
         self._early: list[str] = []
         self._lock = threading.Lock()
+        self.fresh = False
+        """A new run: a supervisor.jsonl left in a reused run folder is started afresh."""
 
     def open(self, run_dir: Path) -> None:
         """Start writing into `run_dir` (appending: a resumed run adds to the same file)."""
@@ -66,7 +70,7 @@ class JsonTee:
                 return
             # Never creates the folder: `resume` of a mistyped path must leave nothing behind.
             with contextlib.suppress(OSError):
-                self._file = (run_dir / "supervisor.jsonl").open("a", encoding="utf-8")
+                self._file = _open_log(run_dir / "supervisor.jsonl", fresh=self.fresh)
                 for line in self._early:
                     self._file.write(line)
                 self._file.flush()
@@ -93,6 +97,12 @@ class JsonTee:
                     self._file.write(line)
                     self._file.flush()
         return event_dict
+
+
+def _open_log(path: Path, *, fresh: bool) -> IO[str]:
+    """supervisor.jsonl for appending (resume) or afresh (run), never through a link."""
+    fd = open_new(path) if fresh else open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 class Console:
@@ -282,9 +292,7 @@ def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:
     logs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for path in logs:
         try:
-            with path.open("rb") as handle:
-                handle.seek(max(0, path.stat().st_size - chars))
-                tail = handle.read().decode("utf-8", errors="replace")
+            tail = read_tail(path, chars).decode("utf-8", errors="replace")  # never via a link
         except OSError:
             continue
         for raw in reversed(tail.splitlines()):
@@ -466,8 +474,10 @@ class Output:
             chain += [_printable_values, self.console]
         return chain
 
-    def attach(self, run_dir: Path) -> None:
-        """The run folder is known: its supervisor.jsonl and (on a terminal) the live line."""
+    def attach(self, run_dir: Path, *, fresh: bool = False) -> None:
+        """The run folder is known: its supervisor.jsonl (afresh for a new run) and (on a
+        terminal) the live line."""
+        self.tee.fresh = fresh
         self.tee.open(run_dir)
         if self.console is not None:
             self.console.attach(run_dir)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from supervisor.events import Event, JournalError, RunState, replay
-from supervisor.files import NotRegularFileError, open_regular, write_failed
+from supervisor.files import NotRegularFileError, open_new, open_regular, write_failed
+from supervisor.rundir import check_run_folder
 
 E = TypeVar("E", bound=Event)
 
@@ -131,6 +132,7 @@ class Journal:
         self.torn_kept: Path | None = None
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            check_run_folder(run_dir)  # this user's, and no link where a run file belongs
             self._lock = open_regular(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
         except NotRegularFileError as exc:
             raise JournalError(str(exc)) from None
@@ -179,10 +181,17 @@ class Journal:
         while (self.run_dir / f"journal.torn-{number}.txt").exists():
             number += 1
         kept = self.run_dir / f"journal.torn-{number}.txt"
-        kept.write_bytes(torn)
-        with self.path.open("r+b") as handle:
-            handle.truncate(len(whole))
-            os.fsync(handle.fileno())
+        out = open_new(kept)
+        try:
+            os.write(out, torn)
+        finally:
+            os.close(out)
+        fd = open_regular(self.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, len(whole))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.torn_kept = kept
 
     def write(self, event: E) -> E:

@@ -38,6 +38,7 @@ import structlog
 
 from supervisor import _wrap, echo
 from supervisor.classify import Outcome, is_oom_line
+from supervisor.files import open_regular, read_regular
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
 from supervisor.trainer_output import Tracker, Watchdog
@@ -524,7 +525,7 @@ def _follow_file(path: Path, sink: _Sink, stream: int) -> None:
     """Read a log the shim writes (append-only) until its status exists and the file is drained."""
     status = path.with_name(STATUS_FILE)
     try:
-        source = path.open("rb")
+        source = os.fdopen(open_regular(path, os.O_RDONLY), "rb")  # never through a link
         backlog = os.fstat(source.fileno()).st_size
     except OSError:
         return
@@ -574,7 +575,7 @@ def _error_files(lines: Iterable[str]) -> list[str]:
 
 def _status_code(path: Path) -> int | None:
     try:
-        code = json.loads(path.read_text(encoding="utf-8"))["exit_code"]
+        code = json.loads(read_regular(path, 65536))["exit_code"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return int(code) if isinstance(code, int) else None

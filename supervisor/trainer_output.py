@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import device_memory
+from supervisor.files import read_regular
 
 # tqdm's frame: "  40%|████      | 96/240 [03:10<04:45,  1.98s/it]". Only bars without a
 # description (the Trainer's training bar has none; "Writing model shards: 1/1 [" has one).
@@ -105,8 +106,9 @@ def _head(log_dir: Path | None) -> list[str]:
         return []
     lines: list[str] = []
     for name in ("stderr.log", "stdout.log"):
-        with contextlib.suppress(OSError), (log_dir / name).open("rb") as handle:
-            lines += handle.read(_HEAD_BYTES).decode("utf-8", errors="replace").splitlines()
+        with contextlib.suppress(OSError):  # never through a link planted in the run folder
+            lines += read_regular(log_dir / name, _HEAD_BYTES).decode(
+                "utf-8", errors="replace").splitlines()
     return lines
 
 

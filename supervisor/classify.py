@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from supervisor import bounds
 from supervisor._compat import StrEnum
 from supervisor.text import printable
 
@@ -326,8 +327,9 @@ def parse_numbers(lines: Iterable[str]) -> OomNumbers | None:
                 continue
             for pattern in patterns:
                 match = pattern.search(line)
-                if match:
-                    found[key] = _mib(match)
+                value = _mib(match) if match else None
+                if value is not None:
+                    found[key] = value
                     break
         total = _RESERVED_TOTAL.search(line)
         if reserved_total is None and total:
@@ -339,8 +341,13 @@ def parse_numbers(lines: Iterable[str]) -> OomNumbers | None:
     return OomNumbers(**found) if found else None
 
 
-def _mib(match: re.Match[str]) -> float:
-    return round(float(match.group(1)) * _UNIT_MIB[match.group(2)], 2)
+def _mib(match: re.Match[str]) -> float | None:
+    """The size in MiB, or None when the text is no sane size (`1.2.3`, 400 digits)."""
+    number = bounds.finite(match.group(1), low=0.0)
+    if number is None:
+        return None
+    return bounds.finite(round(number * _UNIT_MIB[match.group(2)], 2), low=0.0,
+                         high=bounds.MAX_MIB)
 
 
 FRAGMENTATION_SHARE = 0.02

@@ -62,6 +62,7 @@ from supervisor.plan import walk as walk_plan
 from supervisor.policy import Ladder, PolicyError, check_knobs, resolve
 from supervisor.policy import parse as parse_policy
 from supervisor.program import ProbeInterrupted
+from supervisor.report import foreign_note
 from supervisor.report import write as write_report
 from supervisor.rundir import RunDirError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
@@ -665,10 +666,12 @@ def _trace_store(args: argparse.Namespace) -> FitStore | None:
     """Traces kept across runs, in the fit store's file (None where it cannot be opened: the
     predictions are then this run's only)."""
     try:
-        return FitStore.open(args.fits_db or default_fits_path())
+        store = FitStore.open(args.fits_db or default_fits_path())
     except FitStoreError as exc:
         log.info("estimate.traces_not_kept", reason=str(exc))
         return None
+    store.on_dropped = lambda why: args.output.print(f"oom-supervisor: note: {why}")
+    return store
 
 
 PREDICT_FIRST = 4
@@ -818,7 +821,7 @@ def _rebuild(config: RunConfig) -> Rebuilt:
     try:
         ladder = parse_policy(tomllib.loads(config.policy_text), source=config.policy_source)
         ladder = dataclasses.replace(ladder, keep_quality=config.keep_quality)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
         msg = f"the journaled policy is not valid TOML ({exc})"
         raise ResumeError(msg) from None
     env = environment(command)
@@ -960,6 +963,9 @@ def _report(run_dir: Path) -> int:
     if torn is not None:
         print("oom-supervisor: note: the journal's last line was torn (the supervisor died "  # noqa: T201
               "mid-write) and was left out", file=sys.stderr)
+    if state.foreign_lines:
+        print(f"oom-supervisor: note: {foreign_note(state.foreign_lines)}",  # noqa: T201
+              file=sys.stderr)
     print(f"{data['summary']}; wrote {run_dir / 'report.md'}")  # noqa: T201
     return ExitCode.FITTED
 

@@ -7,6 +7,7 @@ supervisors may read and write it at once. See docs/fits.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from supervisor._compat import Self
+from supervisor.bounds import MAX_MIB, sane_mib
 
 SCHEMA_VERSION = 1
 """`PRAGMA user_version` of the store this code writes."""
@@ -109,6 +111,28 @@ def fit_key(*, model_config: Mapping[str, object] | None, model: str | None,  # 
     return hashlib.sha256(_canonical(document).encode("utf-8")).hexdigest()
 
 
+def trace_problem(value: object) -> str | None:
+    """What is wrong with a kept prediction (`peak_mib`, `raw_peak_mib`, the breakdown's
+    numbers), in words; None when every number in it is sane."""
+    if not isinstance(value, dict):
+        return "not a JSON object"
+    peak = value.get("peak_mib")
+    if sane_mib(peak) is None:
+        return f"not a usable number of MiB (peak {str(peak)[:40]})"
+    raw = value.get("raw_peak_mib")
+    if raw is not None and sane_mib(raw) is None:
+        return f"not a usable number of MiB (uncalibrated peak {str(raw)[:40]})"
+    breakdown = value.get("breakdown")
+    if breakdown is not None and not isinstance(breakdown, dict):
+        return "holding a breakdown that is not a JSON object"
+    for part, number in (breakdown or {}).items():
+        if isinstance(number, float) and not (math.isfinite(number) and abs(number) < MAX_MIB):
+            return f"holding no usable number for {str(part)[:40]} ({number})"
+    if not isinstance(value.get("method"), str):
+        return "holding no method"
+    return None
+
+
 def _canonical(value: object) -> str:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
@@ -126,6 +150,8 @@ class FitStore:
         self.path = path
         self._db = connection
         self._clock = clock
+        self.on_dropped: Callable[[str], None] | None = None
+        """Told, in one line, of each kept prediction dropped for holding no sane number."""
 
     @classmethod
     def open(cls, path: Path | str, *, clock: Callable[[], float] = time.time) -> Self:
@@ -223,8 +249,18 @@ class FitStore:
         try:
             value = json.loads(row[0])
         except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+            value = None
+        problem = trace_problem(value)
+        if problem is None:
+            return value if isinstance(value, dict) else None
+        # Trusted, a NaN or a negative peak skips the command's own config (or passes a hopeless
+        # one) on every later run: the row goes, the config is traced again.
+        with contextlib.suppress(FitStoreError, sqlite3.Error), self._guard(), self._write():
+            self._db.execute("DELETE FROM traces WHERE key = ?", (key,))
+        if self.on_dropped is not None:
+            self.on_dropped(f"a kept memory prediction in the fit store {self.path} was "
+                            f"{problem}; it was dropped and the config is predicted again")
+        return None
 
     def keep_trace(self, key: str, prediction: Mapping[str, object]) -> None:
         """Keep a prediction under `key` for later runs."""

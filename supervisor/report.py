@@ -106,6 +106,7 @@ def build(state: RunState) -> dict[str, Any]:
         "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error}
                      for e in state.events if isinstance(e, Notified)],
         "speed": _speed(state),
+        "foreign_lines": state.foreign_lines,
     }
 
 
@@ -358,7 +359,7 @@ def _rung_costs(config: RunConfig) -> dict[str, str]:
 
     try:
         data = tomllib.loads(config.policy_text) if config.policy_text else {}
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError):
         return {}
     out: dict[str, str] = {}
     for rung in data.get("rung", []) if isinstance(data.get("rung"), list) else []:
@@ -548,9 +549,18 @@ def render_markdown(data: dict[str, Any]) -> str:
         result = (f"exit code {n['exit_code']}" if n.get("exit_code") is not None
                   else f"did not run ({n.get('error')})")
         out += ["", f"Notified with `{n['command']}`: {result}."]
+    if data.get("foreign_lines"):
+        out += ["", foreign_note(int(data["foreign_lines"])) + "."]
     out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
                  "`journal.jsonl`; the supervisor's own log: `supervisor.jsonl`."), ""]
     return "\n".join(out)
+
+
+def foreign_note(lines: int) -> str:
+    """The sentence for lines of journal.jsonl the supervisor did not write."""
+    return (f"journal.jsonl holds {_count(lines, 'line')} the supervisor did not write "
+            "(something else, such as the training program, wrote into it); "
+            f"{'it was' if lines == 1 else 'they were'} skipped")
 
 
 def _count(n: int, word: str) -> str:

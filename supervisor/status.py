@@ -102,6 +102,8 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
                     f"report: {run_dir / 'report.md'}"]
     if torn is not None:
         out += ["", "note: the journal's last line is torn (the supervisor died mid-write)"]
+    if state.foreign_lines:
+        out += ["", f"note: {report.foreign_note(state.foreign_lines)}"]
     return printable("\n".join(out))  # the trainer's lines: no escape reaches the terminal
 
 

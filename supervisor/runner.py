@@ -55,6 +55,8 @@ _CHUNK = 65536
 _MAX_LINE = 65536
 """A line longer than this (no newline in 64 KiB) is judged in pieces; memory stays bounded."""
 _OOM_HINTS = (b"memory", b"alloc", b"cumem")
+_OVERLAP = 4096
+"""Bytes the pieces of a never-ending line share, more than any OOM message is long."""
 """Words every OOM rule's text contains (lower case): chunks without them skip the rules."""
 ECHO_LINES_PER_S = 2000
 ECHO_BURST_LINES = 20000
@@ -268,9 +270,10 @@ class _Sink:
             self._echo(stream, chunk, now)
         lines = (self.partial[stream] + chunk).split(b"\n")
         rest = lines.pop()
-        if len(rest) > _MAX_LINE:  # a line that never ends: judge it in pieces
+        if len(rest) > _MAX_LINE:  # a line that never ends: judge it in pieces, keep its tail
             lines.append(rest[:_MAX_LINE])
-            rest = rest[_MAX_LINE:][-_MAX_LINE:]
+            # The pieces overlap: an OOM message cut at a piece's end is whole in the next one.
+            rest = rest[_MAX_LINE - _OVERLAP:][-_MAX_LINE:]
         self.partial[stream] = rest
         self._take(lines)
 
@@ -297,8 +300,8 @@ class _Sink:
         # chunks without those words (a flood of 500 MB is mostly training chatter).
         if not self.oom_seen.is_set() and any(hint in text.lower() for hint in _OOM_HINTS):
             for raw in lines:
-                line = _frame(raw)
-                if self.is_oom(line):
+                line = _oom_frame(raw, self.is_oom)
+                if line is not None:
                     self.oom_line = line
                     self.oom_seen.set()
                     break
@@ -328,6 +331,25 @@ class _Sink:
             self.consoles[1].put(note.encode())
         if self.abandon:  # the attempt is over: let a console that reads show its end (bounded)
             echo.flush_all()
+
+
+def _oom_frame(raw: bytes, is_oom: Callable[[str], bool]) -> str | None:
+    """The first frame of a line that is an OOM line: a progress bar redrawn after the OOM
+    message on the same line (`\\r`, no newline) must not hide it."""
+    for frame in raw.split(b"\r"):
+        if any(hint in frame.lower() for hint in _OOM_HINTS):
+            line = frame.decode("utf-8", errors="replace").rstrip("\r\n")
+            if is_oom(line):
+                return line
+            # An exception's line written after other text with no newline between (a progress
+            # bar, 200 MB of output): `...it/s]torch.OutOfMemoryError: ...` ends the line.
+            found = _ERROR_AT_END.search(line)
+            if found and is_oom(line[found.start(1):]):
+                return line[found.start(1):]
+    return None
+
+
+_ERROR_AT_END = re.compile(r"(?:^|[^\w.])((?:torch\.(?:cuda\.)?)?OutOfMemoryError: [^\r\n]*)$")
 
 
 def _frame(raw: bytes) -> str:

@@ -17,7 +17,8 @@ supervisor sees is a real allocator failure of a real training step (under the i
   event) to the run's journal.jsonl, as a trainer writing there would.
 - `handled-oom`: a training step that runs out of memory (real), caught by the program, which
   prints the traceback as a careful trainer logs it and then exits 0 (it recovered by itself).
-- `long-line`: 200 MB on stderr with no newline, then the training (whose OOM ends that line).
+- `long-line`: 200 MB on stderr with no newline, then the training; the real OOM's message is
+  written at the end of that line, still with no newline, and the program exits 1.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def main() -> int:
         for _ in range(200):
             sys.stderr.buffer.write(block)
         sys.stderr.buffer.flush()
+        try:
+            return _train(rest)
+        except Exception as exc:  # noqa: BLE001 - the real error's own message ends the line
+            text = traceback.format_exception_only(type(exc), exc)[-1].strip()
+            sys.stderr.write(text)  # no newline: the line is 200 MB long and never ends
+            sys.stderr.flush()
+            return 1
     if shape == "handled-oom":
         try:
             return _train(rest)

@@ -371,6 +371,10 @@ def shows_fragmentation(numbers: OomNumbers | None) -> bool:
     return spare >= numbers.tried_mib and spare > FRAGMENTATION_SHARE * held
 
 
+RECOVERED = "it ran out of memory, caught the error and recovered by itself"
+"""The evidence of a fit whose attempt printed an OOM and still exited 0."""
+
+
 def classify(outcome: Outcome) -> Verdict:
     """Decide what an attempt came to; OOM evidence anywhere beats every other reading."""
     if outcome.interrupted:
@@ -382,7 +386,9 @@ def classify(outcome: Outcome) -> Verdict:
     if oom_line is not None and oom_line not in oom_lines:
         oom_lines.insert(0, oom_line)
     if outcome.exit_code == 0 and not outcome.killed_by_supervisor:
-        return Verdict(kind=VerdictKind.FITS)
+        # An OOM it printed and then exited 0: the program caught it and recovered by itself.
+        return Verdict(kind=VerdictKind.FITS,
+                       evidence=f"{RECOVERED}: {_most_specific(oom_lines)}" if oom_lines else None)
     if oom_lines:
         evidence = _most_specific(oom_lines)
         return Verdict(kind=VerdictKind.OOM, oom_kind=_oom_kind(evidence), evidence=evidence,

@@ -10,6 +10,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor import progress, speed
+from supervisor.classify import RECOVERED
 from supervisor.events import AttemptRecord, Notified, RunConfig, RunState, SpeedCompared
 from supervisor.files import write_file
 from supervisor.knobs import Knobs
@@ -653,7 +654,12 @@ def _attempts_section(data: dict[str, Any], device: float | None) -> list[str]:
                    f"{memory_words(a, device).replace('|', '/')} | "
                    f"{_mib(a.get('predicted_mib')) if a.get('predicted_mib') else '-'} | "
                    f"{human_duration(a.get('duration_s')) if 'duration_s' in a else 'running'} |")
-        if a.get("evidence"):
+        if a.get("evidence") and str(a["evidence"]).startswith(RECOVERED):
+            line = str(a["evidence"])[len(RECOVERED):].lstrip(": ")
+            evidence.append(f"- attempt {a['attempt']}: the program ran out of memory, caught "
+                            f"the error and recovered by itself (it exited 0, so the config "
+                            f"counts as a fit): `{_evidence(line)}`")
+        elif a.get("evidence"):
             evidence.append(f"- attempt {a['attempt']}: `{_evidence(a['evidence'])}`")
     if evidence:
         out += ["", "Evidence (the line each verdict rests on):", "", *evidence]

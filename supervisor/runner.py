@@ -68,6 +68,10 @@ LOG_CAP_ENV = "OOM_SUPERVISOR_LOG_CAP_MIB"
 WRAPPER_DIED = "the attempt's wrapper died without writing its exit status"
 FAILED_TASK_GRACE_S = 5.0
 """After a launcher says a task exited with an error, how long its peers get to end alone."""
+OOM_EXIT_GRACE_S = 30.0
+"""After an OOM line, how long the command may take to exit by itself (its exit status then
+decides: 0 is a program that caught its OOM and recovered) before its whole tree is ended (a
+peer rank stuck in a collective would otherwise hold the night)."""
 _ACTIVITY_S = 2.0
 """How often the output folder is looked at for a checkpoint being written."""
 # srun's own line for a task that ended badly while its step goes on (src/srun/srun_job.c /
@@ -389,6 +393,9 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     watchdog = spec.watchdog or (Watchdog(fixed_s=spec.stall_s, startup_s=None)
                                  if spec.stall_s else None)
     limit: tuple[float, str] | None = None
+    oom_at: float | None = None
+    oom_step: int | None = None
+    recovered = False
     activity = _Activity(spec.activity_dir)
     remembered = looked = 0.0
     host_peak = 0.0
@@ -410,11 +417,17 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             ended_at = time.time() - min(_log_age_s(spec.log_dir), time.monotonic() - started)
             break
         limit = watchdog.limit(sink.tracker) if watchdog is not None else None
-        if sink.oom_seen.is_set() and not killed:
-            seen_at = time.monotonic()
+        if sink.oom_seen.is_set() and oom_at is None:
+            oom_at, oom_step = now, sink.tracker.step
             log.info("oom.detected", line=spec.redactor.text(sink.oom_line or "")[:300],
                      pid=spawned.pid)
-            # A stuck peer rank must not hold the night: end the whole tree now.
+        if oom_at is not None and not killed and not recovered and oom_step is not None \
+                and sink.tracker.step is not None and sink.tracker.step > oom_step:
+            recovered = True  # it caught its OOM and trains on: its exit status will tell
+        if (oom_at is not None and not killed and not recovered
+                and now - oom_at >= OOM_EXIT_GRACE_S):
+            seen_at = time.monotonic()
+            # Neither gone nor training on: a stuck peer rank must not hold the night.
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
             kill_s = round(time.monotonic() - seen_at, 3)
             killed = True
@@ -442,7 +455,10 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             failed = sink.failed_task
             log.info("task.failed", line=failed, pid=spawned.pid)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-        sink.oom_seen.wait(_POLL_S)
+        if oom_at is None:
+            sink.oom_seen.wait(_POLL_S)
+        else:  # the OOM is seen: let it exit by itself (or go on training) for a moment
+            spec.stop.immediate.wait(_POLL_S)
         code = poll()
     if ended_at is None:
         ended_at = time.time()

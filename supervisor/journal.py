@@ -103,7 +103,10 @@ def _no_constant(_name: str) -> None:
 
 
 def _finite_float(text: str) -> float | None:
-    return bounds.finite(text)
+    return bounds.finite(text, low=-_MAX_RECORD_FLOAT, high=_MAX_RECORD_FLOAT)
+
+
+_MAX_RECORD_FLOAT = 1e18  # times, sizes, durations: far below; -1e308 is nothing of ours
 
 
 _MAX_RECORD_DIGITS = 30  # nanosecond times have 19; a 400-digit number is no field of ours

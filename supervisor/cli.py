@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ import structlog
 
 from supervisor import __version__, notify, program, remember
 from supervisor._compat import tomllib
-from supervisor.command import Command, CommandError, environment
+from supervisor.command import Command, CommandError, environment, locate
 from supervisor.console import Output, summary
 from supervisor.device_memory import device_memory_env
 from supervisor.dialects import Dialect, detect, knobmap
@@ -37,7 +38,7 @@ from supervisor.estimate import (
 )
 from supervisor.events import JournalError, RunConfig
 from supervisor.files import WriteFailedError, open_regular
-from supervisor.fits import FitStore, FitStoreError
+from supervisor.fits import FitStore, FitStoreError, render_fit
 from supervisor.fits import default_path as default_fits_path
 from supervisor.fits import render_entries as render_fits
 from supervisor.gpu import NvmlProbe, smallest_device_mib
@@ -255,7 +256,12 @@ def _add_fits_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     fits.add_argument("--fits-db", type=Path, default=None, metavar="PATH",
                       help="the store (default: $XDG_DATA_HOME/oom-supervisor/fits.sqlite3)")
     actions = fits.add_subparsers(dest="fits_action", parser_class=_Parser)
-    actions.add_parser("list", help="the remembered fits, newest first (the default)")
+    listing = actions.add_parser("list", help="the remembered fits of this project (the "
+                                 "working directory), newest first (the default)")
+    listing.add_argument("--all", dest="every_project", action="store_true",
+                         help="every project's fits, grouped by project")
+    show = actions.add_parser("show", help="one fit whole, with the run it came from")
+    show.add_argument("key", metavar="KEY", help="hex digits from the KEY column of `fits list`")
     forget = actions.add_parser("forget", help="forget the fits whose key starts with a prefix")
     forget.add_argument("key_prefix", nargs="?", default=None, metavar="KEY_PREFIX",
                         help="hex digits from the KEY column of `fits list`")
@@ -513,9 +519,24 @@ def _fits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if action == "forget" and (args.key_prefix is None) == (not args.forget_all):
         parser.error("fits forget takes a KEY_PREFIX or --all (one of them)")
     try:
-        with FitStore.open(args.fits_db or default_fits_path()) as store:
+        path = args.fits_db or default_fits_path()
+        # Reading needs no write access: a store on a read-only mount is listed as it is.
+        with (FitStore.open_for_reading(path) if action in ("list", "show")
+              else FitStore.open(path)) as store:
             if action == "list":
-                print(render_fits(store.entries(), now=time.time()))  # noqa: T201
+                width = max(60, shutil.get_terminal_size((100, 24)).columns)
+                print(render_fits(store.entries(), now=time.time(), width=width,  # noqa: T201
+                                  project=str(Path.cwd()),
+                                  every=getattr(args, "every_project", False)))
+            elif action == "show":
+                found = store.matching(args.key)
+                if len(found) != 1:
+                    msg = (f"no remembered fit has a key starting with {args.key[:40]}; "
+                           "`oom-supervisor fits list --all` shows the keys" if not found else
+                           f"{len(found)} fits have keys starting with {args.key[:40]}; "
+                           "give more of the key")
+                    raise ValueError(msg)  # noqa: TRY301 - said as every other bad input
+                print(render_fit(found[0], now=time.time()))  # noqa: T201
             else:
                 count = (store.forget_all() if args.forget_all
                          else store.forget(args.key_prefix))
@@ -769,8 +790,23 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         args.output.close()
     if remembered is not None and result.final_knobs is not None:
         remember.store(args.fits_db, remembered.key, final=result.final_knobs,
-                       run_id=result.run_dir.name, attempts=result.attempts)
+                       run_id=result.run_dir.name, attempts=result.attempts,
+                       about=_fit_about(result.run_dir))
     return _ended(args, result)
+
+
+def _fit_about(run_dir: Path) -> dict[str, str]:
+    """What `fits list` shows of the run that found a fit: its model, its program, its
+    working directory (the project) and its run folder."""
+    about = {"run_dir": str(run_dir)}
+    with contextlib.suppress(JournalError, CommandError, OSError, ValueError, IndexError):
+        config = load_journal(run_dir)[0].config
+        if config.cwd:
+            about["cwd"] = config.cwd
+        if config.start.model:
+            about["model"] = str(config.start.model)
+        about["program"] = locate(tuple(config.argv), cwd=config.cwd).program
+    return about
 
 
 def _check_fits_db(path: Path) -> None:
@@ -884,7 +920,7 @@ def _resume(args: argparse.Namespace) -> int:
     if config.fits_key and result.final_knobs is not None:
         remember.store(Path(config.fits_db) if config.fits_db else None, config.fits_key,
                        final=result.final_knobs, run_id=result.run_dir.name,
-                       attempts=result.attempts)
+                       attempts=result.attempts, about=_fit_about(result.run_dir))
     return _ended(args, result)
 
 

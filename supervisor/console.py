@@ -111,7 +111,9 @@ class Console:
     def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.live = _is_tty(self.stream) if live is None else live
+        # TERM=dumb cannot redraw a line: settled lines only. NO_COLOR: no colours, no styles.
+        self.live = (_is_tty(self.stream) and not _is_dumb()) if live is None else live
+        self.plain = _no_color() or _is_dumb()
         self._clock = clock
         self.run_dir: Path | None = None
         self._state: RunState | None = None
@@ -132,7 +134,9 @@ class Console:
         """The run folder is known: read its journal from now on (and start the live line)."""
         self.run_dir = run_dir
         if self.live and self._live is None and not self._lost:
-            self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=False)
+            self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=False,
+                                     no_color=self.plain or None,
+                                     color_system=None if self.plain else "auto")
             self._live = Live(console=self._rich, auto_refresh=False, transient=True,
                               redirect_stdout=False, redirect_stderr=False)
             self._live.start()
@@ -174,7 +178,7 @@ class Console:
         if line is None:
             raise structlog.DropEvent
         if self.live and self._rich is not None and self._live is not None and not self._lost:
-            self._rich.print(Text(line, style=_style_of(name, event_dict)))
+            self._rich.print(Text(line, style="" if self.plain else _style_of(name, event_dict)))
             self._refresh()
             raise structlog.DropEvent
         return f"{clock_time(self._clock())} {line}"
@@ -255,10 +259,10 @@ class Console:
         head = (f"attempt {record.number} of at most {state.config.max_attempts} "
                 f"({record.started.rung or 'as given'}): "
                 f"{report.describe_knobs(record.knobs.to_dict())} · {elapsed}")
-        text = Text(head, style="bold")
+        text = Text(head, style="" if self.plain else "bold")
         last = last_output_line(self.run_dir / record.started.log_dir) if self.run_dir else None
         if last:
-            text.append(f" · {last}", style="dim")
+            text.append(f" · {last}", style="" if self.plain else "dim")
         text.no_wrap = True
         text.overflow = "ellipsis"
         return text
@@ -440,6 +444,16 @@ def _style_of(name: str, event: Mapping[str, Any]) -> str:
     if name == "attempt.finished":
         return _STYLE.get(str(event.get("verdict")), "")
     return "dim" if name == "ladder.stepped" else ""
+
+
+def _no_color() -> bool:
+    """NO_COLOR (https://no-color.org): set and not empty, whatever its value."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def _is_dumb() -> bool:
+    """A terminal that cannot move its cursor or show colours (TERM=dumb, as Emacs' shell)."""
+    return os.environ.get("TERM", "") in ("dumb", "unknown")
 
 
 def _is_tty(stream: object) -> bool:

@@ -67,8 +67,11 @@ def prepare_run_dir(runs_dir: Path, run_id: str) -> Path:
     run_dir = runs / run_id
     try:
         runs.mkdir(parents=True, exist_ok=True)
+        reused = os.path.lexists(run_dir)
         run_dir.mkdir(exist_ok=True)
-        check_run_folder(run_dir)
+        # A folder made just now is ours whatever the file system says of its owner (NFS
+        # root_squash); one that was there must be this user's.
+        check_run_folder(run_dir, owner=reused)
         probe = run_dir / ".write-test"
         os.close(open_new(probe))
         probe.unlink()
@@ -95,14 +98,15 @@ ATTEMPT_FILES = ("stdout.log", "stderr.log", "stdout.log.tail0", "stdout.log.tai
 """The files the attempt shim opens in each `attempts/NN/` folder."""
 
 
-def check_run_folder(run_dir: Path) -> None:
-    """NotRegularFileError (one line) when an existing run folder is not this user's, is a link,
-    or holds a link, FIFO or device where the supervisor writes (its lock, journal, heartbeat,
-    logs, attempt folders and their logs)."""
+def check_run_folder(run_dir: Path, *, owner: bool = False) -> None:
+    """NotRegularFileError (one line) when a run folder is a link, holds a link, FIFO or
+    device where the supervisor writes (its lock, journal, heartbeat, logs, attempt folders and
+    their logs), or (`owner`) is not this user's."""
     info = run_dir.lstat()
     if not stat.S_ISDIR(info.st_mode):
         refuse_unsafe([run_dir])
-    check_owner(run_dir)
+    if owner:
+        check_owner(run_dir)
     refuse_unsafe([run_dir / name for name in RUN_FILES])
     attempts = run_dir / "attempts"
     try:

@@ -193,7 +193,7 @@ def _as_bytes(shape: str | bytes) -> bytes:
     return shape if isinstance(shape, bytes) else shape.encode("utf-8", errors="replace")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(line_shapes, max_size=12), st.sampled_from([b"\n", b"\r", b"", b"\r\n"]),
        st.integers(1, 97))
 def test_any_output_is_read_without_an_exception_or_an_insane_number(

@@ -546,8 +546,12 @@ def load(path: Path) -> Ladder:
         raise PolicyError(msg) from None
     try:
         data = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, ValueError) as exc:  # a 5000-digit int is a ValueError
+    except tomllib.TOMLDecodeError as exc:
         msg = f"{path}: not valid TOML ({exc}); fix the syntax or start from policies/default.toml"
+        raise PolicyError(msg) from None
+    except ValueError:  # Python refuses to read an integer of over 4300 digits
+        msg = (f"{path}: not valid TOML (it holds a number too long to read); fix the number or "
+               "start from policies/default.toml")
         raise PolicyError(msg) from None
     except RecursionError:
         msg = f"{path}: nested too deeply to be a policy; start from policies/default.toml"

@@ -32,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from supervisor.files import open_new, open_regular
 from supervisor.secrets import LineScrubber, Redactor
 
 CONFIG_ENV = "OOM_SUPERVISOR_WRAP"
@@ -64,8 +65,10 @@ class _CappedLog:
         self.tail: IO[bytes] | None = None
 
     @staticmethod
-    def _open(path: Path, mode: str) -> IO[bytes]:
-        return path.open(mode)
+    def _open(path: Path, _mode: str) -> IO[bytes]:
+        # Always a new file (O_EXCL | O_NOFOLLOW): an old log of a reused run folder is not
+        # continued, and a link planted in the attempt folder is refused, never written through.
+        return os.fdopen(open_new(path), "wb")
 
     def write(self, data: bytes) -> None:
         """Keep `data` in the head while it has room, the rest in the tail segments."""
@@ -117,7 +120,8 @@ class _CappedLog:
                         "kept)]\n")
                 self._put(self.file, note.encode())
             for part in parts:
-                with contextlib.suppress(OSError), part.open("rb") as source:
+                with contextlib.suppress(OSError), os.fdopen(
+                        open_regular(part, os.O_RDONLY), "rb") as source:
                     while chunk := source.read(1 << 20):
                         self._put(self.file, chunk)
             for part in self.segments:
@@ -178,7 +182,15 @@ def main(argv: list[str]) -> int:
     redactor = Redactor.from_json(json.dumps(config.get("redact", [])))
     cap = config.get("cap_bytes", DEFAULT_CAP_BYTES)
     cap = cap if isinstance(cap, int) and not isinstance(cap, bool) else DEFAULT_CAP_BYTES
-    logs = [_CappedLog(status.with_name(f"{name}.log"), cap) for name in ("stdout", "stderr")]
+    logs: list[_CappedLog] = []
+    try:
+        for name in ("stdout", "stderr"):
+            logs.append(_CappedLog(status.with_name(f"{name}.log"), cap))  # noqa: PERF401 - closed on failure
+    except OSError as exc:  # a link or a FIFO where a log belongs: the command is not started
+        for log in logs:
+            log.close()
+        _say(f"oom-supervisor: error: {exc}")
+        return 126
     streams = [_Stream(log, fd, LineScrubber(redactor)) for log, fd in zip(logs, (1, 2),
                                                                          strict=True)]
     try:
@@ -274,7 +286,9 @@ def _record(status: Path, code: int, pid: int | None, logs: list[_CappedLog]) ->
               "lost_bytes": [log.lost for log in logs]}
     tmp = status.with_name(status.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+        fd = open_new(tmp)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
         tmp.replace(status)
     except OSError:  # a full disk: the runner reads our own exit code instead; no half file
         with contextlib.suppress(OSError):

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from supervisor import bounds
 from supervisor._compat import StrEnum
 from supervisor.text import printable
 
@@ -360,8 +361,9 @@ def parse_numbers(lines: Iterable[str]) -> OomNumbers | None:
                 continue
             for pattern in patterns:
                 match = pattern.search(line)
-                if match:
-                    found[key] = _mib(match)
+                value = _mib(match) if match else None
+                if value is not None:
+                    found[key] = value
                     break
         total = _RESERVED_TOTAL.search(line)
         if reserved_total is None and total:
@@ -373,8 +375,13 @@ def parse_numbers(lines: Iterable[str]) -> OomNumbers | None:
     return OomNumbers(**found) if found else None
 
 
-def _mib(match: re.Match[str]) -> float:
-    return round(float(match.group(1)) * _UNIT_MIB[match.group(2)], 2)
+def _mib(match: re.Match[str]) -> float | None:
+    """The size in MiB, or None when the text is no sane size (`1.2.3`, 400 digits)."""
+    number = bounds.finite(match.group(1), low=0.0)
+    if number is None:
+        return None
+    return bounds.finite(round(number * _UNIT_MIB[match.group(2)], 2), low=0.0,
+                         high=bounds.MAX_MIB)
 
 
 FRAGMENTATION_SHARE = 0.02
@@ -398,6 +405,10 @@ def shows_fragmentation(numbers: OomNumbers | None) -> bool:
     return spare >= numbers.tried_mib and spare > FRAGMENTATION_SHARE * held
 
 
+RECOVERED = "it ran out of memory, caught the error and recovered by itself"
+"""The evidence of a fit whose attempt printed an OOM and still exited 0."""
+
+
 def classify(outcome: Outcome) -> Verdict:
     """Decide what an attempt came to; OOM evidence anywhere beats every other reading."""
     if outcome.interrupted:
@@ -409,7 +420,9 @@ def classify(outcome: Outcome) -> Verdict:
     if oom_line is not None and oom_line not in oom_lines:
         oom_lines.insert(0, oom_line)
     if outcome.exit_code == 0 and not outcome.killed_by_supervisor:
-        return Verdict(kind=VerdictKind.FITS)
+        # An OOM it printed and then exited 0: the program caught it and recovered by itself.
+        return Verdict(kind=VerdictKind.FITS,
+                       evidence=f"{RECOVERED}: {_most_specific(oom_lines)}" if oom_lines else None)
     if oom_lines:
         evidence = _most_specific(oom_lines)
         return Verdict(kind=VerdictKind.OOM, oom_kind=_oom_kind(evidence), evidence=evidence,

@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ import structlog
 
 from supervisor import __version__, notify, program, remember
 from supervisor._compat import tomllib
-from supervisor.command import Command, CommandError, environment
+from supervisor.command import Command, CommandError, environment, locate
 from supervisor.console import Output, summary
 from supervisor.device_memory import device_memory_env
 from supervisor.dialects import Dialect, detect, knobmap
@@ -36,8 +37,8 @@ from supervisor.estimate import (
     pick_python,
 )
 from supervisor.events import JournalError, RunConfig
-from supervisor.files import WriteFailedError
-from supervisor.fits import FitStore, FitStoreError
+from supervisor.files import WriteFailedError, open_regular
+from supervisor.fits import FitStore, FitStoreError, render_fit
 from supervisor.fits import default_path as default_fits_path
 from supervisor.fits import render_entries as render_fits
 from supervisor.gpu import NvmlProbe, smallest_device_mib
@@ -63,6 +64,7 @@ from supervisor.plan import walk as walk_plan
 from supervisor.policy import Ladder, PolicyError, check_knobs, resolve
 from supervisor.policy import parse as parse_policy
 from supervisor.program import ProbeInterrupted
+from supervisor.report import foreign_note
 from supervisor.report import write as write_report
 from supervisor.rundir import RunDirError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
@@ -259,7 +261,12 @@ def _add_fits_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     fits.add_argument("--fits-db", type=Path, default=None, metavar="PATH",
                       help="the store (default: $XDG_DATA_HOME/oom-supervisor/fits.sqlite3)")
     actions = fits.add_subparsers(dest="fits_action", parser_class=_Parser)
-    actions.add_parser("list", help="the remembered fits, newest first (the default)")
+    listing = actions.add_parser("list", help="the remembered fits of this project (the "
+                                 "working directory), newest first (the default)")
+    listing.add_argument("--all", dest="every_project", action="store_true",
+                         help="every project's fits, grouped by project")
+    show = actions.add_parser("show", help="one fit whole, with the run it came from")
+    show.add_argument("key", metavar="KEY", help="hex digits from the KEY column of `fits list`")
     forget = actions.add_parser("forget", help="forget the fits whose key starts with a prefix")
     forget.add_argument("key_prefix", nargs="?", default=None, metavar="KEY_PREFIX",
                         help="hex digits from the KEY column of `fits list`")
@@ -517,9 +524,24 @@ def _fits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if action == "forget" and (args.key_prefix is None) == (not args.forget_all):
         parser.error("fits forget takes a KEY_PREFIX or --all (one of them)")
     try:
-        with FitStore.open(args.fits_db or default_fits_path()) as store:
+        path = args.fits_db or default_fits_path()
+        # Reading needs no write access: a store on a read-only mount is listed as it is.
+        with (FitStore.open_for_reading(path) if action in ("list", "show")
+              else FitStore.open(path)) as store:
             if action == "list":
-                print(render_fits(store.entries(), now=time.time()))  # noqa: T201
+                width = max(60, shutil.get_terminal_size((100, 24)).columns)
+                print(render_fits(store.entries(), now=time.time(), width=width,  # noqa: T201
+                                  project=str(Path.cwd()),
+                                  every=getattr(args, "every_project", False)))
+            elif action == "show":
+                found = store.matching(args.key)
+                if len(found) != 1:
+                    msg = (f"no remembered fit has a key starting with {args.key[:40]}; "
+                           "`oom-supervisor fits list --all` shows the keys" if not found else
+                           f"{len(found)} fits have keys starting with {args.key[:40]}; "
+                           "give more of the key")
+                    raise ValueError(msg)  # noqa: TRY301 - said as every other bad input
+                print(render_fit(found[0], now=time.time()))  # noqa: T201
             else:
                 count = (store.forget_all() if args.forget_all
                          else store.forget(args.key_prefix))
@@ -670,10 +692,12 @@ def _trace_store(args: argparse.Namespace) -> FitStore | None:
     """Traces kept across runs, in the fit store's file (None where it cannot be opened: the
     predictions are then this run's only)."""
     try:
-        return FitStore.open(args.fits_db or default_fits_path())
+        store = FitStore.open(args.fits_db or default_fits_path())
     except FitStoreError as exc:
         log.info("estimate.traces_not_kept", reason=str(exc))
         return None
+    store.on_dropped = lambda why: args.output.print(f"oom-supervisor: note: {why}")
+    return store
 
 
 PREDICT_FIRST = 4
@@ -755,7 +779,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         else None
     stop, signals = args.stop, args.signals
     _install_signal_handlers(stop, signals, run_dir)
-    args.output.attach(run_dir.resolve())
+    args.output.attach(run_dir.resolve(), fresh=True)  # a reused folder's old log is not kept
     try:
         result = supervise(command, dialect=dialect, ladder=ladder, run_dir=run_dir.resolve(),
                            max_attempts=args.max_attempts, stop=stop, echo=not args.quiet,
@@ -773,8 +797,23 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         args.output.close()
     if remembered is not None and result.final_knobs is not None:
         remember.store(args.fits_db, remembered.key, final=result.final_knobs,
-                       run_id=result.run_dir.name, attempts=result.attempts)
+                       run_id=result.run_dir.name, attempts=result.attempts,
+                       about=_fit_about(result.run_dir))
     return _ended(args, result)
+
+
+def _fit_about(run_dir: Path) -> dict[str, str]:
+    """What `fits list` shows of the run that found a fit: its model, its program, its
+    working directory (the project) and its run folder."""
+    about = {"run_dir": str(run_dir)}
+    with contextlib.suppress(JournalError, CommandError, OSError, ValueError, IndexError):
+        config = load_journal(run_dir)[0].config
+        if config.cwd:
+            about["cwd"] = config.cwd
+        if config.start.model:
+            about["model"] = str(config.start.model)
+        about["program"] = locate(tuple(config.argv), cwd=config.cwd).program
+    return about
 
 
 def _check_fits_db(path: Path) -> None:
@@ -825,7 +864,7 @@ def _rebuild(config: RunConfig) -> Rebuilt:
     try:
         ladder = parse_policy(tomllib.loads(config.policy_text), source=config.policy_source)
         ladder = dataclasses.replace(ladder, keep_quality=config.keep_quality)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
         msg = f"the journaled policy is not valid TOML ({exc})"
         raise ResumeError(msg) from None
     env = environment(command)
@@ -888,7 +927,7 @@ def _resume(args: argparse.Namespace) -> int:
     if config.fits_key and result.final_knobs is not None:
         remember.store(Path(config.fits_db) if config.fits_db else None, config.fits_key,
                        final=result.final_knobs, run_id=result.run_dir.name,
-                       attempts=result.attempts)
+                       attempts=result.attempts, about=_fit_about(result.run_dir))
     return _ended(args, result)
 
 
@@ -910,7 +949,7 @@ def _install_signal_handlers(stop: StopRequest, signals: Signals, run_dir: Path)
         target = run_dir.resolve() / "supervisor.log"
         with contextlib.suppress(OSError):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = open_regular(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # never a link
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(OSError, ValueError):
                     stream.flush()
@@ -967,6 +1006,9 @@ def _report(run_dir: Path) -> int:
     if torn is not None:
         print("oom-supervisor: note: the journal's last line was torn (the supervisor died "  # noqa: T201
               "mid-write) and was left out", file=sys.stderr)
+    if state.foreign_lines:
+        print(f"oom-supervisor: note: {foreign_note(state.foreign_lines)}",  # noqa: T201
+              file=sys.stderr)
     print(f"{data['summary']}; wrote {run_dir / 'report.md'}")  # noqa: T201
     return ExitCode.FITTED
 

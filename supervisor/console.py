@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from rich.text import Text
 
 from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
+from supervisor.files import open_new, open_regular, read_tail
 from supervisor.journal import load
 from supervisor.text import printable
 
@@ -58,6 +60,8 @@ class JsonTee:
         self._file: IO[str] | None = None
         self._early: list[str] = []
         self._lock = threading.Lock()
+        self.fresh = False
+        """A new run: a supervisor.jsonl left in a reused run folder is started afresh."""
 
     def open(self, run_dir: Path) -> None:
         """Start writing into `run_dir` (appending: a resumed run adds to the same file)."""
@@ -66,7 +70,7 @@ class JsonTee:
                 return
             # Never creates the folder: `resume` of a mistyped path must leave nothing behind.
             with contextlib.suppress(OSError):
-                self._file = (run_dir / "supervisor.jsonl").open("a", encoding="utf-8")
+                self._file = _open_log(run_dir / "supervisor.jsonl", fresh=self.fresh)
                 for line in self._early:
                     self._file.write(line)
                 self._file.flush()
@@ -95,13 +99,21 @@ class JsonTee:
         return event_dict
 
 
+def _open_log(path: Path, *, fresh: bool) -> IO[str]:
+    """supervisor.jsonl for appending (resume) or afresh (run), never through a link."""
+    fd = open_new(path) if fresh else open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 class Console:
     """The renderer for people: settled lines, and on a terminal a live line for the attempt."""
 
     def __init__(self, stream: IO[str] | None = None, *, live: bool | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.live = _is_tty(self.stream) if live is None else live
+        # TERM=dumb cannot redraw a line: settled lines only. NO_COLOR: no colours, no styles.
+        self.live = (_is_tty(self.stream) and not _is_dumb()) if live is None else live
+        self.plain = _no_color() or _is_dumb()
         self._clock = clock
         self.run_dir: Path | None = None
         self._state: RunState | None = None
@@ -122,7 +134,9 @@ class Console:
         """The run folder is known: read its journal from now on (and start the live line)."""
         self.run_dir = run_dir
         if self.live and self._live is None and not self._lost:
-            self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=False)
+            self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=False,
+                                     no_color=self.plain or None,
+                                     color_system=None if self.plain else "auto")
             self._live = Live(console=self._rich, auto_refresh=False, transient=True,
                               redirect_stdout=False, redirect_stderr=False)
             self._live.start()
@@ -164,7 +178,7 @@ class Console:
         if line is None:
             raise structlog.DropEvent
         if self.live and self._rich is not None and self._live is not None and not self._lost:
-            self._rich.print(Text(line, style=_style_of(name, event_dict)))
+            self._rich.print(Text(line, style="" if self.plain else _style_of(name, event_dict)))
             self._refresh()
             raise structlog.DropEvent
         return f"{clock_time(self._clock())} {line}"
@@ -247,10 +261,10 @@ class Console:
         head = (f"attempt {record.number} of at most {state.config.max_attempts} "
                 f"({record.started.rung or 'as given'}): "
                 f"{report.describe_knobs(record.knobs.to_dict())} · {elapsed}")
-        text = Text(head, style="bold")
+        text = Text(head, style="" if self.plain else "bold")
         last = last_output_line(self.run_dir / record.started.log_dir) if self.run_dir else None
         if last:
-            text.append(f" · {last}", style="dim")
+            text.append(f" · {last}", style="" if self.plain else "dim")
         text.no_wrap = True
         text.overflow = "ellipsis"
         return text
@@ -284,9 +298,7 @@ def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:
     logs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for path in logs:
         try:
-            with path.open("rb") as handle:
-                handle.seek(max(0, path.stat().st_size - chars))
-                tail = handle.read().decode("utf-8", errors="replace")
+            tail = read_tail(path, chars).decode("utf-8", errors="replace")  # never via a link
         except OSError:
             continue
         for raw in reversed(tail.splitlines()):
@@ -439,6 +451,16 @@ def _style_of(name: str, event: Mapping[str, Any]) -> str:
     return "dim" if name == "ladder.stepped" else ""
 
 
+def _no_color() -> bool:
+    """NO_COLOR (https://no-color.org): set and not empty, whatever its value."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def _is_dumb() -> bool:
+    """A terminal that cannot move its cursor or show colours (TERM=dumb, as Emacs' shell)."""
+    return os.environ.get("TERM", "") in ("dumb", "unknown")
+
+
 def _is_tty(stream: object) -> bool:
     isatty = getattr(stream, "isatty", None)
     try:
@@ -471,8 +493,10 @@ class Output:
             chain += [_printable_values, self.console]
         return chain
 
-    def attach(self, run_dir: Path) -> None:
-        """The run folder is known: its supervisor.jsonl and (on a terminal) the live line."""
+    def attach(self, run_dir: Path, *, fresh: bool = False) -> None:
+        """The run folder is known: its supervisor.jsonl (afresh for a new run) and (on a
+        terminal) the live line."""
+        self.tee.fresh = fresh
         self.tee.open(run_dir)
         if self.console is not None:
             self.console.attach(run_dir)

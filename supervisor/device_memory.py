@@ -18,6 +18,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
+from typing import Any
+
+from supervisor import bounds
 
 ENV_VAR = "OOM_SUPERVISOR_DEVICE_MIB"
 """The variable the injected sitecustomize reads: the simulated device size in MiB."""
@@ -126,6 +129,17 @@ class InjectReport:
     """The processes that announced, in order."""
 
 
+def _marker(payload: str) -> dict[str, Any] | None:
+    """A marker line's JSON when it is an object with a pid that can be one; None otherwise."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or bounds.count(data.get("pid"), low=1) is None:
+        return None
+    return data
+
+
 def read_inject_lines(lines: Iterable[str]) -> InjectReport:
     """Read the injected code's announcement and peak lines (any launcher prefix allowed)."""
     limits: list[int] = []
@@ -134,18 +148,23 @@ def read_inject_lines(lines: Iterable[str]) -> InjectReport:
     peaks: dict[int, float] = {}
     for line in lines:
         for mark, payload in _LINE.findall(line):
-            try:
-                data = json.loads(payload)
-                pid = int(data["pid"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn line (two ranks writing at once) says nothing reliable
+            data = _marker(payload)
+            if data is None:
+                continue  # a torn or malformed line (two ranks at once, a trainer's text)
+            pid = data["pid"]
             if mark == INJECT_MARK:
-                limits.append(int(data.get("limit_mib") or 0))
-                devices.append(str(data.get("device")))
+                raw = data.get("limit_mib")
+                limit = 0.0 if raw in (None, 0) else bounds.sane_mib(raw)
+                if limit is None:
+                    continue  # `"abc"`, a list, 1e999: not an announcement of ours
+                limits.append(int(limit))
+                devices.append(str(data.get("device"))[:16])
                 if pid not in pids:
                     pids.append(pid)
-            elif isinstance(data.get("peak_mib"), (int, float)):
-                peaks[pid] = max(peaks.get(pid, 0.0), float(data["peak_mib"]))
+            else:
+                peak = bounds.sane_mib(data.get("peak_mib"))
+                if peak is not None:
+                    peaks[pid] = max(peaks.get(pid, 0.0), peak)
     if not pids:
         return InjectReport(announced=False,
                             peak_mib=max(peaks.values()) if peaks else None)

@@ -619,6 +619,8 @@ class RunState:
     finished: RunFinished | None = None
     resumes: tuple[RunResumed, ...] = ()
     last_ts: float = 0.0
+    foreign_lines: int = 0
+    """Lines of journal.jsonl that were not the supervisor's (a trainer wrote there): skipped."""
 
     @property
     def history(self) -> tuple[Attempt, ...]:

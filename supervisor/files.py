@@ -6,6 +6,11 @@ fsynced, then `os.replace`, so a full disk or a vanished folder leaves the last 
 none), never half of one, and raises `WriteFailedError` naming the path and what to do (free
 space, then `resume`). Run files that are read (journal, lock) are opened with `open_regular`:
 never blocking on a FIFO, refusing a directory or a device by name.
+
+Nothing in a run folder is opened through a link: anyone who can write into a shared `runs/`
+could otherwise plant `.lock -> ~/notes.txt` and have the next run overwrite it. Every open
+carries `O_NOFOLLOW` (and `O_EXCL` where the file is new), folders are made with `mkdir` and
+checked with `lstat`, and a link, FIFO or device where a run file belongs is refused in one line.
 """
 
 from __future__ import annotations
@@ -68,7 +73,12 @@ def write_file(path: Path, data: bytes | str, *, run_dir: Path | None = None,  #
     try:
         if parents:
             path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a stale temp file (or a planted link) is never written through
+        # O_EXCL | O_NOFOLLOW: a link raced into the temp name is refused, never followed; the
+        # rename below replaces a link at `path` itself, never the file it points to.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
         try:
             view = memoryview(raw)
             while view:
@@ -91,7 +101,11 @@ def writing(path: Path, *, run_dir: Path | None = None,
     """A temp path for a writer that wants a file name (matplotlib); moved to `path` on success."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # the writer opens the name itself: leave no planted link there
         yield tmp
+        if not stat.S_ISREG(tmp.lstat().st_mode):  # a link raced in: its target was written
+            raise OSError(errno.ELOOP, "a link took the temp file's place")  # noqa: TRY301
         tmp.replace(path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -115,21 +129,127 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-class NotRegularFileError(OSError):
-    """A run file (journal, lock) that is a FIFO, a directory or a device; never opened for I/O."""
+class NotRegularFileError(WriteFailedError):
+    """A run file (journal, lock, log) that is a link, a FIFO, a directory or a device; never
+    opened for I/O."""
+
+
+def _refused(path: Path, mode: int) -> NotRegularFileError:
+    if stat.S_ISLNK(mode):
+        try:
+            target = str(path.readlink())
+        except OSError:
+            target = "?"
+        msg = (f"{path} is a symbolic link (to {target[:200]}); files in a run folder are never "
+               "opened through links: remove the link (nothing was read from or written "
+               "through it)")
+    else:
+        msg = (f"{path} is {file_kind(mode)}, not a regular file; move it out of the way "
+               "(nothing was read from or written to it)")
+    return NotRegularFileError(msg)
+
+
+def _open_nofollow(path: Path, flags: int, mode: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EEXIST, errno.EISDIR, errno.ENXIO):
+            with contextlib.suppress(OSError):
+                found = path.lstat().st_mode
+                if not stat.S_ISREG(found):
+                    raise _refused(path, found) from None
+        raise
 
 
 def open_regular(path: Path, flags: int, mode: int = 0o644) -> int:
-    """`os.open` that never blocks on a FIFO and refuses anything but a regular file."""
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    """`os.open` that never follows a link, never blocks on a FIFO, and refuses anything but a
+    regular file (NotRegularFileError, one line naming what it found)."""
+    fd = _open_nofollow(path, flags, mode)
     try:
         found = os.fstat(fd).st_mode
         if not stat.S_ISREG(found):
-            msg = (f"{path} is {file_kind(found)}, not a regular file; move it out of the way "
-                   "(nothing was read from or written to it)")
-            raise NotRegularFileError(msg)
+            raise _refused(path, found)
         os.set_blocking(fd, True)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def open_new(path: Path, flags: int = os.O_WRONLY, mode: int = 0o644) -> int:
+    """Create `path` afresh and open it (`O_CREAT | O_EXCL | O_NOFOLLOW`): a regular file left
+    there is removed first; a link, FIFO or device there is refused, never followed."""
+    with contextlib.suppress(FileNotFoundError):
+        found = path.lstat().st_mode
+        if not stat.S_ISREG(found):
+            raise _refused(path, found)
+        path.unlink()
+    return open_regular(path, flags | os.O_CREAT | os.O_EXCL, mode)
+
+
+def read_regular(path: Path, limit: int = -1, *, offset: int = 0) -> bytes:
+    """Up to `limit` bytes of a regular file from `offset` (all with -1); never through a link.
+
+    Raises OSError (NotRegularFileError for a link, FIFO or device): readers that show what a
+    file holds suppress it and show nothing.
+    """
+    fd = open_regular(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        if offset:
+            handle.seek(offset)
+        return handle.read(limit)
+
+
+def make_dir(path: Path, *, below: Path | None = None) -> Path:
+    """`mkdir` each folder from `below` down to `path` (or just `path`) and check each with
+    `lstat`: a link or a file where a run folder's folder belongs is refused in one line."""
+    chain = [path]
+    if below is not None:
+        chain = [p for p in reversed(path.parents) if below in (p, *p.parents)] + [path]
+    for folder in chain:
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o755)
+        found = folder.lstat().st_mode
+        if not stat.S_ISDIR(found):
+            raise _refused(folder, found)
+    return path
+
+
+def refuse_unsafe(paths: list[Path]) -> None:
+    """NotRegularFileError for the first of `paths` that exists and is a link, a FIFO or a
+    device (folders are fine where a folder belongs: callers pass files)."""
+    for path in paths:
+        try:
+            found = path.lstat().st_mode
+        except OSError:
+            continue
+        if not stat.S_ISREG(found):
+            raise _refused(path, found)
+
+
+def check_owner(path: Path, what: str = "run folder") -> None:
+    """NotRegularFileError unless `path` (not followed) belongs to this user."""
+    info = path.lstat()
+    if info.st_uid != os.geteuid():
+        msg = (f"the {what} {path} belongs to another user (uid {info.st_uid}); a run never "
+               "writes into a folder it does not own: choose another --run-id or --runs-dir")
+        raise NotRegularFileError(msg)
+
+
+def touch(path: Path) -> None:
+    """Create `path` or set its time to now, never through a link (OSError otherwise)."""
+    fd = open_regular(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.utime(fd)
+    finally:
+        os.close(fd)
+
+
+def read_tail(path: Path, chars: int) -> bytes:
+    """The last `chars` bytes of a regular file, never through a link (OSError otherwise)."""
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, chars, max(0, size - chars))
+    finally:
+        os.close(fd)

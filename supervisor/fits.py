@@ -7,12 +7,14 @@ supervisors may read and write it at once. See docs/fits.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import sqlite3
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from supervisor._compat import Self
+from supervisor.bounds import MAX_MIB, sane_mib
 
 SCHEMA_VERSION = 1
 """`PRAGMA user_version` of the store this code writes."""
@@ -73,6 +76,12 @@ class Fit:
     updated_at: float
     """Unix seconds of the last `remember` under this key."""
 
+    def about(self, name: str) -> str | None:
+        """What the summary says of the run that found it (`model`, `program`, `cwd`,
+        `run_dir`); None for a fit remembered before these were kept."""
+        value = self.summary.get(name)
+        return value if isinstance(value, str) and value else None
+
 
 def default_path() -> Path:
     """$XDG_DATA_HOME (or ~/.local/share)/oom-supervisor/fits.sqlite3."""
@@ -109,6 +118,28 @@ def fit_key(*, model_config: Mapping[str, object] | None, model: str | None,  # 
     return hashlib.sha256(_canonical(document).encode("utf-8")).hexdigest()
 
 
+def trace_problem(value: object) -> str | None:
+    """What is wrong with a kept prediction (`peak_mib`, `raw_peak_mib`, the breakdown's
+    numbers), in words; None when every number in it is sane."""
+    if not isinstance(value, dict):
+        return "not a JSON object"
+    peak = value.get("peak_mib")
+    if sane_mib(peak) is None:
+        return f"not a usable number of MiB (peak {str(peak)[:40]})"
+    raw = value.get("raw_peak_mib")
+    if raw is not None and sane_mib(raw) is None:
+        return f"not a usable number of MiB (uncalibrated peak {str(raw)[:40]})"
+    breakdown = value.get("breakdown")
+    if breakdown is not None and not isinstance(breakdown, dict):
+        return "holding a breakdown that is not a JSON object"
+    for part, number in (breakdown or {}).items():
+        if isinstance(number, float) and not (math.isfinite(number) and abs(number) < MAX_MIB):
+            return f"holding no usable number for {str(part)[:40]} ({number})"
+    if not isinstance(value.get("method"), str):
+        return "holding no method"
+    return None
+
+
 def _canonical(value: object) -> str:
     try:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
@@ -126,6 +157,32 @@ class FitStore:
         self.path = path
         self._db = connection
         self._clock = clock
+        self.on_dropped: Callable[[str], None] | None = None
+        """Told, in one line, of each kept prediction dropped for holding no sane number."""
+
+    @classmethod
+    def open_for_reading(cls, path: Path | str) -> Self:
+        """Open the store to read it; one that cannot be written (a read-only mount, a file
+        of another user) is read as it is, without locking or creating anything."""
+        try:
+            return cls.open(path)
+        except FitStoreError as exc:
+            path = Path(path).expanduser()
+            if not path.is_file():
+                raise
+            try:
+                db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True,
+                                     isolation_level=None)
+            except sqlite3.Error:
+                raise exc from None
+            store = cls(path, db, time.time)
+            try:
+                with store._guard():
+                    store._check_columns()
+            except FitStoreError:
+                db.close()
+                raise exc from None
+            return store
 
     @classmethod
     def open(cls, path: Path | str, *, clock: Callable[[], float] = time.time) -> Self:
@@ -173,11 +230,14 @@ class FitStore:
                 self._db.execute(_TRACES)
                 if version < SCHEMA_VERSION:
                     self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(fits)")}
-            if not set(_COLUMNS) <= columns:
-                msg = (f"{self.path} has a `fits` table that is not oom-supervisor's (columns "
-                       f"{sorted(columns)}); pass --fits-db with another file")
-                raise FitStoreError(msg)
+            self._check_columns()
+
+    def _check_columns(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(fits)")}
+        if not set(_COLUMNS) <= columns:
+            msg = (f"{self.path} has a `fits` table that is not oom-supervisor's (columns "
+                   f"{sorted(columns)}); pass --fits-db with another file")
+            raise FitStoreError(msg)
 
     def close(self) -> None:
         """Close the connection (the WAL is checkpointed by SQLite as it sees fit)."""
@@ -223,8 +283,18 @@ class FitStore:
         try:
             value = json.loads(row[0])
         except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+            value = None
+        problem = trace_problem(value)
+        if problem is None:
+            return value if isinstance(value, dict) else None
+        # Trusted, a NaN or a negative peak skips the command's own config (or passes a hopeless
+        # one) on every later run: the row goes, the config is traced again.
+        with contextlib.suppress(FitStoreError, sqlite3.Error), self._guard(), self._write():
+            self._db.execute("DELETE FROM traces WHERE key = ?", (key,))
+        if self.on_dropped is not None:
+            self.on_dropped(f"a kept memory prediction in the fit store {self.path} was "
+                            f"{problem}; it was dropped and the config is predicted again")
+        return None
 
     def keep_trace(self, key: str, prediction: Mapping[str, object]) -> None:
         """Keep a prediction under `key` for later runs."""
@@ -237,6 +307,19 @@ class FitStore:
         """Every remembered fit, the most recently updated first."""
         with self._guard():
             rows = self._db.execute(f"{_SELECT} ORDER BY updated_at DESC, key").fetchall()
+        return [self._fit(row) for row in rows]
+
+    def matching(self, key_prefix: str) -> list[Fit]:
+        """The fits whose key starts with `key_prefix` (hex digits), newest first."""
+        prefix = key_prefix.strip().lower()
+        if not _HEX.fullmatch(prefix):
+            msg = (f"a key is one or more hex digits (as `oom-supervisor fits list` shows "
+                   f"them), not {key_prefix[:40]!r}")
+            raise ValueError(msg)
+        with self._guard():
+            rows = self._db.execute(f"{_SELECT} WHERE substr(key, 1, ?) = ? "
+                                    "ORDER BY updated_at DESC, key",
+                                    (len(prefix), prefix)).fetchall()
         return [self._fit(row) for row in rows]
 
     def forget(self, key_prefix: str) -> int:
@@ -320,20 +403,79 @@ def format_age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-def render_entries(fits: list[Fit], *, now: float, width: int = 100) -> str:
-    """The `fits list` table: key, age, run, knobs; no line longer than `width`."""
+def render_entries(fits: list[Fit], *, now: float, width: int = 100,
+                   project: str | None = None, every: bool = True) -> str:
+    """The `fits list` table: key, age, run, model and program on one line, then every knob
+    (wrapped, never cut). With `project` (a working directory): its fits first, then those
+    whose project was not recorded, then (when `every`) the other projects' by project."""
     if not fits:
         return "no remembered fits"
-    header = f"{'KEY':<12}  {'AGE':>4}  {'RUN':<{_RUN_WIDTH}}  KNOBS"
-    lines = [header]
+    if project is None:
+        return "\n".join(_table(fits, now=now, width=width))
+    mine = [f for f in fits if f.about("cwd") == project]
+    unknown = [f for f in fits if f.about("cwd") is None]
+    others: dict[str, list[Fit]] = {}
     for fit in fits:
-        knobs = " ".join(f"{k}={_short(v)}" for k, v in _ordered(fit.knobs))
+        where = fit.about("cwd")
+        if where is not None and where != project:
+            others.setdefault(where, []).append(fit)
+    out = [f"this project ({project}):"]
+    out += _table(mine, now=now, width=width) if mine else ["  no remembered fits"]
+    if unknown:
+        out += ["", "project not recorded (remembered by an older oom-supervisor):",
+                *_table(unknown, now=now, width=width)]
+    if others and every:
+        for where, group in others.items():
+            out += ["", f"project {where}:", *_table(group, now=now, width=width)]
+    elif others:
+        count = sum(len(g) for g in others.values())
+        out += ["", (f"{count} more fit{'' if count == 1 else 's'} of "
+                     f"{len(others)} other project{'' if len(others) == 1 else 's'}: "
+                     "`oom-supervisor fits list --all` shows them")]
+    return "\n".join(out)
+
+
+def _table(fits: list[Fit], *, now: float, width: int) -> list[str]:
+    lines = [f"{'KEY':<12}  {'AGE':>4}  {'RUN':<{_RUN_WIDTH}}  MODEL, PROGRAM"]
+    for fit in fits:
         run = (fit.run_id if len(fit.run_id) <= _RUN_WIDTH
                else fit.run_id[:_RUN_WIDTH - 1] + "~")
         age = format_age(now - fit.updated_at)
-        line = f"{fit.key[:12]:<12}  {age:>4}  {run:<{_RUN_WIDTH}}  {knobs}"
-        lines.append(line if len(line) <= width else line[:width - 1] + "~")
-    return "\n".join(lines)
+        what = ", ".join(x for x in (fit.about("model"), fit.about("program")) if x) or "-"
+        lines.append(f"{fit.key[:12]:<12}  {age:>4}  {run:<{_RUN_WIDTH}}  {what}")
+        knobs = " ".join(f"{k}={_short(v)}" for k, v in _ordered(fit.knobs)) or "(no knobs)"
+        lines += textwrap.wrap(knobs, width=max(40, width), initial_indent="    ",
+                               subsequent_indent="    ", break_long_words=False,
+                               break_on_hyphens=False)
+    return lines
+
+
+def render_fit(fit: Fit, *, now: float) -> str:
+    """`fits show KEY`: one fit whole, with the run it came from."""
+    out = [f"key      {fit.key}",
+           f"model    {fit.about('model') or 'not recorded'}",
+           f"program  {fit.about('program') or 'not recorded'}",
+           f"project  {fit.about('cwd') or 'not recorded'}",
+           f"from run {fit.run_id}" + (f" ({fit.about('run_dir')})" if fit.about("run_dir")
+                                       else ""),
+           (f"found    {_when(fit.created_at)}, last remembered {_when(fit.updated_at)} "
+            f"({format_age(now - fit.updated_at)} ago)")]
+    out += [f"{name.replace('_', ' '):<8} {fit.summary[name]}"
+            for name in ("attempts", "effective_batch") if fit.summary.get(name) is not None]
+    out += ["", "the config that fitted:"]
+    out += [f"  {k} = {_short(v)}" for k, v in sorted(fit.knobs.items(),
+                                                     key=lambda kv: (_rank(kv[0]), kv[0]))]
+    return "\n".join(out)
+
+
+def _when(ts: float) -> str:
+    if not math.isfinite(ts):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _rank(name: str) -> int:
+    return _FIRST.index(name) if name in _FIRST else len(_FIRST)
 
 
 _FIRST = ("finetuning_type", "per_device_batch", "grad_accum", "cutoff_len",

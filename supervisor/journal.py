@@ -19,8 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from supervisor import bounds
 from supervisor.events import Event, JournalError, RunState, replay
-from supervisor.files import NotRegularFileError, open_regular, write_failed
+from supervisor.files import NotRegularFileError, open_new, open_regular, write_failed
+from supervisor.rundir import check_run_folder
 
 E = TypeVar("E", bound=Event)
 
@@ -42,6 +44,9 @@ class Read:
 
     records: tuple[dict[str, Any], ...]
     torn_line: str | None = None
+    foreign: int = 0
+    """Lines that are not the supervisor's (a trainer writing into the journal, garbage):
+    skipped, counted."""
 
 
 def read(path: Path) -> Read:
@@ -57,21 +62,58 @@ def read(path: Path) -> Read:
         raise JournalError(msg) from None
     whole, torn = _split_torn(data)
     records: list[dict[str, Any]] = []
-    for number, raw in enumerate(whole.splitlines(), start=1):
+    foreign = 0
+    for raw in whole.splitlines():
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            msg = (f"{path}:{number}: not a JSON event; the journal is damaged before its last "
-                   "line and cannot be replayed: restore it, or start a new run")
-            raise JournalError(msg) from None
-        if not isinstance(record, dict):
-            msg = f"{path}:{number}: not a JSON object; restore the journal, or start a new run"
-            raise JournalError(msg)
+        record = parse_line(raw)
+        if record is None:
+            foreign += 1  # not the supervisor's: skipped and counted, never a refusal
+            continue
         records.append(record)
     return Read(records=tuple(records),
-                torn_line=torn.decode("utf-8", errors="replace") if torn else None)
+                torn_line=torn.decode("utf-8", errors="replace") if torn else None,
+                foreign=foreign)
+
+
+_MAX_RECORD = 16 * 1024 * 1024
+
+
+def parse_line(raw: bytes) -> dict[str, Any] | None:
+    """One journal line as the supervisor wrote it (a JSON object with `v`, `ts` and `event`),
+    or None for a line that is not the supervisor's (text, a trainer's JSON, garbage).
+
+    Numbers are read at the edge: NaN and Infinity are None, a float that overflows (`1e999`)
+    is None, an integer of more than 30 digits is None; nothing downstream meets them.
+    """
+    if len(raw) > _MAX_RECORD:
+        return None
+    try:
+        record = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float,
+                            parse_int=_bounded_int)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not {"v", "ts", "event"} <= record.keys():
+        return None
+    return record
+
+
+def _no_constant(_name: str) -> None:
+    return None
+
+
+def _finite_float(text: str) -> float | None:
+    return bounds.finite(text, low=-_MAX_RECORD_FLOAT, high=_MAX_RECORD_FLOAT)
+
+
+_MAX_RECORD_FLOAT = 1e18  # times, sizes, durations: far below; -1e308 is nothing of ours
+
+
+_MAX_RECORD_DIGITS = 30  # nanosecond times have 19; a 400-digit number is no field of ours
+
+
+def _bounded_int(text: str) -> int | None:
+    return None if len(text) > _MAX_RECORD_DIGITS else int(text)
 
 
 def load(run_dir: Path) -> tuple[RunState, str | None]:
@@ -81,7 +123,10 @@ def load(run_dir: Path) -> tuple[RunState, str | None]:
         msg = f"{path} does not exist; give the folder of a run (runs/<run-id>)"
         raise JournalError(msg)
     got = read(path)  # a FIFO or a directory: refused by name, never opened for reading
-    return replay(got.records), got.torn_line
+    state = replay(got.records)
+    if got.foreign:
+        state = replace(state, foreign_lines=got.foreign)
+    return state, got.torn_line
 
 
 def _split_torn(data: bytes) -> tuple[bytes, bytes]:
@@ -97,7 +142,7 @@ def _split_torn(data: bytes) -> tuple[bytes, bytes]:
     last = body[cut:]
     try:
         json.loads(last)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return data[:cut], data[cut:]
     return data, b""
 
@@ -131,6 +176,7 @@ class Journal:
         self.torn_kept: Path | None = None
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            check_run_folder(run_dir)  # this user's, and no link where a run file belongs
             self._lock = open_regular(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
         except NotRegularFileError as exc:
             raise JournalError(str(exc)) from None
@@ -155,7 +201,7 @@ class Journal:
             raise write_failed(run_dir / LOCK, exc, run_dir=run_dir if whole else None) from None
         try:
             self._repair()
-            self._fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            self._fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         except NotRegularFileError as exc:
             self._release()
             raise JournalError(str(exc)) from None
@@ -179,10 +225,17 @@ class Journal:
         while (self.run_dir / f"journal.torn-{number}.txt").exists():
             number += 1
         kept = self.run_dir / f"journal.torn-{number}.txt"
-        kept.write_bytes(torn)
-        with self.path.open("r+b") as handle:
-            handle.truncate(len(whole))
-            os.fsync(handle.fileno())
+        out = open_new(kept)
+        try:
+            os.write(out, torn)
+        finally:
+            os.close(out)
+        fd = open_regular(self.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, len(whole))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self.torn_kept = kept
 
     def write(self, event: E) -> E:
@@ -190,6 +243,10 @@ class Journal:
         stamped = replace(event, ts=round(self._clock(), 3))
         line = (json.dumps(stamped.to_record(), default=str, ensure_ascii=False) + "\n").encode()
         size = os.fstat(self._fd).st_size
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            # Someone else (a trainer) wrote into the journal without ending its line: ours
+            # starts on a line of its own, or replay would lose it with theirs.
+            line = b"\n" + line
         try:
             written = os.write(self._fd, line)
             if written != len(line):

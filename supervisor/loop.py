@@ -61,7 +61,7 @@ from supervisor.events import (
     replay,
     replay_events,
 )
-from supervisor.files import write_file
+from supervisor.files import make_dir, touch, write_file
 from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, read
 from supervisor.knobs import Knobs
@@ -359,14 +359,14 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self.stop.is_set():
             with contextlib.suppress(OSError):  # a full disk must not end the run from here
-                self.path.touch()
+                touch(self.path)  # never through a link planted in the run folder
             self.stop.wait(_HEARTBEAT_S)
 
 
 def last_alive(run_dir: Path) -> float | None:
     """When the run's last supervisor was last seen alive (None: never recorded)."""
     try:
-        return (run_dir / HEARTBEAT).stat().st_mtime
+        return (run_dir / HEARTBEAT).lstat().st_mtime
     except OSError:
         return None
 
@@ -719,6 +719,7 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
     if timed_steps is None and isinstance(_audition(live, knobs), speed.Alternative):
         timed_steps = live.ladder.speed_steps
     attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
+    make_dir(attempt_dir, below=live.run_dir)  # made here, never a link planted there
     rendered = live.dialect.render(live.command, knobs, attempt_dir)
     shown = tuple(live.redactor.argv(rendered.argv))
     write_file(attempt_dir / "argv.json", json.dumps(list(shown)) + "\n", parents=True,

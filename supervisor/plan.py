@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from supervisor.bounds import MAX_MIB
 from supervisor.classify import OomKind, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
 from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
@@ -44,6 +45,7 @@ _ASSUMED_OOM = Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.TORCH,
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*$", re.IGNORECASE)
 _POWER = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+_MAX_DEVICE_MIB = MAX_MIB  # 1 EiB
 
 
 def parse_size_mib(text: str) -> int:
@@ -65,6 +67,10 @@ def parse_size_mib(text: str) -> int:
             raise ValueError(msg)
         unit = "M"
     mib = number * 1024.0 ** (_POWER[unit] - 2)
+    if not mib < _MAX_DEVICE_MIB:  # 400 digits, or 99999999999999999999999TiB (inf included)
+        msg = (f"{text[:40]!r} is over 1 EiB; no device holds that much: give a device size "
+               "such as 24GiB")
+        raise ValueError(msg)
     if mib < 1:
         msg = f"{text!r} is less than 1 MiB; give a device size such as 24GiB"
         raise ValueError(msg)

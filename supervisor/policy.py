@@ -549,6 +549,10 @@ def load(path: Path) -> Ladder:
     except tomllib.TOMLDecodeError as exc:
         msg = f"{path}: not valid TOML ({exc}); fix the syntax or start from policies/default.toml"
         raise PolicyError(msg) from None
+    except ValueError:  # Python refuses to read an integer of over 4300 digits
+        msg = (f"{path}: not valid TOML (it holds a number too long to read); fix the number or "
+               "start from policies/default.toml")
+        raise PolicyError(msg) from None
     except RecursionError:
         msg = f"{path}: nested too deeply to be a policy; start from policies/default.toml"
         raise PolicyError(msg) from None
@@ -632,7 +636,7 @@ def _flag(table: Mapping[str, Any], key: str, source: str, *, default: bool = Tr
 
 def _non_negative(value: object, key: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 \
-            or value == math.inf:
+            or not value < _MAX_WHOLE:
         msg = f"{source}: [watchdog] {key} must be a number >= 0, not {value!r}"
         raise PolicyError(msg)
     return float(value)
@@ -752,10 +756,16 @@ def _whole(value: object, where: str, *, minimum: int | None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         msg = f"{where} must be a whole number, not {value!r}"
         raise PolicyError(msg)
+    if abs(value) >= _MAX_WHOLE:  # a size, a count or seconds: 2**40 is beyond all of them
+        msg = f"{where} must be below {_MAX_WHOLE}, not a number that large"
+        raise PolicyError(msg)
     if minimum is not None and value < minimum:
         msg = f"{where} must be >= {minimum}, not {value}"
         raise PolicyError(msg)
     return value
+
+
+_MAX_WHOLE = 2 ** 40
 
 
 def _check_keys(table: Mapping[str, Any], valid: frozenset[str], where: str) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import resource
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,12 +95,16 @@ def lookup(db: Path | None, key: str, start: Knobs, *, fresh: bool) -> Remembere
     return Remembered(key=key, knobs=knobs, run_id=fit.run_id)
 
 
-def store(db: Path | None, key: str, *, final: Knobs, run_id: str, attempts: int) -> None:
-    """Remember the working config under `key` (a failure is a warning, never an error)."""
+def store(db: Path | None, key: str, *, final: Knobs, run_id: str, attempts: int,  # noqa: PLR0913
+          about: Mapping[str, str] | None = None) -> None:
+    """Remember the working config under `key` (a failure is a warning, never an error).
+
+    `about`: what `fits list` shows of the run (model, program, cwd, run_dir), kept beside.
+    """
     try:
         with FitStore.open(db or default_fits_path()) as fits:
             fits.remember(key, knobs=final.to_dict(), run_id=run_id,
-                          summary={"attempts": attempts,
+                          summary={**dict(about or {}), "attempts": attempts,
                                    "effective_batch": final.effective_batch})
     except FitStoreError as exc:
         log.warning("fits.not_stored", reason=str(exc))

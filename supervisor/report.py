@@ -10,6 +10,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor import progress, speed
+from supervisor.classify import RECOVERED
 from supervisor.events import AttemptRecord, Notified, RunConfig, RunState, SpeedCompared
 from supervisor.files import write_file
 from supervisor.knobs import Knobs
@@ -109,6 +110,7 @@ def build(state: RunState) -> dict[str, Any]:
         "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error}
                      for e in state.events if isinstance(e, Notified)],
         "speed": _speed(state),
+        "foreign_lines": state.foreign_lines,
     }
 
 
@@ -361,7 +363,7 @@ def _rung_costs(config: RunConfig) -> dict[str, str]:
 
     try:
         data = tomllib.loads(config.policy_text) if config.policy_text else {}
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, ValueError):
         return {}
     out: dict[str, str] = {}
     for rung in data.get("rung", []) if isinstance(data.get("rung"), list) else []:
@@ -555,9 +557,18 @@ def render_markdown(data: dict[str, Any]) -> str:
         result = (f"exit code {n['exit_code']}" if n.get("exit_code") is not None
                   else f"did not run ({n.get('error')})")
         out += ["", f"Notified with `{n['command']}`: {result}."]
+    if data.get("foreign_lines"):
+        out += ["", foreign_note(int(data["foreign_lines"])) + "."]
     out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
                  "`journal.jsonl`; the supervisor's own log: `supervisor.jsonl`."), ""]
     return "\n".join(out)
+
+
+def foreign_note(lines: int) -> str:
+    """The sentence for lines of journal.jsonl the supervisor did not write."""
+    return (f"journal.jsonl holds {_count(lines, 'line')} the supervisor did not write "
+            "(something else, such as the training program, wrote into it); "
+            f"{'it was' if lines == 1 else 'they were'} skipped")
 
 
 def _count(n: int, word: str) -> str:
@@ -650,7 +661,12 @@ def _attempts_section(data: dict[str, Any], device: float | None) -> list[str]:
                    f"{memory_words(a, device).replace('|', '/')} | "
                    f"{_mib(a.get('predicted_mib')) if a.get('predicted_mib') else '-'} | "
                    f"{human_duration(a.get('duration_s')) if 'duration_s' in a else 'running'} |")
-        if a.get("evidence"):
+        if a.get("evidence") and str(a["evidence"]).startswith(RECOVERED):
+            line = str(a["evidence"])[len(RECOVERED):].lstrip(": ")
+            evidence.append(f"- attempt {a['attempt']}: the program ran out of memory, caught "
+                            f"the error and recovered by itself (it exited 0, so the config "
+                            f"counts as a fit): `{_evidence(line)}`")
+        elif a.get("evidence"):
             evidence.append(f"- attempt {a['attempt']}: `{_evidence(a['evidence'])}`")
     if evidence:
         out += ["", "Evidence (the line each verdict rests on):", "", *evidence]

@@ -4,6 +4,11 @@ A run id becomes a path component, a line in final-command.sh's comments and a w
 so it is checked before anything is created: no separators, no `.`/`..`, no control
 characters or newlines, at most 200 characters. The runs directory is checked as a place to
 write, and every failure is one line that says what to do.
+
+A run folder that already exists (a reused `--run-id`, a `resume`) must be this user's and a
+real folder, and the files the supervisor writes there must not be links, FIFOs or devices
+(`check_run_folder`): someone who can write into a shared runs directory cannot make the next
+run write through a planted link.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 from pathlib import Path
+
+from supervisor.files import NotRegularFileError, check_owner, open_new, refuse_unsafe
 
 MAX_RUN_ID = 200
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=-]*")
@@ -59,10 +67,16 @@ def prepare_run_dir(runs_dir: Path, run_id: str) -> Path:
     run_dir = runs / run_id
     try:
         runs.mkdir(parents=True, exist_ok=True)
+        reused = os.path.lexists(run_dir)
         run_dir.mkdir(exist_ok=True)
+        # A folder made just now is ours whatever the file system says of its owner (NFS
+        # root_squash); one that was there must be this user's.
+        check_run_folder(run_dir, owner=reused)
         probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
+        os.close(open_new(probe))
         probe.unlink()
+    except NotRegularFileError as exc:
+        raise RunDirError(str(exc)) from None
     except OSError as exc:
         raise RunDirError(_why(runs_dir, exc)) from None
     resolved = run_dir.resolve()
@@ -73,6 +87,40 @@ def prepare_run_dir(runs_dir: Path, run_id: str) -> Path:
         msg = f"{resolved} already holds a run; choose another --run-id or --runs-dir"
         raise RunDirError(msg)
     return resolved
+
+
+RUN_FILES = (".lock", "journal.jsonl", "heartbeat", "supervisor.jsonl", "supervisor.log",
+             ".write-test")
+"""The files the supervisor opens in a run folder by name (reports are written by rename)."""
+ATTEMPT_FILES = ("stdout.log", "stderr.log", "stdout.log.tail0", "stdout.log.tail1",
+                 "stderr.log.tail0", "stderr.log.tail1", "exit_status.json",
+                 "exit_status.json.tmp")
+"""The files the attempt shim opens in each `attempts/NN/` folder."""
+
+
+def check_run_folder(run_dir: Path, *, owner: bool = False) -> None:
+    """NotRegularFileError (one line) when a run folder is a link, holds a link, FIFO or
+    device where the supervisor writes (its lock, journal, heartbeat, logs, attempt folders and
+    their logs), or (`owner`) is not this user's."""
+    info = run_dir.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        refuse_unsafe([run_dir])
+    if owner:
+        check_owner(run_dir)
+    refuse_unsafe([run_dir / name for name in RUN_FILES])
+    attempts = run_dir / "attempts"
+    try:
+        found = attempts.lstat().st_mode
+    except OSError:
+        return
+    if not stat.S_ISDIR(found):
+        refuse_unsafe([attempts])
+        return
+    for folder in sorted(attempts.iterdir()):
+        if not stat.S_ISDIR(folder.lstat().st_mode):
+            refuse_unsafe([folder])
+            continue
+        refuse_unsafe([folder / name for name in ATTEMPT_FILES])
 
 
 def _why(runs_dir: Path, exc: OSError) -> str:

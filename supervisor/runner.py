@@ -38,6 +38,7 @@ import structlog
 
 from supervisor import _wrap, echo
 from supervisor.classify import Outcome, is_oom_line
+from supervisor.files import open_regular, read_regular
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
 from supervisor.trainer_output import Tracker, Watchdog
@@ -54,6 +55,8 @@ _CHUNK = 65536
 _MAX_LINE = 65536
 """A line longer than this (no newline in 64 KiB) is judged in pieces; memory stays bounded."""
 _OOM_HINTS = (b"memory", b"alloc", b"cumem")
+_OVERLAP = 4096
+"""Bytes the pieces of a never-ending line share, more than any OOM message is long."""
 """Words every OOM rule's text contains (lower case): chunks without them skip the rules."""
 ECHO_LINES_PER_S = 2000
 ECHO_BURST_LINES = 20000
@@ -65,6 +68,10 @@ LOG_CAP_ENV = "OOM_SUPERVISOR_LOG_CAP_MIB"
 WRAPPER_DIED = "the attempt's wrapper died without writing its exit status"
 FAILED_TASK_GRACE_S = 5.0
 """After a launcher says a task exited with an error, how long its peers get to end alone."""
+OOM_EXIT_GRACE_S = 30.0
+"""After an OOM line, how long the command may take to exit by itself (its exit status then
+decides: 0 is a program that caught its OOM and recovered) before its whole tree is ended (a
+peer rank stuck in a collective would otherwise hold the night)."""
 _ACTIVITY_S = 2.0
 """How often the output folder is looked at for a checkpoint being written."""
 # srun's own line for a task that ended badly while its step goes on (src/srun/srun_job.c /
@@ -267,9 +274,10 @@ class _Sink:
             self._echo(stream, chunk, now)
         lines = (self.partial[stream] + chunk).split(b"\n")
         rest = lines.pop()
-        if len(rest) > _MAX_LINE:  # a line that never ends: judge it in pieces
+        if len(rest) > _MAX_LINE:  # a line that never ends: judge it in pieces, keep its tail
             lines.append(rest[:_MAX_LINE])
-            rest = rest[_MAX_LINE:][-_MAX_LINE:]
+            # The pieces overlap: an OOM message cut at a piece's end is whole in the next one.
+            rest = rest[_MAX_LINE - _OVERLAP:][-_MAX_LINE:]
         self.partial[stream] = rest
         self._take(lines)
 
@@ -296,8 +304,8 @@ class _Sink:
         # chunks without those words (a flood of 500 MB is mostly training chatter).
         if not self.oom_seen.is_set() and any(hint in text.lower() for hint in _OOM_HINTS):
             for raw in lines:
-                line = _frame(raw)
-                if self.is_oom(line):
+                line = _oom_frame(raw, self.is_oom)
+                if line is not None:
                     self.oom_line = line
                     self.oom_seen.set()
                     break
@@ -327,6 +335,25 @@ class _Sink:
             self.consoles[1].put(note.encode())
         if self.abandon:  # the attempt is over: let a console that reads show its end (bounded)
             echo.flush_all()
+
+
+def _oom_frame(raw: bytes, is_oom: Callable[[str], bool]) -> str | None:
+    """The first frame of a line that is an OOM line: a progress bar redrawn after the OOM
+    message on the same line (`\\r`, no newline) must not hide it."""
+    for frame in raw.split(b"\r"):
+        if any(hint in frame.lower() for hint in _OOM_HINTS):
+            line = frame.decode("utf-8", errors="replace").rstrip("\r\n")
+            if is_oom(line):
+                return line
+            # An exception's line written after other text with no newline between (a progress
+            # bar, 200 MB of output): `...it/s]torch.OutOfMemoryError: ...` ends the line.
+            found = _ERROR_AT_END.search(line)
+            if found and is_oom(line[found.start(1):]):
+                return line[found.start(1):]
+    return None
+
+
+_ERROR_AT_END = re.compile(r"(?:^|[^\w.])((?:torch\.(?:cuda\.)?)?OutOfMemoryError: [^\r\n]*)$")
 
 
 def _frame(raw: bytes) -> str:
@@ -366,6 +393,9 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     watchdog = spec.watchdog or (Watchdog(fixed_s=spec.stall_s, startup_s=None)
                                  if spec.stall_s else None)
     limit: tuple[float, str] | None = None
+    oom_at: float | None = None
+    oom_step: int | None = None
+    recovered = False
     activity = _Activity(spec.activity_dir)
     remembered = looked = 0.0
     host_peak = 0.0
@@ -387,11 +417,17 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             ended_at = time.time() - min(_log_age_s(spec.log_dir), time.monotonic() - started)
             break
         limit = watchdog.limit(sink.tracker) if watchdog is not None else None
-        if sink.oom_seen.is_set() and not killed:
-            seen_at = time.monotonic()
+        if sink.oom_seen.is_set() and oom_at is None:
+            oom_at, oom_step = now, sink.tracker.step
             log.info("oom.detected", line=spec.redactor.text(sink.oom_line or "")[:300],
                      pid=spawned.pid)
-            # A stuck peer rank must not hold the night: end the whole tree now.
+        if oom_at is not None and not killed and not recovered and oom_step is not None \
+                and sink.tracker.step is not None and sink.tracker.step > oom_step:
+            recovered = True  # it caught its OOM and trains on: its exit status will tell
+        if (oom_at is not None and not killed and not recovered
+                and now - oom_at >= OOM_EXIT_GRACE_S):
+            seen_at = time.monotonic()
+            # Neither gone nor training on: a stuck peer rank must not hold the night.
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
             kill_s = round(time.monotonic() - seen_at, 3)
             killed = True
@@ -419,7 +455,10 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             failed = sink.failed_task
             log.info("task.failed", line=failed, pid=spawned.pid)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-        sink.oom_seen.wait(_POLL_S)
+        if oom_at is None:
+            sink.oom_seen.wait(_POLL_S)
+        else:  # the OOM is seen: let it exit by itself (or go on training) for a moment
+            spec.stop.immediate.wait(_POLL_S)
         code = poll()
     if ended_at is None:
         ended_at = time.time()
@@ -524,7 +563,7 @@ def _follow_file(path: Path, sink: _Sink, stream: int) -> None:
     """Read a log the shim writes (append-only) until its status exists and the file is drained."""
     status = path.with_name(STATUS_FILE)
     try:
-        source = path.open("rb")
+        source = os.fdopen(open_regular(path, os.O_RDONLY), "rb")  # never through a link
         backlog = os.fstat(source.fileno()).st_size
     except OSError:
         return
@@ -574,7 +613,7 @@ def _error_files(lines: Iterable[str]) -> list[str]:
 
 def _status_code(path: Path) -> int | None:
     try:
-        code = json.loads(path.read_text(encoding="utf-8"))["exit_code"]
+        code = json.loads(read_regular(path, 65536))["exit_code"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return int(code) if isinstance(code, int) else None

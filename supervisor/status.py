@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from supervisor import report
+from supervisor.files import read_tail
 from supervisor.journal import JOURNAL, holder, load
 from supervisor.text import printable
 
@@ -36,10 +37,7 @@ def newest_run(runs_dir: Path) -> Path:
 def tail_lines(path: Path, count: int, *, chars: int = 16384) -> list[str]:
     """The last `count` non-empty lines of a log file (a tqdm redraw shows its last frame)."""
     try:
-        with path.open("rb") as handle:
-            size = path.stat().st_size
-            handle.seek(max(0, size - chars))
-            text = handle.read().decode("utf-8", errors="replace")
+        text = read_tail(path, chars).decode("utf-8", errors="replace")  # never via a link
     except OSError:
         return []
     lines = [raw.rsplit("\r", 1)[-1].rstrip() for raw in text.splitlines()]
@@ -104,6 +102,8 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
                     f"report: {run_dir / 'report.md'}"]
     if torn is not None:
         out += ["", "note: the journal's last line is torn (the supervisor died mid-write)"]
+    if state.foreign_lines:
+        out += ["", f"note: {report.foreign_note(state.foreign_lines)}"]
     return printable("\n".join(out))  # the trainer's lines: no escape reaches the terminal
 
 

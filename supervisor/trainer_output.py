@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from supervisor import device_memory
+from supervisor import bounds, device_memory
+from supervisor.files import read_regular
 
 # tqdm's frame: "  40%|████      | 96/240 [03:10<04:45,  1.98s/it]". Only bars without a
 # description (the Trainer's training bar has none; "Writing model shards: 1/1 [" has one).
@@ -75,7 +76,7 @@ def _result(tail: Sequence[str]) -> dict[str, Any] | None:
         if line.startswith(_RESULT_PREFIX):
             try:
                 value = json.loads(line[len(_RESULT_PREFIX):])
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
             return value if isinstance(value, dict) else None
     return None
@@ -96,8 +97,10 @@ def _metrics(tail: Sequence[str]) -> dict[str, float] | None:
             continue
         found: dict[str, float] = {}
         for key, value in _METRIC.findall(line):
-            with contextlib.suppress(ValueError):
-                found[_METRICS[key]] = float(value)
+            # `train_runtime: 1e999`, a 400-digit rate: ignored, never a number of the report
+            number = bounds.finite(value, low=-bounds.MAX_SECONDS, high=bounds.MAX_SECONDS)
+            if number is not None:
+                found[_METRICS[key]] = number
         return found or None
     return None
 
@@ -112,8 +115,9 @@ def _head(log_dir: Path | None) -> list[str]:
         return []
     lines: list[str] = []
     for name in ("stderr.log", "stdout.log"):
-        with contextlib.suppress(OSError), (log_dir / name).open("rb") as handle:
-            lines += handle.read(_HEAD_BYTES).decode("utf-8", errors="replace").splitlines()
+        with contextlib.suppress(OSError):  # never through a link planted in the run folder
+            lines += read_regular(log_dir / name, _HEAD_BYTES).decode(
+                "utf-8", errors="replace").splitlines()
     return lines
 
 
@@ -124,18 +128,18 @@ def measure(tail: Sequence[str], log_dir: Path | None = None) -> Measured:
     peak: float | None = None
     source: str | None = None
     value = result.get("peak_live_mib")
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float) and bounds.sane_mib(value) is not None:
         peak, source = float(value), "reference trainer"
     elif injected.peak_mib is not None:
         peak, source = float(injected.peak_mib), f"injected ({injected.device or 'cpu'})"
-    steps = result.get("steps")
-    resumed = result.get("resumed_from_step")
     cost = _metrics(tail)
     return Measured(
         cost=cost,
         peak_mib=peak, peak_source=source,
-        steps=int(steps) if isinstance(steps, int) else None,
-        resumed_from_step=int(resumed) if isinstance(resumed, int) else None,
+        steps=bounds.count(result.get("steps")) if isinstance(result.get("steps"), int)
+        else None,
+        resumed_from_step=bounds.count(result.get("resumed_from_step"))
+        if isinstance(result.get("resumed_from_step"), int) else None,
         announced=injected.announced,
     )
 
@@ -251,11 +255,17 @@ def _last_step(chunk: bytes) -> tuple[int, int] | None:
     found: tuple[int, int] | None = None
     if b"%|" in chunk:
         for match in _TQDM.finditer(chunk):
-            found = (int(match.group(1)), int(match.group(2)))
+            found = _steps(match) or found
     if b"current_steps" in chunk:
         for match in _LF_STEPS.finditer(chunk):
-            found = (int(match.group(1)), int(match.group(2)))
+            found = _steps(match) or found
     return found
+
+
+def _steps(match: re.Match[bytes]) -> tuple[int, int] | None:
+    """(step, total) when both are counts a trainer can reach (a 400-digit step is text)."""
+    step, total = bounds.count(match.group(1)), bounds.count(match.group(2))
+    return None if step is None or total is None else (step, total)
 
 
 # --- the watchdog ---------------------------------------------------------------------------

@@ -85,11 +85,11 @@ def load(path: Path) -> KnobMapDialect:
     except OSError as exc:
         msg = f"cannot read the knob map {path}: {exc.strerror or exc}; check the path"
         raise CommandError(msg) from None
-    except tomllib.TOMLDecodeError as exc:
-        msg = f"{path}: not valid TOML ({exc}); fix the knob map"
-        raise CommandError(msg) from None
     except (UnicodeDecodeError, RecursionError):
         msg = f"{path}: not a text TOML file (binary or nested too deeply); fix the knob map"
+        raise CommandError(msg) from None
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # a 5000-digit int is a ValueError
+        msg = f"{path}: not valid TOML ({exc}); fix the knob map"
         raise CommandError(msg) from None
     table = data.get("dialect", data)
     if not isinstance(table, Mapping):
@@ -109,6 +109,11 @@ def from_table(table: Mapping[str, Any], *, source: str) -> KnobMapDialect:
     if unknown:
         msg = f"{source}: unknown key(s) {', '.join(unknown)}; valid: name, program, config, knobs"
         raise CommandError(msg)
+    for key in ("name", "program", "config"):
+        if table.get(key) is not None and not isinstance(table[key], str):
+            msg = (f'{source}: {key} must be one string (e.g. {key} = "train.py"), not '
+                   f"{type(table[key]).__name__} {str(table[key])[:60]}")
+            raise CommandError(msg)
     places = tuple(_place(name, spec, source) for name, spec in knobs_table.items())
     homes: dict[str, str] = {}
     for place in places:

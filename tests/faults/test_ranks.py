@@ -33,7 +33,10 @@ def test_one_rank_ooms_the_whole_tree_ends_and_the_ladder_walks(tmp_path: Path) 
                 if e["event"] == "attempt.finished"]
     assert finished[0]["verdict"] == "oom"
     assert finished[0]["oom_kind"] == "cpu"
-    assert finished[0]["killed_by_supervisor"] is True
+    # torchrun ends its workers itself within the grace an OOM'd command gets to exit on its
+    # own (runner.OOM_EXIT_GRACE_S); a peer that hangs is ended by the runner after it
+    # (tests/process/test_runner.py). Either way nothing of the attempt is left.
+    assert finished[0]["duration_s"] < 300
     assert finished[-1]["verdict"] == "fits"
     assert result.final_knobs is not None
     assert result.final_knobs.effective_batch == 16

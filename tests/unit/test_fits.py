@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing
 import sqlite3
@@ -18,6 +19,7 @@ from supervisor.fits import (
     default_path,
     fit_key,
     render_entries,
+    render_fit,
 )
 
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
@@ -271,19 +273,65 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
 
 # --- the table ----------------------------------------------------------------------------------
 
-def test_render_entries_fits_100_columns() -> None:
-    """Long run ids and many knobs are cut so that no line passes 100 columns."""
+def test_render_entries_wraps_the_knobs_never_cuts_them() -> None:
+    """Long run ids are cut, knobs never: they wrap under their fit, no line past 100."""
     knobs = {f"knob_{i}": "x" * 10 for i in range(12)}
     fits = [Fit(key="a" * 64, knobs=knobs, run_id="r" * 40, summary={}, created_at=0.0,
                 updated_at=0.0),
             Fit(key="b" * 64, knobs={"per_device_batch": 2, "lora": True}, run_id="short",
-                summary={}, created_at=0.0, updated_at=3600.0 * 5)]
+                summary={"model": "tiny", "program": "train.py"}, created_at=0.0,
+                updated_at=3600.0 * 5)]
     table = render_entries(fits, now=3600.0 * 6)
     lines = table.splitlines()
     assert max(len(line) for line in lines) <= 100
-    assert lines[2].startswith("bbbbbbbbbbbb    1h  short")
-    assert lines[2].endswith("per_device_batch=2 lora=true")
+    assert all(f"knob_{i}=xxxxxxxxxx" in table for i in range(12))
+    assert "~" not in table.replace("r" * 21 + "~", "")
+    row = lines.index(next(line for line in lines if line.startswith("bbbbbbbbbbbb")))
+    assert lines[row] == "bbbbbbbbbbbb    1h  short                   tiny, train.py"
+    assert lines[row + 1] == "    per_device_batch=2 lora=true"
     assert render_entries([], now=0.0) == "no remembered fits"
+
+
+def _fit(key: str, cwd: str | None, **about: str) -> Fit:
+    summary = {"cwd": cwd, **about} if cwd else dict(about)
+    return Fit(key=key * 64, knobs={"per_device_batch": 1}, run_id=f"run-{key}",
+               summary=summary, created_at=0.0, updated_at=0.0)
+
+
+def test_fits_are_grouped_by_project_this_one_first() -> None:
+    """This project's fits first, then those of no recorded project; other projects' only with
+    every=True (`--all`), each under its folder, else counted in one line."""
+    fits = [_fit("a", "/other"), _fit("b", "/work/proj", model="tiny", program="train.py"),
+            _fit("c", None), _fit("d", "/third")]
+    mine = render_entries(fits, now=0.0, project="/work/proj", every=False)
+    assert mine.splitlines()[0] == "this project (/work/proj):"
+    assert "bbbbbbbbbbbb" in mine
+    assert "cccccccccccc" in mine
+    assert "aaaaaaaaaaaa" not in mine
+    assert "2 more fits of 2 other projects: `oom-supervisor fits list --all`" in mine
+    every = render_entries(fits, now=0.0, project="/work/proj", every=True)
+    assert every.index("bbbbbbbbbbbb") < every.index("project /other:") < every.index(
+        "aaaaaaaaaaaa")
+    assert "project /third:" in every
+
+
+def test_show_prints_one_fit_whole_with_its_run() -> None:
+    """Every knob, the model, the program, the project and the run folder it came from."""
+    fit = Fit(key="e" * 64, knobs={"per_device_batch": 1, "output_dir": "out",
+                                   "gradient_checkpointing": True},
+              run_id="night-1", summary={"model": "tiny", "program": "train.py",
+                                         "cwd": "/work/proj", "run_dir": "/work/runs/night-1",
+                                         "attempts": 3},
+              created_at=0.0, updated_at=0.0)
+    shown = render_fit(fit, now=60.0)
+    assert f"key      {'e' * 64}" in shown
+    assert "from run night-1 (/work/runs/night-1)" in shown
+    assert "  per_device_batch = 1" in shown
+    assert "  output_dir = out" in shown
+    assert "  gradient_checkpointing = true" in shown
+    assert "project  /work/proj" in shown
+    old = render_fit(dataclasses.replace(fit, summary={}), now=60.0)
+    assert "model    not recorded" in old
 
 
 # --- the CLI ------------------------------------------------------------------------------------
@@ -357,8 +405,39 @@ def test_render_entries_puts_method_and_batch_first() -> None:
              "per_device_batch": 2, "world_size": 1}
     fit = Fit(key="c" * 64, knobs=knobs, run_id="r1", summary={}, created_at=0.0,
               updated_at=0.0)
-    line = render_entries([fit], now=60.0, width=200).splitlines()[1]
+    line = render_entries([fit], now=60.0, width=200).splitlines()[2]
     assert line.endswith("finetuning_type=lora per_device_batch=2 grad_accum=4 cutoff_len=512 "
                          "world_size=1 expandable_segments=false")  # output_dir, None left out
-    cut = render_entries([fit], now=60.0).splitlines()[1]  # 100 columns: the tail is cut
-    assert "  finetuning_type=lora per_device_batch=2 grad_accum=4" in cut
+    wrapped = render_entries([fit], now=60.0, width=60).splitlines()[2:]  # wrapped, not cut
+    assert " ".join(w.strip() for w in wrapped) == line.strip()
+    assert max(len(w) for w in wrapped) <= 60
+
+
+def test_cli_show_and_list_by_project(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fits list` shows this project's fits (`--all`: every project's); `fits show KEY`
+    prints one fit; a key that matches none is one line, exit 2. (A store on a read-only
+    mount: tests/faults/test_hostile_files.py.)"""
+    db = tmp_path / "fits.sqlite3"
+    with FitStore.open(db) as store:
+        store.remember(key(), knobs={"per_device_batch": 2}, run_id="run-a",
+                       summary={"cwd": str(tmp_path), "model": "tiny", "program": "train.py",
+                                "run_dir": str(tmp_path / "runs" / "run-a")})
+        store.remember(key(policy="x"), knobs={"per_device_batch": 1}, run_id="run-b",
+                       summary={"cwd": "/elsewhere"})
+    monkeypatch.chdir(tmp_path)
+    assert main(["fits", "--fits-db", str(db), "list"]) == 0
+    out = capsys.readouterr().out
+    assert key()[:12] in out
+    assert key(policy="x")[:12] not in out
+    assert "tiny, train.py" in out
+    assert main(["fits", "--fits-db", str(db), "list", "--all"]) == 0
+    assert key(policy="x")[:12] in capsys.readouterr().out
+    assert main(["fits", "--fits-db", str(db), "show", key()[:8]]) == 0
+    shown = capsys.readouterr().out
+    assert "from run run-a" in shown
+    assert "  per_device_batch = 2" in shown
+    assert main(["fits", "--fits-db", str(db), "show", "0123"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "no remembered fit has a key starting with 0123" in err[0]

@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.events import JournalError, RunResumed
-from supervisor.journal import Journal, JournalWriteError, RunFolderBusyError, holder, read
+from supervisor.events import RunResumed
+from supervisor.journal import (
+    Journal,
+    JournalWriteError,
+    RunFolderBusyError,
+    holder,
+    parse_line,
+    read,
+)
 
 
 def _resumed(n: int) -> RunResumed:
@@ -66,12 +73,44 @@ def test_a_torn_last_line_is_kept_aside_and_never_appended_to(tmp_path: Path, to
     assert [r["attempts_done"] for r in got.records] == [1, 2]
 
 
-def test_damage_before_the_last_line_is_an_error_naming_the_line(tmp_path: Path) -> None:
-    """Only the last line can be torn by a crash; damage earlier is reported, not skipped."""
+def test_lines_that_are_not_the_supervisors_are_skipped_and_counted(tmp_path: Path) -> None:
+    """A trainer that writes into the journal (text, its own JSON, a list) costs the run
+    nothing: its lines are skipped and counted, every event of ours is read."""
+    with Journal(tmp_path) as journal:
+        journal.write(_resumed(1))
     path = tmp_path / "journal.jsonl"
-    path.write_text('{"v": 1}\nnot json\n{"v": 1}\n', encoding="utf-8")
-    with pytest.raises(JournalError, match=r"journal.jsonl:2: not a JSON event"):
-        read(path)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write('not json\n{"loss": 1.25, "step": 3}\n[1, 2]\n{"v": 1}\n')
+    with Journal(tmp_path) as journal:
+        journal.write(_resumed(2))
+    got = read(path)
+    assert got.foreign == 4
+    assert [r["attempts_done"] for r in got.records] == [1, 2]
+
+
+def test_a_line_the_trainer_left_unended_does_not_swallow_the_next_event(
+        tmp_path: Path) -> None:
+    """A trainer's write without a newline mid-run: our next event starts a line of its own."""
+    with Journal(tmp_path) as journal:
+        journal.write(_resumed(1))
+        with (tmp_path / "journal.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write("step 3 loss 1.25")
+        journal.write(_resumed(2))
+    got = read(tmp_path / "journal.jsonl")
+    assert [r["attempts_done"] for r in got.records] == [1, 2]
+    assert got.foreign == 1
+
+
+@pytest.mark.parametrize("line", [
+    '{"v": 1, "ts": 1e999, "event": "x", "n": NaN}',
+    '{"v": 1, "ts": 1.0, "event": "x", "n": ' + "9" * 400 + "}",
+    '{"v": 1, "ts": 1.0, "event": "x", "n": Infinity}',
+])
+def test_numbers_no_event_holds_are_read_as_nothing(line: str) -> None:
+    """NaN, Infinity, 1e999 and a 400-digit number in a journal line are None, never carried."""
+    record = parse_line(line.encode())
+    assert record is not None
+    assert all(v is None or isinstance(v, str) or v in (1, 1.0) for v in record.values())
 
 
 def test_a_failed_write_leaves_no_half_line(tmp_path: Path) -> None:

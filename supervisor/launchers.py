@@ -141,13 +141,16 @@ def is_launcher_line(line: str) -> bool:
 
 
 def own_lines(end: TaskEnd, before: Sequence[str],
-              files: Mapping[int, Sequence[str]] | None = None) -> tuple[tuple[str, ...], str]:
+              files: Mapping[int, Sequence[str]] | None = None,
+              later: Sequence[str] = ()) -> tuple[tuple[str, ...], str]:
     """The ended task's own last lines, and where they came from.
 
-    `before`: the output up to srun's line. In order: the task's own output file (srun
-    `--output`/`--error` naming `%t`), its labelled lines in `before`, else the unlabelled
-    lines just before srun's line (the task's words when the peers were quiet; said as such,
-    since without labels srun does not tell the tasks apart).
+    `before`: the output up to srun's line; `later`: the output's last lines at the end (the
+    task's stdout and srun's stderr are two pipes, so its last labelled lines may come after
+    srun's). In order: the task's own output file (srun `--output`/`--error` naming `%t`), its
+    labelled lines, else the unlabelled lines just before srun's line (the task's words when
+    the peers were quiet; said as such, since without labels srun does not tell the tasks
+    apart).
     """
     for task in end.tasks:
         found = [line for line in (files or {}).get(task, ()) if line.strip()]
@@ -155,9 +158,11 @@ def own_lines(end: TaskEnd, before: Sequence[str],
             return tuple(found[-LINES_KEPT:]), f"task {task}'s own output file"
     words = [line for line in before if line.strip() and not is_launcher_line(line)]
     for task in end.tasks:
-        found = [line for line in words if task_of(line.lstrip())[0] == task]
-        if found:
-            return tuple(found[-LINES_KEPT:]), f"task {task}'s own lines"
+        for lines in (later, words):
+            found = [line for line in lines if task_of(line.lstrip())[0] == task
+                     and line.strip() and not is_launcher_line(line)]
+            if found:
+                return tuple(found[-LINES_KEPT:]), f"task {task}'s own lines"
     unlabelled = [line for line in words if task_of(line.lstrip())[0] is None]
     if unlabelled:
         said = ("the output just before srun's line (without srun --label the tasks' lines "
@@ -257,12 +262,16 @@ def torchrun_ended_rank(lines: Sequence[str]) -> tuple[TaskEnd, tuple[str, ...],
     tasks = tuple(sorted({int(rank.group(1)), int(rank.group(2))}))
     end = TaskEnd(line=f"exitcode: {fields['exitcode']}", tasks=tasks[:1], how=how,
                   host=fields.get("host", "?"), who="rank")
-    agent = next((i for i, line in enumerate(lines) if _AGENT_ENDS.search(line)), at)
-    words = [line for line in lines[:agent] if line.strip() and not is_launcher_line(line)]
+    # A labelled line is the rank's wherever it stands (torchrun's tee prints the ranks' lines
+    # on its stdout, its own on stderr: they interleave); an unlabelled one only before
+    # torchrun's first line about the failure.
     for task in tasks:
-        own = [line for line in words if task_of(line.lstrip())[0] == task]
+        own = [line for line in lines if task_of(line.lstrip())[0] == task
+               and line.strip() and not is_launcher_line(line)]
         if own:
             return end, tuple(own[-LINES_KEPT:]), f"rank {task}'s own lines"
+    agent = next((i for i, line in enumerate(lines) if _AGENT_ENDS.search(line)), at)
+    words = [line for line in lines[:agent] if line.strip() and not is_launcher_line(line)]
     unlabelled = [line for line in words if task_of(line.lstrip())[0] is None]
     if unlabelled:
         said = ("the output just before torchrun saw it end (torchrun --tee 3 labels each "

@@ -318,7 +318,9 @@ class _Sink:
         end = self.task_end
         if end is None:
             return (), None
-        lines, source = launchers.own_lines(end, self.before_end, _task_files(spec, end))
+        with self.lock:
+            later = tuple(self.tail)
+        lines, source = launchers.own_lines(end, self.before_end, _task_files(spec, end), later)
         return tuple(spec.redactor.text(line) for line in lines), source
 
     def _echo(self, stream: int, chunk: bytes, now: float) -> None:

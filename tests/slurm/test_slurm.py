@@ -252,13 +252,15 @@ time.sleep(3600)
 """
 
 
-@pytest.mark.parametrize("label", [("--label",), ()], ids=["label", "no-label"])
+@pytest.mark.parametrize("label", [("--label",), (), ("--output=task-%j-%t.log",)],
+                         ids=["label", "no-label", "per-task-files"])
 @pytest.mark.parametrize(("how", "said"), [("abort", "Aborted (SIGABRT)"),
                                            ("kill", "Killed (SIGKILL)")])
 def test_a_rank_ended_by_a_signal_ends_the_step_and_is_quoted(
         cluster: Cluster, tmp_path: Path, how: str, said: str, label: tuple[str, ...]) -> None:
     """srun says `task 1: Aborted` (or `Killed`) and keeps the step alive: the supervisor ends
-    it within 10 s, and the verdict quotes task 1's own last line, never the peer it ended."""
+    it within 10 s, and the verdict quotes task 1's own last line, never the peer it ended:
+    from its labelled lines, from the lines before srun's, or from its own output file."""
     (tmp_path / "job.py").write_text(DYING_RANK, encoding="utf-8")
     argv = ["salloc", "--ntasks", "2", "--job-name", f"oomtier-{how}",
             PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet",

@@ -177,14 +177,28 @@ class BestEffortStream(io.TextIOBase):
 
     def __init__(self, real: IO[str]) -> None:
         self.real = real
+        self._partial = ""
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        encoding = getattr(self.real, "encoding", None) or "utf-8"
-        console_for(self.real).put(text.encode(encoding, errors="backslashreplace"))
+        # Whole lines go onto the queue at once: the echo's chunks never land inside one.
+        with self._lock:
+            head, newline, rest = (self._partial + text).rpartition("\n")
+            self._partial = rest
+            if newline:
+                self._put(head + newline)
         return len(text)
 
     def flush(self) -> None:
-        return None  # the writer thread empties the queue; nothing here may wait on a console
+        """Queue what is written so far (a live display's redraw); never waits on a console."""
+        with self._lock:
+            partial, self._partial = self._partial, ""
+            if partial:
+                self._put(partial)
+
+    def _put(self, text: str) -> None:
+        encoding = getattr(self.real, "encoding", None) or "utf-8"
+        console_for(self.real).put(text.encode(encoding, errors="backslashreplace"))
 
     def isatty(self) -> bool:
         try:

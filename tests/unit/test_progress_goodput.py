@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from supervisor import progress, remember
-from supervisor.events import AttemptFinished, replay
+from supervisor.events import AttemptFinished, RunResumed, replay
 from supervisor.knobs import Knobs
 from supervisor.trainer_output import Tracker, Watchdog
 
@@ -316,3 +316,26 @@ def test_a_backoff_cut_short_by_the_supervisors_death_is_not_time_between_attemp
     assert current.down_s == pytest.approx(resumed_at - retrying["ts"])
     assert progress.retry_refusal(current, retries=3, window_s=20, now=resumed_at + 1) is None
 
+
+
+def test_downtime_during_a_retry_is_not_left_out_twice() -> None:
+    """The retry was running when the supervisor died and failed while it was down: its own
+    running time and the downtime overlap, and the window leaves out their union once."""
+    records = _upto_second_failure()
+    state = replay(records)
+    first = state.attempts[-1]
+    assert first.finished is not None
+    stuck = dataclasses.replace(first.finished, checkpoints=(), checkpoint_times=(),
+                                progress={"step": 8, "samples": []}, trained_steps=None)
+    base = first.finished.ended_at or 0.0
+    retry = dataclasses.replace(  # started 2 s after the failure, failed 30 s later
+        first, started=dataclasses.replace(first.started, attempt=9, ts=base + 2.0),
+        finished=dataclasses.replace(stuck, attempt=9, ended_at=base + 32.0, ts=base + 700.5))
+    last_event = dataclasses.replace(state.events[-1], ts=base + 2.0)
+    resumed = RunResumed(ts=base + 700.0, attempts_done=1, pending=9, last_alive=base + 10.0)
+    current = progress.streak((*state.attempts, retry), (last_event, resumed))
+    assert current.running_s == pytest.approx(30.0)
+    assert current.down_s == pytest.approx(700.0 - 32.0)  # not 690: 10..32 was running time
+    # 2 s of backoff and 1 s since the resume: well inside a 20 s window.
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 701.0) is None
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 720.0) is not None

@@ -3,8 +3,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# The LLaMA-Factory test tier's own venv (real llamafactory-cli; tests/llamafactory/).
+# The real-tool test tiers' own venvs (tests/llamafactory, tests/trl, tests/axolotl), built with
+# the dev group's uv, their downloads cached outside the clone (tests/tier_venv.sh).
 LF_VENV ?= .venv-lf
+TRL_VENV ?= .venv-trl
+AXOLOTL_VENV ?= .venv-axolotl
+TIER_ENV = OOM_SUPERVISOR_UV=$(abspath $(VENV))/bin/uv OOM_SUPERVISOR_LF_VENV=$(abspath $(LF_VENV)) \
+	OOM_SUPERVISOR_TRL_VENV=$(abspath $(TRL_VENV)) OOM_SUPERVISOR_AXOLOTL_VENV=$(abspath $(AXOLOTL_VENV))
 
 .PHONY: demo test lint setup clean lf-venv slurm-packages
 
@@ -18,8 +23,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Builds (or, when current, leaves) the LLaMA-Factory venv; the tier also calls this itself.
-lf-venv:
-	bash tests/llamafactory/build_venv.sh $(LF_VENV)
+lf-venv: $(STAMP)
+	$(TIER_ENV) bash tests/llamafactory/build_venv.sh $(LF_VENV)
 
 # The SLURM tier's packages (Debian's slurm-wlm and munge), installed when missing and root.
 # Where that fails the tier (tests/slurm/) skips with the reason; the rest of `make test` runs.
@@ -29,8 +34,14 @@ slurm-packages:
 demo: $(STAMP)
 	$(VENV)/bin/oom-supervisor demo
 
-test: $(STAMP) lf-venv slurm-packages
-	OOM_SUPERVISOR_LF_VENV=$(abspath $(LF_VENV)) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+# The tiers' venvs build in the background while the tests run (one line a minute each while
+# building); a tier's conftest waits on the build's lock, then finds the venv current.
+test: $(STAMP) slurm-packages
+	@for tier in llamafactory:$(LF_VENV) trl:$(TRL_VENV) axolotl:$(AXOLOTL_VENV); do \
+		$(TIER_ENV) bash tests/$${tier%%:*}/build_venv.sh $${tier#*:} > /dev/null & \
+	done; \
+	$(TIER_ENV) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	wait; exit $$rc
 	$(PY) -m ruff check supervisor tests
 	$(PY) -m mypy
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from supervisor import bounds
+from supervisor import bounds, launchers
 from supervisor._compat import StrEnum
 from supervisor.text import printable
 
@@ -295,6 +295,11 @@ class Outcome:
     failed_task: str | None = None
     """The launcher's line for a task that failed while its peers lived (the attempt was
     ended after a grace for it)."""
+    task_lines: tuple[str, ...] = ()
+    """That task's own last lines (its labelled lines, its own output file, or the lines
+    just before the launcher's line): the evidence, never a peer the supervisor ended."""
+    task_source: str | None = None
+    """Where task_lines came from, in words."""
     timed: bool = False
     """Ended by the supervisor once its timed steps were in (a speed comparison, speed.py)."""
 
@@ -439,6 +444,9 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.LOST, evidence=(
             "the attempt's wrapper died without writing its exit status" if outcome.wrapper_died
             else "the attempt ended while no supervisor watched it and left no exit status"))
+    ended = _task_verdict(outcome)
+    if ended is not None:
+        return ended
     dry = _no_data_line(lines)
     if dry is not None:
         return Verdict(kind=VerdictKind.NO_DATA, evidence=dry)
@@ -464,10 +472,39 @@ def classify(outcome: Outcome) -> Verdict:
         # A rank's own error (a bug, a bad input) beside its peers' "connection reset": the
         # same config would fail again, so it is fatal, whatever the peers say.
         return Verdict(kind=VerdictKind.FATAL, evidence=cause)
+    signalled = launchers.torchrun_ended_rank(lines)
+    if signalled is not None:
+        # torchrun ended the other ranks itself; the one a signal ended speaks for the attempt.
+        end, own, source = signalled
+        return Verdict(kind=VerdictKind.FATAL, evidence=launchers.evidence(end, own, source))
     for line in reversed(lines):
         if _is_transient(line):
             return Verdict(kind=VerdictKind.TRANSIENT, evidence=line.strip())
     return Verdict(kind=VerdictKind.FATAL, evidence=_error_line(lines, outcome.exit_code))
+
+
+def _task_verdict(outcome: Outcome) -> Verdict | None:
+    """A launcher said one task ended while its peers lived (the step was ended for it): the
+    verdict from that task's own lines, never from a peer the supervisor ended."""
+    end = launchers.task_end(outcome.failed_task) if outcome.failed_task else None
+    if end is None:
+        return None
+    own = [printable(line).rstrip() for line in outcome.task_lines]
+    if end.signal_name == "SIGKILL" and outcome.kernel_oom_kills > 0:
+        return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=(
+            f"{end.describe()}; the kernel's OOM killer fired {outcome.kernel_oom_kills} "
+            "time(s) in this cgroup"))
+    for line in reversed(own):
+        if _is_transient(line):
+            return Verdict(kind=VerdictKind.TRANSIENT, evidence=line.strip())
+    for line in reversed(own):
+        stripped = strip_launcher_prefix(line)
+        if (_EXCEPTION.match(stripped) and not _LAUNCHER_WRAPPER.search(stripped)
+                and not _PEER_SYMPTOM.search(stripped)):
+            return Verdict(kind=VerdictKind.FATAL, evidence=(
+                line.strip() if not end.by_signal else f"{end.describe()}; {line.strip()}"))
+    return Verdict(kind=VerdictKind.FATAL, evidence=launchers.evidence(
+        end, own, outcome.task_source or "its own lines"))
 
 
 # How a launcher reports a worker that died of SIGKILL: torchrun's ChildFailedError summary

@@ -16,11 +16,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import NoReturn, TextIO, cast
 
 import structlog
 
-from supervisor import __version__, notify, program, remember
+from supervisor import __version__, echo, notify, program, remember
 from supervisor._compat import tomllib
 from supervisor.command import Command, CommandError, environment, locate
 from supervisor.console import Output, summary
@@ -320,12 +320,16 @@ LOG_FORMATS = ("auto", "console", "plain", "json")
 
 
 def configure_logging(fmt: str = "auto") -> Output:
-    """Lines for people on stderr (JSON only with `json`); a JSON copy goes to the run folder."""
-    output = Output(fmt, sys.stderr)
+    """Lines for people on stderr (JSON only with `json`); a JSON copy goes to the run folder.
+
+    Every console write is best effort (`echo.BestEffortStream`: the echo's bounded, dropping
+    writer): a console nobody reads never holds the run; supervisor.jsonl has every event."""
+    console = cast("TextIO", echo.BestEffortStream(sys.stderr))
+    output = Output(fmt, console)
     structlog.configure(
         processors=output.processors(),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(console),
         cache_logger_on_first_use=False,
     )
     return output

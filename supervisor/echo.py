@@ -7,6 +7,10 @@ trainer never blocks in `write`, and SIGTERM is acted on at once. What does not 
 queue is dropped and counted, and the count is said on that console once it reads again; the
 attempt's log files in the run folder have every line either way.
 
+The supervisor's own lines (structlog's chain, the live line, the summary) take the same way
+(`BestEffortStream`), after the echo on the same queue: a console nobody reads never holds a
+verdict, a retry or SIGTERM either; `supervisor.jsonl` in the run folder has every event.
+
 The writer writes the console's file descriptor directly (`os.write`, at most PIPE_BUF bytes at
 a time, only when `select` says it can take them), never through `sys.stdout`'s buffer: a
 thread stuck there would hold the buffer's lock, and the supervisor's own last lines with it.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import os
 import select
 import threading
@@ -91,7 +96,8 @@ class ConsoleWriter:
                 dropped, self.dropped_lines = self.dropped_lines, 0
             if dropped:
                 self._write(f"[oom-supervisor: {dropped} line(s) of output not echoed (the "
-                            "console did not keep up); the attempt's logs have them]\n".encode())
+                            "console did not keep up); the attempt's logs and the run's "
+                            "supervisor.jsonl have them]\n".encode())
             self._write(data)
             with self.cond:
                 self.queued -= len(data)
@@ -161,6 +167,55 @@ def console_for(stream: IO[str]) -> Echo:
                 return _Discard()
             writer = _WRITERS[key] = ConsoleWriter(own)
         return writer
+
+
+class BestEffortStream(io.TextIOBase):
+    """A text stream over a console whose writes never block: each goes, encoded, onto the
+    console's bounded queue (`console_for`, looked up at each write, so a descriptor moved by
+    `dup2` gets its own writer), and is dropped and counted when the console lags too far.
+    `flush` does not wait; `flush_all` (at exit) lets a console that reads take the rest."""
+
+    def __init__(self, real: IO[str]) -> None:
+        self.real = real
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        # Whole lines go onto the queue at once: the echo's chunks never land inside one.
+        with self._lock:
+            head, newline, rest = (self._partial + text).rpartition("\n")
+            self._partial = rest
+            if newline:
+                self._put(head + newline)
+        return len(text)
+
+    def flush(self) -> None:
+        """Queue what is written so far (a live display's redraw); never waits on a console."""
+        with self._lock:
+            partial, self._partial = self._partial, ""
+            if partial:
+                self._put(partial)
+
+    def _put(self, text: str) -> None:
+        encoding = getattr(self.real, "encoding", None) or "utf-8"
+        console_for(self.real).put(text.encode(encoding, errors="backslashreplace"))
+
+    def isatty(self) -> bool:
+        try:
+            return bool(self.real.isatty())
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        """The console's encoding (rich reads it)."""
+        return getattr(self.real, "encoding", None) or "utf-8"
 
 
 def flush_all(*, patience_s: float = FLUSH_PATIENCE_S, max_s: float = FLUSH_MAX_S) -> None:

@@ -667,7 +667,9 @@ def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,
     budget is the failure streak's (`progress.streak`): `[transient] retries` failures and
     `max_delay_s` counted from the streak's first failure, so a failure ten hours into
     training is retried like one ten seconds in, and an attempt that made progress starts a
-    new streak. The streak is read from the journal, so `resume` neither resets nor skips it.
+    new streak. Time the supervisor was down (dead until `resume`, or in a backoff its death
+    cut short) is not time between attempts: a failure while nobody watched is retried.
+    The streak is read from the journal, so `resume` neither resets nor skips it.
     A lost attempt (its wrapper died with no status) is re-run outside that budget.
     `failed`: the last attempt already failed this way (resume): start with the retry.
     """
@@ -683,7 +685,7 @@ def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,
             knobs = _after_unusable(live, state, knobs)
             verdict = _attempt(live, knobs, rung)
             continue
-        current = progress.streak(state.attempts)
+        current = progress.streak(state.attempts, state.events)
         lost = verdict.kind is VerdictKind.LOST
         refusal = progress.retry_refusal(current, retries=live.ladder.transient_retries,
                                          window_s=live.ladder.transient_max_delay_s,

@@ -28,6 +28,7 @@ from typing import Any
 from supervisor.classify import VerdictKind
 from supervisor.events import (
     AttemptRecord,
+    AttemptStarted,
     Event,
     RetryScheduled,
     RunResumed,
@@ -60,6 +61,10 @@ class Streak:
     running_s: float = 0.0
     """How long the streak's later attempts ran: their own time is bounded by the watchdog
     and the retry count, not by the window."""
+    down_s: float = 0.0
+    """How long, since the streak's first failure and outside its later attempts, the
+    supervisor was down (dead until `resume`, or in a backoff its own death cut short): nobody
+    was there to retry, so that time is not time between attempts."""
 
 
 def last_step(record: AttemptRecord) -> int:
@@ -81,12 +86,13 @@ def _progressed(record: AttemptRecord, before: int) -> bool:
     return bool(finished and finished.checkpoints) or last_step(record) > before
 
 
-def streak(attempts: Sequence[AttemptRecord]) -> Streak:
+def streak(attempts: Sequence[AttemptRecord], events: Sequence[Event] = ()) -> Streak:
     """The current failure streak: the retried failures at the end of the run's attempts.
 
     The streak ends (going back) at an attempt that did not fail this way, at a different
     config, or at a failure that made progress (wrote a checkpoint, or trained past the
-    failure before it): that one opens the streak.
+    failure before it): that one opens the streak. `events` (the journal's) tell when the
+    supervisor was down, which the streak's window leaves out.
     """
     done = [a for a in attempts if a.finished is not None]
     members: list[AttemptRecord] = []
@@ -111,10 +117,43 @@ def streak(attempts: Sequence[AttemptRecord]) -> Streak:
     assert first is not None  # noqa: S101
     counted = sum(1 for r in current
                   if r.finished and VerdictKind(r.finished.verdict) in _COUNTED)
-    running = sum(max(0.0, (r.finished.ended_at or r.finished.ts) - r.started.ts)
-                  for r in current[:-1] if r.finished is not None)
-    return Streak(failures=counted, lost=len(current) - counted,
-                  since=first.ended_at or first.ts, running_s=running)
+    spans = [(r.started.ts, r.finished.ended_at or r.finished.ts)
+             for r in current[:-1] if r.finished is not None]
+    running = sum(max(0.0, b - a) for a, b in spans)
+    since = first.ended_at or first.ts
+    down = _covered([*spans, *down_spans(events)], since) - _covered(spans, since)
+    return Streak(failures=counted, lost=len(current) - counted, since=since,
+                  running_s=running, down_s=down)
+
+
+def down_spans(events: Sequence[Event]) -> list[tuple[float, float]]:
+    """When the supervisor was down: from when each one before a `resume` was last alive
+    (its heartbeat, else its last event) until the resume. A backoff its death cut short
+    (a retry scheduled with no attempt started before the resume) is down from its start:
+    no retry was coming."""
+    out: list[tuple[float, float]] = []
+    backoff: float | None = None
+    for i, event in enumerate(events):
+        if isinstance(event, RetryScheduled):
+            backoff = event.ts
+        elif isinstance(event, AttemptStarted):
+            backoff = None
+        elif isinstance(event, RunResumed) and i > 0:
+            gone = _gone_at(events, i)
+            out.append((min(gone, backoff) if backoff is not None else gone, event.ts))
+            backoff = None
+    return out
+
+
+def _covered(spans: Iterable[tuple[float, float]], after: float) -> float:
+    """Seconds after `after` that the union of `spans` covers."""
+    total, reach = 0.0, after
+    for a, b in sorted(spans):
+        start = max(a, reach)
+        if b > start:
+            total += b - start
+            reach = b
+    return total
 
 
 def _same_config(a: AttemptRecord, b: AttemptRecord) -> bool:
@@ -128,10 +167,13 @@ def retry_refusal(current: Streak, *, retries: int, window_s: float, now: float,
         return None  # a lost attempt is re-run; the attempt budget still bounds the run
     if current.failures > retries:
         return f"still failing after {retries} retries on the same config"
-    waited = now - current.since - current.running_s if current.since is not None else 0.0
+    waited = (now - current.since - current.running_s - current.down_s
+              if current.since is not None else 0.0)
     if window_s and waited > window_s:
+        down = (f", not counting {current.down_s:.0f} s the supervisor was down"
+                if current.down_s >= 1 else "")
         return (f"still failing after {current.failures - 1} retries and {waited:.0f} s between "
-                f"attempts since the first failure of this streak (the window is "
+                f"attempts since the first failure of this streak{down} (the window is "
                 f"{window_s:g} s)")
     return None
 

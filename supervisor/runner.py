@@ -36,7 +36,7 @@ from typing import IO, Protocol
 import psutil
 import structlog
 
-from supervisor import _wrap, echo
+from supervisor import _wrap, echo, launchers
 from supervisor.classify import Outcome, is_oom_line
 from supervisor.files import open_regular, read_regular
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
@@ -74,10 +74,6 @@ decides: 0 is a program that caught its OOM and recovered) before its whole tree
 peer rank stuck in a collective would otherwise hold the night)."""
 _ACTIVITY_S = 2.0
 """How often the output folder is looked at for a checkpoint being written."""
-# srun's own line for a task that ended badly while its step goes on (src/srun/srun_job.c /
-# launch.c: "%s: task %s: Exited with exit code %d", "...: Killed", "...: Terminated").
-_FAILED_TASK = re.compile(
-    r"srun: error: \S+: tasks? ([\d,\-\[\]]+): (Exited with exit code [1-9]\d*|Killed|Terminated)")
 
 
 class StopRequest:
@@ -258,6 +254,9 @@ class _Sink:
         self.failed_task: str | None = None
         """srun's line for a task that exited with an error while its step goes on."""
         self.failed_at: float | None = None
+        self.task_end: launchers.TaskEnd | None = None
+        self.before_end: tuple[str, ...] = ()
+        """The output's last lines up to srun's line saying a task ended (its words)."""
 
     def feed(self, stream: int, chunk: bytes, *, timed: bool = True) -> None:
         """Bytes of one stream, in order: any byte is output (a tqdm redraw included).
@@ -294,12 +293,7 @@ class _Sink:
             return
         text = b"\n".join(lines)
         if self.failed_task is None and b"srun: error" in text:
-            for raw in lines:
-                found = _FAILED_TASK.search(_frame(raw))
-                if found:
-                    self.failed_task = found.group(0)
-                    self.failed_at = time.monotonic()
-                    break
+            self._ended_task(lines)
         # Every OOM rule's text names memory or an allocation: skip the per-line rules on
         # chunks without those words (a flood of 500 MB is mostly training chatter).
         if not self.oom_seen.is_set() and any(hint in text.lower() for hint in _OOM_HINTS):
@@ -311,6 +305,31 @@ class _Sink:
                     break
         with self.lock:
             self.tail.extend(_frame(raw) for raw in lines[-TAIL_LINES:])
+
+    def _ended_task(self, lines: list[bytes]) -> None:
+        """srun's first line saying a task ended: note it, and the output up to it."""
+        for i, raw in enumerate(lines):
+            if b"srun: error" not in raw:
+                continue
+            line = _frame(raw)
+            end = launchers.task_end(line)
+            if end is not None:
+                with self.lock:
+                    self.before_end = (*self.tail, *(_frame(r) for r in lines[:i]))
+                self.task_end = end
+                self.failed_task = end.line
+                self.failed_at = time.monotonic()
+                return
+
+    def own_words(self, spec: AttemptSpec) -> tuple[tuple[str, ...], str | None]:
+        """The ended task's own last lines and where they came from (nothing ended: empty)."""
+        end = self.task_end
+        if end is None:
+            return (), None
+        with self.lock:
+            later = tuple(self.tail)
+        lines, source = launchers.own_lines(end, self.before_end, _task_files(spec, end), later)
+        return tuple(spec.redactor.text(line) for line in lines), source
 
     def _echo(self, stream: int, chunk: bytes, now: float) -> None:
         # A console can be slower than a flood: beyond the rate, chunks are counted, not shown.
@@ -372,6 +391,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     killed = interrupted = died = timed = False
     hung: str | None = None
     failed: str | None = None
+    ended_task = False
     kill_s: float | None = None
     tree = _Tree(spawned.pid, marker, env=spec.env)
     # dict.copy() is atomic under the GIL; the poll loop below adds pids while this samples.
@@ -453,6 +473,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             # srun keeps the step alive when one task fails (KillOnBadExit=0): its peers
             # would wait in the rendezvous or a collective until their own timeout.
             failed = sink.failed_task
+            ended_task = True
             log.info("task.failed", line=failed, pid=spawned.pid)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         if oom_at is None:
@@ -480,13 +501,17 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         lines = tuple(spec.redactor.text(line) for line in (*sink.tail, *_error_files(sink.tail)))
     if died:
         lines = (*lines, WRAPPER_DIED)
+    if (failed is None and sink.failed_task is not None and not killed and hung is None
+            and not interrupted and not timed):
+        failed = sink.failed_task  # the step ended by itself within the grace (KillOnBadExit)
+    task_lines, task_source = sink.own_words(spec) if failed is not None else ((), None)
     oom_line = spec.redactor.text(sink.oom_line) if sink.oom_line else None
     return Outcome(
         exit_code=None if died else code,
         duration_s=round(time.monotonic() - started, 3),
         tail=lines,
         oom_line=oom_line,
-        killed_by_supervisor=killed or hung is not None or failed is not None,
+        killed_by_supervisor=killed or hung is not None or ended_task,
         interrupted=interrupted,
         hung=hung,
         kill_s=kill_s,
@@ -500,6 +525,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         progress=sink.tracker.summary(),
         watchdog=limit[1] if limit is not None else None,
         failed_task=failed,
+        task_lines=task_lines,
+        task_source=task_source,
         timed=timed and not killed,
         host_peak_mib=round(host_peak, 1) if host_peak else None,
     )
@@ -529,6 +556,28 @@ class _Activity:
                         newest = max(newest, (info.st_mtime, info.st_size))
         before, self.seen = self.seen, newest
         return before is not None and newest != before
+
+
+def _task_files(spec: AttemptSpec, end: launchers.TaskEnd) -> dict[int, list[str]]:
+    """The last lines of each ended task's own output file (srun `--output`/`--error` naming
+    `%t`): the newest file the pattern matches for that task, its last 64 KiB."""
+    found: dict[int, list[str]] = {}
+    patterns = launchers.per_task_files(spec.argv)
+    cwd = Path(spec.cwd or ".")
+    for task in end.tasks:
+        for pattern in patterns:
+            name = launchers.expand(pattern, task=task, job=None, step=None, host=end.host)
+            name = re.sub(r"%\d*[a-zA-Z]", "*", name)  # the job's ids: any
+            path = Path(name) if Path(name).is_absolute() else cwd / name
+            with contextlib.suppress(OSError, ValueError):
+                matches = sorted(path.parent.glob(path.name), key=lambda p: p.stat().st_mtime)
+                if not matches:
+                    continue
+                with matches[-1].open("rb") as handle:
+                    handle.seek(max(0, matches[-1].stat().st_size - 65536))
+                    tail = handle.read().decode("utf-8", errors="replace").splitlines()
+                found.setdefault(task, []).extend(line.rsplit("\r", 1)[-1] for line in tail)
+    return found
 
 
 def _drain(followers: list[threading.Thread], sink: _Sink) -> None:

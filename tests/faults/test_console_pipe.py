@@ -8,6 +8,7 @@ seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,4 +121,63 @@ def test_a_signal_ends_a_flood_into_a_stuck_console(tmp_path: Path, signum: sign
     assert ended - signalled < 5, f"the run ended {ended - signalled:.1f} s after the signal"
     assert took_s < 30, f"the supervisor exited {took_s:.1f} s after the signal"
     assert "Traceback" not in (tmp_path / "stuck.err").read_text()
+    wait_for(lambda: _tagged(tag) == [], timeout_s=15)
+
+
+# The trainer's stderr floods (about 1 MB/s, from a thread beside the training) while the
+# reference trainer walks into real OOMs under the live-bytes budget.
+NOISY_TRAINER = f"""\
+{sys.executable} -c "
+import sys, time
+line = b'noise ' * 16 + b'\\\\n'
+while True:
+    sys.stderr.buffer.write(line * 100)
+    sys.stderr.buffer.flush()
+    time.sleep(0.01)
+" &
+exec {sys.executable} -m supervisor.reference_trainer "$@"
+"""
+
+
+def test_the_supervisors_own_lines_never_hold_the_walk_or_sigterm(tmp_path: Path) -> None:
+    """stdout and stderr into a pipe nobody reads (`2>&1 | less` left open) while the trainer
+    floods stderr: the supervisor's own lines are best effort too, so the walk goes on past
+    two real OOMs and SIGTERM ends the run within seconds."""
+    (tmp_path / "noisy.sh").write_text(NOISY_TRAINER, encoding="utf-8")
+    tag = uuid.uuid4().hex
+    env = {**quiet_env(), "OOM_SUPERVISOR_TEST_TAG": tag, "REFERENCE_TRAINER_STEP_S": "0.5"}
+    run_dir = tmp_path / "runs" / "walk"
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - our own CLI, echo on
+            [sys.executable, "-m", "supervisor", "--log-format", "plain", "run",
+             "--no-estimate", "--runs-dir", str(tmp_path / "runs"), "--run-id", "walk", "--",
+             "sh", "noisy.sh", "--per_device_train_batch_size", "8", "--cutoff_len", "512",
+             "--max_steps", "10000", "--device-memory", "250", "--output_dir", "out"],
+            cwd=tmp_path, env=env, stdout=write_end, stderr=write_end)
+        os.close(write_end)
+        # b8 and b4 run out of memory; the third attempt (b2 x GA 4) trains.
+        wait_for(lambda: any(e["event"] == "attempt.spawned" and e["attempt"] == 3
+                             for e in events(run_dir)), 240)
+        finished = [e for e in events(run_dir) if e["event"] == "attempt.finished"]
+        assert [e["verdict"] for e in finished] == ["oom", "oom"]
+        wait_for(lambda: (run_dir / "attempts" / "03" / "stderr.log").exists()
+                 and (run_dir / "attempts" / "03" / "stderr.log").stat().st_size > 200_000,
+                 120)  # flooding again, and the console's pipe long full
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        code = proc.wait(timeout=60)
+        took_s = time.monotonic() - sent
+    finally:
+        os.close(read_end)
+    assert code == 130
+    journal = events(run_dir)
+    signalled = next(e["ts"] for e in journal if e["event"] == "signal.received")
+    ended = next(e["ts"] for e in journal if e["event"] == "run.finished")
+    assert ended - signalled < 5, f"the run ended {ended - signalled:.1f} s after the signal"
+    assert took_s < 30, f"the supervisor exited {took_s:.1f} s after the signal"
+    # Everything the console could not show is in the run folder.
+    logged = [json.loads(line) for line in
+              (run_dir / "supervisor.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sum(1 for e in logged if e.get("event") == "attempt.finished") == 3
     wait_for(lambda: _tagged(tag) == [], timeout_s=15)

@@ -43,3 +43,43 @@ def test_one_rank_ooms_the_whole_tree_ends_and_the_ladder_walks(tmp_path: Path) 
     assert attempt_processes(tmp_path / "run") == []
     # A figure, not an assertion: how long ending the tree took after the OOM line.
     print(f"\nOOM line -> last process of the attempt gone: {finished[0]['kill_s']} s")  # noqa: T201
+
+
+# Rank 1 says its last words after one all-reduce and aborts (SIGABRT, how an uncaught C++/NCCL
+# error ends a process); rank 0 would wait in the next all-reduce.
+ABORTING_RANK = """\
+import argparse, os, time
+import torch
+import torch.distributed as dist
+argparse.ArgumentParser().add_argument("--per_device_train_batch_size", type=int)
+dist.init_process_group("gloo")
+t = torch.ones(1)
+dist.all_reduce(t)
+if dist.get_rank() == 1:
+    print("rank 1 last words: the collective's buffer is bad", flush=True)
+    os.abort()
+time.sleep(1)
+dist.all_reduce(t)
+"""
+
+
+@pytest.mark.parametrize("tee", [(), ("--tee", "3")], ids=["plain", "tee"])
+def test_a_rank_ended_by_a_signal_is_named_with_its_own_last_line(
+        tmp_path: Path, tee: tuple[str, ...]) -> None:
+    """torchrun ends the other rank itself; the verdict names rank 1 and SIGABRT and quotes
+    rank 1's own last line, not torchrun's wrapper nor rank 0's SIGTERM."""
+    (tmp_path / "job.py").write_text(ABORTING_RANK, encoding="utf-8")
+    argv = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", *tee, "job.py", "--per_device_train_batch_size", "1")
+    command = Command(argv=argv, cwd=str(tmp_path))
+    result = supervise(command, dialect=ArgvDialect(), ladder=resolve("default"),
+                       run_dir=tmp_path / "run", echo=False, env=quiet_env())
+    assert result.exit_code is ExitCode.FATAL
+    finished = [e for e in read(tmp_path / "run" / "journal.jsonl").records
+                if e["event"] == "attempt.finished"]
+    assert [f["verdict"] for f in finished] == ["fatal"]
+    evidence = finished[0]["evidence"]
+    assert evidence.startswith("rank 1 on ")
+    assert "ended: Aborted (SIGABRT)" in evidence
+    assert evidence.endswith("rank 1 last words: the collective's buffer is bad")
+    assert attempt_processes(tmp_path / "run") == []

@@ -6,7 +6,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 after_install() {
     # The torchvision that comes with it is a CUDA build: importing it breaks
     # `from transformers import PreTrainedModel`. The text path does not need it.
-    "$py" -m pip uninstall -q -y torchvision
+    tier_uninstall torchvision
     # llamafactory imports torchaudio unconditionally; its CUDA-linked extension libraries fail to
     # load on a CPU torch unless they are absent (torchaudio then imports without them).
     rm -f "$venv"/lib/python3*/site-packages/torchaudio/lib/*.so

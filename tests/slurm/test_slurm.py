@@ -229,3 +229,57 @@ def test_a_rank_that_raises_ends_its_srun_step_with_its_own_error(
     # Rank 0 would have waited an hour: ended a few seconds after rank 1 failed.
     assert finished[0]["duration_s"] < 60
     assert attempt_processes(tmp_path / "runs" / "rank" / "attempts" / "01") == []
+
+
+# Task 1 says its last words, writes when it died, then dies by a signal (SIGABRT: how an
+# uncaught C++/NCCL error ends a process; SIGKILL: the OOM killer's way); task 0 waits for an
+# hour, as a peer in a collective would.
+DYING_RANK = """\
+import os, signal, sys, time
+from pathlib import Path
+if "--help" in sys.argv:
+    sys.exit(print("usage: job.py [--per_device_train_batch_size N]"))
+rank = int(os.environ.get("SLURM_PROCID", "0"))
+print(f"rank {rank} step 1 loss 2.31", flush=True)
+if rank == 1:
+    time.sleep(2)
+    print("rank 1 last words: the collective's buffer is bad", file=sys.stderr, flush=True)
+    Path("died").write_text(repr(time.time()))
+    if os.environ["HOW"] == "abort":
+        os.abort()
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("label", [("--label",), (), ("--output=task-%j-%t.log",)],
+                         ids=["label", "no-label", "per-task-files"])
+@pytest.mark.parametrize(("how", "said"), [("abort", "Aborted (SIGABRT)"),
+                                           ("kill", "Killed (SIGKILL)")])
+def test_a_rank_ended_by_a_signal_ends_the_step_and_is_quoted(
+        cluster: Cluster, tmp_path: Path, how: str, said: str, label: tuple[str, ...]) -> None:
+    """srun says `task 1: Aborted` (or `Killed`) and keeps the step alive: the supervisor ends
+    it within 10 s, and the verdict quotes task 1's own last line, never the peer it ended:
+    from its labelled lines, from the lines before srun's, or from its own output file."""
+    (tmp_path / "job.py").write_text(DYING_RANK, encoding="utf-8")
+    argv = ["salloc", "--ntasks", "2", "--job-name", f"oomtier-{how}",
+            PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
+            "--runs-dir", "runs", "--run-id", "dies", "--",
+            "srun", "--ntasks", "2", *label, PY, "job.py",
+            "--per_device_train_batch_size", "1"]
+    done = subprocess.run(argv, cwd=tmp_path, env={**cluster.env, "HOW": how},  # noqa: S603
+                          capture_output=True, text=True, timeout=600, check=False,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 4, done.stdout[-3000:] + done.stderr[-3000:]  # fatal: no retry
+    events = read_events(tmp_path / "runs" / "dies")
+    finished = _of(events, "attempt.finished")
+    assert [f["verdict"] for f in finished] == ["fatal"]
+    evidence = finished[0]["evidence"]
+    assert "task 1 on " in evidence
+    assert f"ended: {said}" in evidence
+    assert evidence.endswith("rank 1 last words: the collective's buffer is bad")
+    assert "task 0" not in evidence
+    died = float((tmp_path / "died").read_text())
+    # Measured: about 6 s (srun's line, the 5 s grace, scancel); task 0 would wait an hour.
+    assert finished[0]["ended_at"] - died < 10, finished[0]["ended_at"] - died
+    assert attempt_processes(tmp_path / "runs" / "dies" / "attempts" / "01") == []

@@ -144,9 +144,10 @@ def test_fatal_evidence_behind_torchrun_is_the_workers_own_error() -> None:
         # (the second also holds rank 0's "Connection closed by peer": the symptom, not why)
         assert verdict_of(name, 1).evidence == (
             "[rank1]: ValueError: bad value in the data collator"), name
-    # A worker that printed no exception (SIGKILL): torchrun's line naming it and its exit code.
+    # A worker that printed no exception (SIGKILL): torchrun's root cause names it and its
+    # signal, never rank 0, which torchrun itself ended with SIGTERM.
     evidence = verdict_of("torchrun_rank1_sigkill.txt", 1).evidence or ""
-    assert "failed (exitcode: -9) local_rank: 1" in evidence
+    assert evidence.startswith("rank 1 on localhost ended: Killed (SIGKILL)")
 
 
 def test_slurm_oom_kill_event_is_a_host_oom() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from supervisor import progress, remember
-from supervisor.events import AttemptFinished, replay
+from supervisor.events import AttemptFinished, RunResumed, replay
 from supervisor.knobs import Knobs
 from supervisor.trainer_output import Tracker, Watchdog
 
@@ -311,3 +311,80 @@ def test_the_host_limit_is_part_of_a_fit_key() -> None:
     keys = {remember.key_of(start=start, model_config=None, dialect="trl", policy_text="",
                             device_name=name, device_mib=None) for name in (small, large)}
     assert len(keys) == 2
+
+
+def _down_while(records: list[dict[str, Any]], *, cut_after: str, gone_s: float,
+                alive_after_s: float) -> tuple[list[dict[str, Any]], float]:
+    """The night's journal cut after the first `cut_after` event of attempt 2, the supervisor
+    dead from `alive_after_s` after that event until a `resume` `gone_s` after attempt 2 ended;
+    attempt 2's end (as resume settles it) journaled after the resume. Returns (records, the
+    resume's time)."""
+    second = _finished(records, 2)
+    at = next(i for i, r in enumerate(records)
+              if r["event"] == cut_after and r["attempt"] == 2)
+    resumed_at = float(second["ended_at"]) + gone_s
+    resumed = {"v": 1, "event": "run.resumed", "ts": resumed_at, "attempts_done": 1, "pending": 2,
+               "orphan": "adopt", "pid": 4242,
+               "last_alive": float(records[at]["ts"]) + alive_after_s}
+    if cut_after == "attempt.spawned":  # died while attempt 2 ran: it failed while nobody watched
+        settled = {**second, "ts": resumed_at + 0.2, "adopted": True}
+        return [*records[:at + 1], resumed, settled], resumed_at
+    return [*records[:at + 1], resumed], resumed_at  # died in the backoff after the failure
+
+
+def test_a_failure_while_the_supervisor_was_down_is_retried_however_long_it_was_down() -> None:
+    """Attempt 2 failed after its supervisor was SIGKILLed; `resume` ten minutes later: the
+    downtime is not time between attempts, so the 20 s window is not used up."""
+    records, resumed_at = _down_while(_night(), cut_after="attempt.spawned", gone_s=600.0,
+                                      alive_after_s=2.0)
+    state = replay(records)
+    current = progress.streak(state.attempts, state.events)
+    second = _finished(_night(), 2)
+    assert current.since == second["ended_at"]
+    assert current.down_s == pytest.approx(600.0)
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=resumed_at + 1) is None
+    # Without the journal's account of the downtime the same streak is refused (the bug).
+    blind = progress.streak(state.attempts)
+    assert progress.retry_refusal(blind, retries=3, window_s=20, now=resumed_at + 1) is not None
+    # The window still runs once the supervisor is back.
+    late = progress.retry_refusal(current, retries=3, window_s=20, now=resumed_at + 25)
+    assert late is not None
+    assert "not counting 600 s the supervisor was down" in late
+
+
+def test_a_backoff_cut_short_by_the_supervisors_death_is_not_time_between_attempts() -> None:
+    """The supervisor died 1 s into its backoff after attempt 2's failure; `resume` ten
+    minutes later: only the failure-to-backoff time (about 0 s) counts, not the backoff's
+    remaining wait nor the downtime."""
+    records, resumed_at = _down_while(_night(), cut_after="transient.retrying", gone_s=600.0,
+                                      alive_after_s=1.0)
+    state = replay(records)
+    current = progress.streak(state.attempts, state.events)
+    retrying = next(r for r in records
+                    if r["event"] == "transient.retrying" and r["attempt"] == 2)
+    assert current.down_s == pytest.approx(resumed_at - retrying["ts"])
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=resumed_at + 1) is None
+
+
+
+def test_downtime_during_a_retry_is_not_left_out_twice() -> None:
+    """The retry was running when the supervisor died and failed while it was down: its own
+    running time and the downtime overlap, and the window leaves out their union once."""
+    records = _upto_second_failure()
+    state = replay(records)
+    first = state.attempts[-1]
+    assert first.finished is not None
+    stuck = dataclasses.replace(first.finished, checkpoints=(), checkpoint_times=(),
+                                progress={"step": 8, "samples": []}, trained_steps=None)
+    base = first.finished.ended_at or 0.0
+    retry = dataclasses.replace(  # started 2 s after the failure, failed 30 s later
+        first, started=dataclasses.replace(first.started, attempt=9, ts=base + 2.0),
+        finished=dataclasses.replace(stuck, attempt=9, ended_at=base + 32.0, ts=base + 700.5))
+    last_event = dataclasses.replace(state.events[-1], ts=base + 2.0)
+    resumed = RunResumed(ts=base + 700.0, attempts_done=1, pending=9, last_alive=base + 10.0)
+    current = progress.streak((*state.attempts, retry), (last_event, resumed))
+    assert current.running_s == pytest.approx(30.0)
+    assert current.down_s == pytest.approx(700.0 - 32.0)  # not 690: 10..32 was running time
+    # 2 s of backoff and 1 s since the resume: well inside a 20 s window.
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 701.0) is None
+    assert progress.retry_refusal(current, retries=3, window_s=20, now=base + 720.0) is not None

@@ -571,7 +571,9 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
     candidate, skips = next_runnable(start, state.walk, ladder, predict=predictor.predict,
                                      device_mib=device, margin=memory.margin,
                                      can_set=live.config.can_set,
-                                     refusal=live.config.refusal)
+                                     refusal=live.config.refusal,
+                                     # the analytic count ranks, traces confirm (if it can)
+                                     confirm=getattr(predictor, "confirm", None))
     if isinstance(candidate, GiveUp) and skips:
         checked = _nothing_fits(live, state, candidate, skips, device)
         if checked is not None:

@@ -229,12 +229,17 @@ def levers(start: Knobs) -> list[tuple[str, Knobs, str]]:
 def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # noqa: PLR0913 - keyword-only knobs
           predict: Predict, margin: float = DEFAULT_MARGIN,
           assumptions: Sequence[str] = (), advise: bool = True,
-          can_set: CanSet | None = None) -> Plan:
+          can_set: CanSet | None = None, confirm: Confirm | None = None) -> Plan:
     """Predict every config of the walk (and each lever) and pick the first that fits.
 
     `can_set` is the command's skip predicate, the one `run` walks with: the table holds
     exactly the configs `run` would try, and the rungs it would skip are listed with why.
+    `confirm`: `predict` counts analytically and traces confirm the configs next_runnable
+    asks for (the one `run` would start with and its neighbour across the device line).
     """
+    if confirm is not None:
+        next_runnable(start, [], ladder, predict=lambda k: predict([k])[0],
+                      device_mib=device_mib, margin=margin, can_set=can_set, confirm=confirm)
     walked, give_up = _walk(start, ladder, can_set=can_set)
     configs = [(k, r) for k, r, _ in walked]
     extra = levers(start) if advise else []
@@ -290,16 +295,59 @@ class Skip:
     """What the policy's history records for it (number 0: never run), so it moves past it."""
 
 
+Confirm = Callable[[Sequence[Knobs]], object]
+"""Trace these configs; the `predict` handed beside it then answers with their traces."""
+
+
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
                   margin: float = DEFAULT_MARGIN, can_set: CanSet | None = None,
-                  refusal: Refusal | None = None) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
+                  refusal: Refusal | None = None, confirm: Confirm | None = None,
+                  ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     """The next config worth running: the policy's next step, skipping those predicted not to fit.
 
     With an empty history the start itself is the first candidate (returned as a Step with
     rung "(start)" when it is predicted to fit or has no prediction). A config without a
     prediction is never skipped. Append each Skip's `attempt` to the history the policy sees.
+
+    The order that pays (`confirm`, with a `predict` that counts analytically until a config
+    is traced): the analytic count ranks every config in an instant; the trace confirms only
+    the config the walk would take and its neighbour across the device line (the last one
+    passed over before it; when nothing is predicted to fit, the one predicted smallest).
+    Where a trace moves the line the walk is ranked again and the new pair confirmed, until
+    both sides of the line are traced (or cannot be): a handful of traces instead of one per
+    config of the walk, and the same landing as tracing them all wherever the traces agree
+    with each other in order.
     """
+    asked: set[Knobs] = set()
+    while True:
+        candidate, skips = _next_runnable(start, history, ladder, predict=predict,
+                                          device_mib=device_mib, margin=margin,
+                                          can_set=can_set, refusal=refusal)
+        if confirm is None:
+            return candidate, skips
+        pair = confirming(candidate, skips)
+        wanted = [k for k in pair if k not in asked]
+        if not wanted:
+            return candidate, skips
+        asked.update(wanted)
+        confirm(wanted)
+
+
+def confirming(candidate: Step | GiveUp, skips: Sequence[Skip]) -> list[Knobs]:
+    """The configs a trace should confirm: the one taken and its neighbour across the line."""
+    out = [candidate.knobs] if isinstance(candidate, Step) else []
+    if skips:
+        neighbour = skips[-1] if isinstance(candidate, Step) else \
+            min(skips, key=lambda s: s.prediction.peak_mib)
+        out.append(neighbour.knobs)
+    return out
+
+
+def _next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
+                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
+                   margin: float, can_set: CanSet | None, refusal: Refusal | None,
+                   ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     walked = list(history)
     skips: list[Skip] = []
     candidate: Step | GiveUp = (Step(knobs=start, rung=START) if not history

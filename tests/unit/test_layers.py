@@ -18,7 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("program",),
     ("dialects", "policy", "_wrap", "estimate", "_estimate_child", "reference_trainer",
      "trainer_output"),
-    ("events", "plan", "runner"),
+    ("events", "plan", "runner", "tracer"),
     ("journal", "checkpoints", "progress", "runconfig", "speed"),
     ("report", "notify", "remember"),
     ("console", "status", "loop"),

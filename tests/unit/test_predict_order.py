@@ -321,3 +321,37 @@ def test_closing_the_tracer_ends_its_process(tmp_path: Path) -> None:
     tracer.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# --- progress while it predicts ----------------------------------------------------------------
+
+def test_run_says_how_far_the_prediction_is_with_an_eta(capsys: pytest.CaptureFixture[str],
+                                                         ) -> None:
+    """plan's and run's progress line: configs traced of those asked, seconds, time left."""
+    from supervisor.cli import _Progress  # noqa: PLC0415 - the CLI's own helper
+
+    progress = _Progress("run", "tiny", "/venv/bin/python")
+    progress(1, 2)
+    progress(2, 2)
+    progress.say("the memory predictions of this model are counted from its shape")
+    progress.finish(24, 2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("run: predicting tiny's memory (the analytic count ranks")
+    assert lines[1].startswith("run: predicting 1/2 configs, ")
+    assert "left" in lines[1]
+    assert lines[2].startswith("run: predicting 2/2 configs, ")
+    assert "left" not in lines[2]
+    assert lines[3] == "run: the memory predictions of this model are counted from its shape"
+    assert lines[4].startswith("run: done in ")
+    assert lines[4].endswith("(24 configs ranked by the analytic count, 2 traced)")
+
+
+@pytest.mark.parametrize(("estimate_s", "said"), [(5.2, True), (1.0, False), (None, False)])
+def test_the_summary_names_the_prediction_when_it_is_over_a_tenth_of_the_run(
+        tmp_path: Path, estimate_s: float | None, *, said: bool) -> None:
+    from supervisor.console import summary  # noqa: PLC0415
+
+    head = summary({"status": "fitted", "attempts": [{}], "oom_verdicts": 0,
+                    "duration_s": 20.0, "estimate_s": estimate_s}, tmp_path)[0]
+    assert head.startswith("oom-supervisor: fitted after 1 attempt(s) (0 out of memory) in ")
+    assert ("5.2 s of it predicting memory" in head) is said

@@ -121,6 +121,44 @@ def bench_plan(tmp: Path) -> dict[str, float]:
     return out
 
 
+DEMO_START = ["--model_name_or_path", "tiny", "--finetuning_type", "full",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+              "--cutoff_len", "1024", "--max_steps", "1"]
+"""The demo's ambitious command (cli.demo_command)."""
+PREDICT_BUDGETS = tuple(int(b) for b in os.environ.get("PREDICT_BUDGETS", "70").split(","))
+
+
+def bench_predict(tmp: Path) -> dict[str, float]:
+    """`run --device-memory` on the demo's command with a fresh trace store: the seconds from
+    the command's start to attempt 1 beside attempt 1's own seconds (target: ratio <= 1),
+    then the same again with the traces kept by the first run."""
+    out: dict[str, float] = {}
+    for budget in PREDICT_BUDGETS:
+        for label in ("cold", "kept"):
+            run_id = f"predict-{budget}-{label}"
+            began = time.time()
+            subprocess.run(  # noqa: S603 - our own CLI
+                [PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
+                 "--runs-dir", str(tmp), "--run-id", run_id, "--fresh",
+                 "--fits-db", str(tmp / "fits.sqlite3"), "--device-memory", f"{budget}MiB",
+                 "--", *TRAINER, *DEMO_START, "--output_dir", str(tmp / "out")],
+                check=True, env=ENV, cwd=tmp, capture_output=True)
+            events = [json.loads(line) for line in
+                      (tmp / run_id / "journal.jsonl").read_text().splitlines()]
+            started = next(e for e in events if e["event"] == "attempt.started")
+            finished = next(e for e in events if e["event"] == "attempt.finished")
+            before = float(started["ts"]) - began
+            attempt = float(finished["duration_s"])
+            attempts = sum(1 for e in events if e["event"] == "attempt.finished")
+            key = f"{budget}mib_{label}"
+            out[f"{key}_before_attempt_1_s"] = round(before, 1)
+            out[f"{key}_attempt_1_s"] = round(attempt, 1)
+            out[f"{key}_ratio"] = round(before / attempt, 2)
+            out[f"{key}_attempts"] = attempts
+    out["target_ratio"] = 1.0
+    return out
+
+
 FLOOD_MB = int(os.environ.get("FLOOD_MB", "500"))
 FLOOD_SCRIPT = """\
 import runpy, sys
@@ -174,7 +212,7 @@ def bench_flood(tmp: Path) -> dict[str, float]:
 
 BENCHES: dict[str, Callable[[Path], dict[str, float]]] = {
     "demo": bench_demo, "kill": bench_kill, "overhead": bench_overhead, "plan": bench_plan,
-    "flood": bench_flood}
+    "flood": bench_flood, "predict": bench_predict}
 
 
 def main(names: list[str]) -> int:

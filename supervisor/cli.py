@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
@@ -30,6 +30,7 @@ from supervisor.estimate import (
     Estimator,
     ModelSpec,
     ModelSpecError,
+    Prediction,
     model_argument,
     model_name,
     pick_python,
@@ -138,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "limit injected into any Python command; also what predictions "
                           "are checked against (default: the visible GPU's)")
     run.add_argument("--no-estimate", dest="estimate", action="store_false",
-                     help="never skip a config on its predicted memory")
+                     help="never skip a config on its predicted memory, nor on what an "
+                          "earlier out-of-memory error showed the device holds: every "
+                          "config runs")
     run.add_argument("command", nargs=argparse.REMAINDER,
                      help="the training command, after `--`")
 
@@ -721,7 +724,21 @@ def _memory(args: argparse.Namespace, command: Command, early: _Early | None) ->
         predictor.progress = None
     spent = round(time.monotonic() - began, 2) if predictor is not None else None
     return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe,
-                  predicted_s=spent)
+                  predicted_s=spent,
+                  count=_count(args, command, gpu) if getattr(args, "estimate", False) else None)
+
+
+def _count(args: argparse.Namespace, command: Command,
+           gpu: NvmlProbe | None) -> Callable[[Knobs], Prediction | None] | None:
+    """The analytic count the walk checks its OOMs' figures against where no prediction is
+    in force (a device of unknown size: the blind walk); None: the model's shape is unknown,
+    and every config runs."""
+    with contextlib.suppress(ModelSpecError, CommandError, OSError, ValueError):
+        spec = _model_spec(command, _dialect(args, command).read(command))
+        if spec.shape() is not None:
+            return Estimator(spec, method="analytic", python=None,
+                             device=_estimate_device(gpu)).predict
+    return None
 
 
 def _trace_store(args: argparse.Namespace) -> FitStore | None:

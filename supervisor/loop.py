@@ -64,7 +64,7 @@ from supervisor.files import write_file
 from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, read
 from supervisor.knobs import Knobs
-from supervisor.plan import START, Skip, next_runnable
+from supervisor.plan import START, Skip, next_listening, next_runnable
 from supervisor.policy import GiveUp, Ladder, Step, next_step
 from supervisor.runconfig import build_config
 from supervisor.secrets import Redactor
@@ -142,6 +142,10 @@ class Memory:
     gpu: GpuProbe | None = None
     predicted_s: float | None = None
     """Seconds the predictions took before the run (the run's wall time counts them)."""
+    count: Callable[[Knobs], Prediction | None] | None = None
+    """The analytic count from the model's shape, for the walk without predictions: an OOM's
+    own figures pass over configs counted clearly above what it showed the device holds
+    (plan.next_listening). None: the model's shape is unknown; every config runs."""
 
     @property
     def can_skip(self) -> bool:
@@ -566,6 +570,8 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
     memory, start, ladder = live.memory, live.config.walk_start, live.ladder
     predictor, device = memory.predictor, memory.device_mib
     if state.distrusted or predictor is None or device is None:
+        if not state.distrusted and memory.count is not None:
+            return _listening(live, state, memory.count)
         return next_step(start, state.walk, ladder, can_set=live.config.can_set,
                          refusal=live.config.refusal)
     candidate, skips = next_runnable(start, state.walk, ladder, predict=predictor.predict,
@@ -586,6 +592,25 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
         if not state.walk:
             return Step(knobs=start, rung=START)
         return next_step(start, state.walk, ladder, can_set=live.config.can_set,
+                         refusal=live.config.refusal)
+    for skip in skips:
+        _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
+                                changed=_changes(start, skip.knobs),
+                                predicted_mib=round(skip.prediction.peak_mib, 1),
+                                method=str(skip.prediction.method), reason=skip.reason))
+    return candidate
+
+
+def _listening(live: _Live, state: RunState,
+               count: Callable[[Knobs], Prediction | None]) -> Step | GiveUp:
+    """The walk without predictions, passing over configs its OOMs' own figures rule out
+    (journaled as skips); where they rule out every config left, the walk goes on for real."""
+    start = live.config.walk_start
+    candidate, skips = next_listening(start, state.walk, live.ladder, count=count,
+                                      can_set=live.config.can_set,
+                                      refusal=live.config.refusal)
+    if isinstance(candidate, GiveUp) and skips:
+        return next_step(start, state.walk, live.ladder, can_set=live.config.can_set,
                          refusal=live.config.refusal)
     for skip in skips:
         _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,

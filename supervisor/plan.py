@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from supervisor.classify import OomKind, Verdict, VerdictKind
+from supervisor.classify import OomKind, OomNumbers, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
 from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 from supervisor.policy import (
@@ -367,6 +367,69 @@ def _next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *, 
         walked.append(attempt)
         candidate = next_step(start, walked, ladder, can_set=can_set, refusal=refusal)
     return candidate, tuple(skips)
+
+
+OOM_BOUND_ERROR = 0.05
+"""How far the analytic count may be above a config's real peak before the walk trusts it
+to say "cannot fit" against an OOM's figures: within 2 % on every config measured (the
+Llama and Qwen2 lattices, fp32 and bf16), so a config passed over by the count is at least
+5 % over what the device was shown to hold."""
+
+
+def usable_bound_mib(numbers: OomNumbers | None) -> float | None:
+    """The most an OOM's own figures prove the device can hold (None: they say too little).
+
+    The attempt held `allocated` and asked for `tried` more and was refused: less than
+    allocated + tried is usable. The device's capacity bounds it too; and where the message
+    gives free and reserved-but-unallocated memory, what PyTorch could have had is allocated
+    + reserved + free.
+    """
+    if numbers is None:
+        return None
+    bounds = []
+    if numbers.capacity_mib:
+        bounds.append(numbers.capacity_mib)
+    if numbers.allocated_mib is not None and numbers.tried_mib:
+        bounds.append(numbers.allocated_mib + numbers.tried_mib)
+    if None not in (numbers.allocated_mib, numbers.free_mib,
+                    numbers.reserved_unallocated_mib):
+        bounds.append(float(numbers.allocated_mib or 0) + float(numbers.free_mib or 0)
+                      + float(numbers.reserved_unallocated_mib or 0))
+    return min(bounds) if bounds else None
+
+
+def history_bound_mib(history: Sequence[Attempt]) -> float | None:
+    """The largest usable bound the run's OOMs proved (a later OOM may have had more room)."""
+    bounds = [b for a in history if a.number > 0 and a.verdict.is_oom
+              and (b := usable_bound_mib(a.verdict.numbers)) is not None]
+    return max(bounds) if bounds else None
+
+
+def next_listening(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
+                   count: Callable[[Knobs], Prediction | None],
+                   can_set: CanSet | None = None, refusal: Refusal | None = None,
+                   ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
+    """The blind walk's next step, listening to its OOMs: a config whose analytic count is
+    clearly above what an earlier OOM's own figures proved the device holds (usable_bound_mib,
+    OOM_BOUND_ERROR) is passed over with that reason, as a prediction skip is.
+
+    Before any OOM with figures it is the policy's next step. Where every config left is over
+    the bound the walk goes on for real (GiveUp with the skips: the caller takes next_step),
+    so the landing is never more degraded than the walk's.
+    """
+    bound = history_bound_mib(history)
+    if bound is None or not history:
+        return next_step(start, history, ladder, can_set=can_set, refusal=refusal), ()
+    candidate, skips = _next_runnable(start, history, ladder, predict=count, device_mib=bound,
+                                      margin=-OOM_BOUND_ERROR, can_set=can_set,
+                                      refusal=refusal)
+    shown = tuple(dataclasses.replace(skip, reason=(
+        f"counted {skip.prediction.peak_mib:.0f} MiB from the model's shape, over the "
+        f"{bound:.0f} MiB an earlier attempt's out-of-memory error showed the device holds")
+    ) for skip in skips)
+    return candidate, tuple(dataclasses.replace(
+        s, attempt=dataclasses.replace(s.attempt, verdict=dataclasses.replace(
+            s.attempt.verdict, evidence=f"skipped: {s.reason}"))) for s in shown)
 
 
 def recommended_start(plan: Plan) -> Knobs | None:

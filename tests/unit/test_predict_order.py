@@ -355,3 +355,50 @@ def test_the_summary_names_the_prediction_when_it_is_over_a_tenth_of_the_run(
                     "duration_s": 20.0, "estimate_s": estimate_s}, tmp_path)[0]
     assert head.startswith("oom-supervisor: fitted after 1 attempt(s) (0 out of memory) in ")
     assert ("5.2 s of it predicting memory" in head) is said
+
+
+# --- the blind walk listens to its OOMs (the loop) ---------------------------------------------
+
+def test_the_blind_run_passes_over_configs_its_oom_showed_cannot_fit(tmp_path: Path) -> None:
+    """No device size known (no predictor): the first OOM (recorded: `simulated device of 100
+    MiB with 92.79 MiB live`) shows the device holds at most 100 MiB; every config counted
+    clearly above it is journaled as skipped with that reason, and attempt 2 is the first
+    config the count does not rule out. Without the count (`--no-estimate`) attempt 2 is the
+    walk's next, batch 4."""
+    import shlex  # noqa: PLC0415
+
+    from supervisor.command import Command  # noqa: PLC0415
+    from supervisor.dialects.argv import ArgvDialect  # noqa: PLC0415
+    from supervisor.journal import read  # noqa: PLC0415
+    from supervisor.loop import ExitCode, Memory, supervise  # noqa: PLC0415
+    from tests.fakes import FITS, OOM, ScriptedRunner  # noqa: PLC0415
+
+    text = ("python -m supervisor.reference_trainer --model_name_or_path tiny "
+            "--per_device_train_batch_size 8 --cutoff_len 512 --max_steps 2")
+    count = Estimator(ModelSpec.named("tiny"), method="analytic", python=None).predict
+    argvs: dict[str, list[str]] = {}
+    for label, memory in (("listening", Memory(count=count)), ("every config", Memory())):
+        runner = ScriptedRunner([OOM, FITS])
+        result = supervise(Command(argv=tuple(shlex.split(text)), cwd=str(tmp_path)),
+                           dialect=ArgvDialect(), ladder=resolve("default"),
+                           run_dir=tmp_path / label, run_attempt=runner, echo=False, env={},
+                           memory=memory)
+        assert result.exit_code is ExitCode.FITTED
+        events = list(read(tmp_path / label / "journal.jsonl").records)
+        skipped = [e for e in events if e["event"] == "rung.skipped"]
+        argvs[label] = [shlex.join(s.argv) for s in runner.specs]
+        if label == "every config":
+            assert skipped == []
+            assert "--per_device_train_batch_size 4" in argvs[label][1]
+            continue
+        assert skipped
+        assert all("over the 100 MiB an earlier attempt's out-of-memory error showed"
+                   in e["reason"] for e in skipped)
+        assert all(e["predicted_mib"] > 100 * 1.05 for e in skipped)
+        second = ArgvDialect().read(Command(argv=tuple(runner.specs[1].argv),
+                                            cwd=str(tmp_path)))
+        counted = count(second)
+        assert counted is not None
+        assert counted.peak_mib * 0.95 <= 100
+        md = (tmp_path / label / "report.md").read_text()
+        assert "an earlier attempt's out-of-memory error showed the device holds" in md

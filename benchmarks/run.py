@@ -121,6 +121,38 @@ def bench_plan(tmp: Path) -> dict[str, float]:
     return out
 
 
+FIXED_PAIRS = int(os.environ.get("FIXED_PAIRS", "10"))
+FIXED_STEPS = os.environ.get("FIXED_STEPS", "12")
+
+
+def bench_fixed(tmp: Path) -> dict[str, float]:
+    """The supervisor's fixed cost on a fit of about 10 s: the same fitting command alone and
+    under `run`, in FIXED_PAIRS interleaved pairs (plain, supervised, plain, ...); the median
+    of the pairwise differences and of the ratios (target: under 0.5 s)."""
+    command = [*TRAINER, "--model_name_or_path", "tiny", "--per_device_train_batch_size", "1",
+               "--cutoff_len", "64", "--max_steps", FIXED_STEPS, "--output_dir", "out"]
+    plain, supervised = [], []
+    for i in range(FIXED_PAIRS):
+        started = time.monotonic()
+        subprocess.run(command, check=True, env=ENV, cwd=tmp, capture_output=True)  # noqa: S603
+        plain.append(time.monotonic() - started)
+        started = time.monotonic()
+        subprocess.run(  # noqa: S603 - our own CLI
+            [PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
+             "--runs-dir", str(tmp), "--run-id", f"fixed{i}", "--fits-db",
+             str(tmp / "fits.sqlite3"), "--", *command],
+            check=True, env=ENV, cwd=tmp, capture_output=True)
+        supervised.append(time.monotonic() - started)
+    pairs = [s - p for p, s in zip(plain, supervised, strict=True)]
+    ratios = [s / p for p, s in zip(plain, supervised, strict=True)]
+    return {"plain_median_s": round(statistics.median(plain), 2),
+            "supervised_median_s": round(statistics.median(supervised), 2),
+            "fixed_median_s": round(statistics.median(pairs), 2),
+            "fixed_min_s": round(min(pairs), 2), "fixed_max_s": round(max(pairs), 2),
+            "ratio_median": round(statistics.median(ratios), 3), "pairs": FIXED_PAIRS,
+            "target_s": 0.5}
+
+
 DEMO_START = ["--model_name_or_path", "tiny", "--finetuning_type", "full",
               "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
               "--cutoff_len", "1024", "--max_steps", "1"]
@@ -212,7 +244,7 @@ def bench_flood(tmp: Path) -> dict[str, float]:
 
 BENCHES: dict[str, Callable[[Path], dict[str, float]]] = {
     "demo": bench_demo, "kill": bench_kill, "overhead": bench_overhead, "plan": bench_plan,
-    "flood": bench_flood, "predict": bench_predict}
+    "flood": bench_flood, "predict": bench_predict, "fixed": bench_fixed}
 
 
 def main(names: list[str]) -> int:

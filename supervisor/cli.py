@@ -59,6 +59,7 @@ from supervisor.plan import build as build_plan
 from supervisor.plan import describe_reading, next_runnable, parse_size_mib
 from supervisor.plan import render as render_plan
 from supervisor.plan import walk as walk_plan
+from supervisor.plot import draw_later
 from supervisor.policy import CanSet, Ladder, PolicyError, check_knobs, resolve
 from supervisor.policy import parse as parse_policy
 from supervisor.program import ProbeInterrupted
@@ -840,7 +841,8 @@ def _run_started(args: argparse.Namespace, command: Command, early: _Early | Non
                            fits_key=remembered.key if remembered else None,
                            remembered=remembered.knobs if remembered else None,
                            remembered_from=remembered.run_id if remembered else None,
-                           fits_db=str(args.fits_db) if args.fits_db else None)
+                           fits_db=str(args.fits_db) if args.fits_db else None,
+                           draw_later=draw_later)
     finally:
         args.output.close()
     if remembered is not None and result.final_knobs is not None:
@@ -1007,7 +1009,8 @@ def _ended(args: argparse.Namespace, result: RunResult) -> int:
         try:
             with Journal(result.run_dir) as journal:  # the run has ended: the lock is free
                 journal.write(event)
-            write_report(result.run_dir, load_journal(result.run_dir)[0])
+            write_report(result.run_dir, load_journal(result.run_dir)[0], pictures=False)
+            draw_later(result.run_dir)
         except (RunFolderBusyError, JournalWriteError, JournalError, WriteFailedError) as exc:
             args.output.print(f"oom-supervisor: note: the notify result was not journaled "
                               f"({exc})")

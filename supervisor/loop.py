@@ -302,6 +302,8 @@ class _Live:
     log: Any
     refusal: str | None = None
     """Why the last retried failure was not retried again (progress.retry_refusal)."""
+    draw_later: Callable[[Path], object] | None = None
+    """Draws the pictures from report.json after the run (None: drawn before returning)."""
 
     def state(self) -> RunState:
         """The run as its journal tells it so far (the same replay resume uses)."""
@@ -398,8 +400,13 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     remembered: Knobs | None = None,
     remembered_from: str | None = None,
     fits_db: str | None = None,
+    draw_later: Callable[[Path], object] | None = None,
 ) -> RunResult:
-    """Run the command, walk the ladder on each OOM, end with a report and the working config."""
+    """Run the command, walk the ladder on each OOM, end with a report and the working config.
+
+    `draw_later`: the pictures are drawn by it from report.json once the run has ended (the
+    CLI's plot.draw_later: a child its exit code does not wait for); None draws them here.
+    """
     base_env = dict(env) if env is not None else environment(command)
     memory = memory or Memory()
     reading = dialect.read_sourced(command)
@@ -421,7 +428,8 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                      redactor=Redactor.for_run(command.argv, base_env, cwd=command.cwd),
                      run_attempt=run_attempt,
                      judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
-                     memory=memory, events=[], log=log.bind(run_id=run_dir.name))
+                     memory=memory, events=[], log=log.bind(run_id=run_dir.name),
+                     draw_later=draw_later)
         _emit(live, RunStarted(config=config))
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
@@ -725,7 +733,8 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
 
     def spawned(proc: runner.Spawned) -> None:
         _emit(live, AttemptSpawned(attempt=number, pid=proc.pid, create_time=proc.create_time))
-        plot.warm()  # the pictures' library loads while the attempt runs, not after the run
+        if live.draw_later is None:
+            plot.warm()  # the pictures' library loads while the attempt runs, not after it
 
     outcome = live.run_attempt(_spec(live, attempt_dir, rendered, knobs, on_spawn=spawned,
                                      timed_steps=timed_steps))
@@ -955,7 +964,9 @@ def _finish(live: _Live, decision: Finish, spent: Sequence[str] = ()) -> RunResu
     _emit(live, RunFinished(status=str(decision.status), exit_code=int(exit_code), attempt=last,
                             reason=live.redactor.text(decision.reason or "") or None,
                             spent=tuple(spent)))
-    data = report.write(live.run_dir, live.state())
+    data = report.write(live.run_dir, live.state(), pictures=live.draw_later is None)
+    if live.draw_later is not None:
+        live.draw_later(live.run_dir)
     return RunResult(status=str(decision.status), exit_code=exit_code, run_dir=live.run_dir,
                      final_knobs=final, attempts=live.state().done, report=data)
 

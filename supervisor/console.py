@@ -20,17 +20,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
-from rich.console import Console as RichConsole
-from rich.live import Live
-from rich.text import Text
 
 from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.journal import load
 from supervisor.text import printable
+
+if TYPE_CHECKING:  # rich is imported where the live line is drawn: on a terminal only
+    from rich.console import Console as RichConsole
+    from rich.live import Live
+    from rich.text import Text
 
 _SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.detected",
                      "run.stopped"})
@@ -122,6 +124,9 @@ class Console:
         """The run folder is known: read its journal from now on (and start the live line)."""
         self.run_dir = run_dir
         if self.live and self._live is None and not self._lost:
+            from rich.console import Console as RichConsole  # noqa: PLC0415 - a terminal's
+            from rich.live import Live  # noqa: PLC0415
+
             self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=False)
             self._live = Live(console=self._rich, auto_refresh=False, transient=True,
                               redirect_stdout=False, redirect_stderr=False)
@@ -148,6 +153,8 @@ class Console:
     def print(self, text: str) -> None:
         """A line outside the event stream (the summary), in the console's own manner."""
         if self._rich is not None and not self._lost:
+            from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
             self._rich.print(Text(text))
         else:
             self.stream.write(text + "\n")
@@ -164,6 +171,8 @@ class Console:
         if line is None:
             raise structlog.DropEvent
         if self.live and self._rich is not None and self._live is not None and not self._lost:
+            from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
             self._rich.print(Text(line, style=_style_of(name, event_dict)))
             self._refresh()
             raise structlog.DropEvent
@@ -238,6 +247,8 @@ class Console:
 
     def live_text(self) -> Text | None:
         """The live line of the running attempt, or None between attempts."""
+        from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
         record, state = self._current, self._state
         if record is None or state is None:
             return None
@@ -256,6 +267,8 @@ class Console:
     def _refresh(self) -> None:
         if self._live is None or self._lost:
             return
+        from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
         with contextlib.suppress(Exception):
             self._live.update(self.live_text() or Text(""), refresh=True)
 
@@ -304,6 +317,8 @@ class _Above(io.TextIOBase):
     def write(self, text: str) -> int:
         lines = (self._partial + text.replace("\r\n", "\n")).split("\n")
         self._partial = lines.pop()
+        from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
         for line in lines:
             self._rich.print(Text(line.rsplit("\r", 1)[-1]), soft_wrap=True)
         return len(text)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2] / "supervisor"
 # Lowest first. A module may import only modules of a lower layer (or its own package).
 LAYERS: tuple[tuple[str, ...], ...] = (
     # 3.10 stand-ins for 3.11 stdlib names, and the text/file/echo edges: below all that use them
-    ("_compat", "text", "echo", "files"),
+    ("_compat", "_lean", "text", "echo", "files"),
     ("knobs", "command", "secrets", "classify", "gpu", "device_memory", "models", "_sim", "fits",
      "rundir", "plot", "_inject"),
     ("program",),

@@ -123,6 +123,9 @@ def bench_plan(tmp: Path) -> dict[str, float]:
 
 FIXED_PAIRS = int(os.environ.get("FIXED_PAIRS", "10"))
 FIXED_STEPS = os.environ.get("FIXED_STEPS", "12")
+FIXED_BASELINE = os.environ.get("FIXED_BASELINE")
+"""A folder holding another version's `supervisor` package (e.g. `git archive REV supervisor
+policies | tar -x -C DIR`): timed too, in the same rounds, as the figure to compare with."""
 
 
 def bench_fixed(tmp: Path) -> dict[str, float]:
@@ -131,26 +134,48 @@ def bench_fixed(tmp: Path) -> dict[str, float]:
     of the pairwise differences and of the ratios (target: under 0.5 s)."""
     command = [*TRAINER, "--model_name_or_path", "tiny", "--per_device_train_batch_size", "1",
                "--cutoff_len", "64", "--max_steps", FIXED_STEPS, "--output_dir", "out"]
-    plain, supervised = [], []
+    plain, supervised, plain_cpu, supervised_cpu = [], [], [], []
+    base: list[float] = []
+    base_cpu: list[float] = []
+
+    def timed(argv: list[str], wall: list[float], cpu: list[float],
+              env: dict[str, str] = ENV) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        subprocess.run(argv, check=True, env=env, cwd=tmp, capture_output=True)  # noqa: S603
+        wall.append(time.monotonic() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
     for i in range(FIXED_PAIRS):
-        started = time.monotonic()
-        subprocess.run(command, check=True, env=ENV, cwd=tmp, capture_output=True)  # noqa: S603
-        plain.append(time.monotonic() - started)
-        started = time.monotonic()
-        subprocess.run(  # noqa: S603 - our own CLI
-            [PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
-             "--runs-dir", str(tmp), "--run-id", f"fixed{i}", "--fits-db",
-             str(tmp / "fits.sqlite3"), "--", *command],
-            check=True, env=ENV, cwd=tmp, capture_output=True)
-        supervised.append(time.monotonic() - started)
+        timed(command, plain, plain_cpu)
+        timed([PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
+               "--runs-dir", str(tmp), "--run-id", f"fixed{i}", "--fits-db",
+               str(tmp / "fits.sqlite3"), "--", *command], supervised, supervised_cpu)
+        if FIXED_BASELINE:
+            timed([PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
+                   "--runs-dir", str(tmp), "--run-id", f"base{i}", "--fits-db",
+                   str(tmp / "fits.sqlite3"), "--", *command], base, base_cpu,
+                  env={**ENV, "PYTHONPATH": FIXED_BASELINE})
     pairs = [s - p for p, s in zip(plain, supervised, strict=True)]
     ratios = [s / p for p, s in zip(plain, supervised, strict=True)]
+    cpu = [s - p for p, s in zip(plain_cpu, supervised_cpu, strict=True)]
+    # Wall seconds on a shared machine swing by more than the cost itself; the CPU seconds of
+    # the supervisor's processes (the command's own subtracted, pair by pair) do not.
     return {"plain_median_s": round(statistics.median(plain), 2),
             "supervised_median_s": round(statistics.median(supervised), 2),
             "fixed_median_s": round(statistics.median(pairs), 2),
             "fixed_min_s": round(min(pairs), 2), "fixed_max_s": round(max(pairs), 2),
-            "ratio_median": round(statistics.median(ratios), 3), "pairs": FIXED_PAIRS,
-            "target_s": 0.5}
+            "ratio_median": round(statistics.median(ratios), 3),
+            "fixed_cpu_median_s": round(statistics.median(cpu), 2),
+            "fixed_cpu_min_s": round(min(cpu), 2), "fixed_cpu_max_s": round(max(cpu), 2),
+            "load_average": round(os.getloadavg()[0], 1), "pairs": FIXED_PAIRS,
+            "target_s": 0.5,
+            **({"baseline_fixed_median_s": round(statistics.median(
+                [b - p for p, b in zip(plain, base, strict=True)]), 2),
+                "baseline_fixed_cpu_median_s": round(statistics.median(
+                    [b - p for p, b in zip(plain_cpu, base_cpu, strict=True)]), 2)}
+               if base else {})}
 
 
 DEMO_START = ["--model_name_or_path", "tiny", "--finetuning_type", "full",

@@ -137,6 +137,16 @@ def bench_fixed(tmp: Path) -> dict[str, float]:
     plain, supervised, plain_cpu, supervised_cpu = [], [], [], []
     base: list[float] = []
     base_cpu: list[float] = []
+    own: dict[str, list[float]] = {"new": [], "base": []}
+
+    def own_seconds(run_id: str, began: float) -> float:
+        """The supervisor's seconds around the command: its start to the attempt's spawn,
+        and the attempt's end to its own exit (the command's own time left out)."""
+        events = [json.loads(line) for line in
+                  (tmp / run_id / "journal.jsonl").read_text().splitlines()]
+        spawned = next(e["ts"] for e in events if e["event"] == "attempt.spawned")
+        finished = next(e["ts"] for e in events if e["event"] == "attempt.finished")
+        return (spawned - began) + (time.time() - finished)
 
     def timed(argv: list[str], wall: list[float], cpu: list[float],
               env: dict[str, str] = ENV) -> None:
@@ -149,14 +159,18 @@ def bench_fixed(tmp: Path) -> dict[str, float]:
 
     for i in range(FIXED_PAIRS):
         timed(command, plain, plain_cpu)
+        began = time.time()
         timed([PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
                "--runs-dir", str(tmp), "--run-id", f"fixed{i}", "--fits-db",
                str(tmp / "fits.sqlite3"), "--", *command], supervised, supervised_cpu)
+        own["new"].append(own_seconds(f"fixed{i}", began))
         if FIXED_BASELINE:
+            began = time.time()
             timed([PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
                    "--runs-dir", str(tmp), "--run-id", f"base{i}", "--fits-db",
                    str(tmp / "fits.sqlite3"), "--", *command], base, base_cpu,
                   env={**ENV, "PYTHONPATH": FIXED_BASELINE})
+            own["base"].append(own_seconds(f"base{i}", began))
     pairs = [s - p for p, s in zip(plain, supervised, strict=True)]
     ratios = [s / p for p, s in zip(plain, supervised, strict=True)]
     cpu = [s - p for p, s in zip(plain_cpu, supervised_cpu, strict=True)]
@@ -169,12 +183,15 @@ def bench_fixed(tmp: Path) -> dict[str, float]:
             "ratio_median": round(statistics.median(ratios), 3),
             "fixed_cpu_median_s": round(statistics.median(cpu), 2),
             "fixed_cpu_min_s": round(min(cpu), 2), "fixed_cpu_max_s": round(max(cpu), 2),
+            "own_median_s": round(statistics.median(own["new"]), 2),
+            "own_min_s": round(min(own["new"]), 2), "own_max_s": round(max(own["new"]), 2),
             "load_average": round(os.getloadavg()[0], 1), "pairs": FIXED_PAIRS,
             "target_s": 0.5,
             **({"baseline_fixed_median_s": round(statistics.median(
                 [b - p for p, b in zip(plain, base, strict=True)]), 2),
                 "baseline_fixed_cpu_median_s": round(statistics.median(
-                    [b - p for p, b in zip(plain_cpu, base_cpu, strict=True)]), 2)}
+                    [b - p for p, b in zip(plain_cpu, base_cpu, strict=True)]), 2),
+                "baseline_own_median_s": round(statistics.median(own["base"]), 2)}
                if base else {})}
 
 

@@ -616,10 +616,13 @@ class _Progress:
     """The prediction's progress line on stderr (plan's and run's): rewritten in place on a
     terminal, else one line per traced config; each with the seconds so far and an ETA."""
 
-    def __init__(self, verb: str, model: str, python: str | None) -> None:
+    def __init__(self, verb: str, model: str, python: str | None, *,
+                 as_json: bool = False) -> None:
         self.verb = verb
+        self.as_json = as_json
+        """--log-format json: each line is a log event, stderr stays JSON lines."""
         self.started = time.monotonic()
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty() and not as_json
         self.total = 0
         self.open = False
         where = ("the analytic count ranks the ladder; FakeTensor traces in "
@@ -628,6 +631,9 @@ class _Progress:
         self._line(f"{verb}: predicting {model}'s memory ({where})")
 
     def _line(self, text: str, *, again: bool = False) -> None:
+        if self.as_json:
+            log.info("estimate.progress", line=text)
+            return
         if again and self.tty:
             print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)  # noqa: T201
             self.open = True
@@ -712,7 +718,9 @@ def _memory(args: argparse.Namespace, command: Command, early: _Early | None) ->
             log.info("estimate.unavailable", reason=str(exc))
     began = time.monotonic()
     if predictor is not None and args.policy and device_mib is not None:
-        progress = _Progress("run", predictor.spec.name, predictor.python)
+        output = getattr(args, "output", None)
+        progress = _Progress("run", predictor.spec.name, predictor.python,
+                             as_json=getattr(output, "fmt", None) == "json")
         predictor.progress, predictor.notice = progress, progress.say
         ranked = None
         with contextlib.suppress(Exception):

@@ -346,6 +346,21 @@ def test_run_says_how_far_the_prediction_is_with_an_eta(capsys: pytest.CaptureFi
     assert lines[4].endswith("(24 configs ranked by the analytic count, 2 traced)")
 
 
+def test_with_json_logs_the_progress_is_log_events(capsys: pytest.CaptureFixture[str]) -> None:
+    """--log-format json: stderr stays JSON lines; each progress line is an event."""
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    from supervisor.cli import _Progress  # noqa: PLC0415
+
+    with capture_logs() as logs:
+        progress = _Progress("run", "tiny", "/venv/bin/python", as_json=True)
+        progress(1, 2)
+        progress.finish(24, 2)
+    assert capsys.readouterr().err == ""
+    assert [e["event"] for e in logs] == ["estimate.progress"] * 3
+    assert logs[1]["line"].startswith("run: predicting 1/2 configs, ")
+
+
 @pytest.mark.parametrize(("estimate_s", "said"), [(5.2, True), (1.0, False), (None, False)])
 def test_the_summary_names_the_prediction_when_it_is_over_a_tenth_of_the_run(
         tmp_path: Path, estimate_s: float | None, *, said: bool) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from supervisor.estimate import RESULT_PREFIX, EstimateError, child_env
 
@@ -129,12 +129,14 @@ class WarmTracer:
             self._fail(f"the FakeTensor tracer ({self.python}) {late}")
         if item is _EOF:
             code = self._proc.wait() if self._proc is not None else None
+            for pump in self._pumps:  # its last words on stderr, read to their end
+                pump.join(timeout=2)
             last = next((e.strip() for e in reversed(self._errors) if e.strip()),
                         f"exit status {code}")
             self._fail(f"the FakeTensor tracer ({self.python}) failed: {last[:300]}")
         return str(item)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str) -> NoReturn:
         self.failed = why
         self._kill()
         raise EstimateError(why)

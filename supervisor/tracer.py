@@ -159,9 +159,12 @@ class WarmTracer:
                         stream.close()
 
     def close(self) -> None:
-        """End the child: its stdin closed (it exits), killed by pid if still there after 2 s."""
+        """End the child: its stdin closed (it exits), killed by pid if still there after 2 s;
+        one still importing torch (never asked, or asked in vain) is killed at once."""
         if self._proc is None:
             return
+        if not self._ready:
+            self._kill()
         if self._proc.stdin is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._proc.stdin.close()

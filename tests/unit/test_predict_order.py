@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,8 @@ def test_a_model_the_tracer_cannot_handle_is_counted_and_said_once() -> None:
 # --- the warm tracer ---------------------------------------------------------------------------
 
 _SERVER = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, time
+    time.sleep(float(os.environ.get("SLOW_START", "0")))
     if os.environ.get("DIE_AT_START"):
         print("ImportError: no torch here", file=sys.stderr)
         sys.exit(1)
@@ -417,3 +419,14 @@ def test_the_blind_run_passes_over_configs_its_oom_showed_cannot_fit(tmp_path: P
         assert counted.peak_mib * 0.95 <= 100
         md = (tmp_path / label / "report.md").read_text()
         assert "an earlier attempt's out-of-memory error showed the device holds" in md
+
+
+def test_a_tracer_never_asked_is_ended_at_once(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that stops before it predicts (bad input) does not wait for torch's import."""
+    monkeypatch.setenv("SLOW_START", "60")
+    tracer = WarmTracer(_fake_python(tmp_path))
+    started = time.monotonic()
+    tracer.close()
+    assert time.monotonic() - started < 30  # far under the 60 s start
+    assert tracer.failed is not None

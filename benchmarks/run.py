@@ -121,6 +121,118 @@ def bench_plan(tmp: Path) -> dict[str, float]:
     return out
 
 
+FIXED_PAIRS = int(os.environ.get("FIXED_PAIRS", "10"))
+FIXED_STEPS = os.environ.get("FIXED_STEPS", "12")
+FIXED_BASELINE = os.environ.get("FIXED_BASELINE")
+"""A folder holding another version's `supervisor` package (e.g. `git archive REV supervisor
+policies | tar -x -C DIR`): timed too, in the same rounds, as the figure to compare with."""
+
+
+def bench_fixed(tmp: Path) -> dict[str, float]:
+    """The supervisor's fixed cost on a fit of about 10 s: the same fitting command alone and
+    under `run`, in FIXED_PAIRS interleaved pairs (plain, supervised, plain, ...); the median
+    of the pairwise differences and of the ratios (target: under 0.5 s)."""
+    command = [*TRAINER, "--model_name_or_path", "tiny", "--per_device_train_batch_size", "1",
+               "--cutoff_len", "64", "--max_steps", FIXED_STEPS, "--output_dir", "out"]
+    plain, supervised, plain_cpu, supervised_cpu = [], [], [], []
+    base: list[float] = []
+    base_cpu: list[float] = []
+    own: dict[str, list[float]] = {"new": [], "base": []}
+
+    def own_seconds(run_id: str, began: float) -> float:
+        """The supervisor's seconds around the command: its start to the attempt's spawn,
+        and the attempt's end to its own exit (the command's own time left out)."""
+        events = [json.loads(line) for line in
+                  (tmp / run_id / "journal.jsonl").read_text().splitlines()]
+        spawned = next(e["ts"] for e in events if e["event"] == "attempt.spawned")
+        finished = next(e["ts"] for e in events if e["event"] == "attempt.finished")
+        return (spawned - began) + (time.time() - finished)
+
+    def timed(argv: list[str], wall: list[float], cpu: list[float],
+              env: dict[str, str] = ENV) -> None:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        subprocess.run(argv, check=True, env=env, cwd=tmp, capture_output=True)  # noqa: S603
+        wall.append(time.monotonic() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+
+    for i in range(FIXED_PAIRS):
+        timed(command, plain, plain_cpu)
+        began = time.time()
+        timed([PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
+               "--runs-dir", str(tmp), "--run-id", f"fixed{i}", "--fits-db",
+               str(tmp / "fits.sqlite3"), "--", *command], supervised, supervised_cpu)
+        own["new"].append(own_seconds(f"fixed{i}", began))
+        if FIXED_BASELINE:
+            began = time.time()
+            timed([PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--fresh",
+                   "--runs-dir", str(tmp), "--run-id", f"base{i}", "--fits-db",
+                   str(tmp / "fits.sqlite3"), "--", *command], base, base_cpu,
+                  env={**ENV, "PYTHONPATH": FIXED_BASELINE})
+            own["base"].append(own_seconds(f"base{i}", began))
+    pairs = [s - p for p, s in zip(plain, supervised, strict=True)]
+    ratios = [s / p for p, s in zip(plain, supervised, strict=True)]
+    cpu = [s - p for p, s in zip(plain_cpu, supervised_cpu, strict=True)]
+    # Wall seconds on a shared machine swing by more than the cost itself; the CPU seconds of
+    # the supervisor's processes (the command's own subtracted, pair by pair) do not.
+    return {"plain_median_s": round(statistics.median(plain), 2),
+            "supervised_median_s": round(statistics.median(supervised), 2),
+            "fixed_median_s": round(statistics.median(pairs), 2),
+            "fixed_min_s": round(min(pairs), 2), "fixed_max_s": round(max(pairs), 2),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "fixed_cpu_median_s": round(statistics.median(cpu), 2),
+            "fixed_cpu_min_s": round(min(cpu), 2), "fixed_cpu_max_s": round(max(cpu), 2),
+            "own_median_s": round(statistics.median(own["new"]), 2),
+            "own_min_s": round(min(own["new"]), 2), "own_max_s": round(max(own["new"]), 2),
+            "load_average": round(os.getloadavg()[0], 1), "pairs": FIXED_PAIRS,
+            "target_s": 0.5,
+            **({"baseline_fixed_median_s": round(statistics.median(
+                [b - p for p, b in zip(plain, base, strict=True)]), 2),
+                "baseline_fixed_cpu_median_s": round(statistics.median(
+                    [b - p for p, b in zip(plain_cpu, base_cpu, strict=True)]), 2),
+                "baseline_own_median_s": round(statistics.median(own["base"]), 2)}
+               if base else {})}
+
+
+DEMO_START = ["--model_name_or_path", "tiny", "--finetuning_type", "full",
+              "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+              "--cutoff_len", "1024", "--max_steps", "1"]
+"""The demo's ambitious command (cli.demo_command)."""
+PREDICT_BUDGETS = tuple(int(b) for b in os.environ.get("PREDICT_BUDGETS", "70").split(","))
+
+
+def bench_predict(tmp: Path) -> dict[str, float]:
+    """`run --device-memory` on the demo's command with a fresh trace store: the seconds from
+    the command's start to attempt 1 beside attempt 1's own seconds (target: ratio <= 1),
+    then the same again with the traces kept by the first run."""
+    out: dict[str, float] = {}
+    for budget in PREDICT_BUDGETS:
+        for label in ("cold", "kept"):
+            run_id = f"predict-{budget}-{label}"
+            began = time.time()
+            subprocess.run(  # noqa: S603 - our own CLI
+                [PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
+                 "--runs-dir", str(tmp), "--run-id", run_id, "--fresh",
+                 "--fits-db", str(tmp / "fits.sqlite3"), "--device-memory", f"{budget}MiB",
+                 "--", *TRAINER, *DEMO_START, "--output_dir", str(tmp / "out")],
+                check=True, env=ENV, cwd=tmp, capture_output=True)
+            events = [json.loads(line) for line in
+                      (tmp / run_id / "journal.jsonl").read_text().splitlines()]
+            started = next(e for e in events if e["event"] == "attempt.started")
+            finished = next(e for e in events if e["event"] == "attempt.finished")
+            before = float(started["ts"]) - began
+            attempt = float(finished["duration_s"])
+            attempts = sum(1 for e in events if e["event"] == "attempt.finished")
+            key = f"{budget}mib_{label}"
+            out[f"{key}_before_attempt_1_s"] = round(before, 1)
+            out[f"{key}_attempt_1_s"] = round(attempt, 1)
+            out[f"{key}_ratio"] = round(before / attempt, 2)
+            out[f"{key}_attempts"] = attempts
+    out["target_ratio"] = 1.0
+    return out
+
+
 FLOOD_MB = int(os.environ.get("FLOOD_MB", "500"))
 FLOOD_SCRIPT = """\
 import runpy, sys
@@ -174,7 +286,7 @@ def bench_flood(tmp: Path) -> dict[str, float]:
 
 BENCHES: dict[str, Callable[[Path], dict[str, float]]] = {
     "demo": bench_demo, "kill": bench_kill, "overhead": bench_overhead, "plan": bench_plan,
-    "flood": bench_flood}
+    "flood": bench_flood, "predict": bench_predict, "fixed": bench_fixed}
 
 
 def main(names: list[str]) -> int:

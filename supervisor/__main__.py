@@ -19,6 +19,9 @@ def run() -> int:
     """The console script's entry point: signals caught first, then the CLI."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _noted)
+    from supervisor._lean import import_structlog  # noqa: PLC0415 - after the handlers
+
+    import_structlog()  # without rich's tracebacks and asyncio: a run needs neither
     from supervisor.cli import main  # noqa: PLC0415 - after the handlers, on purpose
 
     return main(early_signals=_EARLY)

@@ -318,10 +318,8 @@ def estimate(config_values: dict[str, Any], knobs: dict[str, Any], *, device: st
     return extrapolate(shallow, deeper, depths, layers)
 
 
-def main() -> int:
-    """Read the request from stdin, print one result line per config."""
-    request = json.loads(sys.stdin.read())
-    _never_packed()
+def _answer(request: dict[str, Any]) -> None:
+    """One result line per config of `request`, each as soon as it is traced."""
     config_values = request["config"]
     device = request.get("device", "cpu")
     scale = bool(request.get("scale", True))
@@ -333,6 +331,44 @@ def main() -> int:
             result = {"error": " ".join(last.split())[:500]}
         result["index"] = index
         print(f"{RESULT_PREFIX} {json.dumps(result)}", flush=True)
+
+
+READY = "estimate.ready"
+"""The warm tracer's first line: torch and transformers are imported, requests are welcome."""
+DONE = "estimate.done"
+"""The warm tracer's line after the last result of one request."""
+
+
+def serve() -> int:
+    """The warm tracer (supervisor.tracer): torch imported once, one JSON request per line.
+
+    Prints READY once transformers is imported, then for each request line its result lines
+    and DONE; ends at the end of stdin.
+    """
+    _never_packed()
+    with contextlib.suppress(ImportError):
+        import transformers  # noqa: F401, PLC0415 - imported now, not at the first request
+    print(READY, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            _answer(json.loads(line))
+        except Exception as error:  # noqa: BLE001 - a bad request must not end the tracer
+            last = traceback.format_exception_only(error)[-1].strip()
+            print(f"{RESULT_PREFIX} {json.dumps({'error': last[:500], 'index': -1})}",
+                  flush=True)
+        print(DONE, flush=True)
+    return 0
+
+
+def main() -> int:
+    """Read the request from stdin, print one result line per config (`--serve`: many)."""
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
+    request = json.loads(sys.stdin.read())
+    _never_packed()
+    _answer(request)
     return 0
 
 

@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn, TextIO, cast
@@ -31,7 +31,7 @@ from supervisor.estimate import (
     Estimator,
     ModelSpec,
     ModelSpecError,
-    fits,
+    Prediction,
     model_argument,
     model_name,
     pick_python,
@@ -58,13 +58,14 @@ from supervisor.loop import (
     supervise,
 )
 from supervisor.plan import build as build_plan
-from supervisor.plan import describe_reading, parse_size_mib
+from supervisor.plan import describe_reading, next_runnable, parse_size_mib
 from supervisor.plan import render as render_plan
 from supervisor.plan import walk as walk_plan
-from supervisor.policy import Ladder, PolicyError, check_knobs, resolve
+from supervisor.plot import draw_later
+from supervisor.policy import CanSet, Ladder, PolicyError, check_knobs, resolve
 from supervisor.policy import parse as parse_policy
 from supervisor.program import ProbeInterrupted
-from supervisor.report import foreign_note
+from supervisor.report import foreign_note, human_duration
 from supervisor.report import write as write_report
 from supervisor.rundir import RunDirError, prepare_run_dir, validate_run_id
 from supervisor.runner import StopRequest
@@ -73,6 +74,7 @@ from supervisor.status import StatusError, newest_run
 from supervisor.status import render as render_status
 from supervisor.status import watch as watch_status
 from supervisor.text import printable
+from supervisor.tracer import WarmTracer
 
 log = structlog.get_logger("supervisor")
 
@@ -140,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "limit injected into any Python command; also what predictions "
                           "are checked against (default: the visible GPU's)")
     run.add_argument("--no-estimate", dest="estimate", action="store_false",
-                     help="never skip a config on its predicted memory")
+                     help="never skip a config on its predicted memory, nor on what an "
+                          "earlier out-of-memory error showed the device holds: every "
+                          "config runs")
     run.add_argument("--share-output-dir", action="store_true",
                      help="let another run train into the same output folder at the same time "
                           "(by default the second is refused); checkpoints this run did not "
@@ -614,41 +618,77 @@ def _plan(args: argparse.Namespace, command: Command) -> int:
         print(f"plan: looking for torch and transformers in {command.argv[0]}'s interpreter",  # noqa: T201
               file=sys.stderr, flush=True)
         python, how = pick_python(command.argv, env=environment(command), cwd=command.cwd)
-    progress = _Progress(spec.name, python)
-    estimator = Estimator(spec, method=args.method, device=_estimate_device(probe),
-                          python=python, progress=progress)
-    # The walk `run` would take for this program: the same skip predicate (Reading.can_set,
-    # as RunConfig.can_set in the loop), so plan never recommends a config run cannot try.
-    plan = build_plan(start, ladder, spec, device_mib, predict=estimator.predict_many,
-                      assumptions=(describe_reading(start, reading.sources), how),
-                      can_set=reading.can_set)
-    progress.finish()
+    progress = _Progress("plan", spec.name, python)
+    # auto: the analytic count ranks, traces confirm the config `run` would start with and
+    # its neighbour across the device line; fake: every config traced.
+    ranked = args.method == "auto"
+    tracer = WarmTracer(python) if ranked and python is not None else None
+    try:
+        estimator = Estimator(spec, method=args.method, device=_estimate_device(probe),
+                              python=python, progress=progress, ranked=ranked, tracer=tracer,
+                              notice=progress.say)
+        # The walk `run` would take for this program: the same skip predicate
+        # (Reading.can_set, as RunConfig.can_set in the loop), so plan never recommends a
+        # config run cannot try.
+        plan = build_plan(start, ladder, spec, device_mib, predict=estimator.predict_many,
+                          assumptions=(describe_reading(start, reading.sources), how),
+                          can_set=reading.can_set,
+                          confirm=estimator.confirm if ranked else None)
+    finally:
+        if tracer is not None:
+            tracer.close()
+    progress.finish(len(plan.rows) if ranked else None, estimator.traced)
     print(render_plan(plan))  # noqa: T201
     return ExitCode.FITTED if plan.recommended is not None else ExitCode.EXHAUSTED
 
 
 class _Progress:
-    """plan's progress line on stderr: rewritten in place on a terminal, else start and end."""
+    """The prediction's progress line on stderr (plan's and run's): rewritten in place on a
+    terminal, else one line per traced config; each with the seconds so far and an ETA."""
 
-    def __init__(self, model: str, python: str | None) -> None:
+    def __init__(self, verb: str, model: str, python: str | None, *,
+                 as_json: bool = False) -> None:
+        self.verb = verb
+        self.as_json = as_json
+        """--log-format json: each line is a log event, stderr stays JSON lines."""
         self.started = time.monotonic()
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty() and not as_json
         self.total = 0
-        where = (f"FakeTensor in {python}; a deep model traces 2 layers and scales" if python
-                 else "analytic count")
-        print(f"plan: predicting {model} ({where})", file=sys.stderr, flush=True)  # noqa: T201
+        self.open = False
+        where = ("the analytic count ranks the ladder; FakeTensor traces in "
+                 f"{python} confirm the config to start with and its neighbour"
+                 if python else "analytic count")
+        self._line(f"{verb}: predicting {model}'s memory ({where})")
+
+    def _line(self, text: str, *, again: bool = False) -> None:
+        if self.as_json:
+            log.info("estimate.progress", line=text)
+            return
+        if again and self.tty:
+            print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)  # noqa: T201
+            self.open = True
+            return
+        print(("\n" if self.open else "") + text, file=sys.stderr, flush=True)  # noqa: T201
+        self.open = False
 
     def __call__(self, done: int, total: int) -> None:
         self.total = total
-        if self.tty:
-            print(f"\rplan: traced {done}/{total} configs, "  # noqa: T201
-                  f"{time.monotonic() - self.started:.0f} s", end="", file=sys.stderr,
-                  flush=True)
+        took = time.monotonic() - self.started
+        left = took / done * (total - done) if done else None
+        eta = f", about {human_duration(left)} left" if left else ""
+        self._line(f"{self.verb}: predicting {done}/{total} configs, {human_duration(took)}"
+                   f"{eta}", again=True)
 
-    def finish(self) -> None:
-        end = "\n" if self.tty and self.total else ""
-        print(f"{end}plan: done in {time.monotonic() - self.started:.0f} s",  # noqa: T201
-              file=sys.stderr, flush=True)
+    def say(self, text: str) -> None:
+        """A sentence about the prediction (said once by the estimator)."""
+        self._line(f"{self.verb}: {text}")
+
+    def finish(self, configs: int | None = None, traced: int | None = None) -> None:
+        """The prediction's end: its seconds, and how many configs were ranked and traced."""
+        what = (f" ({configs} configs ranked by the analytic count, {traced} traced)"
+                if configs is not None and traced is not None else "")
+        self._line(f"{self.verb}: done in {human_duration(time.monotonic() - self.started)}"
+                   f"{what}")
 
 
 def _model_spec(command: Command, knobs: Knobs | None = None) -> ModelSpec:
@@ -665,31 +705,79 @@ def _estimate_device(probe: NvmlProbe | None) -> str:
     return "cuda" if probe is not None and probe.unavailable is None else "cpu"
 
 
-def _memory(args: argparse.Namespace, command: Command) -> Memory:
-    """Predictions and GPU sampling for `run`: each used only where it can be."""
+@dataclasses.dataclass(slots=True)
+class _Early:
+    """What `run` starts before reading the command: the warm tracer, its interpreter."""
+
+    python: str | None
+    how: str
+    tracer: WarmTracer | None
+    gpu: NvmlProbe
+
+
+def _start_early(args: argparse.Namespace, command: Command) -> _Early | None:
+    """The warm tracing process, started first: torch's import overlaps the `--help` probe,
+    the run folder and the journal (None: this run predicts nothing)."""
+    if args.verb != "run" or not getattr(args, "estimate", False):
+        return None
     probe = NvmlProbe()
+    gpu = probe if probe.unavailable is None else None
+    if _device_mib(args, gpu) is None:
+        return _Early(python=None, how="", tracer=None, gpu=probe)
+    python, how = pick_python(command.argv, env=environment(command), cwd=command.cwd)
+    tracer = WarmTracer(python) if python is not None else None
+    return _Early(python=python, how=how, tracer=tracer, gpu=probe)
+
+
+def _memory(args: argparse.Namespace, command: Command, early: _Early | None) -> Memory:
+    """Predictions and GPU sampling for `run`: each used only where it can be."""
+    probe = early.gpu if early is not None else NvmlProbe()
     gpu = probe if probe.unavailable is None else None
     device_mib = _device_mib(args, gpu)
     predictor = None
     if getattr(args, "estimate", False) and device_mib is not None:
         try:
             knobs = _dialect(args, command).read(command)
-            python, how = pick_python(command.argv, env=environment(command), cwd=command.cwd)
+            python, how = (early.python, early.how) if early is not None and early.how else \
+                pick_python(command.argv, env=environment(command), cwd=command.cwd)
             log.info("estimate.interpreter", how=how)
             predictor = Estimator(_model_spec(command, knobs), device=_estimate_device(gpu),
-                                  python=python, store=_trace_store(args))
+                                  python=python, store=_trace_store(args), ranked=True,
+                                  tracer=early.tracer if early is not None else None)
         except ModelSpecError as exc:
             log.info("estimate.unavailable", reason=str(exc))
     began = time.monotonic()
     if predictor is not None and args.policy and device_mib is not None:
+        output = getattr(args, "output", None)
+        progress = _Progress("run", predictor.spec.name, predictor.python,
+                             as_json=getattr(output, "fmt", None) == "json")
+        predictor.progress, predictor.notice = progress, progress.say
+        ranked = None
         with contextlib.suppress(Exception):
             reading = _dialect(args, command).read_sourced(command)
-            configs = [k for k, _ in walk_plan(reading.knobs, resolve(args.policy),
-                                               can_set=reading.can_set)]
-            _predict_ahead(predictor, configs, device_mib)
+            ladder = resolve(args.policy)
+            ranked = len(walk_plan(reading.knobs, ladder, can_set=reading.can_set))
+            predict_first(predictor, reading.knobs, ladder, device_mib,
+                          margin=Memory().margin, can_set=reading.can_set)
+        progress.finish(ranked, predictor.traced)
+        predictor.progress = None
     spent = round(time.monotonic() - began, 2) if predictor is not None else None
     return Memory(predictor=predictor, device_mib=device_mib, gpu=gpu or probe,
-                  predicted_s=spent)
+                  predicted_s=spent,
+                  count=_count(args, command, gpu) if getattr(args, "estimate", False) else None)
+
+
+def _count(args: argparse.Namespace, command: Command,
+           gpu: NvmlProbe | None) -> Callable[[Knobs], Prediction | None] | None:
+    """The analytic count the walk checks its OOMs' figures against where no prediction is
+    in force (a device of unknown size: the blind walk); None: the model's shape is unknown,
+    and every config runs."""
+    with contextlib.suppress(ModelSpecError, CommandError, OSError, ValueError):
+        spec = _model_spec(command, _dialect(args, command).read(command))
+        if spec.shape() is not None:
+            return Estimator(spec, method="analytic", python=None,
+                             device=_estimate_device(gpu)).predict
+    return None
 
 
 def _trace_store(args: argparse.Namespace) -> FitStore | None:
@@ -704,26 +792,16 @@ def _trace_store(args: argparse.Namespace) -> FitStore | None:
     return store
 
 
-PREDICT_FIRST = 4
-"""Configs of the walk predicted in the first batch; each later batch is twice as many."""
-
-
-def _predict_ahead(predictor: Estimator, configs: Sequence[Knobs], device_mib: float) -> None:
-    """Predict the walk in order, in growing batches (one child process each), up to the first
-    batch that holds a config predicted to fit: a config the loop then needs is cached, and a
-    start that fits costs one small batch instead of the whole walk. The loop predicts any
-    config past these (after a real OOM) when it gets there."""
-    done, size = 0, PREDICT_FIRST
-    log.info("estimate.predicting", configs=len(configs),
-             how="in the walk's order until one is predicted to fit")
-    while done < len(configs):
-        batch = configs[done:done + size]
-        predictions = predictor.predict_many(batch)
-        done += len(batch)
-        if any(fits(p, device_mib, margin=0.0) for p in predictions):
-            break
-        size *= 2
-    log.info("estimate.predicted", configs=done, of=len(configs))
+def predict_first(predictor: Estimator, start: Knobs, ladder: Ladder, device_mib: float, *,  # noqa: PLR0913 - keyword-only
+                  margin: float, can_set: CanSet | None) -> None:
+    """Before attempt 1, the prediction `run`'s first step needs, in the order that pays
+    (plan.next_runnable with `confirm`: the analytic count ranks, traces confirm the config
+    the walk would take and its neighbour across the device line); the loop's own first
+    step then finds every trace it needs made."""
+    next_runnable(start, [], ladder, predict=predictor.predict, device_mib=device_mib,
+                  margin=margin, can_set=can_set, confirm=predictor.confirm)
+    log.debug("estimate.predicted", traced=predictor.traced,
+              seconds=round(predictor.traced_s, 2))
 
 
 _DEMO_NEEDS = ("torch", "transformers", "peft")
@@ -752,6 +830,15 @@ def demo_command() -> Command:
 
 
 def _run(args: argparse.Namespace, command: Command) -> int:
+    early = _start_early(args, command)
+    try:
+        return _run_started(args, command, early)
+    finally:
+        if early is not None and early.tracer is not None:
+            early.tracer.close()
+
+
+def _run_started(args: argparse.Namespace, command: Command, early: _Early | None) -> int:
     ladder = resolve(args.policy)
     if getattr(args, "keep_quality", False):
         ladder = dataclasses.replace(ladder, keep_quality=True)
@@ -771,7 +858,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         command = _demo_output_into(command, run_dir)
     env = environment(command)
     # The demo shows the ladder itself: no predictions, every OOM real.
-    memory = (_memory(args, command) if args.verb == "run"
+    memory = (_memory(args, command, early) if args.verb == "run"
               else Memory(device_mib=args.device_memory))
     if args.device_memory is not None:
         # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
@@ -796,7 +883,8 @@ def _run(args: argparse.Namespace, command: Command) -> int:
                            remembered_from=remembered.run_id if remembered else None,
                            fits_db=str(args.fits_db) if args.fits_db else None,
                            share_output_dir=getattr(args, "share_output_dir", False),
-                           process_started_at=process_start_time())
+                           process_started_at=process_start_time(),
+                           draw_later=draw_later)
     finally:
         args.output.close()
     if remembered is not None and result.final_knobs is not None:
@@ -978,7 +1066,8 @@ def _ended(args: argparse.Namespace, result: RunResult) -> int:
         try:
             with Journal(result.run_dir) as journal:  # the run has ended: the lock is free
                 journal.write(event)
-            write_report(result.run_dir, load_journal(result.run_dir)[0])
+            write_report(result.run_dir, load_journal(result.run_dir)[0], pictures=False)
+            draw_later(result.run_dir)
         except (RunFolderBusyError, JournalWriteError, JournalError, WriteFailedError) as exc:
             args.output.print(f"oom-supervisor: note: the notify result was not journaled "
                               f"({exc})")

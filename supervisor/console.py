@@ -21,18 +21,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import structlog
-from rich.console import Console as RichConsole
-from rich.live import Live
-from rich.text import Text
 
 from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.files import open_new, open_regular, read_tail
 from supervisor.journal import load
 from supervisor.text import printable
+
+if TYPE_CHECKING:  # rich is imported where the live line is drawn: on a terminal only
+    from rich.console import Console as RichConsole
+    from rich.live import Live
+    from rich.text import Text
 
 _SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.detected",
                      "run.stopped"})
@@ -134,6 +136,9 @@ class Console:
         """The run folder is known: read its journal from now on (and start the live line)."""
         self.run_dir = run_dir
         if self.live and self._live is None and not self._lost:
+            from rich.console import Console as RichConsole  # noqa: PLC0415 - a terminal's
+            from rich.live import Live  # noqa: PLC0415
+
             self._rich = RichConsole(file=self.stream, highlight=False, soft_wrap=False,
                                      no_color=self.plain or None,
                                      color_system=None if self.plain else "auto")
@@ -162,6 +167,8 @@ class Console:
     def print(self, text: str) -> None:
         """A line outside the event stream (the summary), in the console's own manner."""
         if self._rich is not None and not self._lost:
+            from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
             self._rich.print(Text(text))
         else:
             self.stream.write(text + "\n")
@@ -178,6 +185,8 @@ class Console:
         if line is None:
             raise structlog.DropEvent
         if self.live and self._rich is not None and self._live is not None and not self._lost:
+            from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
             self._rich.print(Text(line, style="" if self.plain else _style_of(name, event_dict)))
             self._refresh()
             raise structlog.DropEvent
@@ -254,6 +263,8 @@ class Console:
 
     def live_text(self) -> Text | None:
         """The live line of the running attempt, or None between attempts."""
+        from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
         record, state = self._current, self._state
         if record is None or state is None:
             return None
@@ -272,6 +283,8 @@ class Console:
     def _refresh(self) -> None:
         if self._live is None or self._lost:
             return
+        from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
         with contextlib.suppress(Exception):
             self._live.update(self.live_text() or Text(""), refresh=True)
 
@@ -318,6 +331,8 @@ class _Above(io.TextIOBase):
     def write(self, text: str) -> int:
         lines = (self._partial + text.replace("\r\n", "\n")).split("\n")
         self._partial = lines.pop()
+        from rich.text import Text  # noqa: PLC0415 - imported with the live line
+
         for line in lines:
             self._rich.print(Text(line.rsplit("\r", 1)[-1]), soft_wrap=True)
         return len(text)
@@ -522,6 +537,18 @@ def _printable_values(_logger: object, _name: str, event: MutableMapping[str, An
     return event
 
 
+PREDICTION_SHARE = 0.10
+"""The summary's first line names the prediction's seconds when they are over this share."""
+
+
+def _prediction_share(data: Mapping[str, Any]) -> str:
+    """', 5.2 s of it predicting memory' where the prediction took over 10 % of the run."""
+    predicted, took = data.get("estimate_s") or 0.0, data.get("duration_s") or 0.0
+    if not took or predicted <= PREDICTION_SHARE * took:
+        return ""
+    return f", {report.human_duration(predicted)} of it predicting memory"
+
+
 def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
     """The closing lines: how it ended, in how long, the working config, what it cost, where."""
     attempts = data.get("attempts", [])
@@ -532,7 +559,7 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
             "transient": "stopped (transient failures)", "hang": "stopped (hung)",
             "interrupted": "interrupted"}.get(status, status)
     lines = [(f"oom-supervisor: {head} after {len(attempts)} attempt(s) "
-              f"({ooms} out of memory) in {took}")]
+              f"({ooms} out of memory) in {took}{_prediction_share(data)}")]
     if data.get("reason"):
         lines.append(f"  why: {data['reason']}")
     good = data.get("goodput")

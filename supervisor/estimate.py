@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -421,27 +422,31 @@ def fake_many(spec: ModelSpec, configs: Sequence[Knobs], *, device: str = "cpu",
     with ThreadPoolExecutor(max_workers=count) as pool:
         for part in pool.map(one, chunks):
             merged.update(part)
-    predictions: list[Prediction | EstimateError] = []
-    for k, knobs in enumerate(configs):
-        result = merged[k]
-        if "error" in result:
-            predictions.append(EstimateError(
-                f"FakeTensor estimate of {_short(knobs)} failed: {result['error']}"))
-            continue
-        breakdown = {**result["breakdown"], "peak_phase": result["peak_phase"],
-                     "peak_op": result["peak_op"], "total_params": result["total_params"],
-                     "trainable_params": result["trainable_params"],
-                     "seconds": result["seconds"]}
-        if "phase_peaks" in result:
-            breakdown["phase_peaks_mib"] = {p: round(v / _MIB, 2)
-                                            for p, v in result["phase_peaks"].items()}
-            breakdown["phase_gradients_mib"] = {p: round(v / _MIB, 2) for p, v
-                                                in result.get("phase_grads", {}).items()}
-        if "traced_layers" in result:
-            breakdown["traced_layers"] = result["traced_layers"]
-        predictions.append(Prediction(peak_mib=result["peak_bytes"] / _MIB, method=Method.FAKE,
-                                      breakdown=breakdown))
-    return predictions
+    return [prediction_of(merged[k], knobs) for k, knobs in enumerate(configs)]
+
+
+def prediction_of(result: Mapping[str, Any], knobs: Knobs) -> Prediction | EstimateError:
+    """One result line of the child (one-shot or warm) as a Prediction, or why it failed."""
+    if "error" in result:
+        return EstimateError(f"FakeTensor estimate of {_short(knobs)} failed: {result['error']}")
+    breakdown = {**result["breakdown"], "peak_phase": result["peak_phase"],
+                 "peak_op": result["peak_op"], "total_params": result["total_params"],
+                 "trainable_params": result["trainable_params"],
+                 "seconds": result["seconds"]}
+    if "phase_peaks" in result:
+        breakdown["phase_peaks_mib"] = {p: round(v / _MIB, 2)
+                                        for p, v in result["phase_peaks"].items()}
+        breakdown["phase_gradients_mib"] = {p: round(v / _MIB, 2) for p, v
+                                            in result.get("phase_grads", {}).items()}
+    if "traced_layers" in result:
+        breakdown["traced_layers"] = result["traced_layers"]
+    return Prediction(peak_mib=result["peak_bytes"] / _MIB, method=Method.FAKE,
+                      breakdown=breakdown)
+
+
+def child_knobs(knobs: Knobs) -> dict[str, Any]:
+    """The knobs the child traces, as it reads them."""
+    return _child_knobs(knobs)
 
 
 def _child_knobs(knobs: Knobs) -> dict[str, Any]:
@@ -515,6 +520,12 @@ def _stream(argv: list[str], text: str, *, env: Mapping[str, str], timeout_s: fl
     if expired.is_set():
         raise subprocess.TimeoutExpired(argv, timeout_s)
     return returncode, "".join(lines), "".join(errors)
+
+
+def child_env() -> dict[str, str]:
+    """The child's environment (one-shot or warm): this package first on its path, one
+    thread per op, the hub offline, no simulated device."""
+    return _child_env()
 
 
 def _child_env() -> dict[str, str]:
@@ -770,6 +781,15 @@ _CACHE: dict[tuple[str, Knobs, str, str], Prediction] = {}
 """Traces made in this process, per (config, trace_knobs, device, method)."""
 
 
+class Tracer(Protocol):
+    """A warm tracing process (supervisor.tracer.WarmTracer)."""
+
+    def trace(self, request: Mapping[str, Any], *, timeout_s: float = 900.0,
+              on_result: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+        """The child's result of each config of `request`; EstimateError when it cannot."""
+        ...
+
+
 class TraceStore(Protocol):
     """Where traces outlive the process (the fit store's `traces` table, fits.FitStore)."""
 
@@ -780,13 +800,28 @@ class TraceStore(Protocol):
         """Keep `prediction` under `key`."""
 
 
+_NOT_SHAPE = frozenset({"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                        "bos_token_id", "eos_token_id", "pad_token_id", "use_cache",
+                        "auto_map", "quantization_config", "_commit_hash"})
+"""config.json keys that say where a model came from or how it generates, not its shape
+(the child drops the dtype and quantisation keys too: the knobs give the precision)."""
+
+
 def trace_key(spec: ModelSpec, knobs: Knobs, *, device: str, tag: str,
-              python: str | None) -> str:
-    """A trace's key across runs: the model's config, the traced knobs, the device, the
-    method, the interpreter that traced it and the estimator's own code (a change to it
-    must not reuse traces made before)."""
-    blob = json.dumps({"v": 1, "config": spec.config_json, "knobs": knobs.to_dict(),
-                       "device": device, "tag": tag, "python": python, "code": _code_hash()},
+              python: str | None = None) -> str:
+    """A trace's key across runs: by model shape, not by command.
+
+    The model's architecture and dimensions (its config without names, paths and token ids),
+    the traced knobs (precision, method and rank or trainable layers, cutoff, micro-batch,
+    checkpointing, up to two micro-batches), the device, the method and the estimator's own
+    code (a change to it must not reuse traces made before). Not the interpreter, the paths
+    or anything else of the command: the same model shape traced from another command or
+    interpreter is the same trace. (`python` is accepted and ignored.)
+    """
+    del python
+    shape = {k: v for k, v in spec.config.items() if k not in _NOT_SHAPE}
+    blob = json.dumps({"v": 2, "config": shape, "knobs": knobs.to_dict(),
+                       "device": device, "tag": tag, "code": _code_hash()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -950,6 +985,23 @@ class Estimator:
     """Why predictions failed (for the journal)."""
     store: TraceStore | None = None
     """Traces kept across runs (the fit store); None: this process's only."""
+    ranked: bool = False
+    """The analytic count ranks, traces confirm: `predict` answers with a trace already made
+    (this run's, or kept in the store) and else with the analytic count, and only `confirm`
+    traces (plan.next_runnable asks it for the config the walk would take and its neighbour
+    across the device line). False: `predict` traces every config it is asked about."""
+    tracer: Tracer | None = None
+    """The run's warm tracing process (supervisor.tracer); None: one child per `confirm`."""
+    notice: Callable[[str], None] | None = None
+    """Told once, in words, when this model cannot be traced and is counted instead."""
+    untraceable: str | None = None
+    """Why this model is not traced at all in this run (said once through `notice`)."""
+    traced_s: float = 0.0
+    """Seconds spent tracing in `confirm`."""
+    traced: int = 0
+    """Configs traced by `confirm` (made, not taken from the store)."""
+    _failed: dict[Knobs, str] = field(default_factory=dict, init=False, repr=False)
+    _looked: set[Knobs] = field(default_factory=set, init=False, repr=False)
 
     def predict(self, knobs: Knobs) -> Prediction | None:
         """The calibrated prediction for `knobs`, or None when none can be made."""
@@ -957,6 +1009,8 @@ class Estimator:
 
     def predict_many(self, configs: Sequence[Knobs]) -> list[Prediction | None]:
         """Calibrated predictions for many configs (one child process run for all)."""
+        if self.ranked:
+            return [self._ranked(knobs) for knobs in configs]
         out: list[Prediction | None] = []
         for result in predict_all(self.spec, configs, method=self.method, device=self.device,
                                   python=self.python, scale=self.scale, run=self.run,
@@ -967,6 +1021,121 @@ class Estimator:
             else:
                 out.append(calibrated(result, self.ratio))
         return out
+
+    @property
+    def _tag(self) -> str:
+        return "analytic" if self.method == "analytic" else \
+            f"fake{'-scaled' if self.scale else ''}"
+
+    def _ranked(self, knobs: Knobs) -> Prediction | None:
+        """A trace already made for `knobs`, else its analytic count (None: neither)."""
+        k = trace_knobs(knobs)
+        base = self._kept(k)
+        if base is None:
+            try:
+                base = analytic(self.spec, k, device=self.device)
+            except EstimateError as error:
+                self.errors.append(str(error))
+                return None
+            why = self._failed.get(k) or self.untraceable
+            if why is not None:
+                base = dataclasses.replace(base, note=f"{why}; analytic estimate instead")
+        return calibrated(adjusted(self.spec, knobs, base), self.ratio)
+
+    def _kept(self, k: Knobs) -> Prediction | None:
+        """This run's trace of the traced knobs `k`, or one an earlier run kept in the store
+        (a failure kept there is remembered as failed: never traced again)."""
+        if self.method == "analytic":
+            return None
+        cached = _CACHE.get((self.spec.config_json, k, self.device, self._tag))
+        if cached is not None or k in self._failed or k in self._looked \
+                or self.store is None:
+            return cached
+        self._looked.add(k)
+        row: Mapping[str, Any] | None = None
+        with contextlib.suppress(Exception):  # a damaged or foreign row: as if not kept
+            row = self.store.trace(trace_key(self.spec, k, device=self.device, tag=self._tag))
+        if row is None:
+            return None
+        if "failed" in row:
+            self._failed[k] = str(row["failed"])
+            return None
+        try:
+            kept = Prediction.from_dict(row)
+        except (KeyError, TypeError, ValueError):
+            return None
+        _CACHE[(self.spec.config_json, k, self.device, self._tag)] = kept
+        return kept
+
+    def confirm(self, configs: Sequence[Knobs]) -> None:
+        """Trace those of `configs` that have no trace yet, in the warm tracer (or one child).
+
+        Each trace is kept (in this process and the store); a config the tracer cannot trace
+        is kept as failed, never traced again, and counted analytically. When the first
+        traces of a run all fail, or the tracer cannot run at all, the model is counted
+        analytically from then on, said once through `notice`.
+        """
+        if not self.ranked or self.method == "analytic" or self.untraceable is not None:
+            return
+        todo = [k for k in dict.fromkeys(trace_knobs(c) for c in configs)
+                if k.cutoff_len is not None and self._kept(k) is None
+                and k not in self._failed]  # _kept learns of failures kept by earlier runs
+        if not todo:
+            return
+        if self.python is None:
+            self._give_up("no interpreter with torch and transformers for the FakeTensor "
+                          "estimator")
+            return
+        started = time.monotonic()
+        try:
+            results = self._trace(todo)
+        except EstimateError as error:  # the tracer itself: not these configs' fault
+            self.traced_s += time.monotonic() - started
+            self._give_up(str(error))
+            return
+        self.traced_s += time.monotonic() - started
+        made = 0
+        for k, result in zip(todo, results, strict=True):
+            key = trace_key(self.spec, k, device=self.device, tag=self._tag)
+            if isinstance(result, EstimateError):
+                self._failed[k] = str(result)
+                self.errors.append(str(result))
+                kept: dict[str, object] = {"failed": str(result)}
+            else:
+                made += 1
+                _CACHE[(self.spec.config_json, k, self.device, self._tag)] = result
+                kept = result.to_dict()
+            if self.store is not None:
+                with contextlib.suppress(Exception):  # a cache: never fails a prediction
+                    self.store.keep_trace(key, kept)
+        self.traced += made
+        if not made and self.traced == 0:
+            first = next(str(r) for r in results if isinstance(r, EstimateError))
+            self._give_up(first)
+
+    def _trace(self, todo: Sequence[Knobs]) -> list[Prediction | EstimateError]:
+        if self.tracer is None:
+            return fake_many(self.spec, todo, device=self.device,
+                             python=self.python or sys.executable, workers=1,
+                             scale=self.scale, run=self.run, progress=self.progress)
+        done = [0]
+
+        def one_done() -> None:
+            done[0] += 1
+            if self.progress is not None:
+                self.progress(done[0], len(todo))
+
+        request = {"config": self.spec.config, "device": self.device, "scale": self.scale,
+                   "requests": [child_knobs(k) for k in todo]}
+        results = {int(r["index"]): r for r in self.tracer.trace(request, on_result=one_done)}
+        return [prediction_of(results[i], k) for i, k in enumerate(todo)]
+
+    def _give_up(self, why: str) -> None:
+        self.untraceable = why
+        self.errors.append(why)
+        if self.notice is not None:
+            self.notice(f"the memory predictions of this model are counted from its shape, "
+                        f"not traced: {why}")
 
     def calibrate(self, knobs: Knobs, measured_mib: float, *,
                   lower_bound: bool = False) -> float:

@@ -65,7 +65,7 @@ from supervisor.files import make_dir, touch, write_file
 from supervisor.gpu import GpuProbe
 from supervisor.journal import Journal, read
 from supervisor.knobs import Knobs
-from supervisor.plan import START, Skip, next_runnable
+from supervisor.plan import START, Skip, next_listening, next_runnable
 from supervisor.policy import GiveUp, Ladder, Step, next_step
 from supervisor.runconfig import build_config
 from supervisor.secrets import Redactor
@@ -143,6 +143,10 @@ class Memory:
     gpu: GpuProbe | None = None
     predicted_s: float | None = None
     """Seconds the predictions took before the run (the run's wall time counts them)."""
+    count: Callable[[Knobs], Prediction | None] | None = None
+    """The analytic count from the model's shape, for the walk without predictions: an OOM's
+    own figures pass over configs counted clearly above what it showed the device holds
+    (plan.next_listening). None: the model's shape is unknown; every config runs."""
 
     @property
     def can_skip(self) -> bool:
@@ -303,6 +307,8 @@ class _Live:
     """Why the last retried failure was not retried again (progress.retry_refusal)."""
     out_lock: checkpoints.OutputLock | None = None
     """The output folder's lock, held for the run's lifetime (checkpoints.OutputLock)."""
+    draw_later: Callable[[Path], object] | None = None
+    """Draws the pictures from report.json after the run (None: drawn before returning)."""
 
     def state(self) -> RunState:
         """The run as its journal tells it so far (the same replay resume uses)."""
@@ -409,8 +415,13 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     fits_db: str | None = None,
     share_output_dir: bool = False,
     process_started_at: float | None = None,
+    draw_later: Callable[[Path], object] | None = None,
 ) -> RunResult:
-    """Run the command, walk the ladder on each OOM, end with a report and the working config."""
+    """Run the command, walk the ladder on each OOM, end with a report and the working config.
+
+    `draw_later`: the pictures are drawn by it from report.json once the run has ended (the
+    CLI's plot.draw_later: a child its exit code does not wait for); None draws them here.
+    """
     base_env = dict(env) if env is not None else environment(command)
     memory = memory or Memory()
     reading = dialect.read_sourced(command)
@@ -438,7 +449,8 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                      run_attempt=run_attempt,
                      judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
                      memory=memory, events=[], log=log.bind(run_id=run_dir.name),
-                     out_lock=out_lock)
+                     out_lock=out_lock,
+                     draw_later=draw_later)
         _emit(live, RunStarted(config=config))
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
@@ -593,12 +605,16 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
     memory, start, ladder = live.memory, live.config.walk_start, live.ladder
     predictor, device = memory.predictor, memory.device_mib
     if state.distrusted or predictor is None or device is None:
+        if not state.distrusted and memory.count is not None:
+            return _listening(live, state, memory.count)
         return next_step(start, state.walk, ladder, can_set=live.config.can_set,
                          refusal=live.config.refusal)
     candidate, skips = next_runnable(start, state.walk, ladder, predict=predictor.predict,
                                      device_mib=device, margin=memory.margin,
                                      can_set=live.config.can_set,
-                                     refusal=live.config.refusal)
+                                     refusal=live.config.refusal,
+                                     # the analytic count ranks, traces confirm (if it can)
+                                     confirm=getattr(predictor, "confirm", None))
     if isinstance(candidate, GiveUp) and skips:
         checked = _nothing_fits(live, state, candidate, skips, device)
         if checked is not None:
@@ -611,6 +627,25 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
         if not state.walk:
             return Step(knobs=start, rung=START)
         return next_step(start, state.walk, ladder, can_set=live.config.can_set,
+                         refusal=live.config.refusal)
+    for skip in skips:
+        _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
+                                changed=_changes(start, skip.knobs),
+                                predicted_mib=round(skip.prediction.peak_mib, 1),
+                                method=str(skip.prediction.method), reason=skip.reason))
+    return candidate
+
+
+def _listening(live: _Live, state: RunState,
+               count: Callable[[Knobs], Prediction | None]) -> Step | GiveUp:
+    """The walk without predictions, passing over configs its OOMs' own figures rule out
+    (journaled as skips); where they rule out every config left, the walk goes on for real."""
+    start = live.config.walk_start
+    candidate, skips = next_listening(start, state.walk, live.ladder, count=count,
+                                      can_set=live.config.can_set,
+                                      refusal=live.config.refusal)
+    if isinstance(candidate, GiveUp) and skips:
+        return next_step(start, state.walk, live.ladder, can_set=live.config.can_set,
                          refusal=live.config.refusal)
     for skip in skips:
         _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
@@ -735,7 +770,8 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
 
     def spawned(proc: runner.Spawned) -> None:
         _emit(live, AttemptSpawned(attempt=number, pid=proc.pid, create_time=proc.create_time))
-        plot.warm()  # the pictures' library loads while the attempt runs, not after the run
+        if live.draw_later is None:
+            plot.warm()  # the pictures' library loads while the attempt runs, not after it
 
     outcome = live.run_attempt(_spec(live, attempt_dir, rendered, knobs, on_spawn=spawned,
                                      timed_steps=timed_steps))
@@ -1046,7 +1082,9 @@ def _finish(live: _Live, decision: Finish, spent: Sequence[str] = ()) -> RunResu
     _emit(live, RunFinished(status=str(decision.status), exit_code=int(exit_code), attempt=last,
                             reason=live.redactor.text(decision.reason or "") or None,
                             spent=tuple(spent)))
-    data = report.write(live.run_dir, live.state())
+    data = report.write(live.run_dir, live.state(), pictures=live.draw_later is None)
+    if live.draw_later is not None:
+        live.draw_later(live.run_dir)
     return RunResult(status=str(decision.status), exit_code=exit_code, run_dir=live.run_dir,
                      final_knobs=final, attempts=live.state().done, report=data)
 

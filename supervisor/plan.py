@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from supervisor.bounds import MAX_MIB
-from supervisor.classify import OomKind, Verdict, VerdictKind
+from supervisor.classify import OomKind, OomNumbers, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
 from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 from supervisor.policy import (
@@ -235,12 +235,17 @@ def levers(start: Knobs) -> list[tuple[str, Knobs, str]]:
 def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # noqa: PLR0913 - keyword-only knobs
           predict: Predict, margin: float = DEFAULT_MARGIN,
           assumptions: Sequence[str] = (), advise: bool = True,
-          can_set: CanSet | None = None) -> Plan:
+          can_set: CanSet | None = None, confirm: Confirm | None = None) -> Plan:
     """Predict every config of the walk (and each lever) and pick the first that fits.
 
     `can_set` is the command's skip predicate, the one `run` walks with: the table holds
     exactly the configs `run` would try, and the rungs it would skip are listed with why.
+    `confirm`: `predict` counts analytically and traces confirm the configs next_runnable
+    asks for (the one `run` would start with and its neighbour across the device line).
     """
+    if confirm is not None:
+        next_runnable(start, [], ladder, predict=lambda k: predict([k])[0],
+                      device_mib=device_mib, margin=margin, can_set=can_set, confirm=confirm)
     walked, give_up = _walk(start, ladder, can_set=can_set)
     configs = [(k, r) for k, r, _ in walked]
     extra = levers(start) if advise else []
@@ -296,16 +301,59 @@ class Skip:
     """What the policy's history records for it (number 0: never run), so it moves past it."""
 
 
+Confirm = Callable[[Sequence[Knobs]], object]
+"""Trace these configs; the `predict` handed beside it then answers with their traces."""
+
+
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
                   margin: float = DEFAULT_MARGIN, can_set: CanSet | None = None,
-                  refusal: Refusal | None = None) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
+                  refusal: Refusal | None = None, confirm: Confirm | None = None,
+                  ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     """The next config worth running: the policy's next step, skipping those predicted not to fit.
 
     With an empty history the start itself is the first candidate (returned as a Step with
     rung "(start)" when it is predicted to fit or has no prediction). A config without a
     prediction is never skipped. Append each Skip's `attempt` to the history the policy sees.
+
+    The order that pays (`confirm`, with a `predict` that counts analytically until a config
+    is traced): the analytic count ranks every config in an instant; the trace confirms only
+    the config the walk would take and its neighbour across the device line (the last one
+    passed over before it; when nothing is predicted to fit, the one predicted smallest).
+    Where a trace moves the line the walk is ranked again and the new pair confirmed, until
+    both sides of the line are traced (or cannot be): a handful of traces instead of one per
+    config of the walk, and the same landing as tracing them all wherever the traces agree
+    with each other in order.
     """
+    asked: set[Knobs] = set()
+    while True:
+        candidate, skips = _next_runnable(start, history, ladder, predict=predict,
+                                          device_mib=device_mib, margin=margin,
+                                          can_set=can_set, refusal=refusal)
+        if confirm is None:
+            return candidate, skips
+        pair = confirming(candidate, skips)
+        wanted = [k for k in pair if k not in asked]
+        if not wanted:
+            return candidate, skips
+        asked.update(wanted)
+        confirm(wanted)
+
+
+def confirming(candidate: Step | GiveUp, skips: Sequence[Skip]) -> list[Knobs]:
+    """The configs a trace should confirm: the one taken and its neighbour across the line."""
+    out = [candidate.knobs] if isinstance(candidate, Step) else []
+    if skips:
+        neighbour = skips[-1] if isinstance(candidate, Step) else \
+            min(skips, key=lambda s: s.prediction.peak_mib)
+        out.append(neighbour.knobs)
+    return out
+
+
+def _next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
+                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
+                   margin: float, can_set: CanSet | None, refusal: Refusal | None,
+                   ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     walked = list(history)
     skips: list[Skip] = []
     candidate: Step | GiveUp = (Step(knobs=start, rung=START) if not history
@@ -325,6 +373,69 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
         walked.append(attempt)
         candidate = next_step(start, walked, ladder, can_set=can_set, refusal=refusal)
     return candidate, tuple(skips)
+
+
+OOM_BOUND_ERROR = 0.05
+"""How far the analytic count may be above a config's real peak before the walk trusts it
+to say "cannot fit" against an OOM's figures: within 2 % on every config measured (the
+Llama and Qwen2 lattices, fp32 and bf16), so a config passed over by the count is at least
+5 % over what the device was shown to hold."""
+
+
+def usable_bound_mib(numbers: OomNumbers | None) -> float | None:
+    """The most an OOM's own figures prove the device can hold (None: they say too little).
+
+    The attempt held `allocated` and asked for `tried` more and was refused: less than
+    allocated + tried is usable. The device's capacity bounds it too; and where the message
+    gives free and reserved-but-unallocated memory, what PyTorch could have had is allocated
+    + reserved + free.
+    """
+    if numbers is None:
+        return None
+    bounds = []
+    if numbers.capacity_mib:
+        bounds.append(numbers.capacity_mib)
+    if numbers.allocated_mib is not None and numbers.tried_mib:
+        bounds.append(numbers.allocated_mib + numbers.tried_mib)
+    if None not in (numbers.allocated_mib, numbers.free_mib,
+                    numbers.reserved_unallocated_mib):
+        bounds.append(float(numbers.allocated_mib or 0) + float(numbers.free_mib or 0)
+                      + float(numbers.reserved_unallocated_mib or 0))
+    return min(bounds) if bounds else None
+
+
+def history_bound_mib(history: Sequence[Attempt]) -> float | None:
+    """The largest usable bound the run's OOMs proved (a later OOM may have had more room)."""
+    bounds = [b for a in history if a.number > 0 and a.verdict.is_oom
+              and (b := usable_bound_mib(a.verdict.numbers)) is not None]
+    return max(bounds) if bounds else None
+
+
+def next_listening(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
+                   count: Callable[[Knobs], Prediction | None],
+                   can_set: CanSet | None = None, refusal: Refusal | None = None,
+                   ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
+    """The blind walk's next step, listening to its OOMs: a config whose analytic count is
+    clearly above what an earlier OOM's own figures proved the device holds (usable_bound_mib,
+    OOM_BOUND_ERROR) is passed over with that reason, as a prediction skip is.
+
+    Before any OOM with figures it is the policy's next step. Where every config left is over
+    the bound the walk goes on for real (GiveUp with the skips: the caller takes next_step),
+    so the landing is never more degraded than the walk's.
+    """
+    bound = history_bound_mib(history)
+    if bound is None or not history:
+        return next_step(start, history, ladder, can_set=can_set, refusal=refusal), ()
+    candidate, skips = _next_runnable(start, history, ladder, predict=count, device_mib=bound,
+                                      margin=-OOM_BOUND_ERROR, can_set=can_set,
+                                      refusal=refusal)
+    shown = tuple(dataclasses.replace(skip, reason=(
+        f"counted {skip.prediction.peak_mib:.0f} MiB from the model's shape, over the "
+        f"{bound:.0f} MiB an earlier attempt's out-of-memory error showed the device holds")
+    ) for skip in skips)
+    return candidate, tuple(dataclasses.replace(
+        s, attempt=dataclasses.replace(s.attempt, verdict=dataclasses.replace(
+            s.attempt.verdict, evidence=f"skipped: {s.reason}"))) for s in shown)
 
 
 def recommended_start(plan: Plan) -> Knobs | None:

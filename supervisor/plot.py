@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -207,3 +211,46 @@ def write_time(path: Path, data: Mapping[str, Any]) -> Path | None:
         return None
     return _save(time_figure(data), path)
 
+
+def drawable(data: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether write and write_time would draw memory.png and goodput.png for `data`."""
+    memory = bool(data.get("attempts")) and available() and any(
+        bar_height(a) for a in data["attempts"])
+    good = data.get("goodput")
+    return memory, bool(good and good.get("wall_s") and available())
+
+
+def draw_later(run_dir: Path) -> subprocess.Popen[bytes] | None:
+    """Draw the run's pictures from its report.json in a child of its own session, not waited
+    for: the run's exit code does not wait on matplotlib (about 1 s of import and drawing).
+    None where the child cannot start (the pictures are then missing, said by `report`)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.Popen(  # noqa: S603 - our own module, this interpreter
+            [sys.executable, "-m", "supervisor.plot", str(run_dir)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            start_new_session=True)
+    except OSError:
+        return None
+
+
+def main(argv: list[str]) -> int:
+    """`python -m supervisor.plot RUN_DIR`: memory.png and goodput.png from report.json."""
+    if len(argv) != 1:
+        print("usage: python -m supervisor.plot RUN_DIR", file=sys.stderr)  # noqa: T201
+        return 2
+    run_dir = Path(argv[0])
+    try:
+        data = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        print(f"cannot read {run_dir / 'report.json'}: {error}", file=sys.stderr)  # noqa: T201
+        return 1
+    write(run_dir / "memory.png", data)
+    write_time(run_dir / "goodput.png", data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

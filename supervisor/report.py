@@ -398,16 +398,21 @@ def _pointed_at_final_files(argv: Sequence[str], files: Sequence[str]) -> list[s
     return out
 
 
-def write(run_dir: Path, state: RunState) -> dict[str, Any]:
-    """Write report.json, report.md and (when fitted) final-command.sh into run_dir."""
+def write(run_dir: Path, state: RunState, *, pictures: bool = True) -> dict[str, Any]:
+    """Write report.json, report.md and (when fitted) final-command.sh into run_dir.
+
+    `pictures` False: memory.png and goodput.png are not drawn here but named as they will be
+    (the caller draws them from report.json: plot.draw_later, a child the exit waits not on).
+    """
     data = build(state)
     from supervisor import plot  # noqa: PLC0415 - matplotlib is optional and slow to import
 
-    if plot.write(run_dir / "memory.png", data) is not None:
+    memory, timeline = plot.drawable(data) if not pictures else (False, False)
+    if memory or (pictures and plot.write(run_dir / "memory.png", data) is not None):
         data["plot"] = "memory.png"
     else:
         data["plot_missing"] = plot.why_not(data)
-    if plot.write_time(run_dir / "goodput.png", data) is not None:
+    if timeline or (pictures and plot.write_time(run_dir / "goodput.png", data) is not None):
         data["time_plot"] = "goodput.png"
     _atomic(run_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
     _atomic(run_dir / "report.md", printable(render_markdown(data)))

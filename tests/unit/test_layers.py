@@ -12,13 +12,13 @@ ROOT = Path(__file__).resolve().parents[2] / "supervisor"
 # Lowest first. A module may import only modules of a lower layer (or its own package).
 LAYERS: tuple[tuple[str, ...], ...] = (
     # 3.10 stand-ins for 3.11 stdlib names, and the text/file/echo edges: below all that use them
-    ("_compat", "text", "echo", "files", "bounds", "launchers"),
+    ("_compat", "_lean", "text", "echo", "files", "bounds", "launchers"),
     ("knobs", "command", "secrets", "classify", "gpu", "device_memory", "models", "_sim", "fits",
      "rundir", "plot", "_inject"),
     ("program",),
     ("dialects", "policy", "_wrap", "estimate", "_estimate_child", "reference_trainer",
      "trainer_output"),
-    ("events", "plan", "runner"),
+    ("events", "plan", "runner", "tracer"),
     ("journal", "checkpoints", "progress", "runconfig", "speed"),
     ("report", "notify", "remember"),
     ("console", "status", "loop"),

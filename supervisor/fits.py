@@ -123,6 +123,8 @@ def trace_problem(value: object) -> str | None:
     numbers), in words; None when every number in it is sane."""
     if not isinstance(value, dict):
         return "not a JSON object"
+    if set(value) == {"failed"} and isinstance(value["failed"], str):
+        return None  # a trace that failed, kept so that it is not tried again
     peak = value.get("peak_mib")
     if sane_mib(peak) is None:
         return f"not a usable number of MiB (peak {str(peak)[:40]})"

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from supervisor import _families
 from supervisor._sim import LiveBytesBudget
 from supervisor.knobs import precision_dtypes
 
@@ -44,8 +45,6 @@ RESULT_PREFIX = "estimate.result"
 _MIB = 2**20
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-# The reference trainer's (and LLaMA-Factory's `lora_target: all`) LoRA targets on Llama.
-_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Keys of a hub config.json that would make transformers load remote code, quantise, or pick
 # a dtype behind our back: the precision comes from the knobs.
 _DROPPED_KEYS = ("quantization_config", "auto_map", "torch_dtype", "dtype")
@@ -139,21 +138,13 @@ def _build_model(config_values: dict[str, Any], knobs: dict[str, Any]) -> torch.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     kind = knobs.get("finetuning_type", "full")
     if kind == "lora":
-        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
-
+        # What the reference trainer and the programs target (supervisor._families).
         rank = int(knobs.get("lora_rank") or 8)
-        lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                          target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
         with _module_to_is_identity(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return get_peft_model(model, lora)
+            return _families.apply_lora(model, rank=rank, target=knobs.get("lora_target"))
     if kind == "freeze":
-        layers = int(config.num_hidden_layers)
-        n = int(knobs.get("freeze_trainable_layers") or 2)
-        trainable = range(layers - n, layers) if n > 0 else range(-n)
-        prefixes = tuple(f"model.layers.{i}." for i in trainable)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith(prefixes))
+        _families.freeze(model, int(knobs.get("freeze_trainable_layers") or 2))
     return model  # type: ignore[no-any-return]
 
 
@@ -309,11 +300,11 @@ def estimate(config_values: dict[str, Any], knobs: dict[str, Any], *, device: st
     checkpointing b1 x GA8 x 256 the shallow backward peaked at its end, the real one at the
     loss's backward with every gradient held: 113.7 MiB predicted, 117.5 measured.
     """
-    layers = int(config_values.get("num_hidden_layers") or 0)
+    layers = _families.depth(config_values)
     depths = scaled_depths(layers, knobs) if scale else None
     if depths is None:
         return estimate_one(config_values, knobs, device=device)
-    shallow, deeper = (estimate_one({**config_values, "num_hidden_layers": d}, knobs,
+    shallow, deeper = (estimate_one(_families.with_depth(config_values, d), knobs,
                                     device=device) for d in depths)
     return extrapolate(shallow, deeper, depths, layers)
 

@@ -761,12 +761,15 @@ def _run(args: argparse.Namespace, command: Command) -> int:
                            fits_key=remembered.key if remembered else None,
                            remembered=remembered.knobs if remembered else None,
                            remembered_from=remembered.run_id if remembered else None,
+                           remembered_ignored="; ".join(remembered.ignored)
+                           if remembered and remembered.knobs else None,
                            fits_db=str(args.fits_db) if args.fits_db else None)
     finally:
         args.output.close()
     if remembered is not None and result.final_knobs is not None:
         remember.store(args.fits_db, remembered.key, final=result.final_knobs,
-                       run_id=result.run_dir.name, attempts=result.attempts)
+                       run_id=result.run_dir.name, attempts=result.attempts,
+                       argv=command.argv)
     return _ended(args, result)
 
 
@@ -796,13 +799,14 @@ def _remembered(args: argparse.Namespace, command: Command, dialect: Dialect, la
     policy_text = ""
     with contextlib.suppress(OSError):
         policy_text = Path(ladder.source).read_text(encoding="utf-8")
-    key = remember.key_of(start=start, model_config=model_config, dialect=dialect.name,
-                          policy_text=policy_text,
-                          device_name=device_name or ("simulated" if args.device_memory
-                                                      else None if memory.device_mib
-                                                      else remember.host_limit(command.argv)),
-                          device_mib=memory.device_mib)
-    return remember.lookup(args.fits_db, key, start, fresh=args.fresh)
+    key, legacy = remember.keys_of(
+        start=start, model_config=model_config, dialect=dialect.name, policy_text=policy_text,
+        device_name=device_name or ("simulated" if args.device_memory
+                                    else None if memory.device_mib
+                                    else remember.host_limit(command.argv)),
+        device_mib=memory.device_mib)
+    return remember.lookup(args.fits_db, key, start, fresh=args.fresh, legacy_key=legacy,
+                           argv=command.argv)
 
 
 def _rebuild(config: RunConfig) -> Rebuilt:
@@ -881,7 +885,7 @@ def _resume(args: argparse.Namespace) -> int:
     if config.fits_key and result.final_knobs is not None:
         remember.store(Path(config.fits_db) if config.fits_db else None, config.fits_key,
                        final=result.final_knobs, run_id=result.run_dir.name,
-                       attempts=result.attempts)
+                       attempts=result.attempts, argv=config.argv)
     return _ended(args, result)
 
 

@@ -90,6 +90,9 @@ class RunConfig:
     """The run that found the remembered fit."""
     fits_db: str | None = None
     """The fit store the run reads and writes (None: the default one)."""
+    remembered_ignored: str | None = None
+    """How the remembered run's command differed from this one where the fit's key does not
+    look (paths, step counts...), in words, `; `-separated (None: no difference known)."""
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready mapping."""

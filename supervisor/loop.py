@@ -394,6 +394,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     remembered: Knobs | None = None,
     remembered_from: str | None = None,
     fits_db: str | None = None,
+    remembered_ignored: str | None = None,
 ) -> RunResult:
     """Run the command, walk the ladder on each OOM, end with a report and the working config."""
     base_env = dict(env) if env is not None else environment(command)
@@ -407,7 +408,8 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                           sources=sources or {k: str(v) for k, v in reading.sources.items()},
                           reading=reading,
                           fits_key=fits_key, remembered=remembered,
-                          remembered_from=remembered_from, fits_db=fits_db)
+                          remembered_from=remembered_from, fits_db=fits_db,
+                          remembered_ignored=remembered_ignored)
     with Journal(run_dir) as journal:
         if (run_dir / "journal.jsonl").stat().st_size:
             msg = f"{run_dir} already holds a run; choose another --run-id or --runs-dir"

@@ -738,8 +738,8 @@ def _run(args: argparse.Namespace, command: Command) -> int:
         command = _demo_output_into(command, run_dir)
     env = environment(command)
     # The demo shows the ladder itself: no predictions, every OOM real.
-    memory = (_memory(args, command) if args.verb == "run"
-              else Memory(device_mib=args.device_memory))
+    memory = (dataclasses.replace(_memory(args, command), margin=ladder.estimate_margin)
+              if args.verb == "run" else Memory(device_mib=args.device_memory))
     if args.device_memory is not None:
         # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
         env = device_memory_env(env, args.device_memory)

@@ -136,9 +136,8 @@ class Memory:
     predictor: Predictor | None = None
     device_mib: float | None = None
     margin: float = 0.0
-    """Skip only configs predicted over the device outright: one near the edge is tried for
-    real, since skipping it moves the run to a rung that costs quality (plan's recommendation
-    keeps a 10% margin)."""
+    """The policy's `[estimate] margin`, the one `plan` recommends by (0 by default: only
+    configs predicted over the device outright are skipped; docs/memory.md says why)."""
     gpu: GpuProbe | None = None
     predicted_s: float | None = None
     """Seconds the predictions took before the run (the run's wall time counts them)."""

@@ -26,9 +26,6 @@ from supervisor.policy import (
     next_step,
 )
 
-DEFAULT_MARGIN = 0.10
-"""Safety margin: a config is recommended when its prediction x (1 + margin) fits the device."""
-
 SEED_BYTES_PER_PARAM: dict[FinetuningType, int] = {
     FinetuningType.FULL: 20,
     FinetuningType.LORA: 10,
@@ -227,14 +224,16 @@ def levers(start: Knobs) -> list[tuple[str, Knobs, str]]:
 
 
 def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # noqa: PLR0913 - keyword-only knobs
-          predict: Predict, margin: float = DEFAULT_MARGIN,
+          predict: Predict, margin: float | None = None,
           assumptions: Sequence[str] = (), advise: bool = True,
           can_set: CanSet | None = None) -> Plan:
     """Predict every config of the walk (and each lever) and pick the first that fits.
 
     `can_set` is the command's skip predicate, the one `run` walks with: the table holds
     exactly the configs `run` would try, and the rungs it would skip are listed with why.
+    `margin` None: the policy's (`[estimate] margin`), the one `run` skips by.
     """
+    margin = ladder.estimate_margin if margin is None else margin
     walked, give_up = _walk(start, ladder, can_set=can_set)
     configs = [(k, r) for k, r, _ in walked]
     extra = levers(start) if advise else []
@@ -292,14 +291,16 @@ class Skip:
 
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
-                  margin: float = DEFAULT_MARGIN, can_set: CanSet | None = None,
+                  margin: float | None = None, can_set: CanSet | None = None,
                   refusal: Refusal | None = None) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     """The next config worth running: the policy's next step, skipping those predicted not to fit.
 
     With an empty history the start itself is the first candidate (returned as a Step with
     rung "(start)" when it is predicted to fit or has no prediction). A config without a
     prediction is never skipped. Append each Skip's `attempt` to the history the policy sees.
+    `margin` None: the policy's (`[estimate] margin`), the one `plan` recommends by.
     """
+    margin = ladder.estimate_margin if margin is None else margin
     walked = list(history)
     skips: list[Skip] = []
     candidate: Step | GiveUp = (Step(knobs=start, rung=START) if not history
@@ -310,8 +311,9 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
         if prediction is None or fits(prediction, device_mib, margin=margin):
             break
         rung = None if candidate.rung == START else candidate.rung
-        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({prediction.method}) + "
-                  f"{margin:.0%} margin > {device_mib:.0f} MiB device")
+        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({prediction.method})"
+                  + (f" + {margin:.0%} margin" if margin else "")
+                  + f" > {device_mib:.0f} MiB device")
         attempt = Attempt(number=0, knobs=candidate.knobs, rung=rung,
                           verdict=Verdict(kind=VerdictKind.OOM, evidence=f"skipped: {reason}"))
         skips.append(Skip(knobs=candidate.knobs, rung=rung, prediction=prediction,

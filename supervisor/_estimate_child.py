@@ -148,6 +148,31 @@ def _build_model(config_values: dict[str, Any], knobs: dict[str, Any]) -> torch.
     return model  # type: ignore[no-any-return]
 
 
+def _mark_layer_backward(model: torch.nn.Module, live: _PhasedLiveBytes) -> None:
+    """Name the backward through the decoder blocks its own phase, "backward-layers".
+
+    The backward has two peaks: at the loss (the logits' gradients) and, with checkpointing,
+    at the last block's recompute with every other gradient held. Each is linear in the depth,
+    but which one is higher can change with it (tiny-qwen2, full + checkpointing b2 x 256: the
+    loss's at 1 and 2 layers, the recompute's at 6): two phases extrapolate each on its own.
+    """
+    try:
+        _, blocks = _families.decoder_blocks(model)
+    except ValueError:
+        return  # no blocks (a zero-layer copy): one backward phase
+
+    def entered(_: torch.Tensor) -> None:
+        if live.phase == "backward":
+            live.phase = "backward-layers"
+
+    def watch(_: torch.nn.Module, __: object, output: object) -> None:
+        first = output[0] if isinstance(output, tuple) else output
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(entered)  # type: ignore[no-untyped-call]
+
+    blocks[-1].register_forward_hook(watch)
+
+
 def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
                  device: str = "cpu") -> dict[str, Any]:
     """Peak live bytes of two training steps of `knobs`, with a breakdown."""
@@ -169,6 +194,7 @@ def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
     with _default_dtype(dtype), FakeTensorMode(allow_non_fake_inputs=True), live:
         model = _build_model(config_values, knobs)
         model.train()
+        _mark_layer_backward(model, live)
         params = [p for p in model.parameters() if p.requires_grad]
         live.params = params
         if trainable_dtype != frozen:
@@ -235,9 +261,9 @@ def scaled_depths(layers: int, knobs: dict[str, Any]) -> tuple[int, int] | None:
     if knobs.get("finetuning_type") == "freeze":
         # Freeze trains k layers at one end: keep all k, vary the frozen ones.
         kept = abs(int(knobs.get("freeze_trainable_layers") or 2))
-    # Full fine-tuning traces a model with no decoder layer at all beside one with one layer;
-    # LoRA needs a layer to attach to.
-    first = 0 if knobs.get("finetuning_type", "full") == "full" else kept + 1
+    # One layer beside two: the backward through the layers is a phase of its own
+    # (_mark_layer_backward), which a copy with no layer lacks.
+    first = kept + 1
     depths = (first, first + 1)
     return depths if depths[1] < layers else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ class _Measured:
         peak = self.peaks.get(self._key(knobs))
         return None if peak is None else Prediction(peak_mib=peak, method=Method.FAKE)
 
-    def predict_many(self, configs: list[Knobs]) -> list[Prediction | None]:
+    def predict_many(self, configs: Sequence[Knobs]) -> list[Prediction | None]:
         return [self.predict(k) for k in configs]
 
     def calibrate(self, knobs: Knobs, measured_mib: float, *,  # noqa: ARG002

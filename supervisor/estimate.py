@@ -259,6 +259,10 @@ class _Family:
     head_bias: bool = False
     """The output head has a bias (Phi)."""
     mlp_ratio: int = 4
+    extra_norms: int = 0
+    """Norms outside the blocks beside the final one (BLOOM's embedding LayerNorm)."""
+    positions_offset: int = 0
+    """Rows of the position table past its length key (OPT keeps 2 more)."""
     activation_saves: int = 4
     """MLP tensors of its width kept for backward: SwiGLU's gate, silu(gate), up and their
     product (4); GELU's input and output (2); GPT-2's tanh approximation, written out as six
@@ -277,15 +281,42 @@ _FAMILIES: dict[str, _Family] = {
                         activation_saves=2),
     "phi": _Family(qkv_bias=True, out_bias=True, mlp_bias=True, gated=False, layer_norm=True,
                    norms=1, head_bias=True, activation_saves=5),
+    "gptj": _Family(hidden=("n_embd",), intermediate=("n_inner",), heads=("n_head",),
+                    kv_heads=(), qkv_bias=False, out_bias=False, mlp_bias=True, gated=False,
+                    layer_norm=True, norms=1, head_bias=True, activation_saves=5),
+    "bloom": _Family(hidden=("hidden_size", "n_embed"), heads=("n_head",), kv_heads=(),
+                     tied=True, fused_qkv=True, gated=False, qkv_bias=True, out_bias=True,
+                     mlp_bias=True, layer_norm=True, extra_norms=1, activation_saves=5),
+    "falcon": _Family(kv_heads=("num_kv_heads",), tied=True, fused_qkv=True, gated=False,
+                      qkv_bias=("bias",), out_bias=("bias",), mlp_bias=("bias",),
+                      layer_norm=True, norms=1, activation_saves=2),
+    "mpt": _Family(hidden=("d_model",), heads=("n_heads",), kv_heads=(), tied=True,
+                   fused_qkv=True, gated=False, qkv_bias=False, out_bias=False, mlp_bias=False,
+                   activation_saves=2),
+    "opt": _Family(intermediate=("ffn_dim",), kv_heads=(), positions=("max_position_embeddings",),
+                   positions_offset=2, tied=True, gated=False, qkv_bias=True, out_bias=True,
+                   mlp_bias=True, layer_norm=True, activation_saves=2),
+    "gemma": _Family(tied=True),
+    "stablelm": _Family(qkv_bias=("use_qkv_bias",), out_bias=False, layer_norm=True),
 }
 """Families whose block is not Llama's (model_type -> how it is built); any other family
 is counted as a Llama-style decoder (Mistral, Qwen2, Gemma... share its shapes)."""
-_FAMILY_DEFAULTS = {"gpt_neox": {"attention_bias": True}}
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt_neox": {"attention_bias": True}, "gpt2": {"n_positions": 1024},
+    "opt": {"max_position_embeddings": 2048}}
 """Config keys whose class default decides a shape when config.json leaves them out."""
 
 
 def _first(config: Mapping[str, Any], keys: Sequence[str]) -> Any:  # noqa: ANN401 - JSON
     return next((config[k] for k in keys if config.get(k) is not None), None)
+
+
+def _kv_heads(model_type: str, config: Mapping[str, Any], family: _Family, heads: int) -> int:
+    """Key/value heads: the config's, else all of them (Falcon: one, multi-query, unless its
+    new decoder architecture says how many)."""
+    if model_type == "falcon" and not config.get("new_decoder_architecture"):
+        return 1 if config.get("multi_query", True) else heads
+    return int(_first(config, family.kv_heads) or heads)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -310,6 +341,9 @@ class Shape:
     norms: int = 2
     head_bias: bool = False
     activation_saves: int = 4
+    head_dim: int = 0
+    """Width of one attention head where the config sets it apart from hidden / heads."""
+    extra_norms: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Shape | None:
@@ -331,14 +365,20 @@ class Shape:
                                         else family.mlp_ratio * hidden),
                        layers=int(values[depth_key(values) or "num_hidden_layers"]),
                        heads=heads,
-                       kv_heads=int(_first(values, family.kv_heads) or heads),
+                       kv_heads=_kv_heads(model_type, values, family, heads),
+                       head_dim=int(values.get("head_dim") or 0),
+                       extra_norms=family.extra_norms,
                        vocab=int(values["vocab_size"]),
                        tied=bool(family.tied if tied is None else tied),
                        qkv_bias=flag(family.qkv_bias), family=model_type,
-                       positions=int(_first(values, family.positions) or 0),
+                       positions=int(_first(values, family.positions) or 0) + (
+                           family.positions_offset if family.positions else 0),
                        fused_qkv=family.fused_qkv, gated=family.gated,
                        out_bias=flag(family.out_bias), mlp_bias=flag(family.mlp_bias),
-                       layer_norm=family.layer_norm, norms=family.norms,
+                       layer_norm=family.layer_norm,
+                       norms=2 if model_type == "falcon" and (
+                           values.get("new_decoder_architecture")
+                           or values.get("parallel_attn") is False) else family.norms,
                        head_bias=family.head_bias, activation_saves=family.activation_saves)
         except (KeyError, TypeError, ValueError):
             return None
@@ -346,15 +386,20 @@ class Shape:
     @property
     def kv_dim(self) -> int:
         """Width of the key (and value) projection."""
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection (the hidden size unless head_dim says otherwise)."""
+        return self.head_dim * self.heads if self.head_dim else self.hidden
 
     @property
     def linears(self) -> tuple[tuple[int, int], ...]:
         """(in, out) of each linear layer of one block: LoRA's targets (peft's all-linear)."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        qkv = ((h, h + 2 * kv),) if self.fused_qkv else ((h, h), (h, kv), (h, kv))
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        qkv = ((h, q + 2 * kv),) if self.fused_qkv else ((h, q), (h, kv), (h, kv))
         mlp = ((h, i), (h, i), (i, h)) if self.gated else ((h, i), (i, h))
-        return (*qkv, (h, h), *mlp)
+        return (*qkv, (q, h), *mlp)
 
     @property
     def layer_linear_parameters(self) -> int:
@@ -365,7 +410,7 @@ class Shape:
     def layer_parameters(self) -> int:
         """Parameters of one decoder block: its linear layers, their biases and its norms."""
         h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        biases = ((h + 2 * kv) if self.qkv_bias else 0) + (h if self.out_bias else 0) + (
+        biases = ((self.q_dim + 2 * kv) if self.qkv_bias else 0) + (h if self.out_bias else 0) + (
             ((2 * i if self.gated else i) + h) if self.mlp_bias else 0)
         return self.layer_linear_parameters + biases + self.norms * self.norm_parameters
 
@@ -379,7 +424,8 @@ class Shape:
         """All parameters: embeddings (and positions), blocks, final norm, head unless tied."""
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2) + (
             self.positions * self.hidden) + (self.vocab if self.head_bias else 0)
-        return embeddings + self.layers * self.layer_parameters + self.norm_parameters
+        return embeddings + self.layers * self.layer_parameters + (
+            1 + self.extra_norms) * self.norm_parameters
 
     def lora_parameters(self, rank: int) -> int:
         """LoRA A and B on every linear layer of every block (`lora_target: all`)."""

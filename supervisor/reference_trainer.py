@@ -228,7 +228,7 @@ def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, 
     if not isinstance(model_type, str) or not model_type:
         parser.error(f"{config_path} has no model_type string (tested: {', '.join(MODEL_TYPES)})")
     # Any causal LM transformers builds from a config (AutoModelForCausalLM) trains here; the
-    # suites measure llama and qwen2 (MODEL_TYPES). An unknown type fails in _build_config.
+    # suites measure MODEL_TYPES. An unknown type fails in _build_config.
     return loaded
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from supervisor import _families
 from supervisor._sim import LiveBytesBudget
 from supervisor.knobs import precision_dtypes
 
@@ -44,8 +45,6 @@ RESULT_PREFIX = "estimate.result"
 _MIB = 2**20
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-# The reference trainer's (and LLaMA-Factory's `lora_target: all`) LoRA targets on Llama.
-_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Keys of a hub config.json that would make transformers load remote code, quantise, or pick
 # a dtype behind our back: the precision comes from the knobs.
 _DROPPED_KEYS = ("quantization_config", "auto_map", "torch_dtype", "dtype")
@@ -139,22 +138,39 @@ def _build_model(config_values: dict[str, Any], knobs: dict[str, Any]) -> torch.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     kind = knobs.get("finetuning_type", "full")
     if kind == "lora":
-        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
-
+        # What the reference trainer and the programs target (supervisor._families).
         rank = int(knobs.get("lora_rank") or 8)
-        lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                          target_modules=_LORA_TARGETS, task_type="CAUSAL_LM")
         with _module_to_is_identity(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return get_peft_model(model, lora)
+            return _families.apply_lora(model, rank=rank, target=knobs.get("lora_target"))
     if kind == "freeze":
-        layers = int(config.num_hidden_layers)
-        n = int(knobs.get("freeze_trainable_layers") or 2)
-        trainable = range(layers - n, layers) if n > 0 else range(-n)
-        prefixes = tuple(f"model.layers.{i}." for i in trainable)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith(prefixes))
+        _families.freeze(model, int(knobs.get("freeze_trainable_layers") or 2))
     return model  # type: ignore[no-any-return]
+
+
+def _mark_layer_backward(model: torch.nn.Module, live: _PhasedLiveBytes) -> None:
+    """Name the backward through the decoder blocks its own phase, "backward-layers".
+
+    The backward has two peaks: at the loss (the logits' gradients) and, with checkpointing,
+    at the last block's recompute with every other gradient held. Each is linear in the depth,
+    but which one is higher can change with it (tiny-qwen2, full + checkpointing b2 x 256: the
+    loss's at 1 and 2 layers, the recompute's at 6): two phases extrapolate each on its own.
+    """
+    try:
+        _, blocks = _families.decoder_blocks(model)
+    except ValueError:
+        return  # no blocks (a zero-layer copy): one backward phase
+
+    def entered(_: torch.Tensor) -> None:
+        if live.phase == "backward":
+            live.phase = "backward-layers"
+
+    def watch(_: torch.nn.Module, __: object, output: object) -> None:
+        first = output[0] if isinstance(output, tuple) else output
+        if isinstance(first, torch.Tensor) and first.requires_grad:
+            first.register_hook(entered)  # type: ignore[no-untyped-call]
+
+    blocks[-1].register_forward_hook(watch)
 
 
 def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
@@ -178,6 +194,7 @@ def estimate_one(config_values: dict[str, Any], knobs: dict[str, Any], *,
     with _default_dtype(dtype), FakeTensorMode(allow_non_fake_inputs=True), live:
         model = _build_model(config_values, knobs)
         model.train()
+        _mark_layer_backward(model, live)
         params = [p for p in model.parameters() if p.requires_grad]
         live.params = params
         if trainable_dtype != frozen:
@@ -244,9 +261,9 @@ def scaled_depths(layers: int, knobs: dict[str, Any]) -> tuple[int, int] | None:
     if knobs.get("finetuning_type") == "freeze":
         # Freeze trains k layers at one end: keep all k, vary the frozen ones.
         kept = abs(int(knobs.get("freeze_trainable_layers") or 2))
-    # Full fine-tuning traces a model with no decoder layer at all beside one with one layer;
-    # LoRA needs a layer to attach to.
-    first = 0 if knobs.get("finetuning_type", "full") == "full" else kept + 1
+    # One layer beside two: the backward through the layers is a phase of its own
+    # (_mark_layer_backward), which a copy with no layer lacks.
+    first = kept + 1
     depths = (first, first + 1)
     return depths if depths[1] < layers else None
 
@@ -309,11 +326,11 @@ def estimate(config_values: dict[str, Any], knobs: dict[str, Any], *, device: st
     checkpointing b1 x GA8 x 256 the shallow backward peaked at its end, the real one at the
     loss's backward with every gradient held: 113.7 MiB predicted, 117.5 measured.
     """
-    layers = int(config_values.get("num_hidden_layers") or 0)
+    layers = _families.depth(config_values)
     depths = scaled_depths(layers, knobs) if scale else None
     if depths is None:
         return estimate_one(config_values, knobs, device=device)
-    shallow, deeper = (estimate_one({**config_values, "num_hidden_layers": d}, knobs,
+    shallow, deeper = (estimate_one(_families.with_depth(config_values, d), knobs,
                                     device=device) for d in depths)
     return extrapolate(shallow, deeper, depths, layers)
 

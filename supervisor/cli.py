@@ -858,7 +858,8 @@ def _run_started(args: argparse.Namespace, command: Command, early: _Early | Non
         command = _demo_output_into(command, run_dir)
     env = environment(command)
     # The demo shows the ladder itself: no predictions, every OOM real.
-    memory = (_memory(args, command, early) if args.verb == "run"
+    memory = (dataclasses.replace(_memory(args, command, early),
+                                  margin=ladder.estimate_margin) if args.verb == "run"
               else Memory(device_mib=args.device_memory))
     if args.device_memory is not None:
         # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
@@ -882,6 +883,8 @@ def _run_started(args: argparse.Namespace, command: Command, early: _Early | Non
                            remembered=remembered.knobs if remembered else None,
                            remembered_from=remembered.run_id if remembered else None,
                            fits_db=str(args.fits_db) if args.fits_db else None,
+                           remembered_ignored="; ".join(remembered.ignored)
+                           if remembered and remembered.knobs else None,
                            share_output_dir=getattr(args, "share_output_dir", False),
                            process_started_at=process_start_time(),
                            draw_later=draw_later)
@@ -890,7 +893,7 @@ def _run_started(args: argparse.Namespace, command: Command, early: _Early | Non
     if remembered is not None and result.final_knobs is not None:
         remember.store(args.fits_db, remembered.key, final=result.final_knobs,
                        run_id=result.run_dir.name, attempts=result.attempts,
-                       about=_fit_about(result.run_dir))
+                       about=_fit_about(result.run_dir), argv=command.argv)
     return _ended(args, result)
 
 
@@ -934,13 +937,14 @@ def _remembered(args: argparse.Namespace, command: Command, dialect: Dialect, la
     policy_text = ""
     with contextlib.suppress(OSError):
         policy_text = Path(ladder.source).read_text(encoding="utf-8")
-    key = remember.key_of(start=start, model_config=model_config, dialect=dialect.name,
-                          policy_text=policy_text,
-                          device_name=device_name or ("simulated" if args.device_memory
-                                                      else None if memory.device_mib
-                                                      else remember.host_limit(command.argv)),
-                          device_mib=memory.device_mib)
-    return remember.lookup(args.fits_db, key, start, fresh=args.fresh)
+    key, legacy = remember.keys_of(
+        start=start, model_config=model_config, dialect=dialect.name, policy_text=policy_text,
+        device_name=device_name or ("simulated" if args.device_memory
+                                    else None if memory.device_mib
+                                    else remember.host_limit(command.argv)),
+        device_mib=memory.device_mib)
+    return remember.lookup(args.fits_db, key, start, fresh=args.fresh, legacy_key=legacy,
+                           argv=command.argv)
 
 
 def _rebuild(config: RunConfig) -> Rebuilt:
@@ -1019,7 +1023,8 @@ def _resume(args: argparse.Namespace) -> int:
     if config.fits_key and result.final_knobs is not None:
         remember.store(Path(config.fits_db) if config.fits_db else None, config.fits_key,
                        final=result.final_knobs, run_id=result.run_dir.name,
-                       attempts=result.attempts, about=_fit_about(result.run_dir))
+                       attempts=result.attempts, about=_fit_about(result.run_dir),
+                       argv=config.argv)
     return _ended(args, result)
 
 

@@ -380,6 +380,9 @@ def _run_line(name: str, state: RunState, run_dir: Path | None) -> str:
         start = (f"{report.describe_knobs(config.remembered.to_dict())}, remembered from run "
                  f"{config.remembered_from or '?'} (the command's own: {start}; --fresh "
                  "starts there)")
+        if config.remembered_ignored:
+            start += (f"; that run's command differed only where memory does not depend on "
+                      f"it: {config.remembered_ignored}")
     line = (f"run {config.run_id} {verb}: {start}, on {device}, at most "
             f"{config.max_attempts} attempts{where}")
     if assumed:

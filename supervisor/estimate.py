@@ -43,6 +43,7 @@ from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from supervisor._compat import StrEnum
+from supervisor._families import depth_key
 from supervisor.classify import OomNumbers
 from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS, named_config
@@ -231,8 +232,97 @@ def model_name(knobs: Knobs, argv: Sequence[str] = ()) -> str | None:
 # --- the analytic estimate -------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class _Family:
+    """How one family of causal LMs names its dimensions and builds its decoder block."""
+
+    hidden: tuple[str, ...] = ("hidden_size",)
+    intermediate: tuple[str, ...] = ("intermediate_size",)
+    """config keys of the MLP's width, first found wins (none found: `mlp_ratio` x hidden)."""
+    heads: tuple[str, ...] = ("num_attention_heads",)
+    kv_heads: tuple[str, ...] = ("num_key_value_heads",)
+    positions: tuple[str, ...] = ()
+    """Keys of the learned position embeddings' length (none: rotary or ALiBi, no table)."""
+    tied: bool = False
+    """tie_word_embeddings when config.json does not say (the config class's default)."""
+    fused_qkv: bool = False
+    """One projection makes q, k and v (GPT-2's c_attn, GPT-NeoX's query_key_value)."""
+    gated: bool = True
+    """The MLP has three matrices (gate, up, down: SwiGLU) instead of two."""
+    qkv_bias: tuple[str, ...] | bool = ("attention_bias",)
+    """Bias on q, k, v: always, never, or where one of these config keys is true."""
+    out_bias: tuple[str, ...] | bool = ("attention_bias",)
+    """Bias on the attention output projection."""
+    mlp_bias: tuple[str, ...] | bool = ("mlp_bias",)
+    layer_norm: bool = False
+    """LayerNorm (weight and bias) instead of RMSNorm (weight only)."""
+    norms: int = 2
+    """Norms per block: two, or one where attention and MLP run in parallel (Phi)."""
+    head_bias: bool = False
+    """The output head has a bias (Phi)."""
+    mlp_ratio: int = 4
+    extra_norms: int = 0
+    """Norms outside the blocks beside the final one (BLOOM's embedding LayerNorm)."""
+    positions_offset: int = 0
+    """Rows of the position table past its length key (OPT keeps 2 more)."""
+    activation_saves: int = 4
+    """MLP tensors of its width kept for backward: SwiGLU's gate, silu(gate), up and their
+    product (4); GELU's input and output (2); GPT-2's tanh approximation, written out as six
+    elementwise ops, keeps more (5)."""
+
+
+_LLAMA = _Family()
+_FAMILIES: dict[str, _Family] = {
+    "qwen2": _Family(qkv_bias=True),
+    "gpt2": _Family(hidden=("n_embd",), intermediate=("n_inner",), heads=("n_head",),
+                    kv_heads=(), positions=("n_positions",), tied=True, fused_qkv=True,
+                    gated=False, qkv_bias=True, out_bias=True, mlp_bias=True, layer_norm=True,
+                    activation_saves=5),
+    "gpt_neox": _Family(kv_heads=(), fused_qkv=True, gated=False, qkv_bias=("attention_bias",),
+                        out_bias=("attention_bias",), mlp_bias=True, layer_norm=True,
+                        activation_saves=2),
+    "phi": _Family(qkv_bias=True, out_bias=True, mlp_bias=True, gated=False, layer_norm=True,
+                   norms=1, head_bias=True, activation_saves=5),
+    "gptj": _Family(hidden=("n_embd",), intermediate=("n_inner",), heads=("n_head",),
+                    kv_heads=(), qkv_bias=False, out_bias=False, mlp_bias=True, gated=False,
+                    layer_norm=True, norms=1, head_bias=True, activation_saves=5),
+    "bloom": _Family(hidden=("hidden_size", "n_embed"), heads=("n_head",), kv_heads=(),
+                     tied=True, fused_qkv=True, gated=False, qkv_bias=True, out_bias=True,
+                     mlp_bias=True, layer_norm=True, extra_norms=1, activation_saves=5),
+    "falcon": _Family(kv_heads=("num_kv_heads",), tied=True, fused_qkv=True, gated=False,
+                      qkv_bias=("bias",), out_bias=("bias",), mlp_bias=("bias",),
+                      layer_norm=True, norms=1, activation_saves=2),
+    "mpt": _Family(hidden=("d_model",), heads=("n_heads",), kv_heads=(), tied=True,
+                   fused_qkv=True, gated=False, qkv_bias=False, out_bias=False, mlp_bias=False,
+                   activation_saves=2),
+    "opt": _Family(intermediate=("ffn_dim",), kv_heads=(), positions=("max_position_embeddings",),
+                   positions_offset=2, tied=True, gated=False, qkv_bias=True, out_bias=True,
+                   mlp_bias=True, layer_norm=True, activation_saves=2),
+    "gemma": _Family(tied=True),
+    "stablelm": _Family(qkv_bias=("use_qkv_bias",), out_bias=False, layer_norm=True),
+}
+"""Families whose block is not Llama's (model_type -> how it is built); any other family
+is counted as a Llama-style decoder (Mistral, Qwen2, Gemma... share its shapes)."""
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt_neox": {"attention_bias": True}, "gpt2": {"n_positions": 1024},
+    "opt": {"max_position_embeddings": 2048}}
+"""Config keys whose class default decides a shape when config.json leaves them out."""
+
+
+def _first(config: Mapping[str, Any], keys: Sequence[str]) -> Any:  # noqa: ANN401 - JSON
+    return next((config[k] for k in keys if config.get(k) is not None), None)
+
+
+def _kv_heads(model_type: str, config: Mapping[str, Any], family: _Family, heads: int) -> int:
+    """Key/value heads: the config's, else all of them (Falcon: one, multi-query, unless its
+    new decoder architecture says how many)."""
+    if model_type == "falcon" and not config.get("new_decoder_architecture"):
+        return 1 if config.get("multi_query", True) else heads
+    return int(_first(config, family.kv_heads) or heads)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Shape:
-    """A Llama-style decoder's dimensions, as config.json names them."""
+    """A decoder's dimensions and block layout, read from config.json per family."""
 
     hidden: int
     intermediate: int
@@ -242,46 +332,105 @@ class Shape:
     vocab: int
     tied: bool
     qkv_bias: bool = False
+    family: str = "llama"
+    positions: int = 0
+    fused_qkv: bool = False
+    gated: bool = True
+    out_bias: bool = False
+    mlp_bias: bool = False
+    layer_norm: bool = False
+    norms: int = 2
+    head_bias: bool = False
+    activation_saves: int = 4
+    head_dim: int = 0
+    """Width of one attention head where the config sets it apart from hidden / heads."""
+    extra_norms: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Shape | None:
         """Read the dimensions; None when a needed one is missing."""
+        model_type = str(config.get("model_type") or "llama")
+        family = _FAMILIES.get(model_type, _LLAMA)
+        values = {**_FAMILY_DEFAULTS.get(model_type, {}), **config}
+
+        def flag(rule: tuple[str, ...] | bool) -> bool:  # noqa: FBT001 - the rule's own type
+            return rule if isinstance(rule, bool) else any(bool(values.get(k)) for k in rule)
+
         try:
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            return cls(hidden=hidden, intermediate=int(config["intermediate_size"]),
-                       layers=int(config["num_hidden_layers"]), heads=heads,
-                       kv_heads=int(config.get("num_key_value_heads") or heads),
-                       vocab=int(config["vocab_size"]),
-                       tied=bool(config.get("tie_word_embeddings", False)),
-                       qkv_bias=bool(config.get("attention_bias", False))
-                       or config.get("model_type") == "qwen2")
+            hidden = int(_first(values, family.hidden))
+            heads = int(_first(values, family.heads))
+            intermediate = _first(values, family.intermediate)
+            tied = values.get("tie_word_embeddings")
+            return cls(hidden=hidden,
+                       intermediate=int(intermediate if intermediate is not None
+                                        else family.mlp_ratio * hidden),
+                       layers=int(values[depth_key(values) or "num_hidden_layers"]),
+                       heads=heads,
+                       kv_heads=_kv_heads(model_type, values, family, heads),
+                       head_dim=int(values.get("head_dim") or 0),
+                       extra_norms=family.extra_norms,
+                       vocab=int(values["vocab_size"]),
+                       tied=bool(family.tied if tied is None else tied),
+                       qkv_bias=flag(family.qkv_bias), family=model_type,
+                       positions=int(_first(values, family.positions) or 0) + (
+                           family.positions_offset if family.positions else 0),
+                       fused_qkv=family.fused_qkv, gated=family.gated,
+                       out_bias=flag(family.out_bias), mlp_bias=flag(family.mlp_bias),
+                       layer_norm=family.layer_norm,
+                       norms=2 if model_type == "falcon" and (
+                           values.get("new_decoder_architecture")
+                           or values.get("parallel_attn") is False) else family.norms,
+                       head_bias=family.head_bias, activation_saves=family.activation_saves)
         except (KeyError, TypeError, ValueError):
             return None
 
     @property
     def kv_dim(self) -> int:
         """Width of the key (and value) projection."""
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection (the hidden size unless head_dim says otherwise)."""
+        return self.head_dim * self.heads if self.head_dim else self.hidden
+
+    @property
+    def linears(self) -> tuple[tuple[int, int], ...]:
+        """(in, out) of each linear layer of one block: LoRA's targets (peft's all-linear)."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        qkv = ((h, q + 2 * kv),) if self.fused_qkv else ((h, q), (h, kv), (h, kv))
+        mlp = ((h, i), (h, i), (i, h)) if self.gated else ((h, i), (i, h))
+        return (*qkv, (q, h), *mlp)
+
+    @property
+    def layer_linear_parameters(self) -> int:
+        """The weights of one block's linear layers (what 4/8-bit quantisation stores)."""
+        return sum(a * b for a, b in self.linears)
 
     @property
     def layer_parameters(self) -> int:
-        """Parameters of one decoder layer."""
-        h, kv = self.hidden, self.kv_dim
-        attention = 2 * h * h + 2 * h * kv + ((h + 2 * kv) if self.qkv_bias else 0)
-        return attention + 3 * h * self.intermediate + 2 * h
+        """Parameters of one decoder block: its linear layers, their biases and its norms."""
+        h, kv, i = self.hidden, self.kv_dim, self.intermediate
+        biases = ((self.q_dim + 2 * kv) if self.qkv_bias else 0) + (h if self.out_bias else 0) + (
+            ((2 * i if self.gated else i) + h) if self.mlp_bias else 0)
+        return self.layer_linear_parameters + biases + self.norms * self.norm_parameters
+
+    @property
+    def norm_parameters(self) -> int:
+        """Parameters of one norm: a weight, and a bias for LayerNorm."""
+        return 2 * self.hidden if self.layer_norm else self.hidden
 
     @property
     def parameters(self) -> int:
-        """All parameters: embeddings, layers, final norm, and the head unless tied."""
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embeddings + self.layers * self.layer_parameters + self.hidden
+        """All parameters: embeddings (and positions), blocks, final norm, head unless tied."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2) + (
+            self.positions * self.hidden) + (self.vocab if self.head_bias else 0)
+        return embeddings + self.layers * self.layer_parameters + (
+            1 + self.extra_norms) * self.norm_parameters
 
     def lora_parameters(self, rank: int) -> int:
-        """LoRA A and B on every linear layer of every decoder layer (`lora_target: all`)."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        per_layer = rank * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
-        return self.layers * per_layer
+        """LoRA A and B on every linear layer of every block (`lora_target: all`)."""
+        return self.layers * rank * sum(a + b for a, b in self.linears)
 
 
 _FP32 = 4
@@ -332,30 +481,41 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         # Frozen fp32 matrices under autocast are cast again at every use; backward needs the
         # copy of each one whose input needs a gradient (every layer's with LoRA, the head's),
         # so the copies live until backward. With checkpointing only one layer's at a time.
-        layer_matrices = shape.layer_parameters - 2 * h  # its norms are not multiplied
+        layer_matrices = shape.layer_linear_parameters  # its norms are not multiplied
         copied_layers = (1 if knobs.gradient_checkpointing
                          or knobs.finetuning_type is FinetuningType.FREEZE else n)
         casts += (copied_layers * layer_matrices + v * h) * w
 
     # Saved activations, bytes per token of one decoder layer (SDPA, no dropout): each RMSNorm
     # keeps its fp32 input and its normalised output and hands the layer's projections their
-    # input; attention keeps q, k, v, its output and o_proj's input; the MLP keeps gate,
-    # silu(gate), up and their product.
-    norm = 4 * h + 2 * w * h
+    # input (a LayerNorm its input and output); attention keeps q, k, v, its output and
+    # o_proj's input; the MLP keeps its family's share (SwiGLU: gate, silu(gate), up and
+    # their product). Dropout keeps a one-byte mask of each dropped tensor.
+    norm = 2 * w * h if shape.layer_norm else 4 * h + 2 * w * h
     attention = w * (3 * h + 2 * shape.kv_dim)
-    layer = 2 * norm + attention + 4 * w * i
-    # After the last layer: the final norm and the head's input, then the logits: the loss's
-    # log-softmax output, its incoming and its outgoing gradient (fp32) at the loss-backward
-    # peak, plus the head's own half-precision logits when not fp32.
+    masks = 2 * h + h if _dropout(spec.config) else 0  # after attention, after the MLP; embeddings
+    scores = 0
+    if _dropout(spec.config, attention=True) and device == "cpu":
+        # Attention dropout sends SDPA down its math path on a CPU: the scores, their softmax,
+        # the mask and the dropped probabilities, heads x cutoff per token.
+        scores = shape.heads * knobs.cutoff_len
+        masks += scores * (3 * w + 1)
+    layer = shape.norms * norm + attention + shape.activation_saves * w * i + masks
     head = norm + w * h
     logits = 12 * v + (w * v if w != _FP32 else 0)
     accumulating = knobs.grad_accum > 1  # the second micro-batch runs beside held gradients
     held = weights + states + casts + (grads if accumulating else 0)
+    recomputed = False
     if knobs.gradient_checkpointing:
         # Only each layer's input is kept. Two candidate peaks: the loss's backward, and later
-        # the recompute of one layer (the logits gone, its activations and their gradients).
+        # the recompute of one layer (the logits gone, its activations and their gradients,
+        # and where SDPA took its math path the scores' gradient). The first layer's recompute
+        # comes last, with every other gradient held.
         checkpoints = n * w * h
-        per_token = max(checkpoints + head + logits, checkpoints + layer + 2 * w * h)
+        recompute = (checkpoints + layer + 2 * w * h + w * scores
+                     + (0 if accumulating else grads / tokens))
+        per_token = max(checkpoints + head + logits, recompute)
+        recomputed = recompute >= checkpoints + head + logits
     elif knobs.finetuning_type is FinetuningType.FREEZE:
         # Frozen layers before the trainable ones need no activations for any gradient.
         per_token = min(abs(knobs.freeze_trainable_layers), n) * layer + head + logits
@@ -374,11 +534,23 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         "peak_phase": "backward" if backward >= optimizer else "optimizer",
         "phase_peaks_mib": {"backward": round(backward / _MIB, 2),
                             "optimizer": round(optimizer / _MIB, 2)},
-        "phase_gradients_mib": {"backward": round((grads if accumulating else 0) / _MIB, 2),
+        "phase_gradients_mib": {"backward": round(
+                                    (grads if accumulating or recomputed else 0) / _MIB, 2),
                                 "optimizer": round(grads / _MIB, 2)},
         "total_params": total, "trainable_params": trainable,
     }
     return Prediction(peak_mib=peak / _MIB, method=Method.ANALYTIC, breakdown=breakdown)
+
+
+def _dropout(config: Mapping[str, Any], *, attention: bool = False) -> bool:
+    """Whether the config drops out anything in training (GPT-2's 0.1 by default), or, with
+    `attention`, the attention probabilities."""
+    keys = ("attn_pdrop", "attention_dropout") if attention else (
+        "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout",
+        "resid_dropout", "embed_dropout")
+    if config.get("model_type") == "gpt2" and not any(k in config for k in keys):
+        return True
+    return any(isinstance(config.get(k), (int, float)) and config[k] > 0 for k in keys)
 
 
 # --- the FakeTensor estimate (child process) -------------------------------------------------
@@ -685,7 +857,7 @@ def adjusted(spec: ModelSpec, knobs: Knobs, base: Prediction) -> Prediction:
             notes.append(f"{knobs.quantization_bit}-bit quantisation not counted "
                          + ("(unknown width)" if q is None else "(the config's shape is unknown)"))
         else:
-            linear = shape.layers * (shape.layer_parameters - 2 * shape.hidden)
+            linear = shape.layers * shape.layer_linear_parameters
             loaded = _PRECISION_BYTES[precision_dtypes(knobs.precision)[0]]  # as loaded
             saved = linear * (loaded - q) / _MIB
             # Each quantised matmul dequantises its weight into the compute dtype, one at a time.

@@ -96,6 +96,9 @@ class RunConfig:
     process_started_at: float | None = None
     """When the supervisor's process started (its --help probe and predictions come before
     run.started): the run's clock starts there."""
+    remembered_ignored: str | None = None
+    """How the remembered run's command differed from this one where the fit's key does not
+    look (paths, step counts...), in words, `; `-separated (None: no difference known)."""
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready mapping."""

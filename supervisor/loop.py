@@ -137,9 +137,8 @@ class Memory:
     predictor: Predictor | None = None
     device_mib: float | None = None
     margin: float = 0.0
-    """Skip only configs predicted over the device outright: one near the edge is tried for
-    real, since skipping it moves the run to a rung that costs quality (plan's recommendation
-    keeps a 10% margin)."""
+    """The policy's `[estimate] margin`, the one `plan` recommends by (0 by default: only
+    configs predicted over the device outright are skipped; docs/memory.md says why)."""
     gpu: GpuProbe | None = None
     predicted_s: float | None = None
     """Seconds the predictions took before the run (the run's wall time counts them)."""
@@ -416,6 +415,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
     share_output_dir: bool = False,
     process_started_at: float | None = None,
     draw_later: Callable[[Path], object] | None = None,
+    remembered_ignored: str | None = None,
 ) -> RunResult:
     """Run the command, walk the ladder on each OOM, end with a report and the working config.
 
@@ -433,7 +433,8 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                           sources=sources or {k: str(v) for k, v in reading.sources.items()},
                           reading=reading,
                           fits_key=fits_key, remembered=remembered,
-                          remembered_from=remembered_from, fits_db=fits_db)
+                          remembered_from=remembered_from, fits_db=fits_db,
+                          remembered_ignored=remembered_ignored)
     config = dataclasses.replace(config, share_output_dir=share_output_dir,
                                  process_started_at=process_started_at)
     out_lock = checkpoints.OutputLock(run_dir=run_dir, share=share_output_dir)

@@ -49,8 +49,9 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
 }
-MODEL_TYPES = ("llama", "qwen2")
-"""The architectures the reference trainer builds (a named size, or a local config.json)."""
+MODEL_TYPES = ("llama", "qwen2", "gpt2", "gpt_neox")
+"""The architectures the suites measure (tests/process/test_families.py, benchmarks/
+families.py); the reference trainer builds any causal LM from a local config.json."""
 COMMON_CONFIG: dict[str, Any] = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": False,

@@ -27,9 +27,6 @@ from supervisor.policy import (
     next_step,
 )
 
-DEFAULT_MARGIN = 0.10
-"""Safety margin: a config is recommended when its prediction x (1 + margin) fits the device."""
-
 SEED_BYTES_PER_PARAM: dict[FinetuningType, int] = {
     FinetuningType.FULL: 20,
     FinetuningType.LORA: 10,
@@ -233,7 +230,7 @@ def levers(start: Knobs) -> list[tuple[str, Knobs, str]]:
 
 
 def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # noqa: PLR0913 - keyword-only knobs
-          predict: Predict, margin: float = DEFAULT_MARGIN,
+          predict: Predict, margin: float | None = None,
           assumptions: Sequence[str] = (), advise: bool = True,
           can_set: CanSet | None = None, confirm: Confirm | None = None) -> Plan:
     """Predict every config of the walk (and each lever) and pick the first that fits.
@@ -242,7 +239,9 @@ def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # 
     exactly the configs `run` would try, and the rungs it would skip are listed with why.
     `confirm`: `predict` counts analytically and traces confirm the configs next_runnable
     asks for (the one `run` would start with and its neighbour across the device line).
+    `margin` None: the policy's (`[estimate] margin`), the one `run` skips by.
     """
+    margin = ladder.estimate_margin if margin is None else margin
     if confirm is not None:
         next_runnable(start, [], ladder, predict=lambda k: predict([k])[0],
                       device_mib=device_mib, margin=margin, can_set=can_set, confirm=confirm)
@@ -307,7 +306,7 @@ Confirm = Callable[[Sequence[Knobs]], object]
 
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
-                  margin: float = DEFAULT_MARGIN, can_set: CanSet | None = None,
+                  margin: float | None = None, can_set: CanSet | None = None,
                   refusal: Refusal | None = None, confirm: Confirm | None = None,
                   ) -> tuple[Step | GiveUp, tuple[Skip, ...]]:
     """The next config worth running: the policy's next step, skipping those predicted not to fit.
@@ -324,7 +323,9 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
     both sides of the line are traced (or cannot be): a handful of traces instead of one per
     config of the walk, and the same landing as tracing them all wherever the traces agree
     with each other in order.
+    `margin` None: the policy's (`[estimate] margin`), the one `plan` recommends by.
     """
+    margin = ladder.estimate_margin if margin is None else margin
     asked: set[Knobs] = set()
     while True:
         candidate, skips = _next_runnable(start, history, ladder, predict=predict,
@@ -364,8 +365,9 @@ def _next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *, 
         if prediction is None or fits(prediction, device_mib, margin=margin):
             break
         rung = None if candidate.rung == START else candidate.rung
-        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({prediction.method}) + "
-                  f"{margin:.0%} margin > {device_mib:.0f} MiB device")
+        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({prediction.method})"
+                  + (f" + {margin:.0%} margin" if margin else "")
+                  + f" > {device_mib:.0f} MiB device")
         attempt = Attempt(number=0, knobs=candidate.knobs, rung=rung,
                           verdict=Verdict(kind=VerdictKind.OOM, evidence=f"skipped: {reason}"))
         skips.append(Skip(knobs=candidate.knobs, rung=rung, prediction=prediction,

@@ -83,6 +83,9 @@ class Ladder:
     [speed] compare): at most once per run."""
     speed_steps: int = 3
     """Timed steps of each of the two ([speed] steps)."""
+    estimate_margin: float = 0.0
+    """A config counts as predicted to fit when its prediction x (1 + margin) is within the
+    device ([estimate] margin): `run` skips by it and `plan` recommends by it, the same one."""
     source: str = "<memory>"
 
     def rung(self, name: str) -> Rung:
@@ -490,11 +493,13 @@ def _summary(knobs: Knobs) -> str:
 # --- loading ---------------------------------------------------------------------------------
 
 _TOP_KEYS = frozenset({"name", "description", "max_attempts", "speed_before_quality",
-                       "keep_quality", "transient", "watchdog", "gpu", "speed", "rung"})
+                       "keep_quality", "transient", "watchdog", "gpu", "speed", "rung",
+                       "estimate"})
 _SPEED_KEYS = frozenset({"compare", "steps"})
 _WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s", "startup_timeout_s",
                             "stall_factor", "stall_floor_s"})
 _GPU_KEYS = frozenset({"release_wait_s", "on_held_memory"})
+_ESTIMATE_KEYS = frozenset({"margin"})
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
                         "restore", "cost", "when"})
 _TRANSIENT_KEYS = frozenset({"retries", "max_delay_s"})
@@ -581,6 +586,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
     watchdog = _table(data, "watchdog", _WATCHDOG_KEYS, source)
     gpu = _table(data, "gpu", _GPU_KEYS, source)
     speed = _table(data, "speed", _SPEED_KEYS, source)
+    estimate = _table(data, "estimate", _ESTIMATE_KEYS, source)
     on_held = gpu.get("on_held_memory", "continue")
     if on_held not in ("continue", "stop"):
         msg = f"{source}: [gpu] on_held_memory must be 'continue' or 'stop', not {on_held!r}"
@@ -612,6 +618,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         on_held_memory=on_held,
         speed_compare=_flag(speed, "compare", f"{source}: [speed]"),
         speed_steps=_whole(speed.get("steps", 3), f"{source}: [speed] steps", minimum=1),
+        estimate_margin=_margin(estimate.get("margin", 0.0), source),
         source=source,
     )
 
@@ -632,6 +639,14 @@ def _flag(table: Mapping[str, Any], key: str, source: str, *, default: bool = Tr
         msg = f"{source}: {key} must be true or false, not {value!r}"
         raise PolicyError(msg)
     return value
+
+
+def _margin(value: object, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        msg = (f"{source}: [estimate] margin must be a fraction from 0 to under 1 (0.05 is "
+               f"5 %), not {value!r}")
+        raise PolicyError(msg)
+    return float(value)
 
 
 def _non_negative(value: object, key: str, source: str) -> float:

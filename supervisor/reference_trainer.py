@@ -1,4 +1,4 @@
-"""A real Hugging Face Trainer (+ PEFT LoRA) on a tiny Llama or Qwen2 built from a config.
+"""A real Hugging Face Trainer (+ PEFT LoRA) on a tiny causal LM built from a config.
 
 Run as ``python -m supervisor.reference_trainer [LLaMA-Factory / HF flags]``. Nothing is
 downloaded: the model is built from a named size or a local ``config.json`` and trained on
@@ -21,10 +21,10 @@ import os
 import resource
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from supervisor import _families
 from supervisor.models import MODEL_TYPES, NAMED_CONFIGS, named_config
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ NO_BAR_ENV = "REFERENCE_TRAINER_NO_BAR"
 """`1`: no progress bar (TrainingArguments.disable_tqdm): the Trainer prints only its log
 dicts, as a trainer without a bar does; what the supervisor then knows of the steps."""
 
-_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
 
@@ -138,10 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model_name_or_path",
         default="tiny",
         help="'tiny' (Llama, ~5.3M params), 'small' (Llama, ~30M), 'tiny-qwen2' (Qwen2 with "
-        "grouped-query attention, ~6.8M) or a local directory with a Llama or Qwen2 config.json",
+        "grouped-query attention, ~6.8M) or a local directory with any causal LM's config.json",
     )
     add("finetuning_type", choices=["full", "lora", "freeze"], default="full")
     add("lora_rank", type=_positive_int, default=8, help="LoRA rank; alpha is twice the rank")
+    add("lora_target", default="all",
+        help="comma-separated module names LoRA adapts, or 'all' (LLaMA-Factory's default): "
+        "every linear layer but the output head, as peft's all-linear finds them")
     add(
         "freeze_trainable_layers",
         type=_int,
@@ -229,7 +231,7 @@ def _read_model_config(parser: argparse.ArgumentParser, spec: str) -> dict[str, 
     if not isinstance(model_type, str) or not model_type:
         parser.error(f"{config_path} has no model_type string (tested: {', '.join(MODEL_TYPES)})")
     # Any causal LM transformers builds from a config (AutoModelForCausalLM) trains here; the
-    # suites measure llama and qwen2 (MODEL_TYPES). An unknown type fails in _build_config.
+    # suites measure MODEL_TYPES. An unknown type fails in _build_config.
     return loaded
 
 
@@ -288,38 +290,22 @@ def _apply_finetuning_type(
     parser: argparse.ArgumentParser, model: PreTrainedModel, args: argparse.Namespace
 ) -> torch.nn.Module:
     """Make only the parameters the finetuning type trains require grad; wrap LoRA in PEFT."""
+    # The same rules as the estimator's child (supervisor._families), for every family.
     if args.finetuning_type == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=2 * args.lora_rank,
-            lora_dropout=0.0,
-            target_modules=_LORA_TARGETS,
-            task_type="CAUSAL_LM",
-        )
-        with warnings.catch_warnings():
-            # peft reads transformers' renamed is_gradient_checkpointing property: noise in
-            # every LoRA run's output that says nothing about this run.
-            warnings.filterwarnings(
-                "ignore",
-                message="`is_gradient_checkpointing` is deprecated",
-                category=FutureWarning,
-            )
-            return get_peft_model(model, lora)
+        return _families.apply_lora(model, rank=args.lora_rank, target=args.lora_target)
     if args.finetuning_type == "freeze":
-        layers = model.config.num_hidden_layers
+        try:
+            _, blocks = _families.decoder_blocks(model)
+        except ValueError as error:
+            parser.error(str(error))
         n = args.freeze_trainable_layers
-        if n == 0 or abs(n) > layers:
+        if n == 0 or abs(n) > len(blocks):
             parser.error(
-                f"--freeze_trainable_layers {n}: expected a non-zero value within ±{layers}, "
-                "the model's number of decoder layers"
+                f"--freeze_trainable_layers {n}: expected a non-zero value within "
+                f"±{len(blocks)}, the model's number of decoder layers"
             )
         # LLaMA-Factory: N>0 trains the last N decoder layers, N<0 the first |N|.
-        trainable = range(layers - n, layers) if n > 0 else range(-n)
-        prefixes = tuple(f"model.layers.{i}." for i in trainable)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith(prefixes))
+        _families.freeze(model, n)
     return model
 
 

@@ -96,7 +96,8 @@ def build(state: RunState) -> dict[str, Any]:
         "resumes": len(state.resumes),
         "resumed": [{"at": r.ts, "attempts_done": r.attempts_done, "pending": r.pending,
                      "orphan": r.orphan} for r in state.resumes],
-        "remembered": ({"knobs": config.remembered.to_dict(), "from_run": config.remembered_from}
+        "remembered": ({"knobs": config.remembered.to_dict(), "from_run": config.remembered_from,
+                        "ignored": config.remembered_ignored}
                        if config.remembered else None),
         "goodput": _goodput(state),
         "oom_verdicts": sum(1 for a in attempts if a["verdict"] == "oom"),
@@ -488,8 +489,10 @@ def render_markdown(data: dict[str, Any]) -> str:
         kept = data["remembered"]
         out.append(f"- Remembered fit: attempt 1 ran {describe_knobs(kept['knobs'])}, the config "
                    f"that fitted in run {kept.get('from_run') or '?'} with the same model, "
-                   f"device and command; the command's own config is "
-                   f"{describe_knobs(data['start_knobs'])} (`--fresh` starts there)")
+                   f"device and memory settings; the command's own config is "
+                   f"{describe_knobs(data['start_knobs'])} (`--fresh` starts there)"
+                   + (f"; that run's command differed only where memory does not depend on "
+                      f"it: {kept['ignored']}" if kept.get("ignored") else ""))
     if data.get("assumed"):
         start = data["start_knobs"]
         out.append("- Assumed (nothing in the command or the program confirmed them): "

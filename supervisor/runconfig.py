@@ -69,6 +69,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
     sources: Mapping[str, str] | None = None, fits_key: str | None = None,
     remembered: Knobs | None = None, remembered_from: str | None = None,
     fits_db: str | None = None, reading: Reading | None = None,
+    remembered_ignored: str | None = None,
 ) -> RunConfig:
     """The frozen config of a new run, secrets replaced by placeholders, env by what matters."""
     redactor = Redactor.for_run(command.argv, env, cwd=command.cwd)
@@ -95,7 +96,7 @@ def build_config(  # noqa: PLR0913 - one value per field of the config
         gpu_note=getattr(memory.gpu, "unavailable", None) if memory.gpu is not None else None,
         env_added=kept_environment(env), secret_names=tuple(sorted(placeholders | env_secrets)),
         fits_key=fits_key, remembered=remembered, remembered_from=remembered_from,
-        fits_db=fits_db,
+        fits_db=fits_db, remembered_ignored=remembered_ignored,
         rewritable=tuple(sorted(reading.rewritable)) if reading is not None else None,
         refused=tuple(sorted(reading.refused)) if reading is not None else (),
         refused_why=dict(reading.refused_why) if reading is not None else {},

@@ -14,7 +14,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 3.10 stand-ins for 3.11 stdlib names, and the text/file/echo edges: below all that use them
     ("_compat", "_lean", "text", "echo", "files", "bounds", "launchers"),
     ("knobs", "command", "secrets", "classify", "gpu", "device_memory", "models", "_sim", "fits",
-     "rundir", "plot", "_inject"),
+     "rundir", "plot", "_inject", "_families"),
     ("program",),
     ("dialects", "policy", "_wrap", "estimate", "_estimate_child", "reference_trainer",
      "trainer_output"),

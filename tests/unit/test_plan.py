@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,13 +104,15 @@ def test_plan_names_the_recommended_config_in_full() -> None:
 
 
 def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
-    """On a 70 MiB device the first row whose prediction x 1.1 fits is LoRA + gc at 512."""
+    """On a 70 MiB device, under a policy with a 10 % margin, the first row whose
+    prediction x 1.1 fits is LoRA + gc at 512."""
     spec = ModelSpec.named("tiny")
 
     def predict(configs: Sequence[Knobs]) -> list[Prediction | None]:
         return list(estimate_many(spec, configs, method="analytic"))
 
-    plan = build(DEMO, resolve("default"), spec, 70, predict=predict, can_set=without_bnb)
+    ladder = dataclasses.replace(resolve("default"), estimate_margin=0.10)
+    plan = build(DEMO, ladder, spec, 70, predict=predict, can_set=without_bnb)
     assert plan.recommended is not None
     first = plan.rows[plan.recommended]
     assert first.fits
@@ -197,7 +200,7 @@ def test_next_runnable_skips_configs_predicted_far_over_and_says_why() -> None:
     assert (step.knobs.per_device_batch, step.knobs.grad_accum, step.rung) == (1, 4,
                                                                                 "smaller-batch")
     assert [(s.knobs.per_device_batch, s.rung) for s in skips] == [(4, None), (2, "smaller-batch")]
-    assert skips[0].reason == "predicted 400 MiB (fake) + 10% margin > 70 MiB device"
+    assert skips[0].reason == "predicted 400 MiB (fake) > 70 MiB device"  # the policy's 0 %
     assert all(isinstance(s, Skip) and s.attempt.number == 0 for s in skips)
     assert skips[1].attempt.verdict.evidence == f"skipped: {skips[1].reason}"
 

@@ -31,6 +31,7 @@ from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
 from supervisor.device_memory import device_memory_argv
 from supervisor.dialects import Dialect
+from supervisor.dialects.readback import render_checked
 from supervisor.estimate import Prediction, oom_lower_bound_mib
 from supervisor.events import (
     AttemptFinished,
@@ -686,7 +687,8 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
     if timed_steps is None and isinstance(_audition(live, knobs), speed.Alternative):
         timed_steps = live.ladder.speed_steps
     attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
-    rendered = live.dialect.render(live.command, knobs, attempt_dir)
+    # Read back through the dialect: the attempt trains the knobs the run reports, or none.
+    rendered = render_checked(live.dialect, live.command, knobs, attempt_dir)
     shown = tuple(live.redactor.argv(rendered.argv))
     write_file(attempt_dir / "argv.json", json.dumps(list(shown)) + "\n", parents=True,
                run_dir=live.run_dir)  # a full disk: one line (free space, then resume)
@@ -951,7 +953,7 @@ def _write_final(live: _Live, state: RunState, final: Knobs) -> None:
     start = live.config.start
     fresh = dataclasses.replace(final, resume_from_checkpoint=start.resume_from_checkpoint)
     fitted = state.attempts[-1]
-    rendered = live.dialect.render(live.command, fresh, live.run_dir / "final")
+    rendered = render_checked(live.dialect, live.command, fresh, live.run_dir / "final")
     fresh_argv: Sequence[str] = (fitted.started.argv if fresh == fitted.knobs
                                  else live.redactor.argv(rendered.argv))
     output_dir = fresh.output_dir

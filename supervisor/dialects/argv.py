@@ -21,11 +21,13 @@ from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
 from supervisor.dialects._read import (
     READ_ONLY,
+    TRL_LORA_R,
     Values,
     model_path,
     module_refusals,
     precision_of,
     read_env_knobs,
+    to_write,
     with_env_knobs,
     world_source,
 )
@@ -151,7 +153,7 @@ PROFILES: tuple[Profile, ...] = (
                                                      "quantization_bit")),
                *_HF_GC, *_TRL),
         defaults={**_HF_DEFAULTS, "gradient_checkpointing": True, "cutoff_len": 1024,
-                  "bf16": True},
+                  "bf16": True, "lora_rank": TRL_LORA_R},
     ),
     Profile(
         # The seed's legacy entry point (LLaMA-Factory <= 0.6): cutoff_len defaulted to 1024.
@@ -248,7 +250,7 @@ class ArgvDialect:
         reading = self.read_sourced(command)
         current = reading.knobs
         wanted: dict[str, Any] = {}
-        for knob in current.diff(knobs):
+        for knob in to_write(reading, knobs):
             if knob in ("world_size", "output_dir", "deepspeed_stage", "deepspeed_offload",
                         "model", "precision"):
                 continue  # read from the command, never rewritten (stage: in the DS copy)
@@ -364,6 +366,10 @@ class ArgvDialect:
             said = _help_default(flag, _option(scan, flag), negatable=negatable)
             if said is not _UNSAID:
                 values.set(flag.knob, said, Source.PROGRAM)
+        if (values.source("lora_rank") is Source.ASSUMED and scan.help.accepts("--use_peft")
+                and scan.help.accepts("--lora_r")):
+            # TRL's ModelConfig signature (--use_peft with --lora_r): its rank unless said.
+            values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
         return values
 
     def _rewritable(self, scan: _Scan) -> frozenset[str]:
@@ -438,13 +444,18 @@ def _said(scan: _Scan, command: Command) -> str | None:
 def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]:
     """The flags the program takes: the family's first, then any family's, as its help lists."""
     if help_ is None:
-        return profile.flags
+        return tuple(_with_twins(f) for f in profile.flags)
     table: list[Flag] = []
     done: set[str] = set()
     for flag in (*profile.flags, *_ANY_FLAGS):
         if flag.knob in done:
             continue
         names = tuple(n for n in flag.names if help_.accepts(n))
+        # Every spelling the help lists for the same option reads alike (HfArgumentParser
+        # lists `--activation-checkpointing` beside `--activation_checkpointing`).
+        listed = (o for n in names if (o := help_.option(n)) is not None)
+        names = tuple(dict.fromkeys((*names, *(a for o in listed for a in o.names
+                                                if a.startswith("--")))))
         # The name a rung writes is the first: the current one where the program lists both
         # (transformers 5: --gradient_checkpointing is a deprecated alias, gone in v6).
         names = tuple(sorted(names, key=lambda n: n in _DEPRECATED_NAMES))
@@ -454,7 +465,14 @@ def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]
     return tuple(table)
 
 
-_DEPRECATED_NAMES = frozenset({"--gradient_checkpointing"})
+def _with_twins(flag: Flag) -> Flag:
+    """The flag with the dashed twin of each underscored spelling (`--lora-r` for `--lora_r`),
+    as HfArgumentParser accepts both; the first spelling (the one written) stays first."""
+    twins = tuple(n.replace("_", "-") for n in flag.names if n.startswith("--") and "_" in n)
+    return dataclasses.replace(flag, names=tuple(dict.fromkeys((*flag.names, *twins))))
+
+
+_DEPRECATED_NAMES = frozenset({"--gradient_checkpointing", "--gradient-checkpointing"})
 """Flags with a current spelling beside them: transformers 5's TrainingArguments documents
 `gradient_checkpointing` as "Deprecated alias of `activation_checkpointing`, will be removed
 in v6" (training_args.py); without --help the old name stays first, as transformers 4 takes

@@ -501,12 +501,21 @@ class RunFinished(Event):
     spent: Sequence[str] = ()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeLeftoversEnded(Event):
+    """A `--help` probe a killed supervisor left running was ended at this run's start."""
+
+    KIND: ClassVar[str] = "probe.leftovers_ended"
+    pids: Sequence[int] = ()
+
+
 EVENT_TYPES: Mapping[str, type[Event]] = {
     cls.KIND: cls for cls in (
         RunStarted, RunResumed, AttemptStarted, AttemptSpawned, AttemptFinished, RungSkipped,
         EstimateDistrusted, EstimateChecking, LadderStepped, SpeedCompared, SpeedSkipped,
         RetryScheduled, CheckpointResumed, CheckpointSkipped, GpuHeld, TerminalLost,
         SignalReceived, LadderExhausted, FinalWritten, Notified, RunFinished,
+        ProbeLeftoversEnded,
     )
 }
 """Every event the journal may hold, by its `event` name."""

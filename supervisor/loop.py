@@ -25,7 +25,7 @@ import psutil
 import structlog
 from tenacity import RetryCallState, wait_exponential
 
-from supervisor import checkpoints, plot, progress, report, runner, speed, trainer_output
+from supervisor import checkpoints, plot, program, progress, report, runner, speed, trainer_output
 from supervisor._compat import Self, StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
@@ -47,6 +47,7 @@ from supervisor.events import (
     GpuHeld,
     LadderExhausted,
     LadderStepped,
+    ProbeLeftoversEnded,
     RetryScheduled,
     RunConfig,
     RunFinished,
@@ -420,6 +421,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                      judge=judge, sleep=sleep, stop=stop or runner.StopRequest(), echo=echo,
                      memory=memory, events=[], log=log.bind(run_id=run_dir.name))
         _emit(live, RunStarted(config=config))
+        _end_dead_probes(live)
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
         beat = _Heartbeat(run_dir).start()
@@ -429,6 +431,13 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
             beat.end()
             if signals is not None:
                 signals.listen(None)
+
+
+def _end_dead_probes(live: _Live) -> None:
+    """A `--help` probe whose supervisor was killed would hold its memory for good: end it."""
+    ended = program.end_dead_probes()
+    if ended:
+        _emit(live, ProbeLeftoversEnded(pids=ended))
 
 
 def resume(  # noqa: PLR0913
@@ -469,6 +478,7 @@ def resume(  # noqa: PLR0913
                                pending=pending.number if pending else None, orphan=orphan,
                                torn_kept=journal.torn_kept.name if journal.torn_kept else None,
                                pid=os.getpid(), last_alive=last_alive(run_dir)))
+        _end_dead_probes(live)
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
         beat = _Heartbeat(run_dir).start()

@@ -156,7 +156,7 @@ PROFILES: tuple[Profile, ...] = (
                   "bf16": True, "lora_rank": TRL_LORA_R},
     ),
     Profile(
-        # The seed's legacy entry point (LLaMA-Factory <= 0.6): cutoff_len defaulted to 1024.
+        # LLaMA-Factory's legacy entry point (<= 0.6): cutoff_len defaulted to 1024.
         name="llamafactory-legacy",
         programs=re.compile(r"^(.*/)?train_bash\.py$"),
         flags=(*_COMMON, *_LF_GC, *_LF_EXTRA, Flag("cutoff_len", ("--cutoff_len",), "int")),
@@ -609,7 +609,7 @@ def _hygiene(command: Command, current: Knobs, knobs: Knobs,
         base = current.output_dir or _DEFAULT_OUTPUT_DIR
         out["output_dir"] = output_dir_for(base, knobs)
         if is_inside(knobs.resume_from_checkpoint, base, command):
-            # A checkpoint of the command's own parameter set cannot seed another one.
+            # A checkpoint of the command's own parameter set cannot start another one.
             out["resume_from_checkpoint"] = current.resume_from_checkpoint
     return out
 

@@ -121,18 +121,18 @@ def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
     assert (knobs.finetuning_type, knobs.gradient_checkpointing, knobs.cutoff_len) == (
         FinetuningType.LORA, True, 512)
     assert first.effective_batch == 8
-    assert first.seed_mib == pytest.approx(5_261_568 * 10 / 2**20)
+    assert first.rule_mib == pytest.approx(5_261_568 * 10 / 2**20)
 
     table = render(plan)
     assert table.startswith("model tiny (5.3M params); device 70 MiB, safety margin 10%")
     assert f"recommended first config: #{plan.recommended + 1} " in table
     words = " ".join(table.split())  # lines wrap at 100 columns
-    assert "seed rule: the seed article's rule of thumb" in words
+    assert "rule of thumb: LLaMA-Factory's community rule" in words
     assert "x 20 B (full), x 10 (LoRA), x 6 (freeze)" in words
     assert "full 100 MiB, lora 50 MiB, freeze 30 MiB" in words
     assert "~ marks the analytic fallback" in table
     assert all(len(line) <= 100 for line in table.splitlines()), table
-    # Each lever alone on the start, by what it saves on this model, the seed's word beside.
+    # Each lever alone on the start, by what it saves on this model, the guide's word beside.
     names = [lever.name for lever in plan.levers]
     assert names == ["bf16 mixed precision", "LoRA + checkpointing", "QLoRA (4-bit) + ckpt",
                      "ZeRO-2 + CPU offload", "cutoff 1024 -> 512"]
@@ -142,7 +142,7 @@ def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
         assert lever.prediction is not None
         assert lever.prediction.peak_mib < start.peak_mib, lever.name
         assert f"{lever.name}  " in table
-    assert "seed: LoRA ~ params x 10 B" in words
+    assert "LLaMA-Factory guide: LoRA ~ params x 10 B" in words
     assert "precision not given: assumed fp32" in words
 
 
@@ -306,4 +306,4 @@ def test_plan_breaks_the_start_down_with_the_dtype_of_each_part() -> None:
     words = " ".join(render(build(DEMO, resolve("default"), spec, 70, predict=predict,
                                   can_set=without_bnb)).split())
     assert "gradients 20 MiB (fp32, assumed)" in words
-    assert "rule of thumb (shared/seed), not a prediction" in words
+    assert '如何选择最佳的微调方法"), not a prediction' in words

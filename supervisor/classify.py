@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor._compat import StrEnum
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 
 class VerdictKind(StrEnum):
@@ -399,13 +399,13 @@ def classify(outcome: Outcome) -> Verdict:
               and not outcome.killed_by_supervisor else None)
     if worker is not None and outcome.exit_code != 0:
         # A launcher (torchrun, srun) outlived the worker the kernel's OOM killer took.
-        evidence = (f"{worker}; the kernel's OOM killer fired {outcome.kernel_oom_kills} "
-                    "time(s) in this cgroup")
+        evidence = (f"{worker}; the kernel's OOM killer fired "
+                    f"{plural(outcome.kernel_oom_kills, 'time')} in this cgroup")
         return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=evidence)
     if outcome.exit_code == -signal.SIGKILL and not outcome.killed_by_supervisor:
         if outcome.kernel_oom_kills > 0:
             evidence = (f"killed by SIGKILL; the kernel's OOM killer fired "
-                        f"{outcome.kernel_oom_kills} time(s) in this cgroup")
+                        f"{plural(outcome.kernel_oom_kills, 'time')} in this cgroup")
             return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=evidence)
         return Verdict(kind=VerdictKind.FATAL,
                        evidence="killed by SIGKILL from outside, with no OOM-killer evidence")

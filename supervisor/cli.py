@@ -69,7 +69,7 @@ from supervisor.secrets import remove_private_copies
 from supervisor.status import StatusError, newest_run
 from supervisor.status import render as render_status
 from supervisor.status import watch as watch_status
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 log = structlog.get_logger("supervisor")
 
@@ -849,7 +849,8 @@ def _unredact(command: Command, config: RunConfig) -> Command:
     env = environment(command)
     missing = [n for n in config.secret_names if n not in env]
     if missing:
-        msg = (f"the run needs the secret variable(s) {', '.join(missing)}, which this shell "
+        msg = (f"the run needs the secret {'variable' if len(missing) == 1 else 'variables'} "
+               f"{', '.join(missing)}, which this shell "
                "does not have; export them (the journal keeps names, never values) and run "
                "resume again")
         raise ResumeError(msg)
@@ -920,7 +921,7 @@ def _install_signal_handlers(stop: StopRequest, signals: Signals, run_dir: Path)
 def _ended(args: argparse.Namespace, result: RunResult) -> int:
     """The summary for people, then the user's --notify command (which never changes the code)."""
     lines = summary(result.report, result.run_dir) if result.report else [
-        f"oom-supervisor: {result.status} after {result.attempts} attempt(s)"]
+        f"oom-supervisor: {result.status} after {plural(result.attempts, 'attempt')}"]
     args.output.print("\n".join(lines))
     if getattr(args, "notify", None):
         event = notify.run(args.notify, exit_code=int(result.exit_code), run_dir=result.run_dir,

@@ -30,7 +30,7 @@ from rich.text import Text
 from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.journal import load
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 _SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.detected",
                      "run.stopped"})
@@ -289,7 +289,9 @@ def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:
             continue
         for raw in reversed(tail.splitlines()):
             line = raw.rsplit("\r", 1)[-1].strip()
-            if line:
+            # The supervisor's own marker lines (`oom-supervisor.peak {...}`) are not the
+            # program's words: the line before them is.
+            if line and not line.startswith("oom-supervisor."):
                 return line
     return None
 
@@ -499,7 +501,7 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
     head = {"fitted": "fitted", "exhausted": "ladder exhausted", "fatal": "stopped (fatal)",
             "transient": "stopped (transient failures)", "hang": "stopped (hung)",
             "interrupted": "interrupted"}.get(status, status)
-    lines = [(f"oom-supervisor: {head} after {len(attempts)} attempt(s) "
+    lines = [(f"oom-supervisor: {head} after {plural(len(attempts), 'attempt')} "
               f"({ooms} out of memory) in {took}")]
     if data.get("reason"):
         lines.append(f"  why: {data['reason']}")
@@ -534,15 +536,6 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
 # --- events in sentences ------------------------------------------------------------------------
 # The JSON log keeps each event's dotted name and keys; a person reads what happened.
 
-def _plural(count: object, word: str) -> str:
-    """`1 config`, `24 configs`."""
-    try:
-        number = int(str(count))
-    except ValueError:
-        return f"{count} {word}s"
-    return f"{number} {word}" + ("" if number == 1 else "s")
-
-
 def _help_ignored(event: Mapping[str, Any]) -> str:
     return f"{event.get('program')} did not answer --help as a parser would: {event.get('note')}"
 
@@ -568,17 +561,17 @@ _SENTENCES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "program.help_waiting": lambda e: f"reading {e.get('program')} --help (imports take a while)",
     "program.help_ignored": _help_ignored,
     "probe.leftovers_ended": lambda e: (
-        f"ended {_plural(len(e.get('pids') or []), 'process')} a killed supervisor's --help "
-        f"probe had left running"),
+        f"ended {plural(len(e.get('pids') or []), 'process', 'processes')} a killed "
+        "supervisor's --help probe had left running"),
     "estimate.interpreter": lambda e: f"predicting memory {e.get('how')}",
     "estimate.unavailable": lambda e: f"no memory prediction for this run: {e.get('reason')}",
     "estimate.traces_not_kept": lambda e: f"predictions are not kept for later runs: "
                                           f"{e.get('reason')}",
     "estimate.predicting": lambda e: (
-        f"predicting the memory of {_plural(e.get('configs'), 'config')}"
+        f"predicting the memory of {plural(e.get('configs'), 'config')}"
         + (f", {e.get('how')}" if e.get("how") else "")),
     "estimate.predicted": lambda e: (
-        f"predicted {_plural(e.get('configs'), 'config')}"
+        f"predicted {plural(e.get('configs'), 'config')}"
         + (f" of {e.get('of')}" if e.get("of") is not None else "")),
     "estimate.distrusted": lambda e: f"predictions stop deciding for this run: {e.get('reason')}",
     "estimate.checking": lambda e: f"every config left is predicted over the device; the one "
@@ -587,7 +580,7 @@ _SENTENCES: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "fits.unreadable": lambda e: f"a remembered fit was passed over: {e.get('reason')}",
     "fits.not_stored": lambda e: f"this fit was not remembered: {e.get('reason')}",
     "gpu.sample_failed": lambda e: f"GPU memory could not be sampled: {e.get('reason') or ''}",
-    "speed.timed": lambda e: f"timed {_plural(e.get('steps'), 'step')}; ending the timed attempt",
+    "speed.timed": lambda e: f"timed {plural(e.get('steps'), 'step')}; ending the timed attempt",
     "task.failed": lambda e: f"a task of the attempt failed, ending the rest: {e.get('line')}",
     "slurm.cancel_unavailable": lambda e: f"scancel is not on the attempt's PATH; only this "
                                           f"node's tasks were ended ({e.get('steps')})",

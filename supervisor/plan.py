@@ -291,6 +291,11 @@ class Skip:
     """What the policy's history records for it (number 0: never run), so it moves past it."""
 
 
+def method_words(prediction: Prediction) -> str:
+    """How a prediction was made, in words: `FakeTensor trace` or `analytic count`."""
+    return "FakeTensor trace" if str(prediction.method) == "fake" else "analytic count"
+
+
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
                   predict: Callable[[Knobs], Prediction | None], device_mib: float,
                   margin: float = DEFAULT_MARGIN, can_set: CanSet | None = None,
@@ -311,8 +316,9 @@ def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  
         if prediction is None or fits(prediction, device_mib, margin=margin):
             break
         rung = None if candidate.rung == START else candidate.rung
-        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({prediction.method}) + "
-                  f"{margin:.0%} margin > {device_mib:.0f} MiB device")
+        plus = f" + {margin:.0%} margin" if margin else ""
+        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({method_words(prediction)}){plus}"
+                  f" > {device_mib:.0f} MiB device")
         attempt = Attempt(number=0, knobs=candidate.knobs, rung=rung,
                           verdict=Verdict(kind=VerdictKind.OOM, evidence=f"skipped: {reason}"))
         skips.append(Skip(knobs=candidate.knobs, rung=rung, prediction=prediction,

@@ -14,7 +14,7 @@ from supervisor.events import AttemptRecord, Notified, RunConfig, RunState, Spee
 from supervisor.files import write_file
 from supervisor.knobs import Knobs
 from supervisor.secrets import shell_word
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 _STATUS_LINE = {
     "fitted": "fitted: the command finished with the final config below",
@@ -472,18 +472,21 @@ def render_markdown(data: dict[str, Any]) -> str:
         pending = (f", adopting attempt {r['pending']}" if r.get("pending") and
                    r.get("orphan") == "adopt" else f", ending attempt {r['pending']}"
                    if r.get("pending") else "")
-        out.append(f"- Resumed at {local_time(r['at'])} after {r['attempts_done']} finished "
-                   f"attempt(s){pending} (the supervisor had died or been stopped)")
+        out.append(f"- Resumed at {local_time(r['at'])} after "
+                   f"{plural(r['attempts_done'], 'finished attempt')}{pending} (the supervisor "
+                   "had died or been stopped)")
     if data.get("remembered"):
         kept = data["remembered"]
         out.append(f"- Remembered fit: attempt 1 ran {describe_knobs(kept['knobs'])}, the config "
                    f"that fitted in run {kept.get('from_run') or '?'} with the same model, "
                    f"device and command; the command's own config is "
                    f"{describe_knobs(data['start_knobs'])} (`--fresh` starts there)")
-    if data.get("assumed"):
-        start = data["start_knobs"]
+    start = data["start_knobs"]
+    # An assumed "none" (no quantisation, no ZeRO) says nothing a reader can act on.
+    assumed = [k for k in data.get("assumed") or () if start.get(k) is not None]
+    if assumed:
         out.append("- Assumed (nothing in the command or the program confirmed them): "
-                   + ", ".join(f"{k} = {_cell(start.get(k))}" for k in data["assumed"]))
+                   + ", ".join(f"{k} = {_cell(start.get(k))}" for k in assumed))
     out.append("")
     eb = data["effective_batch"]
     out += _time_section(data)

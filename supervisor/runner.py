@@ -40,6 +40,7 @@ from supervisor import _wrap, echo
 from supervisor.classify import Outcome, is_oom_line
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
+from supervisor.text import plural
 from supervisor.trainer_output import Tracker, Watchdog
 
 log = structlog.get_logger(__name__)
@@ -321,8 +322,8 @@ class _Sink:
 
     def _note_dropped(self) -> None:
         if self.not_echoed:
-            note = (f"[oom-supervisor: {self.not_echoed} line(s) of output not echoed (faster "
-                    f"than {ECHO_LINES_PER_S} lines/s); the attempt's logs have them]\n")
+            note = (f"[oom-supervisor: {plural(self.not_echoed, 'line')} of output not echoed "
+                    f"(faster than {ECHO_LINES_PER_S} lines/s); the attempt's logs have them]\n")
             self.not_echoed = 0
             self.consoles[1].put(note.encode())
         if self.abandon:  # the attempt is over: let a console that reads show its end (bounded)

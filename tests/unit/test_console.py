@@ -142,3 +142,14 @@ def test_a_resumed_run_says_so_first_where_it_resumes(tmp_path: Path) -> None:
     lines = md.splitlines()
     assert "Resumed once after the supervisor died or was stopped" in lines[2]  # the headline
     assert any(line.startswith("- Resumed at ") for line in lines[:16])
+
+
+def test_marker_lines_never_become_the_live_line(tmp_path: Path) -> None:
+    """`oom-supervisor.peak {...}` at the end of the log: the live line shows the program's
+    own last line before it."""
+    from supervisor.console import last_output_line  # noqa: PLC0415
+
+    (tmp_path / "stdout.log").write_text(
+        'step 3 loss 1.2\noom-supervisor.inject {"limit_mib": 70}\n'
+        'oom-supervisor.peak {"peak_mib": 47.9, "device": "cpu"}\n', encoding="utf-8")
+    assert last_output_line(tmp_path) == "step 3 loss 1.2"

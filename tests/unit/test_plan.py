@@ -197,7 +197,7 @@ def test_next_runnable_skips_configs_predicted_far_over_and_says_why() -> None:
     assert (step.knobs.per_device_batch, step.knobs.grad_accum, step.rung) == (1, 4,
                                                                                 "smaller-batch")
     assert [(s.knobs.per_device_batch, s.rung) for s in skips] == [(4, None), (2, "smaller-batch")]
-    assert skips[0].reason == "predicted 400 MiB (fake) + 10% margin > 70 MiB device"
+    assert skips[0].reason == "predicted 400 MiB (FakeTensor trace) + 10% margin > 70 MiB device"
     assert all(isinstance(s, Skip) and s.attempt.number == 0 for s in skips)
     assert skips[1].attempt.verdict.evidence == f"skipped: {skips[1].reason}"
 

@@ -973,7 +973,11 @@ def _write_final(live: _Live, state: RunState, final: Knobs) -> None:
     files = live.dialect.finalize(live.command, fresh, live.run_dir)
     continue_argv: Sequence[str] = ()
     chosen = checkpoints.choose(state.checkpoints, final).checkpoint
-    if chosen is not None:
+    # A checkpoint at max_steps has nothing left to train: no continue-command.sh (the report
+    # says to raise max_steps instead).
+    finished = (chosen is not None and final.max_steps is not None
+                and chosen.step >= final.max_steps)
+    if chosen is not None and not finished:
         more = dataclasses.replace(final, resume_from_checkpoint=chosen.path)
         continue_argv = live.redactor.argv(
             live.dialect.render(live.command, more, live.run_dir / "continue").argv)

@@ -631,6 +631,12 @@ def _final_section(data: dict[str, Any], eb: dict[str, Any]) -> list[str]:
     if data.get("continue_command"):
         out += [(f"Continue this run from `{data['continue_checkpoint']}` (it writes into "
                  "this run's output folder): `sh continue-command.sh`"), ""]
+    elif data.get("continue_checkpoint"):
+        steps = (data.get("final_knobs") or {}).get("max_steps")
+        out += [(f"This run trained all its {steps} steps (`{data['continue_checkpoint']}`): "
+                 "continuing it would train nothing, so there is no continue-command.sh; to "
+                 "train further, raise max_steps in the command and continue from that "
+                 "checkpoint."), ""]
     return out
 
 

@@ -961,7 +961,9 @@ def _report(run_dir: Path) -> int:
     if torn is not None:
         print("oom-supervisor: note: the journal's last line was torn (the supervisor died "  # noqa: T201
               "mid-write) and was left out", file=sys.stderr)
-    print(f"{data['summary']}; wrote {run_dir / 'report.md'}")  # noqa: T201
+    # The same closing lines as the run's own: the final config is said, not only pointed to.
+    print("\n".join(summary(data, run_dir)))  # noqa: T201
+    print(f"wrote {run_dir / 'report.md'}")  # noqa: T201
     return ExitCode.FITTED
 
 

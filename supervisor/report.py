@@ -756,9 +756,17 @@ def memory_words(row: Mapping[str, Any], device_mib: float | None, *,
     if row.get("verdict") == "oom" and numbers:
         tried, allocated = numbers.get("tried_mib"), numbers.get("allocated_mib")
         free, capacity = numbers.get("free_mib"), numbers.get("capacity_mib")
-        if short:
+        if short:  # status: the same figures as report.md, in fewer words
             need = row.get("need_mib")
-            return f">= {_mib(need)}{of}" if need else "oom"
+            if need:
+                return f">= {_mib(need)}{of}"
+            said = [f"{word} {_mib(value)}" for word, value in
+                    (("tried", tried), ("allocated", allocated), ("capacity", capacity))
+                    if value is not None]
+            if said:
+                return ", ".join(said) + of
+            host = row.get("host_peak_mib")
+            return f"host {_mib(host)}" if host else "no figures"
         parts = []
         if tried is not None:
             parts.append(f"tried {_mib(tried)}")

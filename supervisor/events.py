@@ -486,6 +486,8 @@ class Notified(Event):
     command: str
     exit_code: int | None
     error: str | None = None
+    output: Sequence[str] = ()
+    """Its last lines of output (all of it is in `<run>/notify.log`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -103,7 +103,8 @@ def build(state: RunState) -> dict[str, Any]:
         "assumed": [k for k in _SHOWN_KNOBS if config.start_sources.get(k) == "assumed"],
         "output_dir": _output_dir(state, final, final_argv),
         "other_changes": _other_changes(start, final, final_argv),
-        "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error}
+        "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error,
+                      "output": list(e.output)}
                      for e in state.events if isinstance(e, Notified)],
         "speed": _speed(state),
     }
@@ -551,6 +552,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         result = (f"exit code {n['exit_code']}" if n.get("exit_code") is not None
                   else f"did not run ({n.get('error')})")
         out += ["", f"Notified with `{n['command']}`: {result}."]
+        if n.get("output"):
+            out += ["", "Its last lines (all of its output is in `notify.log`):", "", "```text",
+                    *n["output"], "```"]
     out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
                  "`journal.jsonl`; the supervisor's own log: `supervisor.jsonl`."), ""]
     return "\n".join(out)

@@ -164,8 +164,8 @@ def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str],
     found: list[tuple[Cost, str]] = []
     for rung in ladder.rungs:
         now, then = getattr(knobs, rung.knob), getattr(start, rung.knob)
-        if now == then or (rung.action == "set" and now != rung.value):
-            continue
+        if now == then or (rung.action in ("set", "raise") and now != rung.value):
+            continue  # (ZeRO-3 is the zero-3 rung's, not also zero-2's)
         label = _SHORT.get(rung.knob, rung.knob)
         if rung.action == "halve":
             detail = f"{label} {then}->{now}"
@@ -176,6 +176,8 @@ def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str],
             detail = label
         elif rung.knob == "quantization_bit":
             detail = f"{now}-bit weights"
+        elif rung.knob == "deepspeed_stage":
+            detail = f"ZeRO-{now}" + (f" (was ZeRO-{then})" if then else "")
         else:
             detail = _show(now)
         found.append((rung.cost, detail))
@@ -183,7 +185,8 @@ def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str],
 
 
 _SHORT = {"per_device_batch": "batch", "grad_accum": "GA", "cutoff_len": "cutoff",
-          "gradient_checkpointing": "checkpointing"}
+          "gradient_checkpointing": "checkpointing", "deepspeed_offload": "ZeRO offload to CPU",
+          "expandable_segments": "expandable segments"}
 
 
 def _costs_cell(row_costs: tuple[tuple[Cost, str], ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -307,3 +308,16 @@ def test_plan_breaks_the_start_down_with_the_dtype_of_each_part() -> None:
                                   can_set=without_bnb)).split())
     assert "gradients 20 MiB (fp32, assumed)" in words
     assert '如何选择最佳的微调方法"), not a prediction' in words
+
+
+def test_zero_rungs_are_named() -> None:
+    """The multi-GPU ladder's ZeRO rungs read as ZeRO stages and offload, once each, not as
+    `speed: 3, 3`."""
+    ladder = resolve("multi-gpu")
+    start = dataclasses.replace(DEMO, deepspeed_stage=0, deepspeed_offload=False, world_size=2)
+    zero3 = dataclasses.replace(start, deepspeed_stage=3, deepspeed_offload=True)
+    assert [(str(c), what) for c, what in costs(zero3, start, ladder)] == [
+        ("speed", "ZeRO-3"), ("speed", "ZeRO offload to CPU")]
+    zero2 = dataclasses.replace(start, deepspeed_stage=2)
+    assert [what for _, what in costs(zero2, dataclasses.replace(start, deepspeed_stage=1),
+                                      ladder)] == ["ZeRO-2 (was ZeRO-1)"]

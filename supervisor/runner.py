@@ -374,7 +374,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         now = time.monotonic()
         if now - remembered > _REMEMBER_S:  # a /proc scan: not on every 50 ms tick
             tree.remember()
-            host_peak = max(host_peak, tree.rss_mib())
+            rss = tree.rss_mib()
+            host_peak = max(host_peak, rss) if rss is not None and host_peak >= 0 else -1.0
             remembered = now
             if adopted:  # the logs' tail segments grow while the log itself waits
                 sink.last_output = max(sink.last_output, now - _log_age_s(spec.log_dir))
@@ -463,7 +464,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         watchdog=limit[1] if limit is not None else None,
         failed_task=failed,
         timed=timed and not killed,
-        host_peak_mib=round(host_peak, 1) if host_peak else None,
+        host_peak_mib=round(host_peak, 1) if host_peak > 0 else None,  # (-1: unknown, srun)
     )
 
 
@@ -607,13 +608,19 @@ class _Tree:
             for proc in (leader, *leader.children(recursive=True)):
                 self.known.setdefault(proc.pid, proc)
 
-    def rss_mib(self) -> float:
-        """Resident memory of the command's processes now (the shim itself left out), MiB."""
+    def rss_mib(self) -> float | None:
+        """Resident memory of the command's processes now (the shim itself left out), MiB.
+
+        None (unknown) under `srun`: the step's tasks run under slurmstepd, on this node and
+        others, not below srun, whose own few MiB would read as the attempt's memory.
+        """
         total = 0
         for pid, proc in list(self.known.items()):
             if pid == self.pid:
                 continue
             with contextlib.suppress(psutil.Error):
+                if proc.name() == "srun":
+                    return None
                 total += proc.memory_info().rss
         return total / 2**20
 

@@ -91,3 +91,27 @@ def test_torchrun_error_files_join_the_tail(tmp_path: Path, trainer_env: dict[st
     assert any(line.startswith("[") and "error.json] " in line and "OutOfMemoryError" in line
                for line in outcome.tail)
     assert classify(outcome).kind is VerdictKind.OOM
+
+
+HOLDS = ("import time; block = bytearray(80 * 1024 * 1024); block[::4096] = b'x' * "
+         "len(block[::4096]); time.sleep(4)")
+
+
+@pytest.mark.parametrize(("launcher", "known"), [("sh", True), ("srun", False)])
+def test_host_memory_under_srun_is_unknown_not_srun_s_own(
+        tmp_path: Path, trainer_env: dict[str, str], launcher: str, known: bool) -> None:
+    """Under srun the step's tasks are not srun's children (slurmstepd runs them, on other nodes
+    too): the attempt's host memory is unknown, never srun's own few MiB. Without srun the
+    tree's 80 MiB are counted. (A stand-in `srun` that runs its task as a child.)"""
+    fake = tmp_path / "bin" / launcher
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n"$@"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    outcome = run(AttemptSpec(argv=(str(fake), sys.executable, "-c", HOLDS), env=trainer_env,
+                              log_dir=tmp_path / "logs", echo=False))
+    assert outcome.exit_code == 0
+    if known:
+        assert outcome.host_peak_mib is not None
+        assert outcome.host_peak_mib >= 80  # noqa: PLR2004
+    else:
+        assert outcome.host_peak_mib is None

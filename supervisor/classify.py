@@ -60,6 +60,7 @@ class OomKind(StrEnum):
     CUDNN = "cudnn"
     NCCL = "nccl"
     PYTHON = "python"  # MemoryError from the Python allocator
+    HOST_LOAD = "host_load"  # the weights could not be mapped: host memory, while loading
     KERNEL = "kernel"  # SIGKILL by the kernel's OOM killer
 
 
@@ -90,6 +91,10 @@ OOM_RULES: tuple[Rule, ...] = (
     # preemptively rejected because it would exceed per_process_memory_fraction limit."
     _rule(OomKind.NPU, r"NPU out of memory\. (?:Tried to allocate|Allocation was preemptively)"),
     _rule(OomKind.CPU, r"DefaultCPUAllocator: can't allocate memory"),  # c10/core/impl/alloc_cpu
+    # c10/core/MapAllocator.cpp: "unable to mmap %zu bytes from file <%s>: %s (%d)", from
+    # safetensors' safe_open or torch.load(mmap=True) while the model loads; recorded under
+    # RLIMIT_AS (tests/data/tails/load_mmap_enomem.txt).
+    _rule(OomKind.HOST_LOAD, r"unable to mmap \d+ bytes from file .*Cannot allocate memory"),
     _rule(OomKind.CUBLAS, r"CUBLAS_STATUS_ALLOC_FAILED"),  # at::cuda::blas, cublasCreate
     _rule(OomKind.CUDNN, r"CUDNN_STATUS_ALLOC_FAILED"),  # cuDNN workspace allocation
     _rule(OomKind.NCCL, r"NCCL WARN .*(?:[Oo]ut of memory|Failed to CUDA calloc|cuMem\w* failed)"),
@@ -378,7 +383,12 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.FITS)
     if oom_lines:
         evidence = _most_specific(oom_lines)
-        return Verdict(kind=VerdictKind.OOM, oom_kind=_oom_kind(evidence), evidence=evidence,
+        kind = _oom_kind(evidence)
+        if kind is OomKind.HOST_LOAD:
+            evidence = (f"host memory ran out while loading the model (the walk goes on: a "
+                        f"config that loads less, quantised weights, may fit; else raise the "
+                        f"host memory limit): {evidence}")
+        return Verdict(kind=VerdictKind.OOM, oom_kind=kind, evidence=evidence,
                        numbers=parse_numbers(oom_lines))
     if outcome.timed:
         return Verdict(kind=VerdictKind.TIMED, evidence=(

@@ -62,6 +62,7 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("axolotl_launcher_python_no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
     ("axolotl_sample_packing_no_data_num_samples0.txt", 1, VerdictKind.NO_DATA, None),
     ("axolotl_host_cap_oom.txt", 1, VerdictKind.OOM, OomKind.CPU),
+    ("load_mmap_enomem.txt", 1, VerdictKind.OOM, OomKind.HOST_LOAD),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:
@@ -380,3 +381,13 @@ def test_no_rows_left_is_its_own_verdict_with_the_trainers_line() -> None:
         VerdictKind.NO_DATA)
     both = recorded("no_data_num_samples0.txt") + recorded("device_budget_oom.txt")
     assert classify(Outcome(exit_code=1, duration_s=1.0, tail=both)).kind is VerdictKind.OOM
+
+
+def test_a_model_that_cannot_be_mapped_is_out_of_host_memory() -> None:
+    """`unable to mmap ... Cannot allocate memory` while loading (RLIMIT_AS): an OOM of host
+    memory, not a fatal error, and the verdict says what can still help."""
+    verdict = verdict_of("load_mmap_enomem.txt", 1)
+    assert verdict.kind is VerdictKind.OOM
+    assert verdict.evidence is not None
+    assert verdict.evidence.startswith("host memory ran out while loading the model")
+    assert "unable to mmap 181688528 bytes" in verdict.evidence

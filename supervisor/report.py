@@ -10,6 +10,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from supervisor import progress, speed
+from supervisor.command import address_space_cap
 from supervisor.events import AttemptRecord, Notified, RunConfig, RunState, SpeedCompared
 from supervisor.files import write_file
 from supervisor.knobs import Knobs
@@ -74,6 +75,7 @@ def build(state: RunState) -> dict[str, Any]:
         "final_env": dict(state.final.env) if fitted and state.final else {},
         "device_mib": config.device_mib,
         "device_source": config.device_source,
+        "host_cap_mib": _host_cap_mib(config.argv),
         "estimate_distrusted": state.distrusted,
         "estimate_checking": state.checking.reason if state.checking else None,
         "skipped_on_prediction": [
@@ -235,6 +237,12 @@ def _cost_section(data: dict[str, Any]) -> list[str]:
             out += ["", (f"At {final['step_s']:g} s per step, the whole run's {total} steps "
                          f"take about {human_duration(total * final['step_s'])} of training.")]
     return out
+
+
+def _host_cap_mib(argv: Sequence[str]) -> float | None:
+    """The address-space cap the command sets for itself (`prlimit --as=N`), MiB."""
+    cap = address_space_cap(tuple(argv))
+    return round(cap / 2**20, 1) if cap is not None else None
 
 
 def _attempt_row(record: AttemptRecord) -> dict[str, Any]:

@@ -157,16 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FakeTensor (exact, runs torch in a child) or analytic (default: auto)")
     plan.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after `--`")
 
-    demo = sub.add_parser("demo", help="walk the ladder on the bundled tiny model (CPU, no GPU)",
-                          epilog=EXIT_CODES_HELP,
+    demo = sub.add_parser("demo", help="the bundled tiny model on a small simulated device "
+                                       "(CPU, no GPU): predicted to fit at once, or --walk",
+                          description=DEMO_HELP, epilog=EXIT_CODES_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(demo, demo=True)
     demo.add_argument("--device-memory", type=_size, default=DEMO_DEVICE_MIB, metavar="SIZE",
                       help=f"simulated device size (default {DEMO_DEVICE_MIB}MiB)")
     demo.add_argument("--echo", dest="quiet", action="store_false",
                       help="show the trainer's own output (tracebacks included)")
-    # The demo never echoes unless asked, and never uses the fit store: it walks every time.
-    demo.set_defaults(quiet=True, fits_db=None, fresh=False)
+    demo.add_argument("--walk", action="store_true",
+                      help="act 2: the supervisor is not told the device's size, and walks "
+                           "the ladder for real, one real OOM after another")
+    # The demo never echoes unless asked, and never uses the fit store: it starts over every
+    # time (act 1 predicts, act 2 walks).
+    demo.set_defaults(quiet=True, fits_db=None, fresh=False, estimate=True)
 
     res = sub.add_parser("resume", help="carry on a run whose supervisor died",
                          epilog=EXIT_CODES_HELP,
@@ -696,6 +701,18 @@ def _predict_ahead(predictor: Estimator, configs: Sequence[Knobs], device_mib: f
 _DEMO_NEEDS = ("torch", "transformers", "peft")
 
 
+DEMO_HELP = """\
+The same ambitious command (full fine-tuning of the bundled tiny model, batch 4 x 1024 tokens)
+on a simulated device of 70 MiB, in two acts:
+
+  act 1 (default): the supervisor is told the device's size, predicts the memory of each
+         config on the ladder (FakeTensor traces) and runs the first predicted to fit: it
+         fits at once, and the report shows the prediction beside the measured peak.
+  act 2 (--walk): the supervisor is not told; it walks the ladder for real, one real OOM
+         after another, until a config fits.
+"""
+
+
 def _check_demo_packages() -> None:
     """The demo trains the bundled tiny model in this interpreter: say what is missing first."""
     missing = [name for name in _DEMO_NEEDS if importlib.util.find_spec(name) is None]
@@ -737,9 +754,10 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)
     env = environment(command)
-    # The demo shows the ladder itself: no predictions, every OOM real.
-    memory = (_memory(args, command) if args.verb == "run"
-              else Memory(device_mib=args.device_memory))
+    # The demo's act 1 is told the device and predicts; act 2 (--walk) shows the ladder itself:
+    # no predictions, every OOM real.
+    walk = args.verb == "demo" and args.walk
+    memory = (Memory(device_mib=args.device_memory) if walk else _memory(args, command))
     if args.device_memory is not None:
         # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
         env = device_memory_env(env, args.device_memory)

@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.process
 
-DEMO = [sys.executable, "-m", "supervisor", "demo", "--device-memory", "150MiB"]
+DEMO = [sys.executable, "-m", "supervisor", "demo", "--walk", "--device-memory", "150MiB"]
 """150 MiB: three real OOMs (batch 4, 2, 1), then gradient checkpointing fits (~1-2 min)."""
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")

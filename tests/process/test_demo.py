@@ -15,8 +15,8 @@ pytestmark = pytest.mark.process
 def test_demo_walks_several_rungs_and_keeps_the_effective_batch(tmp_path: Path) -> None:
     """Exit 0, >= 3 real OOM verdicts over batch, cutoff, checkpointing and LoRA, then a fit."""
     proc = subprocess.run(  # noqa: S603 - our own CLI
-        [sys.executable, "-m", "supervisor", "demo", "--quiet", "--runs-dir", str(tmp_path),
-         "--run-id", "demo"],
+        [sys.executable, "-m", "supervisor", "demo", "--walk", "--quiet", "--runs-dir",
+         str(tmp_path), "--run-id", "demo"],
         capture_output=True, text=True, check=False, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "demo" / "report.json").read_text())

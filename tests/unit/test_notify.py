@@ -47,7 +47,7 @@ def test_a_hanging_command_is_ended_with_its_children(tmp_path: Path) -> None:
 def test_cli_notify_is_journaled_and_never_changes_the_exit_code(tmp_path: Path) -> None:
     """A demo that exhausts its budget (exit 3) with a failing notify: still 3, journaled."""
     proc = subprocess.run(  # noqa: S603 - our own CLI, the real reference trainer
-        [sys.executable, "-m", "supervisor", "demo", "--device-memory", "150MiB",
+        [sys.executable, "-m", "supervisor", "demo", "--walk", "--device-memory", "150MiB",
          "--max-attempts", "1", "--runs-dir", str(tmp_path), "--run-id", "n",
          "--notify", "cat > got.txt; echo $OOM_SUPERVISOR_EXIT_CODE >> got.txt; exit 9"],
         capture_output=True, text=True, check=False, timeout=600, cwd=tmp_path)

@@ -143,3 +143,20 @@ def test_goodput_is_drawn_in_time_order_one_lane_per_attempt() -> None:
     assert ticks[::-1][:4] == ["between attempts", "attempt 1", "attempt 2", "attempt 3"]
     assert plot.TIME_COLOURS["startup"] != plot.TIME_COLOURS["supervisor"]
     assert len(set(plot.TIME_COLOURS.values())) == len(plot.TIME_COLOURS)
+
+
+def test_a_prlimit_run_is_drawn_with_its_cap_and_no_oom_below_the_fit() -> None:
+    """prlimit-2g (a real run under `prlimit --as=2000000000`, no device): the cap the command
+    sets is the line, named as what it is; each OOM bar stands at least as high as the fit of
+    the smaller config, hatched and marked ">="; every bar has its value."""
+    data = report.build(load(RUNS / "prlimit-2g")[0])
+    assert data["host_cap_mib"] == pytest.approx(1907.3)
+    ax = plot.figure(data).axes[0]
+    line = next(line for line in ax.get_lines() if line.get_gid() == "device")
+    assert line.get_ydata()[0] == pytest.approx(1907.3)
+    assert line.get_label() == "host cap 1907 MiB (prlimit --as, address space)"
+    oom1, oom2, fit = ax.containers[0]
+    assert [b.get_hatch() for b in (oom1, oom2, fit)] == ["///", "///", None]
+    assert min(oom1.get_height(), oom2.get_height()) >= fit.get_height()
+    texts = [t.get_text() for t in ax.texts if t.get_gid() in ("value", "at-least")]
+    assert texts == [">=1391", ">=1397", "617.5"]

@@ -360,7 +360,7 @@ class ArgvDialect:
         for flag in scan.flags:
             family = own.get(flag.knob)
             if (profile.known and family is not None and flag.knob in profile.defaults
-                    and set(flag.names) <= set(family.names)):
+                    and _spelled(flag.names) <= _spelled(family.names)):
                 values.set(flag.knob, profile.defaults[flag.knob], Source.KNOWN_DEFAULT)
             negatable = scan.help.accepts(f"--no_{flag.names[0].removeprefix('--')}")
             said = _help_default(flag, _option(scan, flag), negatable=negatable)
@@ -427,7 +427,7 @@ def _same_family(scan: _Scan) -> bool:
     """The program takes its family's own flag for every knob both know (the name holds)."""
     own = {f.knob: f for f in scan.profile.flags}
     return scan.profile.known and all(
-        set(f.names) <= set(own[f.knob].names) for f in scan.flags if f.knob in own)
+        _spelled(f.names) <= _spelled(own[f.knob].names) for f in scan.flags if f.knob in own)
 
 
 def _hygiene_applies(scan: _Scan) -> bool:
@@ -463,6 +463,11 @@ def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]
             table.append(dataclasses.replace(flag, names=names))
             done.add(flag.knob)
     return tuple(table)
+
+
+def _spelled(names: tuple[str, ...]) -> frozenset[str]:
+    """Flag names with dashes and underscores read alike (`--lora-r` is `--lora_r`)."""
+    return frozenset("--" + n[2:].replace("-", "_") if n.startswith("--") else n for n in names)
 
 
 def _with_twins(flag: Flag) -> Flag:

@@ -27,7 +27,8 @@ slurm-packages:
 	-bash tests/slurm/cluster.sh install
 
 demo: $(STAMP)
-	$(VENV)/bin/oom-supervisor demo
+	$(VENV)/bin/oom-supervisor demo          # act 1: told the device, predicts, fits at once
+	$(VENV)/bin/oom-supervisor demo --walk   # act 2: not told, walks the ladder for real
 
 test: $(STAMP) lf-venv slurm-packages
 	OOM_SUPERVISOR_LF_VENV=$(abspath $(LF_VENV)) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)

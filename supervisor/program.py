@@ -37,14 +37,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import psutil
 import structlog
 
-from supervisor.command import Command, CommandError, Invocation, environment, locate
+from supervisor.command import Command, CommandError, Invocation, environment, locate_command
 from supervisor.gpu import NvmlProbe
 from supervisor.secrets import Redactor, is_secret_name, is_secret_value, placeholder
 
@@ -96,7 +96,37 @@ class ProgramHelp:
         return f"its --help lists {len(self.options)} options ({kind})"
 
 
-HelpProbe = Callable[[Command], str | None]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Program:
+    """The command's training program, found once and handed down: where it sits behind its
+    launchers, the command that prints its help, and the environment it runs with. The
+    dialect's reading, the probe and the import checks read this one value, never locate the
+    program again on their own."""
+
+    command: Command
+    invocation: Invocation | None
+    """Where the program sits (None: no program found; `error` says why)."""
+    error: str | None = None
+    help_argv: tuple[str, ...] | None = None
+    """Its interpreter, the script or `-m` module, `--help` (None: not a Python program)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Ours, plus what the command adds, plus its own `VAR=value` words."""
+
+
+def find_program(command: Command) -> Program:
+    """Locate the command's program (its launchers read as they read their environment and
+    directory) and how to ask it: the one value the rest is read from."""
+    env = environment(command)
+    try:
+        invocation = locate_command(command)
+    except CommandError as exc:
+        return Program(command=command, invocation=None, error=str(exc), env=env)
+    env.update(invocation.env_assignments)
+    return Program(command=command, invocation=invocation,
+                   help_argv=_help_argv(command, invocation), env=env)
+
+
+HelpProbe = Callable[[Program], str | None]
 """The edge that returns a program's `--help` text (None: it cannot be asked)."""
 
 
@@ -163,10 +193,11 @@ def help_argv(command: Command, invocation: Invocation | None = None) -> tuple[s
     None for programs that are not Python scripts or modules run by a Python interpreter.
     """
     if invocation is None:
-        try:
-            invocation = locate(command.argv)
-        except CommandError:
-            return None
+        return find_program(command).help_argv
+    return _help_argv(command, invocation)
+
+
+def _help_argv(command: Command, invocation: Invocation) -> tuple[str, ...] | None:
     argv = command.argv
     program = invocation.program
     is_module = invocation.args_start >= 2 and argv[invocation.args_start - 2] == "-m"  # noqa: PLR2004
@@ -242,19 +273,20 @@ def record_help(command: Command, text: str | None) -> None:
 
 def recorded_help(command: Command) -> str | None:
     """What the probe of `command` found this process (parsed, redacted), without asking."""
-    argv = help_argv(command)
-    return None if argv is None else _known_help(command, argv)[1]
+    program = find_program(command)
+    return None if program.help_argv is None else _known_help(program, program.help_argv)[1]
 
 
-def _known_help(command: Command, argv: tuple[str, ...],
+def _known_help(program: Program, argv: tuple[str, ...],
                 ) -> tuple[bool, str | None, str | None, dict[str, str]]:
     """What this process already has for `argv`: (known, text, cache key, probe env).
 
     Known: recorded (resume), memoised, or not cacheable (the script cannot be read); else
     the key and environment to look further with (the cache file, then the probe)."""
+    command = program.command
     if (argv, command.cwd) in _RECORDED:
         return True, _RECORDED[(argv, command.cwd)], None, {}
-    env = _probe_env(command)
+    env = dict(program.env)
     try:
         key = _cache_key(command, argv, env)
     except OSError:
@@ -270,16 +302,18 @@ def probe_note(command: Command) -> str | None:
     return _NOTES.get((argv, command.cwd)) if argv is not None else None
 
 
-def run_help(command: Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | None:
+def run_help(program: Program | Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | None:
     """The program's `--help`, parsed and redacted, asked once per script version (None: no help).
 
     The text returned (and cached) is rebuilt from what was parsed, flags and defaults only:
     nothing else the program printed is kept.
     """
-    argv = help_argv(command)
+    if isinstance(program, Command):
+        program = find_program(program)
+    command, argv = program.command, program.help_argv
     if argv is None:
         return None
-    known, text, key, env = _known_help(command, argv)
+    known, text, key, env = _known_help(program, argv)
     if known or key is None:
         return text
     cached = _load_cache().get(key)
@@ -325,13 +359,6 @@ def render_help(parsed: ProgramHelp, redactor: Redactor | None = None) -> str:
             line = f"  {invocation}"
         lines.append(line)
     return "\n".join(lines) + "\n"
-
-
-def _probe_env(command: Command) -> dict[str, str]:
-    env = environment(command)
-    with contextlib.suppress(CommandError):
-        env.update(locate(command.argv).env_assignments)
-    return env
 
 
 # The probe: the program with --help, in its own session and marked like an attempt, so that
@@ -758,11 +785,11 @@ def _store_cache(key: str, text: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def read_help(command: Command, probe: HelpProbe | None) -> ProgramHelp | None:
+def read_help(program: Program, probe: HelpProbe | None) -> ProgramHelp | None:
     """The parsed help of the command's program through `probe` (None: not asked or unreadable)."""
     if probe is None:
         return None
-    text = probe(command)
+    text = probe(program)
     return parse_help(text) if text else None
 
 
@@ -777,9 +804,8 @@ _IMPORTS: dict[tuple[str, str], bool] = {}
 def interpreter(command: Command) -> str:
     """The Python that runs the command's program: its own `python`, a launcher's sibling, a
     console script's shebang (`llamafactory-cli`, `trl`), else this one."""
-    try:
-        invocation = locate(command.argv)
-    except CommandError:
+    invocation = find_program(command).invocation
+    if invocation is None:
         return sys.executable
     program = invocation.program
     is_module = invocation.args_start >= 2 and command.argv[invocation.args_start - 2] == "-m"  # noqa: PLR2004
@@ -804,9 +830,7 @@ def can_import(command: Command, module: str, *, timeout_s: float = IMPORT_TIMEO
     python = interpreter(command)
     key = (python, module)
     if key not in _IMPORTS:
-        env = environment(command)
-        with contextlib.suppress(CommandError):
-            env.update(locate(command.argv).env_assignments)
+        env = dict(find_program(command).env)
         try:
             done = subprocess.run((python, "-c", f"import {module}"), cwd=command.cwd, env=env,  # noqa: S603 - the user's own interpreter
                                   capture_output=True, check=False, timeout=timeout_s,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
-from supervisor.command import Command, CommandError, Invocation, locate, locate_command
+from supervisor.command import Command, CommandError, Invocation, locate
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
 from supervisor.dialects._read import (
@@ -36,6 +36,7 @@ from supervisor.program import (
     HelpProbe,
     Option,
     ProgramHelp,
+    find_program,
     probe_note,
     read_help,
     run_help,
@@ -322,9 +323,13 @@ class ArgvDialect:
     # -- internals ---------------------------------------------------------------------------
 
     def _scan(self, command: Command) -> _Scan:
-        invocation = locate_command(command)
+        # Located once, and that one value asked (program.find_program): never read two ways.
+        program = find_program(command)
+        if program.invocation is None:
+            raise CommandError(program.error)
+        invocation = program.invocation
         profile = self._forced or _profile_for(invocation.program)
-        help_ = read_help(command, self.probe) if _askable(profile) else None
+        help_ = read_help(program, self.probe) if _askable(profile) else None
         flags = _flag_table(profile, help_)
         found = _occurrences(command.argv, invocation, flags)
         if help_ is not None and not any(f.knob in KNOB_NAMES and f.knob not in READ_ONLY

@@ -25,11 +25,12 @@ from supervisor.dialects.llamafactory import LlamaFactoryDialect
 from supervisor.dialects.readback import NOT_COMPARED, RenderMismatchError, check, render_checked
 from supervisor.knobs import KNOB_NAMES, FinetuningType, Knobs, Source
 from supervisor.policy import ACTIONS, resolve
+from supervisor.program import Program
 
 HELP = Path(__file__).resolve().parents[1] / "data" / "help"
 
 
-def _recorded(name: str) -> Callable[[Command], str | None]:
+def _recorded(name: str) -> Callable[[Program], str | None]:
     text = (HELP / f"{name}.txt").read_text(encoding="utf-8")
     return lambda _command: text
 

@@ -262,6 +262,10 @@ class Outcome:
     """The silence limit in force at the end, and how it was chosen."""
     host_peak_mib: float | None = None
     """Peak resident memory of the attempt's processes, sampled every 0.5 s (psutil)."""
+    host_cap_mib: float | None = None
+    """The host memory limit the command ran under (its RLIMIT_AS, else its cgroup's), MiB."""
+    host_cap_source: str | None = None
+    """What that limit is: `RLIMIT_AS` (prlimit --as, ulimit -v) or `cgroup memory.max`."""
     failed_task: str | None = None
     """The launcher's line for a task that failed while its peers lived (the attempt was
     ended after a grace for it)."""

@@ -286,6 +286,10 @@ class AttemptFinished(Event):
     """The silence limit in force when the attempt ended, and how it was chosen."""
     host_peak_mib: float | None = None
     """Peak resident (host) memory of the attempt's processes, sampled every 0.5 s."""
+    host_cap_mib: float | None = None
+    """The host memory limit the command ran under (RLIMIT_AS, else its cgroup's), MiB."""
+    host_cap_source: str | None = None
+    """`RLIMIT_AS` (prlimit --as, ulimit -v) or `cgroup memory.max`."""
     cost: Mapping[str, float] | None = None
     """What the trainer measured of its own run: runtime_s, samples_per_s, steps_per_s, loss."""
 

@@ -837,6 +837,7 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         escaped=outcome.escaped, wrapper_died=outcome.wrapper_died,
         ended_at=outcome.ended_at, progress=outcome.progress, checkpoint_times=times,
         watchdog=outcome.watchdog, host_peak_mib=outcome.host_peak_mib, cost=measured.cost,
+        host_cap_mib=outcome.host_cap_mib, host_cap_source=outcome.host_cap_source,
     ))
     return verdict
 

@@ -92,6 +92,13 @@ def limit_line(data: Mapping[str, Any]) -> tuple[float, str] | None:
     cap = data.get("host_cap_mib")
     if cap:
         return float(cap), f"host cap {cap:.0f} MiB (prlimit --as, address space)"
+    # What the attempts ran under, as the runner read it from their processes.
+    seen = [(float(a["host_cap_mib"]), str(a.get("host_cap_source")))
+            for a in data.get("attempts", []) if a.get("host_cap_mib")]
+    if seen:
+        mib, source = min(seen)
+        what = "address space" if source == "RLIMIT_AS" else "resident memory"
+        return mib, f"host cap {mib:.0f} MiB ({source}, {what})"
     return None
 
 

@@ -259,6 +259,7 @@ def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
                     "exit_code": done.exit_code, "duration_s": done.duration_s,
                     "peak_mib": done.peak_mib, "peak_source": done.peak_source,
                     "host_peak_mib": done.host_peak_mib,
+                    "host_cap_mib": done.host_cap_mib, "host_cap_source": done.host_cap_source,
                     "cost": dict(done.cost) if done.cost else None,
                     "step_s": _step_s(done.progress),
                     "progress_total": (done.progress or {}).get("total"),

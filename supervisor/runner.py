@@ -370,10 +370,12 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     activity = _Activity(spec.activity_dir)
     remembered = looked = 0.0
     host_peak = 0.0
+    cap: tuple[float, str] | None = None
     while code is None:
         now = time.monotonic()
         if now - remembered > _REMEMBER_S:  # a /proc scan: not on every 50 ms tick
             tree.remember()
+            cap = cap or tree.host_cap()
             rss = tree.rss_mib()
             host_peak = max(host_peak, rss) if rss is not None and host_peak >= 0 else -1.0
             remembered = now
@@ -465,6 +467,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         failed_task=failed,
         timed=timed and not killed,
         host_peak_mib=round(host_peak, 1) if host_peak > 0 else None,  # (-1: unknown, srun)
+        host_cap_mib=cap[0] if cap else None, host_cap_source=cap[1] if cap else None,
     )
 
 
@@ -589,6 +592,33 @@ def _create_time(pid: int) -> float:
         return 0.0
 
 
+_UNLIMITED = 1 << 60
+"""Limits at or above this are "unlimited" (RLIM_INFINITY, cgroup v1's page-rounded max)."""
+
+
+def _cgroup_limit(pid: int) -> int | None:
+    """The memory limit of `pid`'s cgroup in bytes (None: none, or it cannot be read)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2's unified hierarchy
+            where = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            where = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = where.read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < _UNLIMITED:
+            return int(text)
+    return None
+
+
 class _Tree:
     """The attempt's processes: the leader's group, every descendant seen, and the marker."""
 
@@ -623,6 +653,27 @@ class _Tree:
                     return None
                 total += proc.memory_info().rss
         return total / 2**20
+
+    def host_cap(self) -> tuple[float, str] | None:
+        """The host memory limit the command's processes run under, MiB, and what it is: the
+        smallest RLIMIT_AS soft limit among them (prlimit --as, ulimit -v), else their
+        cgroup's memory limit (v2 memory.max, v1 memory.limit_in_bytes); None: unlimited."""
+        limits: list[int] = []
+        cgroup: int | None = None
+        for pid, proc in list(self.known.items()):
+            if pid == self.pid:
+                continue
+            with contextlib.suppress(psutil.Error, AttributeError, OSError):
+                soft, _ = proc.rlimit(psutil.RLIMIT_AS)
+                if 0 < soft < _UNLIMITED:
+                    limits.append(soft)
+            if cgroup is None:
+                cgroup = _cgroup_limit(pid)
+        if limits:
+            return round(min(limits) / 2**20, 1), "RLIMIT_AS"
+        if cgroup is not None:
+            return round(cgroup / 2**20, 1), "cgroup memory.max"
+        return None
 
     def _marked(self) -> list[psutil.Process]:
         """Processes whose environment carries this attempt's marker (daemonised escapees)."""

@@ -115,3 +115,15 @@ def test_host_memory_under_srun_is_unknown_not_srun_s_own(
         assert outcome.host_peak_mib >= 80
     else:
         assert outcome.host_peak_mib is None
+
+
+def test_the_host_cap_the_command_runs_under_is_read_from_its_processes(
+        tmp_path: Path, trainer_env: dict[str, str]) -> None:
+    """`prlimit --as=3000000000 python ...`: the attempt's own RLIMIT_AS, read from its process
+    (whoever set it: prlimit, ulimit -v, an inherited limit), is what memory.png draws."""
+    outcome = run(AttemptSpec(argv=("prlimit", "--as=3000000000", sys.executable, "-c",
+                                    "import time; time.sleep(3)"),
+                              env=trainer_env, log_dir=tmp_path / "logs", echo=False))
+    assert outcome.exit_code == 0
+    assert outcome.host_cap_source == "RLIMIT_AS"
+    assert outcome.host_cap_mib == pytest.approx(3_000_000_000 / 2**20, abs=0.1)

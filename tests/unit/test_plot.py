@@ -160,3 +160,16 @@ def test_a_prlimit_run_is_drawn_with_its_cap_and_no_oom_below_the_fit() -> None:
     assert min(oom1.get_height(), oom2.get_height()) >= fit.get_height()
     texts = [t.get_text() for t in ax.texts if t.get_gid() in ("value", "at-least")]
     assert texts == [">=1391", ">=1397", "617.5"]
+
+
+def test_a_cap_read_from_the_attempts_is_the_line() -> None:
+    """No prlimit in the command, but the attempts ran under a cgroup limit (read from their
+    processes): that is the line, named as resident memory."""
+    data = _oom_and_fit(None, None)
+    for row in data["attempts"]:  # type: ignore[attr-defined]
+        row.update({"host_cap_mib": 1800.0, "host_cap_source": "cgroup memory.max"})
+    assert plot.limit_line(data) == (1800.0, ("host cap 1800 MiB (cgroup memory.max, "
+                                             "resident memory)"))
+    ax = plot.figure(data).axes[0]
+    oom, _fit = ax.containers[0]
+    assert oom.get_height() == pytest.approx(1800.0)  # the limit: above the fit's 1130

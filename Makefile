@@ -32,7 +32,8 @@ slurm-packages:
 	-bash tests/slurm/cluster.sh install
 
 demo: $(STAMP)
-	$(VENV)/bin/oom-supervisor demo
+	$(VENV)/bin/oom-supervisor demo          # act 1: told the device, predicts, fits at once
+	$(VENV)/bin/oom-supervisor demo --walk   # act 2: not told, walks the ladder for real
 
 # The tiers' venvs build in the background while the tests run (one line a minute each while
 # building); a tier's conftest waits on the build's lock, then finds the venv current.

@@ -83,7 +83,7 @@ def written(before: Listing, after: Listing) -> list[tuple[str, int]]:
 
 
 def incompatible(before: Knobs, after: Knobs) -> str | None:
-    """Why a checkpoint of `before` cannot seed `after`, or None when it can."""
+    """Why a checkpoint of `before` cannot start `after`, or None when it can."""
     if before.finetuning_type != after.finetuning_type:
         return (f"the parameter set changes ({before.finetuning_type} -> "
                 f"{after.finetuning_type}): starting fresh")

@@ -10,7 +10,7 @@ from typing import Any
 
 from supervisor import bounds, launchers
 from supervisor._compat import StrEnum
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 
 class VerdictKind(StrEnum):
@@ -65,6 +65,7 @@ class OomKind(StrEnum):
     CUDNN = "cudnn"
     NCCL = "nccl"
     PYTHON = "python"  # MemoryError from the Python allocator
+    HOST_LOAD = "host_load"  # the weights could not be mapped: host memory, while loading
     KERNEL = "kernel"  # SIGKILL by the kernel's OOM killer
 
 
@@ -95,6 +96,10 @@ OOM_RULES: tuple[Rule, ...] = (
     # preemptively rejected because it would exceed per_process_memory_fraction limit."
     _rule(OomKind.NPU, r"NPU out of memory\. (?:Tried to allocate|Allocation was preemptively)"),
     _rule(OomKind.CPU, r"DefaultCPUAllocator: can't allocate memory"),  # c10/core/impl/alloc_cpu
+    # c10/core/MapAllocator.cpp: "unable to mmap %zu bytes from file <%s>: %s (%d)", from
+    # safetensors' safe_open or torch.load(mmap=True) while the model loads; recorded under
+    # RLIMIT_AS (tests/data/tails/load_mmap_enomem.txt).
+    _rule(OomKind.HOST_LOAD, r"unable to mmap \d+ bytes from file .*Cannot allocate memory"),
     _rule(OomKind.CUBLAS, r"CUBLAS_STATUS_ALLOC_FAILED"),  # at::cuda::blas, cublasCreate
     _rule(OomKind.CUDNN, r"CUDNN_STATUS_ALLOC_FAILED"),  # cuDNN workspace allocation
     _rule(OomKind.NCCL, r"NCCL WARN .*(?:[Oo]ut of memory|Failed to CUDA calloc|cuMem\w* failed)"),
@@ -292,6 +297,10 @@ class Outcome:
     """The silence limit in force at the end, and how it was chosen."""
     host_peak_mib: float | None = None
     """Peak resident memory of the attempt's processes, sampled every 0.5 s (psutil)."""
+    host_cap_mib: float | None = None
+    """The host memory limit the command ran under (its RLIMIT_AS, else its cgroup's), MiB."""
+    host_cap_source: str | None = None
+    """What that limit is: `RLIMIT_AS` (prlimit --as, ulimit -v) or `cgroup memory.max`."""
     failed_task: str | None = None
     """The launcher's line for a task that failed while its peers lived (the attempt was
     ended after a grace for it)."""
@@ -430,7 +439,12 @@ def classify(outcome: Outcome) -> Verdict:
                        evidence=f"{RECOVERED}: {_most_specific(oom_lines)}" if oom_lines else None)
     if oom_lines:
         evidence = _most_specific(oom_lines)
-        return Verdict(kind=VerdictKind.OOM, oom_kind=_oom_kind(evidence), evidence=evidence,
+        kind = _oom_kind(evidence)
+        if kind is OomKind.HOST_LOAD:
+            evidence = (f"host memory ran out while loading the model (the walk goes on: a "
+                        f"config that loads less, quantised weights, may fit; else raise the "
+                        f"host memory limit): {evidence}")
+        return Verdict(kind=VerdictKind.OOM, oom_kind=kind, evidence=evidence,
                        numbers=parse_numbers(oom_lines))
     if outcome.timed:
         return Verdict(kind=VerdictKind.TIMED, evidence=(
@@ -457,13 +471,13 @@ def classify(outcome: Outcome) -> Verdict:
               and not outcome.killed_by_supervisor else None)
     if worker is not None and outcome.exit_code != 0:
         # A launcher (torchrun, srun) outlived the worker the kernel's OOM killer took.
-        evidence = (f"{worker}; the kernel's OOM killer fired {outcome.kernel_oom_kills} "
-                    "time(s) in this cgroup")
+        evidence = (f"{worker}; the kernel's OOM killer fired "
+                    f"{plural(outcome.kernel_oom_kills, 'time')} in this cgroup")
         return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=evidence)
     if outcome.exit_code == -signal.SIGKILL and not outcome.killed_by_supervisor:
         if outcome.kernel_oom_kills > 0:
             evidence = (f"killed by SIGKILL; the kernel's OOM killer fired "
-                        f"{outcome.kernel_oom_kills} time(s) in this cgroup")
+                        f"{plural(outcome.kernel_oom_kills, 'time')} in this cgroup")
             return Verdict(kind=VerdictKind.OOM, oom_kind=OomKind.KERNEL, evidence=evidence)
         return Verdict(kind=VerdictKind.FATAL,
                        evidence="killed by SIGKILL from outside, with no OOM-killer evidence")

@@ -73,7 +73,7 @@ from supervisor.secrets import remove_private_copies
 from supervisor.status import StatusError, newest_run
 from supervisor.status import render as render_status
 from supervisor.status import watch as watch_status
-from supervisor.text import printable
+from supervisor.text import plural, printable
 from supervisor.tracer import WarmTracer
 
 log = structlog.get_logger("supervisor")
@@ -168,16 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FakeTensor (exact, runs torch in a child) or analytic (default: auto)")
     plan.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after `--`")
 
-    demo = sub.add_parser("demo", help="walk the ladder on the bundled tiny model (CPU, no GPU)",
-                          epilog=EXIT_CODES_HELP,
+    demo = sub.add_parser("demo", help="the bundled tiny model on a small simulated device "
+                                       "(CPU, no GPU): predicted to fit at once, or --walk",
+                          description=DEMO_HELP, epilog=EXIT_CODES_HELP,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_options(demo, demo=True)
     demo.add_argument("--device-memory", type=_size, default=DEMO_DEVICE_MIB, metavar="SIZE",
                       help=f"simulated device size (default {DEMO_DEVICE_MIB}MiB)")
     demo.add_argument("--echo", dest="quiet", action="store_false",
                       help="show the trainer's own output (tracebacks included)")
-    # The demo never echoes unless asked, and never uses the fit store: it walks every time.
-    demo.set_defaults(quiet=True, fits_db=None, fresh=False)
+    demo.add_argument("--walk", action="store_true",
+                      help="act 2: the supervisor is not told the device's size, and walks "
+                           "the ladder for real, one real OOM after another")
+    # The demo never echoes unless asked, and never uses the fit store: it starts over every
+    # time (act 1 predicts, act 2 walks).
+    demo.set_defaults(quiet=True, fits_db=None, fresh=False, estimate=True)
 
     res = sub.add_parser("resume", help="carry on a run whose supervisor died",
                          epilog=EXIT_CODES_HELP,
@@ -718,7 +723,8 @@ class _Early:
 def _start_early(args: argparse.Namespace, command: Command) -> _Early | None:
     """The warm tracing process, started first: torch's import overlaps the `--help` probe,
     the run folder and the journal (None: this run predicts nothing)."""
-    if args.verb != "run" or not getattr(args, "estimate", False):
+    if (args.verb not in {"run", "demo"} or getattr(args, "walk", False)
+            or not getattr(args, "estimate", False)):
         return None
     probe = NvmlProbe()
     gpu = probe if probe.unavailable is None else None
@@ -807,6 +813,18 @@ def predict_first(predictor: Estimator, start: Knobs, ladder: Ladder, device_mib
 _DEMO_NEEDS = ("torch", "transformers", "peft")
 
 
+DEMO_HELP = """\
+The same ambitious command (full fine-tuning of the bundled tiny model, batch 4 x 1024 tokens)
+on a simulated device of 70 MiB, in two acts:
+
+  act 1 (default): the supervisor is told the device's size, predicts the memory of each
+         config on the ladder (FakeTensor traces) and runs the first predicted to fit: it
+         fits at once, and the report shows the prediction beside the measured peak.
+  act 2 (--walk): the supervisor is not told; it walks the ladder for real, one real OOM
+         after another, until a config fits.
+"""
+
+
 def _check_demo_packages() -> None:
     """The demo trains the bundled tiny model in this interpreter: say what is missing first."""
     missing = [name for name in _DEMO_NEEDS if importlib.util.find_spec(name) is None]
@@ -857,10 +875,11 @@ def _run_started(args: argparse.Namespace, command: Command, early: _Early | Non
     if args.verb == "demo":
         command = _demo_output_into(command, run_dir)
     env = environment(command)
-    # The demo shows the ladder itself: no predictions, every OOM real.
-    memory = (dataclasses.replace(_memory(args, command, early),
-                                  margin=ladder.estimate_margin) if args.verb == "run"
-              else Memory(device_mib=args.device_memory))
+    # The demo's act 1 is told the device and predicts; act 2 (--walk) shows the ladder itself:
+    # no predictions, every OOM real.
+    walk = args.verb == "demo" and args.walk
+    memory = (Memory(device_mib=args.device_memory) if walk else dataclasses.replace(
+        _memory(args, command, early), margin=ladder.estimate_margin))
     if args.device_memory is not None:
         # The trainer never hears of it: the limit is injected (sitecustomize on PYTHONPATH).
         env = device_memory_env(env, args.device_memory)
@@ -991,7 +1010,8 @@ def _unredact(command: Command, config: RunConfig) -> Command:
     env = environment(command)
     missing = [n for n in config.secret_names if n not in env]
     if missing:
-        msg = (f"the run needs the secret variable(s) {', '.join(missing)}, which this shell "
+        msg = (f"the run needs the secret {'variable' if len(missing) == 1 else 'variables'} "
+               f"{', '.join(missing)}, which this shell "
                "does not have; export them (the journal keeps names, never values) and run "
                "resume again")
         raise ResumeError(msg)
@@ -1063,7 +1083,7 @@ def _install_signal_handlers(stop: StopRequest, signals: Signals, run_dir: Path)
 def _ended(args: argparse.Namespace, result: RunResult) -> int:
     """The summary for people, then the user's --notify command (which never changes the code)."""
     lines = summary(result.report, result.run_dir) if result.report else [
-        f"oom-supervisor: {result.status} after {result.attempts} attempt(s)"]
+        f"oom-supervisor: {result.status} after {plural(result.attempts, 'attempt')}"]
     args.output.print("\n".join(lines))
     if getattr(args, "notify", None):
         event = notify.run(args.notify, exit_code=int(result.exit_code), run_dir=result.run_dir,
@@ -1107,7 +1127,9 @@ def _report(run_dir: Path) -> int:
     if state.foreign_lines:
         print(f"oom-supervisor: note: {foreign_note(state.foreign_lines)}",  # noqa: T201
               file=sys.stderr)
-    print(f"{data['summary']}; wrote {run_dir / 'report.md'}")  # noqa: T201
+    # The same closing lines as the run's own: the final config is said, not only pointed to.
+    print("\n".join(summary(data, run_dir)))  # noqa: T201
+    print(f"wrote {run_dir / 'report.md'}")  # noqa: T201
     return ExitCode.FITTED
 
 

@@ -399,3 +399,21 @@ def environment(command: Command) -> dict[str, str]:
     env = dict(os.environ)
     env.update(command.env)
     return env
+
+
+def address_space_cap(argv: tuple[str, ...]) -> int | None:
+    """The address-space limit in bytes a `prlimit --as=SOFT[:HARD]` launcher in `argv` sets
+    for the program (its soft limit, the one that fails allocations); None when none does."""
+    try:
+        invocation = locate(argv, {})
+    except CommandError:
+        return None
+    if "prlimit" not in invocation.launchers:
+        return None
+    for token in argv[:invocation.args_start]:
+        name, eq, value = token.partition("=")
+        if name == "--as" and eq:
+            soft = value.split(":")[0].strip()
+            if soft.isdigit():
+                return int(soft)
+    return None

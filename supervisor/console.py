@@ -29,7 +29,7 @@ from supervisor import progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.files import open_new, open_regular, read_tail
 from supervisor.journal import load
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 if TYPE_CHECKING:  # rich is imported where the live line is drawn: on a terminal only
     from rich.console import Console as RichConsole
@@ -316,7 +316,9 @@ def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:
             continue
         for raw in reversed(tail.splitlines()):
             line = raw.rsplit("\r", 1)[-1].strip()
-            if line:
+            # The supervisor's own marker lines (`oom-supervisor.peak {...}`) are not the
+            # program's words: the line before them is.
+            if line and not line.startswith("oom-supervisor."):
                 return line
     return None
 
@@ -449,10 +451,7 @@ def _step_line(event: Mapping[str, Any]) -> str | None:
 
 
 def _generic(name: str, event: Mapping[str, Any], method: str) -> str:
-    fields = " ".join(f"{k}={_plain(v)}" for k, v in event.items()
-                      if k not in _QUIET_KEYS and v not in (None, "", [], {}, ()))
-    prefix = "" if method in ("info", "debug") else f"{method}: "
-    return f"{prefix}{name}" + (f" {fields}" if fields else "")
+    return sentence(name, event, method)
 
 
 def _plain(value: object) -> str:
@@ -561,7 +560,7 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
     head = {"fitted": "fitted", "exhausted": "ladder exhausted", "fatal": "stopped (fatal)",
             "transient": "stopped (transient failures)", "hang": "stopped (hung)",
             "interrupted": "interrupted"}.get(status, status)
-    lines = [(f"oom-supervisor: {head} after {len(attempts)} attempt(s) "
+    lines = [(f"oom-supervisor: {head} after {plural(len(attempts), 'attempt')} "
               f"({ooms} out of memory) in {took}{_prediction_share(data)}")]
     if data.get("reason"):
         lines.append(f"  why: {data['reason']}")
@@ -591,3 +590,89 @@ def summary(data: Mapping[str, Any], run_dir: Path) -> list[str]:
         lines.append(f"  run it again as is: sh {run_dir / 'final-command.sh'}")
     lines.append(f"  report: {run_dir / 'report.md'}")
     return [printable(line) for line in lines]
+
+
+# --- events in sentences ------------------------------------------------------------------------
+# The JSON log keeps each event's dotted name and keys; a person reads what happened.
+
+def _help_ignored(event: Mapping[str, Any]) -> str:
+    return f"{event.get('program')} did not answer --help as a parser would: {event.get('note')}"
+
+
+def _signal(event: Mapping[str, Any]) -> str:
+    how = str(event.get("how") or "")
+    if how.startswith("gracefully"):
+        tail = ("; send it again to stop at once" if "again" in how else "")
+        return (f"{event.get('signal')} received: stopping gracefully (the attempt saves what "
+                f"it can){tail}")
+    return f"{event.get('signal')} received: stopping {how or 'now'}"
+
+
+def _retrying(event: Mapping[str, Any]) -> str:
+    why = {"hang": "hung", "lost": "was lost"}.get(str(event.get("verdict")), "failed")
+    where = (f" from {event.get('checkpoint')} (step {event.get('step')})"
+             if event.get("checkpoint") else "")
+    return (f"attempt {event.get('attempt')} {why}: the same config runs again in "
+            f"{report.human_duration(event.get('delay_s'))}{where}")
+
+
+_SENTENCES: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "program.help_waiting": lambda e: f"reading {e.get('program')} --help (imports take a while)",
+    "program.help_ignored": _help_ignored,
+    "probe.leftovers_ended": lambda e: (
+        f"ended {plural(len(e.get('pids') or []), 'process', 'processes')} a killed "
+        "supervisor's --help probe had left running"),
+    "estimate.interpreter": lambda e: f"predicting memory {e.get('how')}",
+    "estimate.unavailable": lambda e: f"no memory prediction for this run: {e.get('reason')}",
+    "estimate.traces_not_kept": lambda e: f"predictions are not kept for later runs: "
+                                          f"{e.get('reason')}",
+    "estimate.predicting": lambda e: (
+        f"predicting the memory of {plural(e.get('configs'), 'config')}"
+        + (f", {e.get('how')}" if e.get("how") else "")),
+    "estimate.predicted": lambda e: (
+        f"predicted {plural(e.get('configs'), 'config')}"
+        + (f" of {e.get('of')}" if e.get("of") is not None else "")),
+    "estimate.distrusted": lambda e: f"predictions stop deciding for this run: {e.get('reason')}",
+    "estimate.checking": lambda e: f"every config left is predicted over the device; the one "
+                                   f"predicted smallest runs once for real ({e.get('reason')})",
+    "fits.unavailable": lambda e: f"remembered fits cannot be read: {e.get('reason')}",
+    "fits.unreadable": lambda e: f"a remembered fit was passed over: {e.get('reason')}",
+    "fits.not_stored": lambda e: f"this fit was not remembered: {e.get('reason')}",
+    "gpu.sample_failed": lambda e: f"GPU memory could not be sampled: {e.get('reason') or ''}",
+    "speed.timed": lambda e: f"timed {plural(e.get('steps'), 'step')}; ending the timed attempt",
+    "task.failed": lambda e: f"a task of the attempt failed, ending the rest: {e.get('line')}",
+    "slurm.cancel_unavailable": lambda e: f"scancel is not on the attempt's PATH; only this "
+                                          f"node's tasks were ended ({e.get('steps')})",
+    "slurm.cancel_failed": lambda e: f"scancel failed for {e.get('steps')}: {e.get('error')}",
+    "slurm.step_cancelled": lambda e: f"cancelled the Slurm step {e.get('steps')}",
+    "slurm.step_lingers": lambda e: f"the Slurm step {e.get('steps')} is still there after "
+                                    f"{report.human_duration(e.get('waited_s'))}",
+    "transient.retrying": _retrying,
+    "checkpoint.resumed": lambda e: f"attempt {e.get('attempt')} continues from "
+                                    f"{e.get('checkpoint')} (step {e.get('step')})",
+    "checkpoint.skipped": lambda e: f"attempt {e.get('attempt')} starts fresh: "
+                                    f"{e.get('checkpoint')} cannot be loaded ({e.get('reason')})",
+    "gpu.held": lambda e: f"after attempt {e.get('attempt')} GPU memory is still held: "
+                          f"{e.get('detail')}",
+    "terminal.lost": lambda e: f"the terminal went away; the run goes on, its output into "
+                               f"{e.get('output_to')}",
+    "signal.received": _signal,
+    "ladder.exhausted": lambda e: f"the ladder is spent: {e.get('reason')}",
+    "notify.finished": lambda e: (f"--notify ran (exit code {e.get('exit_code')})"
+                                  + (f": {e.get('error')}" if e.get("error") else "")),
+}
+"""What the console says for each event that has no line of its own above."""
+
+
+def sentence(name: str, event: Mapping[str, Any], method: str = "info") -> str:
+    """The console's words for an event: its sentence, or (an event without one) its words
+    with its values; never the dotted event name itself."""
+    prefix = "" if method in ("info", "debug") else f"{method}: "
+    say = _SENTENCES.get(name)
+    if say is not None:
+        with contextlib.suppress(Exception):
+            return prefix + say(event)
+    words = name.replace(".", " ").replace("_", " ")
+    fields = ", ".join(f"{k.replace('_', ' ')} {_plain(v)}" for k, v in event.items()
+                       if k not in _QUIET_KEYS and v not in (None, "", [], {}, ()))
+    return prefix + words + (f": {fields}" if fields else "")

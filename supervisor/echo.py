@@ -95,7 +95,8 @@ class ConsoleWriter:
                 data = self.queue.popleft()
                 dropped, self.dropped_lines = self.dropped_lines, 0
             if dropped:
-                self._write(f"[oom-supervisor: {dropped} line(s) of output not echoed (the "
+                lines = f"{dropped} line{'' if dropped == 1 else 's'}"
+                self._write(f"[oom-supervisor: {lines} of output not echoed (the "
                             "console did not keep up); the attempt's logs and the run's "
                             "supervisor.jsonl have them]\n".encode())
             self._write(data)

@@ -295,6 +295,10 @@ class AttemptFinished(Event):
     """The silence limit in force when the attempt ended, and how it was chosen."""
     host_peak_mib: float | None = None
     """Peak resident (host) memory of the attempt's processes, sampled every 0.5 s."""
+    host_cap_mib: float | None = None
+    """The host memory limit the command ran under (RLIMIT_AS, else its cgroup's), MiB."""
+    host_cap_source: str | None = None
+    """`RLIMIT_AS` (prlimit --as, ulimit -v) or `cgroup memory.max`."""
     cost: Mapping[str, float] | None = None
     """What the trainer measured of its own run: runtime_s, samples_per_s, steps_per_s, loss."""
     fingerprints: Mapping[str, Mapping[str, Sequence[int]]] = field(default_factory=dict)
@@ -498,6 +502,8 @@ class Notified(Event):
     command: str
     exit_code: int | None
     error: str | None = None
+    output: Sequence[str] = ()
+    """Its last lines of output (all of it is in `<run>/notify.log`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -526,6 +532,14 @@ class CheckpointPassedOver(Event):
     reason: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeLeftoversEnded(Event):
+    """A `--help` probe a killed supervisor left running was ended at this run's start."""
+
+    KIND: ClassVar[str] = "probe.leftovers_ended"
+    pids: Sequence[int] = ()
+
+
 EVENT_TYPES: Mapping[str, type[Event]] = {
     cls.KIND: cls for cls in (
         RunStarted, RunResumed, AttemptStarted, AttemptSpawned, AttemptFinished, RungSkipped,
@@ -533,6 +547,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         RetryScheduled, CheckpointResumed, CheckpointSkipped, GpuHeld, TerminalLost,
         SignalReceived, LadderExhausted, FinalWritten, Notified, RunFinished,
         CheckpointPassedOver,
+        ProbeLeftoversEnded,
     )
 }
 """Every event the journal may hold, by its `event` name."""

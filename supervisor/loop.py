@@ -25,12 +25,13 @@ import psutil
 import structlog
 from tenacity import RetryCallState, wait_exponential
 
-from supervisor import checkpoints, plot, progress, report, runner, speed, trainer_output
+from supervisor import checkpoints, plot, program, progress, report, runner, speed, trainer_output
 from supervisor._compat import Self, StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
 from supervisor.device_memory import device_memory_argv
 from supervisor.dialects import Dialect
+from supervisor.dialects.readback import render_checked
 from supervisor.estimate import Prediction, oom_lower_bound_mib
 from supervisor.events import (
     AttemptFinished,
@@ -47,6 +48,7 @@ from supervisor.events import (
     GpuHeld,
     LadderExhausted,
     LadderStepped,
+    ProbeLeftoversEnded,
     RetryScheduled,
     RunConfig,
     RunFinished,
@@ -453,6 +455,7 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
                      out_lock=out_lock,
                      draw_later=draw_later)
         _emit(live, RunStarted(config=config))
+        _end_dead_probes(live)
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
         beat = _Heartbeat(run_dir).start()
@@ -462,6 +465,13 @@ def supervise(  # noqa: PLR0913 - the edges are injected, as in tenacity and pyp
             beat.end()
             if signals is not None:
                 signals.listen(None)
+
+
+def _end_dead_probes(live: _Live) -> None:
+    """A `--help` probe whose supervisor was killed would hold its memory for good: end it."""
+    ended = program.end_dead_probes()
+    if ended:
+        _emit(live, ProbeLeftoversEnded(pids=ended))
 
 
 def resume(  # noqa: PLR0913
@@ -506,6 +516,7 @@ def resume(  # noqa: PLR0913
                                pending=pending.number if pending else None, orphan=orphan,
                                torn_kept=journal.torn_kept.name if journal.torn_kept else None,
                                pid=os.getpid(), last_alive=last_alive(run_dir)))
+        _end_dead_probes(live)
         if signals is not None:
             signals.listen(lambda e: _emit(live, e))
         beat = _Heartbeat(run_dir).start()
@@ -758,7 +769,8 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
         timed_steps = live.ladder.speed_steps
     attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
     make_dir(attempt_dir, below=live.run_dir)  # made here, never a link planted there
-    rendered = live.dialect.render(live.command, knobs, attempt_dir)
+    # Read back through the dialect: the attempt trains the knobs the run reports, or none.
+    rendered = render_checked(live.dialect, live.command, knobs, attempt_dir)
     shown = tuple(live.redactor.argv(rendered.argv))
     write_file(attempt_dir / "argv.json", json.dumps(list(shown)) + "\n", parents=True,
                run_dir=live.run_dir)  # a full disk: one line (free space, then resume)
@@ -910,6 +922,7 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         ended_at=outcome.ended_at, progress=seen, checkpoint_times=times,
         watchdog=outcome.watchdog, host_peak_mib=outcome.host_peak_mib, cost=measured.cost,
         fingerprints=credit.fingerprints,
+        host_cap_mib=outcome.host_cap_mib, host_cap_source=outcome.host_cap_source,
     ))
     for path, why in credit.foreign:
         _emit(live, CheckpointPassedOver(attempt=number, checkpoint=path, step=step_of(path),
@@ -1108,7 +1121,7 @@ def _write_final(live: _Live, state: RunState, final: Knobs) -> None:
     start = live.config.start
     fresh = dataclasses.replace(final, resume_from_checkpoint=start.resume_from_checkpoint)
     fitted = state.attempts[-1]
-    rendered = live.dialect.render(live.command, fresh, live.run_dir / "final")
+    rendered = render_checked(live.dialect, live.command, fresh, live.run_dir / "final")
     fresh_argv: Sequence[str] = (fitted.started.argv if fresh == fitted.knobs
                                  else live.redactor.argv(rendered.argv))
     output_dir = fresh.output_dir
@@ -1119,7 +1132,11 @@ def _write_final(live: _Live, state: RunState, final: Knobs) -> None:
     continue_argv: Sequence[str] = ()
     chosen = checkpoints.choose(state.checkpoints, final,
                                 max_steps=_run_steps(state, final)).checkpoint
-    if chosen is not None:
+    # A checkpoint at max_steps has nothing left to train: no continue-command.sh (the report
+    # says to raise max_steps instead).
+    finished = (chosen is not None and final.max_steps is not None
+                and chosen.step >= final.max_steps)
+    if chosen is not None and not finished:
         more = dataclasses.replace(final, resume_from_checkpoint=chosen.path)
         continue_argv = live.redactor.argv(
             live.dialect.render(live.command, more, live.run_dir / "continue").argv)

@@ -15,7 +15,7 @@ from typing import Any
 # freeze as on a real model. Untied embeddings; tiny has 5.26M parameters, small 29.5M.
 #
 # tiny-qwen2 is a second architecture for the scenario suite, one the estimator and the
-# ladder were not built on (issue 19): Qwen2's decoder (bias on q/k/v, grouped-query
+# ladder were not built on: Qwen2's decoder (bias on q/k/v, grouped-query
 # attention: 2 key/value heads for 8 query heads, so k_proj and v_proj are a quarter of
 # q_proj), its wider MLP (4x hidden; Qwen2-0.5B has 5.4x), 6 layers instead of 4, and tied
 # embeddings as Qwen2-0.5B and 1.5B have them (the sizes one fine-tunes on a small card): the

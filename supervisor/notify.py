@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from supervisor.events import Notified
+from supervisor.secrets import Redactor
+from supervisor.text import printable
 
 _ERROR_CHARS = 300
 
@@ -37,11 +39,16 @@ def run(command: str, *, exit_code: int, run_dir: Path, summary: str,  # noqa: P
     in `cwd`: the directory oom-supervisor was started from (a relative path in the command
     means what it meant there), not the run folder."""
     env = environment(exit_code=exit_code, run_dir=run_dir, summary=summary)
+    log = _open_log(run_dir)
+    start = os.lseek(log, 0, os.SEEK_END) if log is not None else 0
     try:
         proc = subprocess.Popen(  # noqa: S602 - the user's own shell command, by design
-            command, shell=True, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=env, cwd=str(cwd or Path.cwd()), start_new_session=True)
+            command, shell=True, stdin=subprocess.PIPE,
+            stdout=log if log is not None else subprocess.DEVNULL,
+            stderr=log if log is not None else subprocess.PIPE, env=env,
+            cwd=str(cwd or Path.cwd()), start_new_session=True)
     except OSError as exc:
+        _close(log)
         return Notified(command=command, exit_code=None,
                         error=f"could not start it ({exc.strerror or exc})")
     try:
@@ -52,9 +59,51 @@ def run(command: str, *, exit_code: int, run_dir: Path, summary: str,  # noqa: P
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return Notified(command=command, exit_code=None,
-                        error=f"still running after {timeout_s:g} s; it was ended")
+                        error=f"still running after {timeout_s:g} s; it was ended",
+                        output=_tail(log, start))
+    output = _tail(log, start) if log is not None else tuple(
+        (err or b"").decode("utf-8", errors="replace").splitlines()[-OUTPUT_LINES:])
     error = None
     if proc.returncode != 0:
-        said = " ".join(err.decode("utf-8", errors="replace").split())[-_ERROR_CHARS:]
+        said = " ".join(" ".join(output).split())[-_ERROR_CHARS:]
         error = f"exited {proc.returncode}" + (f": {said}" if said else "")
-    return Notified(command=command, exit_code=proc.returncode, error=error)
+    return Notified(command=command, exit_code=proc.returncode, error=error, output=output)
+
+
+OUTPUT_LINES = 5
+"""Lines of the notify command's output kept in the journal (and shown in the report)."""
+LOG = "notify.log"
+"""Where the notify command's stdout and stderr go, in the run folder (appended per notify)."""
+
+
+def _open_log(run_dir: Path) -> int | None:
+    """`<run>/notify.log` for appending, never through a link; None when it cannot be opened."""
+    try:
+        return os.open(run_dir / LOG, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+
+
+def _tail(log: int | None, start: int) -> tuple[str, ...]:
+    """The last lines this notify wrote into the log (redacted, printable), and close it."""
+    if log is None:
+        return ()
+    try:
+        end = os.lseek(log, 0, os.SEEK_END)
+        begin = max(start, end - 8192)
+        data = os.pread(log, end - begin, begin) if end > begin else b""
+    except OSError:
+        data = b""
+    finally:
+        _close(log)
+    redactor = Redactor()
+    lines = [printable(redactor.text(line)).rstrip()
+             for line in data.decode("utf-8", errors="replace").splitlines()]
+    return tuple(line[:_ERROR_CHARS] for line in lines if line.strip())[-OUTPUT_LINES:]
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)

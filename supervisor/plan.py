@@ -27,12 +27,13 @@ from supervisor.policy import (
     next_step,
 )
 
-SEED_BYTES_PER_PARAM: dict[FinetuningType, int] = {
+RULE_BYTES_PER_PARAM: dict[FinetuningType, int] = {
     FinetuningType.FULL: 20,
     FinetuningType.LORA: 10,
     FinetuningType.FREEZE: 6,
 }
-"""The seed article's rule of thumb (shared/seed: 全参数 ≈ 参数 x 20, LoRA x 10, 冻结 x 6 bytes)."""
+"""LLaMA-Factory's community rule of thumb, bytes per parameter (full ≈ params x 20 B, LoRA x 10,
+freeze x 6), as the guide "Llama Factory微调优化:如何选择最佳的微调方法" gives it."""
 
 START = "(start)"
 """The rung name next_runnable gives the command's own config."""
@@ -110,8 +111,8 @@ class Row:
     fits: bool | None
     """Predicted peak x (1 + margin) within the device; None when there is no prediction."""
     costs: tuple[tuple[Cost, str], ...]
-    seed_mib: float | None
-    """The seed article's rule of thumb for this finetuning type (None: parameters unknown)."""
+    rule_mib: float | None
+    """LLaMA-Factory's rule of thumb for this finetuning type (None: parameters unknown)."""
 
     @property
     def effective_batch(self) -> int:
@@ -148,8 +149,8 @@ class Lever:
     knobs: Knobs
     prediction: Prediction | None
     fits: bool | None
-    seed: str
-    """What the seed article says of it (shared/seed), for comparison."""
+    guide: str
+    """What the LLaMA-Factory community guide (or another source it names) says of it."""
     blocked: str | None = None
     """Why `run` cannot produce this config for this program (None: it can)."""
 
@@ -166,8 +167,8 @@ def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str],
     found: list[tuple[Cost, str]] = []
     for rung in ladder.rungs:
         now, then = getattr(knobs, rung.knob), getattr(start, rung.knob)
-        if now == then or (rung.action == "set" and now != rung.value):
-            continue
+        if now == then or (rung.action in ("set", "raise") and now != rung.value):
+            continue  # (ZeRO-3 is the zero-3 rung's, not also zero-2's)
         label = _SHORT.get(rung.knob, rung.knob)
         if rung.action == "halve":
             detail = f"{label} {then}->{now}"
@@ -178,6 +179,8 @@ def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str],
             detail = label
         elif rung.knob == "quantization_bit":
             detail = f"{now}-bit weights"
+        elif rung.knob == "deepspeed_stage":
+            detail = f"ZeRO-{now}" + (f" (was ZeRO-{then})" if then else "")
         else:
             detail = _show(now)
         found.append((rung.cost, detail))
@@ -185,7 +188,8 @@ def costs(knobs: Knobs, start: Knobs, ladder: Ladder) -> tuple[tuple[Cost, str],
 
 
 _SHORT = {"per_device_batch": "batch", "grad_accum": "GA", "cutoff_len": "cutoff",
-          "gradient_checkpointing": "checkpointing"}
+          "gradient_checkpointing": "checkpointing", "deepspeed_offload": "ZeRO offload to CPU",
+          "expandable_segments": "expandable segments"}
 
 
 def _costs_cell(row_costs: tuple[tuple[Cost, str], ...]) -> str:
@@ -197,35 +201,35 @@ def _costs_cell(row_costs: tuple[tuple[Cost, str], ...]) -> str:
 
 
 def levers(start: Knobs) -> list[tuple[str, Knobs, str]]:
-    """The levers the seed article and practitioners reach for, each applied to `start` alone.
+    """The levers LLaMA-Factory's guide and practitioners reach for, each applied to `start` alone.
 
-    Each is (name, knobs, what the seed article says of it). Levers already in use are left out.
+    Each is (name, knobs, what the guide says of it). Levers already in use are left out.
     """
     out: list[tuple[str, Knobs, str]] = []
     if start.precision in {None, "fp32"}:
         out.append(("bf16 mixed precision", dataclasses.replace(start, precision="bf16-mixed"),
-                    "seed: mixed precision (fp16/bf16) lowers memory"))
+                    "LLaMA-Factory guide: mixed precision (fp16/bf16) lowers memory"))
     lora = dataclasses.replace(start, finetuning_type=FinetuningType.LORA,
                                gradient_checkpointing=True)
     if start.finetuning_type is not FinetuningType.LORA or not start.gradient_checkpointing:
         out.append(("LoRA + checkpointing", lora,
-                    "seed: LoRA ~ params x 10 B (7B ~75GB), full x 20 (~140GB)"))
+                    "LLaMA-Factory guide: LoRA ~ params x 10 B (7B ~75GB), full x 20 (~140GB)"))
     if start.quantization_bit is None:
         out.append(("QLoRA (4-bit) + ckpt", dataclasses.replace(lora, quantization_bit=4),
-                    "seed: not covered; QLoRA paper: 4-bit base ~0.5 B/param"))
+                    "QLoRA paper: 4-bit base ~0.5 B/param"))
     if (start.deepspeed_stage or 0) < 3:  # noqa: PLR2004 - ZeRO-3
         if start.world_size > 1:
             out.append((f"ZeRO-3 over {start.world_size} GPUs",
                         dataclasses.replace(start, deepspeed_stage=3),
-                        "seed: ZeRO-3 for very large models"))
+                        "LLaMA-Factory guide: ZeRO-3 for very large models"))
         elif not start.deepspeed_offload:
             out.append(("ZeRO-2 + CPU offload", dataclasses.replace(
                 start, deepspeed_stage=2, deepspeed_offload=True),
-                "seed: ZeRO-3 for very large models (1 GPU: offload)"))
+                "LLaMA-Factory guide: ZeRO-3 for very large models (1 GPU: offload)"))
     if start.cutoff_len is not None and start.cutoff_len > 256:  # noqa: PLR2004 - a useful floor
         out.append((f"cutoff {start.cutoff_len} -> {start.cutoff_len // 2}",
                     dataclasses.replace(start, cutoff_len=start.cutoff_len // 2),
-                    "seed: lower cutoff_len (e.g. 2048 -> 512)"))
+                    "LLaMA-Factory guide: lower cutoff_len (e.g. 2048 -> 512)"))
     return out
 
 
@@ -253,16 +257,16 @@ def build(start: Knobs, ladder: Ladder, spec: ModelSpec, device_mib: int, *,  # 
     params = spec.parameters()
     rows: list[Row] = []
     for (knobs, rung), prediction in zip(configs, predictions, strict=True):
-        seed = None if params is None else (
-            params * SEED_BYTES_PER_PARAM[knobs.finetuning_type] / 2**20)
+        rule = None if params is None else (
+            params * RULE_BYTES_PER_PARAM[knobs.finetuning_type] / 2**20)
         rows.append(Row(knobs=knobs, rung=rung, prediction=prediction,
                         fits=fits(prediction, device_mib, margin=margin),
-                        costs=costs(knobs, start, ladder), seed_mib=seed))
+                        costs=costs(knobs, start, ladder), rule_mib=rule))
     recommended = next((i for i, r in enumerate(rows) if r.fits), None)
-    found = tuple(Lever(name=name, knobs=knobs, prediction=prediction, seed=seed,
+    found = tuple(Lever(name=name, knobs=knobs, prediction=prediction, guide=guide,
                         fits=fits(prediction, device_mib, margin=margin),
                         blocked=blocked(start, knobs, can_set))
-                  for (name, knobs, seed), prediction in zip(extra, lever_predictions,
+                  for (name, knobs, guide), prediction in zip(extra, lever_predictions,
                                                              strict=True))
     skipped = [s for _, _, step_skips in walked for s in step_skips]
     if give_up is not None:
@@ -302,6 +306,9 @@ class Skip:
 
 Confirm = Callable[[Sequence[Knobs]], object]
 """Trace these configs; the `predict` handed beside it then answers with their traces."""
+def method_words(prediction: Prediction) -> str:
+    """How a prediction was made, in words: `FakeTensor trace` or `analytic count`."""
+    return "FakeTensor trace" if str(prediction.method) == "fake" else "analytic count"
 
 
 def next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *,  # noqa: PLR0913 - keyword-only edges
@@ -365,9 +372,9 @@ def _next_runnable(start: Knobs, history: Sequence[Attempt], ladder: Ladder, *, 
         if prediction is None or fits(prediction, device_mib, margin=margin):
             break
         rung = None if candidate.rung == START else candidate.rung
-        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({prediction.method})"
-                  + (f" + {margin:.0%} margin" if margin else "")
-                  + f" > {device_mib:.0f} MiB device")
+        plus = f" + {margin:.0%} margin" if margin else ""
+        reason = (f"predicted {prediction.peak_mib:.0f} MiB ({method_words(prediction)}){plus}"
+                  f" > {device_mib:.0f} MiB device")
         attempt = Attempt(number=0, knobs=candidate.knobs, rung=rung,
                           verdict=Verdict(kind=VerdictKind.OOM, evidence=f"skipped: {reason}"))
         skips.append(Skip(knobs=candidate.knobs, rung=rung, prediction=prediction,
@@ -534,13 +541,13 @@ def render(plan: Plan) -> str:
                  "gradients, AdamW state, activations; SDPA attention, no dropout)" + (
                      "; ~ marks the analytic fallback" if "analytic" in methods else
                      ", traced under FakeTensorMode"))
-    seeds = {str(r.knobs.finetuning_type): r.seed_mib for r in plan.rows
-             if r.seed_mib is not None}
-    out += _wrap("seed rule: the seed article's rule of thumb (shared/seed), not a prediction: "
-                 "parameters x 20 B (full), x 10 (LoRA), x 6 (freeze), whatever the batch, "
-                 "cutoff and precision"
-                 + (": " + ", ".join(f"{k} {_mib(v)}" for k, v in seeds.items())
-                    if seeds else ""))
+    rules = {str(r.knobs.finetuning_type): r.rule_mib for r in plan.rows
+             if r.rule_mib is not None}
+    out += _wrap("rule of thumb: LLaMA-Factory's community rule (the guide \"Llama Factory微调优化:"
+                 '如何选择最佳的微调方法"), not a prediction: parameters x 20 B (full), x 10 '
+                 "(LoRA), x 6 (freeze), whatever the batch, cutoff and precision"
+                 + (": " + ", ".join(f"{k} {_mib(v)}" for k, v in rules.items())
+                    if rules else ""))
     return "\n".join(out) + "\n"
 
 
@@ -598,7 +605,7 @@ def _render_levers(plan: Plan) -> list[str]:
             said += ", fits" if lever.fits else ", does not fit"
         if lever.blocked is not None:
             said += f"; run cannot try it here: {lever.blocked}"
-        out += _wrap(f"{lever.name.ljust(width)}  {said}; {lever.seed}", "  ",
+        out += _wrap(f"{lever.name.ljust(width)}  {said}; {lever.guide}", "  ",
                      "  " + " " * (width + 2))
     return out
 

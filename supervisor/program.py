@@ -7,14 +7,18 @@ known by its file name: a `train_bash.py` may be LLaMA-Factory's or a Hugging Fa
 
 `parse_help` is pure (unit tests feed help texts recorded from real programs, tests/data/help/).
 `run_help` is the edge: the program with `--help`, without its launcher, in the same
-interpreter and environment, run like an attempt (its own session, a marker of its own in its
-environment, its whole tree ended whatever happens), 20 s at most. A program that ignores
-`--help` and starts training (no usage printed while it prints or forks for 3 s, or nothing at
-all while it burns 5 s of CPU) is ended at once and read by its family's known defaults, and
-the run says so.
-What was parsed (flags and defaults, redacted; never the raw output) is cached by script path,
-mtime and what decides its imports (PYTHONPATH, the venv) in a 0600 JSON file in a 0700 folder
-under the user cache dir (`$XDG_CACHE_HOME/oom-supervisor/help.json`).
+interpreter and environment, run like an attempt (its own session, a marker in its environment
+naming the supervisor, its whole tree ended whatever happens). A program that prints nothing
+yet is starting up (importing torch on a loaded node takes minutes): it is waited for up to a
+start-up allowance, and the console says so after 3 s. It ignores `--help` only on evidence of
+training (`judge_probe`): a training step's line, checkpoint folders, GPU memory, worker
+processes, or output that is not a usage text; then it is ended at once, the command is read
+by its family's known defaults, and the run says so. A probe whose supervisor was killed is
+ended by the next run or resume (`end_dead_probes`).
+What was parsed (flags and defaults, redacted; never the raw output) is cached by the script's
+content hash, the interpreter and what decides its imports (PYTHONPATH, the venv) in a 0600
+JSON file in a 0700 folder under the user cache dir (`$XDG_CACHE_HOME/oom-supervisor/help.json`):
+a second run of the same script does not ask it again.
 """
 
 from __future__ import annotations
@@ -33,25 +37,27 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import psutil
 import structlog
 
-from supervisor.command import Command, CommandError, Invocation, environment, locate
+from supervisor.command import Command, CommandError, Invocation, environment, locate_command
+from supervisor.gpu import NvmlProbe
 from supervisor.secrets import Redactor, is_secret_name, is_secret_value, placeholder
 
 log = structlog.get_logger(__name__)
 
-HELP_TIMEOUT_S = 20.0
-"""Longest wait for a program's `--help` (HfArgumentParser scripts import torch first; a loaded
-machine stretches that wall time, not its CPU time)."""
+HELP_TIMEOUT_S = 300.0
+"""The start-up allowance: the longest wait for a program's `--help` that prints nothing yet.
+Importing torch and transformers from a network filesystem on a loaded node takes minutes of
+wall time, and silence is not training."""
 MARKER_ENV = "OOM_SUPERVISOR_ATTEMPT"
 """The attempts' marker (supervisor.runner): the probe carries one of its own, `probe:...`."""
 
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 _OPTION_LINE = re.compile(r"^ {1,4}(-{1,2}[A-Za-z0-9].*)$")
 _DEFAULT = re.compile(r"\(default:\s*(.*?)\)\s*$")
 _USAGE = re.compile(r"^usage:", re.IGNORECASE | re.MULTILINE)
@@ -90,7 +96,37 @@ class ProgramHelp:
         return f"its --help lists {len(self.options)} options ({kind})"
 
 
-HelpProbe = Callable[[Command], str | None]
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Program:
+    """The command's training program, found once and handed down: where it sits behind its
+    launchers, the command that prints its help, and the environment it runs with. The
+    dialect's reading, the probe and the import checks read this one value, never locate the
+    program again on their own."""
+
+    command: Command
+    invocation: Invocation | None
+    """Where the program sits (None: no program found; `error` says why)."""
+    error: str | None = None
+    help_argv: tuple[str, ...] | None = None
+    """Its interpreter, the script or `-m` module, `--help` (None: not a Python program)."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Ours, plus what the command adds, plus its own `VAR=value` words."""
+
+
+def find_program(command: Command) -> Program:
+    """Locate the command's program (its launchers read as they read their environment and
+    directory) and how to ask it: the one value the rest is read from."""
+    env = environment(command)
+    try:
+        invocation = locate_command(command)
+    except CommandError as exc:
+        return Program(command=command, invocation=None, error=str(exc), env=env)
+    env.update(invocation.env_assignments)
+    return Program(command=command, invocation=invocation,
+                   help_argv=_help_argv(command, invocation), env=env)
+
+
+HelpProbe = Callable[[Program], str | None]
 """The edge that returns a program's `--help` text (None: it cannot be asked)."""
 
 
@@ -157,10 +193,11 @@ def help_argv(command: Command, invocation: Invocation | None = None) -> tuple[s
     None for programs that are not Python scripts or modules run by a Python interpreter.
     """
     if invocation is None:
-        try:
-            invocation = locate(command.argv)
-        except CommandError:
-            return None
+        return find_program(command).help_argv
+    return _help_argv(command, invocation)
+
+
+def _help_argv(command: Command, invocation: Invocation) -> tuple[str, ...] | None:
     argv = command.argv
     program = invocation.program
     is_module = invocation.args_start >= 2 and argv[invocation.args_start - 2] == "-m"  # noqa: PLR2004
@@ -236,19 +273,20 @@ def record_help(command: Command, text: str | None) -> None:
 
 def recorded_help(command: Command) -> str | None:
     """What the probe of `command` found this process (parsed, redacted), without asking."""
-    argv = help_argv(command)
-    return None if argv is None else _known_help(command, argv)[1]
+    program = find_program(command)
+    return None if program.help_argv is None else _known_help(program, program.help_argv)[1]
 
 
-def _known_help(command: Command, argv: tuple[str, ...],
+def _known_help(program: Program, argv: tuple[str, ...],
                 ) -> tuple[bool, str | None, str | None, dict[str, str]]:
     """What this process already has for `argv`: (known, text, cache key, probe env).
 
     Known: recorded (resume), memoised, or not cacheable (the script cannot be read); else
     the key and environment to look further with (the cache file, then the probe)."""
+    command = program.command
     if (argv, command.cwd) in _RECORDED:
         return True, _RECORDED[(argv, command.cwd)], None, {}
-    env = _probe_env(command)
+    env = dict(program.env)
     try:
         key = _cache_key(command, argv, env)
     except OSError:
@@ -264,16 +302,18 @@ def probe_note(command: Command) -> str | None:
     return _NOTES.get((argv, command.cwd)) if argv is not None else None
 
 
-def run_help(command: Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | None:
+def run_help(program: Program | Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | None:
     """The program's `--help`, parsed and redacted, asked once per script version (None: no help).
 
     The text returned (and cached) is rebuilt from what was parsed, flags and defaults only:
     nothing else the program printed is kept.
     """
-    argv = help_argv(command)
+    if isinstance(program, Command):
+        program = find_program(program)
+    command, argv = program.command, program.help_argv
     if argv is None:
         return None
-    known, text, key, env = _known_help(command, argv)
+    known, text, key, env = _known_help(program, argv)
     if known or key is None:
         return text
     cached = _load_cache().get(key)
@@ -289,7 +329,7 @@ def run_help(command: Command, *, timeout_s: float = HELP_TIMEOUT_S) -> str | No
         text = render_help(parsed, redactor)
     elif probed.note is not None:
         _NOTES[(argv, command.cwd)] = probed.note
-        log.warning("program.help_ignored", program=argv[-2], note=probed.note)
+        log.warning("program.help_ignored", program=PurePath(argv[-2]).name, note=probed.note)
     _MEMO[key] = text
     if text is not None and not key.startswith("module:"):
         _store_cache(key, text)
@@ -321,25 +361,25 @@ def render_help(parsed: ProgramHelp, redactor: Redactor | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _probe_env(command: Command) -> dict[str, str]:
-    env = environment(command)
-    with contextlib.suppress(CommandError):
-        env.update(locate(command.argv).env_assignments)
-    return env
-
-
 # The probe: the program with --help, in its own session and marked like an attempt, so that
 # whatever it starts (a training loop that ignores --help, a forked child, a daemon holding the
 # pipe) is found and ended, whatever happens to the supervisor.
 PROBE_QUIET_S = 3.0
-"""After this long without printing `usage:` while it prints or forks, the program is training."""
-PROBE_SILENT_CPU_S = 5.0
-"""CPU seconds a silent program may burn without printing a usage line (importing torch and
-transformers takes 1-2 s of CPU, however long a loaded machine makes it in wall time)."""
+"""Output that is not a usage text for this long (or a child process alive this long) means
+the program ignores --help; the console also says the probe is waiting after this long."""
 PROBE_MAX_BYTES = 1024 * 1024
 """Most bytes of its output read into memory (a help text is a few KiB)."""
 _PROBE_TICK_S = 0.05
 _PROBE_GRACE_S = 1.0
+_LOOK_EVERY_S = 1.0
+_TRAINING_LINE = re.compile(
+    r"(\{'loss'|\{\"loss\"|\bloss[=:]\s*\d|\bstep\s+\d+\b.*\bloss\b|\d+/\d+ \[\d+:\d+)",
+    re.IGNORECASE)
+"""A training step's line: the Trainer's metrics dict, `loss=`/`loss:`, `step N ... loss`, a
+tqdm bar with its timer (`3/100 [00:05<...`)."""
+_CHECKPOINT = re.compile(r"^(checkpoint|global_step)[-_]?\d+$")
+HELP_WAITING = "program.help_waiting"
+"""Logged once when the probe has waited PROBE_QUIET_S for a program that is still starting."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -352,10 +392,60 @@ class Probed:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeSeen:
+    """What the probe has seen of the program so far: the evidence `judge_probe` weighs."""
+
+    elapsed_s: float
+    stdout: str = ""
+    """The start of what it printed on stdout (where argparse prints its help)."""
+    first_output_s: float | None = None
+    """When it first printed something on stdout (seconds from the start)."""
+    training_line: str | None = None
+    """A line on stdout or stderr that reads as a training step, if one came."""
+    lasting_children: int = 0
+    """Child processes alive for PROBE_QUIET_S or more (workers, not an import's one-off)."""
+    checkpoints: tuple[str, ...] = ()
+    """Checkpoint folders that appeared under its working directory."""
+    gpu_mib: int = 0
+    """GPU memory its processes hold (NVML; 0 where there is none)."""
+
+
+def judge_probe(seen: ProbeSeen, *, startup_s: float = HELP_TIMEOUT_S) -> str | None:
+    """Why the program is taken to ignore --help (it trains), or None: wait on.
+
+    A program that prints nothing yet is starting up (importing), however long a loaded node
+    makes that, up to `startup_s`. It ignores --help only on evidence of training: a step's
+    line, checkpoint folders, GPU memory, worker processes, or output that is not a usage text.
+    """
+    usage = _USAGE.search(seen.stdout) is not None
+    if usage:
+        return None
+    said = None
+    if seen.training_line is not None:
+        said = f"printed a training step ({seen.training_line[:80]!r})"
+    elif seen.checkpoints:
+        said = f"wrote checkpoint folders ({', '.join(seen.checkpoints[:3])})"
+    elif seen.gpu_mib > 0:
+        said = f"took {seen.gpu_mib} MiB of GPU memory"
+    elif (seen.first_output_s is not None and seen.stdout.strip()
+          and seen.elapsed_s - seen.first_output_s > PROBE_QUIET_S):
+        said = f"printed other output for {seen.elapsed_s - seen.first_output_s:.0f} s"
+    elif seen.lasting_children:
+        said = "started other processes"
+    if said is not None:
+        return (f"its --help printed no usage and it {said}: it ignores --help and started "
+                "training; ended it, and read the command by its family's known defaults")
+    if seen.elapsed_s > startup_s:
+        return (f"its --help printed nothing in {startup_s:g} s; ended it, and read the command "
+                "by its family's known defaults")
+    return None
+
+
 def _probe(argv: tuple[str, ...], *, cwd: str | None, env: dict[str, str],
            timeout_s: float) -> Probed:
     """Run `argv` (the program with --help) as a marked session; end its whole tree always."""
-    marker = f"probe:{os.getpid()}:{secrets.token_hex(6)}"
+    marker = probe_marker()
     env = {**env, MARKER_ENV: marker}
     env.setdefault("PYTHONUNBUFFERED", "1")
     started = time.monotonic()
@@ -373,7 +463,8 @@ def _probe(argv: tuple[str, ...], *, cwd: str | None, env: dict[str, str],
     note: str | None = None
     known: dict[int, psutil.Process] = {}
     try:
-        note = _read_probe(proc, out, known, started=started, timeout_s=timeout_s)
+        note = _read_probe(proc, out, known, started=started, timeout_s=timeout_s,
+                           watch=_Watch(cwd, argv))
     finally:
         _end_tree(proc, marker, known)
         for stream in (proc.stdout, proc.stderr):
@@ -386,15 +477,82 @@ def _probe(argv: tuple[str, ...], *, cwd: str | None, env: dict[str, str],
                   seconds=seconds)
 
 
-def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, psutil.Process],
-                *, started: float, timeout_s: float) -> str | None:
+class _Watch:
+    """The slower evidence, looked at once a second: checkpoint folders, GPU memory."""
+
+    def __init__(self, cwd: str | None, argv: tuple[str, ...]) -> None:
+        self.root = Path(cwd or Path.cwd())
+        self.before = self._checkpoints()
+        self.program = PurePath(argv[2] if len(argv) > 3 and argv[1] == "-m" else argv[1]).name  # noqa: PLR2004
+        self._gpu: NvmlProbe | None = None
+        self._said = False
+
+    def _checkpoints(self) -> frozenset[str]:
+        """Checkpoint-like folders under the working directory, two levels deep."""
+        found: set[str] = set()
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.root):
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                if _CHECKPOINT.match(entry.name):
+                    found.add(entry.name)
+                    continue
+                with contextlib.suppress(OSError):
+                    found.update(f"{entry.name}/{inner.name}" for inner in os.scandir(entry.path)
+                                 if inner.is_dir(follow_symlinks=False)
+                                 and _CHECKPOINT.match(inner.name))
+        return frozenset(found)
+
+    def new_checkpoints(self) -> tuple[str, ...]:
+        """Checkpoint folders that were not there when the probe started."""
+        return tuple(sorted(self._checkpoints() - self.before))
+
+    def gpu_mib(self, pids: set[int]) -> int:
+        """GPU memory the probe's processes hold, by NVML (0 without a GPU)."""
+        if self._gpu is None:
+            self._gpu = NvmlProbe()
+        probe = self._gpu
+        if probe.unavailable is not None:
+            return 0
+        return sum(u.used_mib or 1 for u in probe.processes() if u.pid in pids)
+
+    def say_waiting(self) -> None:
+        """Once: the console says what it waits for (`reading train.py --help ...`)."""
+        if not self._said:
+            self._said = True
+            log.info(HELP_WAITING, program=self.program)
+
+    def close(self) -> None:
+        """Shut NVML down if it was started."""
+        if self._gpu is not None:
+            self._gpu.close()
+
+
+def _read_probe(proc: subprocess.Popen[bytes], out: bytearray,  # noqa: PLR0913
+                known: dict[int, psutil.Process], *, started: float, timeout_s: float,
+                watch: _Watch) -> str | None:
     """Read the probe's output until it exits (a daemon may hold the pipe: not waited for)."""
+    try:
+        return _follow_probe(proc, out, known, started=started, timeout_s=timeout_s,
+                             watch=watch)
+    finally:
+        watch.close()
+
+
+def _follow_probe(proc: subprocess.Popen[bytes], out: bytearray,  # noqa: PLR0913
+                  known: dict[int, psutil.Process], *, started: float, timeout_s: float,
+                  watch: _Watch) -> str | None:
     streams = {s.fileno(): s for s in (proc.stdout, proc.stderr) if s is not None}
     stdout_fd = proc.stdout.fileno() if proc.stdout is not None else -1
     for fd in streams:
         os.set_blocking(fd, False)
-    other = 0
+    err_tail = ""
+    training: str | None = None
+    first_output: float | None = None
     exited_at: float | None = None
+    looked_at = 0.0
+    checkpoints: tuple[str, ...] = ()
+    gpu_mib = 0
     while True:
         if _STOP is not None and _STOP.is_set():
             raise ProbeInterrupted
@@ -403,6 +561,7 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
             ready, _, _ = select.select(list(streams), [], [], _PROBE_TICK_S)
         else:  # it closed its output and may still run: the clock below still applies
             time.sleep(_PROBE_TICK_S)
+        now = time.monotonic()
         for fd in ready:
             try:
                 chunk = os.read(fd, 65536)
@@ -412,12 +571,21 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
                 chunk = b""
             if not chunk:
                 del streams[fd]
-            elif fd == stdout_fd:
+                continue
+            text = chunk.decode("utf-8", errors="replace")
+            if fd == stdout_fd:
                 if len(out) < PROBE_MAX_BYTES:
                     out.extend(chunk[:PROBE_MAX_BYTES - len(out)])
+                if first_output is None and text.strip():
+                    first_output = now - started
             else:
-                other += len(chunk)
-        now = time.monotonic()
+                err_tail = (err_tail + text)[-4096:]
+            if training is None:
+                found = _TRAINING_LINE.search(text)
+                if found is not None:
+                    line_start = text.rfind("\n", 0, found.start()) + 1
+                    line_end = text.find("\n", found.end())
+                    training = text[line_start:line_end if line_end >= 0 else None].strip()
         if proc.poll() is not None:
             # Whatever its children do, the program has answered: read what is already
             # written, never wait on a pipe a daemon keeps open.
@@ -425,34 +593,83 @@ def _read_probe(proc: subprocess.Popen[bytes], out: bytearray, known: dict[int, 
             if not streams or now - exited_at > _PROBE_TICK_S * 4:
                 return None
             continue
+        lasting = 0
         with contextlib.suppress(psutil.Error):
             leader = psutil.Process(proc.pid)
             for child in leader.children(recursive=True):
                 known.setdefault(child.pid, child)
+                with contextlib.suppress(psutil.Error):
+                    if time.time() - child.create_time() >= PROBE_QUIET_S and _alive(child):
+                        lasting += 1
         elapsed = now - started
-        usage = _USAGE.search(bytes(out[:65536]).decode("utf-8", errors="replace")) is not None
-        if not usage and elapsed > PROBE_QUIET_S and (out.strip() or known):
-            what = "printed other output" if out.strip() else "started other processes"
-            return (f"its --help printed no usage and it {what} for {elapsed:.0f} s: it "
-                    "ignores --help and started training; ended it, and read the command by "
-                    "its family's known defaults")
-        if not usage and elapsed > PROBE_QUIET_S and _cpu_s(proc.pid, known) > PROBE_SILENT_CPU_S:
-            return (f"its --help printed no usage and used {PROBE_SILENT_CPU_S:g} s of CPU in "
-                    f"{elapsed:.0f} s: taken for training and ended; read the command by its "
-                    "family's known defaults")
-        if elapsed > timeout_s:
-            return (f"its --help did not finish in {timeout_s:g} s; ended it, and read the "
-                    "command by its family's known defaults")
+        if now - looked_at >= _LOOK_EVERY_S:
+            looked_at = now
+            checkpoints = watch.new_checkpoints()
+            gpu_mib = watch.gpu_mib({proc.pid, *known})
+        seen = ProbeSeen(elapsed_s=elapsed,
+                         stdout=bytes(out[:65536]).decode("utf-8", errors="replace"),
+                         first_output_s=first_output, training_line=training,
+                         lasting_children=lasting, checkpoints=checkpoints, gpu_mib=gpu_mib)
+        note = judge_probe(seen, startup_s=timeout_s)
+        if note is not None:
+            return note
+        if elapsed > PROBE_QUIET_S and not seen.stdout.strip():
+            watch.say_waiting()
 
 
-def _cpu_s(pid: int, known: dict[int, psutil.Process]) -> float:
-    """CPU seconds (user and system) the probe's process and its descendants have used."""
-    total = 0.0
-    for found in (pid, *known):
+def probe_marker() -> str:
+    """The probe's marker: `probe:<supervisor pid>:<its start time>:<random>` (a probe whose
+    supervisor is gone is found by it, and ended by the next run: end_dead_probes)."""
+    try:
+        created = f"{psutil.Process().create_time():.2f}"
+    except psutil.Error:
+        created = "0"
+    return f"{_PROBE_PREFIX}{os.getpid()}:{created}:{secrets.token_hex(6)}"
+
+
+_PROBE_PREFIX = "probe:"
+
+
+def _supervisor_alive(marker: str) -> bool:
+    """Whether the supervisor that started the probe marked `marker` still runs."""
+    parts = marker.removeprefix(_PROBE_PREFIX).split(":")
+    if len(parts) < 3 or not parts[0].isdigit():  # noqa: PLR2004 - pid, start time, token
+        return True  # not a marker this version wrote: never ours to end
+    try:
+        owner = psutil.Process(int(parts[0]))
+        return parts[1] == "0" or f"{owner.create_time():.2f}" == parts[1]
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def end_dead_probes() -> tuple[int, ...]:
+    """End every probe tree of this user whose supervisor is gone (killed during the probe);
+    the pids ended, for the journal. A live supervisor's probe is never touched."""
+    me = os.getpid()
+    found: dict[str, list[psutil.Process]] = {}
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
         with contextlib.suppress(psutil.Error):
-            times = psutil.Process(found).cpu_times() if found == pid else known[found].cpu_times()
-            total += times.user + times.system
-    return total
+            marker = proc.environ().get(MARKER_ENV, "")
+            if marker.startswith(_PROBE_PREFIX):
+                found.setdefault(marker, []).append(proc)
+    ended: list[int] = []
+    for marker, procs in found.items():
+        if _supervisor_alive(marker):
+            continue
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _gone, alive = psutil.wait_procs(procs, timeout=_PROBE_GRACE_S)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=_PROBE_GRACE_S)
+        ended += [p.pid for p in procs]
+    return tuple(sorted(ended))
 
 
 def _end_tree(proc: subprocess.Popen[bytes], marker: str,
@@ -504,10 +721,28 @@ _KEY_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")
 def _cache_key(command: Command, argv: tuple[str, ...], env: dict[str, str]) -> str:
     if argv[1] == "-m":  # a module: no file to stamp; asked once per supervisor process
         return f"module:{argv[0]}:{argv[2]}:{command.cwd}"
-    stat = Path(argv[1]).stat()
+    content = hashlib.sha256(_read_script(Path(argv[1]))).hexdigest()[:24]
     where = "\0".join(f"{name}={env.get(name, '')}" for name in _KEY_ENV)
-    digest = hashlib.sha256(f"{argv[0]}\0{argv[1]}\0{where}".encode()).hexdigest()[:16]
-    return f"script:{digest}:{stat.st_mtime_ns}:{stat.st_size}"
+    digest = hashlib.sha256(f"{_interpreter_id(argv[0])}\0{where}".encode()).hexdigest()[:16]
+    return f"script:{content}:{digest}"
+
+
+_SCRIPT_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _read_script(path: Path) -> bytes:
+    """The script's bytes (a regular file only, bounded: OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            msg = f"{path} is not a regular file"
+            raise OSError(msg)
+        return handle.read(_SCRIPT_MAX_BYTES)
+
+
+def _interpreter_id(python: str) -> str:
+    """The interpreter as a path that names it (a venv's `python` differs from the system's)."""
+    return os.path.abspath(shutil.which(python) or python)  # noqa: PTH100 - a venv's link, kept
 
 
 def _load_cache() -> dict[str, object]:
@@ -550,11 +785,11 @@ def _store_cache(key: str, text: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def read_help(command: Command, probe: HelpProbe | None) -> ProgramHelp | None:
+def read_help(program: Program, probe: HelpProbe | None) -> ProgramHelp | None:
     """The parsed help of the command's program through `probe` (None: not asked or unreadable)."""
     if probe is None:
         return None
-    text = probe(command)
+    text = probe(program)
     return parse_help(text) if text else None
 
 
@@ -569,9 +804,8 @@ _IMPORTS: dict[tuple[str, str], bool] = {}
 def interpreter(command: Command) -> str:
     """The Python that runs the command's program: its own `python`, a launcher's sibling, a
     console script's shebang (`llamafactory-cli`, `trl`), else this one."""
-    try:
-        invocation = locate(command.argv)
-    except CommandError:
+    invocation = find_program(command).invocation
+    if invocation is None:
         return sys.executable
     program = invocation.program
     is_module = invocation.args_start >= 2 and command.argv[invocation.args_start - 2] == "-m"  # noqa: PLR2004
@@ -596,9 +830,7 @@ def can_import(command: Command, module: str, *, timeout_s: float = IMPORT_TIMEO
     python = interpreter(command)
     key = (python, module)
     if key not in _IMPORTS:
-        env = environment(command)
-        with contextlib.suppress(CommandError):
-            env.update(locate(command.argv).env_assignments)
+        env = dict(find_program(command).env)
         try:
             done = subprocess.run((python, "-c", f"import {module}"), cwd=command.cwd, env=env,  # noqa: S603 - the user's own interpreter
                                   capture_output=True, check=False, timeout=timeout_s,

@@ -243,6 +243,8 @@ class Goodput:
     """True while no attempt has fitted: 'kept' is what the newest checkpoint holds."""
     attempts: tuple[AttemptTime, ...] = ()
     accidents: tuple[Accident, ...] = field(default_factory=tuple)
+    begin: float = 0.0
+    """When the run's wall time began (the predictions before run.started included)."""
 
     @property
     def share(self) -> float:
@@ -265,6 +267,13 @@ class Goodput:
             "measured": self.measured, "provisional": self.provisional,
             "accidents": [{"at": round(a.at, 2), "what": a.what, "cost_s": round(a.cost_s, 1),
                            "steps_lost": a.steps_lost} for a in self.accidents],
+            # In time order, from the run's beginning: what goodput.png draws lane by lane.
+            "attempts": [{"attempt": a.number, "verdict": a.verdict,
+                          "start_s": round(a.start - self.begin, 2),
+                          "end_s": round(a.end - self.begin, 2),
+                          "productive_s": round(a.productive_s, 2),
+                          "badput_s": {k: round(v, 2) for k, v in a.badput.items() if v > 0}}
+                         for a in self.attempts],
         }
 
 
@@ -398,7 +407,7 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
     return Goodput(wall_s=max(0.0, end - begin), productive_s=productive, badput=badput,
                    steps_trained=trained, steps_kept=kept_total, measured=measured,
                    provisional=provisional, attempts=tuple(attempts),
-                   accidents=tuple(accidents))
+                   accidents=tuple(accidents), begin=begin)
 
 
 def _sweep(intervals: Iterable[tuple[float, float, str, int]], begin: float,

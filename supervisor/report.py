@@ -11,11 +11,12 @@ from typing import Any
 
 from supervisor import progress, speed
 from supervisor.classify import RECOVERED
+from supervisor.command import address_space_cap
 from supervisor.events import AttemptRecord, Notified, RunConfig, RunState, SpeedCompared
 from supervisor.files import write_file
 from supervisor.knobs import Knobs
 from supervisor.secrets import shell_word
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 _STATUS_LINE = {
     "fitted": "fitted: the command finished with the final config below",
@@ -75,6 +76,7 @@ def build(state: RunState) -> dict[str, Any]:
         "final_env": dict(state.final.env) if fitted and state.final else {},
         "device_mib": config.device_mib,
         "device_source": config.device_source,
+        "host_cap_mib": _host_cap_mib(config.argv),
         "estimate_distrusted": state.distrusted,
         "estimate_checking": state.checking.reason if state.checking else None,
         "skipped_on_prediction": [
@@ -108,7 +110,8 @@ def build(state: RunState) -> dict[str, Any]:
         "assumed": [k for k in _SHOWN_KNOBS if config.start_sources.get(k) == "assumed"],
         "output_dir": _output_dir(state, final, final_argv),
         "other_changes": _other_changes(start, final, final_argv),
-        "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error}
+        "notified": [{"command": e.command, "exit_code": e.exit_code, "error": e.error,
+                      "output": list(e.output)}
                      for e in state.events if isinstance(e, Notified)],
         "speed": _speed(state),
         "foreign_lines": state.foreign_lines,
@@ -242,6 +245,12 @@ def _cost_section(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _host_cap_mib(argv: Sequence[str]) -> float | None:
+    """The address-space cap the command sets for itself (`prlimit --as=N`), MiB."""
+    cap = address_space_cap(tuple(argv))
+    return round(cap / 2**20, 1) if cap is not None else None
+
+
 def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
     started, done = record.started, record.finished
     row: dict[str, Any] = {
@@ -256,6 +265,7 @@ def _attempt_row(record: AttemptRecord) -> dict[str, Any]:
                     "exit_code": done.exit_code, "duration_s": done.duration_s,
                     "peak_mib": done.peak_mib, "peak_source": done.peak_source,
                     "host_peak_mib": done.host_peak_mib,
+                    "host_cap_mib": done.host_cap_mib, "host_cap_source": done.host_cap_source,
                     "cost": dict(done.cost) if done.cost else None,
                     "step_s": _step_s(done.progress),
                     "progress_total": (done.progress or {}).get("total"),
@@ -483,8 +493,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         pending = (f", adopting attempt {r['pending']}" if r.get("pending") and
                    r.get("orphan") == "adopt" else f", ending attempt {r['pending']}"
                    if r.get("pending") else "")
-        out.append(f"- Resumed at {local_time(r['at'])} after {r['attempts_done']} finished "
-                   f"attempt(s){pending} (the supervisor had died or been stopped)")
+        out.append(f"- Resumed at {local_time(r['at'])} after "
+                   f"{plural(r['attempts_done'], 'finished attempt')}{pending} (the supervisor "
+                   "had died or been stopped)")
     if data.get("remembered"):
         kept = data["remembered"]
         out.append(f"- Remembered fit: attempt 1 ran {describe_knobs(kept['knobs'])}, the config "
@@ -493,10 +504,12 @@ def render_markdown(data: dict[str, Any]) -> str:
                    f"{describe_knobs(data['start_knobs'])} (`--fresh` starts there)"
                    + (f"; that run's command differed only where memory does not depend on "
                       f"it: {kept['ignored']}" if kept.get("ignored") else ""))
-    if data.get("assumed"):
-        start = data["start_knobs"]
+    start = data["start_knobs"]
+    # An assumed "none" (no quantisation, no ZeRO) says nothing a reader can act on.
+    assumed = [k for k in data.get("assumed") or () if start.get(k) is not None]
+    if assumed:
         out.append("- Assumed (nothing in the command or the program confirmed them): "
-                   + ", ".join(f"{k} = {_cell(start.get(k))}" for k in data["assumed"]))
+                   + ", ".join(f"{k} = {_cell(start.get(k))}" for k in assumed))
     out.append("")
     eb = data["effective_batch"]
     out += _time_section(data)
@@ -565,6 +578,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         result = (f"exit code {n['exit_code']}" if n.get("exit_code") is not None
                   else f"did not run ({n.get('error')})")
         out += ["", f"Notified with `{n['command']}`: {result}."]
+        if n.get("output"):
+            out += ["", "Its last lines (all of its output is in `notify.log`):", "", "```text",
+                    *n["output"], "```"]
     if data.get("foreign_lines"):
         out += ["", foreign_note(int(data["foreign_lines"])) + "."]
     out += ["", ("Logs of each attempt: `attempts/NN/stdout.log`, `stderr.log`; every event: "
@@ -654,6 +670,12 @@ def _final_section(data: dict[str, Any], eb: dict[str, Any]) -> list[str]:
     if data.get("continue_command"):
         out += [(f"Continue this run from `{data['continue_checkpoint']}` (it writes into "
                  "this run's output folder): `sh continue-command.sh`"), ""]
+    elif data.get("continue_checkpoint"):
+        steps = (data.get("final_knobs") or {}).get("max_steps")
+        out += [(f"This run trained all its {steps} steps (`{data['continue_checkpoint']}`): "
+                 "continuing it would train nothing, so there is no continue-command.sh; to "
+                 "train further, raise max_steps in the command and continue from that "
+                 "checkpoint."), ""]
     return out
 
 
@@ -778,9 +800,17 @@ def memory_words(row: Mapping[str, Any], device_mib: float | None, *,
     if row.get("verdict") == "oom" and numbers:
         tried, allocated = numbers.get("tried_mib"), numbers.get("allocated_mib")
         free, capacity = numbers.get("free_mib"), numbers.get("capacity_mib")
-        if short:
+        if short:  # status: the same figures as report.md, in fewer words
             need = row.get("need_mib")
-            return f">= {_mib(need)}{of}" if need else "oom"
+            if need:
+                return f">= {_mib(need)}{of}"
+            said = [f"{word} {_mib(value)}" for word, value in
+                    (("tried", tried), ("allocated", allocated), ("capacity", capacity))
+                    if value is not None]
+            if said:
+                return ", ".join(said) + of
+            host = row.get("host_peak_mib")
+            return f"host {_mib(host)}" if host else "no figures"
         parts = []
         if tried is not None:
             parts.append(f"tried {_mib(tried)}")

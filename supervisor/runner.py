@@ -41,6 +41,7 @@ from supervisor.classify import Outcome, is_oom_line
 from supervisor.files import open_regular, read_regular
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
 from supervisor.secrets import Redactor
+from supervisor.text import plural
 from supervisor.trainer_output import Tracker, Watchdog
 
 log = structlog.get_logger(__name__)
@@ -348,8 +349,8 @@ class _Sink:
 
     def _note_dropped(self) -> None:
         if self.not_echoed:
-            note = (f"[oom-supervisor: {self.not_echoed} line(s) of output not echoed (faster "
-                    f"than {ECHO_LINES_PER_S} lines/s); the attempt's logs have them]\n")
+            note = (f"[oom-supervisor: {plural(self.not_echoed, 'line')} of output not echoed "
+                    f"(faster than {ECHO_LINES_PER_S} lines/s); the attempt's logs have them]\n")
             self.not_echoed = 0
             self.consoles[1].put(note.encode())
         if self.abandon:  # the attempt is over: let a console that reads show its end (bounded)
@@ -419,11 +420,14 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     activity = _Activity(spec.activity_dir)
     remembered = looked = 0.0
     host_peak = 0.0
+    cap: tuple[float, str] | None = None
     while code is None:
         now = time.monotonic()
         if now - remembered > _REMEMBER_S:  # a /proc scan: not on every 50 ms tick
             tree.remember()
-            host_peak = max(host_peak, tree.rss_mib())
+            cap = cap or tree.host_cap()
+            rss = tree.rss_mib()
+            host_peak = max(host_peak, rss) if rss is not None and host_peak >= 0 else -1.0
             remembered = now
             if adopted:  # the logs' tail segments grow while the log itself waits
                 sink.last_output = max(sink.last_output, now - _log_age_s(spec.log_dir))
@@ -528,7 +532,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         task_lines=task_lines,
         task_source=task_source,
         timed=timed and not killed,
-        host_peak_mib=round(host_peak, 1) if host_peak else None,
+        host_peak_mib=round(host_peak, 1) if host_peak > 0 else None,  # (-1: unknown, srun)
+        host_cap_mib=cap[0] if cap else None, host_cap_source=cap[1] if cap else None,
     )
 
 
@@ -675,6 +680,33 @@ def _create_time(pid: int) -> float:
         return 0.0
 
 
+_UNLIMITED = 1 << 60
+"""Limits at or above this are "unlimited" (RLIM_INFINITY, cgroup v1's page-rounded max)."""
+
+
+def _cgroup_limit(pid: int) -> int | None:
+    """The memory limit of `pid`'s cgroup in bytes (None: none, or it cannot be read)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2's unified hierarchy
+            where = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            where = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = where.read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < _UNLIMITED:
+            return int(text)
+    return None
+
+
 class _Tree:
     """The attempt's processes: the leader's group, every descendant seen, and the marker."""
 
@@ -694,15 +726,42 @@ class _Tree:
             for proc in (leader, *leader.children(recursive=True)):
                 self.known.setdefault(proc.pid, proc)
 
-    def rss_mib(self) -> float:
-        """Resident memory of the command's processes now (the shim itself left out), MiB."""
+    def rss_mib(self) -> float | None:
+        """Resident memory of the command's processes now (the shim itself left out), MiB.
+
+        None (unknown) under `srun`: the step's tasks run under slurmstepd, on this node and
+        others, not below srun, whose own few MiB would read as the attempt's memory.
+        """
         total = 0
         for pid, proc in list(self.known.items()):
             if pid == self.pid:
                 continue
             with contextlib.suppress(psutil.Error):
+                if proc.name() == "srun":
+                    return None
                 total += proc.memory_info().rss
         return total / 2**20
+
+    def host_cap(self) -> tuple[float, str] | None:
+        """The host memory limit the command's processes run under, MiB, and what it is: the
+        smallest RLIMIT_AS soft limit among them (prlimit --as, ulimit -v), else their
+        cgroup's memory limit (v2 memory.max, v1 memory.limit_in_bytes); None: unlimited."""
+        limits: list[int] = []
+        cgroup: int | None = None
+        for pid, proc in list(self.known.items()):
+            if pid == self.pid:
+                continue
+            with contextlib.suppress(psutil.Error, AttributeError, OSError):
+                soft, _ = proc.rlimit(psutil.RLIMIT_AS)
+                if 0 < soft < _UNLIMITED:
+                    limits.append(soft)
+            if cgroup is None:
+                cgroup = _cgroup_limit(pid)
+        if limits:
+            return round(min(limits) / 2**20, 1), "RLIMIT_AS"
+        if cgroup is not None:
+            return round(cgroup / 2**20, 1), "cgroup memory.max"
+        return None
 
     def _marked(self) -> list[psutil.Process]:
         """Processes whose environment carries this attempt's marker (daemonised escapees)."""

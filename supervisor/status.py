@@ -14,7 +14,7 @@ from pathlib import Path
 from supervisor import report
 from supervisor.files import read_tail
 from supervisor.journal import JOURNAL, holder, load
-from supervisor.text import printable
+from supervisor.text import plural, printable
 
 
 class StatusError(ValueError):
@@ -77,7 +77,7 @@ def render(run_dir: Path, *, lines: int = 5, now: Callable[[], float] = time.tim
         out.append(f"  attempt 1 ran the fit remembered from run {config.remembered_from or '?'}"
                    " (--fresh starts at the command's own config)")
     if state.resumes:
-        out.append(f"  resumed {len(state.resumes)} time(s), last at "
+        out.append(f"  resumed {plural(len(state.resumes), 'time')}, last at "
                    f"{report.local_time(state.resumes[-1].ts)}")
     compared = report.speed_line(data.get("speed"))
     if compared:

@@ -78,3 +78,12 @@ def bounded(value: object, limit: int = BOUND_CHARS) -> str:
         text = f"<{type(value).__name__}>"
     text = printable(text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def plural(count: object, word: str, many: str | None = None) -> str:
+    """`1 attempt`, `15 attempts` (`many` where the plural is not word + s)."""
+    try:
+        number = int(str(count))
+    except ValueError:
+        return f"{count} {many or word + 's'}"
+    return f"{number} {word if number == 1 else many or word + 's'}"

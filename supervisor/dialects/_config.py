@@ -279,7 +279,7 @@ def _json_indent(text: str) -> int | None:
 
 
 def params_of(knobs: Knobs) -> tuple[object, ...]:
-    """What decides which parameters train: a checkpoint of one set cannot seed another."""
+    """What decides which parameters train: a checkpoint of one set cannot start another."""
     if knobs.finetuning_type is FinetuningType.LORA:
         return (knobs.finetuning_type, knobs.lora_rank, knobs.quantization_bit)
     if knobs.finetuning_type is FinetuningType.FREEZE:

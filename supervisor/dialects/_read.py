@@ -12,6 +12,7 @@ from supervisor.knobs import (
     ALLOC_CONF,
     ENV_KNOBS,
     KNOB_NAMES,
+    FinetuningType,
     Knobs,
     Precision,
     Reading,
@@ -62,6 +63,33 @@ class Values:
         return Reading(knobs=knobs, sources=sources,
                        rewritable=(rewritable | ENV_KNOBS) - READ_ONLY,
                        program=program, refused=refused, refused_why=dict(refused_why or {}))
+
+
+TRL_LORA_R = 16
+"""TRL's ModelConfig.lora_r default (trl/trainer/model_config.py); its field has help, but a
+TRL-style script's own `lora_r` field often has none, and HfArgumentParser then prints no
+default."""
+
+_IN_USE_UNDER = {"lora_rank": FinetuningType.LORA,
+                 "freeze_trainable_layers": FinetuningType.FREEZE}
+"""Knobs that matter only under one fine-tuning method (the adapters' rank, the layers trained)."""
+
+
+def to_write(reading: Reading, knobs: Knobs) -> tuple[str, ...]:
+    """The knobs a render writes to run `knobs`: those that change, and those the change puts to
+    use whose value was only assumed (in field order).
+
+    A LoRA rung sets rank 8 where the command said no rank: the assumed 8 is written out
+    (`--use_peft --lora_r 8`), since the program's own default may be another (TRL's
+    ModelConfig.lora_r is 16, and an HfArgumentParser field without help prints no default).
+    """
+    changed = reading.knobs.diff(knobs)
+    if "finetuning_type" not in changed:
+        return tuple(changed)
+    used = {knob for knob, method in _IN_USE_UNDER.items()
+            if knobs.finetuning_type is method and reading.source(knob) is Source.ASSUMED
+            and reading.can_set(knob)}
+    return tuple(k for k in KNOB_NAMES if k in changed or k in used)
 
 
 def strongest(*sources: Source) -> Source:

@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
-from supervisor.command import Command, CommandError, Invocation, locate, locate_command
+from supervisor.command import Command, CommandError, Invocation, locate
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
 from supervisor.dialects._read import (
     READ_ONLY,
+    TRL_LORA_R,
     Values,
     model_path,
     module_refusals,
     precision_of,
     read_env_knobs,
+    to_write,
     with_env_knobs,
     world_source,
 )
@@ -34,6 +36,7 @@ from supervisor.program import (
     HelpProbe,
     Option,
     ProgramHelp,
+    find_program,
     probe_note,
     read_help,
     run_help,
@@ -151,10 +154,10 @@ PROFILES: tuple[Profile, ...] = (
                                                      "quantization_bit")),
                *_HF_GC, *_TRL),
         defaults={**_HF_DEFAULTS, "gradient_checkpointing": True, "cutoff_len": 1024,
-                  "bf16": True},
+                  "bf16": True, "lora_rank": TRL_LORA_R},
     ),
     Profile(
-        # The seed's legacy entry point (LLaMA-Factory <= 0.6): cutoff_len defaulted to 1024.
+        # LLaMA-Factory's legacy entry point (<= 0.6): cutoff_len defaulted to 1024.
         name="llamafactory-legacy",
         programs=re.compile(r"^(.*/)?train_bash\.py$"),
         flags=(*_COMMON, *_LF_GC, *_LF_EXTRA, Flag("cutoff_len", ("--cutoff_len",), "int")),
@@ -248,7 +251,7 @@ class ArgvDialect:
         reading = self.read_sourced(command)
         current = reading.knobs
         wanted: dict[str, Any] = {}
-        for knob in current.diff(knobs):
+        for knob in to_write(reading, knobs):
             if knob in ("world_size", "output_dir", "deepspeed_stage", "deepspeed_offload",
                         "model", "precision"):
                 continue  # read from the command, never rewritten (stage: in the DS copy)
@@ -320,9 +323,13 @@ class ArgvDialect:
     # -- internals ---------------------------------------------------------------------------
 
     def _scan(self, command: Command) -> _Scan:
-        invocation = locate_command(command)
+        # Located once, and that one value asked (program.find_program): never read two ways.
+        program = find_program(command)
+        if program.invocation is None:
+            raise CommandError(program.error)
+        invocation = program.invocation
         profile = self._forced or _profile_for(invocation.program)
-        help_ = read_help(command, self.probe) if _askable(profile) else None
+        help_ = read_help(program, self.probe) if _askable(profile) else None
         flags = _flag_table(profile, help_)
         found = _occurrences(command.argv, invocation, flags)
         if help_ is not None and not any(f.knob in KNOB_NAMES and f.knob not in READ_ONLY
@@ -358,12 +365,16 @@ class ArgvDialect:
         for flag in scan.flags:
             family = own.get(flag.knob)
             if (profile.known and family is not None and flag.knob in profile.defaults
-                    and set(flag.names) <= set(family.names)):
+                    and _spelled(flag.names) <= _spelled(family.names)):
                 values.set(flag.knob, profile.defaults[flag.knob], Source.KNOWN_DEFAULT)
             negatable = scan.help.accepts(f"--no_{flag.names[0].removeprefix('--')}")
             said = _help_default(flag, _option(scan, flag), negatable=negatable)
             if said is not _UNSAID:
                 values.set(flag.knob, said, Source.PROGRAM)
+        if (values.source("lora_rank") is Source.ASSUMED and scan.help.accepts("--use_peft")
+                and scan.help.accepts("--lora_r")):
+            # TRL's ModelConfig signature (--use_peft with --lora_r): its rank unless said.
+            values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
         return values
 
     def _rewritable(self, scan: _Scan) -> frozenset[str]:
@@ -421,7 +432,7 @@ def _same_family(scan: _Scan) -> bool:
     """The program takes its family's own flag for every knob both know (the name holds)."""
     own = {f.knob: f for f in scan.profile.flags}
     return scan.profile.known and all(
-        set(f.names) <= set(own[f.knob].names) for f in scan.flags if f.knob in own)
+        _spelled(f.names) <= _spelled(own[f.knob].names) for f in scan.flags if f.knob in own)
 
 
 def _hygiene_applies(scan: _Scan) -> bool:
@@ -438,13 +449,18 @@ def _said(scan: _Scan, command: Command) -> str | None:
 def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]:
     """The flags the program takes: the family's first, then any family's, as its help lists."""
     if help_ is None:
-        return profile.flags
+        return tuple(_with_twins(f) for f in profile.flags)
     table: list[Flag] = []
     done: set[str] = set()
     for flag in (*profile.flags, *_ANY_FLAGS):
         if flag.knob in done:
             continue
         names = tuple(n for n in flag.names if help_.accepts(n))
+        # Every spelling the help lists for the same option reads alike (HfArgumentParser
+        # lists `--activation-checkpointing` beside `--activation_checkpointing`).
+        listed = (o for n in names if (o := help_.option(n)) is not None)
+        names = tuple(dict.fromkeys((*names, *(a for o in listed for a in o.names
+                                                if a.startswith("--")))))
         # The name a rung writes is the first: the current one where the program lists both
         # (transformers 5: --gradient_checkpointing is a deprecated alias, gone in v6).
         names = tuple(sorted(names, key=lambda n: n in _DEPRECATED_NAMES))
@@ -454,7 +470,19 @@ def _flag_table(profile: Profile, help_: ProgramHelp | None) -> tuple[Flag, ...]
     return tuple(table)
 
 
-_DEPRECATED_NAMES = frozenset({"--gradient_checkpointing"})
+def _spelled(names: tuple[str, ...]) -> frozenset[str]:
+    """Flag names with dashes and underscores read alike (`--lora-r` is `--lora_r`)."""
+    return frozenset("--" + n[2:].replace("-", "_") if n.startswith("--") else n for n in names)
+
+
+def _with_twins(flag: Flag) -> Flag:
+    """The flag with the dashed twin of each underscored spelling (`--lora-r` for `--lora_r`),
+    as HfArgumentParser accepts both; the first spelling (the one written) stays first."""
+    twins = tuple(n.replace("_", "-") for n in flag.names if n.startswith("--") and "_" in n)
+    return dataclasses.replace(flag, names=tuple(dict.fromkeys((*flag.names, *twins))))
+
+
+_DEPRECATED_NAMES = frozenset({"--gradient_checkpointing", "--gradient-checkpointing"})
 """Flags with a current spelling beside them: transformers 5's TrainingArguments documents
 `gradient_checkpointing` as "Deprecated alias of `activation_checkpointing`, will be removed
 in v6" (training_args.py); without --help the old name stays first, as transformers 4 takes
@@ -591,7 +619,7 @@ def _hygiene(command: Command, current: Knobs, knobs: Knobs,
         base = current.output_dir or _DEFAULT_OUTPUT_DIR
         out["output_dir"] = output_dir_for(base, knobs)
         if is_inside(knobs.resume_from_checkpoint, base, command):
-            # A checkpoint of the command's own parameter set cannot seed another one.
+            # A checkpoint of the command's own parameter set cannot start another one.
             out["resume_from_checkpoint"] = current.resume_from_checkpoint
     return out
 

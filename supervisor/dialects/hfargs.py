@@ -23,11 +23,13 @@ from supervisor.dialects._config import (
     suffix_of,
 )
 from supervisor.dialects._read import (
+    TRL_LORA_R,
     Values,
     model_path,
     module_refusals,
     precision_of,
     read_env_knobs,
+    to_write,
     with_env_knobs,
     world_source,
 )
@@ -109,6 +111,8 @@ class HfArgsFileDialect:
         if "use_peft" in data:  # TRL's ModelConfig
             values.set("finetuning_type", FinetuningType.LORA if data["use_peft"] is True
                        else FinetuningType.FULL, Source.CONFIG_FILE)
+            if "lora_rank" not in found:
+                values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
         for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit")):
             if data.get(name) is True:
                 values.set("quantization_bit", bits, Source.CONFIG_FILE)
@@ -132,7 +136,7 @@ class HfArgsFileDialect:
         rewritable = set(found) | set(_TRAINING_ARGS)
         refused: frozenset[tuple[str, str]] = frozenset()
         if "use_peft" in data:
-            rewritable.add("finetuning_type")
+            rewritable |= {"finetuning_type", "lora_rank"}  # ModelConfig has lora_r too
             refused = frozenset({("finetuning_type", FinetuningType.FREEZE.value)})
         if ds:
             rewritable |= {"deepspeed_stage", "deepspeed_offload"}
@@ -192,10 +196,11 @@ class HfArgsFileDialect:
     def _changes(self, command: Command, knobs: Knobs, folder: Path, *,
                  prefix: str) -> tuple[Invocation, int, ConfigFile, dict[str, object]]:
         invocation, config, found = self._parse(command)
-        current = self.read(command)
+        reading = self.read_sourced(command)
+        current = reading.knobs
         by_knob = {k.knob: k for k in KEYS}
         changes: dict[str, object] = {}
-        for knob in current.diff(knobs):
+        for knob in to_write(reading, knobs):
             if knob in _READ_ONLY:
                 continue
             key = by_knob[knob]
@@ -207,7 +212,8 @@ class HfArgsFileDialect:
             if knob == "finetuning_type" and "use_peft" in config.data:
                 changes["use_peft"] = _use_peft(knobs.finetuning_type)
                 continue
-            if knob not in found and knob not in _TRAINING_ARGS:
+            if knob not in found and knob not in _TRAINING_ARGS and not (
+                    knob == "lora_rank" and "use_peft" in config.data):
                 # HfArgumentParser rejects keys no dataclass has (allow_extra_keys=False).
                 msg = (f"cannot set {knob}: {config.path.name} has no key for it and "
                        "TrainingArguments has none either; add the key the script reads, or "

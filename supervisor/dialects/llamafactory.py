@@ -304,7 +304,7 @@ class LlamaFactoryDialect:
         other_params = params_of(knobs) != params_of(current)
         resume = knobs.resume_from_checkpoint
         if other_params and is_inside(resume, current.output_dir or _DEFAULT_OUTPUT_DIR, command):
-            resume = None  # a checkpoint of the command's own parameter set cannot seed this one
+            resume = None  # a checkpoint of the command's own parameter set cannot start this one
         if resume != current.resume_from_checkpoint:
             changes["resume_from_checkpoint"] = resume
         ds = parsed.merged.get("deepspeed")

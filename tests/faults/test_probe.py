@@ -272,3 +272,87 @@ def test_a_program_that_closes_its_output_is_still_timed(tmp_path: Path,
     env = Env(tmp_path)
     env.tag = tag
     assert env.tagged() == []
+
+
+SLOW_HONEST = """\
+import argparse, time
+# Starting up for 30 s (busy, as an import of torch on a loaded node is), printing nothing.
+end = time.monotonic() + 30
+while time.monotonic() < end:
+    sum(range(10000))
+p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+p.add_argument("--per_device_train_batch_size", type=int, default=8, help="batch")
+p.add_argument("--gradient_checkpointing", action="store_true", help="recompute")
+p.add_argument("--model_name_or_path", default="tiny", help="model")
+p.add_argument("--cutoff_len", type=int, default=512, help="tokens")
+p.parse_args()
+"""
+
+
+def test_a_script_that_takes_30_s_to_answer_is_read_from_its_help(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silent and busy for 30 s, then an honest help: waited for and read from it (not taken for
+    training), the console said it was reading it, and the next run asks nothing."""
+    env = Env(tmp_path)
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_HONEST, encoding="utf-8")
+    command = [sys.executable, "-m", "supervisor", "--log-format", "plain", "plan",
+               "--method", "analytic", "--device-memory", "1GiB", "--", sys.executable,
+               "slow.py", "--per_device_train_batch_size", "4", "--model_name_or_path", "tiny",
+               "--cutoff_len", "256"]
+    began = time.monotonic()
+    done = subprocess.run(command, cwd=tmp_path, env=env.env, capture_output=True,  # noqa: S603
+                          timeout=400, check=False)
+    first_s = time.monotonic() - began
+    output = (done.stdout + done.stderr).decode("utf-8", errors="replace")
+    assert done.returncode == 0, output
+    assert first_s >= 30  # it did wait for the answer
+    assert "reading slow.py --help (imports take a while)" in output
+    assert "ignores --help" not in output
+    assert "program.help" not in output  # sentences, never event names
+    monkeypatch.setenv("XDG_CACHE_HOME", env.env["XDG_CACHE_HOME"])
+    again = time.monotonic()
+    done = subprocess.run(command, cwd=tmp_path, env=env.env, capture_output=True,  # noqa: S603
+                          timeout=400, check=False)
+    assert done.returncode == 0
+    assert time.monotonic() - again < first_s - 20  # the cache answered: no 30 s probe
+    assert b"reading slow.py" not in done.stdout + done.stderr
+    assert env.tagged() == []
+
+
+SILENT = """\
+import time
+# Prints nothing and starts nothing for two minutes: starting up, as far as anyone can tell.
+time.sleep(120)
+"""
+ANSWERS = """\
+import argparse
+p = argparse.ArgumentParser()
+p.add_argument("--per_device_train_batch_size", type=int, default=8)
+p.parse_args()
+"""
+
+
+def _probes(env: Env) -> list[psutil.Process]:
+    return [p for p in env.tagged()
+            if p.environ().get("OOM_SUPERVISOR_ATTEMPT", "").startswith("probe:")]
+
+
+def test_a_probe_left_by_a_killed_supervisor_is_ended_by_the_next_run(tmp_path: Path) -> None:
+    """SIGKILL of the supervisor while it waits on a silent --help leaves the probe running (on
+    a GPU it would hold memory): the next run finds it by its marker, ends it, and journals it."""
+    env = Env(tmp_path)
+    first = env.start(tmp_path, "silent", SILENT)
+    wait_for(lambda: _probes(env) != [], 60)
+    left = {p.pid for p in _probes(env)}
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    time.sleep(1.0)
+    assert {p.pid for p in _probes(env)} == left  # nobody else would end it
+    second = env.start(tmp_path, "next", ANSWERS)
+    run_dir = tmp_path / "runs" / "next"
+    wait_for(lambda: any(e["event"] == "probe.leftovers_ended" for e in events(run_dir)), 120)
+    ended = next(e for e in events(run_dir) if e["event"] == "probe.leftovers_ended")
+    assert set(ended["pids"]) == left
+    wait_for(lambda: _probes(env) == [], 15)
+    _end(second, env)

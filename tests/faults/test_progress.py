@@ -49,15 +49,15 @@ def test_oom_after_a_checkpoint_resumes_from_it(tmp_path: Path) -> None:
                                                                   e["checkpoints"])])
                 for e in finished]
     assert credited == [(1, ["checkpoint-1"]), (2, ["checkpoint-2", "checkpoint-3"])]
-    # final-command.sh is a fresh run of the working config; continue-command.sh continues
-    # this one from its newest checkpoint.
+    # final-command.sh is a fresh run of the working config; checkpoint-3 is max_steps, so a
+    # continuation would train nothing: no continue-command.sh, and the report says what to
+    # raise instead.
     fresh = (tmp_path / "run" / "final-command.sh").read_text()
     assert "--resume_from_checkpoint" not in fresh
     assert "--gradient_accumulation_steps 2" in fresh
-    more = (tmp_path / "run" / "continue-command.sh").read_text()
-    assert "--resume_from_checkpoint" in more
-    assert "checkpoint-3" in more
-    assert "continue-command.sh" in report
+    assert not (tmp_path / "run" / "continue-command.sh").exists()
+    assert "trained all its 3 steps" in report
+    assert "raise max_steps" in report
 
 
 def test_a_rung_that_changes_the_parameter_set_starts_fresh(tmp_path: Path) -> None:

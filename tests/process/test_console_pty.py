@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.process
 
-DEMO = [sys.executable, "-m", "supervisor", "demo", "--device-memory", "150MiB"]
+DEMO = [sys.executable, "-m", "supervisor", "demo", "--walk", "--device-memory", "150MiB"]
 """150 MiB: three real OOMs (batch 4, 2, 1), then gradient checkpointing fits (~1-2 min)."""
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
@@ -68,7 +68,7 @@ def test_demo_on_a_terminal_shows_live_and_settled_lines_and_the_summary(tmp_pat
     # checkpointing restores batch 4 and searches down again (issue 19): b4, b2, then b1 fits
     assert re.search(r"✓ attempt 6 fits after .* peak [\d.]+ MiB of 150 MiB \(\d+%\)", text)
     # the summary: what was given up, where the model goes, the total time
-    assert re.search(r"fitted after 6 attempt\(s\) \(5 out of memory\) in \d", text)
+    assert re.search(r"fitted after 6 attempts \(5 out of memory\) in \d", text)
     assert "given up: speed: per_device_batch 4 -> 1; speed: gradient_checkpointing off -> on" \
         in text
     assert f"the model will be written to: {tmp_path / 'runs' / 'pty' / 'trainer-output'}" in text
@@ -81,6 +81,37 @@ def test_demo_on_a_terminal_shows_live_and_settled_lines_and_the_summary(tmp_pat
               (tmp_path / "runs" / "pty" / "supervisor.jsonl").read_text().splitlines()]
     assert [e["event"] for e in logged if e["event"] == "attempt.finished"] == [
         "attempt.finished"] * 6
+    # Only the user's words, on the terminal and in report.md: no internal names or markers.
+    report_md = (tmp_path / "runs" / "pty" / "report.md").read_text(encoding="utf-8")
+    assert not_the_users_words(text) == []
+    assert not_the_users_words(report_md) == []
+
+
+def not_the_users_words(text: str) -> list[str]:
+    """What a user reading `text` should never see: words from inside the project (the seed
+    article, shared/, issue numbers), event names, the supervisor's marker lines, 'fake'."""
+    from supervisor.console import _SENTENCES  # noqa: PLC0415 - the log-only event names
+    from supervisor.events import EVENT_TYPES  # noqa: PLC0415
+
+    found = [m.group(0) for m in re.finditer(
+        r"(?i)\bseed\b|shared/|\bissue \d+|oom-supervisor\.(inject|peak)\b|\bfake\b", text)]
+    names = set(EVENT_TYPES) | set(_SENTENCES) | {"run.stopped", "oom.detected"}
+    found += [name for name in sorted(names) if re.search(rf"(?<![\w/.]){re.escape(name)}\b",
+                                                          text)]
+    return found
+
+
+def test_plan_of_the_demo_speaks_the_users_words(tmp_path: Path) -> None:
+    """The plan of the demo's command: the rule of thumb cited as LLaMA-Factory's, no internal
+    words, the same margin as run."""
+    from supervisor.cli import demo_command  # noqa: PLC0415
+
+    done = subprocess.run([sys.executable, "-m", "supervisor", "plan", "--method", "analytic",  # noqa: S603
+                           "--device-memory", "150MiB", "--", *demo_command().argv],
+                          cwd=tmp_path, capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode in (0, 3), done.stderr
+    assert "LLaMA-Factory's community rule" in done.stdout
+    assert not_the_users_words(done.stdout + done.stderr) == []
 
 
 def test_redirected_output_is_plain_timestamped_lines_never_json(tmp_path: Path) -> None:
@@ -97,7 +128,7 @@ def test_redirected_output_is_plain_timestamped_lines_never_json(tmp_path: Path)
     events = [line for line in err.read_text().splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)]
     assert any("attempt 2 of at most 2 (smaller-batch)" in line for line in events)
     assert any("✗ attempt 2 out of memory" in line for line in events)
-    assert "ladder exhausted after 2 attempt(s)" in err.read_text()
+    assert "ladder exhausted after 2 attempts" in err.read_text()
     # --log-format json after the subcommand is honoured (accepted anywhere)
     assert (tmp_path / "runs" / "plain" / "supervisor.jsonl").read_text().startswith("{")
 

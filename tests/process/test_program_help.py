@@ -33,6 +33,7 @@ RECORDED = {
     "hf_default_on": (str(DATA / "programs" / "hf_default_on.py"),),
     "hf_trainingargs": (str(DATA / "programs" / "hf_trainingargs.py"),),
     "hf_activation_only": (str(DATA / "programs" / "hf_activation_only.py"),),
+    "trl_style": (str(DATA / "programs" / "trl_style.py"),),
     "reference_trainer": ("-m", "supervisor.reference_trainer"),
 }
 

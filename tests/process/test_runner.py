@@ -91,3 +91,39 @@ def test_torchrun_error_files_join_the_tail(tmp_path: Path, trainer_env: dict[st
     assert any(line.startswith("[") and "error.json] " in line and "OutOfMemoryError" in line
                for line in outcome.tail)
     assert classify(outcome).kind is VerdictKind.OOM
+
+
+HOLDS = ("import time; block = bytearray(80 * 1024 * 1024); block[::4096] = b'x' * "
+         "len(block[::4096]); time.sleep(4)")
+
+
+@pytest.mark.parametrize("launcher", ["sh", "srun"])
+def test_host_memory_under_srun_is_unknown_not_srun_s_own(
+        tmp_path: Path, trainer_env: dict[str, str], launcher: str) -> None:
+    """Under srun the step's tasks are not srun's children (slurmstepd runs them, on other nodes
+    too): the attempt's host memory is unknown, never srun's own few MiB. Without srun the
+    tree's 80 MiB are counted. (A stand-in `srun` that runs its task as a child.)"""
+    fake = tmp_path / "bin" / launcher
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n"$@"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    outcome = run(AttemptSpec(argv=(str(fake), sys.executable, "-c", HOLDS), env=trainer_env,
+                              log_dir=tmp_path / "logs", echo=False))
+    assert outcome.exit_code == 0
+    if launcher == "sh":
+        assert outcome.host_peak_mib is not None
+        assert outcome.host_peak_mib >= 80
+    else:
+        assert outcome.host_peak_mib is None
+
+
+def test_the_host_cap_the_command_runs_under_is_read_from_its_processes(
+        tmp_path: Path, trainer_env: dict[str, str]) -> None:
+    """`prlimit --as=3000000000 python ...`: the attempt's own RLIMIT_AS, read from its process
+    (whoever set it: prlimit, ulimit -v, an inherited limit), is what memory.png draws."""
+    outcome = run(AttemptSpec(argv=("prlimit", "--as=3000000000", sys.executable, "-c",
+                                    "import time; time.sleep(3)"),
+                              env=trainer_env, log_dir=tmp_path / "logs", echo=False))
+    assert outcome.exit_code == 0
+    assert outcome.host_cap_source == "RLIMIT_AS"
+    assert outcome.host_cap_mib == pytest.approx(3_000_000_000 / 2**20, abs=0.1)

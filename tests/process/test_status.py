@@ -32,7 +32,7 @@ def test_status_of_a_live_run_then_of_the_same_run_finished(tmp_path: Path) -> N
     """While the real trainer runs: the attempt, its elapsed time, its last lines, a live pid."""
     runs = tmp_path / "runs"
     proc = subprocess.Popen(  # noqa: S603 - our own CLI, the real reference trainer
-        [sys.executable, "-m", "supervisor", "demo", "--device-memory", "150MiB",
+        [sys.executable, "-m", "supervisor", "demo", "--walk", "--device-memory", "150MiB",
          "--max-attempts", "1", "--runs-dir", str(runs), "--run-id", "live"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     try:

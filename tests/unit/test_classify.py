@@ -68,6 +68,7 @@ def verdict_of(name: str, exit_code: int, *, killed_by_supervisor: bool = False,
     ("ckpt_unusable_bad_member.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
     ("ckpt_unusable_no_weights.txt", 1, VerdictKind.CHECKPOINT_UNUSABLE, None),
     ("nobar_device_budget_oom.txt", 1, VerdictKind.OOM, OomKind.TORCH),
+    ("load_mmap_enomem.txt", 1, VerdictKind.OOM, OomKind.HOST_LOAD),
 ])
 def test_recorded_tails(name: str, exit_code: int, kind: VerdictKind,
                         oom_kind: OomKind | None) -> None:
@@ -413,3 +414,13 @@ def test_the_same_error_outside_a_checkpoint_load_is_fatal() -> None:
     verdict = classify(Outcome(exit_code=1, duration_s=1.0, tail=tail))
     assert verdict.kind is VerdictKind.FATAL
     assert "JSONDecodeError" in str(verdict.evidence)
+
+
+def test_a_model_that_cannot_be_mapped_is_out_of_host_memory() -> None:
+    """`unable to mmap ... Cannot allocate memory` while loading (RLIMIT_AS): an OOM of host
+    memory, not a fatal error, and the verdict says what can still help."""
+    verdict = verdict_of("load_mmap_enomem.txt", 1)
+    assert verdict.kind is VerdictKind.OOM
+    assert verdict.evidence is not None
+    assert verdict.evidence.startswith("host memory ran out while loading the model")
+    assert "unable to mmap 181688528 bytes" in verdict.evidence

@@ -153,3 +153,19 @@ def test_a_deepspeed_command_walks_the_zero_rungs_by_default(tmp_path: Path) -> 
     assert chosen("", "plain.yml") == "default"
     assert chosen("--policy default", "ds.yml") == "default"
     assert chosen("--policy quality-first", "plain.yml") == "quality-first"
+
+
+def test_report_prints_the_final_config(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`report RUN_DIR` of a fitted run says the working config, not "the final config below"
+    with nothing below (tests/data/runs/demo-150: a recorded demo run)."""
+    import shutil  # noqa: PLC0415
+
+    run_dir = tmp_path / "demo-150"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "runs" / "demo-150", run_dir)
+    code, out, _ = run_cli(capsys, "report", str(run_dir))
+    assert code == 0
+    assert "working config: " in out
+    assert "below" not in out
+    assert f"run it again as is: sh {run_dir / 'final-command.sh'}" in out
+    assert out.rstrip().endswith(f"wrote {run_dir / 'report.md'}")

@@ -51,7 +51,8 @@ def test_plain_lines_from_the_journal(tmp_path: Path) -> None:
         "✓ attempt 4 fits after 39.7 s · gradient-checkpointing: full b1x4 cut 1024 ckpt · "
         "peak 95.5 MiB of 150 MiB (64%)")
     assert console.line("transient.retrying", {"attempt": 3, "delay_s": 2.0, "note": None},
-                        "warning") == "warning: transient.retrying attempt=3 delay_s=2"
+                        "warning") == ("warning: attempt 3 failed: the same config runs again in "
+                                   "2.0 s")
 
 
 def test_a_skip_reason_is_said_once_a_run(tmp_path: Path) -> None:
@@ -106,7 +107,7 @@ def test_configs_skipped_in_a_row_are_one_line() -> None:
     first, second = said.split("\n")
     assert first == ("skipped 3 configs without running them, each predicted over the device "
                      "(51-597 MiB): the command as given ... lora; report.md lists each")
-    assert second.startswith("estimate.predicted")
+    assert second == "predicted 3 configs"
     console.line("rung.skipped", {"rung": "lora", "predicted_mib": 60.0, "reason": "why"})
     last = console.line("ladder.exhausted", {"reason": "r"}, "error")
     assert last is not None
@@ -150,3 +151,14 @@ def test_a_checkpoint_passed_over_is_one_line_naming_it_and_why() -> None:
         "reason": "it appeared during attempt 1 but step 99999999 is past the run's 8 steps"})
     assert line == ("  passing over /o/checkpoint-99999999: it appeared during attempt 1 but "
                     "step 99999999 is past the run's 8 steps")
+
+
+def test_marker_lines_never_become_the_live_line(tmp_path: Path) -> None:
+    """`oom-supervisor.peak {...}` at the end of the log: the live line shows the program's
+    own last line before it."""
+    from supervisor.console import last_output_line  # noqa: PLC0415
+
+    (tmp_path / "stdout.log").write_text(
+        'step 3 loss 1.2\noom-supervisor.inject {"limit_mib": 70}\n'
+        'oom-supervisor.peak {"peak_mib": 47.9, "device": "cpu"}\n', encoding="utf-8")
+    assert last_output_line(tmp_path) == "step 3 loss 1.2"

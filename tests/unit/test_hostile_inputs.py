@@ -310,7 +310,7 @@ def test_the_echo_never_blocks_on_a_console_that_does_not_read() -> None:
                 continue
             got += chunk
             quiet_since = time.monotonic()
-        said = sum(int(n) for n in re.findall(rb"(\d+) line\(s\) of output not echoed", got))
+        said = sum(int(n) for n in re.findall(rb"(\d+) lines? of output not echoed", got))
         assert said == writer.dropped_total
         assert got.count(line) + writer.dropped_total == 30_000
     finally:

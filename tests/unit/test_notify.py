@@ -47,7 +47,7 @@ def test_a_hanging_command_is_ended_with_its_children(tmp_path: Path) -> None:
 def test_cli_notify_is_journaled_and_never_changes_the_exit_code(tmp_path: Path) -> None:
     """A demo that exhausts its budget (exit 3) with a failing notify: still 3, journaled."""
     proc = subprocess.run(  # noqa: S603 - our own CLI, the real reference trainer
-        [sys.executable, "-m", "supervisor", "demo", "--device-memory", "150MiB",
+        [sys.executable, "-m", "supervisor", "demo", "--walk", "--device-memory", "150MiB",
          "--max-attempts", "1", "--runs-dir", str(tmp_path), "--run-id", "n",
          "--notify", "cat > got.txt; echo $OOM_SUPERVISOR_EXIT_CODE >> got.txt; exit 9"],
         capture_output=True, text=True, check=False, timeout=600, cwd=tmp_path)
@@ -55,7 +55,7 @@ def test_cli_notify_is_journaled_and_never_changes_the_exit_code(tmp_path: Path)
     # It ran where oom-supervisor was started: a relative path lands there, not in the run folder.
     assert not (tmp_path / "n" / "got.txt").exists()
     got = (tmp_path / "got.txt").read_text()
-    assert got.startswith("oom-supervisor: ladder exhausted after 1 attempt(s)")
+    assert got.startswith("oom-supervisor: ladder exhausted after 1 attempt ")
     assert got.endswith("\n3\n")
     assert "--notify exited 9 (the run's exit code is unchanged: 3)" in proc.stderr
     state, _ = load(tmp_path / "n")
@@ -63,3 +63,43 @@ def test_cli_notify_is_journaled_and_never_changes_the_exit_code(tmp_path: Path)
     assert len(notified) == 1
     assert notified[0].exit_code == 9  # type: ignore[attr-defined]
     assert "Notified with `cat > got.txt" in (tmp_path / "n" / "report.md").read_text()
+
+
+def test_its_output_goes_to_notify_log_and_its_last_lines_to_the_journal(tmp_path: Path) -> None:
+    """A user debugging a mail hook sees what it said: all of it in <run>/notify.log, the last
+    lines in the event (and so in report.md); a second notify appends."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    got = notify.run("for i in 1 2 3 4 5 6 7; do echo line $i; done; echo oops >&2; exit 2",
+                     exit_code=0, run_dir=run_dir, summary="fitted", cwd=tmp_path)
+    assert got.exit_code == 2
+    assert got.output == ("line 4", "line 5", "line 6", "line 7", "oops")
+    assert got.error == "exited 2: line 4 line 5 line 6 line 7 oops"
+    log = run_dir / "notify.log"
+    assert log.read_text().splitlines() == [*(f"line {i}" for i in range(1, 8)), "oops"]
+    again = notify.run("echo second", exit_code=0, run_dir=run_dir, summary="fitted",
+                       cwd=tmp_path)
+    assert again.output == ("second",)
+    assert log.read_text().endswith("oops\nsecond\n")
+
+
+def test_the_report_shows_the_notify_commands_last_lines() -> None:
+    """report.md: the command, its result, its last lines, where the rest is."""
+    from supervisor.report import render_markdown  # noqa: PLC0415
+
+    data_dir = Path(__file__).resolve().parents[1] / "data" / "runs" / "demo-150"
+    from supervisor.events import (  # noqa: PLC0415
+        Notified,
+        from_record,
+        replay_events,
+    )
+    from supervisor.journal import read  # noqa: PLC0415
+    from supervisor.report import build  # noqa: PLC0415
+
+    events = [from_record(r) for r in read(data_dir / "journal.jsonl").records]
+    events.append(Notified(command="mail me", exit_code=1, error="exited 1: no route",
+                           output=("connecting", "no route")))
+    text = render_markdown(build(replay_events(events)))
+    assert "Notified with `mail me`: exit code 1." in text
+    assert "```text\nconnecting\nno route\n```" in text
+    assert "notify.log" in text

@@ -124,18 +124,18 @@ def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
     assert (knobs.finetuning_type, knobs.gradient_checkpointing, knobs.cutoff_len) == (
         FinetuningType.LORA, True, 512)
     assert first.effective_batch == 8
-    assert first.seed_mib == pytest.approx(5_261_568 * 10 / 2**20)
+    assert first.rule_mib == pytest.approx(5_261_568 * 10 / 2**20)
 
     table = render(plan)
     assert table.startswith("model tiny (5.3M params); device 70 MiB, safety margin 10%")
     assert f"recommended first config: #{plan.recommended + 1} " in table
     words = " ".join(table.split())  # lines wrap at 100 columns
-    assert "seed rule: the seed article's rule of thumb" in words
+    assert "rule of thumb: LLaMA-Factory's community rule" in words
     assert "x 20 B (full), x 10 (LoRA), x 6 (freeze)" in words
     assert "full 100 MiB, lora 50 MiB, freeze 30 MiB" in words
     assert "~ marks the analytic fallback" in table
     assert all(len(line) <= 100 for line in table.splitlines()), table
-    # Each lever alone on the start, by what it saves on this model, the seed's word beside.
+    # Each lever alone on the start, by what it saves on this model, the guide's word beside.
     names = [lever.name for lever in plan.levers]
     assert names == ["bf16 mixed precision", "LoRA + checkpointing", "QLoRA (4-bit) + ckpt",
                      "ZeRO-2 + CPU offload", "cutoff 1024 -> 512"]
@@ -145,7 +145,7 @@ def test_plan_recommends_the_first_config_that_fits_with_the_margin() -> None:
         assert lever.prediction is not None
         assert lever.prediction.peak_mib < start.peak_mib, lever.name
         assert f"{lever.name}  " in table
-    assert "seed: LoRA ~ params x 10 B" in words
+    assert "LLaMA-Factory guide: LoRA ~ params x 10 B" in words
     assert "precision not given: assumed fp32" in words
 
 
@@ -200,7 +200,7 @@ def test_next_runnable_skips_configs_predicted_far_over_and_says_why() -> None:
     assert (step.knobs.per_device_batch, step.knobs.grad_accum, step.rung) == (1, 4,
                                                                                 "smaller-batch")
     assert [(s.knobs.per_device_batch, s.rung) for s in skips] == [(4, None), (2, "smaller-batch")]
-    assert skips[0].reason == "predicted 400 MiB (fake) > 70 MiB device"  # the policy's 0 %
+    assert skips[0].reason == "predicted 400 MiB (FakeTensor trace) > 70 MiB device"  # policy: 0 %
     assert all(isinstance(s, Skip) and s.attempt.number == 0 for s in skips)
     assert skips[1].attempt.verdict.evidence == f"skipped: {skips[1].reason}"
 
@@ -309,4 +309,17 @@ def test_plan_breaks_the_start_down_with_the_dtype_of_each_part() -> None:
     words = " ".join(render(build(DEMO, resolve("default"), spec, 70, predict=predict,
                                   can_set=without_bnb)).split())
     assert "gradients 20 MiB (fp32, assumed)" in words
-    assert "rule of thumb (shared/seed), not a prediction" in words
+    assert '如何选择最佳的微调方法"), not a prediction' in words
+
+
+def test_zero_rungs_are_named() -> None:
+    """The multi-GPU ladder's ZeRO rungs read as ZeRO stages and offload, once each, not as
+    `speed: 3, 3`."""
+    ladder = resolve("multi-gpu")
+    start = dataclasses.replace(DEMO, deepspeed_stage=0, deepspeed_offload=False, world_size=2)
+    zero3 = dataclasses.replace(start, deepspeed_stage=3, deepspeed_offload=True)
+    assert [(str(c), what) for c, what in costs(zero3, start, ladder)] == [
+        ("speed", "ZeRO-3"), ("speed", "ZeRO offload to CPU")]
+    zero2 = dataclasses.replace(start, deepspeed_stage=2)
+    assert [what for _, what in costs(zero2, dataclasses.replace(start, deepspeed_stage=1),
+                                      ladder)] == ["ZeRO-2 (was ZeRO-1)"]

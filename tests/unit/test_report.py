@@ -162,3 +162,18 @@ def test_lora_learning_rate_advice_only_where_the_rate_is_below_the_lora_range()
     assert not any("usually wants a higher learning rate" in n for n in high)
     assert any("learning rate (1e-05) and other" in n and "higher learning rate" in n
                for n in low)
+
+
+@pytest.mark.parametrize(("numbers", "expected"), [
+    ({"tried_mib": 20.0, "allocated_mib": 60.0}, ">= 80.0 MiB of 70.0 MiB"),
+    ({"tried_mib": 20.0}, "tried 20.0 MiB of 70.0 MiB"),
+    ({"capacity_mib": 70.0, "free_mib": 1.0}, "capacity 70.0 MiB of 70.0 MiB"),
+])
+def test_status_gives_the_figures_report_md_gives(numbers: dict[str, float],
+                                                  expected: str) -> None:
+    """status's short memory words carry the OOM's figures wherever report.md shows some."""
+    from supervisor.report import memory_words, need_mib  # noqa: PLC0415
+
+    row = {"verdict": "oom", "numbers": numbers, "need_mib": need_mib(numbers, None)}
+    assert memory_words(row, 70.0, short=True) == expected
+    assert memory_words(row, 70.0, short=True) != "oom"

@@ -370,7 +370,7 @@ def test_the_summary_names_the_prediction_when_it_is_over_a_tenth_of_the_run(
 
     head = summary({"status": "fitted", "attempts": [{}], "oom_verdicts": 0,
                     "duration_s": 20.0, "estimate_s": estimate_s}, tmp_path)[0]
-    assert head.startswith("oom-supervisor: fitted after 1 attempt(s) (0 out of memory) in ")
+    assert head.startswith("oom-supervisor: fitted after 1 attempt (0 out of memory) in ")
     assert ("5.2 s of it predicting memory" in head) is said
 
 

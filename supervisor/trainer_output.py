@@ -28,6 +28,11 @@ from supervisor import device_memory
 # tqdm's frame: "  40%|████      | 96/240 [03:10<04:45,  1.98s/it]". Only bars without a
 # description (the Trainer's training bar has none; "Writing model shards: 1/1 [" has one).
 _TQDM = re.compile(rb"(?:^|[\r\n])[ \t]*\d{1,3}%\|[^|\r\n]{0,400}\|[ \t]*(\d+)/(\d+) \[")
+# Any tqdm/rich-style frame's counter ("Evaluating:  40%|████   | 4/10 ["), and how a chunk
+# splits into frames (tqdm redraws with \r).
+_COUNTER = re.compile(rb"\|[ \t]*(\d+)/(\d+)[ \t]*\[")
+_PIECES = re.compile(rb"[\r\n]")
+_MAX_BARS = 64
 # LLaMA-Factory's LogCallback line: {'current_steps': 12, 'total_steps': 240, ...}
 _LF_STEPS = re.compile(rb"""['"]current_steps['"]:\s*(\d+),\s*['"]total_steps['"]:\s*(\d+)""")
 # An HF Trainer log dict: training has begun even where no step number is printed.
@@ -160,16 +165,21 @@ class Tracker:
         self.last_output: float | None = None
         self.longest_gap_s = 0.0
         """The longest silence between two outputs since training began."""
+        self.counters: dict[bytes, bytes] = {}
+        """Each progress bar's last counter, by its description and total: a frame whose
+        counter did not move is a redraw, not progress."""
         self.ended = False
         """The trainer said its training loop is over (the last step, or its final metrics):
         saving the model and exiting are not steps, and may be silent for long."""
 
-    def feed(self, chunk: bytes, *, timed: bool = True, at: float | None = None) -> None:
-        """One chunk of output (any stream)."""
+    def feed(self, chunk: bytes, *, timed: bool = True, at: float | None = None) -> bool:
+        """One chunk of output (any stream). True when it is progress: anything but a progress
+        frame redrawn with a counter that did not move (a frozen bar is silence)."""
         now = (at if at is not None else self.clock()) if timed else None
         found = _last_step(chunk)
         with self.lock:
-            if now is not None:
+            moved = self._moved(chunk)
+            if now is not None and moved:
                 if self.began and self.last_output is not None:
                     self.longest_gap_s = max(self.longest_gap_s, now - self.last_output)
                 self.last_output = now
@@ -182,6 +192,30 @@ class Tracker:
                 self._began(now)
             if b"train_runtime" in chunk or (self.total and self.step == self.total):
                 self.ended = True
+        return moved
+
+    def _moved(self, chunk: bytes) -> bool:
+        """Whether a chunk says something new. Cheap for chunks with no bar in them."""
+        if b"%|" not in chunk:
+            return True
+        moved = False
+        for piece in _PIECES.split(chunk):
+            text = piece.strip()
+            if not text:
+                continue
+            if b"%|" not in text:
+                if not (text.endswith(b"]") and b"<" in text):  # not the tail of a torn frame
+                    return True
+                continue
+            counter = _COUNTER.search(text)
+            if counter is None:
+                continue  # the head of a torn frame
+            key = text[:text.index(b"%|")].rstrip(b"0123456789 \t")[-80:] + b"/" + counter[2]
+            if self.counters.get(key) != counter[1]:
+                if len(self.counters) < _MAX_BARS or key in self.counters:
+                    self.counters[key] = counter[1]
+                moved = True
+        return moved
 
     def _at_step(self, step: int, now: float | None) -> None:
         if step > 0:

@@ -37,6 +37,8 @@ STACKS_INTERVAL_ENV = "OOM_SUPERVISOR_STACKS_S"
 """How often the injected sampler looks at the main thread (seconds)."""
 STACKS_DIR = "stacks"
 """The sampler's folder inside the attempt folder: one `<pid>.json` per Python process."""
+SAMPLES_FILE = "liveness-samples.jsonl"
+"""Every sample taken during the attempt's silences, with the limit and the judgment."""
 STATUS_FILE = "liveness.json"
 """Written into the attempt folder during a silence: what the trainer seems to be doing."""
 

@@ -695,9 +695,14 @@ def _extend_watchdog(live: _Live) -> None:
         if done.verdict != str(VerdictKind.HANG):
             hangs.clear()  # only a streak of hangs in a row
             continue
-        step = (done.progress or {}).get("step")
-        hangs.append((step if isinstance(step, int) else None,
-                      _extended_limit(state.events, record.number)))
+        seen = done.progress or {}
+        step, gap = seen.get("step"), seen.get("longest_gap_s")
+        # The limit it was judged under: the learnt one (factor x its longest gap, never under
+        # the floor), a fixed one, or one a recurrence already made longer.
+        limit = max(live.ladder.stall_floor_s, live.ladder.stall_timeout_s or 0.0,
+                    live.ladder.stall_factor * gap if isinstance(gap, int | float) else 0.0,
+                    _extended_limit(state.events, record.number) or 0.0)
+        hangs.append((step if isinstance(step, int) else None, limit))
     grown = liveness.grown_limit(live.ladder.stall_floor_s, hangs,
                                  factor=live.ladder.repeat_factor)
     if grown is not None:

@@ -501,6 +501,8 @@ class _Evidence:
         self.silent = False
         self.said: str | None = None
         self.said_at = 0.0
+        self.record = spec.log_dir / liveness.SAMPLES_FILE
+        self.recorded = 0
 
     def quiet(self) -> None:
         """Output moves: the next silence starts from nothing."""
@@ -526,6 +528,12 @@ class _Evidence:
                                  files_where=where, gpu_busy=gpu_busy,
                                  stacks=self._stacks(set(pids), now))
         reading = self.judge.observe(sample, limit_s)
+        if self.recorded < _RECORD_SAMPLES:
+            # What the judgment rested on, kept in the attempt folder (tests/data replays it).
+            self.recorded += 1
+            with contextlib.suppress(OSError), self.record.open("a", encoding="utf-8") as out:
+                out.write(json.dumps({"limit_s": round(limit_s, 2), "state": str(reading.state),
+                                      **sample.to_record()}) + "\n")
         sentence = reading.sentence()
         wall = time.time()
         if reading.state is not liveness.State.ALIVE and (
@@ -596,6 +604,8 @@ class _Evidence:
 
 
 _MAX_STACKS = 256
+_RECORD_SAMPLES = 3000
+"""Samples kept per attempt (about 100 min of silence at one sample every 2 s)."""
 _WALK_ENTRIES = 20_000
 _WALK_DEPTH = 6
 

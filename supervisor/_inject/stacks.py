@@ -23,8 +23,10 @@ FOLDER_ENV = "OOM_SUPERVISOR_STACKS"
 INTERVAL_ENV = "OOM_SUPERVISOR_STACKS_S"
 _DEPTH = 8
 """Innermost frames kept: enough to name the phase (evaluation_loop) above the call it is in."""
-_RECENT = 4
-"""A position seen in the last this many samples is not a move (a loop between two lines)."""
+_RECENT = 32
+"""A position among the last this many new ones is not a move: a loop that cycles through a
+few lines (a monitor polling, a display redrawing) stays where it is; a model's forward, a
+tokeniser, an evaluation goes through far more."""
 
 
 def _frames(frame: object, depth: int) -> list[list[object]]:
@@ -44,6 +46,9 @@ def _sample_forever(folder: str, interval_s: float) -> None:
     path = os.path.join(folder, f"{pid}.json")  # noqa: PTH118 - os.path is cheap at start-up
     recent: deque[tuple[object, ...]] = deque(maxlen=_RECENT)
     frame = None
+    time.sleep(interval_s)
+    if sys.argv and sys.argv[0].endswith("_wrap.py"):
+        return  # the supervisor's own shim: it carries the environment, not the training
     while True:
         try:
             frame = sys._current_frames().get(main or 0)  # noqa: SLF001 - the documented way
@@ -57,8 +62,8 @@ def _sample_forever(folder: str, interval_s: float) -> None:
                 recent.append(where)
                 innermost = frames[-1] if frames else None
                 if innermost is not None:
-                    text = linecache.getline(str(innermost[0]), int(innermost[1])).strip()  # type: ignore[call-overload]
-                    innermost.append(text[:200])
+                    text = linecache.getline(str(innermost[0]), int(innermost[1]))  # type: ignore[call-overload]
+                    innermost.append(text.split("  #", 1)[0].strip()[:200])
                 record = {"pid": pid, "moved_at": now, "sampled_at": now, "frames": frames,
                           "argv0": (sys.argv[0] if sys.argv else "")[-200:]}
                 temporary = f"{path}.tmp"

@@ -270,10 +270,11 @@ class Judge:
 
     def observe(self, sample: Sample, limit_s: float) -> Reading:
         """The judgment now, given the silence limit that applies now."""
-        last, self._last = self._last, sample
-        if last is not None and sample.progress_at > last.progress_at:
-            self._work_at.clear()
-            self._work_said.clear()
+        last = self._last
+        if last is not None and sample.progress_at != last.progress_at:
+            self.reset()  # output moved in between: a new silence, judged afresh
+            last = None
+        self._last = sample
         silent_s = max(0.0, sample.at - sample.progress_at)
         self._note_work(last, sample)
         stacks = sample.stacks

@@ -33,6 +33,14 @@ _TQDM = re.compile(rb"(?:^|[\r\n])[ \t]*\d{1,3}%\|[^|\r\n]{0,400}\|[ \t]*(\d+)/(
 _COUNTER = re.compile(rb"\|[ \t]*(\d+)/(\d+)[ \t]*\[")
 _PIECES = re.compile(rb"[\r\n]")
 _MAX_BARS = 64
+_SHORT = 256
+
+
+def _is_tail(text: bytes) -> bool:
+    """The end of a progress frame torn from its head (`05<00:35, 1.0it/s]`)."""
+    return text.endswith(b"]") and b"<" in text and b"\n" not in text
+
+
 # LLaMA-Factory's LogCallback line: {'current_steps': 12, 'total_steps': 240, ...}
 _LF_STEPS = re.compile(rb"""['"]current_steps['"]:\s*(\d+),\s*['"]total_steps['"]:\s*(\d+)""")
 # An HF Trainer log dict: training has begun even where no step number is printed.
@@ -176,9 +184,17 @@ class Tracker:
         """One chunk of output (any stream). True when it is progress: anything but a progress
         frame redrawn with a counter that did not move (a frozen bar is silence)."""
         now = (at if at is not None else self.clock()) if timed else None
-        found = _last_step(chunk)
+        bar = b"%|" in chunk
+        found = _last_step(chunk, bar=bar)
         with self.lock:
-            moved = self._moved(chunk)
+            # A step that advances is progress at once (a flood of frames stays cheap).
+            if (found is not None and (self.step is None or found[0] > self.step)
+                    and (self.total is None or found[1] == self.total)):
+                moved = True
+                # The training bar has no description: its key is its total alone.
+                self.counters[b"/%d" % found[1]] = b"%d" % found[0]
+            else:
+                moved = self._moved(chunk, bar=bar)
             if now is not None and moved:
                 if self.began and self.last_output is not None:
                     self.longest_gap_s = max(self.longest_gap_s, now - self.last_output)
@@ -194,17 +210,19 @@ class Tracker:
                 self.ended = True
         return moved
 
-    def _moved(self, chunk: bytes) -> bool:
+    def _moved(self, chunk: bytes, *, bar: bool) -> bool:
         """Whether a chunk says something new. Cheap for chunks with no bar in them."""
-        if b"%|" not in chunk:
-            return True
+        if not bar:
+            # A bare `\r` or newline (a redraw's carriage return, written on its own) says
+            # nothing new; a torn frame's tail neither.
+            return not (len(chunk) < _SHORT and (not chunk.strip() or _is_tail(chunk.strip())))
         moved = False
         for piece in _PIECES.split(chunk):
             text = piece.strip()
             if not text:
                 continue
             if b"%|" not in text:
-                if not (text.endswith(b"]") and b"<" in text):  # not the tail of a torn frame
+                if not _is_tail(text):
                     return True
                 continue
             counter = _COUNTER.search(text)
@@ -264,10 +282,10 @@ class Tracker:
                     "began_at": self.began_at, "longest_gap_s": round(self.longest_gap_s, 2)}
 
 
-def _last_step(chunk: bytes) -> tuple[int, int] | None:
+def _last_step(chunk: bytes, *, bar: bool = True) -> tuple[int, int] | None:
     """The last (step, total) a chunk of output reports, if any (cheap when it reports none)."""
     found: tuple[int, int] | None = None
-    if b"%|" in chunk:
+    if bar and b"%|" in chunk:
         for match in _TQDM.finditer(chunk):
             found = (int(match.group(1)), int(match.group(2)))
     if b"current_steps" in chunk:

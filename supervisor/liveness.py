@@ -387,17 +387,23 @@ def grown_limit(floor_s: float, hangs_at_step: Iterable[tuple[int | None, float 
     """A hang that recurs at the same step: the next attempt's silence limit grows.
 
     `hangs_at_step`: (step, limit) of each hang of the current streak, oldest first. When the
-    last two hung at the same step, the limit becomes `factor` times the larger of the last
-    limit and the floor (a deterministic slow phase costs one retry, not the night); None when
-    nothing recurs. Returns (limit, step).
+    last two hung at the same step, the limit becomes `factor` times the largest limit those
+    hangs at that step were judged under (and never less than `factor` x the floor): a
+    deterministic slow phase costs retries, not the night. None when nothing recurs.
+    Returns (limit, step).
     """
     hangs = list(hangs_at_step)
     if len(hangs) < 2 or factor <= 1:  # noqa: PLR2004
         return None
-    (before, _), (step, limit) = hangs[-2], hangs[-1]
-    if step is None or before != step:
+    step = hangs[-1][0]
+    if step is None or hangs[-2][0] != step:
         return None
-    return factor * max(limit or 0.0, floor_s), step
+    same: list[float] = []
+    for at, limit in reversed(hangs):
+        if at != step:
+            break
+        same.append(limit or 0.0)
+    return factor * max(*same, floor_s), step
 
 
 # --- the injected sampler: which attempts get it ---------------------------------------------

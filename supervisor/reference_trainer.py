@@ -449,6 +449,7 @@ def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa:
     class Night(TrainerCallback):
         def __init__(self) -> None:
             self.began = time.monotonic()
+            self.evaluating = False
 
         def on_step_begin(self, *_: Any, **__: Any) -> None:  # noqa: ANN401 - HF's signature
             self.began = time.monotonic()
@@ -472,9 +473,14 @@ def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa:
                 msg = "The connection to the C10d store has failed. See inner exception."
                 raise RendezvousConnectionError(msg)
 
-        def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: ANN401, ARG002
-            if eval_s:
-                _burn(eval_s / _EVAL_SAMPLES)
+        def on_prediction_step(self, *_: Any, **__: Any) -> None:  # noqa: ANN401 - HF's signature
+            # All of it in the first batch: the evaluation's bar (if any) says 1/N, then nothing.
+            if eval_s and not self.evaluating:
+                self.evaluating = True
+                _burn(eval_s)
+
+        def on_evaluate(self, *_: Any, **__: Any) -> None:  # noqa: ANN401 - HF's signature
+            self.evaluating = False
 
     return Night() if faults or step_s or eval_s else None
 

@@ -202,8 +202,10 @@ def test_the_liveness_table_parses_and_checks_its_values() -> None:
 @pytest.mark.parametrize(("hangs", "expected"), [
     ([(7, 11.0)], None),                      # once: a hang, retried as one
     ([(7, 11.0), (7, 11.0)], (44.0, 7)),      # again at the same step: 4x the limit
+    ([(7, 12.0), (7, 8.0)], (48.0, 7)),       # the larger of the two limits
     ([(5, 11.0), (7, 11.0)], None),           # a different step: two hangs
     ([(7, 11.0), (7, 44.0)], (176.0, 7)),     # and again: it keeps growing
+    ([(7, 0.1), (7, 0.1)], (8.0, 7)),         # never under 4x the floor
     ([(None, 11.0), (None, 11.0)], None),     # no step known: nothing to compare
 ])
 def test_a_hang_recurring_at_the_same_step_grows_the_limit(

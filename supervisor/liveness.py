@@ -261,12 +261,14 @@ class Judge:
     _last: Sample | None = None
     _work_at: dict[str, float] = field(default_factory=dict)
     _work_said: dict[str, str] = field(default_factory=dict)
+    _moves: dict[int, set[float]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Output moved again: evidence of the last silence says nothing of the next."""
         self._last = None
         self._work_at.clear()
         self._work_said.clear()
+        self._moves.clear()
 
     def observe(self, sample: Sample, limit_s: float) -> Reading:
         """The judgment now, given the silence limit that applies now."""
@@ -278,7 +280,13 @@ class Judge:
         silent_s = max(0.0, sample.at - sample.progress_at)
         self._note_work(last, sample)
         stacks = sample.stacks
-        moving = [s for s in stacks if s.moved_at > sample.progress_at
+        for stack in stacks:
+            if stack.moved_at > sample.progress_at:
+                # Rounded: a wall time carried onto the monotonic clock jitters by microseconds.
+                self._moves.setdefault(stack.pid, set()).add(round(stack.moved_at, 1))
+        # Moving: somewhere new at least twice since the output stopped (a thread that went
+        # once into a sleep or a wait and stays there has not moved), the last time lately.
+        moving = [s for s in stacks if len(self._moves.get(s.pid, ())) >= 2  # noqa: PLR2004
                   and sample.at - s.moved_at <= limit_s]
         if moving:
             newest = max(moving, key=lambda s: s.moved_at)

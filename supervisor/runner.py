@@ -501,6 +501,7 @@ class _Evidence:
         self.silent = False
         self.said: str | None = None
         self.said_at = 0.0
+        self.shift = time.time() - time.monotonic()
         self.record = spec.log_dir / liveness.SAMPLES_FILE
         self.recorded = 0
 
@@ -526,7 +527,7 @@ class _Evidence:
         sample = liveness.Sample(at=now, progress_at=progress_at, cpu_s=cpu_s,
                                  io_bytes=io_bytes, files_changed=files_changed,
                                  files_where=where, gpu_busy=gpu_busy,
-                                 stacks=self._stacks(set(pids), now))
+                                 stacks=self._stacks(set(pids)))
         reading = self.judge.observe(sample, limit_s)
         if self.recorded < _RECORD_SAMPLES:
             # What the judgment rested on, kept in the attempt folder (tests/data replays it).
@@ -536,8 +537,9 @@ class _Evidence:
                                       **sample.to_record()}) + "\n")
         sentence = reading.sentence()
         wall = time.time()
-        if reading.state is not liveness.State.ALIVE and (
+        if reading.state is liveness.State.WORKING and (
                 self.said is None or wall - self.said_at > 60.0):  # noqa: PLR2004
+            # Past the limit but working: said once a minute (a hang is said by its verdict).
             log.info("attempt.silent", sentence=sentence, judged=str(reading.state))
             self.said, self.said_at = sentence, wall
         self._write({"state": str(reading.state), "at": wall, "sentence": sentence,
@@ -577,10 +579,10 @@ class _Evidence:
         where = walked[3] if changed else None
         return changed, where
 
-    def _stacks(self, pids: set[int], now: float) -> tuple[liveness.Stack, ...]:
+    def _stacks(self, pids: set[int]) -> tuple[liveness.Stack, ...]:
         if not self.settings.stacks:
             return ()
-        shift = time.time() - now  # the sampler writes wall times; the judge reads monotonic
+        shift = self.shift  # the sampler writes wall times; the judge reads monotonic ones
         found = []
         with contextlib.suppress(OSError):
             for entry in sorted(os.scandir(self.stacks_dir), key=lambda e: e.name)[:_MAX_STACKS]:

@@ -221,7 +221,7 @@ def test_a_hung_collective_is_caught_with_its_frame(tmp_path: Path) -> None:
 
 def test_a_hang_that_recurs_at_the_same_step_gets_a_longer_limit(tmp_path: Path) -> None:
     """A 30 s pause with no sign of work after step 7, at every attempt (a slow phase the
-    evidence cannot see): hung at step 7 twice, then the next attempt's limit grows 4x (the
+    evidence cannot see): hung at the same step twice, then the next attempt's limit grows 4x (the
     journal says so) and the run fits: the slow phase costs retries, not the night."""
     ladder = scaled_default(max_delay_s=300)
     code, journal = _reference(tmp_path, ladder, "--max_steps", "9", "--save_steps", "4",
@@ -230,9 +230,13 @@ def test_a_hang_that_recurs_at_the_same_step_gets_a_longer_limit(tmp_path: Path)
     assert code is ExitCode.FITTED
     finished = _finished(journal)
     assert [e["verdict"] for e in finished] == ["hang", "hang", "fits"]
-    assert [e["progress"]["step"] for e in finished[:2]] == [7, 7]
+    # The bar's last frame before the pause (the Trainer's bar is drawn after the callbacks
+    # of a step, so it may still say 6).
+    steps = [e["progress"]["step"] for e in finished[:2]]
+    assert steps[0] == steps[1]
+    assert steps[0] in (6, 7)
     extended = [e for e in journal if e["event"] == "watchdog.extended"]
-    assert [(e["attempt"], e["step"]) for e in extended] == [(3, 7)]
+    assert [(e["attempt"], e["step"]) for e in extended] == [(3, steps[0])]
     assert extended[0]["limit_s"] > 30
     report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     assert "hung at step" in report

@@ -254,3 +254,26 @@ def test_sm_utilisation_of_the_tree_is_activity() -> None:
     assert probe.utilization() == {10: 0, 11: 37}
     assert gpu.activity(probe, [11], {11: 1024})[0] is True
     assert gpu.activity(probe, [10], {10: 1024})[0] is False
+
+
+# --- what the console says ---------------------------------------------------------------------
+
+def test_the_console_says_a_working_silence_in_a_sentence(tmp_path: Path) -> None:
+    """A silence past the limit, judged working: one line in words; the live line reads the
+    runner's liveness.json while it is fresh, and not for a short pause between steps."""
+    from supervisor.console import Console, liveness_line  # noqa: PLC0415
+
+    sentence = ("evaluating: no output for 3 min, CPU busy (97 % of a core), stack moving in "
+                "`evaluation_loop` (trainer.py:4570)")
+    line = Console(live=False).line("attempt.silent", {"sentence": sentence,
+                                                       "judged": "working"})
+    assert line == f"  {sentence}: working, not a hang"
+    status = tmp_path / liveness.STATUS_FILE
+    now = time.time()
+    status.write_text(json.dumps({"state": "working", "at": now, "sentence": sentence,
+                                  "silent_s": 180.0}), encoding="utf-8")
+    assert liveness_line(tmp_path, now=now + 1) == sentence
+    assert liveness_line(tmp_path, now=now + 60) is None  # stale: the runner moved on
+    status.write_text(json.dumps({"state": "alive", "at": now, "sentence": "no output for 4 s",
+                                  "silent_s": 4.0}), encoding="utf-8")
+    assert liveness_line(tmp_path, now=now + 1) is None

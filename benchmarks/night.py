@@ -23,7 +23,8 @@ faster in a time-scaled night).
 
     .venv/bin/python benchmarks/night.py            # ~15 min; all five runs at once
     NIGHT_ONLY=supervised .venv/bin/python benchmarks/night.py
-    NIGHT_ONLY=evaluating .venv/bin/python benchmarks/night.py   # ~11 min, ~4 CPU-minutes
+    NIGHT_ONLY=evaluating .venv/bin/python benchmarks/night.py   # ~13 min, ~6 CPU-minutes
+    NIGHT_ONLY=evaluating NIGHT_STEPS=110 .venv/bin/python benchmarks/night.py  # two evaluations
 
 A second night, `evaluating`: the same command with no accident but an evaluation every 50
 steps that prints nothing for NIGHT_EVAL_S seconds of real CPU work (30 by default: 12 steps
@@ -53,7 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SCALE = 60
-STEPS, SAVE, STEP_S = 240, 20, 2.5
+STEPS, SAVE, STEP_S = int(os.environ.get("NIGHT_STEPS", "240")), 20, 2.5
 FAULTS = "longer@71,hang@110,transient@150"
 HUP_AT_S, KILL_AT_S, DOWN_S = 150.0, 420.0, 10.0
 TRAINER = [PY, "-m", "supervisor.reference_trainer", "--per_device_train_batch_size", "8",

@@ -25,6 +25,7 @@ faster in a time-scaled night).
     NIGHT_ONLY=supervised .venv/bin/python benchmarks/night.py
     NIGHT_ONLY=evaluating .venv/bin/python benchmarks/night.py   # ~13 min, ~6 CPU-minutes
     NIGHT_ONLY=evaluating NIGHT_STEPS=110 .venv/bin/python benchmarks/night.py  # two evaluations
+    NIGHT_EVIDENCE=false ...   # the same, judged by silence alone (the policy's [liveness])
 
 A second night, `evaluating`: the same command with no accident but an evaluation every 50
 steps that prints nothing for NIGHT_EVAL_S seconds of real CPU work (30 by default: 12 steps
@@ -77,6 +78,8 @@ def _policy(folder: Path) -> Path:
     for key, full in (("max_delay_s", 600), ("release_wait_s", 60)):
         text = text.replace(f"{key} = {full}", f"{key} = {full // SCALE}")
     text = text.replace("stall_floor_s = 120", f"stall_floor_s = {120 / SCALE:g}")
+    if os.environ.get("NIGHT_EVIDENCE") == "false":  # silence alone, as before [liveness]
+        text = text.replace("evidence = true", "evidence = false")
     path = folder / "night.toml"
     path.write_text(text, encoding="utf-8")
     return path

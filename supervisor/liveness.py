@@ -312,8 +312,10 @@ class Judge:
                            stuck_in=_stuck_text(stuck))
         if kinds:
             return Reading(state=State.WORKING, silent_s=silent_s, phase=phase, evidence=recent)
-        stuck_in = _stuck_text(parked[0]) if parked else (
-            _stuck_text(stacks[0]) if stacks else None)
+        # The thread that stopped last is the one that stopped the run (a launcher's agent has
+        # sat in its polling loop since the start).
+        stopped = max(parked or stacks, key=lambda s: s.moved_at) if stacks else None
+        stuck_in = _stuck_text(stopped) if stopped is not None else None
         return Reading(state=State.HUNG, silent_s=silent_s, phase=phase,
                        evidence=_no_work(sample), stuck_in=stuck_in)
 

@@ -277,3 +277,18 @@ def test_the_console_says_a_working_silence_in_a_sentence(tmp_path: Path) -> Non
     status.write_text(json.dumps({"state": "alive", "at": now, "sentence": "no output for 4 s",
                                   "silent_s": 4.0}), encoding="utf-8")
     assert liveness_line(tmp_path, now=now + 1) is None
+
+
+def test_the_frame_named_is_the_one_that_stopped_last_not_the_launcher() -> None:
+    """The recorded collective hang without the rank in all_reduce: torchrun's agent has sat in
+    its polling sleep since the start; the rank that stopped the run is the one named."""
+    judge = Judge()
+    reading = None
+    for line in (DATA / "collective_hang.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        record["stacks"] = [s for s in record["stacks"] if s["frames"][-1][2] != "all_reduce"]
+        reading = judge.observe(Sample.from_record(record), record["limit_s"])
+    assert reading is not None
+    assert reading.is_hung
+    assert reading.stuck_in is not None
+    assert "job.py:16): time.sleep(10**7)" in reading.stuck_in

@@ -34,6 +34,10 @@ _COUNTER = re.compile(rb"\|[ \t]*(\d+)/(\d+)[ \t]*\[")
 _PIECES = re.compile(rb"[\r\n]")
 _MAX_BARS = 64
 _SHORT = 256
+_SHORT_PHASE = 4096
+# An evaluation's metrics (HF: {'eval_loss': ...}) and a save's own lines and bars.
+_PHASE_MARKS = (b"'eval_", b'"eval_', b"Writing model shards", b"Saving model checkpoint",
+                b"Saving checkpoint")
 
 
 def _is_tail(text: bytes) -> bool:
@@ -172,7 +176,15 @@ class Tracker:
         self.began_at: float | None = None
         self.last_output: float | None = None
         self.longest_gap_s = 0.0
-        """The longest silence between two outputs since training began."""
+        """The longest silence between two outputs since training began (its cadence), a
+        silence that ran into or out of an evaluation or a save left out."""
+        self.longest_phase_s = 0.0
+        """The longest silence that ran into or out of an evaluation or a save."""
+        self.in_phase = False
+        """The last output that moved was an evaluation's or a save's (its bar, its metrics):
+        the silence after it gets the phase's own allowance, not the steps' cadence."""
+        self.bar_moved: bytes | None = None
+        """The key of the bar whose counter the last chunk moved (None: no bar moved)."""
         self.counters: dict[bytes, bytes] = {}
         """Each progress bar's last counter, by its description and total: a frame whose
         counter did not move is a redraw, not progress."""
@@ -196,9 +208,15 @@ class Tracker:
             else:
                 moved = self._moved(chunk, bar=bar)
             if now is not None and moved:
+                phase = self._is_phase(chunk, found)
                 if self.began and self.last_output is not None:
-                    self.longest_gap_s = max(self.longest_gap_s, now - self.last_output)
+                    gap = now - self.last_output
+                    if phase or self.in_phase:
+                        self.longest_phase_s = max(self.longest_phase_s, gap)
+                    else:
+                        self.longest_gap_s = max(self.longest_gap_s, gap)
                 self.last_output = now
+                self.in_phase = phase
             if found is not None:
                 step, total = found
                 if self.total is None or total == self.total:
@@ -210,8 +228,20 @@ class Tracker:
                 self.ended = True
         return moved
 
+    def _is_phase(self, chunk: bytes, found: tuple[int, int] | None) -> bool:
+        """An evaluation's or a save's output: its metrics, or a bar that is not the training
+        bar's (an evaluation's bar, `Writing model shards`). Short chunks only: such output is
+        a line or a frame, and a flood must not pay for the search."""
+        if len(chunk) >= _SHORT_PHASE or (found is not None and found[1] == self.total):
+            return False
+        if any(mark in chunk for mark in _PHASE_MARKS):
+            return True
+        return self.total is not None and self.bar_moved is not None \
+            and self.bar_moved != b"/%d" % self.total
+
     def _moved(self, chunk: bytes, *, bar: bool) -> bool:
         """Whether a chunk says something new. Cheap for chunks with no bar in them."""
+        self.bar_moved = None
         if not bar:
             # A bare `\r` or newline (a redraw's carriage return, written on its own) says
             # nothing new; a torn frame's tail neither.
@@ -233,6 +263,7 @@ class Tracker:
                 if len(self.counters) < _MAX_BARS or key in self.counters:
                     self.counters[key] = counter[1]
                 moved = True
+                self.bar_moved = key
         return moved
 
     def _at_step(self, step: int, now: float | None) -> None:
@@ -329,6 +360,11 @@ class Watchdog:
             return self.startup_s, f"{self.startup_s:g} s before the trainer showed its cadence"
         gap = tracker.longest_gap_s
         learnt = self.factor * gap
+        phase = self.factor * tracker.longest_phase_s
+        if tracker.in_phase and phase > max(learnt, self.floor_s):
+            # After an evaluation's or a save's output: that phase's own allowance.
+            return phase, (f"{phase:.0f} s, {self.factor:g}x the longest evaluation or save so "
+                           f"far ({tracker.longest_phase_s:.1f} s)")
         if learnt <= self.floor_s:
             return self.floor_s, (f"{self.floor_s:g} s, the floor (longest gap so far "
                                   f"{gap:.1f} s)")

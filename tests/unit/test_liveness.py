@@ -292,3 +292,28 @@ def test_the_frame_named_is_the_one_that_stopped_last_not_the_launcher() -> None
     assert reading.is_hung
     assert reading.stuck_in is not None
     assert "job.py:16): time.sleep(10**7)" in reading.stuck_in
+
+
+def test_an_evaluation_is_its_own_allowance_not_the_steps_cadence() -> None:
+    """The HF Trainer's own lines with the bar off (recorded stdout), each at the time it says
+    it took (a step 1 s, an evaluation its `eval_runtime`): the steps' cadence stays 1 s, the
+    evaluation is its own phase; after an evaluation's line the phase's allowance applies,
+    after the next step the steps' limit again."""
+    from supervisor.trainer_output import Watchdog  # noqa: PLC0415
+
+    lines = (DATA / "eval_bar_off_stdout.txt").read_text(encoding="utf-8").splitlines()
+    tracker = Tracker()
+    now = 0.0
+    for line in lines[:10]:
+        took = re.search(r"'eval_runtime': '([\d.]+)'", line)
+        now += float(took[1]) if took else 1.0
+        tracker.feed(line.encode() + b"\n", at=now)
+    assert tracker.longest_gap_s == pytest.approx(1.0)
+    assert tracker.longest_phase_s == pytest.approx(20.3)
+    watchdog = Watchdog(floor_s=2.0)
+    after_eval = watchdog.limit(tracker)
+    assert after_eval is not None
+    assert after_eval[0] == pytest.approx(203.0)
+    assert "evaluation or save" in after_eval[1]
+    tracker.feed(lines[5].encode() + b"\n", at=now + 1.0)  # a step's line again
+    assert watchdog.limit(tracker) == (10.0, "10 s, 10x the longest gap so far (1.0 s)")

@@ -363,8 +363,8 @@ class Watchdog:
         phase = self.factor * tracker.longest_phase_s
         if tracker.in_phase and phase > max(learnt, self.floor_s):
             # After an evaluation's or a save's output: that phase's own allowance.
-            return phase, (f"{phase:.0f} s, {self.factor:g}x the longest evaluation or save so "
-                           f"far ({tracker.longest_phase_s:.1f} s)")
+            return phase, (f"{phase:.0f} s, {self.factor:g}x the longest gap so far around an "
+                           f"evaluation or a save ({tracker.longest_phase_s:.1f} s)")
         if learnt <= self.floor_s:
             return self.floor_s, (f"{self.floor_s:g} s, the floor (longest gap so far "
                                   f"{gap:.1f} s)")

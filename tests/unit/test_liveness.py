@@ -314,6 +314,6 @@ def test_an_evaluation_is_its_own_allowance_not_the_steps_cadence() -> None:
     after_eval = watchdog.limit(tracker)
     assert after_eval is not None
     assert after_eval[0] == pytest.approx(203.0)
-    assert "evaluation or save" in after_eval[1]
+    assert "longest gap so far around an evaluation or a save" in after_eval[1]
     tracker.feed(lines[5].encode() + b"\n", at=now + 1.0)  # a step's line again
     assert watchdog.limit(tracker) == (10.0, "10 s, 10x the longest gap so far (1.0 s)")

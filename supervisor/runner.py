@@ -392,7 +392,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             looked = now
             # Only during a silence: while output moves, the evidence costs nothing.
             if now - sink.last_output > evidence.every_s:
-                reading = evidence.sample(now, sink.last_output, limit[0])
+                reading = evidence.sample(now, sink.last_output, limit[0],
+                                          step=sink.tracker.step)
             else:
                 evidence.quiet()
                 reading = None
@@ -517,14 +518,15 @@ class _Evidence:
             self.said = None
             self._write({"state": str(liveness.State.ALIVE), "at": time.time()})
 
-    def sample(self, now: float, progress_at: float, limit_s: float) -> liveness.Reading:
+    def sample(self, now: float, progress_at: float, limit_s: float, *,
+               step: int | None = None) -> liveness.Reading:
         """One sample now (monotonic clock), judged."""
         self.silent = True
         pids = [pid for pid in self.tree.known if pid != self.tree.pid]  # not the shim
         cpu_s, io_bytes = self._counters(pids)
         files_changed, where = self._files()
         gpu_busy, self.gpu_held = gpu.activity(self.gpu, pids, self.gpu_held)
-        sample = liveness.Sample(at=now, progress_at=progress_at, cpu_s=cpu_s,
+        sample = liveness.Sample(at=now, progress_at=progress_at, step=step, cpu_s=cpu_s,
                                  io_bytes=io_bytes, files_changed=files_changed,
                                  files_where=where, gpu_busy=gpu_busy,
                                  stacks=self._stacks(set(pids)))

@@ -23,6 +23,14 @@ faster in a time-scaled night).
 
     .venv/bin/python benchmarks/night.py            # ~15 min; all five runs at once
     NIGHT_ONLY=supervised .venv/bin/python benchmarks/night.py
+    NIGHT_ONLY=evaluating .venv/bin/python benchmarks/night.py   # ~13 min, ~6 CPU-minutes
+    NIGHT_ONLY=evaluating NIGHT_STEPS=110 .venv/bin/python benchmarks/night.py  # two evaluations
+    NIGHT_EVIDENCE=false ...   # the same, judged by silence alone (the policy's [liveness])
+
+A second night, `evaluating`: the same command with no accident but an evaluation every 50
+steps that prints nothing for NIGHT_EVAL_S seconds of real CPU work (30 by default: 12 steps
+long, past the ~25 s silence limit the trainer's cadence teaches the watchdog, as a 5-minute
+evaluation is past the limit that 1-second steps teach): no attempt may be lost to it.
 
 Prints a markdown table (docs/benchmarks.md keeps the last one) and writes night.json beside
 the runs. Goodput is taken from each supervised run's report.json (derived from its journal);
@@ -47,7 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SCALE = 60
-STEPS, SAVE, STEP_S = 240, 20, 2.5
+STEPS, SAVE, STEP_S = int(os.environ.get("NIGHT_STEPS", "240")), 20, 2.5
 FAULTS = "longer@71,hang@110,transient@150"
 HUP_AT_S, KILL_AT_S, DOWN_S = 150.0, 420.0, 10.0
 TRAINER = [PY, "-m", "supervisor.reference_trainer", "--per_device_train_batch_size", "8",
@@ -70,20 +78,30 @@ def _policy(folder: Path) -> Path:
     for key, full in (("max_delay_s", 600), ("release_wait_s", 60)):
         text = text.replace(f"{key} = {full}", f"{key} = {full // SCALE}")
     text = text.replace("stall_floor_s = 120", f"stall_floor_s = {120 / SCALE:g}")
+    if os.environ.get("NIGHT_EVIDENCE") == "false":  # silence alone, as before [liveness]
+        text = text.replace("evidence = true", "evidence = false")
     path = folder / "night.toml"
     path.write_text(text, encoding="utf-8")
     return path
 
 
-def supervised(folder: Path, *, accidents: bool) -> dict[str, Any]:
-    """One supervised night; with `accidents`, SIGHUP, SIGKILL and resume on the way."""
+EVAL_STEPS = 50
+EVAL_S = float(os.environ.get("NIGHT_EVAL_S", "30"))
+
+
+def supervised(folder: Path, *, accidents: bool, evaluating: bool = False) -> dict[str, Any]:
+    """One supervised night; with `accidents`, SIGHUP, SIGKILL and resume on the way; with
+    `evaluating`, a silent evaluation every EVAL_STEPS steps."""
     folder.mkdir(parents=True)
     policy = _policy(folder)
+    trainer = [*TRAINER, "--eval_steps", str(EVAL_STEPS)] if evaluating else TRAINER
     argv = [PY, "-m", "supervisor", "--log-format", "json", "run", "--quiet", "--no-estimate",
             "--fresh", "--policy", str(policy), "--runs-dir", str(folder), "--run-id", "night",
-            "--", *TRAINER]
+            "--", *trainer]
     # No accident: the same data, which never gets longer.
     env = _env(FAULTS if accidents else "longer@999999")
+    if evaluating:
+        env["REFERENCE_TRAINER_EVAL_S"] = f"{EVAL_S:g}"
     started = time.monotonic()
     with (folder / "supervisor.log").open("ab") as sink:
         first = subprocess.Popen(argv, stdout=sink, stderr=sink, env=env,  # noqa: S603
@@ -106,7 +124,21 @@ def supervised(folder: Path, *, accidents: bool) -> dict[str, Any]:
                (folder / "night" / "journal.jsonl").read_text().splitlines()]
     return {"wall_s": round(time.monotonic() - started, 1), "status": report["status"],
             "goodput": report["goodput"], "worst_extra": _worst_extra(journal),
-            "accidents": [a["what"] for a in report["goodput"]["accidents"]]}
+            "accidents": [a["what"] for a in report["goodput"]["accidents"]],
+            "attempts": sum(1 for e in journal if e["event"] == "attempt.finished"),
+            "hangs": sum(1 for e in journal if e["event"] == "attempt.finished"
+                         and e["verdict"] == "hang")}
+
+
+def evaluating_night(tmp: Path) -> dict[str, Any]:
+    """The second night alone: a silent evaluation every EVAL_STEPS steps, no accident."""
+    row = supervised(tmp / "evaluating", accidents=False, evaluating=True)
+    samples = tmp / "evaluating" / "night" / "attempts" / "01" / "liveness-samples.jsonl"
+    judged = [json.loads(line)["state"] for line in samples.read_text().splitlines()] \
+        if samples.is_file() else []
+    row["samples_judged_working"] = judged.count("working")
+    row["samples_judged_hung"] = judged.count("hung")
+    return row
 
 
 def _at(started: float, offset_s: float, proc: subprocess.Popen[bytes]) -> None:
@@ -172,6 +204,17 @@ def main() -> None:
         results[name] = fn(tmp / name.replace(" ", "-"), *args, **kwargs)
 
     night_s = STEPS * STEP_S * 1.3
+    if only == "evaluating":
+        row = evaluating_night(tmp)
+        (tmp / "night.json").write_text(json.dumps({"evaluating": row}, indent=2) + "\n")
+        good = row["goodput"]
+        print(f"| oom-supervisor, a silent {EVAL_S:g} s evaluation every {EVAL_STEPS} steps | "
+              f"{row['wall_s']:.0f} s | {good['steps']['kept']} | {good['steps']['trained']} | "
+              f"{100 * good['goodput']:.1f} % | {row['status']}, {row['attempts']} attempt(s), "
+              f"{row['hangs']} hang(s); {row['samples_judged_working']} samples judged "
+              f"working past the limit |")
+        print(f"\n(runs and night.json in {tmp})")
+        return
     threads = [threading.Thread(target=go, args=("ceiling", supervised), kwargs={"accidents": False}),
                threading.Thread(target=go, args=("supervised", supervised),
                                 kwargs={"accidents": True})]

@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import structlog
 
-from supervisor import progress, report
+from supervisor import liveness, progress, report
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.files import open_new, open_regular, read_tail
 from supervisor.journal import load
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # rich is imported where the live line is drawn: on a termina
     from rich.text import Text
 
 _SILENT = frozenset({"attempt.spawned", "final.written", "run.finished", "oom.detected",
-                     "run.stopped"})
+                     "run.stopped", "liveness.hung"})
 """Events the console leaves out: the next line, or the summary, says the same."""
 
 _STYLE = {"fits": "green", "oom": "red", "fatal": "magenta", "transient": "yellow",
@@ -245,6 +245,8 @@ class Console:
             fresh = [s for s in event.get("skipped") or [] if s not in self._said]
             self._said.update(fresh)
             return _step_line({**event, "skipped": fresh})
+        if name == "attempt.silent":
+            return silent_line(event)
         if name in ("speed.compared", "speed.skipped"):
             shown = report.speed_line({**event, "compared": name == "speed.compared"})
             if shown:
@@ -273,7 +275,9 @@ class Console:
                 f"({record.started.rung or 'as given'}): "
                 f"{report.describe_knobs(record.knobs.to_dict())} · {elapsed}")
         text = Text(head, style="" if self.plain else "bold")
-        last = last_output_line(self.run_dir / record.started.log_dir) if self.run_dir else None
+        attempt_dir = self.run_dir / record.started.log_dir if self.run_dir else None
+        doing = liveness_line(attempt_dir, now=self._clock()) if attempt_dir else None
+        last = doing or (last_output_line(attempt_dir) if attempt_dir else None)
         if last:
             text.append(f" · {last}", style="" if self.plain else "dim")
         text.no_wrap = True
@@ -303,6 +307,32 @@ class Console:
         if _is_tty(sys.stdout):
             sys.stdout = _Above(rich, sys.stdout)
         sys.stderr = _Above(rich, sys.stderr)
+
+
+def silent_line(event: Mapping[str, Any]) -> str:
+    """A silence past the limit, in a sentence: working (not a hang) or judged hung."""
+    sentence = str(event.get("sentence") or "silent")
+    if event.get("judged") == "working":
+        return f"  {sentence}: working, not a hang"
+    return f"  {sentence}"
+
+
+def liveness_line(attempt_dir: Path, *, now: float) -> str | None:
+    """What a silent attempt seems to be doing (the runner's liveness.json), while fresh."""
+    try:
+        data = json.loads((attempt_dir / liveness.STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not data.get("sentence"):
+        return None
+    silent_s = data.get("silent_s")
+    if data.get("state") == "alive" and not (isinstance(silent_s, int | float)
+                                             and silent_s >= 30):  # noqa: PLR2004
+        return None  # a pause between steps: the last output line says more
+    at = data.get("at")
+    if not isinstance(at, int | float) or now - at > 15:  # noqa: PLR2004 - a few samples
+        return None
+    return str(data["sentence"])
 
 
 def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:

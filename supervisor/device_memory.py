@@ -102,6 +102,11 @@ def _rewrite_env(argv: list[str], start: int, mib: int) -> int:
     return i + len(extra)
 
 
+def inject_pythonpath(pythonpath: str) -> str:
+    """`pythonpath` with the injected sitecustomize's folder first (once)."""
+    return _with_ours(pythonpath)
+
+
 def _with_ours(pythonpath: str) -> str:
     entries = [e for e in pythonpath.split(os.pathsep)
                if e and Path(e).resolve() != INJECT_DIR]

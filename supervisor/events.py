@@ -540,6 +540,19 @@ class ProbeLeftoversEnded(Event):
     pids: Sequence[int] = ()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WatchdogExtended(Event):
+    """An attempt was judged hung at the same step as the one before it: the next attempt's
+    silence limit grows, so that a slow phase that is not a hang costs one retry."""
+
+    KIND: ClassVar[str] = "watchdog.extended"
+    attempt: int
+    """The attempt that runs under the longer limit."""
+    step: int
+    """The step both hangs were judged at."""
+    limit_s: float
+
+
 EVENT_TYPES: Mapping[str, type[Event]] = {
     cls.KIND: cls for cls in (
         RunStarted, RunResumed, AttemptStarted, AttemptSpawned, AttemptFinished, RungSkipped,
@@ -548,6 +561,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         SignalReceived, LadderExhausted, FinalWritten, Notified, RunFinished,
         CheckpointPassedOver,
         ProbeLeftoversEnded,
+        WatchdogExtended,
     )
 }
 """Every event the journal may hold, by its `event` name."""

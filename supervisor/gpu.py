@@ -132,6 +132,19 @@ class NvmlProbe:
                                           used_mib=int(used) // _MIB if used else 0))
         return tuple(found)
 
+    def utilization(self) -> dict[int, int]:
+        """Each process's SM utilisation (%) over the driver's recent samples (pid -> %)."""
+        found: dict[int, int] = {}
+        for handle in self._handles.values():
+            try:
+                samples = self._nvml.nvmlDeviceGetProcessUtilization(handle, 0)
+            except Exception:  # noqa: BLE001, S112 - not supported, or no sample yet
+                continue
+            for sample in samples:
+                pid = int(getattr(sample, "pid", 0))
+                found[pid] = max(found.get(pid, 0), int(getattr(sample, "smUtil", 0) or 0))
+        return found
+
     def close(self) -> None:
         """Shut NVML down (safe to call when it never started)."""
         if self.unavailable is None and self._nvml is not None:
@@ -234,6 +247,30 @@ class Sampler:
         with self._lock:
             return Peak(peak_mib=self._peak, per_device_mib=dict(self._per_device),
                         samples=self._samples)
+
+
+def activity(probe: GpuProbe | None, pids: Collection[int],
+             before: Mapping[int, int]) -> tuple[bool | None, dict[int, int]]:
+    """Whether the given processes used a GPU lately: their memory changed since `before`
+    (pid -> MiB, as returned last time) or the driver reports SM utilisation for them.
+
+    Returns (busy, memory now); busy is None where no GPU is visible (no probe).
+    """
+    if probe is None:
+        return None, {}
+    ours = set(pids)
+    held: dict[int, int] = {}
+    try:
+        for usage in probe.processes():
+            if usage.pid in ours:
+                held[usage.pid] = held.get(usage.pid, 0) + usage.used_mib
+        utilization = getattr(probe, "utilization", None)
+        busy_sm = callable(utilization) and any(
+            pid in ours and share > 0 for pid, share in utilization().items())
+    except Exception:  # noqa: BLE001 - sampling must never end an attempt
+        return None, dict(before)
+    changed = bool(before) and held != dict(before)
+    return bool(busy_sm or changed), held
 
 
 # --- after an attempt ------------------------------------------------------------------------

@@ -25,7 +25,17 @@ import psutil
 import structlog
 from tenacity import RetryCallState, wait_exponential
 
-from supervisor import checkpoints, plot, program, progress, report, runner, speed, trainer_output
+from supervisor import (
+    checkpoints,
+    liveness,
+    plot,
+    program,
+    progress,
+    report,
+    runner,
+    speed,
+    trainer_output,
+)
 from supervisor._compat import Self, StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
@@ -59,6 +69,7 @@ from supervisor.events import (
     SignalReceived,
     SpeedSkipped,
     TerminalLost,
+    WatchdogExtended,
     numbers_of,
     replay,
     replay_events,
@@ -741,6 +752,8 @@ def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,
             live.refusal = refusal
             return verdict
         knobs = _from_newest(live, knobs)
+        if verdict.kind is VerdictKind.HANG:
+            _extend_watchdog(live)
         delay = 0.0 if lost else float(_BACKOFF(cast("RetryCallState", _Nth(current.failures))))
         _emit(live, RetryScheduled(
             attempt=state.done, delay_s=round(delay, 2), retry=current.failures + current.lost,
@@ -752,6 +765,39 @@ def _attempt_with_retries(live: _Live, knobs: Knobs, rung: str | None, *,
             return verdict
         verdict = _attempt(live, knobs, rung)
     return verdict
+
+
+def _extend_watchdog(live: _Live) -> None:
+    """A hang at the same step as the hang before it: the next attempt gets a longer limit."""
+    state = live.state()
+    hangs: list[tuple[int | None, float | None]] = []
+    for record in state.attempts:
+        done = record.finished
+        if done is None:
+            continue
+        if done.verdict != str(VerdictKind.HANG):
+            hangs.clear()  # only a streak of hangs in a row
+            continue
+        seen = done.progress or {}
+        step, gap = seen.get("step"), seen.get("longest_gap_s")
+        # The limit it was judged under: the learnt one (factor x its longest gap, never under
+        # the floor), a fixed one, or one a recurrence already made longer.
+        limit = max(live.ladder.stall_floor_s, live.ladder.stall_timeout_s or 0.0,
+                    live.ladder.stall_factor * gap if isinstance(gap, int | float) else 0.0,
+                    _extended_limit(state.events, record.number) or 0.0)
+        hangs.append((step if isinstance(step, int) else None, limit))
+    grown = liveness.grown_limit(live.ladder.stall_floor_s, hangs,
+                                 factor=live.ladder.repeat_factor)
+    if grown is not None:
+        _emit(live, WatchdogExtended(attempt=state.done + 1, step=grown[1],
+                                     limit_s=round(grown[0], 1)))
+
+
+def _extended_limit(events: Sequence[object], attempt: int) -> float | None:
+    """The longer silence limit journaled for `attempt`, if any."""
+    found = [e.limit_s for e in events
+             if isinstance(e, WatchdogExtended) and e.attempt == attempt]
+    return found[-1] if found else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -844,14 +890,26 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command,  # noqa: PLR0913
     if live.config.inject_device_memory and live.config.device_mib:
         # The command's own `env PYTHONPATH=...` / `env -i` prefix keeps the injected limit.
         argv = device_memory_argv(argv, int(live.config.device_mib))
+    env = {**live.env, **dict(rendered.env)}
+    ladder = live.ladder
+    if liveness.inject_decision(argv, env, enabled=ladder.liveness_stacks):
+        env = liveness.sampler_env(env, str(attempt_dir / liveness.STACKS_DIR),
+                                   interval_s=ladder.stack_interval_s)
+    number = int(attempt_dir.name) if attempt_dir.name.isdigit() else 0
+    extended = _extended_limit(live.state().events, number) or 0.0
+    fixed = max(ladder.stall_timeout_s, extended) if ladder.stall_timeout_s else None
     return runner.AttemptSpec(
-        argv=argv, env={**live.env, **dict(rendered.env)}, cwd=rendered.cwd,
+        argv=argv, env=env, cwd=rendered.cwd,
         log_dir=attempt_dir,
         stop=live.stop, echo=live.echo, timeout_s=live.ladder.attempt_timeout_s,
-        stall_s=live.ladder.stall_timeout_s,
-        watchdog=Watchdog(fixed_s=live.ladder.stall_timeout_s,
-                          startup_s=live.ladder.startup_timeout_s,
-                          factor=live.ladder.stall_factor, floor_s=live.ladder.stall_floor_s),
+        stall_s=fixed,
+        watchdog=Watchdog(fixed_s=fixed, startup_s=live.ladder.startup_timeout_s,
+                          factor=live.ladder.stall_factor,
+                          floor_s=max(live.ladder.stall_floor_s, extended)),
+        evidence=liveness.Settings(enabled=ladder.liveness_evidence,
+                                   stacks=ladder.liveness_stacks,
+                                   stack_interval_s=ladder.stack_interval_s,
+                                   cpu_busy=ladder.cpu_busy),
         activity_dir=checkpoints.folder(knobs.output_dir if knobs else None, live.command.cwd),
         # Unique across runs (two runs may share a run id in different folders): the tree
         # kill ends every process carrying it.

@@ -86,6 +86,18 @@ class Ladder:
     estimate_margin: float = 0.0
     """A config counts as predicted to fit when its prediction x (1 + margin) is within the
     device ([estimate] margin): `run` skips by it and `plan` recommends by it, the same one."""
+    liveness_evidence: bool = True
+    """A silence past the limit is a hang only when the evidence of work says so ([liveness]
+    evidence; false: silence alone, as a fixed rule)."""
+    liveness_stacks: bool = True
+    """Sample the main thread's frames in Python attempts ([liveness] stacks)."""
+    stack_interval_s: float = 2.0
+    """How often the sampler looks at the main thread ([liveness] stack_interval_s)."""
+    cpu_busy: float = 0.10
+    """Share of one core the attempt must use to count as working ([liveness] cpu_busy)."""
+    repeat_factor: float = 4.0
+    """A hang again at the same step after a retry: the next attempt's silence limit is this
+    many times larger ([liveness] repeat_factor; 1 turns it off)."""
     source: str = "<memory>"
 
     def rung(self, name: str) -> Rung:
@@ -494,12 +506,14 @@ def _summary(knobs: Knobs) -> str:
 
 _TOP_KEYS = frozenset({"name", "description", "max_attempts", "speed_before_quality",
                        "keep_quality", "transient", "watchdog", "gpu", "speed", "rung",
-                       "estimate"})
+                       "estimate", "liveness"})
 _SPEED_KEYS = frozenset({"compare", "steps"})
 _WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s", "startup_timeout_s",
                             "stall_factor", "stall_floor_s"})
 _GPU_KEYS = frozenset({"release_wait_s", "on_held_memory"})
 _ESTIMATE_KEYS = frozenset({"margin"})
+_LIVENESS_KEYS = frozenset({"evidence", "stacks", "stack_interval_s", "cpu_busy",
+                            "repeat_factor"})
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
                         "restore", "cost", "when"})
 _TRANSIENT_KEYS = frozenset({"retries", "max_delay_s"})
@@ -587,6 +601,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
     gpu = _table(data, "gpu", _GPU_KEYS, source)
     speed = _table(data, "speed", _SPEED_KEYS, source)
     estimate = _table(data, "estimate", _ESTIMATE_KEYS, source)
+    alive = _table(data, "liveness", _LIVENESS_KEYS, source)
     on_held = gpu.get("on_held_memory", "continue")
     if on_held not in ("continue", "stop"):
         msg = f"{source}: [gpu] on_held_memory must be 'continue' or 'stop', not {on_held!r}"
@@ -619,8 +634,25 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         speed_compare=_flag(speed, "compare", f"{source}: [speed]"),
         speed_steps=_whole(speed.get("steps", 3), f"{source}: [speed] steps", minimum=1),
         estimate_margin=_margin(estimate.get("margin", 0.0), source),
+        **_liveness(alive, f"{source}: [liveness]"),
         source=source,
     )
+
+
+def _liveness(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The [liveness] table: how a silence is judged (supervisor/liveness.py)."""
+    out: dict[str, Any] = {"liveness_evidence": _flag(table, "evidence", where),
+                           "liveness_stacks": _flag(table, "stacks", where)}
+    for key, default, low, high in (("stack_interval_s", 2.0, 0.2, 3600.0),
+                                    ("cpu_busy", 0.10, 0.0, 64.0),
+                                    ("repeat_factor", 4.0, 1.0, 1000.0)):
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not low <= value <= high:
+            msg = f"{where} {key} must be a number from {low:g} to {high:g}, not {value!r}"
+            raise PolicyError(msg)
+        out[key] = float(value)
+    return out
 
 
 def _table(data: Mapping[str, Any], key: str, valid: frozenset[str],

@@ -40,14 +40,21 @@ FAULTS_ENV = "REFERENCE_TRAINER_FAULTS"
 """A night's accidents, for tests and benchmarks/night.py: `longer@K` (from optimizer step K
 on, every sample is cutoff_len long instead of half of it: the data gets longer, a real
 allocator failure under a memory budget), `hang@K` (after step K, silent for good),
-`transient@K` (after step K, torchelastic's RendezvousConnectionError). Each `hang`/`transient`
-fires once per output folder (remembered in `<output_dir>/.reference-trainer-faults`), so a
-retry goes past it, as after a real accident."""
+`transient@K` (after step K, torchelastic's RendezvousConnectionError), `frozen@K` (after step
+K the loop is stuck while a display thread redraws the same progress frame twice a second),
+`pause@K` (after step K, silent and idle for PAUSE_S_ENV seconds, at every attempt: a slow
+phase with no sign of work). Each `hang`/`transient`/`frozen` fires once per output folder
+(remembered in `<output_dir>/.reference-trainer-faults`), so a retry goes past it, as after a
+real accident."""
 STEP_S_ENV = "REFERENCE_TRAINER_STEP_S"
 """Seconds each optimizer step takes at least: a time-scaled night of real steps."""
 NO_BAR_ENV = "REFERENCE_TRAINER_NO_BAR"
 """`1`: no progress bar (TrainingArguments.disable_tqdm): the Trainer prints only its log
 dicts, as a trainer without a bar does; what the supervisor then knows of the steps."""
+EVAL_S_ENV = "REFERENCE_TRAINER_EVAL_S"
+"""Seconds of real CPU work (matrix products) each evaluation takes at least (--eval_steps)."""
+PAUSE_S_ENV = "REFERENCE_TRAINER_PAUSE_S"
+"""How long `pause@K` lasts (seconds; 60 by default)."""
 
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
@@ -179,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("learning_rate", type=_positive_float, default=1e-4)
     add("seed", type=_non_negative_int, default=0)
     add("logging_steps", type=_positive_int, default=1)
+    add("eval_steps", type=_non_negative_int, default=0,
+        help="evaluate every N steps on a few synthetic samples; 0 never evaluates")
+    add_bool("disable_tqdm", "no progress bar (the Trainer then prints only its log lines)")
     add_bool("bf16", "bf16 mixed precision: autocast over the weights as loaded (fp32)")
     add_bool("load_in_bf16", "load the model in bf16 and upcast only its trainable parameters "
              "to fp32, autocast in bf16 (LLaMA-Factory's `bf16: true`; implies --bf16)")
@@ -372,6 +382,10 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps > 0 else "no",
         save_steps=max(args.save_steps, 1),  # unused when save_strategy is "no"
+        eval_strategy="steps" if args.eval_steps > 0 else "no",
+        eval_steps=max(args.eval_steps, 1),  # unused when eval_strategy is "no"
+        per_device_eval_batch_size=1,
+        disable_tqdm=bool(args.disable_tqdm) or os.environ.get(NO_BAR_ENV) == "1",
         bf16=bf16,
         fp16=fp16,
         optim=args.optim,
@@ -380,7 +394,6 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
         dataloader_num_workers=0,
         # An OOM must reach the supervisor: never let the Trainer shrink the batch itself.
         auto_find_batch_size=False,
-        disable_tqdm=os.environ.get(NO_BAR_ENV) == "1",
     )
 
 
@@ -402,7 +415,7 @@ def _faults(text: str) -> dict[str, int]:
     faults: dict[str, int] = {}
     for item in text.split(","):
         kind, _, step = item.strip().partition("@")
-        if kind in ("hang", "transient", "longer") and step.isdigit():
+        if kind in ("hang", "transient", "longer", "frozen", "pause") and step.isdigit():
             faults[kind] = int(step)
     return faults
 
@@ -413,6 +426,8 @@ def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa:
 
     faults = _faults(os.environ.get(FAULTS_ENV, ""))
     step_s = float(os.environ.get(STEP_S_ENV, "0") or 0)
+    eval_s = float(os.environ.get(EVAL_S_ENV, "0") or 0)
+    pause_s = float(os.environ.get(PAUSE_S_ENV, "60") or 60)
     fired_file = Path(output_dir) / ".reference-trainer-faults"
 
     def fire_once(kind: str) -> bool:
@@ -427,6 +442,7 @@ def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa:
     class Night(TrainerCallback):
         def __init__(self) -> None:
             self.began = time.monotonic()
+            self.evaluating = False
 
         def on_step_begin(self, *_: Any, **__: Any) -> None:  # noqa: ANN401 - HF's signature
             self.began = time.monotonic()
@@ -440,13 +456,57 @@ def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa:
                 dataset.short = step < faults["longer"]
             if faults.get("hang") == step and fire_once("hang"):
                 time.sleep(10**7)  # silent for good: the supervisor's watchdog must see it
+            if faults.get("pause") == step:
+                time.sleep(pause_s)  # a slow phase with no sign of work, at every attempt
+            if faults.get("frozen") == step and fire_once("frozen"):
+                _redraw_forever(step, state.max_steps)
             if faults.get("transient") == step and fire_once("transient"):
                 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 
                 msg = "The connection to the C10d store has failed. See inner exception."
                 raise RendezvousConnectionError(msg)
 
-    return Night() if faults or step_s else None
+        def on_prediction_step(self, *_: Any, **__: Any) -> None:  # noqa: ANN401 - HF's signature
+            # All of it in the first batch: the evaluation's bar (if any) says 1/N, then nothing.
+            if eval_s and not self.evaluating:
+                self.evaluating = True
+                _burn(eval_s)
+
+        def on_evaluate(self, *_: Any, **__: Any) -> None:  # noqa: ANN401 - HF's signature
+            self.evaluating = False
+
+    return Night() if faults or step_s or eval_s else None
+
+
+_EVAL_SAMPLES = 4
+
+
+def _burn(seconds: float) -> None:
+    """Real CPU work for `seconds`: what a long evaluation of a large model does to a core."""
+    import torch
+
+    end = time.monotonic() + seconds
+    product = torch.full((64, 64), 0.01)
+    while time.monotonic() < end:
+        product = torch.tanh(product @ product + 0.01)
+
+
+def _redraw_forever(step: int, total: int) -> None:
+    """The loop is stuck; a display thread keeps redrawing the same frame (a frozen bar)."""
+    import threading
+
+    share = 100 * step // max(1, total)
+    frame = (f"\r{share:3d}%|{'#' * (share // 10):<10}| {step}/{total} "
+             f"[00:{step:02d}<00:30,  1.00it/s]")
+
+    def redraw() -> None:
+        while True:
+            sys.stderr.write(frame)
+            sys.stderr.flush()
+            time.sleep(0.5)
+
+    threading.Thread(target=redraw, daemon=True).start()
+    time.sleep(10**7)
 
 
 def _count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -526,10 +586,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         short=longer_at is not None and _resumed_step(checkpoint) < longer_at,
     )
     night = _night_callback(dataset, args.output_dir)
+    evaluation = _SyntheticTokens(size=_EVAL_SAMPLES, cutoff_len=args.cutoff_len,
+                                  vocab_size=config.vocab_size, seed=args.seed + 1)
     trainer = Trainer(
         model=trainable_model,
         args=_training_arguments(args, cuda=cuda),
         train_dataset=dataset,
+        eval_dataset=evaluation if args.eval_steps > 0 else None,
         data_collator=default_data_collator,
         callbacks=[night] if night is not None else None,
     )

@@ -5,9 +5,11 @@ redacts it, writes the attempt's capped log files and forwards every byte to the
 a pipe; then it writes the command's exit status to a file. So an attempt survives the
 supervisor being killed, and `resume` can adopt it (following the log files instead) and still
 learn how it ended. The verdict is built only after the streams are drained (the pipes close
-when the shim exits), and any byte counts as output for the stall watchdog (a tqdm bar
-redraws with `\\r` and never ends a line), as does a checkpoint being written. What counts as
-too long a silence is learnt from the trainer's own cadence (`trainer_output.Watchdog`).
+when the shim exits). Output that moves counts as progress for the stall watchdog (a tqdm bar
+redraws with `\\r` and never ends a line; a redraw whose counter did not move is silence).
+What counts as too long a silence is learnt from the trainer's own cadence
+(`trainer_output.Watchdog`); a silence past it is a hang only when the evidence of work
+(files under the output folder, CPU, I/O, GPU, the sampled stacks) says so (`liveness`).
 
 Under a launcher that does not end the peers of a failed task itself (`srun` with Slurm's
 default KillOnBadExit=0), a task that exited with an error ends the attempt's tree after a
@@ -36,7 +38,7 @@ from typing import IO, Protocol
 import psutil
 import structlog
 
-from supervisor import _wrap, echo, launchers
+from supervisor import _wrap, echo, gpu, launchers, liveness
 from supervisor.classify import Outcome, is_oom_line
 from supervisor.files import open_regular, read_regular
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
@@ -118,7 +120,9 @@ class AttemptSpec:
     watchdog: Watchdog | None = None
     """The silence that counts as a hang, learnt from the run's cadence (wins over stall_s)."""
     activity_dir: Path | None = None
-    """The trainer's output folder: a checkpoint being written there is activity, not silence."""
+    """The trainer's output folder: files written anywhere under it are evidence of work."""
+    evidence: liveness.Settings = field(default_factory=liveness.Settings)
+    """How a silence past the limit is judged: by evidence of work (liveness.py), or not."""
     marker: str = ""
     on_spawn: Callable[[Spawned], None] | None = None
     redactor: Redactor = field(default_factory=Redactor)
@@ -266,9 +270,10 @@ class _Sink:
         after `resume`): they say how far the trainer got, not that it is alive now.
         """
         now = time.monotonic()
-        if timed:
+        # A redrawn progress frame whose counter did not move is not progress (a stuck loop
+        # behind a live display): it does not reset the silence.
+        if self.tracker.feed(chunk, timed=timed) and timed:
             self.last_output = now
-        self.tracker.feed(chunk, timed=timed)
         self.bytes_read += len(chunk)
         if self.echo and timed:
             self._echo(stream, chunk, now)
@@ -417,7 +422,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     oom_at: float | None = None
     oom_step: int | None = None
     recovered = False
-    activity = _Activity(spec.activity_dir)
+    evidence = _Evidence(spec, tree) if spec.evidence.enabled else None
+    reading: liveness.Reading | None = None
     remembered = looked = 0.0
     host_peak = 0.0
     cap: tuple[float, str] | None = None
@@ -431,16 +437,20 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             remembered = now
             if adopted:  # the logs' tail segments grow while the log itself waits
                 sink.last_output = max(sink.last_output, now - _log_age_s(spec.log_dir))
-        if now - looked > _ACTIVITY_S:
-            looked = now
-            if activity.changed():  # a checkpoint being written is not silence
-                sink.last_output = max(sink.last_output, now)
-                sink.tracker.activity()
         if gone():
             died = True
             ended_at = time.time() - min(_log_age_s(spec.log_dir), time.monotonic() - started)
             break
         limit = watchdog.limit(sink.tracker) if watchdog is not None else None
+        if evidence is not None and limit is not None and now - looked > evidence.every_s:
+            looked = now
+            # Only during a silence: while output moves, the evidence costs nothing.
+            if now - sink.last_output > evidence.every_s:
+                reading = evidence.sample(now, sink.last_output, limit[0],
+                                          step=sink.tracker.step)
+            else:
+                evidence.quiet()
+                reading = None
         if sink.oom_seen.is_set() and oom_at is None:
             oom_at, oom_step = now, sink.tracker.step
             log.info("oom.detected", line=spec.redactor.text(sink.oom_line or "")[:300],
@@ -466,11 +476,16 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
             hung = f"ran past its time limit of {spec.timeout_s:g} s"
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
-        elif hung is None and limit is not None and now - sink.last_output > limit[0]:
+        elif (hung is None and limit is not None and now - sink.last_output > limit[0]
+              and (evidence is None or (reading is not None and reading.is_hung))):
             hung = (f"printed nothing for {now - sink.last_output:.0f} s (stalled; the limit "
                     f"was {limit[1]})")
             if watchdog is not None and watchdog.fixed_s:
                 hung = f"printed nothing for {watchdog.fixed_s:g} s (stalled)"
+            if reading is not None:
+                hung += f"; {reading.hang_reason()}"
+                log.info("liveness.hung", pid=spawned.pid, evidence=reading.hang_reason(),
+                         stuck_in=reading.stuck_in)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         elif (failed is None and sink.failed_at is not None
               and now - sink.failed_at > FAILED_TASK_GRACE_S):
@@ -537,30 +552,176 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     )
 
 
-class _Activity:
-    """Whether files in the trainer's output folder changed since last asked: the newest
-    `checkpoint-N` (or a temporary one being written) and the folder's own entries."""
+class _Evidence:
+    """Samples what an attempt does while it is silent, for liveness.Judge: files under the
+    output folder, the tree's CPU and storage I/O, GPU activity, the sampled stacks."""
 
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-        self.seen: tuple[float, int] | None = None
+    def __init__(self, spec: AttemptSpec, tree: _Tree) -> None:
+        self.settings = spec.evidence
+        self.every_s = spec.evidence.sample_s
+        self.judge = liveness.Judge(cpu_busy=spec.evidence.cpu_busy)
+        self.folder = spec.activity_dir
+        self.stacks_dir = spec.log_dir / liveness.STACKS_DIR
+        self.status = spec.log_dir / liveness.STATUS_FILE
+        self.skip = spec.log_dir.resolve()
+        self.tree = tree
+        self.gpu = spec.gpu
+        self.cpu: dict[int, float] = {}
+        self.io: dict[int, int] = {}
+        self.gpu_held: dict[int, int] = {}
+        self.files: tuple[int, int, float] | None = None
+        self.silent = False
+        self.said: str | None = None
+        self.said_at = 0.0
+        self.shift = time.time() - time.monotonic()
+        self.record = spec.log_dir / liveness.SAMPLES_FILE
+        self.recorded = 0
 
-    def changed(self) -> bool:
-        if self.folder is None:
-            return False
-        newest = (0.0, 0)
+    def quiet(self) -> None:
+        """Output moves: the next silence starts from nothing."""
+        if self.silent:
+            self.silent = False
+            self.judge.reset()
+            self.cpu.clear()
+            self.io.clear()
+            self.gpu_held.clear()
+            self.files = None
+            self.said = None
+            self._write({"state": str(liveness.State.ALIVE), "at": time.time()})
+
+    def sample(self, now: float, progress_at: float, limit_s: float, *,
+               step: int | None = None) -> liveness.Reading:
+        """One sample now (monotonic clock), judged."""
+        self.silent = True
+        pids = [pid for pid in self.tree.known if pid != self.tree.pid]  # not the shim
+        cpu_s, io_bytes = self._counters(pids)
+        files_changed, where = self._files()
+        gpu_busy, self.gpu_held = gpu.activity(self.gpu, pids, self.gpu_held)
+        sample = liveness.Sample(at=now, progress_at=progress_at, step=step, cpu_s=cpu_s,
+                                 io_bytes=io_bytes, files_changed=files_changed,
+                                 files_where=where, gpu_busy=gpu_busy,
+                                 stacks=self._stacks(set(pids)))
+        reading = self.judge.observe(sample, limit_s)
+        if self.recorded < _RECORD_SAMPLES:
+            # What the judgment rested on, kept in the attempt folder (tests/data replays it).
+            self.recorded += 1
+            with contextlib.suppress(OSError), self.record.open("a", encoding="utf-8") as out:
+                out.write(json.dumps({"limit_s": round(limit_s, 2), "state": str(reading.state),
+                                      **sample.to_record()}) + "\n")
+        sentence = reading.sentence()
+        wall = time.time()
+        if reading.state is liveness.State.WORKING and (
+                self.said is None or wall - self.said_at > 60.0):  # noqa: PLR2004
+            # Past the limit but working: said once a minute (a hang is said by its verdict).
+            log.info("attempt.silent", sentence=sentence, judged=str(reading.state))
+            self.said, self.said_at = sentence, wall
+        self._write({"state": str(reading.state), "at": wall, "sentence": sentence,
+                     "silent_s": round(reading.silent_s, 1), "stuck_in": reading.stuck_in})
+        return reading
+
+    def _counters(self, pids: list[int]) -> tuple[float | None, int | None]:
+        """CPU seconds and storage bytes the processes used since the last sample."""
+        cpu_total = 0.0
+        io_total = 0
+        cpu_seen = io_seen = False
+        first = not self.cpu
+        for pid in pids:
+            proc = self.tree.known.get(pid)
+            if proc is None:
+                continue
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                used = float(times.user + times.system)
+                cpu_total += max(0.0, used - self.cpu.get(pid, 0.0 if not first else used))
+                self.cpu[pid] = used
+                cpu_seen = True
+            with contextlib.suppress(psutil.Error, AttributeError, NotImplementedError):
+                counters = proc.io_counters()
+                moved = int(counters.read_bytes + counters.write_bytes)
+                io_total += max(0, moved - self.io.get(pid, 0 if not first else moved))
+                self.io[pid] = moved
+                io_seen = True
+        return (cpu_total if cpu_seen else None), (io_total if io_seen else None)
+
+    def _files(self) -> tuple[bool | None, str | None]:
+        if self.folder is None or not self.folder.is_dir():
+            return None, None
+        walked = _walk(self.folder, skip=self.skip)
+        before, self.files = self.files, walked[:3]
+        changed = before is not None and walked[:3] != before
+        where = walked[3] if changed else None
+        return changed, where
+
+    def _stacks(self, pids: set[int]) -> tuple[liveness.Stack, ...]:
+        if not self.settings.stacks:
+            return ()
+        shift = self.shift  # the sampler writes wall times; the judge reads monotonic ones
+        found = []
         with contextlib.suppress(OSError):
-            entries = list(self.folder.iterdir())
-            newest = max(newest, (self.folder.stat().st_mtime, len(entries)))
-            saving = [e for e in entries if e.name.startswith(("checkpoint-", "tmp-checkpoint"))]
-            if saving:
-                latest = max(saving, key=lambda e: e.stat().st_mtime)
-                for item in latest.iterdir():
-                    with contextlib.suppress(OSError):
-                        info = item.stat()
-                        newest = max(newest, (info.st_mtime, info.st_size))
-        before, self.seen = self.seen, newest
-        return before is not None and newest != before
+            for entry in sorted(os.scandir(self.stacks_dir), key=lambda e: e.name)[:_MAX_STACKS]:
+                pid = entry.name.removesuffix(".json")
+                if not pid.isdigit() or int(pid) not in pids:
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    data = json.loads(Path(entry.path).read_text(encoding="utf-8"))
+                    stack = liveness.Stack.from_record(data) if isinstance(data, dict) else None
+                    if stack is not None:
+                        found.append(liveness.Stack(pid=stack.pid, frames=stack.frames,
+                                                    moved_at=stack.moved_at - shift,
+                                                    sampled_at=stack.sampled_at - shift))
+        return tuple(found)
+
+    def _write(self, record: dict[str, object]) -> None:
+        with contextlib.suppress(OSError):
+            temporary = self.status.with_name(self.status.name + ".tmp")
+            temporary.write_text(json.dumps(record), encoding="utf-8")
+            temporary.replace(self.status)
+
+
+_MAX_STACKS = 256
+_RECORD_SAMPLES = 3000
+"""Samples kept per attempt (about 100 min of silence at one sample every 2 s)."""
+_WALK_ENTRIES = 20_000
+_WALK_DEPTH = 6
+
+
+def _walk(folder: Path, *, skip: Path | None = None,
+          max_entries: int = _WALK_ENTRIES) -> tuple[int, int, float, str | None]:
+    """A bounded walk of a folder: (entries, bytes, newest mtime, where the newest is).
+
+    Recursive (a DeepSpeed save writes into `checkpoint-N/global_stepN/`), breadth first, at
+    most `max_entries` entries and _WALK_DEPTH levels, symlinks not followed: cheap enough to
+    run every few seconds during a silence.
+    """
+    count = size = 0
+    newest, where = 0.0, None
+    queue: deque[tuple[str, int]] = deque([(str(folder), 0)])
+    while queue and count < max_entries:
+        path, depth = queue.popleft()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    count += 1
+                    if count >= max_entries:
+                        break
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                        if entry.is_dir(follow_symlinks=False):
+                            if depth < _WALK_DEPTH and (skip is None or entry.path != str(skip)):
+                                queue.append((entry.path, depth + 1))
+                            continue
+                    except OSError:
+                        continue
+                    size += info.st_size
+                    if info.st_mtime > newest:
+                        newest, where = info.st_mtime, path
+        except OSError:
+            continue
+    shown = None
+    if where is not None:
+        with contextlib.suppress(ValueError):
+            shown = str(Path(where).relative_to(folder)) if where != str(folder) else "."
+    return count, size, newest, shown
 
 
 def _task_files(spec: AttemptSpec, end: launchers.TaskEnd) -> dict[int, list[str]]:

@@ -29,6 +29,23 @@ from supervisor.files import read_regular
 # tqdm's frame: "  40%|████      | 96/240 [03:10<04:45,  1.98s/it]". Only bars without a
 # description (the Trainer's training bar has none; "Writing model shards: 1/1 [" has one).
 _TQDM = re.compile(rb"(?:^|[\r\n])[ \t]*\d{1,3}%\|[^|\r\n]{0,400}\|[ \t]*(\d+)/(\d+) \[")
+# Any tqdm/rich-style frame's counter ("Evaluating:  40%|████   | 4/10 ["), and how a chunk
+# splits into frames (tqdm redraws with \r).
+_COUNTER = re.compile(rb"\|[ \t]*(\d+)/(\d+)[ \t]*\[")
+_PIECES = re.compile(rb"[\r\n]")
+_MAX_BARS = 64
+_SHORT = 256
+_SHORT_PHASE = 4096
+# An evaluation's metrics (HF: {'eval_loss': ...}) and a save's own lines and bars.
+_PHASE_MARKS = (b"'eval_", b'"eval_', b"Writing model shards", b"Saving model checkpoint",
+                b"Saving checkpoint")
+
+
+def _is_tail(text: bytes) -> bool:
+    """The end of a progress frame torn from its head (`05<00:35, 1.0it/s]`)."""
+    return text.endswith(b"]") and b"<" in text and b"\n" not in text
+
+
 # LLaMA-Factory's LogCallback line: {'current_steps': 12, 'total_steps': 240, ...}
 _LF_STEPS = re.compile(rb"""['"]current_steps['"]:\s*(\d+),\s*['"]total_steps['"]:\s*(\d+)""")
 # An HF Trainer log dict: training has begun even where no step number is printed.
@@ -170,22 +187,49 @@ class Tracker:
         self.began_at: float | None = None
         self.last_output: float | None = None
         self.longest_gap_s = 0.0
-        """The longest silence between two outputs since training began."""
+        """The longest silence between two outputs since training began (its cadence), a
+        silence that ran into or out of an evaluation or a save left out."""
+        self.longest_phase_s = 0.0
+        """The longest silence that ran into or out of an evaluation or a save."""
+        self.in_phase = False
+        """The last output that moved was an evaluation's or a save's (its bar, its metrics):
+        the silence after it gets the phase's own allowance, not the steps' cadence."""
+        self.bar_moved: bytes | None = None
+        """The key of the bar whose counter the last chunk moved (None: no bar moved)."""
+        self.counters: dict[bytes, bytes] = {}
+        """Each progress bar's last counter, by its description and total: a frame whose
+        counter did not move is a redraw, not progress."""
         self.ended = False
         """The trainer said its training loop is over (the last step, or its final metrics):
         saving the model and exiting are not steps, and may be silent for long."""
         self.epochs: list[list[float | None]] = []
         """[epoch, wall time] of the first and the last training-step log dict seen."""
 
-    def feed(self, chunk: bytes, *, timed: bool = True, at: float | None = None) -> None:
-        """One chunk of output (any stream)."""
+    def feed(self, chunk: bytes, *, timed: bool = True, at: float | None = None) -> bool:
+        """One chunk of output (any stream). True when it is progress: anything but a progress
+        frame redrawn with a counter that did not move (a frozen bar is silence)."""
         now = (at if at is not None else self.clock()) if timed else None
-        found = _last_step(chunk)
+        bar = b"%|" in chunk
+        found = _last_step(chunk, bar=bar)
         with self.lock:
-            if now is not None:
+            # A step that advances is progress at once (a flood of frames stays cheap).
+            if (found is not None and (self.step is None or found[0] > self.step)
+                    and (self.total is None or found[1] == self.total)):
+                moved = True
+                # The training bar has no description: its key is its total alone.
+                self.counters[b"/%d" % found[1]] = b"%d" % found[0]
+            else:
+                moved = self._moved(chunk, bar=bar)
+            if now is not None and moved:
+                phase = self._is_phase(chunk, found)
                 if self.began and self.last_output is not None:
-                    self.longest_gap_s = max(self.longest_gap_s, now - self.last_output)
+                    gap = now - self.last_output
+                    if phase or self.in_phase:
+                        self.longest_phase_s = max(self.longest_phase_s, gap)
+                    else:
+                        self.longest_gap_s = max(self.longest_gap_s, gap)
                 self.last_output = now
+                self.in_phase = phase
             if found is not None:
                 step, total = found
                 if self.total is None or total == self.total:
@@ -198,6 +242,45 @@ class Tracker:
                 self.epochs = [self.epochs[0], seen] if self.epochs else [seen]
             if b"train_runtime" in chunk or (self.total and self.step == self.total):
                 self.ended = True
+        return moved
+
+    def _is_phase(self, chunk: bytes, found: tuple[int, int] | None) -> bool:
+        """An evaluation's or a save's output: its metrics, or a bar that is not the training
+        bar's (an evaluation's bar, `Writing model shards`). Short chunks only: such output is
+        a line or a frame, and a flood must not pay for the search."""
+        if len(chunk) >= _SHORT_PHASE or (found is not None and found[1] == self.total):
+            return False
+        if any(mark in chunk for mark in _PHASE_MARKS):
+            return True
+        return self.total is not None and self.bar_moved is not None \
+            and self.bar_moved != b"/%d" % self.total
+
+    def _moved(self, chunk: bytes, *, bar: bool) -> bool:
+        """Whether a chunk says something new. Cheap for chunks with no bar in them."""
+        self.bar_moved = None
+        if not bar:
+            # A bare `\r` or newline (a redraw's carriage return, written on its own) says
+            # nothing new; a torn frame's tail neither.
+            return not (len(chunk) < _SHORT and (not chunk.strip() or _is_tail(chunk.strip())))
+        moved = False
+        for piece in _PIECES.split(chunk):
+            text = piece.strip()
+            if not text:
+                continue
+            if b"%|" not in text:
+                if not _is_tail(text):
+                    return True
+                continue
+            counter = _COUNTER.search(text)
+            if counter is None:
+                continue  # the head of a torn frame
+            key = text[:text.index(b"%|")].rstrip(b"0123456789 \t")[-80:] + b"/" + counter[2]
+            if self.counters.get(key) != counter[1]:
+                if len(self.counters) < _MAX_BARS or key in self.counters:
+                    self.counters[key] = counter[1]
+                moved = True
+                self.bar_moved = key
+        return moved
 
     def _at_step(self, step: int, now: float | None) -> None:
         if step > 0:
@@ -250,10 +333,10 @@ class Tracker:
             return out
 
 
-def _last_step(chunk: bytes) -> tuple[int, int] | None:
+def _last_step(chunk: bytes, *, bar: bool = True) -> tuple[int, int] | None:
     """The last (step, total) a chunk of output reports, if any (cheap when it reports none)."""
     found: tuple[int, int] | None = None
-    if b"%|" in chunk:
+    if bar and b"%|" in chunk:
         for match in _TQDM.finditer(chunk):
             found = _steps(match) or found
     if b"current_steps" in chunk:
@@ -303,6 +386,11 @@ class Watchdog:
             return self.startup_s, f"{self.startup_s:g} s before the trainer showed its cadence"
         gap = tracker.longest_gap_s
         learnt = self.factor * gap
+        phase = self.factor * tracker.longest_phase_s
+        if tracker.in_phase and phase > max(learnt, self.floor_s):
+            # After an evaluation's or a save's output: that phase's own allowance.
+            return phase, (f"{phase:.0f} s, {self.factor:g}x the longest gap so far around an "
+                           f"evaluation or a save ({tracker.longest_phase_s:.1f} s)")
         if learnt <= self.floor_s:
             return self.floor_s, (f"{self.floor_s:g} s, the floor (longest gap so far "
                                   f"{gap:.1f} s)")

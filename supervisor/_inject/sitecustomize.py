@@ -4,8 +4,10 @@ When OOM_SUPERVISOR_DEVICE_MIB is set, the program's own `import torch` is follo
 device memory limit of that many MiB: on CUDA `torch.cuda.set_per_process_memory_fraction`
 for every visible device, applied when CUDA initialises (real CUDA out-of-memory errors); on
 CPU the live-bytes budget of `supervisor._sim` (a real `torch.OutOfMemoryError` past it).
-A program that never imports torch pays nothing but this file. Then the sitecustomize this
-one shadows, if any, runs as it would have.
+A program that never imports torch pays nothing but this file. When OOM_SUPERVISOR_STACKS is
+set (every Python attempt, while the policy's stack sampler is on), a small thread samples the
+main thread's frames for the watchdog (stacks.py; written to the attempt folder, never to the
+program's output). Then the sitecustomize this one shadows, if any, runs as it would have.
 
 Each process whose limit is in force says so on stderr, once:
 `oom-supervisor.inject {"limit_mib": N, "device": "cpu"|"cuda", "pid": P}`, and at exit
@@ -155,6 +157,22 @@ def _install() -> None:
         sys.meta_path.insert(0, _AfterTorch(mib))
 
 
+def _start_stacks() -> None:
+    """The main thread's sampler for the watchdog (stacks.py), when OOM_SUPERVISOR_STACKS asks."""
+    if not os.environ.get("OOM_SUPERVISOR_STACKS"):
+        return
+    spec = importlib.util.spec_from_file_location(
+        "_oom_supervisor_stacks", os.path.join(_HERE, "stacks.py"))  # noqa: PTH118
+    if spec is None or spec.loader is None:
+        return
+    try:
+        stacks = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(stacks)
+        stacks.start()
+    except Exception:  # noqa: BLE001, S110 - the sampler is evidence, never a reason to fail
+        pass
+
+
 def _chain() -> None:
     """Run the sitecustomize that this directory shadows, as `sitecustomize`."""
     rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]  # noqa: PTH100
@@ -167,4 +185,5 @@ def _chain() -> None:
 
 
 _install()
+_start_stacks()
 _chain()

@@ -426,6 +426,32 @@ class CheckpointSkipped(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointRescued(Event):
+    """The trainer saved a rescue checkpoint before it ended: after its step ran out of memory
+    (`why` = "oom"), or when asked to stop politely ("stop")."""
+
+    KIND: ClassVar[str] = "checkpoint.rescued"
+    attempt: int
+    step: int
+    why: str
+    seconds: float | None = None
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RescueFailed(Event):
+    """The trainer's rescue save failed (it left no folder): the run goes on from the newest
+    checkpoint it has."""
+
+    KIND: ClassVar[str] = "checkpoint.rescue_failed"
+    attempt: int
+    step: int
+    why: str
+    error: str
+    seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GpuHeld(Event):
     """An attempt's GPU memory did not come back in time."""
 
@@ -507,6 +533,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         EstimateDistrusted, EstimateChecking, LadderStepped, SpeedCompared, SpeedSkipped,
         RetryScheduled, CheckpointResumed, CheckpointSkipped, GpuHeld, TerminalLost,
         SignalReceived, LadderExhausted, FinalWritten, Notified, RunFinished,
+        CheckpointRescued, RescueFailed,
     )
 }
 """Every event the journal may hold, by its `event` name."""

@@ -25,7 +25,7 @@ import psutil
 import structlog
 from tenacity import RetryCallState, wait_exponential
 
-from supervisor import checkpoints, plot, progress, report, runner, speed, trainer_output
+from supervisor import checkpoints, plot, progress, report, rescue, runner, speed, trainer_output
 from supervisor._compat import Self, StrEnum
 from supervisor.classify import Outcome, Verdict, VerdictKind, classify
 from supervisor.command import Command, CommandError, environment
@@ -37,6 +37,7 @@ from supervisor.events import (
     AttemptRecord,
     AttemptSpawned,
     AttemptStarted,
+    CheckpointRescued,
     CheckpointResumed,
     CheckpointSkipped,
     EstimateChecking,
@@ -46,6 +47,7 @@ from supervisor.events import (
     GpuHeld,
     LadderExhausted,
     LadderStepped,
+    RescueFailed,
     RetryScheduled,
     RunConfig,
     RunFinished,
@@ -324,7 +326,8 @@ def _emit(live: _Live, event: E) -> E:
     level = ("error" if stamped.KIND == "ladder.exhausted" else
              "warning" if stamped.KIND in ("gpu.held", "transient.retrying", "terminal.lost",
                                            "signal.received", "estimate.distrusted",
-                                           "estimate.checking") else "info")
+                                           "estimate.checking", "checkpoint.rescue_failed")
+             else "info")
     getattr(live.log, level)(stamped.KIND, **fields)
     return stamped
 
@@ -758,8 +761,9 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command,  # noqa: PLR0913
     if live.config.inject_device_memory and live.config.device_mib:
         # The command's own `env PYTHONPATH=...` / `env -i` prefix keeps the injected limit.
         argv = device_memory_argv(argv, int(live.config.device_mib))
+    env, stop_file = _injected(live, attempt_dir, {**live.env, **dict(rendered.env)})
     return runner.AttemptSpec(
-        argv=argv, env={**live.env, **dict(rendered.env)}, cwd=rendered.cwd,
+        argv=argv, env=env, cwd=rendered.cwd,
         log_dir=attempt_dir,
         stop=live.stop, echo=live.echo, timeout_s=live.ladder.attempt_timeout_s,
         stall_s=live.ladder.stall_timeout_s,
@@ -772,7 +776,63 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command,  # noqa: PLR0913
         marker=str(attempt_dir.resolve()),
         on_spawn=on_spawn, redactor=live.redactor,
         gpu=None if gpu is None or getattr(gpu, "unavailable", None) else gpu,
-        release_wait_s=live.ladder.release_wait_s, timed_steps=timed_steps)
+        release_wait_s=live.ladder.release_wait_s, timed_steps=timed_steps,
+        rescue_stop_file=stop_file, rescue_save_s=_save_s(live) if stop_file else None,
+        rescue_unmeasured_s=live.ladder.rescue_grace_s)
+
+
+def _injected(live: _Live, attempt_dir: Path, env: Mapping[str, str],
+              ) -> tuple[dict[str, str], Path | None]:
+    """The attempt's environment with what the injected sitecustomize is asked to do in it.
+
+    The rescue hook (policy [rescue]) is armed in every attempt: it acts only in a Hugging Face
+    Trainer's train(), with one process. Returns the file a polite stop creates, if any.
+    """
+    ladder = live.ladder
+    if not (ladder.rescue_on_oom or ladder.rescue_on_stop):
+        return dict(env), None
+    stop_file = attempt_dir.resolve() / rescue.STOP_FILE if ladder.rescue_on_stop else None
+    return rescue.inject(env, oom=ladder.rescue_on_oom, stop_file=stop_file), stop_file
+
+
+def _save_s(live: _Live) -> float | None:
+    """How long a save took in this run: its newest checkpoints' write times, and its rescues."""
+    state = live.state()
+    newest = sorted(state.checkpoints, key=lambda c: (c.step, c.attempt))[-3:]
+    measured = [rescue.save_seconds(Path(c.path) for c in newest)]
+    measured += [e.seconds for e in state.events if isinstance(e, CheckpointRescued)]
+    known = [s for s in measured if s is not None]
+    return max(known) if known else None
+
+
+def _rescues(live: _Live, number: int, attempt_dir: Path, tail: Sequence[str]) -> None:
+    """Journal what the trainer's rescue hook said it did in this attempt."""
+    said = rescue.read([*tail, *_log_end(attempt_dir / "stderr.log")])
+    seen: set[tuple[str, int, str | None]] = set()
+    for saved in said.saved:
+        if (saved.why, saved.step, saved.checkpoint) not in seen:
+            seen.add((saved.why, saved.step, saved.checkpoint))
+            _emit(live, CheckpointRescued(attempt=number, step=saved.step, why=saved.why,
+                                          seconds=saved.seconds, checkpoint=saved.checkpoint))
+    for failed in said.failed:
+        if (failed.why, failed.step, failed.error) not in seen:
+            seen.add((failed.why, failed.step, failed.error))
+            _emit(live, RescueFailed(attempt=number, step=failed.step, why=failed.why,
+                                     error=live.redactor.text(failed.error or "unknown"),
+                                     seconds=failed.seconds))
+
+
+_LOG_END_BYTES = 256 * 1024
+
+
+def _log_end(path: Path) -> list[str]:
+    """The last lines of an attempt's log (the tail the runner kept may have scrolled past)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - _LOG_END_BYTES))
+            return handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 _NOT_LIMITED = ("--device-memory was not in force in this attempt: the injected limit never "
@@ -826,6 +886,7 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
         ended_at=outcome.ended_at, progress=outcome.progress, checkpoint_times=times,
         watchdog=outcome.watchdog, host_peak_mib=outcome.host_peak_mib, cost=measured.cost,
     ))
+    _rescues(live, number, attempt_dir, outcome.tail)
     return verdict
 
 

@@ -40,12 +40,16 @@ FAULTS_ENV = "REFERENCE_TRAINER_FAULTS"
 """A night's accidents, for tests and benchmarks/night.py: `longer@K` (from optimizer step K
 on, every sample is cutoff_len long instead of half of it: the data gets longer, a real
 allocator failure under a memory budget), `hang@K` (after step K, silent for good),
-`transient@K` (after step K, torchelastic's RendezvousConnectionError). Each `hang`/`transient`
-fires once per output folder (remembered in `<output_dir>/.reference-trainer-faults`), so a
-retry goes past it, as after a real accident."""
+`transient@K` (after step K, torchelastic's RendezvousConnectionError), `full@K` (after step K,
+no file this process writes may grow past 1 MiB: RLIMIT_FSIZE, the kernel's EFBIG, as a full
+disk would fail a checkpoint's save). Each `hang`/`transient`/`full` fires once per output
+folder (remembered in `<output_dir>/.reference-trainer-faults`), so a retry goes past it, as
+after a real accident."""
 STEP_S_ENV = "REFERENCE_TRAINER_STEP_S"
 """Seconds each optimizer step takes at least: a time-scaled night of real steps."""
 
+_FULL_BYTES = 2**20
+"""`full@K`: the largest file the process may write from step K on."""
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
@@ -408,7 +412,7 @@ def _faults(text: str) -> dict[str, int]:
     faults: dict[str, int] = {}
     for item in text.split(","):
         kind, _, step = item.strip().partition("@")
-        if kind in ("hang", "transient", "longer") and step.isdigit():
+        if kind in ("hang", "transient", "longer", "full") and step.isdigit():
             faults[kind] = int(step)
     return faults
 
@@ -446,6 +450,11 @@ def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa:
                 dataset.short = step < faults["longer"]
             if faults.get("hang") == step and fire_once("hang"):
                 time.sleep(10**7)  # silent for good: the supervisor's watchdog must see it
+            if faults.get("full") == step and fire_once("full"):
+                # Python ignores SIGXFSZ: a write past the limit fails with OSError (EFBIG).
+                hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+                soft = _FULL_BYTES if hard == resource.RLIM_INFINITY else min(_FULL_BYTES, hard)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             if faults.get("transient") == step and fire_once("transient"):
                 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 

@@ -15,7 +15,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("_compat", "text", "echo", "files"),
     ("knobs", "command", "secrets", "classify", "gpu", "device_memory", "models", "_sim", "fits",
      "rundir", "plot", "_inject"),
-    ("program",),
+    ("program", "rescue"),
     ("dialects", "policy", "_wrap", "estimate", "_estimate_child", "reference_trainer",
      "trainer_output"),
     ("events", "plan", "runner"),

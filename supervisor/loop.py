@@ -686,8 +686,7 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
              timed_steps: int | None = None) -> Verdict:
     """Run one attempt of `knobs`; timed for a speed comparison when speed.audition says so."""
     number = len(live.state().attempts) + 1
-    if timed_steps is None and isinstance(_audition(live, knobs), speed.Alternative):
-        timed_steps = live.ladder.speed_steps
+    timed_steps = timed_steps or _timed_steps(live, knobs, rung)
     attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
     rendered = live.dialect.render(live.command, knobs, attempt_dir)
     shown = tuple(live.redactor.argv(rendered.argv))
@@ -708,6 +707,17 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
     return _record(live, started, outcome)
 
 
+def _timed_steps(live: _Live, knobs: Knobs, rung: str | None) -> int | None:
+    """Steps to time an attempt of `knobs` for (None: it trains to its end).
+
+    The rival of a comparison is always timed, also when it runs again after a resume (a kill
+    of the supervisor while it was being timed): never made final untimed.
+    """
+    if rung == speed.RUNG or isinstance(_audition(live, knobs), speed.Alternative):
+        return live.ladder.speed_steps
+    return None
+
+
 def _audition(live: _Live, knobs: Knobs) -> speed.Alternative | str | None:
     """speed.audition with what this run knows (its walk, its program, its predictions)."""
     predictor = live.memory.predictor
@@ -726,9 +736,14 @@ def _compare(live: _Live, knobs: Knobs) -> tuple[Knobs, Verdict]:
     faster from the newest checkpoint (speed.py). An OOM of the rival settles it too."""
     state = live.state()
     first = state.attempts[-1]
-    if first.started.rung == speed.RUNG and len(state.attempts) > 1:
-        # A resume between the rival's timing and the comparison: both are timed already.
-        first = state.attempts[-2]
+    if first.started.rung == speed.RUNG:
+        # The rival has been timed (also when it was timed again after a resume, or a resume
+        # fell between its timing and the comparison): the first is the newest timed attempt of
+        # another rung (failing that, the newest of another rung: then it is kept).
+        others = [a for a in state.attempts
+                  if a.started.rung != speed.RUNG and a.finished is not None]
+        timed = [a for a in others if a.finished and a.finished.verdict == str(VerdictKind.TIMED)]
+        first = (timed or others or [first])[-1]
     else:
         rival = _audition(live, knobs)
         if not isinstance(rival, speed.Alternative):  # nothing left to time it against
@@ -955,7 +970,9 @@ def _settle_orphan(live: _Live, pending: AttemptRecord, orphan: str,
     """
     attempt_dir = live.run_dir / pending.started.log_dir
     rendered = live.dialect.render(live.command, pending.knobs, attempt_dir)
-    spec = _spec(live, attempt_dir, rendered, pending.knobs)
+    # An attempt being timed when the supervisor died is still timed when adopted.
+    spec = _spec(live, attempt_dir, rendered, pending.knobs,
+                 timed_steps=_timed_steps(live, pending.knobs, pending.started.rung))
     spawned: runner.Spawned | None = (
         runner.Spawned(pid=pending.spawned.pid, create_time=pending.spawned.create_time)
         if pending.spawned is not None else find_leader(spec.marker))

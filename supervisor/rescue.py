@@ -33,6 +33,7 @@ MARGIN = 1.5
 """The measured save and step are stretched by this much, plus MARGIN_S: a loaded machine."""
 MARGIN_S = 10.0
 
+_CHECKPOINT = re.compile(r"^checkpoint-[1-9]\d*$")
 _LINE = re.compile(re.escape(MARK) + r" (\{[^{}]*\})")
 
 
@@ -136,6 +137,21 @@ def save_seconds(folders: Iterable[Path]) -> float | None:
             span = max(times) - min(times)
             worst = span if worst is None else max(worst, span)
     return worst
+
+
+def recent_save_seconds(output_dir: Path | None, since: float) -> float | None:
+    """save_seconds of the `checkpoint-N` folders in `output_dir` written since `since` (the
+    attempt's own saves, before the journal credits them)."""
+    if output_dir is None:
+        return None
+    recent: list[Path] = []
+    with contextlib.suppress(OSError):
+        for entry in output_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if (_CHECKPOINT.match(entry.name) and entry.is_dir()
+                        and entry.stat().st_mtime >= since):
+                    recent.append(entry)
+    return save_seconds(recent)
 
 
 def stop_grace_s(save_s: float | None, step_s: float | None, *,

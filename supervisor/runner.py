@@ -410,13 +410,13 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             killed = True
         elif (spec.stop.graceful.is_set() and not interrupted) or spec.stop.immediate.is_set():
             interrupted = True
-            _save_first(spec, sink, poll)
+            _save_first(spec, sink, poll, started=started)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         elif (spec.timed_steps and not timed and not interrupted and not sink.tracker.ended
               and sink.tracker.timed_span >= spec.timed_steps):
             timed = True
             log.info("speed.timed", steps=sink.tracker.timed_span, pid=spawned.pid)
-            _save_first(spec, sink, poll)
+            _save_first(spec, sink, poll, started=started)
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
             hung = f"ran past its time limit of {spec.timeout_s:g} s"
@@ -481,7 +481,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     )
 
 
-def _save_first(spec: AttemptSpec, sink: _Sink, poll: Callable[[], int | None]) -> None:
+def _save_first(spec: AttemptSpec, sink: _Sink, poll: Callable[[], int | None], *,
+                started: float) -> None:
     """A polite stop: ask the trainer's rescue hook to save at its next step end, and wait.
 
     The wait is the time a save took in this run plus one step (rescue.stop_grace_s), not the
@@ -493,7 +494,11 @@ def _save_first(spec: AttemptSpec, sink: _Sink, poll: Callable[[], int | None]) 
             or spec.stop.immediate.is_set()):
         return
     summary = sink.tracker.summary() or {}
-    grace_s = rescue.stop_grace_s(spec.rescue_save_s, rescue.step_seconds(summary.get("samples")),
+    began = time.time() - (time.monotonic() - started)
+    saves = [s for s in (spec.rescue_save_s,
+                         rescue.recent_save_seconds(spec.activity_dir, began)) if s is not None]
+    grace_s = rescue.stop_grace_s(max(saves) if saves else None,
+                                  rescue.step_seconds(summary.get("samples")),
                                   unmeasured_s=spec.rescue_unmeasured_s)
     try:
         spec.rescue_stop_file.touch()

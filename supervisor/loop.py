@@ -713,7 +713,9 @@ def _timed_steps(live: _Live, knobs: Knobs, rung: str | None) -> int | None:
     The rival of a comparison is always timed, also when it runs again after a resume (a kill
     of the supervisor while it was being timed): never made final untimed.
     """
-    if rung == speed.RUNG or isinstance(_audition(live, knobs), speed.Alternative):
+    if rung == speed.RUNG:  # the rival; once compared, the winner of that rung trains on
+        return live.ladder.speed_steps if speed.compared(live.state()) is None else None
+    if isinstance(_audition(live, knobs), speed.Alternative):
         return live.ladder.speed_steps
     return None
 

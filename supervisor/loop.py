@@ -795,7 +795,8 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command,  # noqa: PLR0913
         gpu=None if gpu is None or getattr(gpu, "unavailable", None) else gpu,
         release_wait_s=live.ladder.release_wait_s, timed_steps=timed_steps,
         rescue_stop_file=stop_file, rescue_save_s=_save_s(live) if stop_file else None,
-        rescue_unmeasured_s=live.ladder.rescue_grace_s)
+        rescue_unmeasured_s=live.ladder.rescue_grace_s,
+        rescue_jit=rescue.jit_enabled(argv, rendered.cwd))
 
 
 def _injected(live: _Live, attempt_dir: Path, env: Mapping[str, str],

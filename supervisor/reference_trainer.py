@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool("load_in_bf16", "load the model in bf16 and upcast only its trainable parameters "
              "to fp32, autocast in bf16 (LLaMA-Factory's `bf16: true`; implies --bf16)")
     add_bool("fp16", "fp16 mixed precision (GPU only; ignored on CPU)")
+    add_bool("enable_jit_checkpoint", "transformers' just-in-time checkpointing: on SIGTERM, "
+             "save at the next step boundary and stop")
     add(
         "host-memory-cap",
         type=_positive_int,
@@ -371,6 +373,8 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
 
     bf16 = bool(args.bf16 or args.load_in_bf16)
     fp16 = bool(args.fp16) and cuda
+    # Only when asked: transformers before 5 has no such argument.
+    jit: dict[str, Any] = {"enable_jit_checkpoint": True} if args.enable_jit_checkpoint else {}
     if args.fp16 and not cuda:
         print("reference-trainer: --fp16 needs a GPU; training in fp32 on CPU", file=sys.stderr)
     return TrainingArguments(
@@ -391,6 +395,7 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
         dataloader_num_workers=0,
         # An OOM must reach the supervisor: never let the Trainer shrink the batch itself.
         auto_find_batch_size=False,
+        **jit,
     )
 
 

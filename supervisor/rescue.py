@@ -32,6 +32,12 @@ UNMEASURED_GRACE_S = 120.0
 MARGIN = 1.5
 """The measured save and step are stretched by this much, plus MARGIN_S: a loaded machine."""
 MARGIN_S = 10.0
+JIT_WAIT_S = 3.0
+"""transformers' just-in-time checkpointing waits this long after SIGTERM before it asks for the
+save (trainer_jit_checkpoint.CheckpointManager's kill_wait)."""
+JIT_KEY = "enable_jit_checkpoint"
+_TRUE = frozenset({"true", "1", "yes", "y", "on"})
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 _CHECKPOINT = re.compile(r"^checkpoint-[1-9]\d*$")
 _LINE = re.compile(re.escape(MARK) + r" (\{[^{}]*\})")
@@ -175,3 +181,42 @@ def step_seconds(samples: Sequence[Sequence[float]] | None) -> float | None:
     if s1 <= s0 or t1 <= t0:
         return None
     return (t1 - t0) / (s1 - s0)
+
+
+def jit_enabled(argv: Sequence[str], cwd: str | None) -> bool:
+    """The command turns on transformers' just-in-time checkpointing (`--enable_jit_checkpoint`,
+    a `key=value` override, or the key in a YAML/JSON config file it names): on SIGTERM such a
+    trainer saves at its next step boundary, after JIT_WAIT_S."""
+    for index, word in enumerate(argv):
+        name, eq, value = word.partition("=")
+        if name.lstrip("-").replace("-", "_") != JIT_KEY or not (eq or name.startswith("--")):
+            continue
+        if not eq:
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            value = following if following and not following.startswith("-") else "true"
+        return value.strip().lower() in _TRUE
+    return any(_config_says_jit(word, cwd) for word in argv if word.endswith(_CONFIG_SUFFIXES))
+
+
+def _config_says_jit(word: str, cwd: str | None) -> bool:
+    path = Path(word)
+    if not path.is_absolute() and cwd:
+        path = Path(cwd) / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if JIT_KEY not in text:
+        return False  # the cheap answer for nearly every config
+    data: object = None
+    with contextlib.suppress(Exception):  # a config the program itself will complain about
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            from ruamel.yaml import YAML  # noqa: PLC0415 - only configs that name the key
+
+            data = YAML(typ="safe").load(text)
+    if not isinstance(data, Mapping):
+        return False
+    value = data.get(JIT_KEY)
+    return value is True or str(value).strip().lower() in _TRUE

@@ -133,6 +133,9 @@ class AttemptSpec:
     """How long a save took in this run (None: none measured yet)."""
     rescue_unmeasured_s: float = rescue.UNMEASURED_GRACE_S
     """The wait for that save while none was measured."""
+    rescue_jit: bool = False
+    """The command turned on transformers' just-in-time checkpointing: on a polite stop its
+    SIGTERM is given the time of JIT's own wait, a save and a step before the SIGKILL."""
 
 
 def log_cap_bytes(env: Mapping[str, str]) -> int:
@@ -411,13 +414,13 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         elif (spec.stop.graceful.is_set() and not interrupted) or spec.stop.immediate.is_set():
             interrupted = True
             _save_first(spec, sink, poll, started=started)
-            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+            tree.end(grace_s=_polite_grace_s(spec, sink, started), hurry=spec.stop.immediate)
         elif (spec.timed_steps and not timed and not interrupted and not sink.tracker.ended
               and sink.tracker.timed_span >= spec.timed_steps):
             timed = True
             log.info("speed.timed", steps=sink.tracker.timed_span, pid=spawned.pid)
             _save_first(spec, sink, poll, started=started)
-            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+            tree.end(grace_s=_polite_grace_s(spec, sink, started), hurry=spec.stop.immediate)
         elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
             hung = f"ran past its time limit of {spec.timeout_s:g} s"
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
@@ -493,13 +496,7 @@ def _save_first(spec: AttemptSpec, sink: _Sink, poll: Callable[[], int | None], 
     if (spec.rescue_stop_file is None or not sink.rescue_armed or sink.tracker.ended
             or spec.stop.immediate.is_set()):
         return
-    summary = sink.tracker.summary() or {}
-    began = time.time() - (time.monotonic() - started)
-    saves = [s for s in (spec.rescue_save_s,
-                         rescue.recent_save_seconds(spec.activity_dir, began)) if s is not None]
-    grace_s = rescue.stop_grace_s(max(saves) if saves else None,
-                                  rescue.step_seconds(summary.get("samples")),
-                                  unmeasured_s=spec.rescue_unmeasured_s)
+    grace_s = _save_grace_s(spec, sink, started)
     try:
         spec.rescue_stop_file.touch()
     except OSError as exc:
@@ -509,6 +506,25 @@ def _save_first(spec: AttemptSpec, sink: _Sink, poll: Callable[[], int | None], 
     deadline = time.monotonic() + grace_s
     while poll() is None and time.monotonic() < deadline and not spec.stop.immediate.is_set():
         time.sleep(_POLL_S)
+
+
+def _save_grace_s(spec: AttemptSpec, sink: _Sink, started: float) -> float:
+    """A save of this run (journaled ones, and this attempt's own) plus one step."""
+    summary = sink.tracker.summary() or {}
+    began = time.time() - (time.monotonic() - started)
+    saves = [s for s in (spec.rescue_save_s,
+                         rescue.recent_save_seconds(spec.activity_dir, began)) if s is not None]
+    return rescue.stop_grace_s(max(saves) if saves else None,
+                               rescue.step_seconds(summary.get("samples")),
+                               unmeasured_s=spec.rescue_unmeasured_s)
+
+
+def _polite_grace_s(spec: AttemptSpec, sink: _Sink, started: float) -> float:
+    """The SIGTERM's grace on a polite stop: JIT's wait, a save and a step for a trainer that
+    checkpoints on SIGTERM itself; the usual few seconds otherwise."""
+    if not spec.rescue_jit or spec.stop.immediate.is_set():
+        return spec.grace_s
+    return max(spec.grace_s, rescue.JIT_WAIT_S + _save_grace_s(spec, sink, started))
 
 
 class _Activity:

@@ -182,3 +182,37 @@ def test_sigterm_mid_run_saves_at_the_next_step_and_resume_goes_on_from_it(
     last = _kinds(journal, "attempt.finished")[-1]
     assert last["verdict"] == "fits"
     assert last["trained_steps"] == {"steps": 40, "resumed_from_step": step}
+
+
+def test_a_trainer_with_jit_checkpointing_gets_the_time_to_save_on_sigterm(
+        tmp_path: Path) -> None:
+    """The rescue hook switched off, the trainer run with transformers' own
+    `--enable_jit_checkpoint` and no periodic saves, steps of 5 s: on SIGTERM it waits 3 s,
+    then saves at its next step boundary, mostly later than the usual 5 s before the SIGKILL.
+    The supervisor gives it JIT's wait plus a save and a step, so the checkpoint is whole and
+    credited to the attempt."""
+    policy = tmp_path / "no-rescue.toml"
+    policy.write_text(DEFAULT.read_text(encoding="utf-8").replace(
+        "on_oom = true", "on_oom = false").replace("on_stop = true", "on_stop = false"),
+        encoding="utf-8")
+    run_dir = tmp_path / "jit"
+    argv = [sys.executable, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
+            "--policy", str(policy), "--runs-dir", str(tmp_path), "--run-id", "jit", "--",
+            *TRAINER, "--per_device_train_batch_size", "2", "--cutoff_len", "64",
+            "--max_steps", "40", "--output_dir", "out",
+            "--enable_jit_checkpoint"]
+    env = {**quiet_env(), "REFERENCE_TRAINER_STEP_S": "5"}
+    with (tmp_path / "supervisor.log").open("ab") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=sink, env=env, cwd=tmp_path)  # noqa: S603
+    stderr_log = run_dir / "attempts" / "01" / "stderr.log"
+    wait_for(lambda: stderr_log.exists() and "| 2/40 [" in stderr_log.read_text(errors="replace"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 130
+    journal = events(run_dir)
+    assert _kinds(journal, "checkpoint.rescued") == []  # the hook was off: this is JIT's save
+    [finished] = _kinds(journal, "attempt.finished")
+    [(path, step)] = finished["checkpoints"]  # JIT's: there are no periodic saves
+    assert step >= 2
+    assert not (Path(path) / "checkpoint-is-incomplete.txt").exists()
+    assert json.loads((Path(path) / "trainer_state.json").read_text())["global_step"] == step
+    assert attempt_processes(run_dir) == []

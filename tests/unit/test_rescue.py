@@ -157,3 +157,32 @@ def test_the_report_says_each_rescue_in_a_sentence(event: dict[str, Any], says: 
     line = _rescue_line(event)
     assert says in line
     assert "checkpoint.rescue" not in line
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (("train.py", "--enable_jit_checkpoint"), True),
+    (("train.py", "--enable_jit_checkpoint", "--output_dir", "o"), True),
+    (("train.py", "--enable_jit_checkpoint", "false"), False),
+    (("train.py", "--enable-jit-checkpoint=True"), True),
+    (("llamafactory-cli", "train", "sft.yaml", "enable_jit_checkpoint=true"), True),
+    (("train.py", "--output_dir", "enable_jit_checkpoint"), False),
+    (("train.py",), False),
+])
+def test_jit_checkpointing_is_read_from_the_command(argv: tuple[str, ...],
+                                                    expected: bool) -> None:  # noqa: FBT001
+    """A flag, a bare flag, a key=value override: the trainer saves on SIGTERM by itself."""
+    assert rescue.jit_enabled(argv, None) is expected
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("sft.yaml", "model_name_or_path: m\nenable_jit_checkpoint: true\n", True),
+    ("sft.yaml", "enable_jit_checkpoint: false\n", False),
+    ("sft.yml", "# enable_jit_checkpoint: true\nstage: sft\n", False),
+    ("args.json", '{"enable_jit_checkpoint": true}', True),
+    ("broken.yaml", "enable_jit_checkpoint: [\n", False),
+])
+def test_jit_checkpointing_is_read_from_the_config_file(tmp_path: Path, name: str, text: str,
+                                                        expected: bool) -> None:  # noqa: FBT001
+    """The YAML (or JSON) key, relative to the command's folder; a broken file says no."""
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    assert rescue.jit_enabled(("llamafactory-cli", "train", name), str(tmp_path)) is expected

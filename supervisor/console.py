@@ -222,6 +222,11 @@ class Console:
             fresh = [s for s in event.get("skipped") or [] if s not in self._said]
             self._said.update(fresh)
             return _step_line({**event, "skipped": fresh})
+        if name in ("checkpoint.rescued", "checkpoint.rescue_failed"):
+            return report.rescue_line({**event, "event": name}).removeprefix("- ")
+        if name == "rescue.requested":
+            return (f"asked the trainer to save at its next step end and stop (waiting up to "
+                    f"{float(event.get('grace_s') or 0):.0f} s)")
         if name in ("speed.compared", "speed.skipped"):
             shown = report.speed_line({**event, "compared": name == "speed.compared"})
             if shown:

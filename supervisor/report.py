@@ -519,7 +519,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         out.append(f"- checked for real instead of skipped: {data['estimate_checking']}")
     if data.get("progress") or data.get("rescues"):
         out += ["", "## Progress kept across attempts", ""]
-        out += [_rescue_line(r) for r in data.get("rescues") or ()]
+        out += [rescue_line(r) for r in data.get("rescues") or ()]
         for p in data.get("progress") or ():
             if p["event"] == "checkpoint.resumed":
                 out.append(f"- attempt {p['attempt']} resumed from `{p['checkpoint']}`: the "
@@ -642,19 +642,19 @@ def _final_section(data: dict[str, Any], eb: dict[str, Any]) -> list[str]:
     return out
 
 
-def _rescue_line(rescue: Mapping[str, Any]) -> str:
+def rescue_line(rescue: Mapping[str, Any]) -> str:
     """One rescue checkpoint (or a failed one) in a sentence."""
     took = f" in {rescue['seconds']:.1f} s" if rescue.get("seconds") is not None else ""
     if rescue["event"] == "checkpoint.rescue_failed":
         return (f"- attempt {rescue['attempt']} tried to save step {rescue['step']} on its way "
-                f"out and could not ({rescue['error']}); it left nothing behind, and the next "
+                f"out and could not ({rescue.get('error')}); it left nothing behind, and the next "
                 "attempt went on from the checkpoint before it")
+    folder = rescue.get("checkpoint") or f"checkpoint-{rescue['step']}"
     if rescue["why"] == "oom":
         return (f"- attempt {rescue['attempt']} ran out of memory in the step after step "
-                f"{rescue['step']}, and first saved `{rescue['checkpoint']}` (the last completed "
-                f"step){took}")
-    return (f"- attempt {rescue['attempt']} was asked to stop and saved `{rescue['checkpoint']}` "
-            f"at its next step end{took}")
+                f"{rescue['step']}, and first saved `{folder}` (the last completed step){took}")
+    return (f"- attempt {rescue['attempt']} was asked to stop and saved `{folder}` at its next "
+            f"step end{took}")
 
 
 def _attempts_section(data: dict[str, Any], device: float | None) -> list[str]:

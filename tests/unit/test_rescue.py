@@ -3,6 +3,7 @@ tests/data/rescue/), the wait a polite stop gets, the policy switch, the report'
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -13,9 +14,10 @@ import pytest
 from supervisor import rescue
 from supervisor._compat import tomllib
 from supervisor.classify import Outcome, VerdictKind, classify
+from supervisor.console import Console
 from supervisor.device_memory import INJECT_DIR
 from supervisor.policy import PolicyError, parse
-from supervisor.report import _rescue_line
+from supervisor.report import rescue_line
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "rescue"
 DEFAULT = Path(__file__).resolve().parents[2] / "policies" / "default.toml"
@@ -154,7 +156,7 @@ def test_a_bad_rescue_table_is_one_line(table: dict[str, Any], says: str) -> Non
 ])
 def test_the_report_says_each_rescue_in_a_sentence(event: dict[str, Any], says: str) -> None:
     """No event names, the step and the seconds."""
-    line = _rescue_line(event)
+    line = rescue_line(event)
     assert says in line
     assert "checkpoint.rescue" not in line
 
@@ -186,3 +188,18 @@ def test_jit_checkpointing_is_read_from_the_config_file(tmp_path: Path, name: st
     """The YAML (or JSON) key, relative to the command's folder; a broken file says no."""
     (tmp_path / name).write_text(text, encoding="utf-8")
     assert rescue.jit_enabled(("llamafactory-cli", "train", name), str(tmp_path)) is expected
+
+
+def test_the_console_says_each_rescue_in_a_sentence() -> None:
+    """The live console's line for a rescue, a failed one and the wait: no event names."""
+    console = Console(io.StringIO(), live=False, clock=lambda: 0.0)
+    saved = console.line("checkpoint.rescued", {"attempt": 3, "step": 71, "why": "oom",
+                                                "seconds": 2.5, "checkpoint": "/o/checkpoint-71"})
+    assert saved == ("attempt 3 ran out of memory in the step after step 71, and first saved "
+                     "`/o/checkpoint-71` (the last completed step) in 2.5 s")
+    failed = console.line("checkpoint.rescue_failed", {"attempt": 3, "step": 71, "why": "oom",
+                                                       "error": "OSError: disk full"})
+    assert failed is not None
+    assert failed.startswith("attempt 3 tried to save step 71 on its way out and could not")
+    asked = console.line("rescue.requested", {"grace_s": 13.5})
+    assert asked == "asked the trainer to save at its next step end and stop (waiting up to 14 s)"

@@ -228,7 +228,9 @@ def _patch(module: ModuleType, settings: dict[str, Any]) -> None:
             try:
                 return step(*step_args, **step_kwargs)
             except BaseException as error:
-                if on_oom and is_oom(error):
+                # With auto_find_batch_size the Trainer catches the OOM and starts over itself.
+                if on_oom and is_oom(error) and not getattr(self.args, "auto_find_batch_size",
+                                                            False):
                     _save_after_oom(self, error, rng)
                 raise
 

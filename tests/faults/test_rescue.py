@@ -72,6 +72,8 @@ def test_an_oom_mid_run_saves_the_last_step_and_the_next_config_goes_on_from_it(
     assert finished[0]["progress"]["step"] == step
     assert finished[1]["trained_steps"] == {"steps": 10, "resumed_from_step": step}
     assert not list((tmp_path / "out").glob(".oom-supervisor-rescue-*"))
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert f"ran out of memory in the step after step {step}, and first saved" in report
 
 
 def test_a_rescue_that_fails_leaves_no_folder_and_the_run_goes_on_from_the_last_checkpoint(

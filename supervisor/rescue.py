@@ -32,6 +32,10 @@ UNMEASURED_GRACE_S = 120.0
 MARGIN = 1.5
 """The measured save and step are stretched by this much, plus MARGIN_S: a loaded machine."""
 MARGIN_S = 10.0
+MAX_GRACE_S = 1800.0
+"""The longest a polite stop waits for a save, whatever was measured (a folder rewritten long
+after its save would say hours; a trainer that never reaches its step end must not hold the
+stop that long: a second Ctrl-C cuts any wait short)."""
 JIT_WAIT_S = 3.0
 """transformers' just-in-time checkpointing waits this long after SIGTERM before it asks for the
 save (trainer_jit_checkpoint.CheckpointManager's kill_wait)."""
@@ -170,7 +174,7 @@ def stop_grace_s(save_s: float | None, step_s: float | None, *,
     """
     if save_s is None:
         return unmeasured_s
-    return MARGIN * (save_s + (step_s or 0.0)) + MARGIN_S
+    return min(MAX_GRACE_S, MARGIN * (save_s + (step_s or 0.0)) + MARGIN_S)
 
 
 def step_seconds(samples: Sequence[Sequence[float]] | None) -> float | None:

@@ -102,6 +102,7 @@ def test_a_polite_stop_waits_a_save_and_a_step() -> None:
     assert rescue.stop_grace_s(20.0, 4.0) == pytest.approx(
         rescue.MARGIN * 24.0 + rescue.MARGIN_S)
     assert rescue.stop_grace_s(20.0, None) == pytest.approx(rescue.MARGIN * 20.0 + rescue.MARGIN_S)
+    assert rescue.stop_grace_s(86400.0, 2.0) == rescue.MAX_GRACE_S
     assert rescue.step_seconds([[3, 100.0], [7, 108.0]]) == pytest.approx(2.0)
     assert rescue.step_seconds([[3, 100.0]]) is None
     assert rescue.step_seconds(None) is None

@@ -294,7 +294,8 @@ def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:
             continue
         for raw in reversed(tail.splitlines()):
             line = raw.rsplit("\r", 1)[-1].strip()
-            if line:
+            # The injected code's own lines (limit, peak, rescue) are not the trainer's words.
+            if line and not line.startswith("oom-supervisor."):
                 return line
     return None
 

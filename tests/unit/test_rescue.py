@@ -14,7 +14,7 @@ import pytest
 from supervisor import rescue
 from supervisor._compat import tomllib
 from supervisor.classify import Outcome, VerdictKind, classify
-from supervisor.console import Console
+from supervisor.console import Console, last_output_line
 from supervisor.device_memory import INJECT_DIR
 from supervisor.policy import PolicyError, parse
 from supervisor.report import rescue_line
@@ -204,3 +204,11 @@ def test_the_console_says_each_rescue_in_a_sentence() -> None:
     assert failed.startswith("attempt 3 tried to save step 71 on its way out and could not")
     asked = console.line("rescue.requested", {"grace_s": 13.5})
     assert asked == "asked the trainer to save at its next step end and stop (waiting up to 14 s)"
+
+
+def test_the_live_line_never_shows_the_hooks_own_line(tmp_path: Path) -> None:
+    """The last line the trainer wrote, not the hook's `armed` line after it."""
+    (tmp_path / "stderr.log").write_text(
+        "loading\n 5%|5         | 2/40 [00:01<00:20]\n" + _lines("stop-saved.txt")[0] + "\n",
+        encoding="utf-8")
+    assert last_output_line(tmp_path) == "5%|5         | 2/40 [00:01<00:20]"

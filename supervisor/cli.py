@@ -414,7 +414,8 @@ def main(argv: Sequence[str] | None = None, *, early_signals: Sequence[int] = ()
     # From the first instant: a SIGTERM (Slurm cancel) or Ctrl-C while the program is asked
     # for its --help ends the probe's tree and the supervisor cleanly (exit 130, one line).
     stop, signals = StopRequest(), Signals()
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                                 signal.SIGUSR1)}
     _install_early_handlers(stop, signals)
     try:
         if early_signals:
@@ -1077,6 +1078,9 @@ def _install_signal_handlers(stop: StopRequest, signals: Signals, run_dir: Path)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    # Slurm's warning signal (`sbatch --signal=B:USR1@120`): time is nearly up, stop politely
+    # (the trainer saves at its next step end) so that a requeue resumes from there.
+    signal.signal(signal.SIGUSR1, handler)
     signal.signal(signal.SIGHUP, hangup)
 
 

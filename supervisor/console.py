@@ -247,6 +247,11 @@ class Console:
             return _step_line({**event, "skipped": fresh})
         if name == "attempt.silent":
             return silent_line(event)
+        if name in ("checkpoint.rescued", "checkpoint.rescue_failed"):
+            return report.rescue_line({**event, "event": name}).removeprefix("- ")
+        if name == "rescue.requested":
+            return (f"asked the trainer to save at its next step end and stop (waiting up to "
+                    f"{float(event.get('grace_s') or 0):.0f} s)")
         if name in ("speed.compared", "speed.skipped"):
             shown = report.speed_line({**event, "compared": name == "speed.compared"})
             if shown:
@@ -346,8 +351,7 @@ def last_output_line(attempt_dir: Path, *, chars: int = 4096) -> str | None:
             continue
         for raw in reversed(tail.splitlines()):
             line = raw.rsplit("\r", 1)[-1].strip()
-            # The supervisor's own marker lines (`oom-supervisor.peak {...}`) are not the
-            # program's words: the line before them is.
+            # The injected code's own lines (limit, peak, rescue) are not the trainer's words.
             if line and not line.startswith("oom-supervisor."):
                 return line
     return None

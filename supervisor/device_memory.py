@@ -49,6 +49,16 @@ def device_memory_env(env: Mapping[str, str], mib: int) -> dict[str, str]:
     return out
 
 
+def with_inject_path(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the injected sitecustomize first on PYTHONPATH (what it does is set apart).
+
+    An existing PYTHONPATH (and any sitecustomize on it) is kept after ours: ours runs it.
+    """
+    out = dict(env)
+    out["PYTHONPATH"] = _with_ours(out.get("PYTHONPATH", ""))
+    return out
+
+
 def device_memory_argv(argv: Sequence[str], mib: int) -> tuple[str, ...]:
     """`argv` with every leading `env` keeping the injection (run it with device_memory_env).
 

@@ -442,6 +442,32 @@ class CheckpointSkipped(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointRescued(Event):
+    """The trainer saved a rescue checkpoint before it ended: after its step ran out of memory
+    (`why` = "oom"), or when asked to stop politely ("stop")."""
+
+    KIND: ClassVar[str] = "checkpoint.rescued"
+    attempt: int
+    step: int
+    why: str
+    seconds: float | None = None
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RescueFailed(Event):
+    """The trainer's rescue save failed (it left no folder): the run goes on from the newest
+    checkpoint it has."""
+
+    KIND: ClassVar[str] = "checkpoint.rescue_failed"
+    attempt: int
+    step: int
+    why: str
+    error: str
+    seconds: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GpuHeld(Event):
     """An attempt's GPU memory did not come back in time."""
 
@@ -562,6 +588,7 @@ EVENT_TYPES: Mapping[str, type[Event]] = {
         CheckpointPassedOver,
         ProbeLeftoversEnded,
         WatchdogExtended,
+                CheckpointRescued, RescueFailed,
     )
 }
 """Every event the journal may hold, by its `event` name."""

@@ -32,6 +32,7 @@ from supervisor import (
     program,
     progress,
     report,
+    rescue,
     runner,
     speed,
     trainer_output,
@@ -49,6 +50,7 @@ from supervisor.events import (
     AttemptSpawned,
     AttemptStarted,
     CheckpointPassedOver,
+    CheckpointRescued,
     CheckpointResumed,
     CheckpointSkipped,
     EstimateChecking,
@@ -59,6 +61,7 @@ from supervisor.events import (
     LadderExhausted,
     LadderStepped,
     ProbeLeftoversEnded,
+    RescueFailed,
     RetryScheduled,
     RunConfig,
     RunFinished,
@@ -347,7 +350,8 @@ def _emit(live: _Live, event: E) -> E:
     level = ("error" if stamped.KIND == "ladder.exhausted" else
              "warning" if stamped.KIND in ("gpu.held", "transient.retrying", "terminal.lost",
                                            "signal.received", "estimate.distrusted",
-                                           "estimate.checking") else "info")
+                                           "estimate.checking", "checkpoint.rescue_failed")
+             else "info")
     getattr(live.log, level)(stamped.KIND, **fields)
     return stamped
 
@@ -811,8 +815,7 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
              timed_steps: int | None = None) -> Verdict:
     """Run one attempt of `knobs`; timed for a speed comparison when speed.audition says so."""
     number = len(live.state().attempts) + 1
-    if timed_steps is None and isinstance(_audition(live, knobs), speed.Alternative):
-        timed_steps = live.ladder.speed_steps
+    timed_steps = timed_steps or _timed_steps(live, knobs, rung)
     attempt_dir = live.run_dir / "attempts" / f"{number:02d}"
     make_dir(attempt_dir, below=live.run_dir)  # made here, never a link planted there
     # Read back through the dialect: the attempt trains the knobs the run reports, or none.
@@ -837,6 +840,19 @@ def _attempt(live: _Live, knobs: Knobs, rung: str | None, *,
     return _record(live, started, outcome)
 
 
+def _timed_steps(live: _Live, knobs: Knobs, rung: str | None) -> int | None:
+    """Steps to time an attempt of `knobs` for (None: it trains to its end).
+
+    The rival of a comparison is always timed, also when it runs again after a resume (a kill
+    of the supervisor while it was being timed): never made final untimed.
+    """
+    if rung == speed.RUNG:  # the rival; once compared, the winner of that rung trains on
+        return live.ladder.speed_steps if speed.compared(live.state()) is None else None
+    if isinstance(_audition(live, knobs), speed.Alternative):
+        return live.ladder.speed_steps
+    return None
+
+
 def _audition(live: _Live, knobs: Knobs) -> speed.Alternative | str | None:
     """speed.audition with what this run knows (its walk, its program, its predictions)."""
     predictor = live.memory.predictor
@@ -855,9 +871,14 @@ def _compare(live: _Live, knobs: Knobs) -> tuple[Knobs, Verdict]:
     faster from the newest checkpoint (speed.py). An OOM of the rival settles it too."""
     state = live.state()
     first = state.attempts[-1]
-    if first.started.rung == speed.RUNG and len(state.attempts) > 1:
-        # A resume between the rival's timing and the comparison: both are timed already.
-        first = state.attempts[-2]
+    if first.started.rung == speed.RUNG:
+        # The rival has been timed (also when it was timed again after a resume, or a resume
+        # fell between its timing and the comparison): the first is the newest timed attempt of
+        # another rung (failing that, the newest of another rung: then it is kept).
+        others = [a for a in state.attempts
+                  if a.started.rung != speed.RUNG and a.finished is not None]
+        timed = [a for a in others if a.finished and a.finished.verdict == str(VerdictKind.TIMED)]
+        first = (timed or others or [first])[-1]
     else:
         rival = _audition(live, knobs)
         if not isinstance(rival, speed.Alternative):  # nothing left to time it against
@@ -890,11 +911,8 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command,  # noqa: PLR0913
     if live.config.inject_device_memory and live.config.device_mib:
         # The command's own `env PYTHONPATH=...` / `env -i` prefix keeps the injected limit.
         argv = device_memory_argv(argv, int(live.config.device_mib))
-    env = {**live.env, **dict(rendered.env)}
     ladder = live.ladder
-    if liveness.inject_decision(argv, env, enabled=ladder.liveness_stacks):
-        env = liveness.sampler_env(env, str(attempt_dir / liveness.STACKS_DIR),
-                                   interval_s=ladder.stack_interval_s)
+    env, stop_file = _injected(live, attempt_dir, argv, {**live.env, **dict(rendered.env)})
     number = int(attempt_dir.name) if attempt_dir.name.isdigit() else 0
     extended = _extended_limit(live.state().events, number) or 0.0
     fixed = max(ladder.stall_timeout_s, extended) if ladder.stall_timeout_s else None
@@ -916,7 +934,69 @@ def _spec(live: _Live, attempt_dir: Path, rendered: Command,  # noqa: PLR0913
         marker=str(attempt_dir.resolve()),
         on_spawn=on_spawn, redactor=live.redactor,
         gpu=None if gpu is None or getattr(gpu, "unavailable", None) else gpu,
-        release_wait_s=live.ladder.release_wait_s, timed_steps=timed_steps)
+        release_wait_s=live.ladder.release_wait_s, timed_steps=timed_steps,
+        rescue_stop_file=stop_file, rescue_save_s=_save_s(live) if stop_file else None,
+        rescue_unmeasured_s=live.ladder.rescue_grace_s,
+        rescue_jit=rescue.jit_enabled(argv, rendered.cwd))
+
+
+def _injected(live: _Live, attempt_dir: Path, argv: Sequence[str], env: Mapping[str, str],
+              ) -> tuple[dict[str, str], Path | None]:
+    """The attempt's environment with what the injected sitecustomize is asked to do in it.
+
+    The stack sampler (policy [liveness] stacks) in every Python attempt; the rescue hook
+    (policy [rescue]) in every attempt: it acts only in a Hugging Face Trainer's train(), with
+    one process. Returns the file a polite stop creates, if any.
+    """
+    ladder = live.ladder
+    out = dict(env)
+    if liveness.inject_decision(argv, out, enabled=ladder.liveness_stacks):
+        out = liveness.sampler_env(out, str(attempt_dir / liveness.STACKS_DIR),
+                                   interval_s=ladder.stack_interval_s)
+    if not (ladder.rescue_on_oom or ladder.rescue_on_stop):
+        return out, None
+    stop_file = attempt_dir.resolve() / rescue.STOP_FILE if ladder.rescue_on_stop else None
+    return rescue.inject(out, oom=ladder.rescue_on_oom, stop_file=stop_file), stop_file
+
+
+def _save_s(live: _Live) -> float | None:
+    """How long a save took in this run: its newest checkpoints' write times, and its rescues."""
+    state = live.state()
+    newest = sorted(state.checkpoints, key=lambda c: (c.step, c.attempt))[-3:]
+    measured = [rescue.save_seconds(Path(c.path) for c in newest)]
+    measured += [e.seconds for e in state.events if isinstance(e, CheckpointRescued)]
+    known = [s for s in measured if s is not None]
+    return max(known) if known else None
+
+
+def _rescues(live: _Live, number: int, attempt_dir: Path, tail: Sequence[str]) -> None:
+    """Journal what the trainer's rescue hook said it did in this attempt."""
+    said = rescue.read([*tail, *_log_end(attempt_dir / "stderr.log")])
+    seen: set[tuple[str, int, str | None]] = set()
+    for saved in said.saved:
+        if (saved.why, saved.step, saved.checkpoint) not in seen:
+            seen.add((saved.why, saved.step, saved.checkpoint))
+            _emit(live, CheckpointRescued(attempt=number, step=saved.step, why=saved.why,
+                                          seconds=saved.seconds, checkpoint=saved.checkpoint))
+    for failed in said.failed:
+        if (failed.why, failed.step, failed.error) not in seen:
+            seen.add((failed.why, failed.step, failed.error))
+            _emit(live, RescueFailed(attempt=number, step=failed.step, why=failed.why,
+                                     error=live.redactor.text(failed.error or "unknown"),
+                                     seconds=failed.seconds))
+
+
+_LOG_END_BYTES = 256 * 1024
+
+
+def _log_end(path: Path) -> list[str]:
+    """The last lines of an attempt's log (the tail the runner kept may have scrolled past)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - _LOG_END_BYTES))
+            return handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 _NOT_LIMITED = ("--device-memory was not in force in this attempt: the injected limit never "
@@ -985,6 +1065,7 @@ def _record(live: _Live, started: AttemptStarted, outcome: Outcome) -> Verdict:
     for path, why in credit.foreign:
         _emit(live, CheckpointPassedOver(attempt=number, checkpoint=path, step=step_of(path),
                                          reason=f"it appeared during attempt {number} but {why}"))
+    _rescues(live, number, attempt_dir, outcome.tail)
     return verdict
 
 
@@ -1120,7 +1201,9 @@ def _settle_orphan(live: _Live, pending: AttemptRecord, orphan: str,
     """
     attempt_dir = live.run_dir / pending.started.log_dir
     rendered = live.dialect.render(live.command, pending.knobs, attempt_dir)
-    spec = _spec(live, attempt_dir, rendered, pending.knobs)
+    # An attempt being timed when the supervisor died is still timed when adopted.
+    spec = _spec(live, attempt_dir, rendered, pending.knobs,
+                 timed_steps=_timed_steps(live, pending.knobs, pending.started.rung))
     spawned: runner.Spawned | None = (
         runner.Spawned(pid=pending.spawned.pid, create_time=pending.spawned.create_time)
         if pending.spawned is not None else find_leader(spec.marker))

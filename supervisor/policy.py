@@ -98,6 +98,15 @@ class Ladder:
     repeat_factor: float = 4.0
     """A hang again at the same step after a retry: the next attempt's silence limit is this
     many times larger ([liveness] repeat_factor; 1 turns it off)."""
+    rescue_on_oom: bool = True
+    """In Hugging Face Trainer programs, save a checkpoint at the last completed optimizer step
+    when a step runs out of memory ([rescue] on_oom; world size 1 only)."""
+    rescue_on_stop: bool = True
+    """On a polite stop (a signal, the end of a timed attempt) ask the trainer to save at the
+    next step end, and wait for it ([rescue] on_stop)."""
+    rescue_grace_s: float = 120.0
+    """How long that save may take before any save of the run was measured
+    ([rescue] stop_grace_s); once one was, the measured save plus one step."""
     source: str = "<memory>"
 
     def rung(self, name: str) -> Rung:
@@ -506,7 +515,7 @@ def _summary(knobs: Knobs) -> str:
 
 _TOP_KEYS = frozenset({"name", "description", "max_attempts", "speed_before_quality",
                        "keep_quality", "transient", "watchdog", "gpu", "speed", "rung",
-                       "estimate", "liveness"})
+                       "estimate", "liveness", "rescue"})
 _SPEED_KEYS = frozenset({"compare", "steps"})
 _WATCHDOG_KEYS = frozenset({"attempt_timeout_s", "stall_timeout_s", "startup_timeout_s",
                             "stall_factor", "stall_floor_s"})
@@ -517,6 +526,7 @@ _LIVENESS_KEYS = frozenset({"evidence", "stacks", "stack_interval_s", "cpu_busy"
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
                         "restore", "cost", "when"})
 _TRANSIENT_KEYS = frozenset({"retries", "max_delay_s"})
+_RESCUE_KEYS = frozenset({"on_oom", "on_stop", "stop_grace_s"})
 _HALVABLE = tuple(k for k, t in KNOB_TYPES.items() if t == "int" and k != "world_size")
 _READ_ONLY = ("world_size", "output_dir")
 _BOOLEAN = tuple(k for k, t in KNOB_TYPES.items() if t == "bool")
@@ -602,6 +612,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
     speed = _table(data, "speed", _SPEED_KEYS, source)
     estimate = _table(data, "estimate", _ESTIMATE_KEYS, source)
     alive = _table(data, "liveness", _LIVENESS_KEYS, source)
+    rescue = _table(data, "rescue", _RESCUE_KEYS, source)
     on_held = gpu.get("on_held_memory", "continue")
     if on_held not in ("continue", "stop"):
         msg = f"{source}: [gpu] on_held_memory must be 'continue' or 'stop', not {on_held!r}"
@@ -635,6 +646,10 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         speed_steps=_whole(speed.get("steps", 3), f"{source}: [speed] steps", minimum=1),
         estimate_margin=_margin(estimate.get("margin", 0.0), source),
         **_liveness(alive, f"{source}: [liveness]"),
+        rescue_on_oom=_flag(rescue, "on_oom", f"{source}: [rescue]"),
+        rescue_on_stop=_flag(rescue, "on_stop", f"{source}: [rescue]"),
+        rescue_grace_s=float(_whole(rescue.get("stop_grace_s", 120),
+                                    f"{source}: [rescue] stop_grace_s", minimum=0)),
         source=source,
     )
 

@@ -43,9 +43,10 @@ allocator failure under a memory budget), `hang@K` (after step K, silent for goo
 `transient@K` (after step K, torchelastic's RendezvousConnectionError), `frozen@K` (after step
 K the loop is stuck while a display thread redraws the same progress frame twice a second),
 `pause@K` (after step K, silent and idle for PAUSE_S_ENV seconds, at every attempt: a slow
-phase with no sign of work). Each `hang`/`transient`/`frozen` fires once per output folder
-(remembered in `<output_dir>/.reference-trainer-faults`), so a retry goes past it, as after a
-real accident."""
+phase with no sign of work), `full@K` (after step K, no file this process writes may grow past
+1 MiB: RLIMIT_FSIZE, the kernel's EFBIG, as a full disk would fail a checkpoint's save). Each
+`hang`/`transient`/`frozen`/`full` fires once per output folder (remembered in
+`<output_dir>/.reference-trainer-faults`), so a retry goes past it, as after a real accident."""
 STEP_S_ENV = "REFERENCE_TRAINER_STEP_S"
 """Seconds each optimizer step takes at least: a time-scaled night of real steps."""
 NO_BAR_ENV = "REFERENCE_TRAINER_NO_BAR"
@@ -56,6 +57,8 @@ EVAL_S_ENV = "REFERENCE_TRAINER_EVAL_S"
 PAUSE_S_ENV = "REFERENCE_TRAINER_PAUSE_S"
 """How long `pause@K` lasts (seconds; 60 by default)."""
 
+_FULL_BYTES = 2**20
+"""`full@K`: the largest file the process may write from step K on."""
 _TRUE = frozenset({"true", "1", "yes", "y", "on"})
 _FALSE = frozenset({"false", "0", "no", "n", "off"})
 
@@ -193,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bool("load_in_bf16", "load the model in bf16 and upcast only its trainable parameters "
              "to fp32, autocast in bf16 (LLaMA-Factory's `bf16: true`; implies --bf16)")
     add_bool("fp16", "fp16 mixed precision (GPU only; ignored on CPU)")
+    add_bool("enable_jit_checkpoint", "transformers' just-in-time checkpointing: on SIGTERM, "
+             "save at the next step boundary and stop")
     add(
         "host-memory-cap",
         type=_positive_int,
@@ -370,6 +375,8 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
 
     bf16 = bool(args.bf16 or args.load_in_bf16)
     fp16 = bool(args.fp16) and cuda
+    # Only when asked: transformers before 5 has no such argument.
+    jit: dict[str, Any] = {"enable_jit_checkpoint": True} if args.enable_jit_checkpoint else {}
     if args.fp16 and not cuda:
         print("reference-trainer: --fp16 needs a GPU; training in fp32 on CPU", file=sys.stderr)
     return TrainingArguments(
@@ -394,6 +401,7 @@ def _training_arguments(args: argparse.Namespace, *, cuda: bool) -> TrainingArgu
         dataloader_num_workers=0,
         # An OOM must reach the supervisor: never let the Trainer shrink the batch itself.
         auto_find_batch_size=False,
+        **jit,
     )
 
 
@@ -415,7 +423,7 @@ def _faults(text: str) -> dict[str, int]:
     faults: dict[str, int] = {}
     for item in text.split(","):
         kind, _, step = item.strip().partition("@")
-        if kind in ("hang", "transient", "longer", "frozen", "pause") and step.isdigit():
+        if kind in ("hang", "transient", "longer", "frozen", "pause", "full") and step.isdigit():
             faults[kind] = int(step)
     return faults
 
@@ -460,6 +468,11 @@ def _night_callback(dataset: _SyntheticTokens, output_dir: str) -> Any:  # noqa:
                 time.sleep(pause_s)  # a slow phase with no sign of work, at every attempt
             if faults.get("frozen") == step and fire_once("frozen"):
                 _redraw_forever(step, state.max_steps)
+            if faults.get("full") == step and fire_once("full"):
+                # Python ignores SIGXFSZ: a write past the limit fails with OSError (EFBIG).
+                hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+                soft = _FULL_BYTES if hard == resource.RLIM_INFINITY else min(_FULL_BYTES, hard)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             if faults.get("transient") == step and fire_once("transient"):
                 from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
 

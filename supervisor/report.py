@@ -12,7 +12,15 @@ from typing import Any
 from supervisor import progress, speed
 from supervisor.classify import RECOVERED
 from supervisor.command import address_space_cap
-from supervisor.events import AttemptRecord, Notified, RunConfig, RunState, SpeedCompared
+from supervisor.events import (
+    AttemptRecord,
+    CheckpointRescued,
+    Notified,
+    RescueFailed,
+    RunConfig,
+    RunState,
+    SpeedCompared,
+)
 from supervisor.files import write_file
 from supervisor.knobs import Knobs
 from supervisor.secrets import shell_word
@@ -95,6 +103,8 @@ def build(state: RunState) -> dict[str, Any]:
                      for p in state.progress],
         "passed_over": [{"attempt": p.attempt, "checkpoint": p.checkpoint, "step": p.step,
                          "reason": p.reason} for p in state.passed_over],
+        "rescues": [{k: v for k, v in e.to_record().items() if k not in ("v", "ts")}
+                    for e in state.events if isinstance(e, CheckpointRescued | RescueFailed)],
         "resumes": len(state.resumes),
         "resumed": [{"at": r.ts, "attempts_done": r.attempts_done, "pending": r.pending,
                      "orphan": r.orphan} for r in state.resumes],
@@ -533,9 +543,10 @@ def render_markdown(data: dict[str, Any]) -> str:
             out.append(f"- {label}: {s['reason']}")
     if data.get("estimate_checking"):
         out.append(f"- checked for real instead of skipped: {data['estimate_checking']}")
-    if data.get("progress"):
+    if data.get("progress") or data.get("rescues"):
         out += ["", "## Progress kept across attempts", ""]
-        for p in data["progress"]:
+        out += [rescue_line(r) for r in data.get("rescues") or ()]
+        for p in data.get("progress") or ():
             if p["event"] == "checkpoint.resumed":
                 out.append(f"- attempt {p['attempt']} resumed from `{p['checkpoint']}`: the "
                            f"{p['step']} steps trained before it were kept")
@@ -677,6 +688,21 @@ def _final_section(data: dict[str, Any], eb: dict[str, Any]) -> list[str]:
                  "train further, raise max_steps in the command and continue from that "
                  "checkpoint."), ""]
     return out
+
+
+def rescue_line(rescue: Mapping[str, Any]) -> str:
+    """One rescue checkpoint (or a failed one) in a sentence."""
+    took = f" in {rescue['seconds']:.1f} s" if rescue.get("seconds") is not None else ""
+    if rescue["event"] == "checkpoint.rescue_failed":
+        return (f"- attempt {rescue['attempt']} tried to save step {rescue['step']} on its way "
+                f"out and could not ({rescue.get('error')}); it left nothing behind, and the next "
+                "attempt went on from the checkpoint before it")
+    folder = rescue.get("checkpoint") or f"checkpoint-{rescue['step']}"
+    if rescue["why"] == "oom":
+        return (f"- attempt {rescue['attempt']} ran out of memory in the step after step "
+                f"{rescue['step']}, and first saved `{folder}` (the last completed step){took}")
+    return (f"- attempt {rescue['attempt']} was asked to stop and saved `{folder}` at its next "
+            f"step end{took}")
 
 
 def _attempts_section(data: dict[str, Any], device: float | None) -> list[str]:

@@ -38,7 +38,7 @@ from typing import IO, Protocol
 import psutil
 import structlog
 
-from supervisor import _wrap, echo, gpu, launchers, liveness
+from supervisor import _wrap, echo, gpu, launchers, liveness, rescue
 from supervisor.classify import Outcome, is_oom_line
 from supervisor.files import open_regular, read_regular
 from supervisor.gpu import GpuProbe, Sampler, wait_for_release
@@ -134,6 +134,16 @@ class AttemptSpec:
     comparison: its step time is what was wanted, not its end)."""
     log_cap_bytes: int = field(default_factory=lambda: log_cap_bytes(os.environ))
     """Most bytes kept per log file (its first and last half); 0 keeps everything."""
+    rescue_stop_file: Path | None = None
+    """Created on a polite stop to ask the trainer's injected rescue hook to save at its next
+    step end and stop (rescue.py); None: a polite stop is the SIGTERM of the tree's end."""
+    rescue_save_s: float | None = None
+    """How long a save took in this run (None: none measured yet)."""
+    rescue_unmeasured_s: float = rescue.UNMEASURED_GRACE_S
+    """The wait for that save while none was measured."""
+    rescue_jit: bool = False
+    """The command turned on transformers' just-in-time checkpointing: on a polite stop its
+    SIGTERM is given the time of JIT's own wait, a save and a step before the SIGKILL."""
 
 
 def log_cap_bytes(env: Mapping[str, str]) -> int:
@@ -157,6 +167,8 @@ def run(spec: AttemptSpec, *, is_oom: Callable[[str], bool] = is_oom_line) -> Ou
     spec.log_dir.mkdir(parents=True, exist_ok=True)
     status = spec.log_dir / STATUS_FILE
     status.unlink(missing_ok=True)
+    if spec.rescue_stop_file is not None:
+        spec.rescue_stop_file.unlink(missing_ok=True)
     env = dict(spec.env)
     env[MARKER_ENV] = spec.marker or str(spec.log_dir)
     env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the logs (and the OOM watch) at once
@@ -262,6 +274,8 @@ class _Sink:
         self.task_end: launchers.TaskEnd | None = None
         self.before_end: tuple[str, ...] = ()
         """The output's last lines up to srun's line saying a task ended (its words)."""
+        self.rescue_armed = False
+        """The trainer's injected rescue hook said it is in place (rescue.py)."""
 
     def feed(self, stream: int, chunk: bytes, *, timed: bool = True) -> None:
         """Bytes of one stream, in order: any byte is output (a tqdm redraw included).
@@ -274,6 +288,8 @@ class _Sink:
         # behind a live display): it does not reset the silence.
         if self.tracker.feed(chunk, timed=timed) and timed:
             self.last_output = now
+        if not self.rescue_armed and rescue.is_armed_line(chunk):
+            self.rescue_armed = True
         self.bytes_read += len(chunk)
         if self.echo and timed:
             self._echo(stream, chunk, now)
@@ -467,12 +483,14 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             killed = True
         elif (spec.stop.graceful.is_set() and not interrupted) or spec.stop.immediate.is_set():
             interrupted = True
-            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+            _save_first(spec, sink, poll, started=started)
+            tree.end(grace_s=_polite_grace_s(spec, sink, started), hurry=spec.stop.immediate)
         elif (spec.timed_steps and not timed and not interrupted and not sink.tracker.ended
               and sink.tracker.timed_span >= spec.timed_steps):
             timed = True
             log.info("speed.timed", steps=sink.tracker.timed_span, pid=spawned.pid)
-            tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
+            _save_first(spec, sink, poll, started=started)
+            tree.end(grace_s=_polite_grace_s(spec, sink, started), hurry=spec.stop.immediate)
         elif hung is None and spec.timeout_s is not None and now - started > spec.timeout_s:
             hung = f"ran past its time limit of {spec.timeout_s:g} s"
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
@@ -550,6 +568,49 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         host_peak_mib=round(host_peak, 1) if host_peak > 0 else None,  # (-1: unknown, srun)
         host_cap_mib=cap[0] if cap else None, host_cap_source=cap[1] if cap else None,
     )
+
+
+def _save_first(spec: AttemptSpec, sink: _Sink, poll: Callable[[], int | None], *,
+                started: float) -> None:
+    """A polite stop: ask the trainer's rescue hook to save at its next step end, and wait.
+
+    The wait is the time a save took in this run plus one step (rescue.stop_grace_s), not the
+    tree end's few seconds; it ends as soon as the trainer exits, and a second Ctrl-C cuts it.
+    Without the hook in place (not a Hugging Face Trainer, several ranks, still loading) the
+    stop is the tree end's, as before.
+    """
+    if (spec.rescue_stop_file is None or not sink.rescue_armed or sink.tracker.ended
+            or spec.stop.immediate.is_set()):
+        return
+    grace_s = _save_grace_s(spec, sink, started)
+    try:
+        spec.rescue_stop_file.touch()
+    except OSError as exc:
+        log.warning("rescue.not_requested", error=str(exc))
+        return
+    log.info("rescue.requested", grace_s=round(grace_s, 1))
+    deadline = time.monotonic() + grace_s
+    while poll() is None and time.monotonic() < deadline and not spec.stop.immediate.is_set():
+        time.sleep(_POLL_S)
+
+
+def _save_grace_s(spec: AttemptSpec, sink: _Sink, started: float) -> float:
+    """A save of this run (journaled ones, and this attempt's own) plus one step."""
+    summary = sink.tracker.summary() or {}
+    began = time.time() - (time.monotonic() - started)
+    saves = [s for s in (spec.rescue_save_s,
+                         rescue.recent_save_seconds(spec.activity_dir, began)) if s is not None]
+    return rescue.stop_grace_s(max(saves) if saves else None,
+                               rescue.step_seconds(summary.get("samples")),
+                               unmeasured_s=spec.rescue_unmeasured_s)
+
+
+def _polite_grace_s(spec: AttemptSpec, sink: _Sink, started: float) -> float:
+    """The SIGTERM's grace on a polite stop: JIT's wait, a save and a step for a trainer that
+    checkpoints on SIGTERM itself; the usual few seconds otherwise."""
+    if not spec.rescue_jit or spec.stop.immediate.is_set():
+        return spec.grace_s
+    return max(spec.grace_s, rescue.JIT_WAIT_S + _save_grace_s(spec, sink, started))
 
 
 class _Evidence:

@@ -7,7 +7,9 @@ CPU the live-bytes budget of `supervisor._sim` (a real `torch.OutOfMemoryError` 
 A program that never imports torch pays nothing but this file. When OOM_SUPERVISOR_STACKS is
 set (every Python attempt, while the policy's stack sampler is on), a small thread samples the
 main thread's frames for the watchdog (stacks.py; written to the attempt folder, never to the
-program's output). Then the sitecustomize this one shadows, if any, runs as it would have.
+program's output). When OOM_SUPERVISOR_RESCUE is set, the rescue hook of Hugging Face Trainer
+programs (rescue.py beside this file) is armed too. Then the sitecustomize this one shadows, if
+any, runs as it would have.
 
 Each process whose limit is in force says so on stderr, once:
 `oom-supervisor.inject {"limit_mib": N, "device": "cpu"|"cuda", "pid": P}`, and at exit
@@ -32,6 +34,8 @@ ENV_VAR = "OOM_SUPERVISOR_DEVICE_MIB"
 _HERE = os.path.dirname(os.path.abspath(__file__))  # noqa: PTH100, PTH120 - os.path is cheaper to import at start-up
 _SIM = os.path.join(os.path.dirname(_HERE), "_sim.py")  # noqa: PTH118, PTH120
 _MIB = 1024 * 1024
+_RESCUE = os.path.join(_HERE, "rescue.py")  # noqa: PTH118
+RESCUE_ENV = "OOM_SUPERVISOR_RESCUE"
 _kept: list[object] = []  # the CPU budget must live as long as the process
 
 
@@ -184,6 +188,24 @@ def _chain() -> None:
     spec.loader.exec_module(module)
 
 
+def _rescue() -> None:
+    """Load the rescue hook (rescue.py beside this file) when OOM_SUPERVISOR_RESCUE asks."""
+    raw = os.environ.get(RESCUE_ENV)
+    if not raw:
+        return
+    try:
+        spec = importlib.util.spec_from_file_location("_oom_supervisor_rescue", _RESCUE)
+        if spec is None or spec.loader is None:
+            return
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        module.install(raw)
+    except Exception as error:  # noqa: BLE001 - never break the program we were asked to watch
+        sys.stderr.write(f"oom-supervisor rescue: not armed ({type(error).__name__}: {error})\n")
+
+
 _install()
 _start_stacks()
+_rescue()
 _chain()

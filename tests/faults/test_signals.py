@@ -19,6 +19,7 @@ LONG = (*TRAINER, "--per_device_train_batch_size", "2", "--cutoff_len", "256",
     ((signal.SIGINT,), "sigint"),
     ((signal.SIGTERM,), "sigterm"),
     ((signal.SIGINT, signal.SIGINT), "twice"),
+    ((signal.SIGUSR1,), "sigusr1"),  # Slurm's warning signal (sbatch --signal=B:USR1@120)
 ])
 def test_signal_ends_the_attempt_and_records_it(
         tmp_path: Path, signals: tuple[signal.Signals, ...], name: str) -> None:

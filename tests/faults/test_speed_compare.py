@@ -13,6 +13,7 @@ decides).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 
 from supervisor.loop import ExitCode
 from supervisor.policy import resolve
-from tests.faults.conftest import supervise_here
+from tests.faults.conftest import events, quiet_env, start_supervisor, supervise_here, wait_for
 
 pytestmark = pytest.mark.process
 
@@ -35,7 +36,7 @@ def test_two_fitting_configs_are_timed_and_the_faster_trains_on(tmp_path: Path) 
     config from a checkpoint to the end, report.md/json show the comparison, and the night's
     time still adds up."""
     argv = (*TRAINER, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-            "--cutoff_len", "64", "--max_steps", "30", "--save_steps", "3",
+            "--cutoff_len", "64", "--max_steps", "40", "--save_steps", "3",
             "--output_dir", "out", "--device-memory", str(BUDGET_MIB))
     result, _, journal = supervise_here(tmp_path, argv, resolve("default"))
     assert result.exit_code is ExitCode.FITTED, result.report.get("reason")
@@ -60,7 +61,18 @@ def test_two_fitting_configs_are_timed_and_the_faster_trains_on(tmp_path: Path) 
     resumed = [e for e in journal if e["event"] == "checkpoint.resumed"]
     assert resumed
     assert resumed[-1]["attempt"] == 4  # the winner continues, it does not start over
-    assert finished[-1]["trained_steps"]["steps"] == 30
+    assert finished[-1]["trained_steps"]["steps"] == 40
+    # No step is lost to the comparison: each timed attempt saves where it stopped (a rescue
+    # checkpoint at its next step end), and the next one continues from exactly there.
+    rescued = {e["attempt"]: e for e in journal
+               if e["event"] == "checkpoint.rescued" and e["why"] == "stop"}
+    assert sorted(rescued) == [2, 3]
+    assert all(e["seconds"] is not None for e in rescued.values())
+    starts = {e["attempt"]: e["step"] for e in resumed}
+    assert starts[3] == rescued[2]["step"]
+    assert starts[4] == rescued[3]["step"]
+    for number in (2, 3):
+        assert finished[number - 1]["progress"]["step"] <= rescued[number]["step"]
 
     report = json.loads((tmp_path / "run" / "report.json").read_text(encoding="utf-8"))
     assert report["speed"]["winner"] == faster
@@ -73,3 +85,44 @@ def test_two_fitting_configs_are_timed_and_the_faster_trains_on(tmp_path: Path) 
         good["wall_s"], abs=0.5)
     assert good["badput_s"].get("compared", 0) > 0
     print("speed.compared", json.dumps(event))  # noqa: T201 - the measured numbers, for the log
+
+
+def test_a_kill_while_the_rival_is_timed_then_resume_times_it_again(tmp_path: Path) -> None:
+    """SIGKILL of the supervisor while the rival (b2xGA2 with checkpointing) is being timed,
+    then `resume`: the rival, adopted, is still timed and ended after its timed steps, the
+    comparison is made, and the run trains on with the faster: the rival never becomes the
+    working config untimed."""
+    argv = (*TRAINER, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--cutoff_len", "64", "--max_steps", "40", "--save_steps", "3",
+            "--output_dir", "out", "--device-memory", str(BUDGET_MIB))
+    run_dir = tmp_path / "killed"
+    proc = start_supervisor(tmp_path, "killed", *argv)
+    try:
+        wait_for(lambda: any(e["event"] == "attempt.spawned" and e["attempt"] == 3
+                             for e in events(run_dir)), timeout_s=400)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    started = [e for e in events(run_dir) if e["event"] == "attempt.started"]
+    assert started[2]["rung"] == "speed-compare"
+    resumed = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "supervisor", "--log-format", "json", "resume", str(run_dir),
+         "--quiet"], env=quiet_env(), cwd=tmp_path, capture_output=True, timeout=600,
+        check=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    journal = events(run_dir)
+    finished = {e["attempt"]: e for e in journal if e["event"] == "attempt.finished"}
+    assert finished[2]["verdict"] == "timed"
+    assert finished[3]["verdict"] == "timed"
+    assert finished[3]["adopted"] is True
+    [compared] = [e for e in journal if e["event"] == "speed.compared"]
+    assert compared["attempts"] == [2, 3]
+    assert all(n >= 3 for n in compared["timed_steps"])
+    started = [e for e in journal if e["event"] == "attempt.started"]
+    winner = started[compared["winner"] - 1]["knobs"]
+    last = started[-1]
+    assert last["attempt"] > 3
+    assert {k: last["knobs"][k] for k in ("per_device_batch", "grad_accum",
+                                           "gradient_checkpointing")} == {
+        k: winner[k] for k in ("per_device_batch", "grad_accum", "gradient_checkpointing")}
+    assert finished[last["attempt"]]["verdict"] == "fits"

@@ -11,8 +11,10 @@ batch 2 x GA 2 fits with ~600 MiB to spare; each run takes ~80 s on 2 cores.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,10 @@ from supervisor.command import Command
 from supervisor.dialects import detect
 from supervisor.journal import read
 from supervisor.knobs import FinetuningType
-from supervisor.loop import ExitCode, supervise
+from supervisor.loop import ExitCode, RunResult, supervise
 from supervisor.policy import resolve
+from supervisor.runner import StopRequest
+from tests.faults.conftest import wait_for
 
 # One xdist worker builds and uses the tier's venv (make test runs pytest -n 2).
 pytestmark = [pytest.mark.trl, pytest.mark.xdist_group("trl")]
@@ -111,3 +115,49 @@ def test_qlora_rung_renders_load_in_4bit_that_real_trl_takes(
     assert done.returncode != 0
     assert "bitsandbytes" in done.stderr
     assert "unrecognized arguments" not in done.stderr
+
+
+def test_a_stop_saves_a_rescue_checkpoint_in_real_trl(
+        trl_venv: Path, trl_env: dict[str, str], trl_inputs: Path, tmp_path: Path) -> None:
+    """A stop asked of the supervisor while the real `trl sft` trains (in the process it starts
+    through accelerate): the injected hook has the SFTTrainer save at its next step end and
+    stop, the rescue is journaled with its seconds, and the folder is a whole checkpoint of
+    that step, credited to the attempt."""
+    argv = (str(trl_venv / "bin" / "trl"), "sft", "--model_name_or_path",
+            str(trl_inputs / "model"), "--dataset_name", str(trl_inputs / "text"),
+            "--output_dir", "out", "--max_steps", "400", "--report_to", "none",
+            "--save_strategy", "steps", "--save_steps", "200", "--bf16", "false",
+            "--dataloader_num_workers", "0", "--per_device_train_batch_size", "1",
+            "--max_length", "128", "--logging_steps", "1")
+    command = Command(argv=argv, cwd=str(tmp_path))
+    stop = StopRequest()
+    done: list[RunResult] = []
+    worker = threading.Thread(target=lambda: done.append(supervise(
+        command, dialect=detect(command), ladder=resolve("default"), run_dir=tmp_path / "run",
+        echo=False, env=trl_env, stop=stop)))
+    worker.start()
+    log = tmp_path / "run" / "attempts" / "01" / "stderr.log"
+
+    def training() -> bool:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return '"armed"' in text and "| 5/400 [" in text
+    try:
+        wait_for(training, timeout_s=600)
+    finally:
+        stop.request()
+        worker.join(timeout=600)
+    assert done
+    assert done[0].status == "interrupted"
+    records = read(tmp_path / "run" / "journal.jsonl").records
+    [rescued] = [e for e in records if e["event"] == "checkpoint.rescued"]
+    assert rescued["why"] == "stop"
+    assert rescued["seconds"] > 0
+    step = rescued["step"]
+    assert 5 <= step < 200
+    folder = tmp_path / "out" / f"checkpoint-{step}"
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == step
+    assert (folder / "model.safetensors").is_file()
+    assert (folder / "optimizer.pt").is_file()
+    [finished] = [e for e in records if e["event"] == "attempt.finished"]
+    assert [str(folder.resolve()), step] in [[str(Path(p).resolve()), s]
+                                             for p, s in finished["checkpoints"]]

@@ -15,7 +15,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("_compat", "_lean", "text", "echo", "files", "bounds", "launchers"),
     ("knobs", "command", "secrets", "classify", "gpu", "device_memory", "models", "_sim", "fits",
      "rundir", "plot", "_inject", "_families"),
-    ("program", "liveness"),
+    ("program", "liveness", "rescue"),
     ("dialects", "policy", "_wrap", "estimate", "_estimate_child", "reference_trainer",
      "trainer_output"),
     ("events", "plan", "runner", "tracer"),

@@ -655,12 +655,17 @@ def _runnable(live: _Live, state: RunState) -> Step | GiveUp:
             return Step(knobs=start, rung=START)
         return next_step(start, state.walk, ladder, can_set=live.config.can_set,
                          refusal=live.config.refusal)
+    _journal_skips(live, start, skips)
+    return candidate
+
+
+def _journal_skips(live: _Live, start: Knobs, skips: Sequence[Skip]) -> None:
+    """Each config passed over without running, journaled with its reason."""
     for skip in skips:
         _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
                                 changed=_changes(start, skip.knobs),
                                 predicted_mib=round(skip.prediction.peak_mib, 1),
                                 method=str(skip.prediction.method), reason=skip.reason))
-    return candidate
 
 
 def _listening(live: _Live, state: RunState,
@@ -674,11 +679,7 @@ def _listening(live: _Live, state: RunState,
     if isinstance(candidate, GiveUp) and skips:
         return next_step(start, state.walk, live.ladder, can_set=live.config.can_set,
                          refusal=live.config.refusal)
-    for skip in skips:
-        _emit(live, RungSkipped(rung=skip.rung, knobs=skip.knobs,
-                                changed=_changes(start, skip.knobs),
-                                predicted_mib=round(skip.prediction.peak_mib, 1),
-                                method=str(skip.prediction.method), reason=skip.reason))
+    _journal_skips(live, start, skips)
     return candidate
 
 

@@ -294,7 +294,9 @@ class Judge:
             self._work(newest.moved_at, "stack",
                        "stack moving" + (f" in {frame.where()}" if frame else ""))
         phase = _phase(stacks, sample)
-        if silent_s <= limit_s:
+        if silent_s <= limit_s or last is None:
+            # The first sample of a silence has measured nothing yet (CPU, I/O and files are
+            # counted between two samples): a hang is judged at the next one, on evidence.
             return Reading(state=State.ALIVE, silent_s=silent_s, phase=phase,
                            evidence=self._recent(sample.at, limit_s))
         recent = self._recent(sample.at, limit_s)

@@ -193,7 +193,8 @@ NO_BAR = (*TRAINER, "--per_device_train_batch_size", "8", "--cutoff_len", "256",
 def test_a_failure_without_a_bar_is_placed_at_the_trainers_own_step(tmp_path: Path) -> None:
     """The HF Trainer with its bar off runs out of memory after step 8 (the data got longer):
     the journal and the report place it at step 8, the trainer's own count of log dicts, not
-    at checkpoint-5's step; the steps trained are the trainer's, not the checkpoints'."""
+    at checkpoint-5's step (the rescue checkpoint saved on the OOM is at that same step 8);
+    the steps trained are the trainer's, not the checkpoints'."""
     result = supervise(Command(argv=NO_BAR, cwd=str(tmp_path)), dialect=ArgvDialect(),
                        ladder=scaled_default(), run_dir=tmp_path / "run", echo=False,
                        env={**quiet_env(), "REFERENCE_TRAINER_FAULTS": "longer@7",
@@ -205,7 +206,12 @@ def test_a_failure_without_a_bar_is_placed_at_the_trainers_own_step(tmp_path: Pa
         encoding="utf-8", errors="replace") for name in ("stdout", "stderr"))
     logged = output.count("{'loss':")  # one log dict a step (logging_steps 1)
     assert logged > 5  # past checkpoint-5: the case where the two differ
-    assert [Path(p).name for p, _ in first["checkpoints"]] == ["checkpoint-5"]
+    # Its periodic save at step 5, and the rescue checkpoint saved on the OOM at the last step
+    # the trainer completed: the trainer's own count, which the periodic saves do not give.
+    assert [Path(p).name for p, _ in first["checkpoints"]] == ["checkpoint-5",
+                                                               f"checkpoint-{logged}"]
+    rescued = of(journal, "checkpoint.rescued")
+    assert [(r["attempt"], r["why"], r["step"]) for r in rescued] == [(1, "oom", logged)]
     assert first["progress"]["step"] == logged
     assert "log dicts" in first["progress"]["step_source"]
     accidents = [a["what"] for a in result.report["goodput"]["accidents"]]

@@ -178,6 +178,10 @@ def test_a_folder_copied_in_or_planted_during_an_attempt_is_not_credited(
     """Its files older than the attempt (copied with their times), or a step past the run."""
     started = time.time()
     copied = copy(real, tmp_path)  # copytree keeps the times: older than the attempt
+    # `real` may have been saved a moment ago (the fixture runs at the module's first use):
+    # the copy's files are dated as an old checkpoint's would be, well past the 2 s slack.
+    for path in (copied, *copied.rglob("*")):
+        os.utime(path, (started - 3600, started - 3600))
     planted = tmp_path / "out" / "checkpoint-99999999"
     planted.mkdir()
     (planted / "trainer_state.json").write_text('{"global_step": 99999999}', encoding="utf-8")

@@ -317,3 +317,19 @@ def test_an_evaluation_is_its_own_allowance_not_the_steps_cadence() -> None:
     assert "longest gap so far around an evaluation or a save" in after_eval[1]
     tracker.feed(lines[5].encode() + b"\n", at=now + 1.0)  # a step's line again
     assert watchdog.limit(tracker) == (10.0, "10 s, 10x the longest gap so far (1.0 s)")
+
+
+def test_the_first_sample_of_a_silence_past_the_limit_is_not_a_hang() -> None:
+    """A limit shorter than the sampling interval: the first sample of a silence is already
+    past it, and has measured nothing (CPU, I/O and files are counted between two samples).
+    It is not judged hung on that; the next sample, with an interval of no work, is."""
+    judge = Judge()
+    first = Sample(at=102.3, progress_at=100.0, step=4, cpu_s=0.0, io_bytes=0,
+                   files_changed=False)
+    reading = judge.observe(first, 2.0)
+    assert reading.state is not State.HUNG
+    second = Sample(at=104.3, progress_at=100.0, step=4, cpu_s=0.0, io_bytes=0,
+                    files_changed=False)
+    reading = judge.observe(second, 2.0)
+    assert reading.state is State.HUNG
+    assert reading.evidence == ("no CPU", "no file written", "no disk I/O")

@@ -317,9 +317,24 @@ class Judge:
         # The thread that stopped last is the one that stopped the run (a launcher's agent has
         # sat in its polling loop since the start).
         stopped = max(parked or stacks, key=lambda s: s.moved_at) if stacks else None
+        evidence: tuple[str, ...] = _no_work(sample)
+        waiting = [s for s in stacks if s.parked() == "a collective"]
+        if waiting:
+            # One rank stopped (asleep, in its own code) while a peer waits for it in a
+            # collective, however briefly yet: the collective is what hangs, the stopped
+            # rank is why; both are said.
+            collective = max(waiting, key=lambda s: s.moved_at)
+            others = [s for s in stacks if s.parked() != "a collective"]
+            peer = max(others, key=lambda s: s.moved_at) if others else None
+            clause = f"pid {collective.pid} waits in a collective"
+            where = _stuck_text(peer) if peer is not None else None
+            if where is not None:
+                clause += f" for a process that stopped in {where}"
+            evidence = (*evidence, clause)
+            stopped = collective
         stuck_in = _stuck_text(stopped) if stopped is not None else None
         return Reading(state=State.HUNG, silent_s=silent_s, phase=phase,
-                       evidence=_no_work(sample), stuck_in=stuck_in)
+                       evidence=evidence, stuck_in=stuck_in)
 
     def _note_work(self, last: Sample | None, sample: Sample) -> None:
         if last is None:

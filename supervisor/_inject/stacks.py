@@ -46,6 +46,8 @@ def _sample_forever(folder: str, interval_s: float) -> None:
     path = os.path.join(folder, f"{pid}.json")  # noqa: PTH118 - os.path is cheap at start-up
     recent: deque[tuple[object, ...]] = deque(maxlen=_RECENT)
     frame = None
+    written: tuple[object, ...] | None = None
+    moved_at = time.time()
     time.sleep(interval_s)
     if sys.argv and sys.argv[0].endswith("_wrap.py"):
         return  # the supervisor's own shim: it carries the environment, not the training
@@ -58,13 +60,18 @@ def _sample_forever(folder: str, interval_s: float) -> None:
             frame = None  # never keep a frame (and all it references) alive between samples
             where = tuple((f[0], f[1]) for f in frames)
             now = time.time()
-            if where not in recent:
-                recent.append(where)
+            if where != written:
+                # Somewhere new moves `moved_at`; back to a recent place (a collective the
+                # loop went through before, where it now stays) only rewrites where it is.
+                if where not in recent:
+                    recent.append(where)
+                    moved_at = now
+                written = where
                 innermost = frames[-1] if frames else None
                 if innermost is not None:
                     text = linecache.getline(str(innermost[0]), int(innermost[1]))  # type: ignore[call-overload]
                     innermost.append(text.split("  #", 1)[0].strip()[:200])
-                record = {"pid": pid, "moved_at": now, "sampled_at": now, "frames": frames,
+                record = {"pid": pid, "moved_at": moved_at, "sampled_at": now, "frames": frames,
                           "argv0": (sys.argv[0] if sys.argv else "")[-200:]}
                 temporary = f"{path}.tmp"
                 with open(temporary, "w", encoding="utf-8") as handle:  # noqa: PTH123

@@ -45,6 +45,9 @@ def test_the_judgment_replays_as_it_was_made(name: str) -> None:
     ("sleep_hang.jsonl", "no CPU", "`on_step_end` (reference_trainer.py:"),
     ("frozen_bar.jsonl", "no CPU", "reference_trainer.py:"),
     ("collective_hang.jsonl", "every moving part waits in a collective", "`all_reduce`"),
+    ("collective_hang_loaded.jsonl", ("waits in a collective for a process that stopped in "
+                                      "`<module>` (job.py:16): time.sleep(10**7)"),
+     "`all_reduce`"),
 ])
 def test_a_recorded_hang_names_its_evidence_and_frame(name: str, said: str, stuck: str) -> None:
     """The last sample of a real hang is judged hung, and says why and where."""
@@ -333,3 +336,49 @@ def test_the_first_sample_of_a_silence_past_the_limit_is_not_a_hang() -> None:
     reading = judge.observe(second, 2.0)
     assert reading.state is State.HUNG
     assert reading.evidence == ("no CPU", "no file written", "no disk I/O")
+
+
+PARKS_WHERE_IT_WAS = """\
+import sys, time
+from supervisor._inject import stacks
+stacks.start()
+def wait(t):
+    time.sleep(t)
+def other():
+    time.sleep(0.3)
+for i in range(100):
+    if i == 8:
+        print(time.time(), flush=True)
+    wait(3600 if i == 8 else 0.3)
+    other()
+"""
+
+
+def test_the_sampler_shows_a_thread_parked_where_its_loop_went_before(tmp_path: Path) -> None:
+    """A loop that went through `wait` many times, then stays in it (a rank's all_reduce once
+    its peer stopped): the stacks file shows it in `wait`, and `moved_at` is not moved (it went
+    nowhere new), so the judge sees it parked where it is."""
+    env = {**os.environ, "OOM_SUPERVISOR_STACKS": str(tmp_path),
+           "OOM_SUPERVISOR_STACKS_S": "0.2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    with subprocess.Popen([sys.executable, "-c", PARKS_WHERE_IT_WAS], env=env,  # noqa: S603
+                          stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            parked_at = float(proc.stdout.readline())
+            path = tmp_path / f"{proc.pid}.json"
+            record: dict[str, Any] = {}
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                # Several samples after it parked (a file is rewritten only when it moved).
+                if time.time() > parked_at + 2 and record["frames"][-1][2] == "wait":
+                    break
+                time.sleep(0.2)
+            stack = Stack.from_record(record)
+            assert stack is not None
+            assert stack.innermost is not None
+            assert stack.innermost.func == "wait", record
+            assert stack.moved_at < parked_at, record
+        finally:
+            proc.kill()

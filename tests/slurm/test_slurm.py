@@ -105,17 +105,27 @@ def alloc_run(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> All
 
 def test_rank1_oom_in_an_srun_step_cancels_the_step_and_the_next_rung_fits(
         alloc_run: AllocRun) -> None:
-    """Rank 1 OOMs: step JOB.0 is scancelled and gone from squeue, b4 x GA 2 fits (world 2)."""
+    """Rank 1 OOMs: step JOB.0 ends (by itself, or scancelled when rank 0 lingers) and is gone
+    from squeue, b4 x GA 2 fits (world 2)."""
     events = read_events(alloc_run.run_dir)
     finished = _of(events, "attempt.finished")
     assert alloc_run.returncode == 0, alloc_run.log.read_text()[-3000:]
     assert [f["verdict"] for f in finished] == ["oom", "fits"]
-    assert finished[0]["killed_by_supervisor"] is True
     assert "1: [rank1]: torch.OutOfMemoryError" in finished[0]["evidence"]
-    # The step was ended through SLURM, not only on this node, and nothing of it is left.
     cancels = [e for e in _log_events(alloc_run.log) if e.get("event") == "slurm.step_cancelled"]
     assert alloc_run.job
-    assert [c["steps"] for c in cancels] == [[f"{alloc_run.job}.0"]]
+    # After an OOM line the command gets its grace to exit by itself: under gloo rank 0 reads
+    # "Connection reset by peer" and exits, srun says so for task 0 and the step ends alone
+    # (measured: a few seconds). Only when rank 0 lingers past srun's task-1 line and the
+    # failed-task grace is the step ended, through SLURM, not only on this node.
+    stderr = (alloc_run.run_dir / "attempts" / "01" / "stderr.log").read_text(errors="replace")
+    if finished[0]["killed_by_supervisor"]:
+        assert [c["steps"] for c in cancels] == [[f"{alloc_run.job}.0"]]
+    else:
+        assert cancels == []
+        assert "task 0: Exited with exit code 1" in stderr
+    assert "task 1: Exited with exit code 1" in stderr
+    # Either way nothing of the step is left.
     assert f"{alloc_run.job}.0" not in alloc_run.steps_after_oom
     assert alloc_run.processes_after_oom == []
     # World size 2 from srun's --ntasks: the effective batch counts both ranks, and is kept.

@@ -347,17 +347,22 @@ def drawable(data: Mapping[str, Any]) -> tuple[bool, bool]:
 def draw_later(run_dir: Path) -> subprocess.Popen[bytes] | None:
     """Draw the run's pictures from its report.json in a child of its own session, not waited
     for: the run's exit code does not wait on matplotlib (about 1 s of import and drawing).
-    None where the child cannot start (the pictures are then missing, said by `report`)."""
+    None where the child cannot start (the pictures are then missing, said by `report`).
+
+    A daemon thread waits on the child, so a caller that drops the Popen (the CLI does) leaves
+    no zombie and no un-waited Popen behind, and the exit still does not wait for it."""
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
-        return subprocess.Popen(  # noqa: S603 - our own module, this interpreter
+        child = subprocess.Popen(  # noqa: S603 - our own module, this interpreter
             [sys.executable, "-m", "supervisor.plot", str(run_dir)], stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
             start_new_session=True)
     except OSError:
         return None
+    threading.Thread(target=child.wait, daemon=True, name="plot-reaper").start()
+    return child
 
 
 def main(argv: list[str]) -> int:

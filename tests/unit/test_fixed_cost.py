@@ -77,3 +77,15 @@ def test_report_without_pictures_names_them_and_the_child_draws_them(tmp_path: P
     while data.get("time_plot") and not (run / "goodput.png").exists():
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_the_picture_child_is_reaped_without_the_caller_waiting(tmp_path: Path) -> None:
+    """The CLI drops draw_later's Popen: its exit status is still collected (no zombie, and no
+    Popen left un-waited for the garbage collector to warn about)."""
+    child = plot.draw_later(tmp_path / "no-such-run")
+    assert child is not None
+    deadline = time.monotonic() + 240
+    while child.returncode is None:  # never poll() or wait() here: the reaper must do it
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert child.returncode != 0  # no report.json: the child said so and ended

@@ -639,6 +639,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed_from_step=resumed,
     )
     print(f"{RESULT_PREFIX} {json.dumps(dataclasses.asdict(result))}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Torn down here, not at the interpreter's exit: a gloo process group left to the exit
+        # ended a finished rank with `terminate called without an active exception` (SIGABRT,
+        # seen once under torchrun on the loaded 2-core machine).
+        torch.distributed.destroy_process_group()
     return 0
 
 

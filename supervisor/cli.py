@@ -483,9 +483,12 @@ def _main(argv: Sequence[str] | None, stop: StopRequest, signals: Signals) -> in
 
 def _install_early_handlers(stop: StopRequest, signals: Signals) -> None:
     """SIGINT/SIGTERM/SIGHUP ask for a stop before any run folder exists (probe included)."""
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        stop.request()
+    def stopping(signum: int) -> None:
         signals.stopping(signal.Signals(signum).name, "before the run started")
+        stop.request()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        signals.from_handler(lambda: stopping(signum))  # never a lock here: see loop.Signals
         if not program.is_probing():  # a probe ends its own tree first, then raises this
             raise ProbeInterrupted
 
@@ -1056,12 +1059,19 @@ def _demo_output_into(command: Command, run_dir: Path) -> Command:
 
 
 def _install_signal_handlers(stop: StopRequest, signals: Signals, run_dir: Path) -> None:
-    def handler(signum: int, _frame: FrameType | None) -> None:
+    # The handlers only hand their work to `signals`' thread: see loop.Signals.
+    def stopping(signum: int) -> None:
+        how = "immediately" if stop.graceful.is_set() else "gracefully (again to hurry)"
+        signals.stopping(signal.Signals(signum).name, how)  # journaled before the stop is seen
         stop.request()
-        how = "immediately" if stop.immediate.is_set() else "gracefully (again to hurry)"
-        signals.stopping(signal.Signals(signum).name, how)
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        signals.from_handler(lambda: stopping(signum))
 
     def hangup(_signum: int, _frame: FrameType | None) -> None:
+        signals.from_handler(moved)
+
+    def moved() -> None:
         # A dropped ssh or a closed terminal must not end the night: the output that went to
         # the terminal goes to the run folder from now on, and the run carries on.
         target = run_dir.resolve() / "supervisor.log"

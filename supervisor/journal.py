@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -173,6 +174,7 @@ class Journal:
         self.run_dir = run_dir
         self.path = run_dir / JOURNAL
         self._clock = clock
+        self._write_lock = threading.Lock()
         self.torn_kept: Path | None = None
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +242,10 @@ class Journal:
 
     def write(self, event: E) -> E:
         """Append one event (stamped now) and fsync it; a failed write leaves no torn line."""
+        with self._write_lock:  # the loop and the signals' thread (loop.Signals) both write
+            return self._write(event)
+
+    def _write(self, event: E) -> E:
         stamped = replace(event, ts=round(self._clock(), 3))
         line = (json.dumps(stamped.to_record(), default=str, ensure_ascii=False) + "\n").encode()
         size = os.fstat(self._fd).st_size

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
 import secrets
 import threading
 import time
@@ -186,25 +187,62 @@ class RunResult:
 
 
 class Signals:
-    """What the CLI's signal handlers tell the loop: a lost terminal, a stop request."""
+    """What the CLI's signal handlers tell the loop: a lost terminal, a stop request.
+
+    A signal handler runs in the main thread wherever it was interrupted, possibly inside the
+    journal's write or the log's lock: taking either again there would hang the supervisor
+    for good (a SIGTERM that arrived while an event was being logged once did). So a handler
+    only hands its work over (`from_handler`: a `queue.SimpleQueue` put, safe in a handler)
+    and a thread of this object's own does it: sets the stop, journals, logs.
+    """
 
     def __init__(self) -> None:
         self._listener: Callable[[Event], object] | None = None
+        self._lock = threading.Lock()
         self.missed: list[Event] = []
+        self._inbox: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._deliver, name="signals", daemon=True)
+        self._thread.start()
+
+    def from_handler(self, work: Callable[[], object]) -> None:
+        """Called in a signal handler: `work` runs on this object's thread, never in here."""
+        self._idle.clear()
+        self._inbox.put(work)
+
+    def settle(self, timeout_s: float = 5.0) -> None:
+        """Wait until what the handlers handed over has been done (before the run's last
+        journal lines, so that a signal's own line comes first)."""
+        self._idle.wait(timeout_s)
+
+    def _deliver(self) -> None:
+        while True:
+            work = self._inbox.get()
+            try:
+                # A journal that cannot be written: the main thread meets the same failure
+                # at its next write and says it.
+                with contextlib.suppress(Exception):
+                    work()
+            finally:
+                if self._inbox.empty():
+                    self._idle.set()
 
     def listen(self, listener: Callable[[Event], object] | None) -> None:
         """Journal what arrives from now on (and what arrived before a journal was open)."""
-        self._listener = listener
-        if listener is not None:
-            while self.missed:
-                listener(self.missed.pop(0))
+        with self._lock:
+            self._listener = listener
+            if listener is not None:
+                while self.missed:
+                    listener(self.missed.pop(0))
 
     def tell(self, event: Event) -> None:
-        """Called from a signal handler: journal the event now, or as soon as a journal is open."""
-        if self._listener is None:
-            self.missed.append(event)
-        else:
-            self._listener(event)
+        """Journal the event now, or as soon as a journal is open (never from a handler)."""
+        with self._lock:
+            if self._listener is None:
+                self.missed.append(event)
+            else:
+                self._listener(event)
 
     def hangup(self, output_to: str) -> None:
         """SIGHUP: the terminal is gone and output now goes to `output_to`."""

@@ -119,7 +119,12 @@ def _end(proc: subprocess.Popen[bytes], env: Env) -> tuple[int, str]:
     """SIGTERM the supervisor (if still running); its exit code and output; nothing left."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # reaped here, not garbage-collected in a later test
+        out, err = proc.communicate()
+        pytest.fail(f"the supervisor did not end within 60 s of its SIGTERM: {err[-2000:]!r}")
     wait_for(lambda: env.tagged() == [], timeout_s=15)
     return proc.returncode, (out + err).decode("utf-8", errors="replace")
 

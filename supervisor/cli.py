@@ -27,6 +27,7 @@ from supervisor.console import Output, summary
 from supervisor.device_memory import device_memory_env
 from supervisor.dialects import Dialect, detect, knobmap
 from supervisor.dialects import names as dialect_names
+from supervisor.dialects import prefetch as prefetch_reading
 from supervisor.estimate import (
     Estimator,
     ModelSpec,
@@ -459,9 +460,11 @@ def _main(argv: Sequence[str] | None, stop: StopRequest, signals: Signals) -> in
             return _resume(args)
         if args.verb == "plan":
             command = _command_from(parser, args)
+            prefetch_reading(command)
             args.policy = policy_name(args, command)
             return _plan(args, command)
         command = demo_command() if args.verb == "demo" else _command_from(parser, args)
+        prefetch_reading(command)  # beside the --help probe, not after it
         args.policy = policy_name(args, command)
         return _run(args, command)
     except (PolicyError, CommandError, ResumeError, ModelSpecError, JournalError,

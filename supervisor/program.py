@@ -719,15 +719,47 @@ _KEY_ENV = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX")
 
 
 def _cache_key(command: Command, argv: tuple[str, ...], env: dict[str, str]) -> str:
-    if argv[1] == "-m":  # a module: no file to stamp; asked once per supervisor process
-        return f"module:{argv[0]}:{argv[2]}:{command.cwd}"
-    content = hashlib.sha256(_read_script(Path(argv[1]))).hexdigest()[:24]
+    if argv[1] == "-m":
+        found = _module_file(argv[0], argv[2], command.cwd, env)
+        if found is None:  # no file to stamp: asked once per supervisor process
+            return f"module:{argv[0]}:{argv[2]}:{command.cwd}"
+        script = found
+    else:
+        script = Path(argv[1])
+    content = hashlib.sha256(_read_script(script)).hexdigest()[:24]
     where = "\0".join(f"{name}={env.get(name, '')}" for name in _KEY_ENV)
     digest = hashlib.sha256(f"{_interpreter_id(argv[0])}\0{where}".encode()).hexdigest()[:16]
     return f"script:{content}:{digest}"
 
 
 _SCRIPT_MAX_BYTES = 64 * 1024 * 1024
+
+
+def _module_file(python: str, module: str, cwd: str | None, env: dict[str, str]) -> Path | None:
+    """The file `python -m module` runs, found without importing anything, when the command's
+    Python is this one with this one's PYTHONPATH (the same search path, the command's folder
+    first as `-m` puts it); None otherwise (then the module is asked once per process)."""
+    if (_interpreter_id(python) != _interpreter_id(sys.executable)
+            or env.get("PYTHONPATH", "") != os.environ.get("PYTHONPATH", "")):
+        return None
+    from importlib.machinery import PathFinder  # noqa: PLC0415 - only for `-m` commands
+
+    search: list[str] | None = [cwd or str(Path.cwd()), *sys.path[1:]]
+    spec = None
+    parts = module.split(".")
+    for depth in range(len(parts)):
+        spec = PathFinder.find_spec(".".join(parts[: depth + 1]), search)
+        if spec is None:
+            return None
+        search = list(spec.submodule_search_locations or []) or None
+        if search is None and depth < len(parts) - 1:
+            return None  # a module, not a package, named as one
+    if spec is None or not spec.has_location or not spec.origin:
+        return None
+    if spec.submodule_search_locations:  # a package: `-m` runs its __main__
+        main = Path(spec.origin).parent / "__main__.py"
+        return main if main.is_file() else None
+    return Path(spec.origin) if spec.origin.endswith(".py") else None
 
 
 def _read_script(path: Path) -> bytes:
@@ -826,19 +858,50 @@ def interpreter(command: Command) -> str:
 
 
 def can_import(command: Command, module: str, *, timeout_s: float = IMPORT_TIMEOUT_S) -> bool:
-    """True when the command's own Python imports `module`; asked once per interpreter."""
+    """True when the command's own Python imports `module`; asked once per interpreter (and
+    answered at once when `prefetch_import` asked it already, in the background)."""
     python = interpreter(command)
     key = (python, module)
+    asked = _ASKING.get(key)
+    if asked is not None:
+        asked.join(timeout_s + 1.0)
     if key not in _IMPORTS:
-        env = dict(find_program(command).env)
-        try:
-            done = subprocess.run((python, "-c", f"import {module}"), cwd=command.cwd, env=env,  # noqa: S603 - the user's own interpreter
-                                  capture_output=True, check=False, timeout=timeout_s,
-                                  stdin=subprocess.DEVNULL)
-            _IMPORTS[key] = done.returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            _IMPORTS[key] = False
+        _IMPORTS[key] = _imports(python, command, module, timeout_s)
     return _IMPORTS[key]
+
+
+def prefetch_import(command: Command, module: str) -> None:
+    """Start asking whether the command's Python imports `module`, on a thread of its own: the
+    answer (an interpreter started, `module` and all it imports, torch included for
+    bitsandbytes: seconds on a GPU machine) is ready by the time the ladder needs it, instead
+    of delaying the first attempt."""
+    try:
+        python = interpreter(command)
+    except (OSError, ValueError):
+        return
+    key = (python, module)
+    if key in _IMPORTS or key in _ASKING:
+        return
+
+    def ask() -> None:
+        _IMPORTS[key] = _imports(python, command, module, IMPORT_TIMEOUT_S)
+
+    _ASKING[key] = thread = threading.Thread(target=ask, name=f"import-{module}", daemon=True)
+    thread.start()
+
+
+def _imports(python: str, command: Command, module: str, timeout_s: float) -> bool:
+    env = dict(find_program(command).env)
+    try:
+        done = subprocess.run((python, "-c", f"import {module}"), cwd=command.cwd, env=env,  # noqa: S603 - the user's own interpreter
+                              capture_output=True, check=False, timeout=timeout_s,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+_ASKING: dict[tuple[str, str], threading.Thread] = {}
 
 
 ModuleProbe = Callable[[Command, str], bool]

@@ -89,6 +89,14 @@ _REGISTRY: dict[str, Callable[[], Dialect]] = {
 }
 
 
+def prefetch(command: Command) -> None:
+    """Start, in the background, what reading `command` will ask its Python (which modules it
+    imports), so that it runs beside the --help probe instead of after it."""
+    from supervisor.dialects._read import prefetch_refusals  # noqa: PLC0415 - an import cycle
+
+    prefetch_refusals(command)
+
+
 def names() -> tuple[str, ...]:
     """Every dialect `--dialect` accepts."""
     return tuple(_REGISTRY)
@@ -108,4 +116,4 @@ def detect(command: Command, *, forced: str | None = None) -> Dialect:
     return _argv()
 
 
-__all__ = ["CommandError", "Dialect", "detect", "names"]
+__all__ = ["CommandError", "Dialect", "detect", "names", "prefetch"]

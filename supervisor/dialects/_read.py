@@ -19,7 +19,7 @@ from supervisor.knobs import (
     Source,
     refusals_without,
 )
-from supervisor.program import ModuleProbe, can_import
+from supervisor.program import ModuleProbe, can_import, prefetch_import
 
 _STRENGTH = {Source.COMMAND_LINE: 4, Source.CONFIG_FILE: 3, Source.PROGRAM: 2,
              Source.KNOWN_DEFAULT: 1, Source.ASSUMED: 0}
@@ -206,6 +206,16 @@ def with_env_knobs(command: Command, knobs: Knobs) -> Command:
         return dataclasses.replace(command, argv=tuple(argv))
     env = tuple((k, v) for k, v in command.env if k != ALLOC_CONF)
     return dataclasses.replace(command, env=(*env, (ALLOC_CONF, merged)))
+
+
+REFUSING_MODULES = ("bitsandbytes",)
+"""The modules whose absence refuses knob values (module_refusals)."""
+
+
+def prefetch_refusals(command: Command) -> None:
+    """Start asking the command's Python for REFUSING_MODULES now, beside the --help probe."""
+    for module in REFUSING_MODULES:
+        prefetch_import(command, module)
 
 
 def module_refusals(command: Command,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -75,3 +76,37 @@ def test_help_argv_runs_the_program_without_its_launcher(tmp_path: Path) -> None
     assert argv[1:] == (str(tmp_path / "train.py"), "--help")
     assert help_argv(Command(argv=(py, "missing.py"), cwd=str(tmp_path))) is None
     assert help_argv(Command(argv=("llamafactory-cli", "train", "x.yaml"))) is None
+
+
+def test_a_module_run_with_dash_m_is_probed_once_and_cached_by_its_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m pkg.train` is found without importing it and cached by its file's content:
+    the next process asks the cache, not the program; an edit of the file asks again."""
+    from supervisor import program  # noqa: PLC0415 - its module state is reset below
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    train = package / "train.py"
+    train.write_text("import argparse\np = argparse.ArgumentParser()\n"
+                     "p.add_argument('--per_device_train_batch_size', type=int, default=8)\n"
+                     "p.parse_args()\n", encoding="utf-8")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(program, "_MEMO", {})
+    command = Command(argv=(sys.executable, "-m", "pkg.train"), cwd=str(tmp_path))
+    found = program.run_help(command)
+    assert found is not None
+    assert "--per_device_train_batch_size" in found
+    assert program._module_file(sys.executable, "pkg.train", str(tmp_path),  # noqa: SLF001
+                                dict(os.environ)) == train
+    assert "pkg" not in sys.modules  # found, not imported
+    monkeypatch.setattr(program, "_MEMO", {})  # a later supervisor process
+    probes: list[object] = []
+    monkeypatch.setattr(program, "_probe", lambda *a, **_: probes.append(a))
+    assert program.run_help(command) == found
+    assert probes == []
+    train.write_text(train.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")
+    monkeypatch.setattr(program, "_MEMO", {})
+    with pytest.raises(AttributeError):  # the stub probe's answer: it was asked again
+        program.run_help(command)
+    assert len(probes) == 1

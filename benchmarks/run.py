@@ -134,6 +134,11 @@ def bench_fixed(tmp: Path) -> dict[str, float]:
     of the pairwise differences and of the ratios (target: under 0.5 s)."""
     command = [*TRAINER, "--model_name_or_path", "tiny", "--per_device_train_batch_size", "1",
                "--cutoff_len", "64", "--max_steps", FIXED_STEPS, "--output_dir", "out"]
+    # As installed: `pip install` compiles the package's bytecode; a checkout run with
+    # PYTHONDONTWRITEBYTECODE would compile every edited module on every start instead.
+    for tree in (ROOT / "supervisor", *([Path(FIXED_BASELINE)] if FIXED_BASELINE else [])):
+        subprocess.run([PY, "-m", "compileall", "-q", str(tree)], check=False,  # noqa: S603
+                       capture_output=True, env={**ENV, "PYTHONDONTWRITEBYTECODE": ""})
     plain, supervised, plain_cpu, supervised_cpu = [], [], [], []
     base: list[float] = []
     base_cpu: list[float] = []

@@ -18,6 +18,11 @@ _HOME = tempfile.mkdtemp(prefix="oom-supervisor-tests-")
 os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, "cache")  # noqa: PTH118
 os.environ["XDG_DATA_HOME"] = os.path.join(_HOME, "data")  # noqa: PTH118
 atexit.register(functools.partial(shutil.rmtree, _HOME, ignore_errors=True))
+# The tiers' venvs are built by `uv pip install`, which compiles no bytecode: with
+# PYTHONDONTWRITEBYTECODE set (some shells and CI images set it) every process a test starts
+# there would compile torch and transformers from source again (measured: `import
+# bitsandbytes` past 60 s at load 8). The first process of each venv writes the bytecode.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 @pytest.fixture(autouse=True)

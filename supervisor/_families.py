@@ -33,6 +33,10 @@ DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 ALL_LINEAR = "all-linear"
 """peft's shorthand for every linear layer but the output head."""
 _ALL = frozenset({"all", "all-linear", "all_linear"})
+PEFT_DEFAULT = "peft-default"
+"""No list given to peft (`target_modules=None`): peft adapts its own list for the model type
+(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: `q_proj`, `v_proj` on a Llama, `c_attn`
+on a GPT-2). TRL's ModelConfig.lora_target_modules defaults to None, so that is TRL's own."""
 
 
 def depth_key(config: Mapping[str, Any]) -> str | None:
@@ -59,6 +63,8 @@ def target_names(target: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """
     if target is None:
         return None
+    if target == PEFT_DEFAULT:
+        return (PEFT_DEFAULT,)  # the model type's own list: the model decides (see PEFT_DEFAULT)
     parts = [target] if isinstance(target, str) else [str(t) for t in target]
     names = tuple(dict.fromkeys(n for part in parts for n in re.split(r"[,\s]+", part) if n))
     if not names or any(n.lower() in _ALL for n in names):
@@ -78,8 +84,11 @@ def targets(name: str, names: Sequence[str]) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in names)
 
 
-def lora_target_modules(target: str | Sequence[str] | None) -> str | list[str]:
-    """peft's `target_modules` for what the program targets (None, "all": every linear)."""
+def lora_target_modules(target: str | Sequence[str] | None) -> str | list[str] | None:
+    """peft's `target_modules` for what the program targets (None, "all": every linear;
+    PEFT_DEFAULT: None, peft's own list for the model type)."""
+    if target == PEFT_DEFAULT:
+        return None
     names = target_names(target)
     return ALL_LINEAR if names is None else list(names)
 

@@ -43,7 +43,13 @@ from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from supervisor._compat import StrEnum
-from supervisor._families import canonical_target, depth_key, target_names, targets
+from supervisor._families import (
+    PEFT_DEFAULT,
+    canonical_target,
+    depth_key,
+    target_names,
+    targets,
+)
 from supervisor.classify import OomNumbers
 from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS, named_config
@@ -273,6 +279,9 @@ class _Family:
                                      "mlp.down_proj")
     """Each linear layer's name inside a block, in `Shape.linears`' order (q, k, v or the
     fused qkv, the attention output, the MLP's): what a LoRA target list is matched against."""
+    peft_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """What peft adapts when given no list (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_
+    MAPPING for the model type): TRL's default."""
 
 
 _NEOX_NAMES = ("query_key_value", "dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
@@ -282,15 +291,16 @@ _FAMILIES: dict[str, _Family] = {
     "gpt2": _Family(hidden=("n_embd",), intermediate=("n_inner",), heads=("n_head",),
                     kv_heads=(), positions=("n_positions",), tied=True, fused_qkv=True,
                     gated=False, qkv_bias=True, out_bias=True, mlp_bias=True, layer_norm=True,
-                    activation_saves=5,
+                    activation_saves=5, peft_targets=("c_attn",),
                     linear_names=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
     "gpt_neox": _Family(kv_heads=(), fused_qkv=True, gated=False, qkv_bias=("attention_bias",),
                         out_bias=("attention_bias",), mlp_bias=True, layer_norm=True,
-                        activation_saves=2,
+                        activation_saves=2, peft_targets=("query_key_value",),
                         linear_names=tuple(f"attention.{n}" if "." not in n else n
                                            for n in _NEOX_NAMES)),
     "phi": _Family(qkv_bias=True, out_bias=True, mlp_bias=True, gated=False, layer_norm=True,
                    norms=1, head_bias=True, activation_saves=5,
+                   peft_targets=("q_proj", "v_proj", "fc1", "fc2"),
                    linear_names=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                  "self_attn.dense", "mlp.fc1", "mlp.fc2")),
     "gptj": _Family(hidden=("n_embd",), intermediate=("n_inner",), heads=("n_head",),
@@ -301,16 +311,18 @@ _FAMILIES: dict[str, _Family] = {
     "bloom": _Family(hidden=("hidden_size", "n_embed"), heads=("n_head",), kv_heads=(),
                      tied=True, fused_qkv=True, gated=False, qkv_bias=True, out_bias=True,
                      mlp_bias=True, layer_norm=True, extra_norms=1, activation_saves=5,
+                     peft_targets=("query_key_value",),
                      linear_names=tuple(f"self_attention.{n}" if "." not in n else n
                                         for n in _NEOX_NAMES)),
     "falcon": _Family(kv_heads=("num_kv_heads",), tied=True, fused_qkv=True, gated=False,
                       qkv_bias=("bias",), out_bias=("bias",), mlp_bias=("bias",),
                       layer_norm=True, norms=1, activation_saves=2,
+                      peft_targets=("query_key_value",),
                       linear_names=tuple(f"self_attention.{n}" if "." not in n else n
                                          for n in _NEOX_NAMES)),
     "mpt": _Family(hidden=("d_model",), heads=("n_heads",), kv_heads=(), tied=True,
                    fused_qkv=True, gated=False, qkv_bias=False, out_bias=False, mlp_bias=False,
-                   activation_saves=2,
+                   activation_saves=2, peft_targets=("Wqkv",),
                    linear_names=("attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj")),
     "opt": _Family(intermediate=("ffn_dim",), kv_heads=(), positions=("max_position_embeddings",),
                    positions_offset=2, tied=True, gated=False, qkv_bias=True, out_bias=True,
@@ -367,6 +379,8 @@ class Shape:
     extra_norms: int = 0
     linear_names: tuple[str, ...] = _LLAMA.linear_names
     """Each of `linears`' name inside a block (what LoRA's target names are matched against)."""
+    peft_targets: tuple[str, ...] = _LLAMA.peft_targets
+    """What peft adapts in this family when given no list (PEFT_DEFAULT)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Shape | None:
@@ -403,7 +417,7 @@ class Shape:
                            values.get("new_decoder_architecture")
                            or values.get("parallel_attn") is False) else family.norms,
                        head_bias=family.head_bias, activation_saves=family.activation_saves,
-                       linear_names=family.linear_names)
+                       linear_names=family.linear_names, peft_targets=family.peft_targets)
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -456,6 +470,8 @@ class Shape:
         program's target list; every one for `all` or unsaid, or where the list names none of
         this family's layers (the program's own count is then unknown: counted as all)."""
         names = target_names(target)
+        if names == (PEFT_DEFAULT,):
+            names = self.peft_targets
         every = (True,) * len(self.linears)
         if names is None or len(self.linear_names) != len(self.linears):
             return every

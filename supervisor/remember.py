@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import structlog
 
-from supervisor._families import target_names
+from supervisor._families import PEFT_DEFAULT, target_names
 from supervisor.fits import FitStore, FitStoreError, fit_key
 from supervisor.fits import default_path as default_fits_path
 from supervisor.knobs import Knobs
@@ -93,7 +93,8 @@ def memory_knobs(start: Knobs) -> dict[str, object]:
     data = start.to_dict()
     part = {**{k: data[k] for k in MEMORY_KNOBS}, "effective_batch": start.effective_batch}
     names = target_names(start.lora_target)
-    if names is not None:
+    # (PEFT_DEFAULT is the program's own list where it names none: its dialect is keyed.)
+    if names is not None and start.lora_target != PEFT_DEFAULT:
         part["lora_target"] = ",".join(sorted(names))
     return part
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
-from supervisor._families import canonical_target
+from supervisor._families import PEFT_DEFAULT, canonical_target
 from supervisor.command import Command, CommandError, Invocation, locate
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
@@ -160,7 +160,7 @@ PROFILES: tuple[Profile, ...] = (
                                                      "quantization_bit")),
                *_HF_GC, *_TRL),
         defaults={**_HF_DEFAULTS, "gradient_checkpointing": True, "cutoff_len": 1024,
-                  "bf16": True, "lora_rank": TRL_LORA_R},
+                  "bf16": True, "lora_rank": TRL_LORA_R, "lora_target": PEFT_DEFAULT},
     ),
     Profile(
         # LLaMA-Factory's legacy entry point (<= 0.6): cutoff_len defaulted to 1024.
@@ -380,8 +380,11 @@ class ArgvDialect:
                 values.set(flag.knob, said, Source.PROGRAM)
         if (values.source("lora_rank") is Source.ASSUMED and scan.help.accepts("--use_peft")
                 and scan.help.accepts("--lora_r")):
-            # TRL's ModelConfig signature (--use_peft with --lora_r): its rank unless said.
+            # TRL's ModelConfig signature (--use_peft with --lora_r): its rank unless said,
+            # and its target list (None: peft's own for the model type).
             values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
+            if values.source("lora_target") is Source.ASSUMED:
+                values.set("lora_target", PEFT_DEFAULT, Source.KNOWN_DEFAULT)
         return values
 
     def _rewritable(self, scan: _Scan) -> frozenset[str]:

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path, PurePath
 from typing import Any
 
+from supervisor._families import PEFT_DEFAULT
 from supervisor.command import Command, CommandError, Invocation, locate, locate_command
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import (
@@ -116,6 +117,8 @@ class HfArgsFileDialect:
                        else FinetuningType.FULL, Source.CONFIG_FILE)
             if "lora_rank" not in found:
                 values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
+            if "lora_target" not in found:  # ModelConfig's None: peft's list for the model
+                values.set("lora_target", PEFT_DEFAULT, Source.KNOWN_DEFAULT)
         for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit")):
             if data.get(name) is True:
                 values.set("quantization_bit", bits, Source.CONFIG_FILE)

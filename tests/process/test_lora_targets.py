@@ -13,6 +13,7 @@ GPT-2 `c_attn` 38.45 MiB (traced 38.45, counted 39.43; every linear layer 42.62)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from supervisor._families import PEFT_DEFAULT
 from supervisor.estimate import Method, ModelSpec, analytic, estimate_many
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS
@@ -67,7 +69,9 @@ def test_a_narrow_target_list_is_predicted_within_5_percent(tmp_path: Path,
     narrow = Knobs(per_device_batch=2, cutoff_len=64, finetuning_type=FinetuningType.LORA,
                    lora_target=target)
     every = Knobs(per_device_batch=2, cutoff_len=64, finetuning_type=FinetuningType.LORA)
-    predicted, predicted_all = estimate_many(spec, [narrow, every])
+    # TRL's default (no list): peft's own for the model type, which is this list here.
+    peft = dataclasses.replace(narrow, lora_target=PEFT_DEFAULT)
+    predicted, predicted_all, predicted_peft = estimate_many(spec, [narrow, every, peft])
     assert predicted.method is Method.FAKE, predicted.note
     measured = _measured(tmp_path, narrow)
     assert predicted.peak_mib == pytest.approx(measured["peak_live_mib"], rel=0.05)
@@ -82,3 +86,5 @@ def test_a_narrow_target_list_is_predicted_within_5_percent(tmp_path: Path,
     assert predicted.breakdown["trainable_params"] < predicted_all.breakdown["trainable_params"]
     assert predicted.peak_mib < predicted_all.peak_mib
     assert counted.peak_mib < analytic(spec, every).peak_mib
+    assert predicted_peft.breakdown["trainable_params"] == measured["trainable_params"]
+    assert analytic(spec, peft).peak_mib == counted.peak_mib

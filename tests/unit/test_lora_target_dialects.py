@@ -17,13 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from supervisor._families import canonical_target, lora_target_modules, target_names
+from supervisor._families import (
+    PEFT_DEFAULT,
+    canonical_target,
+    lora_target_modules,
+    target_names,
+)
 from supervisor.command import Command, CommandError
 from supervisor.dialects import detect
 from supervisor.dialects.argv import ArgvDialect, TrlDialect
 from supervisor.dialects.readback import render_checked
 from supervisor.estimate import ModelSpec, analytic
 from supervisor.knobs import FinetuningType, Knobs, Source
+from supervisor.plan import describe_reading
 from supervisor.policy import PolicyError, parse
 
 LF_YAML = ("model_name_or_path: m\nstage: sft\ndo_train: true\ndataset: d\n"
@@ -67,7 +73,8 @@ def _read(text: str, cwd: Path, files: dict[str, str] | None = None) -> tuple[st
     ("trl sft --config trl.yaml", {"trl.yaml": "model_name_or_path: m\nuse_peft: true\n"
                                                "lora_target_modules:\n- q_proj\n- v_proj\n"},
      "q_proj,v_proj", Source.CONFIG_FILE),
-    ("trl sft --model_name_or_path m --use_peft", None, None, Source.ASSUMED),
+    # TRL's ModelConfig.lora_target_modules is None: peft's own list for the model type.
+    ("trl sft --model_name_or_path m --use_peft", None, PEFT_DEFAULT, Source.KNOWN_DEFAULT),
     # axolotl: a list, all linear layers, both (all), nothing.
     ("axolotl train lora.yml", {"lora.yml": "base_model: m\nadapter: lora\n"
                                             "lora_target_modules:\n  - q_proj\n  - v_proj\n"},
@@ -85,6 +92,9 @@ def _read(text: str, cwd: Path, files: dict[str, str] | None = None) -> tuple[st
     ("python train.py args.json", {"args.json": json.dumps({
         "output_dir": "o", "per_device_train_batch_size": 2, "use_peft": True,
         "lora_target_modules": ["q_proj", "v_proj"]})}, "q_proj,v_proj", Source.CONFIG_FILE),
+    ("python train.py args.json", {"args.json": json.dumps({
+        "output_dir": "o", "per_device_train_batch_size": 2, "use_peft": True})},
+     PEFT_DEFAULT, Source.KNOWN_DEFAULT),
 ])
 def test_each_program_s_spelling_of_the_target_list_is_read(
         tmp_path: Path, text: str, files: dict[str, str] | None, target: str | None,
@@ -136,6 +146,7 @@ def test_the_names_read_as_peft_matches_them() -> None:
     assert canonical_target("all_linear") is None
     assert lora_target_modules("q_proj,v_proj") == ["q_proj", "v_proj"]
     assert lora_target_modules(None) == "all-linear"
+    assert lora_target_modules(PEFT_DEFAULT) is None  # peft picks the model type's own list
 
 
 @pytest.mark.parametrize(("config", "target", "adapted"), [
@@ -165,3 +176,38 @@ def test_the_count_adapts_only_the_matching_layers(
     assert narrow.peak_mib < every.peak_mib
     unknown = analytic(spec, dataclasses.replace(lora, lora_target="no_such_proj"))
     assert unknown.breakdown["trainable_params"] == every.breakdown["trainable_params"]
+
+
+@pytest.mark.parametrize(("config", "adapted"), [
+    ({"model_type": "llama", "hidden_size": 64, "intermediate_size": 172,
+      "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128},
+     2 * 4 * (2 * (64 + 64))),  # q_proj, v_proj
+    ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 128},
+     2 * 4 * (64 + 3 * 64)),  # c_attn
+    ({"model_type": "phi", "hidden_size": 64, "intermediate_size": 256,
+      "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128},
+     2 * 4 * (2 * (64 + 64) + (64 + 256) + (256 + 64))),  # q_proj, v_proj, fc1, fc2
+])
+def test_peft_s_own_list_is_counted_for_the_model_type(
+        tmp_path: Path, config: dict[str, object], adapted: int) -> None:
+    """TRL names no list by default: peft adapts its own for the model type, and so does the
+    count."""
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    spec = ModelSpec.resolve(str(tmp_path))
+    knobs = Knobs(per_device_batch=2, cutoff_len=64, finetuning_type=FinetuningType.LORA,
+                  lora_rank=4, lora_target=PEFT_DEFAULT)
+    assert analytic(spec, knobs).breakdown["trainable_params"] == adapted
+
+
+def test_the_plan_says_which_layers_lora_adapts_and_where_that_was_read() -> None:
+    """A LoRA start names its targets and their source; unsaid, every linear layer is shown
+    as assumed; a full fine-tuning start says nothing of adapters."""
+    lora = Knobs(per_device_batch=2, finetuning_type=FinetuningType.LORA)
+    said = describe_reading(dataclasses.replace(lora, lora_target="q_proj,v_proj"),
+                            {"lora_target": "command_line"})
+    assert "LoRA targets q_proj v_proj (command line)" in said
+    assert "LoRA targets every linear layer (assumed)" in describe_reading(lora, {})
+    assert "LoRA" not in describe_reading(Knobs(per_device_batch=2), {})
+    trl = describe_reading(dataclasses.replace(lora, lora_target=PEFT_DEFAULT),
+                           {"lora_target": "known_default"})
+    assert "LoRA targets peft's own list for the model type (known default)" in trl

@@ -380,11 +380,11 @@ class ArgvDialect:
                 values.set(flag.knob, said, Source.PROGRAM)
         if (values.source("lora_rank") is Source.ASSUMED and scan.help.accepts("--use_peft")
                 and scan.help.accepts("--lora_r")):
-            # TRL's ModelConfig signature (--use_peft with --lora_r): its rank unless said,
-            # and its target list (None: peft's own for the model type).
+            # TRL's ModelConfig signature (--use_peft with --lora_r): its rank unless said.
             values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
-            if values.source("lora_target") is Source.ASSUMED:
-                values.set("lora_target", PEFT_DEFAULT, Source.KNOWN_DEFAULT)
+        if values.source("lora_target") is Source.ASSUMED and scan.help.accepts("--use_peft"):
+            # ModelConfig's target list is None unless said: peft's own for the model type.
+            values.set("lora_target", PEFT_DEFAULT, Source.KNOWN_DEFAULT)
         return values
 
     def _rewritable(self, scan: _Scan) -> frozenset[str]:
@@ -519,6 +519,8 @@ def _help_default(flag: Flag, option: Option | None, *, negatable: bool = False)
             # `bool | None = None` (transformers 5's activation_checkpointing and its alias):
             # unset, which TrainingArguments.__post_init__ resolves to False.
             return flag.inverted
+        if text == "None" and flag.codec == "targets":
+            return PEFT_DEFAULT  # no list handed to peft: its own for the model type
         if text == "None":
             return None
         try:

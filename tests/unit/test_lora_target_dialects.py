@@ -211,3 +211,25 @@ def test_the_plan_says_which_layers_lora_adapts_and_where_that_was_read() -> Non
     trl = describe_reading(dataclasses.replace(lora, lora_target=PEFT_DEFAULT),
                            {"lora_target": "known_default"})
     assert "LoRA targets peft's own list for the model type (known default)" in trl
+
+
+TRL_HELP = (Path(__file__).resolve().parents[1] / "data" / "help" /
+            "trl_modelconfig.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("extra", "target", "source"), [
+    ((), PEFT_DEFAULT, Source.PROGRAM),  # its help: (default: None), handed to peft as is
+    (("--lora_target_modules", "q_proj", "v_proj"), "q_proj,v_proj", Source.COMMAND_LINE),
+    (("--lora-target-modules", "all-linear"), None, Source.COMMAND_LINE),
+])
+def test_a_script_with_trl_s_model_config_is_read_by_its_help(
+        extra: tuple[str, ...], target: str | None, source: Source) -> None:
+    """A TRL-style script (TRL's real ModelConfig, its --help recorded): the list after the
+    nargs flag, or, unsaid, peft's own for the model type."""
+    dialect = ArgvDialect(probe=lambda _program: TRL_HELP)
+    command = Command(argv=("python", "sft.py", "--output_dir", "o", "--use_peft", *extra,
+                            "--per_device_train_batch_size", "2"))
+    reading = dialect.read_sourced(command)
+    assert (reading.knobs.lora_target, reading.source("lora_target")) == (target, source)
+    assert (reading.knobs.per_device_batch, reading.knobs.finetuning_type) == (
+        2, FinetuningType.LORA)

@@ -284,7 +284,12 @@ class _Family:
     MAPPING for the model type): TRL's default."""
 
 
-_NEOX_NAMES = ("query_key_value", "dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+def _fused_names(attention: str) -> tuple[str, ...]:
+    """GPT-NeoX's block names (`attention`), BLOOM's and Falcon's (`self_attention`)."""
+    return (f"{attention}.query_key_value", f"{attention}.dense", "mlp.dense_h_to_4h",
+            "mlp.dense_4h_to_h")
+
+
 _LLAMA = _Family()
 _FAMILIES: dict[str, _Family] = {
     "qwen2": _Family(qkv_bias=True),
@@ -296,8 +301,7 @@ _FAMILIES: dict[str, _Family] = {
     "gpt_neox": _Family(kv_heads=(), fused_qkv=True, gated=False, qkv_bias=("attention_bias",),
                         out_bias=("attention_bias",), mlp_bias=True, layer_norm=True,
                         activation_saves=2, peft_targets=("query_key_value",),
-                        linear_names=tuple(f"attention.{n}" if "." not in n else n
-                                           for n in _NEOX_NAMES)),
+                        linear_names=_fused_names("attention")),
     "phi": _Family(qkv_bias=True, out_bias=True, mlp_bias=True, gated=False, layer_norm=True,
                    norms=1, head_bias=True, activation_saves=5,
                    peft_targets=("q_proj", "v_proj", "fc1", "fc2"),
@@ -312,14 +316,12 @@ _FAMILIES: dict[str, _Family] = {
                      tied=True, fused_qkv=True, gated=False, qkv_bias=True, out_bias=True,
                      mlp_bias=True, layer_norm=True, extra_norms=1, activation_saves=5,
                      peft_targets=("query_key_value",),
-                     linear_names=tuple(f"self_attention.{n}" if "." not in n else n
-                                        for n in _NEOX_NAMES)),
+                     linear_names=_fused_names("self_attention")),
     "falcon": _Family(kv_heads=("num_kv_heads",), tied=True, fused_qkv=True, gated=False,
                       qkv_bias=("bias",), out_bias=("bias",), mlp_bias=("bias",),
                       layer_norm=True, norms=1, activation_saves=2,
                       peft_targets=("query_key_value",),
-                      linear_names=tuple(f"self_attention.{n}" if "." not in n else n
-                                         for n in _NEOX_NAMES)),
+                      linear_names=_fused_names("self_attention")),
     "mpt": _Family(hidden=("d_model",), heads=("n_heads",), kv_heads=(), tied=True,
                    fused_qkv=True, gated=False, qkv_bias=False, out_bias=False, mlp_bias=False,
                    activation_saves=2, peft_targets=("Wqkv",),

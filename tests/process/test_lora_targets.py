@@ -23,10 +23,11 @@ from typing import Any
 
 import pytest
 
-from supervisor._families import PEFT_DEFAULT
+from supervisor._families import PEFT_DEFAULT, decoder_blocks
 from supervisor.estimate import Method, ModelSpec, analytic, estimate_many
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS
+from tests.unit.test_family_shapes import FAMILIES as FAMILY_SHAPES
 
 pytestmark = pytest.mark.process
 
@@ -88,3 +89,31 @@ def test_a_narrow_target_list_is_predicted_within_5_percent(tmp_path: Path,
     assert counted.peak_mib < analytic(spec, every).peak_mib
     assert predicted_peft.breakdown["trainable_params"] == measured["trainable_params"]
     assert analytic(spec, peft).peak_mib == counted.peak_mib
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_SHAPES))
+def test_the_counts_layer_names_are_the_models_own(model_type: str) -> None:
+    """Each family's block as transformers builds it (on the meta device): the linear layers
+    LoRA can adapt have the names and shapes the count matches target lists against, and
+    peft's own list for the model type (TRL's default) is the count's."""
+    import torch  # noqa: PLC0415 - a process test: torch only here
+    from peft.utils.constants import (  # noqa: PLC0415
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_LISTS,
+    )
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+    from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+
+    dims, _ = FAMILY_SHAPES[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=4096, **dims)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    _, blocks = decoder_blocks(model)
+    built = {name: ((module.in_features, module.out_features)
+                    if isinstance(module, torch.nn.Linear) else tuple(module.weight.shape))
+             for name, module in blocks[0].named_modules()
+             if isinstance(module, torch.nn.Linear | Conv1D)}
+    shape = ModelSpec.from_config(model_type, {"model_type": model_type, "vocab_size": 4096,
+                                               **dims}, source="test").shape()
+    assert shape is not None
+    assert dict(zip(shape.linear_names, shape.linears, strict=True)) == built
+    assert shape.peft_targets == tuple(PEFT_LISTS[model_type])

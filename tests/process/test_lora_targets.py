@@ -117,3 +117,32 @@ def test_the_counts_layer_names_are_the_models_own(model_type: str) -> None:
     assert shape is not None
     assert dict(zip(shape.linear_names, shape.linears, strict=True)) == built
     assert shape.peft_targets == tuple(PEFT_LISTS[model_type])
+
+
+def _plan_start_mib(cwd: Path, *overrides: str) -> tuple[float, str]:
+    done = subprocess.run(  # noqa: S603 - our own CLI
+        [sys.executable, "-m", "supervisor", "plan", "--device-memory", "200MiB", "--method",
+         "analytic", "--", "llamafactory-cli", "train", "sft.yaml", *overrides],
+        cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    row = re.search(r"^1\*\s+\(start\).*?\s([\d.]+) MiB", done.stdout, re.MULTILINE)
+    assert row is not None, done.stdout
+    return float(row.group(1)), " ".join(done.stdout.split())
+
+
+def test_plan_reads_the_list_from_the_command(tmp_path: Path) -> None:
+    """`plan` on a LLaMA-Factory YAML that says `lora_target: q_proj,v_proj`: the start is
+    predicted with those adapters (less than with `lora_target=all` on its command line), and
+    the plan says where the list was read."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(LLAMA), encoding="utf-8")
+    (tmp_path / "sft.yaml").write_text(
+        "model_name_or_path: m\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
+        "lora_target: q_proj,v_proj\nper_device_train_batch_size: 2\ncutoff_len: 64\n"
+        "output_dir: out\n", encoding="utf-8")
+    narrow, said = _plan_start_mib(tmp_path)
+    every, said_all = _plan_start_mib(tmp_path, "lora_target=all")
+    assert narrow < every
+    assert "LoRA targets q_proj v_proj (config file)" in said
+    assert "LoRA targets every linear layer (command line)" in said_all

@@ -66,7 +66,9 @@ def target_names(target: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if target == PEFT_DEFAULT:
         return (PEFT_DEFAULT,)  # the model type's own list: the model decides (see PEFT_DEFAULT)
     parts = [target] if isinstance(target, str) else [str(t) for t in target]
-    names = tuple(dict.fromkeys(n for part in parts for n in re.split(r"[,\s]+", part) if n))
+    # (A list printed as Python writes it, `['q_proj', 'v_proj']`, reads the same.)
+    names = tuple(dict.fromkeys(n for part in parts for n in re.split(r"[,\s\[\]'\"]+", part)
+                                if n))
     if not names or any(n.lower() in _ALL for n in names):
         return None
     return names

@@ -141,6 +141,7 @@ def test_the_names_read_as_peft_matches_them() -> None:
     """Commas and spaces separate names; `all` anywhere is every linear layer."""
     assert target_names("q_proj, v_proj") == ("q_proj", "v_proj")
     assert target_names(["q_proj", "v_proj", "q_proj"]) == ("q_proj", "v_proj")
+    assert target_names("['q_proj', 'v_proj']") == ("q_proj", "v_proj")  # a printed default
     assert target_names("all") is None
     assert target_names(["q_proj", "all-linear"]) is None
     assert canonical_target("all_linear") is None

@@ -558,6 +558,7 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         scores = shape.heads * knobs.cutoff_len
         masks += scores * (3 * w + 1)
     layer = shape.norms * norm + attention + shape.activation_saves * w * i + masks
+    first_layer_kept = 0  # what the first layer keeps beside `layer` (negative: less)
     if knobs.finetuning_type is FinetuningType.LORA:
         # A frozen projection needs no input for backward; an adapted one keeps it for its
         # A matrix. The attention output projection's input and the MLP's last one's are
@@ -565,6 +566,15 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         adapted = shape.lora_adapted(knobs.lora_target)
         out = 1 if shape.fused_qkv else 3  # the attention output projection's index
         layer -= (0 if adapted[out] else w * shape.q_dim) + (0 if adapted[-1] else w * i)
+        # Nothing before the first adapted projection needs a gradient: in the first layer,
+        # a list without q, k, v keeps nothing of attention's own (nor of its norm), and one
+        # that adapts only the MLP's last projection nothing of the MLP's first ones either.
+        # (One norm shared by attention and MLP, Phi's, is the MLP side's to drop.)
+        own_norm = norm if shape.norms > 1 else 0
+        if not any(adapted[:out]):
+            first_layer_kept -= own_norm + attention - w * shape.q_dim + scores * (3 * w + 1)
+            if not any(adapted[out:-1]):
+                first_layer_kept -= (shape.activation_saves - 1) * w * i + norm
     head = norm + w * h
     logits = 12 * v + (w * v if w != _FP32 else 0)
     accumulating = knobs.grad_accum > 1  # the second micro-batch runs beside held gradients
@@ -584,7 +594,7 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         # Frozen layers before the trainable ones need no activations for any gradient.
         per_token = min(abs(knobs.freeze_trainable_layers), n) * layer + head + logits
     else:
-        per_token = n * layer + head + logits
+        per_token = n * layer + first_layer_kept + head + logits
     backward = held + tokens * per_token
     foreach = device == "cuda"  # foreach AdamW keeps a sqrt copy of every second moment
     temporaries = trainable * tw if foreach else 2 * min(largest, trainable) * tw

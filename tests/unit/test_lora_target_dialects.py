@@ -234,3 +234,18 @@ def test_a_script_with_trl_s_model_config_is_read_by_its_help(
     assert (reading.knobs.lora_target, reading.source("lora_target")) == (target, source)
     assert (reading.knobs.per_device_batch, reading.knobs.finetuning_type) == (
         2, FinetuningType.LORA)
+
+
+def test_trl_s_nargs_list_survives_a_render() -> None:
+    """The LoRA rung and a smaller batch on a TRL command that names its list: the values
+    after `--lora_target_modules` stay where they were, and the attempt reads the same list."""
+    dialect = TrlDialect()
+    command = Command(argv=("trl", "sft", "--model_name_or_path", "m", "--lora_target_modules",
+                            "q_proj", "v_proj", "--per_device_train_batch_size", "4"))
+    knobs = dataclasses.replace(dialect.read(command), per_device_batch=2,
+                                finetuning_type=FinetuningType.LORA)
+    rendered = render_checked(dialect, command, knobs, Path())
+    assert rendered.argv == ("trl", "sft", "--model_name_or_path", "m", "--lora_target_modules",
+                             "q_proj", "v_proj", "--per_device_train_batch_size", "2",
+                             "--use_peft")
+    assert dialect.read(rendered).lora_target == "q_proj,v_proj"

@@ -20,6 +20,7 @@ touch a model import torch and peft where they run, in the child or the trainer.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,10 @@ DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 ALL_LINEAR = "all-linear"
 """peft's shorthand for every linear layer but the output head."""
 _ALL = frozenset({"all", "all-linear", "all_linear"})
+PEFT_DEFAULT = "peft-default"
+"""No list given to peft (`target_modules=None`): peft adapts its own list for the model type
+(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: `q_proj`, `v_proj` on a Llama, `c_attn`
+on a GPT-2). TRL's ModelConfig.lora_target_modules defaults to None, so that is TRL's own."""
 
 
 def depth_key(config: Mapping[str, Any]) -> str | None:
@@ -50,15 +55,44 @@ def with_depth(config: Mapping[str, Any], layers: int) -> dict[str, Any]:
     return {**config, depth_key(config) or "num_hidden_layers": layers}
 
 
-def lora_target_modules(target: str | Sequence[str] | None) -> str | list[str]:
-    """peft's `target_modules` for what the program targets (None, "all": every linear)."""
+def target_names(target: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The module names a program's LoRA target list names (None: every linear layer).
+
+    Commas and spaces separate names (LLaMA-Factory's `q_proj,v_proj`, TRL's nargs list);
+    `all` / `all-linear` anywhere, or no name at all, is every linear layer.
+    """
     if target is None:
-        return ALL_LINEAR
-    names = [t.strip() for t in (target.split(",") if isinstance(target, str) else target)]
-    names = [n for n in names if n]
+        return None
+    if target == PEFT_DEFAULT:
+        return (PEFT_DEFAULT,)  # the model type's own list: the model decides (see PEFT_DEFAULT)
+    parts = [target] if isinstance(target, str) else [str(t) for t in target]
+    # (A list printed as Python writes it, `['q_proj', 'v_proj']`, reads the same.)
+    names = tuple(dict.fromkeys(n for part in parts for n in re.split(r"[,\s\[\]'\"]+", part)
+                                if n))
     if not names or any(n.lower() in _ALL for n in names):
-        return ALL_LINEAR
+        return None
     return names
+
+
+def canonical_target(target: str | Sequence[str] | None) -> str | None:
+    """The target list as the knob holds it: names joined by commas, None for every linear
+    layer (`all`, `all-linear`, or nothing said: the same layers, the same memory)."""
+    names = target_names(target)
+    return None if names is None else ",".join(names)
+
+
+def targets(name: str, names: Sequence[str]) -> bool:
+    """peft's rule for a list: the module's name is a target or ends with `.target`."""
+    return any(name == t or name.endswith(f".{t}") for t in names)
+
+
+def lora_target_modules(target: str | Sequence[str] | None) -> str | list[str] | None:
+    """peft's `target_modules` for what the program targets (None, "all": every linear;
+    PEFT_DEFAULT: None, peft's own list for the model type)."""
+    if target == PEFT_DEFAULT:
+        return None
+    names = target_names(target)
+    return ALL_LINEAR if names is None else list(names)
 
 
 def decoder_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:

@@ -43,7 +43,13 @@ from pathlib import Path, PurePath
 from typing import Any, Protocol
 
 from supervisor._compat import StrEnum
-from supervisor._families import depth_key
+from supervisor._families import (
+    PEFT_DEFAULT,
+    canonical_target,
+    depth_key,
+    target_names,
+    targets,
+)
 from supervisor.classify import OomNumbers
 from supervisor.knobs import FinetuningType, Knobs, precision_dtypes
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS, named_config
@@ -268,6 +274,20 @@ class _Family:
     """MLP tensors of its width kept for backward: SwiGLU's gate, silu(gate), up and their
     product (4); GELU's input and output (2); GPT-2's tanh approximation, written out as six
     elementwise ops, keeps more (5)."""
+    linear_names: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                     "mlp.down_proj")
+    """Each linear layer's name inside a block, in `Shape.linears`' order (q, k, v or the
+    fused qkv, the attention output, the MLP's): what a LoRA target list is matched against."""
+    peft_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """What peft adapts when given no list (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_
+    MAPPING for the model type): TRL's default."""
+
+
+def _fused_names(attention: str) -> tuple[str, ...]:
+    """GPT-NeoX's block names (`attention`), BLOOM's and Falcon's (`self_attention`)."""
+    return (f"{attention}.query_key_value", f"{attention}.dense", "mlp.dense_h_to_4h",
+            "mlp.dense_4h_to_h")
 
 
 _LLAMA = _Family()
@@ -276,27 +296,41 @@ _FAMILIES: dict[str, _Family] = {
     "gpt2": _Family(hidden=("n_embd",), intermediate=("n_inner",), heads=("n_head",),
                     kv_heads=(), positions=("n_positions",), tied=True, fused_qkv=True,
                     gated=False, qkv_bias=True, out_bias=True, mlp_bias=True, layer_norm=True,
-                    activation_saves=5),
+                    activation_saves=5, peft_targets=("c_attn",),
+                    linear_names=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
     "gpt_neox": _Family(kv_heads=(), fused_qkv=True, gated=False, qkv_bias=("attention_bias",),
                         out_bias=("attention_bias",), mlp_bias=True, layer_norm=True,
-                        activation_saves=2),
+                        activation_saves=2, peft_targets=("query_key_value",),
+                        linear_names=_fused_names("attention")),
     "phi": _Family(qkv_bias=True, out_bias=True, mlp_bias=True, gated=False, layer_norm=True,
-                   norms=1, head_bias=True, activation_saves=5),
+                   norms=1, head_bias=True, activation_saves=5,
+                   peft_targets=("q_proj", "v_proj", "fc1", "fc2"),
+                   linear_names=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                 "self_attn.dense", "mlp.fc1", "mlp.fc2")),
     "gptj": _Family(hidden=("n_embd",), intermediate=("n_inner",), heads=("n_head",),
                     kv_heads=(), qkv_bias=False, out_bias=False, mlp_bias=True, gated=False,
-                    layer_norm=True, norms=1, head_bias=True, activation_saves=5),
+                    layer_norm=True, norms=1, head_bias=True, activation_saves=5,
+                    linear_names=("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj",
+                                  "mlp.fc_in", "mlp.fc_out")),
     "bloom": _Family(hidden=("hidden_size", "n_embed"), heads=("n_head",), kv_heads=(),
                      tied=True, fused_qkv=True, gated=False, qkv_bias=True, out_bias=True,
-                     mlp_bias=True, layer_norm=True, extra_norms=1, activation_saves=5),
+                     mlp_bias=True, layer_norm=True, extra_norms=1, activation_saves=5,
+                     peft_targets=("query_key_value",),
+                     linear_names=_fused_names("self_attention")),
     "falcon": _Family(kv_heads=("num_kv_heads",), tied=True, fused_qkv=True, gated=False,
                       qkv_bias=("bias",), out_bias=("bias",), mlp_bias=("bias",),
-                      layer_norm=True, norms=1, activation_saves=2),
+                      layer_norm=True, norms=1, activation_saves=2,
+                      peft_targets=("query_key_value",),
+                      linear_names=_fused_names("self_attention")),
     "mpt": _Family(hidden=("d_model",), heads=("n_heads",), kv_heads=(), tied=True,
                    fused_qkv=True, gated=False, qkv_bias=False, out_bias=False, mlp_bias=False,
-                   activation_saves=2),
+                   activation_saves=2, peft_targets=("Wqkv",),
+                   linear_names=("attn.Wqkv", "attn.out_proj", "ffn.up_proj", "ffn.down_proj")),
     "opt": _Family(intermediate=("ffn_dim",), kv_heads=(), positions=("max_position_embeddings",),
                    positions_offset=2, tied=True, gated=False, qkv_bias=True, out_bias=True,
-                   mlp_bias=True, layer_norm=True, activation_saves=2),
+                   mlp_bias=True, layer_norm=True, activation_saves=2,
+                   linear_names=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                 "self_attn.out_proj", "fc1", "fc2")),
     "gemma": _Family(tied=True),
     "stablelm": _Family(qkv_bias=("use_qkv_bias",), out_bias=False, layer_norm=True),
 }
@@ -345,6 +379,10 @@ class Shape:
     head_dim: int = 0
     """Width of one attention head where the config sets it apart from hidden / heads."""
     extra_norms: int = 0
+    linear_names: tuple[str, ...] = _LLAMA.linear_names
+    """Each of `linears`' name inside a block (what LoRA's target names are matched against)."""
+    peft_targets: tuple[str, ...] = _LLAMA.peft_targets
+    """What peft adapts in this family when given no list (PEFT_DEFAULT)."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Shape | None:
@@ -380,7 +418,8 @@ class Shape:
                        norms=2 if model_type == "falcon" and (
                            values.get("new_decoder_architecture")
                            or values.get("parallel_attn") is False) else family.norms,
-                       head_bias=family.head_bias, activation_saves=family.activation_saves)
+                       head_bias=family.head_bias, activation_saves=family.activation_saves,
+                       linear_names=family.linear_names, peft_targets=family.peft_targets)
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -428,9 +467,27 @@ class Shape:
         return embeddings + self.layers * self.layer_parameters + (
             1 + self.extra_norms) * self.norm_parameters
 
-    def lora_parameters(self, rank: int) -> int:
-        """LoRA A and B on every linear layer of every block (`lora_target: all`)."""
-        return self.layers * rank * sum(a + b for a, b in self.linears)
+    def lora_adapted(self, target: str | None = None) -> tuple[bool, ...]:
+        """Whether LoRA adapts each of `linears`: those whose name peft matches against the
+        program's target list; every one for `all` or unsaid, or where the list names none of
+        this family's layers (the program's own count is then unknown: counted as all)."""
+        names = target_names(target)
+        if names == (PEFT_DEFAULT,):
+            names = self.peft_targets
+        every = (True,) * len(self.linears)
+        if names is None or len(self.linear_names) != len(self.linears):
+            return every
+        adapted = tuple(targets(name, names) for name in self.linear_names)
+        return adapted if any(adapted) else every
+
+    def lora_linears(self, target: str | None = None) -> tuple[tuple[int, int], ...]:
+        """(in, out) of each linear layer of one block that LoRA adapts (`lora_adapted`)."""
+        return tuple(dims for dims, adapted in zip(self.linears, self.lora_adapted(target),
+                                                   strict=True) if adapted)
+
+    def lora_parameters(self, rank: int, target: str | None = None) -> int:
+        """LoRA A and B on each targeted linear layer of every block (`lora_target`)."""
+        return self.layers * rank * sum(a + b for a, b in self.lora_linears(target))
 
 
 _FP32 = 4
@@ -463,7 +520,7 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
     tokens = knobs.per_device_batch * knobs.cutoff_len
     total = shape.parameters
     if knobs.finetuning_type is FinetuningType.LORA:
-        trainable = shape.lora_parameters(knobs.lora_rank)
+        trainable = shape.lora_parameters(knobs.lora_rank, knobs.lora_target)
         total += trainable
     elif knobs.finetuning_type is FinetuningType.FREEZE:
         trainable = min(abs(knobs.freeze_trainable_layers), n) * shape.layer_parameters
@@ -501,6 +558,23 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         scores = shape.heads * knobs.cutoff_len
         masks += scores * (3 * w + 1)
     layer = shape.norms * norm + attention + shape.activation_saves * w * i + masks
+    first_layer_kept = 0  # what the first layer keeps beside `layer` (negative: less)
+    if knobs.finetuning_type is FinetuningType.LORA:
+        # A frozen projection needs no input for backward; an adapted one keeps it for its
+        # A matrix. The attention output projection's input and the MLP's last one's are
+        # kept for nothing else: a target list without them saves their width per token.
+        adapted = shape.lora_adapted(knobs.lora_target)
+        out = 1 if shape.fused_qkv else 3  # the attention output projection's index
+        layer -= (0 if adapted[out] else w * shape.q_dim) + (0 if adapted[-1] else w * i)
+        # Nothing before the first adapted projection needs a gradient: in the first layer,
+        # a list without q, k, v keeps nothing of attention's own (nor of its norm), and one
+        # that adapts only the MLP's last projection nothing of the MLP's first ones either.
+        # (One norm shared by attention and MLP, Phi's, is the MLP side's to drop.)
+        own_norm = norm if shape.norms > 1 else 0
+        if not any(adapted[:out]):
+            first_layer_kept -= own_norm + attention - w * shape.q_dim + scores * (3 * w + 1)
+            if not any(adapted[out:-1]):
+                first_layer_kept -= (shape.activation_saves - 1) * w * i + norm
     head = norm + w * h
     logits = 12 * v + (w * v if w != _FP32 else 0)
     accumulating = knobs.grad_accum > 1  # the second micro-batch runs beside held gradients
@@ -520,7 +594,7 @@ def analytic(spec: ModelSpec, knobs: Knobs, *, device: str = "cpu") -> Predictio
         # Frozen layers before the trainable ones need no activations for any gradient.
         per_token = min(abs(knobs.freeze_trainable_layers), n) * layer + head + logits
     else:
-        per_token = n * layer + head + logits
+        per_token = n * layer + first_layer_kept + head + logits
     backward = held + tokens * per_token
     foreach = device == "cuda"  # foreach AdamW keeps a sqrt copy of every second moment
     temporaries = trainable * tw if foreach else 2 * min(largest, trainable) * tw
@@ -827,6 +901,9 @@ def trace_knobs(knobs: Knobs) -> Knobs:
         values["finetuning_type"] = FinetuningType.LORA
     if values["finetuning_type"] is not FinetuningType.LORA:
         del values["lora_rank"]
+        del values["lora_target"]
+    else:
+        values["lora_target"] = canonical_target(values["lora_target"])
     if values["finetuning_type"] is not FinetuningType.FREEZE:
         del values["freeze_trainable_layers"]
     return Knobs(**values)
@@ -946,7 +1023,8 @@ def _zero(knobs: Knobs, breakdown: Mapping[str, Any], phases: dict[str, float],
 # --- both, cached, with fallback -------------------------------------------------------------
 
 _MEMORY_KNOBS = ("per_device_batch", "grad_accum", "cutoff_len", "gradient_checkpointing",
-                 "finetuning_type", "lora_rank", "freeze_trainable_layers", "precision")
+                 "finetuning_type", "lora_rank", "lora_target", "freeze_trainable_layers",
+                 "precision")
 """The knobs the trace sees; quantisation, ZeRO and the world size are counted on top."""
 
 _CACHE: dict[tuple[str, Knobs, str, str], Prediction] = {}

@@ -481,7 +481,7 @@ def _rank(name: str) -> int:
 
 
 _FIRST = ("finetuning_type", "per_device_batch", "grad_accum", "cutoff_len",
-          "gradient_checkpointing", "lora_rank", "quantization_bit", "optimizer",
+          "gradient_checkpointing", "lora_rank", "lora_target", "quantization_bit", "optimizer",
           "freeze_trainable_layers", "precision", "world_size")
 _LEFT_OUT = frozenset({"output_dir", "model", "resume_from_checkpoint"})
 

@@ -70,6 +70,11 @@ class Knobs:
     gradient_checkpointing: bool = False
     finetuning_type: FinetuningType = FinetuningType.FULL
     lora_rank: int = 8
+    lora_target: str | None = None
+    """The modules LoRA adapts as the program names them, joined by commas (`q_proj,v_proj`:
+    peft adapts a module whose name is one of them or ends with `.name`); None: every linear
+    layer but the output head (`all`, `all-linear`, or unsaid: its source says which).
+    Read from the command, never rewritten by a rung."""
     freeze_trainable_layers: int = 2
     precision: str | None = None
     quantization_bit: int | None = None
@@ -134,6 +139,7 @@ KNOB_TYPES: dict[str, str] = {
     "gradient_checkpointing": "bool",
     "finetuning_type": "finetuning_type",
     "lora_rank": "int",
+    "lora_target": "str",
     "freeze_trainable_layers": "int",
     "precision": "str",
     "quantization_bit": "int",

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from supervisor._families import PEFT_DEFAULT
 from supervisor.bounds import MAX_MIB
 from supervisor.classify import OomKind, OomNumbers, Verdict, VerdictKind
 from supervisor.estimate import ModelSpec, Prediction, fits
@@ -477,6 +478,13 @@ def describe_reading(knobs: Knobs, sources: Mapping[str, str]) -> str:
         else:
             shown = _show(value)
         parts.append(f"{label} {shown} ({source})")
+    if knobs.finetuning_type is FinetuningType.LORA or knobs.quantization_bit is not None:
+        # The layers LoRA adapts, as the program names them (TRL's own default, peft's list
+        # for the model type, is narrower than the every-linear-layer assumed here).
+        source = str(sources.get("lora_target", "assumed")).replace("_", " ")
+        shown = ("peft's own list for the model type" if knobs.lora_target == PEFT_DEFAULT
+                 else (knobs.lora_target or "every linear layer").replace(",", " "))
+        parts.append(f"LoRA targets {shown} ({source})")
     return "read: " + ", ".join(parts)
 
 

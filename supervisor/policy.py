@@ -531,7 +531,7 @@ _HALVABLE = tuple(k for k, t in KNOB_TYPES.items() if t == "int" and k != "world
 _READ_ONLY = ("world_size", "output_dir")
 _BOOLEAN = tuple(k for k, t in KNOB_TYPES.items() if t == "bool")
 _SETTABLE = tuple(k for k in KNOB_NAMES
-                  if k not in ("world_size", "resume_from_checkpoint", "output_dir"))
+                  if k not in ("world_size", "resume_from_checkpoint", "output_dir", "lora_target"))
 
 
 def policy_dirs() -> tuple[Path, ...]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import structlog
 
+from supervisor._families import PEFT_DEFAULT, target_names
 from supervisor.fits import FitStore, FitStoreError, fit_key
 from supervisor.fits import default_path as default_fits_path
 from supervisor.knobs import Knobs
@@ -78,13 +79,24 @@ MEMORY_KNOBS = ("cutoff_len", "gradient_checkpointing", "finetuning_type", "lora
 """The start config's knobs that decide memory, beside its effective batch: precision and
 quantisation, the method with its rank and trainable layers, cutoff, checkpointing, the
 optimizer, DeepSpeed's stage and offload, the world size. Never output_dir, max_steps,
-resume_from_checkpoint or the model's name (its config is keyed instead)."""
+resume_from_checkpoint or the model's name (its config is keyed instead). The LoRA target
+list too, where the command names one narrower than every linear layer (`lora_target`)."""
 
 
 def memory_knobs(start: Knobs) -> dict[str, object]:
-    """What of the start config decides memory: the key's `start` part."""
+    """What of the start config decides memory: the key's `start` part.
+
+    The LoRA target list is in it only where the command narrows it (`q_proj,v_proj`, in
+    sorted order: the same layers whatever the order): every linear layer, said or not, is
+    what keys made before it was read assumed, so their fits stay found.
+    """
     data = start.to_dict()
-    return {**{k: data[k] for k in MEMORY_KNOBS}, "effective_batch": start.effective_batch}
+    part = {**{k: data[k] for k in MEMORY_KNOBS}, "effective_batch": start.effective_batch}
+    names = target_names(start.lora_target)
+    # (PEFT_DEFAULT is the program's own list where it names none: its dialect is keyed.)
+    if names is not None and start.lora_target != PEFT_DEFAULT:
+        part["lora_target"] = ",".join(sorted(names))
+    return part
 
 
 def key_of(*, start: Knobs, model_config: dict[str, object] | None, dialect: str,  # noqa: PLR0913
@@ -99,7 +111,8 @@ def legacy_key_of(*, start: Knobs, model_config: dict[str, object] | None, diale
                   policy_text: str, device_name: str | None, device_mib: float | None) -> str:
     """The key an older version gave the same run (its whole start config, paths and step
     counts included): its fits stay readable."""
-    plain = {k: v for k, v in start.to_dict().items() if k != "resume_from_checkpoint"}
+    plain = {k: v for k, v in start.to_dict().items()
+             if k not in ("resume_from_checkpoint", "lora_target")}  # (not a knob then)
     return fit_key(model_config=model_config, model=start.model, device_name=device_name,
                    device_total_mib=device_mib, dialect=dialect, start_knobs=plain,
                    policy=hashlib.sha256(policy_text.encode("utf-8")).hexdigest())

@@ -18,6 +18,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from supervisor._families import canonical_target
 from supervisor.command import Command, CommandError
 from supervisor.files import write_failed, write_file
 from supervisor.knobs import FinetuningType, Knobs
@@ -37,6 +38,7 @@ class Key:
     knob: str
     names: tuple[str, ...]
     codec: str  # "int" | "bool" | "str" | "finetuning_type" | "steps" (-1 means unset)
+    # | "targets" (LoRA's module names: `q_proj,v_proj` or a list; `all`)
     inverted: bool = False  # `disable_gradient_checkpointing: true` is the knob False
 
 
@@ -56,6 +58,14 @@ def decode(key: Key, name: str, value: object, where: str) -> Any:  # noqa: ANN4
             msg = f"{where}: {name}: {bounded(value)} is not a whole number; give e.g. `{name}: 4`"
             raise CommandError(msg)
         return None if key.codec == "steps" and number < 0 else number
+    if key.codec == "targets":
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return canonical_target([str(v) for v in value])
+        if not isinstance(value, str):
+            msg = (f"{where}: {name}: {bounded(value)} is not a list of module names; give "
+                   f"e.g. `{name}: q_proj,v_proj`")
+            raise CommandError(msg)
+        return canonical_target(value)
     if key.codec == "finetuning_type":
         try:
             return FinetuningType(str(value))

@@ -24,7 +24,7 @@ from supervisor.program import ModuleProbe, can_import, prefetch_import
 _STRENGTH = {Source.COMMAND_LINE: 4, Source.CONFIG_FILE: 3, Source.PROGRAM: 2,
              Source.KNOWN_DEFAULT: 1, Source.ASSUMED: 0}
 
-READ_ONLY = frozenset({"world_size", "output_dir", "model", "precision"})
+READ_ONLY = frozenset({"world_size", "output_dir", "model", "precision", "lora_target"})
 """Knobs read from the command but never rewritten by a rung."""
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, NoReturn
 
+from supervisor._families import PEFT_DEFAULT, canonical_target
 from supervisor.command import Command, CommandError, Invocation, locate
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import ConfigFile, is_inside, output_dir_for, params_of, resolve
@@ -53,6 +54,7 @@ class Flag:
     knob: str
     names: tuple[str, ...]
     codec: str  # "int" | "bool" | "str" | "finetuning_type" | "peft" (`--use_peft`: lora/full)
+    # | "targets" (LoRA's module names: `--lora_target q_proj,v_proj`, nargs `q_proj v_proj`)
     inverted: bool = False  # `--disable_gradient_checkpointing` is True when the knob is False
 
 
@@ -85,6 +87,10 @@ _COMMON = (
     Flag("grad_accum", ("--gradient_accumulation_steps", "--gradient-accumulation-steps"), "int"),
     Flag("finetuning_type", ("--finetuning_type",), "finetuning_type"),
     Flag("lora_rank", ("--lora_rank", "--lora_r"), "int"),
+    # LLaMA-Factory's comma-separated `--lora_target`, TRL's (and peft scripts') nargs
+    # `--lora_target_modules`: read, never rewritten.
+    Flag("lora_target", ("--lora_target", "--lora_target_modules", "--lora-target-modules"),
+         "targets"),
     Flag("freeze_trainable_layers", ("--freeze_trainable_layers", "--num_layer_trainable"), "int"),
     Flag("quantization_bit", ("--quantization_bit",), "int"),
     Flag("max_steps", ("--max_steps", "--max-steps"), "int"),
@@ -154,7 +160,7 @@ PROFILES: tuple[Profile, ...] = (
                                                      "quantization_bit")),
                *_HF_GC, *_TRL),
         defaults={**_HF_DEFAULTS, "gradient_checkpointing": True, "cutoff_len": 1024,
-                  "bf16": True, "lora_rank": TRL_LORA_R},
+                  "bf16": True, "lora_rank": TRL_LORA_R, "lora_target": PEFT_DEFAULT},
     ),
     Profile(
         # LLaMA-Factory's legacy entry point (<= 0.6): cutoff_len defaulted to 1024.
@@ -171,7 +177,8 @@ PROFILES: tuple[Profile, ...] = (
         programs=re.compile(r"^(.*/)?(llamafactory-cli|lmf)$|^llamafactory(\..*)?$"),
         flags=(*_COMMON, *_LF_GC, *_LF_EXTRA, Flag("cutoff_len", ("--cutoff_len",), "int")),
         defaults={**_HF_DEFAULTS, "finetuning_type": FinetuningType.LORA,
-                  "gradient_checkpointing": True, "cutoff_len": 2048},
+                  "gradient_checkpointing": True, "cutoff_len": 2048,
+                  "lora_target": None},  # `all`: every linear layer but the head
         output_hygiene=True,
     ),
     Profile(
@@ -375,6 +382,9 @@ class ArgvDialect:
                 and scan.help.accepts("--lora_r")):
             # TRL's ModelConfig signature (--use_peft with --lora_r): its rank unless said.
             values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
+        if values.source("lora_target") is Source.ASSUMED and scan.help.accepts("--use_peft"):
+            # ModelConfig's target list is None unless said: peft's own for the model type.
+            values.set("lora_target", PEFT_DEFAULT, Source.KNOWN_DEFAULT)
         return values
 
     def _rewritable(self, scan: _Scan) -> frozenset[str]:
@@ -509,6 +519,8 @@ def _help_default(flag: Flag, option: Option | None, *, negatable: bool = False)
             # `bool | None = None` (transformers 5's activation_checkpointing and its alias):
             # unset, which TrainingArguments.__post_init__ resolves to False.
             return flag.inverted
+        if text == "None" and flag.codec == "targets":
+            return PEFT_DEFAULT  # no list handed to peft: its own for the model type
         if text == "None":
             return None
         try:
@@ -566,7 +578,8 @@ def _config_defaults(command: Command, scan: _Scan, values: Values) -> None:
         key = next((k for n in flag.names if (k := n.removeprefix("--")) in data), None)
         if key is not None and data[key] is not None:
             raw = data[key]
-            text = str(raw).lower() if isinstance(raw, bool) else str(raw)
+            text = str(raw).lower() if isinstance(raw, bool) else (
+                ",".join(map(str, raw)) if isinstance(raw, list) else str(raw))
             values.set(flag.knob, _decode(_Occurrence(flag, key, -1, "sep", text)),
                        Source.CONFIG_FILE)
 
@@ -659,8 +672,12 @@ def _occurrences(argv: tuple[str, ...], invocation: Invocation,
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 msg = f"{name} has no value after it; give one, e.g. `{name} 4`"
                 raise CommandError(msg)
-            found.append(_Occurrence(flag, name, i, "sep", argv[i + 1]))
-            i += 2
+            end = i + 2
+            if flag.codec == "targets":  # nargs: every value up to the next option
+                while end < len(argv) and not argv[end].startswith("-"):
+                    end += 1
+            found.append(_Occurrence(flag, name, i, "sep", " ".join(argv[i + 1:end])))
+            i = end
     return found
 
 
@@ -686,6 +703,8 @@ def _decode(occ: _Occurrence) -> Any:  # noqa: ANN401 - the knob's own type
         except ValueError:
             msg = f"{occ.name} {raw!r} is not a whole number; give e.g. `{occ.name} 4`"
             raise CommandError(msg) from None
+    if flag.codec == "targets":
+        return canonical_target(raw)
     if flag.codec == "finetuning_type":
         try:
             return FinetuningType(raw)

@@ -61,11 +61,14 @@ DEFAULTS: dict[str, Any] = {
     "finetuning_type": FinetuningType.FULL, "output_dir": "./model-out",
 }
 _BY_KNOB = {k.knob: k for k in KEYS}
+_TARGETS = Key("lora_target", ("lora_target_modules",), "targets")
+"""Read only (with `lora_target_linear`), never written: not among the rewritable KEYS."""
 _NO_FREEZE = ("axolotl selects trainable layers with `unfrozen_parameters` patterns this tool "
               "does not write; use a policy without the freeze rung, or add the patterns "
               "yourself")
 """Why freeze tuning is refused (the run's skip line and the render error both say it)."""
-_OPTION_KEYS = {name for k in KEYS for name in k.names} | {"adapter", "deepspeed"}
+_OPTION_KEYS = {name for k in KEYS for name in k.names} | {
+    "adapter", "deepspeed", "lora_target_modules", "lora_target_linear"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +231,14 @@ class AxolotlDialect:
         elif merged.get("load_in_8bit") is True:
             values.set("quantization_bit", _BITS_8, said("load_in_8bit"))
         values.set("precision", *_precision(merged, said))
+        # axolotl adapts `lora_target_modules` and, with `lora_target_linear`, every linear
+        # layer besides (its find_all_linear_names, the head excluded): all of them.
+        if merged.get("lora_target_linear") is True:
+            values.set("lora_target", None, said("lora_target_linear"))
+        elif merged.get("lora_target_modules"):
+            values.set("lora_target", decode(_TARGETS, "lora_target_modules",
+                                             merged["lora_target_modules"], where),
+                       said("lora_target_modules"))
         if merged.get("base_model"):
             values.set("model", model_path(command, merged["base_model"]), said("base_model"))
         ds = merged.get("deepspeed")

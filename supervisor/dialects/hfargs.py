@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path, PurePath
 from typing import Any
 
+from supervisor._families import PEFT_DEFAULT
 from supervisor.command import Command, CommandError, Invocation, locate, locate_command
 from supervisor.dialects import deepspeed
 from supervisor.dialects._config import (
@@ -49,6 +50,8 @@ KEYS: tuple[Key, ...] = (
         "bool"),
     Key("finetuning_type", ("finetuning_type",), "finetuning_type"),
     Key("lora_rank", ("lora_r", "lora_rank"), "int"),
+    # TRL's ModelConfig / peft scripts: lora_target_modules (a list, or all-linear); read only.
+    Key("lora_target", ("lora_target_modules", "lora_target"), "targets"),
     Key("freeze_trainable_layers", ("freeze_trainable_layers",), "int"),
     Key("quantization_bit", ("quantization_bit",), "int"),
     Key("max_steps", ("max_steps",), "steps"),
@@ -62,8 +65,9 @@ DEFAULTS: dict[str, Any] = {
     "per_device_batch": 8, "grad_accum": 1, "gradient_checkpointing": False,
     "finetuning_type": FinetuningType.FULL,
 }
+# (expandable_segments: in the environment; lora_target: read, never rewritten)
 _READ_ONLY = ("world_size", "output_dir", "deepspeed_stage", "deepspeed_offload", "precision",
-              "model", "expandable_segments")  # (the last: in the environment)
+              "model", "expandable_segments", "lora_target")
 _TRAINING_ARGS = ("per_device_batch", "grad_accum", "gradient_checkpointing", "max_steps",
                   "resume_from_checkpoint", "output_dir", "optimizer")
 """Knobs every HfArgumentParser script with TrainingArguments takes, named in the file or not."""
@@ -113,6 +117,8 @@ class HfArgsFileDialect:
                        else FinetuningType.FULL, Source.CONFIG_FILE)
             if "lora_rank" not in found:
                 values.set("lora_rank", TRL_LORA_R, Source.KNOWN_DEFAULT)
+            if "lora_target" not in found:  # ModelConfig's None: peft's list for the model
+                values.set("lora_target", PEFT_DEFAULT, Source.KNOWN_DEFAULT)
         for bits, name in ((4, "load_in_4bit"), (8, "load_in_8bit")):
             if data.get(name) is True:
                 values.set("quantization_bit", bits, Source.CONFIG_FILE)

@@ -71,6 +71,7 @@ KEYS: tuple[Key, ...] = (
     Key("gradient_checkpointing", ("disable_gradient_checkpointing",), "bool", inverted=True),
     Key("finetuning_type", ("finetuning_type",), "finetuning_type"),
     Key("lora_rank", ("lora_rank",), "int"),
+    Key("lora_target", ("lora_target",), "targets"),  # read, never rewritten
     Key("freeze_trainable_layers", ("freeze_trainable_layers",), "int"),
     Key("quantization_bit", ("quantization_bit",), "int"),
     Key("max_steps", ("max_steps",), "steps"),
@@ -84,6 +85,9 @@ DEFAULTS: dict[str, Any] = {
     # hparams/*_args.py of llamafactory 0.9.5 and transformers' TrainingArguments.
     "per_device_batch": 8, "grad_accum": 1, "cutoff_len": 2048, "gradient_checkpointing": True,
     "finetuning_type": FinetuningType.LORA, "lora_rank": 8,
+    # finetuning_args.py: `all`, every linear layer but the output head (its
+    # find_all_linear_modules): the knob's None.
+    "lora_target": None,
     # Positive: the last n layers train; negative: the first n (hparams/finetuning_args.py).
     "freeze_trainable_layers": 2,
 }
@@ -260,8 +264,8 @@ class LlamaFactoryDialect:
             name = key.names[0]
             if name in parsed.merged:
                 decoded = decode(key, name, parsed.merged[name], where)
-                if decoded is not None or key.knob not in DEFAULTS:
-                    values.set(key.knob, decoded, said(name))
+                if decoded is not None or key.knob not in DEFAULTS or key.codec == "targets":
+                    values.set(key.knob, decoded, said(name))  # (`lora_target: all` is None)
         for name in ("bf16", "fp16", "pure_bf16"):
             if name in parsed.merged:
                 values.set(name, parsed.merged[name] is True, said(name))

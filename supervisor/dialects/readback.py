@@ -19,9 +19,10 @@ if TYPE_CHECKING:
     from supervisor.dialects import Dialect
 
 NOT_COMPARED = frozenset({"world_size", "output_dir", "model", "precision",
-                          "resume_from_checkpoint"})
+                          "resume_from_checkpoint", "lora_target"})
 """Read from the command, never set by a rung (the output folder and the checkpoint to resume
-are the dialect's own output hygiene: LLaMA-Factory moves another parameter set aside)."""
+are the dialect's own output hygiene: LLaMA-Factory moves another parameter set aside; a LoRA
+rung may spell out the program's own all-linear target, axolotl's `lora_target_linear`)."""
 
 
 class RenderMismatchError(CommandError):

@@ -279,7 +279,7 @@ def test_trl_cli_reads_its_flags_and_sftconfig_defaults() -> None:
     assert reading.knobs == Knobs(
         per_device_batch=4, grad_accum=2, cutoff_len=2048, gradient_checkpointing=True,
         finetuning_type=LORA, lora_rank=16, quantization_bit=4, precision="bf16-mixed",
-        model="Qwen/Qwen2-0.5B")
+        model="Qwen/Qwen2-0.5B", lora_target="peft-default")  # TRL's: peft's own list
     assert sources(reading, "gradient_checkpointing", "precision", "quantization_bit") == (
         KNOWN, KNOWN, CMD)
     assert not reading.can_set("finetuning_type", FREEZE)

@@ -4,6 +4,7 @@ logging do not decide memory, so they never change the key; what decides memory 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from supervisor import remember
 from supervisor.command import Command
 from supervisor.dialects import detect
-from supervisor.fits import FitStore
+from supervisor.fits import FitStore, fit_key
 from supervisor.knobs import FinetuningType, Knobs
 
 CONFIG = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 4}
@@ -110,3 +111,28 @@ def test_a_fit_kept_under_an_older_key_is_still_found(tmp_path: Path) -> None:
     assert found.knobs == fitted
     assert found.run_id == "old-run"
     assert found.ignored == ()  # an old fit kept no command to compare with
+
+
+def test_a_narrow_lora_target_list_is_in_the_key_and_every_linear_layer_is_not() -> None:
+    """The command's own LoRA targets decide memory where they narrow it (`q_proj,v_proj`,
+    in any order); `all`, said or not, keys as keys did before the list was read, so fits
+    kept by older runs stay found."""
+    _, start = _start("--finetuning_type", "lora")
+    _, narrow = _start("--finetuning_type", "lora", "--lora_target", "q_proj,v_proj")
+    _, swapped = _start("--finetuning_type", "lora", "--lora_target", "v_proj,q_proj")
+    _, every = _start("--finetuning_type", "lora", "--lora_target", "all")
+    assert narrow.lora_target == "q_proj,v_proj"
+    assert every.lora_target is None
+    assert _key(narrow) != _key(start)
+    assert _key(swapped) == _key(narrow)
+    assert _key(every) == _key(start)
+    # The key of a command that names no narrower list is the one made before it was read.
+    data = start.to_dict()
+    before = fit_key(
+        model_config=CONFIG, model=start.model, device_name="simulated",
+        device_total_mib=150.0, dialect="hf-args",
+        start_knobs={**{k: data[k] for k in remember.MEMORY_KNOBS},
+                     "effective_batch": start.effective_batch},
+        policy=hashlib.sha256(b"[[rung]]").hexdigest())
+    assert _key(start) == before
+    assert "lora_target" not in remember.MEMORY_KNOBS

@@ -36,12 +36,14 @@ demo: $(STAMP)
 	$(VENV)/bin/oom-supervisor demo --walk   # act 2: not told, walks the ladder for real
 
 # The tiers' venvs build in the background while the tests run (one line a minute each while
-# building); a tier's conftest waits on the build's lock, then finds the venv current.
+# building); a tier's conftest waits on the build's lock, then finds the venv current. Three
+# workers on two cores: most tests wait on real processes and their timeouts, not the CPU.
+# Unbuffered: the log shows each test as it ends, not a page at a time.
 test: $(STAMP) slurm-packages
 	@for tier in llamafactory:$(LF_VENV) trl:$(TRL_VENV) axolotl:$(AXOLOTL_VENV); do \
 		$(TIER_ENV) bash tests/$${tier%%:*}/build_venv.sh $${tier#*:} > /dev/null & \
 	done; \
-	$(TIER_ENV) $(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	PYTHONUNBUFFERED=1 $(TIER_ENV) $(PY) -m pytest -n 3 --dist loadgroup --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	wait; exit $$rc
 	$(PY) -m ruff check supervisor tests
 	$(PY) -m mypy

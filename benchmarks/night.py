@@ -226,7 +226,15 @@ def trainer_log(run_dir: Path, journal: list[dict[str, Any]], wall_s: float) -> 
         points = [(resumed, 0.0)] + [(s, t) for s, t in frames if s > resumed]
         reached = max(s for s, _ in points)
         rows.append({"attempt": number, "verdict": verdicts.get(number, "running"),
-                     "resumed": resumed, "reached": reached, "points": points})
+                     "resumed": resumed, "reached": reached, "points": points, "undrawn": 0})
+    # The bar is drawn after the program's own step-end callbacks: an error or a hang in one
+    # leaves the step it completed undrawn. The checkpoint the next attempt resumed from (this
+    # attempt's rescue) says it was completed; its time is the attempt's mean step.
+    for row, after in itertools.pairwise(rows):
+        if row["reached"] < after["resumed"] == row["reached"] + 1 and len(row["points"]) > 1:
+            (s0, t0), (s1, t1) = row["points"][0], max(row["points"])
+            row["points"].append((after["resumed"], t1 + (t1 - t0) / (s1 - s0)))
+            row["reached"], row["undrawn"] = after["resumed"], 1
     earlier = 0
     for row in rows:
         row["trained"] = row["reached"] - row["resumed"]

@@ -37,12 +37,20 @@ the runs. Goodput is taken from each supervised run's report.json (derived from 
 a baseline's is the time of the steps its newest checkpoint holds (at the ceiling's measured
 step time) over a night as long as the supervised one (each baseline is stuck at the OOM of
 step 71, so what it holds after its own 1.3 x 600 s is what it holds at dawn).
+
+Each supervised night is also read from the trainer's own step log, apart from report.json
+(`trainer_log`): each attempt's progress bar says which steps it completed and when on the
+trainer's clock; the final model's steps are followed back through the checkpoints each attempt
+resumed from; their time over the wall time measured here is the goodput beside report.json's,
+and a completed step that a later attempt trained again is a step trained twice (per accident).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,10 +127,14 @@ def supervised(folder: Path, *, accidents: bool, evaluating: bool = False) -> di
                      str(folder / "night"), "--quiet"], stdout=sink, stderr=sink, env=env,
                     cwd=folder, check=False, start_new_session=True)
         first.wait()
+    wall_s = time.monotonic() - started
     report: dict[str, Any] = json.loads((folder / "night" / "report.json").read_text())
     journal = [json.loads(line) for line in
                (folder / "night" / "journal.jsonl").read_text().splitlines()]
-    return {"wall_s": round(time.monotonic() - started, 1), "status": report["status"],
+    log = trainer_log(folder / "night", journal, wall_s)
+    log["report_goodput"] = report["goodput"]["goodput"]
+    log["difference_points"] = round(100 * (report["goodput"]["goodput"] - log["goodput"]), 2)
+    return {"wall_s": round(wall_s, 1), "status": report["status"], "trainer_log": log,
             "goodput": report["goodput"], "worst_extra": _worst_extra(journal),
             "accidents": [a["what"] for a in report["goodput"]["accidents"]],
             "attempts": sum(1 for e in journal if e["event"] == "attempt.finished"),
@@ -159,6 +171,100 @@ def _worst_extra(journal: list[dict[str, Any]]) -> int:
             step = int(resumed.rsplit("-", 1)[-1]) if "checkpoint-" in resumed else 0
             worst = max(worst, max(seen) - step)
     return worst
+
+
+# --- the trainer's own step log: goodput and steps trained twice, apart from the report ----
+
+_FRAME = re.compile(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
+"""A frame of the Trainer's progress bar: `40/240 [01:40<...`, the step and the time since the
+bar began (tqdm's own clock, whole seconds)."""
+
+
+def _frames(attempt_dir: Path, total: int) -> list[tuple[int, float]]:
+    """(step, seconds since the training bar began) for every frame of the training bar."""
+    path = attempt_dir / "stderr.log"
+    text = path.read_bytes().decode("utf-8", errors="replace") if path.is_file() else ""
+    out: list[tuple[int, float]] = []
+    for match in _FRAME.finditer(text):
+        if int(match[2]) == total:
+            hours, minutes, seconds = int(match[3] or 0), int(match[4]), int(match[5])
+            out.append((int(match[1]), float(3600 * hours + 60 * minutes + seconds)))
+    return out
+
+
+def _bar_time(points: list[tuple[int, float]], step: int) -> float:
+    """Seconds since the bar began when `step` ended: its frame's time, else interpolated
+    between the frames either side (tqdm skips frames when steps come fast)."""
+    below = max((p for p in points if p[0] <= step), default=points[0])
+    above = min((p for p in points if p[0] >= step), default=points[-1])
+    if above[0] == below[0]:
+        return below[1]
+    return below[1] + (above[1] - below[1]) * (step - below[0]) / (above[0] - below[0])
+
+
+def trainer_log(run_dir: Path, journal: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """The night as the trainer's own progress bar tells it, apart from report.json.
+
+    Each attempt's bar (in its `attempts/NN/stderr.log`) says which steps it completed and,
+    on its own clock, when. The step it resumed from is the checkpoint its command was given.
+    The final model holds the fitted attempt's steps, then, going back, the steps of the
+    attempt that trained the checkpoint it resumed from, and so on; their time on the
+    trainer's clock, over the night's wall time measured here, is the goodput. A step trained
+    twice is a completed step that a later attempt trained again.
+    """
+    total = STEPS
+    rows: list[dict[str, Any]] = []
+    verdicts = {e["attempt"]: e["verdict"] for e in journal if e["event"] == "attempt.finished"}
+    for event in journal:
+        if event["event"] != "attempt.started":
+            continue
+        number = int(event["attempt"])
+        resumed_from = str(event["knobs"].get("resume_from_checkpoint") or "")
+        resumed = int(resumed_from.rsplit("-", 1)[-1]) if "checkpoint-" in resumed_from else 0
+        frames = _frames(run_dir / "attempts" / f"{number:02d}", total)
+        # The bar starts at 0 whichever step the attempt resumed from; its first update jumps.
+        points = [(resumed, 0.0)] + [(s, t) for s, t in frames if s > resumed]
+        reached = max(s for s, _ in points)
+        rows.append({"attempt": number, "verdict": verdicts.get(number, "running"),
+                     "resumed": resumed, "reached": reached, "points": points, "undrawn": 0})
+    # The bar is drawn after the program's own step-end callbacks: an error or a hang in one
+    # leaves the step it completed undrawn. The checkpoint the next attempt resumed from (this
+    # attempt's rescue) says it was completed; its time is the attempt's mean step.
+    for row, after in itertools.pairwise(rows):
+        if row["reached"] < after["resumed"] == row["reached"] + 1 and len(row["points"]) > 1:
+            (s0, t0), (s1, t1) = row["points"][0], max(row["points"])
+            row["points"].append((after["resumed"], t1 + (t1 - t0) / (s1 - s0)))
+            row["reached"], row["undrawn"] = after["resumed"], 1
+    earlier = 0
+    for row in rows:
+        row["trained"] = row["reached"] - row["resumed"]
+        row["trained_twice"] = max(0, min(earlier, row["reached"]) - row["resumed"])
+        earlier = max(earlier, row["reached"])
+    # Back from the fitted attempt: whose steps the final model holds, and their time.
+    kept_s, segments = 0.0, []
+    index: int | None = max((i for i, r in enumerate(rows) if r["verdict"] == "fits"),
+                            default=None)
+    upto = rows[index]["reached"] if index is not None else 0
+    while index is not None:
+        row = rows[index]
+        kept_s += _bar_time(row["points"], upto) - _bar_time(row["points"], row["resumed"])
+        segments.append([row["attempt"], row["resumed"], upto])
+        if row["resumed"] == 0:
+            break
+        upto = row["resumed"]
+        index = max((i for i in range(index) if rows[i]["resumed"] < upto <= rows[i]["reached"]),
+                    default=None)
+    # Each accident: what the attempt after it trained again of what had been trained before.
+    accidents = [{"attempt": a["attempt"], "verdict": a["verdict"], "reached": a["reached"],
+                  "next_resumed": b["resumed"], "trained_twice": b["trained_twice"]}
+                 for a, b in itertools.pairwise(rows) if a["verdict"] != "fits"]
+    return {"goodput": round(kept_s / wall_s, 4) if wall_s > 0 else 0.0,
+            "kept_s": round(kept_s, 1), "wall_s": round(wall_s, 1),
+            "steps_trained": sum(r["trained"] for r in rows),
+            "steps_kept": sum(b - a for _, a, b in segments),
+            "trained_twice": sum(r["trained_twice"] for r in rows),
+            "kept_segments": segments[::-1], "accidents": accidents,
+            "attempts": [{k: v for k, v in r.items() if k != "points"} for r in rows]}
 
 
 SHELL_LOOP = "until {cmd}; do :; done"
@@ -215,7 +321,8 @@ def main() -> None:
               f"working past the limit |")
         print(f"\n(runs and night.json in {tmp})")
         return
-    threads = [threading.Thread(target=go, args=("ceiling", supervised), kwargs={"accidents": False}),
+    threads = [threading.Thread(target=go, args=("ceiling", supervised),
+                                kwargs={"accidents": False}),
                threading.Thread(target=go, args=("supervised", supervised),
                                 kwargs={"accidents": True})]
     if only != "supervised":
@@ -278,6 +385,31 @@ def _table(results: dict[str, Any], step_s: float) -> str:
                         f"{100 * row['goodput']:.1f} % | {row['ended']} "
                         f"({row['returned_after_s']:.0f} s) |")
     sup = results["supervised"]
+    ceiling = results["ceiling"]
+    lines_log = ["", ("From the trainer's own step log (each attempt's progress bar: the steps it "
+                      "completed and when, on the trainer's clock), apart from report.json:"), "",
+                 ("| run | goodput, report | goodput, trainer's log | difference | steps trained "
+                  "(report / log) | steps trained twice (log) |"),
+                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, label in (("ceiling", "no accident"), ("supervised", "five accidents")):
+        row, log = results[name], results[name]["trainer_log"]
+        lines_log.append(
+            f"| {label} | {100 * log['report_goodput']:.1f} % | {100 * log['goodput']:.1f} % | "
+            f"{log['difference_points']:+.1f} points | {row['goodput']['steps']['trained']} / "
+            f"{log['steps_trained']} | {log['trained_twice']} |")
+    words = {"oom": "ran out of memory", "hang": "hung", "transient": "failed (transient)",
+             "timed": "was ended for the speed comparison", "lost": "was lost",
+             "fatal": "failed", "interrupted": "was interrupted"}
+    lines_log += ["", "Steps trained twice by each accident (trainer's log):"] + [
+        f"- attempt {a['attempt']} {words.get(a['verdict'], a['verdict'])} after step "
+        f"{a['reached']}; the next attempt went on from step {a['next_resumed']}: "
+        f"{a['trained_twice']} step(s) trained twice"
+        for a in sup["trainer_log"]["accidents"]]
+    share = sup["goodput"]["goodput"] / max(1e-9, ceiling["goodput"]["goodput"])
+    lines_log += ["", (f"Against the same command with no accident: "
+                       f"{100 * sup['goodput']['goodput']:.1f} % of the night kept, "
+                       f"{100 * ceiling['goodput']['goodput']:.1f} % with no accident: "
+                       f"{100 * share:.1f} % of the ceiling.")]
     badput = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(
         sup["goodput"]["badput_s"].items(), key=lambda kv: -kv[1]))
     proj = results["projection"]
@@ -292,7 +424,7 @@ def _table(results: dict[str, Any], step_s: float) -> str:
               f"{100 * proj['supervisor_only']:.1f} % counting only what the supervisor itself "
               "costs (start-up, failure tails, backoff, its own time and downtime)."),
              "", "Accidents named in report.md:"] + [f"- {a}" for a in sup["accidents"]]
-    return "\n".join(lines)
+    return "\n".join(lines + lines_log)
 
 
 if __name__ == "__main__":

@@ -992,10 +992,11 @@ def _injected(live: _Live, attempt_dir: Path, argv: Sequence[str], env: Mapping[
     if liveness.inject_decision(argv, out, enabled=ladder.liveness_stacks):
         out = liveness.sampler_env(out, str(attempt_dir / liveness.STACKS_DIR),
                                    interval_s=ladder.stack_interval_s)
-    if not (ladder.rescue_on_oom or ladder.rescue_on_stop):
+    if not (ladder.rescue_on_oom or ladder.rescue_on_stop or ladder.rescue_on_error):
         return out, None
     stop_file = attempt_dir.resolve() / rescue.STOP_FILE if ladder.rescue_on_stop else None
-    return rescue.inject(out, oom=ladder.rescue_on_oom, stop_file=stop_file), stop_file
+    return rescue.inject(out, oom=ladder.rescue_on_oom, stop_file=stop_file,
+                         error=ladder.rescue_on_error), stop_file
 
 
 def _save_s(live: _Live) -> float | None:

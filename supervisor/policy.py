@@ -107,6 +107,9 @@ class Ladder:
     rescue_grace_s: float = 120.0
     """How long that save may take before any save of the run was measured
     ([rescue] stop_grace_s); once one was, the measured save plus one step."""
+    rescue_on_error: bool = True
+    """In Hugging Face Trainer programs, save a checkpoint at the last completed optimizer step
+    when another error ends training at a step boundary ([rescue] on_error; world size 1)."""
     source: str = "<memory>"
 
     def rung(self, name: str) -> Rung:
@@ -526,7 +529,7 @@ _LIVENESS_KEYS = frozenset({"evidence", "stacks", "stack_interval_s", "cpu_busy"
 _RUNG_KEYS = frozenset({"name", "action", "knob", "floor", "compensate", "value", "with",
                         "restore", "cost", "when"})
 _TRANSIENT_KEYS = frozenset({"retries", "max_delay_s"})
-_RESCUE_KEYS = frozenset({"on_oom", "on_stop", "stop_grace_s"})
+_RESCUE_KEYS = frozenset({"on_oom", "on_stop", "stop_grace_s", "on_error"})
 _HALVABLE = tuple(k for k, t in KNOB_TYPES.items() if t == "int" and k != "world_size")
 _READ_ONLY = ("world_size", "output_dir")
 _BOOLEAN = tuple(k for k, t in KNOB_TYPES.items() if t == "bool")
@@ -650,6 +653,7 @@ def parse(data: Mapping[str, Any], *, source: str = "<memory>") -> Ladder:
         rescue_on_stop=_flag(rescue, "on_stop", f"{source}: [rescue]"),
         rescue_grace_s=float(_whole(rescue.get("stop_grace_s", 120),
                                     f"{source}: [rescue] stop_grace_s", minimum=0)),
+        rescue_on_error=_flag(rescue, "on_error", f"{source}: [rescue]"),
         source=source,
     )
 

@@ -701,6 +701,9 @@ def rescue_line(rescue: Mapping[str, Any]) -> str:
     if rescue["why"] == "oom":
         return (f"- attempt {rescue['attempt']} ran out of memory in the step after step "
                 f"{rescue['step']}, and first saved `{folder}` (the last completed step){took}")
+    if rescue["why"] == "error":
+        return (f"- attempt {rescue['attempt']} failed after step {rescue['step']}, and first "
+                f"saved `{folder}` (the last completed step){took}")
     return (f"- attempt {rescue['attempt']} was asked to stop and saved `{folder}` at its next "
             f"step end{took}")
 

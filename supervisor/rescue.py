@@ -20,7 +20,8 @@ from pathlib import Path
 from supervisor.device_memory import with_inject_path
 
 ENV_VAR = "OOM_SUPERVISOR_RESCUE"
-"""What the injected hook reads: `{"oom": bool, "stop_file": path or null}` (JSON)."""
+"""What the injected hook reads: `{"oom": bool, "error": bool, "stop_file": path or null}`
+(JSON)."""
 MARK = "oom-supervisor.rescue"
 """Start of each line the hook writes to stderr."""
 STOP_FILE = "rescue.request"
@@ -47,10 +48,12 @@ _CHECKPOINT = re.compile(r"^checkpoint-[1-9]\d*$")
 _LINE = re.compile(re.escape(MARK) + r" (\{[^{}]*\})")
 
 
-def inject(env: Mapping[str, str], *, oom: bool, stop_file: Path | None) -> dict[str, str]:
+def inject(env: Mapping[str, str], *, oom: bool, stop_file: Path | None,
+           error: bool = False) -> dict[str, str]:
     """`env` with the injected sitecustomize on PYTHONPATH and the hook armed as asked."""
     out = with_inject_path(env)
-    out[ENV_VAR] = json.dumps({"oom": oom, "stop_file": str(stop_file) if stop_file else None})
+    out[ENV_VAR] = json.dumps({"oom": oom, "error": error,
+                               "stop_file": str(stop_file) if stop_file else None})
     return out
 
 
@@ -59,7 +62,8 @@ class Saved:
     """One rescue the hook made (or tried): why, at which step, how long it took."""
 
     why: str
-    """`oom` (the step died of an out-of-memory error) or `stop` (a polite stop)."""
+    """`oom` (the step died of an out-of-memory error), `error` (another error at a step
+    boundary) or `stop` (a polite stop)."""
     step: int
     seconds: float | None = None
     checkpoint: str | None = None

@@ -1,7 +1,8 @@
 """oom-supervisor's rescue hook for Hugging Face Trainer programs (injected; docs/reliability.md).
 
 The injected sitecustomize loads this file (by path, as `_oom_supervisor_rescue`) when
-OOM_SUPERVISOR_RESCUE is set, a JSON object: `{"oom": true, "stop_file": "/abs/path"}`.
+OOM_SUPERVISOR_RESCUE is set, a JSON object:
+`{"oom": true, "error": true, "stop_file": "/abs/path"}`.
 Nothing happens until the program imports `transformers.trainer`; then `Trainer.train` is
 wrapped, and for the length of each `train()` call, with world size 1 only:
 
@@ -12,6 +13,12 @@ wrapped, and for the length of each `train()` call, with world size 1 only:
   way (`Trainer._save_checkpoint`) into a staging folder that is renamed into place only when
   whole (a failed save leaves nothing behind); then the error goes on as it would have, and the
   process exits with it;
+- with `error`, any other error escaping `train()` (a dropped connection, a data source gone,
+  a collective that failed) is met the same way when it struck where the weights and optimizer
+  state are those of a completed optimizer step: in the step's forward or backward (then the
+  failed step's partial gradients are let go), at the step's end, in the logging, saving or
+  evaluation after it, or while the next batch was fetched. An error inside the optimizer's
+  update itself (the weights may be half-updated) saves nothing;
 - `stop_file` appears (the supervisor asks for a polite stop): at the next step end the trainer
   saves (`control.should_save`, its own periodic save) and stops
   (`control.should_training_stop`); `train()` then exits the process with status 143, as the
@@ -127,24 +134,29 @@ def _let_go(trainer: Any, error: BaseException) -> None:  # noqa: ANN401
                 torch.cuda.empty_cache()
 
 
-def _save_after_oom(trainer: Any, error: BaseException, rng: _Rng) -> None:  # noqa: ANN401
+def _save_after_oom(trainer: Any, error: BaseException, rng: _Rng,  # noqa: ANN401
+                    why: str = "oom") -> None:
     """The rescue proper: a whole checkpoint at the last completed optimizer step, or none."""
     began = time.perf_counter()
     step = int(trainer.state.global_step)
     output_dir = trainer._get_output_dir(trial=None)  # noqa: SLF001 - the Trainer's own layout
     final = os.path.abspath(os.path.join(output_dir, f"checkpoint-{step}"))  # noqa: PTH100, PTH118
     if step <= 0:
-        _announce(event="skipped", why="oom", step=step,
+        _announce(event="skipped", why=why, step=step,
                   reason="no optimizer step had completed")
         return
     if os.path.exists(final):  # noqa: PTH110
-        _announce(event="skipped", why="oom", step=step, checkpoint=final,
+        _announce(event="skipped", why=why, step=step, checkpoint=final,
                   reason=f"checkpoint-{step} already holds that step")
         return
     staging = os.path.join(output_dir, f"{_STAGING}{os.getpid()}")  # noqa: PTH118
     try:
         _let_go(trainer, error)
-        rng.restore()
+        if rng.step == step:
+            # The failed step had begun (its first micro-batch noted the states): the
+            # checkpoint resumes it as it began. Otherwise the states are already the next
+            # step's, as the Trainer's own save at this step would have them.
+            rng.restore()
         shutil.rmtree(staging, ignore_errors=True)
         # Into a staging folder: the Trainer writes its files one by one, and a save that
         # fails half-way (it can run out of memory itself) must leave no checkpoint-N.
@@ -157,13 +169,44 @@ def _save_after_oom(trainer: Any, error: BaseException, rng: _Rng) -> None:  # n
     except Exception as failure:  # noqa: BLE001 - the rescue must never replace the OOM
         what = type(failure).__name__
         text = "" if is_oom(failure) else " ".join(str(failure).split())[:200]
-        _announce(event="failed", why="oom", step=step, error=f"{what}: {text}" if text else what,
+        _announce(event="failed", why=why, step=step, error=f"{what}: {text}" if text else what,
                   seconds=round(time.perf_counter() - began, 3))
         return
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _announce(event="saved", why="oom", step=step, checkpoint=final,
+    _announce(event="saved", why=why, step=step, checkpoint=final,
               seconds=round(time.perf_counter() - began, 3))
+
+
+class _Boundary:
+    """Whether the weights and optimizer state are those of the completed step `global_step`:
+    from the start of training and each step's end until the next optimizer update begins."""
+
+    def __init__(self) -> None:
+        self.whole = True
+
+    def callback(self) -> Any:  # noqa: ANN401 - a TrainerCallback
+        from transformers import TrainerCallback  # noqa: PLC0415 - already imported by then
+
+        boundary = self
+
+        class StepBoundary(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any,  # noqa: ANN401, ARG002
+                               **_: Any) -> Any:  # noqa: ANN401
+                boundary.whole = True
+                return control
+
+            def on_pre_optimizer_step(self, args: Any, state: Any,  # noqa: ANN401, ARG002
+                                      control: Any, **_: Any) -> Any:  # noqa: ANN401
+                boundary.whole = False
+                return control
+
+            def on_step_end(self, args: Any, state: Any, control: Any,  # noqa: ANN401, ARG002
+                            **_: Any) -> Any:  # noqa: ANN401
+                boundary.whole = True
+                return control
+
+        return StepBoundary()
 
 
 class _Stop:
@@ -210,6 +253,7 @@ def _patch(module: ModuleType, settings: dict[str, Any]) -> None:
         return
     original_train = trainer_cls.train
     on_oom = bool(settings.get("oom", True))
+    on_error = bool(settings.get("error", False))
     stop_file = settings.get("stop_file") or None
 
     def train(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
@@ -221,6 +265,9 @@ def _patch(module: ModuleType, settings: dict[str, Any]) -> None:
         rng = _Rng()
         stop = _Stop(stop_file)
         callback = stop.callback() if stop_file else None
+        boundary = _Boundary()
+        # First in line: its step end runs before a callback of the program's that may fail.
+        marker = boundary.callback() if on_error else None
         step = self.training_step  # bound: a subclass's own training_step included
 
         def training_step(*step_args: Any, **step_kwargs: Any) -> Any:  # noqa: ANN401
@@ -237,15 +284,28 @@ def _patch(module: ModuleType, settings: dict[str, Any]) -> None:
         self.training_step = training_step
         if callback is not None:
             self.add_callback(callback)
-        _announce(event="armed", oom=on_oom, stop=bool(stop_file), world_size=world)
+        if marker is not None:
+            self.callback_handler.callbacks.insert(0, marker)
+        _announce(event="armed", oom=on_oom, error=on_error, stop=bool(stop_file),
+                  world_size=world)
         try:
             result = original_train(self, *args, **kwargs)
+        except Exception as error:
+            # An out-of-memory error is on_oom's (in the step) or left alone (elsewhere).
+            if on_error and not is_oom(error):
+                if boundary.whole:
+                    _save_after_oom(self, error, rng, why="error")
+                else:
+                    _announce(event="skipped", why="error", step=int(self.state.global_step),
+                              reason="the error struck inside the optimizer's update")
+            raise
         finally:
             with contextlib.suppress(AttributeError):
                 del self.training_step
-            if callback is not None:
-                with contextlib.suppress(Exception):
-                    self.remove_callback(callback)
+            for added in (callback, marker):
+                if added is not None:
+                    with contextlib.suppress(Exception):
+                        self.remove_callback(added)
         if stop.asked_at is not None and self.state.global_step < self.state.max_steps:
             _announce(event="stopped", step=int(self.state.global_step))
             raise SystemExit(STOPPED_EXIT)

@@ -5,10 +5,13 @@ once with torchelastic's own RendezvousConnectionError (a transient failure), so
 resumes from the newest checkpoint. Between the trainer's exit and the supervisor's record of
 it (`run_attempt` wraps the real runner) the test damages or plants folders: what a crash before
 the data reached the disk, a sync tool or another process does while the attempt runs.
+The rescue on an error is off here ([rescue] on_error = false): with it, the retry would go on
+from the checkpoint-5 saved on the way out, and the damaged folders would never be reached.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -48,7 +51,8 @@ def supervise_damaged(tmp_path: Path, damage: Callable[[Path], None],
         return outcome
 
     result = supervise(Command(argv=ARGV, cwd=str(tmp_path)), dialect=ArgvDialect(),
-                       ladder=scaled_default(), run_dir=tmp_path / "run", echo=False,
+                       ladder=dataclasses.replace(scaled_default(), rescue_on_error=False),
+                       run_dir=tmp_path / "run", echo=False,
                        env={**quiet_env(), "REFERENCE_TRAINER_FAULTS": "transient@5"},
                        sleep=lambda _s: None, run_attempt=run_attempt)
     journal = list(read(tmp_path / "run" / "journal.jsonl").records)

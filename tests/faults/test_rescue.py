@@ -104,6 +104,41 @@ def test_the_rescue_can_be_switched_off(tmp_path: Path) -> None:
     assert _kinds(journal, "checkpoint.resumed")[0]["step"] == 4
 
 
+STEADY = (*TRAINER, "--per_device_train_batch_size", "2", "--cutoff_len", "64",
+          "--max_steps", "10", "--save_steps", "4", "--logging_steps", "1", "--output_dir", "out")
+
+
+def test_a_transient_error_mid_run_saves_the_last_step_and_the_retry_goes_on_from_it(
+        tmp_path: Path) -> None:
+    """torchelastic's rendezvous error at the end of step 6 (between checkpoint-4 and
+    checkpoint-8): the hook saves checkpoint-6 on the way out, and the retry of the same config
+    resumes there: no step is trained twice."""
+    result, _, journal = supervise_here(tmp_path, STEADY, _policy(),
+                                        REFERENCE_TRAINER_FAULTS="transient@6")
+    assert result.status == "fitted", journal[-1]
+    finished = _kinds(journal, "attempt.finished")
+    assert [e["verdict"] for e in finished] == ["transient", "fits"]
+    [rescued] = _kinds(journal, "checkpoint.rescued")
+    assert (rescued["why"], rescued["attempt"], rescued["step"]) == ("error", 1, 6)
+    assert rescued["seconds"] > 0
+    folder = tmp_path / "out" / "checkpoint-6"
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 6
+    [resumed] = _kinds(journal, "checkpoint.resumed")
+    assert (resumed["attempt"], resumed["step"]) == (2, 6)
+    assert finished[1]["trained_steps"] == {"steps": 10, "resumed_from_step": 6}
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "failed after step 6, and first saved" in report
+
+
+def test_the_error_rescue_can_be_switched_off(tmp_path: Path) -> None:
+    """[rescue] on_error = false: the retry goes back to checkpoint-4, as before."""
+    result, _, journal = supervise_here(tmp_path, STEADY, _policy(on_error=False),
+                                        REFERENCE_TRAINER_FAULTS="transient@6")
+    assert result.status == "fitted", journal[-1]
+    assert _kinds(journal, "checkpoint.rescued") == []
+    assert _kinds(journal, "checkpoint.resumed")[0]["step"] == 4
+
+
 def test_no_rescue_with_several_ranks(tmp_path: Path) -> None:
     """Under torchrun with two ranks, rank 0 runs out of memory: the hook stays off on both
     (a save by one rank would wait for the other forever) and says so; no folder is written."""

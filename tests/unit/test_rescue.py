@@ -36,6 +36,16 @@ def test_an_oom_rescue_is_read_with_its_step_and_seconds() -> None:
     assert said.failed == ()
 
 
+def test_an_error_rescue_is_read_with_its_step_and_seconds() -> None:
+    """A rendezvous error at the end of step 6: the hook saved checkpoint-6 first, why = error."""
+    said = rescue.read(_lines("error-saved.txt"))
+    assert said.armed
+    assert said.saved == (rescue.Saved(why="error", step=6, seconds=0.344,
+                                       checkpoint="/tmp/nq/out/checkpoint-6"),)  # noqa: S108 - as recorded
+    assert said.failed == ()
+    assert "RendezvousConnectionError" in "\n".join(_lines("error-saved.txt"))
+
+
 def test_a_failed_rescue_is_read_with_its_error() -> None:
     """EFBIG during the save: failed, with the writer's own words; nothing saved."""
     said = rescue.read(_lines("oom-failed.txt"))
@@ -112,7 +122,10 @@ def test_inject_puts_the_hook_first_and_arms_it(tmp_path: Path) -> None:
     """The injected folder leads PYTHONPATH (the command's own entries kept after it)."""
     env = rescue.inject({"PYTHONPATH": "/src"}, oom=True, stop_file=tmp_path / "stop")
     assert env["PYTHONPATH"].split(os.pathsep) == [str(INJECT_DIR), "/src"]
-    assert json.loads(env[rescue.ENV_VAR]) == {"oom": True, "stop_file": str(tmp_path / "stop")}
+    assert json.loads(env[rescue.ENV_VAR]) == {"oom": True, "error": False,
+                                               "stop_file": str(tmp_path / "stop")}
+    armed = rescue.inject({}, oom=False, stop_file=None, error=True)
+    assert json.loads(armed[rescue.ENV_VAR]) == {"oom": False, "error": True, "stop_file": None}
 
 
 def _policy(**rescue_table: Any) -> dict[str, Any]:  # noqa: ANN401
@@ -124,14 +137,16 @@ def _policy(**rescue_table: Any) -> dict[str, Any]:  # noqa: ANN401
 def test_the_policy_switches() -> None:
     """[rescue] on by default; each switch and the wait read from the table."""
     default = parse(tomllib.loads(DEFAULT.read_text(encoding="utf-8")))
-    assert (default.rescue_on_oom, default.rescue_on_stop, default.rescue_grace_s) == (
-        True, True, 120.0)
-    off = parse(_policy(on_oom=False, on_stop=False, stop_grace_s=30))
-    assert (off.rescue_on_oom, off.rescue_on_stop, off.rescue_grace_s) == (False, False, 30.0)
+    assert (default.rescue_on_oom, default.rescue_on_stop, default.rescue_grace_s,
+            default.rescue_on_error) == (True, True, 120.0, True)
+    off = parse(_policy(on_oom=False, on_stop=False, stop_grace_s=30, on_error=False))
+    assert (off.rescue_on_oom, off.rescue_on_stop, off.rescue_grace_s,
+            off.rescue_on_error) == (False, False, 30.0, False)
 
 
 @pytest.mark.parametrize(("table", "says"), [
     ({"on_oom": "yes"}, "on_oom must be true or false"),
+    ({"on_error": 1}, "on_error must be true or false"),
     ({"stop_grace_s": -1}, "stop_grace_s"),
     ({"save": True}, "unknown key 'save'"),
 ])
@@ -150,6 +165,10 @@ def test_a_bad_rescue_table_is_one_line(table: dict[str, Any], says: str) -> Non
     ({"event": "checkpoint.rescued", "attempt": 2, "step": 26, "why": "stop", "seconds": 0.37,
       "checkpoint": "/o/checkpoint-26"},
      "attempt 2 was asked to stop and saved `/o/checkpoint-26` at its next step end in 0.4 s"),
+    ({"event": "checkpoint.rescued", "attempt": 3, "step": 150, "why": "error", "seconds": 0.34,
+      "checkpoint": "/o/checkpoint-150"},
+     ("attempt 3 failed after step 150, and first saved `/o/checkpoint-150` (the last completed "
+      "step) in 0.3 s")),
     ({"event": "checkpoint.rescue_failed", "attempt": 1, "step": 6, "why": "oom",
       "error": "SafetensorError: File too large", "seconds": 0.6},
      ("attempt 1 tried to save step 6 on its way out and could not (SafetensorError: File too "

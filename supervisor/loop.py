@@ -27,6 +27,7 @@ import structlog
 from tenacity import RetryCallState, wait_exponential
 
 from supervisor import (
+    bounds,
     checkpoints,
     liveness,
     plot,
@@ -1244,6 +1245,9 @@ def _settle_orphan(live: _Live, pending: AttemptRecord, orphan: str,
     # An attempt being timed when the supervisor died is still timed when adopted.
     spec = _spec(live, attempt_dir, rendered, pending.knobs,
                  timed_steps=_timed_steps(live, pending.knobs, pending.started.rung))
+    if spec.watchdog is not None:  # its output so far has no times: the run's cadence
+        spec = dataclasses.replace(spec, watchdog=dataclasses.replace(
+            spec.watchdog, adopted_gap_s=_longest_gap_s(live)))
     spawned: runner.Spawned | None = (
         runner.Spawned(pid=pending.spawned.pid, create_time=pending.spawned.create_time)
         if pending.spawned is not None else find_leader(spec.marker))
@@ -1258,6 +1262,17 @@ def _settle_orphan(live: _Live, pending: AttemptRecord, orphan: str,
            "the supervisor died before the attempt was running; it runs again")
     outcome = Outcome(exit_code=None, duration_s=0.0, interrupted=True, tail=(why,))
     return _record(live, pending.started, outcome)
+
+
+def _longest_gap_s(live: _Live) -> float:
+    """The longest gap between two outputs any finished attempt of this run showed (0: none)."""
+    gaps = [0.0]
+    for event in live.state().events:
+        if isinstance(event, AttemptFinished) and event.progress:
+            gap = event.progress.get("longest_gap_s")
+            if isinstance(gap, (int, float)) and 0 < gap < bounds.MAX_SECONDS:
+                gaps.append(float(gap))
+    return max(gaps)
 
 
 # --- the end ---------------------------------------------------------------------------------

@@ -369,6 +369,10 @@ class Watchdog:
     startup_s: float | None = 1800.0
     factor: float = 10.0
     floor_s: float = 120.0
+    adopted_gap_s: float | None = None
+    """An adopted attempt (`resume` after the supervisor was lost): its output from before has
+    no times, so its cadence is the longest gap an earlier attempt of this run showed (0: none
+    did, the floor). None: a new attempt, which learns its own."""
 
     def limit(self, tracker: Tracker) -> tuple[float, str] | None:
         """The silence that is a hang now, and how it was chosen (None: no limit)."""
@@ -379,6 +383,14 @@ class Watchdog:
             if not self.startup_s:
                 return None
             return self.startup_s, f"{self.startup_s:g} s after the last training step"
+        if not tracker.cadence_known and tracker.began and self.adopted_gap_s is not None:
+            # Training had begun before the supervisor was lost: not a start-up any more.
+            if self.adopted_gap_s <= 0:
+                return self.floor_s, (f"{self.floor_s:g} s, the floor (training had begun "
+                                      "before the supervisor was lost)")
+            learnt = max(self.floor_s, self.factor * self.adopted_gap_s)
+            return learnt, (f"{learnt:.0f} s, {self.factor:g}x the longest gap an earlier "
+                            f"attempt of this run showed ({self.adopted_gap_s:.1f} s)")
         if not tracker.cadence_known:
             # Loading, tokenising, a first compile, the first step: nothing to learn from yet.
             if not self.startup_s:

@@ -240,3 +240,44 @@ def test_a_hang_that_recurs_at_the_same_step_gets_a_longer_limit(tmp_path: Path)
     assert extended[0]["limit_s"] > 30
     report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     assert "hung at step" in report
+
+
+def test_a_hang_adopted_by_resume_is_caught_by_the_runs_cadence(tmp_path: Path) -> None:
+    """The supervisor is SIGKILLed while its attempt hangs in step 5, then `resume` adopts
+    it. The adopted attempt's earlier output has no times, so it cannot learn a cadence; it
+    had begun training, so its silence is judged by the floor (the shipped default scaled),
+    not by the 30-minute start-up allowance: caught, retried from checkpoint-4, exit 0."""
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from tests.faults.conftest import events, quiet_env, wait_for  # noqa: PLC0415
+
+    policy = tmp_path / "scaled.toml"
+    shipped = (Path(__file__).resolve().parents[2] / "policies" / "default.toml").read_text(
+        encoding="utf-8")
+    policy.write_text(re.sub(r"(?m)^stall_floor_s = 120", "stall_floor_s = 20", shipped),
+                      encoding="utf-8")
+    env = {**quiet_env(), "REFERENCE_TRAINER_FAULTS": "hang@5", "REFERENCE_TRAINER_STEP_S": "1"}
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(  # noqa: S603 - our own CLI
+        [sys.executable, "-m", "supervisor", "--log-format", "json", "run", "--quiet",
+         "--no-estimate", "--policy", str(policy), "--runs-dir", str(tmp_path), "--run-id",
+         "run", "--", *TRAINER, "--per_device_train_batch_size", "1", "--cutoff_len", "32",
+         "--max_steps", "8", "--save_steps", "2", "--output_dir", "out"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path,
+        start_new_session=True)
+    stderr_log = run_dir / "attempts" / "01" / "stderr.log"
+    wait_for(lambda: stderr_log.is_file() and b"4/8" in stderr_log.read_bytes(), 180)
+    first.send_signal(signal.SIGKILL)  # in the hang (step 5 is never drawn), before its 20 s
+    first.wait()
+    second = subprocess.run(  # noqa: S603 - our own CLI
+        [sys.executable, "-m", "supervisor", "--log-format", "json", "resume", str(run_dir),
+         "--quiet"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        check=False)
+    assert second.returncode == 0, second.stderr[-2000:]
+    journal = events(run_dir)
+    finished = [e for e in journal if e["event"] == "attempt.finished"]
+    assert [e["verdict"] for e in finished] == ["hang", "fits"]
+    assert "training had begun before the supervisor was lost" in str(finished[0]["evidence"])
+    assert next(e for e in journal if e["event"] == "checkpoint.resumed")["step"] == 4
+    assert attempt_processes(run_dir) == []

@@ -382,3 +382,26 @@ def test_the_sampler_shows_a_thread_parked_where_its_loop_went_before(tmp_path: 
             assert stack.moved_at < parked_at, record
         finally:
             proc.kill()
+
+
+def test_an_adopted_attempt_is_judged_by_the_runs_cadence_not_the_start_up_allowance() -> None:
+    """Output read back after `resume` (untimed) shows training had begun: the limit is the
+    factor times the longest gap an earlier attempt showed, or the floor when none did; an
+    attempt whose output shows no training yet keeps the start-up allowance."""
+    from supervisor.trainer_output import Watchdog  # noqa: PLC0415
+
+    began = Tracker()
+    for step in (1, 2, 3):
+        began.feed(f"\r{12 * step:3d}%|#   | {step}/8 [00:0{step}<00:05,  1.02s/it]".encode(),
+                   timed=False)
+    assert not began.cadence_known
+    loading = Tracker()
+    loading.feed(b"Loading checkpoint shards\n", timed=False)
+    dog = Watchdog(startup_s=1800.0, factor=10.0, floor_s=120.0)
+    assert dog.limit(began) == (1800.0, "1800 s before the trainer showed its cadence")
+    limit = Watchdog(startup_s=1800.0, factor=10.0, floor_s=120.0, adopted_gap_s=30.0)
+    assert limit.limit(began)[0] == 300.0  # type: ignore[index]
+    assert "an earlier attempt of this run" in limit.limit(began)[1]  # type: ignore[index]
+    floor = Watchdog(startup_s=1800.0, factor=10.0, floor_s=120.0, adopted_gap_s=0.0)
+    assert floor.limit(began)[0] == 120.0  # type: ignore[index]
+    assert floor.limit(loading)[0] == 1800.0  # type: ignore[index]

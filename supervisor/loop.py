@@ -202,32 +202,21 @@ class Signals:
         self._lock = threading.Lock()
         self.missed: list[Event] = []
         self._inbox: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
-        self._idle = threading.Event()
-        self._idle.set()
         self._thread = threading.Thread(target=self._deliver, name="signals", daemon=True)
         self._thread.start()
 
     def from_handler(self, work: Callable[[], object]) -> None:
-        """Called in a signal handler: `work` runs on this object's thread, never in here."""
-        self._idle.clear()
+        """Called in a signal handler: `work` runs on this object's thread, never in here (the
+        put is all a handler does: no lock, no Event)."""
         self._inbox.put(work)
-
-    def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until what the handlers handed over has been done (before the run's last
-        journal lines, so that a signal's own line comes first)."""
-        self._idle.wait(timeout_s)
 
     def _deliver(self) -> None:
         while True:
             work = self._inbox.get()
-            try:
-                # A journal that cannot be written: the main thread meets the same failure
-                # at its next write and says it.
-                with contextlib.suppress(Exception):
-                    work()
-            finally:
-                if self._inbox.empty():
-                    self._idle.set()
+            # A journal that cannot be written: the main thread meets the same failure at its
+            # next write and says it.
+            with contextlib.suppress(Exception):
+                work()
 
     def listen(self, listener: Callable[[Event], object] | None) -> None:
         """Journal what arrives from now on (and what arrived before a journal was open)."""

@@ -134,9 +134,10 @@ def _let_go(trainer: Any, error: BaseException) -> None:  # noqa: ANN401
                 torch.cuda.empty_cache()
 
 
-def _save_after_oom(trainer: Any, error: BaseException, rng: _Rng,  # noqa: ANN401
+def _save_last_step(trainer: Any, error: BaseException, rng: _Rng,  # noqa: ANN401
                     why: str = "oom") -> None:
-    """The rescue proper: a whole checkpoint at the last completed optimizer step, or none."""
+    """The rescue proper (after an OOM or, `why="error"`, another error): a whole checkpoint at
+    the last completed optimizer step, or none."""
     began = time.perf_counter()
     step = int(trainer.state.global_step)
     output_dir = trainer._get_output_dir(trial=None)  # noqa: SLF001 - the Trainer's own layout
@@ -278,7 +279,7 @@ def _patch(module: ModuleType, settings: dict[str, Any]) -> None:
                 # With auto_find_batch_size the Trainer catches the OOM and starts over itself.
                 if on_oom and is_oom(error) and not getattr(self.args, "auto_find_batch_size",
                                                             False):
-                    _save_after_oom(self, error, rng)
+                    _save_last_step(self, error, rng)
                 raise
 
         self.training_step = training_step
@@ -294,7 +295,7 @@ def _patch(module: ModuleType, settings: dict[str, Any]) -> None:
             # An out-of-memory error is on_oom's (in the step) or left alone (elsewhere).
             if on_error and not is_oom(error):
                 if boundary.whole:
-                    _save_after_oom(self, error, rng, why="error")
+                    _save_last_step(self, error, rng, why="error")
                 else:
                     _announce(event="skipped", why="error", step=int(self.state.global_step),
                               reason="the error struck inside the optimizer's update")

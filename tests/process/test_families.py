@@ -38,12 +38,13 @@ FAMILIES = {"gpt2": GPT2, "gpt_neox": GPT_NEOX}
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _measured(cwd: Path, knobs: Knobs) -> dict[str, Any]:
+def trainer_result(cwd: Path, knobs: Knobs, *flags: str) -> dict[str, Any]:
+    """The reference trainer's own result line for `knobs` (2 steps; `flags` added)."""
     done = subprocess.run(  # noqa: S603 - the bundled trainer
         [sys.executable, "-m", "supervisor.reference_trainer", "--model_name_or_path", "m",
          "--per_device_train_batch_size", str(knobs.per_device_batch),
          "--cutoff_len", str(knobs.cutoff_len), "--max_steps", "2",
-         "--finetuning_type", str(knobs.finetuning_type), "--device-memory", "4096",
+         "--finetuning_type", str(knobs.finetuning_type), *flags, "--device-memory", "4096",
          "--output_dir", f"out-{knobs.finetuning_type}"],
         cwd=cwd, capture_output=True, text=True, timeout=600, check=False,
         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
@@ -69,7 +70,7 @@ def test_every_finetuning_type_of_the_family_is_predicted_within_5_percent(
                for kind in FinetuningType]
     for knobs, prediction in zip(configs, estimate_many(spec, configs), strict=True):
         assert prediction.method is Method.FAKE, prediction.note
-        measured = _measured(tmp_path, knobs)
+        measured = trainer_result(tmp_path, knobs)
         kind = str(knobs.finetuning_type)
         assert prediction.peak_mib == pytest.approx(measured["peak_live_mib"], rel=0.05), kind
         assert prediction.breakdown["trainable_params"] == measured["trainable_params"], kind

@@ -27,6 +27,7 @@ from supervisor._families import PEFT_DEFAULT, decoder_blocks
 from supervisor.estimate import Method, ModelSpec, analytic, estimate_many
 from supervisor.knobs import FinetuningType, Knobs
 from supervisor.models import COMMON_CONFIG, NAMED_CONFIGS
+from tests.process.test_families import trainer_result
 from tests.unit.test_family_shapes import FAMILIES as FAMILY_SHAPES
 
 pytestmark = pytest.mark.process
@@ -37,24 +38,6 @@ GPT2: dict[str, Any] = {"model_type": "gpt2", "n_embd": 256, "n_layer": 4, "n_he
                         "eos_token_id": 2, "pad_token_id": 0}
 LLAMA: dict[str, Any] = {"model_type": "llama", **COMMON_CONFIG, **NAMED_CONFIGS["tiny"]}
 CASES = {"llama": (LLAMA, "q_proj,v_proj"), "gpt2": (GPT2, "c_attn")}
-
-
-def _measured(cwd: Path, knobs: Knobs) -> dict[str, Any]:
-    done = subprocess.run(  # noqa: S603 - the bundled trainer
-        [sys.executable, "-m", "supervisor.reference_trainer", "--model_name_or_path", "m",
-         "--per_device_train_batch_size", str(knobs.per_device_batch),
-         "--cutoff_len", str(knobs.cutoff_len), "--max_steps", "2",
-         "--finetuning_type", "lora", "--lora_target", knobs.lora_target or "all",
-         "--device-memory", "4096", "--output_dir", "out"],
-        cwd=cwd, capture_output=True, text=True, timeout=600, check=False,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-             "PYTHONPATH": str(ROOT)})  # this checkout's trainer, not an installed one
-    assert done.returncode == 0, done.stderr[-2000:]
-    line = re.search(r"^reference-trainer\.result (.*)$", done.stdout + done.stderr,
-                     re.MULTILINE)
-    assert line is not None
-    result: dict[str, Any] = json.loads(line.group(1))
-    return result
 
 
 @pytest.mark.xdist_group("estimate")
@@ -74,7 +57,7 @@ def test_a_narrow_target_list_is_predicted_within_5_percent(tmp_path: Path,
     peft = dataclasses.replace(narrow, lora_target=PEFT_DEFAULT)
     predicted, predicted_all, predicted_peft = estimate_many(spec, [narrow, every, peft])
     assert predicted.method is Method.FAKE, predicted.note
-    measured = _measured(tmp_path, narrow)
+    measured = trainer_result(tmp_path, narrow, "--lora_target", narrow.lora_target or "all")
     assert predicted.peak_mib == pytest.approx(measured["peak_live_mib"], rel=0.05)
     assert predicted.breakdown["trainable_params"] == measured["trainable_params"]
     # The count from the shape, without torch, that ranks the ladder: the same trainable

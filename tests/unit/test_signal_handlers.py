@@ -45,7 +45,6 @@ CHILD = textwrap.dedent("""
         except ProbeInterrupted:
             interrupted = True
     assert stop.graceful.wait(10), "the stop never arrived"
-    signals.settle()
     print(seen, interrupted, stop.immediate.is_set())
 """)
 

@@ -277,6 +277,9 @@ class Outcome:
     """How many processes the kernel's OOM killer took in our cgroup during the attempt."""
     hung: str | None = None
     """Why the watchdog ended the attempt (time limit, silence), if it did."""
+    finished_training: bool = False
+    """The watchdog ended it after the trainer had printed its final metrics, outside a save:
+    it trained to the end and then did not exit."""
     kill_s: float | None = None
     """Seconds from seeing the OOM line to the last process of the attempt gone."""
     adopted: bool = False
@@ -421,6 +424,8 @@ def shows_fragmentation(numbers: OomNumbers | None) -> bool:
 
 RECOVERED = "it ran out of memory, caught the error and recovered by itself"
 """The evidence of a fit whose attempt printed an OOM and still exited 0."""
+FINISHED_THEN_HUNG = "it trained to the end and printed its final metrics, then did not exit"
+"""The evidence of a fit whose attempt the watchdog ended on its way out (a teardown hang)."""
 
 
 def classify(outcome: Outcome) -> Verdict:
@@ -450,6 +455,10 @@ def classify(outcome: Outcome) -> Verdict:
         return Verdict(kind=VerdictKind.TIMED, evidence=(
             "ended after its timed steps, to compare its speed with a config of the same "
             "quality"))
+    if outcome.hung is not None and outcome.finished_training:
+        # Retrying would train it all again (or hang the same way): the training is done.
+        return Verdict(kind=VerdictKind.FITS, evidence=(
+            f"{FINISHED_THEN_HUNG}; the watchdog ended it: it {outcome.hung}"))
     if outcome.hung is not None:
         return Verdict(kind=VerdictKind.HANG, evidence=f"the watchdog ended it: it {outcome.hung}")
     if outcome.exit_code is None:

@@ -26,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 import structlog
 
 from supervisor import liveness, progress, report
+from supervisor.classify import FINISHED_THEN_HUNG
 from supervisor.events import AttemptRecord, JournalError, RunState
 from supervisor.files import open_new, open_regular, read_tail
 from supervisor.journal import load
@@ -453,6 +454,8 @@ def _finished_line(record: AttemptRecord, state: RunState) -> str:
     elif done.verdict == "fits":
         line = (f"{mark} attempt {record.number} fits after {took} · {what} · "
                 f"{report.memory_words(row, device)}")
+        if (done.evidence or "").startswith(FINISHED_THEN_HUNG):
+            line += " · it then did not exit: the watchdog ended it"
     elif done.verdict == "checkpoint_unusable":
         line = (f"{mark} attempt {record.number} could not load its checkpoint after {took} · "
                 f"{what} · {done.evidence} · it goes on from the one before")

@@ -15,11 +15,13 @@ The last stdout line of a finished run is ``reference-trainer.result {json}``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +46,9 @@ allocator failure under a memory budget), `hang@K` (after step K, silent for goo
 K the loop is stuck while a display thread redraws the same progress frame twice a second),
 `pause@K` (after step K, silent and idle for PAUSE_S_ENV seconds, at every attempt: a slow
 phase with no sign of work), `full@K` (after step K, no file this process writes may grow past
-1 MiB: RLIMIT_FSIZE, the kernel's EFBIG, as a full disk would fail a checkpoint's save). Each
+1 MiB: RLIMIT_FSIZE, the kernel's EFBIG, as a full disk would fail a checkpoint's save),
+`stuck@0` (after its result line the process never exits, at every attempt: a teardown that
+hangs, as a process group's destructor can). Each
 `hang`/`transient`/`frozen`/`full` fires once per output folder (remembered in
 `<output_dir>/.reference-trainer-faults`), so a retry goes past it, as after a real accident."""
 STEP_S_ENV = "REFERENCE_TRAINER_STEP_S"
@@ -423,7 +427,8 @@ def _faults(text: str) -> dict[str, int]:
     faults: dict[str, int] = {}
     for item in text.split(","):
         kind, _, step = item.strip().partition("@")
-        if kind in ("hang", "transient", "longer", "frozen", "pause", "full") and step.isdigit():
+        if (kind in ("hang", "transient", "longer", "frozen", "pause", "full", "stuck")
+                and step.isdigit()):
             faults[kind] = int(step)
     return faults
 
@@ -639,11 +644,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed_from_step=resumed,
     )
     print(f"{RESULT_PREFIX} {json.dumps(dataclasses.asdict(result))}", flush=True)
+    if "stuck" in _faults(os.environ.get(FAULTS_ENV, "")):
+        threading.Event().wait()  # on its way out, waits for good (idle, no output)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Torn down here, not at the interpreter's exit: a gloo process group left to the exit
-        # ended a finished rank with `terminate called without an active exception` (SIGABRT,
-        # seen once under torchrun on the loaded 2-core machine).
+        # A finished rank must not die or hang in the process group's teardown. Left to the
+        # interpreter's exit, gloo ended a rank with `terminate called without an active
+        # exception` (SIGABRT); destroyed here, the DDP reducer's release at the return still
+        # joined gloo's worker thread while holding the GIL, and that thread waited for the GIL
+        # to free a finished all-gather's tensors: both ranks hung for good after printing
+        # their results (1 run in 2 on the loaded 2-core machine; torch 2.13). So a rank ends
+        # here, its exit handlers run and its output flushed, without the C++ teardown.
         torch.distributed.destroy_process_group()
+        atexit._run_exitfuncs()  # noqa: SLF001 - the exit handlers os._exit would skip
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

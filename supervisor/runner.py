@@ -410,7 +410,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
     followers = follow(sink)
     for follower in followers:
         follower.start()
-    killed = interrupted = died = timed = False
+    killed = interrupted = died = timed = finished = False
     hung: str | None = None
     failed: str | None = None
     ended_task = False
@@ -457,7 +457,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
             died = True
             ended_at = time.time() - min(_log_age_s(spec.log_dir), time.monotonic() - started)
             break
-        limit = watchdog.limit(sink.tracker) if watchdog is not None else None
+        limit = (watchdog.limit(sink.tracker, evidence=evidence is not None)
+                 if watchdog is not None else None)
         if evidence is not None and limit is not None and now - looked > evidence.every_s:
             looked = now
             # Only during a silence: while output moves, the evidence costs nothing.
@@ -504,6 +505,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
                 hung += f"; {reading.hang_reason()}"
                 log.info("liveness.hung", pid=spawned.pid, evidence=reading.hang_reason(),
                          stuck_in=reading.stuck_in)
+            # Hung after its final metrics, not in a save: the training itself is done.
+            finished = sink.tracker.finished and (reading is None or reading.phase != "saving")
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         elif (failed is None and sink.failed_at is not None
               and now - sink.failed_at > FAILED_TASK_GRACE_S):
@@ -551,6 +554,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         killed_by_supervisor=killed or hung is not None or ended_task,
         interrupted=interrupted,
         hung=hung,
+        finished_training=finished and hung is not None,
         kill_s=kill_s,
         gpu_peak_mib=gpu_peak_mib,
         release=release,

@@ -202,6 +202,9 @@ class Tracker:
         self.ended = False
         """The trainer said its training loop is over (the last step, or its final metrics):
         saving the model and exiting are not steps, and may be silent for long."""
+        self.finished = False
+        """The trainer printed its final metrics (`train_runtime`, the HF Trainer's last word
+        of `train()`, after its final checkpoint): the training itself is done."""
         self.epochs: list[list[float | None]] = []
         """[epoch, wall time] of the first and the last training-step log dict seen."""
 
@@ -240,7 +243,9 @@ class Tracker:
             for match in _LOSS_EPOCH.finditer(chunk) if b"epoch" in chunk else ():
                 seen: list[float | None] = [float(match.group(1)), now]
                 self.epochs = [self.epochs[0], seen] if self.epochs else [seen]
-            if b"train_runtime" in chunk or (self.total and self.step == self.total):
+            if b"train_runtime" in chunk:
+                self.ended = self.finished = True
+            elif self.total and self.step == self.total:
                 self.ended = True
         return moved
 
@@ -374,10 +379,22 @@ class Watchdog:
     no times, so its cadence is the longest gap an earlier attempt of this run showed (0: none
     did, the floor). None: a new attempt, which learns its own."""
 
-    def limit(self, tracker: Tracker) -> tuple[float, str] | None:
-        """The silence that is a hang now, and how it was chosen (None: no limit)."""
+    def limit(self, tracker: Tracker, *, evidence: bool = False) -> tuple[float, str] | None:
+        """The silence that is a hang now, and how it was chosen (None: no limit).
+
+        `evidence`: past the limit, the attempt is ended only if nothing shows work (files
+        written, CPU, I/O, a moving stack; liveness.py). Then the silence after the last step
+        (the final save, an upload, the exit) is judged by the run's cadence like any other:
+        a save writes files and an upload uses the CPU, while a process that hangs on its way
+        out (a process group's teardown) shows nothing. Without it, the start-up allowance.
+        """
         if self.fixed_s:
             return self.fixed_s, f"{self.fixed_s:g} s (stall_timeout_s)"
+        if tracker.ended and evidence and tracker.began:
+            learnt = max(self.floor_s, self.factor * tracker.longest_gap_s,
+                         self.factor * tracker.longest_phase_s)
+            return learnt, (f"{learnt:.0f} s after the last training step, with nothing "
+                            "showing work")
         if tracker.ended:
             # The final save, an upload, the interpreter's exit: not steps, no cadence.
             if not self.startup_s:

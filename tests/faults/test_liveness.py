@@ -281,3 +281,27 @@ def test_a_hang_adopted_by_resume_is_caught_by_the_runs_cadence(tmp_path: Path) 
     assert "training had begun before the supervisor was lost" in str(finished[0]["evidence"])
     assert next(e for e in journal if e["event"] == "checkpoint.resumed")["step"] == 4
     assert attempt_processes(run_dir) == []
+
+
+def test_a_trainer_that_finished_and_hangs_on_its_way_out_is_ended_as_a_fit(
+        tmp_path: Path) -> None:
+    """The HF Trainer trains its 4 steps, prints its final metrics and its result, then never
+    exits (idle in a wait: a process group's teardown that hangs, at every attempt). Nothing
+    shows work, so the silence after the last step is judged by the run's cadence, not the
+    30-minute allowance, and the training is done: one attempt, a fit that says it did not
+    exit, no retry that would train it all again, nothing left running."""
+    code, journal = _reference(tmp_path, scaled_default(), "--max_steps", "4", "--save_steps",
+                               "2", REFERENCE_TRAINER_FAULTS="stuck@0",
+                               REFERENCE_TRAINER_STEP_S="1")
+    assert code is ExitCode.FITTED
+    finished = _finished(journal)
+    assert [e["verdict"] for e in finished] == ["fits"]
+    evidence = str(finished[0]["evidence"])
+    assert evidence.startswith("it trained to the end and printed its final metrics, then did "
+                               "not exit"), evidence
+    _caught_within(evidence, 8)
+    assert "after the last training step" in evidence
+    assert "no CPU" in evidence
+    assert finished[0]["progress"]["step"] == 4
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "then did not exit" in report

@@ -7,6 +7,7 @@ import signal
 import pytest
 
 from supervisor.classify import (
+    FINISHED_THEN_HUNG,
     FRAGMENTATION_SHARE,
     LAUNCHER_PREFIXES,
     OOM_RULES,
@@ -424,3 +425,22 @@ def test_a_model_that_cannot_be_mapped_is_out_of_host_memory() -> None:
     assert verdict.evidence is not None
     assert verdict.evidence.startswith("host memory ran out while loading the model")
     assert "unable to mmap 181688528 bytes" in verdict.evidence
+
+
+def test_a_hang_after_the_final_metrics_is_a_fit_and_an_oom_still_wins() -> None:
+    """Ended by the watchdog after its final metrics (outside a save): the training is done,
+    a fit that says so; ended before them, a hang; an OOM line beats both."""
+    hung = "printed nothing for 11 s (stalled; the limit was 10 s after the last training step)"
+    done = classify(Outcome(exit_code=-signal.SIGTERM, duration_s=20.0, hung=hung,
+                            killed_by_supervisor=True, finished_training=True))
+    assert done.kind is VerdictKind.FITS
+    assert done.evidence is not None
+    assert done.evidence.startswith(FINISHED_THEN_HUNG)
+    assert hung in done.evidence
+    before = classify(Outcome(exit_code=-signal.SIGTERM, duration_s=20.0, hung=hung,
+                              killed_by_supervisor=True))
+    assert before.kind is VerdictKind.HANG
+    oom = classify(Outcome(exit_code=-signal.SIGTERM, duration_s=20.0, hung=hung,
+                           killed_by_supervisor=True, finished_training=True,
+                           tail=recorded("device_budget_oom.txt")))
+    assert oom.kind is VerdictKind.OOM

@@ -123,6 +123,15 @@ def test_watchdog_start_up_then_cadence_then_floor() -> None:
     # The last step: saving the model and exiting are not steps; no cadence applies.
     tracker.feed(b"\r100%|###| 240/240 [09:59<00:00]")
     assert dog.limit(tracker) == (1800, "1800 s after the last training step")
+    assert not tracker.finished  # the last step's frame: its final save comes next
+    # With the evidence on (a save writes files, an upload uses the CPU), the silence after
+    # the last step is judged by the run's cadence: a hang on the way out is not 30 minutes.
+    after = dog.limit(tracker, evidence=True)
+    assert after is not None
+    assert after[0] == pytest.approx(300.0)
+    assert after[1] == "300 s after the last training step, with nothing showing work"
+    tracker.feed(b"{'train_runtime': '599.1', 'train_loss': '1.2', 'epoch': '1'}\n")
+    assert tracker.finished
 
 
 def test_goodput_of_a_recorded_night() -> None:

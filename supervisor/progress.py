@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.classify import VerdictKind
+from supervisor.classify import FINISHED_THEN_HUNG, VerdictKind
 from supervisor.events import (
     AttemptRecord,
     AttemptStarted,
@@ -342,6 +342,8 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
         finish = max(start, min(finish, end))
         resumed = step_of(record.knobs.resume_from_checkpoint)
         reached = max(last_step(record), resumed)
+        hung_on_exit = verdict == "fits" and record.finished is not None and (
+            record.finished.evidence or "").startswith(FINISHED_THEN_HUNG)
         samples = [s for s in _samples(record) if start <= s[1] <= finish + 1.0]
         keep_to = kept_upto.get(record.number)
         kept = max(0, min(reached, keep_to) - resumed) if keep_to is not None else 0
@@ -358,13 +360,14 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
             end_training = min(finish, max(t1, begin_training))
             span = end_training - begin_training
             productive = span * (kept / steps) if steps else 0.0
+            # A fit that hung on its way out: the wait for the watchdog is the hang's.
+            tail = "hang" if hung_on_exit else _TAIL_CAUSE.get(verdict, "failed")
             parts["startup"] = begin_training - start
             parts["retrained"] = span - productive
-            parts[_TAIL_CAUSE.get(verdict, "failed")] = (
-                parts.get(_TAIL_CAUSE.get(verdict, "failed"), 0.0) + finish - end_training)
+            parts[tail] = parts.get(tail, 0.0) + finish - end_training
             intervals += [(start, begin_training, "startup", 3),
                           (begin_training, end_training, "train", 3),
-                          (end_training, finish, _TAIL_CAUSE.get(verdict, "failed"), 3)]
+                          (end_training, finish, tail, 3)]
         elif verdict == "running":
             intervals.append((start, finish, "running", 3))
             parts["running"] = finish - start
@@ -384,6 +387,10 @@ def goodput(state: RunState, *, now: float | None = None) -> Goodput:
                                     end=finish, resumed_from=resumed, reached=reached, kept=kept,
                                     step_s=step_s, productive_s=productive,
                                     badput={k: v for k, v in parts.items() if k != "train"}))
+        if hung_on_exit:
+            accidents.append(Accident(
+                at=finish, what=f"attempt {record.number} trained to the end, then did not exit",
+                cost_s=parts.get("hang", 0.0), steps_lost=0))
         if verdict not in ("fits", "running"):
             lost_steps = steps - kept
             accidents.append(Accident(

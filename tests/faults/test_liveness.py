@@ -305,3 +305,6 @@ def test_a_trainer_that_finished_and_hangs_on_its_way_out_is_ended_as_a_fit(
     assert finished[0]["progress"]["step"] == 4
     report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     assert "then did not exit" in report
+    # The wait for the watchdog is the hang's in the night's account, not start-up or save.
+    assert "attempt 1 trained to the end, then did not exit: cost" in report
+    assert re.search(r"\| hang detection \| [^|]+ \| [1-9]", report), report

@@ -245,6 +245,8 @@ class Tracker:
                 self.epochs = [self.epochs[0], seen] if self.epochs else [seen]
             if b"train_runtime" in chunk:
                 self.ended = self.finished = True
+            elif self.finished and (b"{'loss':" in chunk or b'{"loss":' in chunk):
+                self.finished = False  # a training step after it: a second training began
             elif self.total and self.step == self.total:
                 self.ended = True
         return moved

@@ -132,6 +132,11 @@ def test_watchdog_start_up_then_cadence_then_floor() -> None:
     assert after[1] == "300 s after the last training step, with nothing showing work"
     tracker.feed(b"{'train_runtime': '599.1', 'train_loss': '1.2', 'epoch': '1'}\n")
     assert tracker.finished
+    tracker.feed(b"\r100%|###| 240/240 [09:59<00:00]")  # the bar's closing frame
+    assert tracker.finished
+    # A script that trains again in the same process (a second stage): not finished.
+    tracker.feed(b"{'loss': '1.1', 'grad_norm': '0.5', 'learning_rate': '1e-05', 'epoch': '0.1'}")
+    assert not tracker.finished
 
 
 def test_goodput_of_a_recorded_night() -> None:

@@ -618,13 +618,21 @@ def _follow_probe(proc: subprocess.Popen[bytes], out: bytearray,  # noqa: PLR091
 
 
 def probe_marker() -> str:
-    """The probe's marker: `probe:<supervisor pid>:<its start time>:<random>` (a probe whose
-    supervisor is gone is found by it, and ended by the next run: end_dead_probes)."""
+    """The probe's marker: `probe:<supervisor pid>:<its start time>:<random>:<home>` (a probe
+    whose supervisor is gone is found by it, and ended by the next run of the same home:
+    end_dead_probes)."""
     try:
         created = f"{psutil.Process().create_time():.2f}"
     except psutil.Error:
         created = "0"
-    return f"{_PROBE_PREFIX}{os.getpid()}:{created}:{secrets.token_hex(6)}"
+    return f"{_PROBE_PREFIX}{os.getpid()}:{created}:{secrets.token_hex(6)}:{_home()}"
+
+
+def _home() -> str:
+    """Which supervisor home started a probe: a short digest of its cache folder. A run ends
+    only the leftover probes of its own home, never those of a supervisor with another home
+    (a container's, a test's, another checkout's with its own XDG_CACHE_HOME)."""
+    return hashlib.sha256(str(cache_path().parent).encode()).hexdigest()[:12]
 
 
 _PROBE_PREFIX = "probe:"
@@ -645,16 +653,18 @@ def _supervisor_alive(marker: str) -> bool:
 
 
 def end_dead_probes() -> tuple[int, ...]:
-    """End every probe tree of this user whose supervisor is gone (killed during the probe);
-    the pids ended, for the journal. A live supervisor's probe is never touched."""
+    """End every probe tree of this user and this supervisor home whose supervisor is gone
+    (killed during the probe); the pids ended, for the journal. A live supervisor's probe, and
+    a probe of another home, are never touched."""
     me = os.getpid()
+    home = _home()
     found: dict[str, list[psutil.Process]] = {}
     for proc in psutil.process_iter():
         if proc.pid == me:
             continue
         with contextlib.suppress(psutil.Error):
             marker = proc.environ().get(MARKER_ENV, "")
-            if marker.startswith(_PROBE_PREFIX):
+            if marker.startswith(_PROBE_PREFIX) and marker.split(":")[4:5] == [home]:
                 found.setdefault(marker, []).append(proc)
     ended: list[int] = []
     for marker, procs in found.items():

@@ -354,6 +354,16 @@ def test_a_probe_left_by_a_killed_supervisor_is_ended_by_the_next_run(tmp_path: 
     first.communicate(timeout=30)
     time.sleep(1.0)
     assert {p.pid for p in _probes(env)} == left  # nobody else would end it
+    # A run of another supervisor home (its own cache folder: another checkout, a container,
+    # a test beside this one) leaves it alone.
+    (tmp_path / "other").mkdir()
+    other = Env(tmp_path / "other")
+    finished = other.start(tmp_path / "other", "other", ANSWERS)
+    out, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, (out + err)[-2000:]
+    assert not any(e["event"] == "probe.leftovers_ended"
+                   for e in events(tmp_path / "other" / "runs" / "other"))
+    assert {p.pid for p in _probes(env)} == left
     second = env.start(tmp_path, "next", ANSWERS)
     run_dir = tmp_path / "runs" / "next"
     wait_for(lambda: any(e["event"] == "probe.leftovers_ended" for e in events(run_dir)), 120)

@@ -227,7 +227,9 @@ class Tracker:
                 phase = self._is_phase(chunk, found)
                 if self.began and self.last_output is not None:
                     gap = now - self.last_output
-                    if phase or self.in_phase:
+                    if phase or self.in_phase or self.ended:
+                        # After the last step, a gap is the final save's or an upload's:
+                        # not the steps' cadence.
                         self.longest_phase_s = max(self.longest_phase_s, gap)
                     else:
                         self.longest_gap_s = max(self.longest_gap_s, gap)
@@ -393,8 +395,8 @@ class Watchdog:
         if self.fixed_s:
             return self.fixed_s, f"{self.fixed_s:g} s (stall_timeout_s)"
         if tracker.ended and evidence and tracker.began:
-            learnt = max(self.floor_s, self.factor * tracker.longest_gap_s,
-                         self.factor * tracker.longest_phase_s)
+            # The steps' cadence alone: a long save or upload shows its work as evidence.
+            learnt = max(self.floor_s, self.factor * tracker.longest_gap_s)
             return learnt, (f"{learnt:.0f} s after the last training step, with nothing "
                             "showing work")
         if tracker.ended:

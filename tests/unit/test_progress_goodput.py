@@ -130,8 +130,15 @@ def test_watchdog_start_up_then_cadence_then_floor() -> None:
     assert after is not None
     assert after[0] == pytest.approx(300.0)
     assert after[1] == "300 s after the last training step, with nothing showing work"
+    clock.now += 1.0
     tracker.feed(b"{'train_runtime': '599.1', 'train_loss': '1.2', 'epoch': '1'}\n")
     assert _done(tracker)
+    # A 60 s final save after the end, then a line: the steps' cadence is not learnt from it
+    # (a hang after it was allowed 10x the save before: 5 min on a real HF script).
+    clock.now += 60.0
+    tracker.feed(b"saved\n")
+    assert tracker.longest_gap_s == pytest.approx(30.0)
+    assert dog.limit(tracker, evidence=True)[0] == pytest.approx(300.0)  # type: ignore[index]
     tracker.feed(b"\r100%|###| 240/240 [09:59<00:00]")  # the bar's closing frame
     assert _done(tracker)
     # A script that trains again in the same process (a second stage): not finished.

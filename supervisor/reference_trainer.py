@@ -652,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # exception` (SIGABRT); destroyed here, the DDP reducer's release at the return still
         # joined gloo's worker thread while holding the GIL, and that thread waited for the GIL
         # to free a finished all-gather's tensors: both ranks hung for good after printing
-        # their results (1 run in 2 on the loaded 2-core machine; torch 2.13). So a rank ends
+        # their results (2 runs in 12 on the 2-core machine; torch 2.13). So a rank ends
         # here, its exit handlers run and its output flushed, without the C++ teardown.
         torch.distributed.destroy_process_group()
         atexit._run_exitfuncs()  # noqa: SLF001 - the exit handlers os._exit would skip

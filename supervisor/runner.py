@@ -505,7 +505,8 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
                 hung += f"; {reading.hang_reason()}"
                 log.info("liveness.hung", pid=spawned.pid, evidence=reading.hang_reason(),
                          stuck_in=reading.stuck_in)
-            # Hung after its final metrics, not in a save: the training itself is done.
+            # Hung after its final metrics, not in a save: the training itself is done
+            # (set here only: `finished` implies `hung`).
             finished = sink.tracker.finished and (reading is None or reading.phase != "saving")
             tree.end(grace_s=spec.grace_s, hurry=spec.stop.immediate)
         elif (failed is None and sink.failed_at is not None
@@ -554,7 +555,7 @@ def _watch(spec: AttemptSpec, spawned: Spawned, poll: Callable[[], int | None], 
         killed_by_supervisor=killed or hung is not None or ended_task,
         interrupted=interrupted,
         hung=hung,
-        finished_training=finished and hung is not None,
+        finished_training=finished,
         kill_s=kill_s,
         gpu_peak_mib=gpu_peak_mib,
         release=release,
